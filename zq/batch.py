@@ -16,7 +16,7 @@ Stored batch layout (big-endian):
     0      1    magic            0x5A ('Z')
     1      1    version          1
     2      2    flags            bits 0-2: codec (0 none, 1 zlib)
-    4      4    header_crc       CRC-32 of bytes 8..48 of this header
+    4      4    header_crc       CRC-32 of bytes 2..4 and 8..48 of this header (all but magic, version, itself)
     8      8    base_offset      offset of the first record
     16     4    count            records in the batch (>= 1)
     20     4    epoch            leader epoch that appended the batch
@@ -107,7 +107,8 @@ def crc(data: bytes | memoryview) -> int:
 def pack_header(h: BatchHeader) -> bytes:
     span = _CRC_SPAN.pack(h.base_offset, h.count, h.epoch, h.append_time_ms, h.producer_id,
                           h.base_sequence, h.blob_crc)
-    return struct.pack(">BBHI", MAGIC, VERSION, h.flags, crc(span)) + span
+    flags = struct.pack(">H", h.flags)
+    return struct.pack(">BB", MAGIC, VERSION) + flags + struct.pack(">I", zlib.crc32(span, zlib.crc32(flags)) & 0xFFFFFFFF) + span
 
 
 def unpack_header(value: bytes | memoryview) -> BatchHeader:
@@ -117,7 +118,8 @@ def unpack_header(value: bytes | memoryview) -> BatchHeader:
     magic, version, flags, header_crc, *rest = HEADER.unpack_from(value, 0)
     if magic != MAGIC or version != VERSION:
         raise CorruptData(f"stored batch has magic {magic:#x} version {version}, expected {MAGIC:#x} {VERSION}")
-    if crc(memoryview(value)[8:HEADER_SIZE]) != header_crc:
+    view = memoryview(value)
+    if zlib.crc32(view[8:HEADER_SIZE], zlib.crc32(view[2:4])) & 0xFFFFFFFF != header_crc:
         raise CorruptData("stored batch header fails its checksum")
     return BatchHeader(flags, *rest)
 

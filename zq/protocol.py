@@ -258,3 +258,36 @@ class OffsetsReply:
 def error_reply(req_id: int, err) -> ErrorReply:
     return ErrorReply(req_id, err.code, err.message, {k: v for k, v in err.data.items()
                                                       if isinstance(v, (str, int, float, type(None), list))})
+
+
+# --------------------------------------------------------------------------------------------
+# Node <-> node
+
+
+@message(15)
+@dataclass(frozen=True, slots=True)
+class RegisterNode:
+    """A node tells the metadata leader its address, so that it is written into `__meta`."""
+    req_id: int
+    name: str
+    host: str
+    port: int
+    incarnation: int
+    CODE: ClassVar[int]
+
+
+@message(16)
+@dataclass(frozen=True, slots=True)
+class LocalStatusRequest:
+    req_id: int
+    CODE: ClassVar[int]
+
+
+@message(17)
+@dataclass(frozen=True, slots=True)
+class LocalStatusReply:
+    """One node's own view: itself and the partitions it holds."""
+    req_id: int
+    node: dict          # {"name", "address", "incarnation", "started_ms"}
+    partitions: list    # [{"topic", "partition", "leader", "epoch", "replicas", "in_sync", "log_start", "log_end", "high_watermark", "replication_lag"}]
+    CODE: ClassVar[int]

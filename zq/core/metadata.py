@@ -1,0 +1,183 @@
+"""The cluster's metadata as a state machine over the `__meta` log.
+
+Theory of operation
+-------------------
+Topics, their settings, the placement of their partitions and the directory of nodes are not
+kept in any node's memory as the truth: they are the result of applying, in order, the commands
+of the `__meta` partition. Every node follows that partition and applies each committed command
+to a `MetadataState` with `apply`; because `apply` is deterministic and the log is totally
+ordered, every node that has applied the same prefix holds the same state. The node that leads
+`__meta` checks a request against the current state (`plan_create_topic`, `plan_delete_topic`)
+and, if it is valid, appends the command; it changes its own state only when it applies the
+command like everybody else.
+
+Commands are CBOR maps with an `op`:
+
+    register_node  {op, name, host, port, incarnation}
+    create_topic   {op, name, id, partitions: [[leader, replica, ...], ...], config, created_ms}
+    delete_topic   {op, name, id}
+
+Topic ids come from a counter in the state, so a topic deleted and created again gets a new id
+and never sees the old data. Replica sets are chosen at creation by rendezvous hashing
+(zq.hashing) and written into the command: they change only by another logged command, never
+because a node came or went.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from zq import hashing
+from zq.errors import InvalidRequest, NotEnoughReplicas, TopicExists, UnknownTopic
+from zq.limits import Limits
+from zq.types import META_TOPIC, META_TOPIC_ID
+
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+DLQ_SUFFIX = ".dlq"
+
+# Topic settings a user may set, with their defaults and types.
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "retention_ms": None,
+    "retention_bytes": None,
+    "max_deliveries": 5,
+    "backoff_initial_ms": 1_000,
+    "backoff_max_ms": 60_000,
+    "compact": False,
+    "durability": "fsync",
+}
+DURABILITIES = ("fsync", "replicated")
+
+
+@dataclass(slots=True)
+class TopicMeta:
+    name: str
+    id: int
+    partitions: list[list[str]]   # replica set per partition, preferred leader first
+    config: dict[str, Any]
+    created_ms: int
+
+    def leader(self, partition: int) -> str:
+        return self.partitions[partition][0]
+
+
+@dataclass(slots=True)
+class NodeMeta:
+    name: str
+    host: str
+    port: int
+    incarnation: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class MetadataState:
+    topics: dict[str, TopicMeta] = field(default_factory=dict)
+    topics_by_id: dict[int, TopicMeta] = field(default_factory=dict)
+    nodes: dict[str, NodeMeta] = field(default_factory=dict)
+    next_topic_id: int = META_TOPIC_ID + 1
+    applied: int = 0   # offset of the next command to apply
+
+    def apply(self, offset: int, command: dict) -> None:
+        """Apply the command at `offset`. Commands below `applied` were applied already (a replay)."""
+        if offset < self.applied:
+            return
+        assert offset == self.applied, f"metadata command {offset} applied out of order (next is {self.applied})"
+        self.applied = offset + 1
+        op = command.get("op")
+        if op == "register_node":
+            self.nodes[command["name"]] = NodeMeta(command["name"], command["host"], command["port"],
+                                                   command.get("incarnation", 0))
+        elif op == "create_topic":
+            t = TopicMeta(command["name"], command["id"], [list(r) for r in command["partitions"]],
+                          dict(command["config"]), command.get("created_ms", 0))
+            self.topics[t.name] = t
+            self.topics_by_id[t.id] = t
+            self.next_topic_id = max(self.next_topic_id, t.id + 1)
+        elif op == "delete_topic":
+            t = self.topics.pop(command["name"], None)
+            if t is not None:
+                self.topics_by_id.pop(t.id, None)
+        # An unknown op comes from a newer version: skipping it keeps this node applying the rest.
+
+    def topic(self, name: str) -> TopicMeta:
+        t = self.topics.get(name)
+        if t is None:
+            raise UnknownTopic(f"topic {name!r} does not exist; create it with `zq topic create {name}`", topic=name)
+        return t
+
+
+def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Defaults filled in and every value checked; raises InvalidRequest naming the setting."""
+    unknown = sorted(set(config) - set(CONFIG_DEFAULTS))
+    if unknown:
+        raise InvalidRequest(f"unknown topic setting {unknown[0]!r}; known settings: {', '.join(CONFIG_DEFAULTS)}")
+    out = {**CONFIG_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    for key in ("retention_ms", "retention_bytes"):
+        if out[key] is not None and (type(out[key]) is not int or out[key] <= 0):
+            raise InvalidRequest(f"{key} must be a positive whole number, got {out[key]!r}")
+    for key in ("max_deliveries", "backoff_initial_ms", "backoff_max_ms"):
+        if type(out[key]) is not int or out[key] < 1:
+            raise InvalidRequest(f"{key} must be a whole number of at least 1, got {out[key]!r}")
+    if out["durability"] not in DURABILITIES:
+        raise InvalidRequest(f"durability must be one of {', '.join(DURABILITIES)}, got {out['durability']!r}")
+    if type(out["compact"]) is not bool:
+        raise InvalidRequest(f"compact must be true or false, got {out['compact']!r}")
+    return out
+
+
+def check_topic_name(name: str, limits: Limits, *, internal_ok: bool = False) -> None:
+    if not name or len(name) > limits.topic_name_chars_max or not TOPIC_NAME.match(name):
+        raise InvalidRequest(
+            f"topic name {name!r} is not valid: use 1 to {limits.topic_name_chars_max} of the characters A-Z a-z 0-9 . _ -")
+    if name.startswith("__") and not internal_ok:
+        raise InvalidRequest(f"topic name {name!r} is reserved: names starting with '__' are zq's own")
+
+
+def plan_create_topic(state: MetadataState, name: str, partitions: int, replication: int,
+                      config: dict[str, Any], live_nodes: list[str], now_ms: int,
+                      limits: Limits) -> list[dict]:
+    """The commands that create `name` and its dead-letter topic `name.dlq`, or a Rejected error."""
+    check_topic_name(name, limits)
+    if name.endswith(DLQ_SUFFIX):
+        raise InvalidRequest(f"topic name {name!r} ends with {DLQ_SUFFIX!r}, which zq keeps for dead-letter topics")
+    if name in state.topics:
+        raise TopicExists(f"topic {name!r} exists already; `zq topic describe {name}` shows it")
+    if not 1 <= partitions <= limits.partitions_per_topic_max:
+        raise InvalidRequest(f"partitions must be between 1 and {limits.partitions_per_topic_max}, got {partitions}")
+    if replication < 1:
+        raise InvalidRequest(f"replication must be at least 1, got {replication}")
+    nodes = sorted(live_nodes)
+    if replication > len(nodes):
+        raise NotEnoughReplicas(
+            f"replication {replication} needs {replication} live nodes but the cluster has {len(nodes)} "
+            f"({', '.join(nodes) or 'none'}); lower --replication or start more nodes",
+            live=len(nodes), replication=replication)
+    cfg = normalise_config(config)
+    commands = []
+    next_id = state.next_topic_id
+    for topic in (name, name + DLQ_SUFFIX):
+        commands.append({"op": "create_topic", "name": topic, "id": next_id,
+                         "partitions": hashing.place_topic(topic, partitions, nodes, replication),
+                         "config": cfg, "created_ms": now_ms})
+        next_id += 1
+    return commands
+
+
+def plan_delete_topic(state: MetadataState, name: str) -> list[dict]:
+    """Deleting a topic deletes its dead-letter topic too; deleting `X.dlq` alone is allowed."""
+    t = state.topic(name)
+    out = [{"op": "delete_topic", "name": t.name, "id": t.id}]
+    dlq = state.topics.get(name + DLQ_SUFFIX)
+    if dlq is not None:
+        out.append({"op": "delete_topic", "name": dlq.name, "id": dlq.id})
+    return out
+
+
+def meta_topic_view(leader: str) -> dict:
+    """How `__meta` appears in metadata replies: a topic with one partition whose leader is the controller."""
+    return {"name": META_TOPIC, "id": META_TOPIC_ID,
+            "partitions": [{"partition": 0, "leader": leader, "epoch": 0, "replicas": [leader]}], "config": {}}
