@@ -112,8 +112,8 @@ def test_placement_is_deterministic_and_valid(topic, partitions, nodes):
     assert a == b
     for rs in a:
         assert len(rs) == r == len(set(rs)) and set(rs) <= set(nodes)
-    # Replicas and leaders are spread: no node above its fair share.
+    # Replicas and leaders are spread: every node within one of the others.
     held = [sum(n in rs for rs in a) for n in nodes]
     led = [sum(rs[0] == n for rs in a) for n in nodes]
-    assert max(held) <= -(-partitions * r // len(nodes)) + 1   # +1: the greedy walk can corner itself
+    assert max(held) - min(held) <= 1
     assert max(led) <= -(-partitions // len(nodes)) + 1

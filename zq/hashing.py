@@ -33,23 +33,21 @@ def rendezvous(topic: str, partition: int, nodes: list[str], replicas: int) -> l
 def place_topic(topic: str, partitions: int, nodes: list[str], replicas: int) -> list[list[str]]:
     """Replica sets for every partition of a new topic, preferred leader first.
 
-    Rendezvous hashing with bounded load: each partition walks its rendezvous ranking of the
-    nodes and takes the first `replicas` nodes that hold fewer than their fair share
-    (ceil(partitions * replicas / nodes)) so far. Plain rendezvous hashing stacks partitions on
-    one node in small clusters (8 partitions on 3 nodes can come out 4-3-1); the bound keeps
-    every node at or below its fair share. Leaders are balanced the same way: each
-    partition's leader is the member of its set that leads the fewest partitions so far."""
+    Rendezvous hashing with load as the first key: each partition takes the `replicas` nodes
+    that hold the fewest replicas of this topic so far, ties broken by the partition's
+    rendezvous ranking. Plain rendezvous hashing stacks partitions on one node in small
+    clusters (8 partitions on 3 nodes can come out 4-3-1); this keeps every node within one
+    replica of the others while the hash still decides among equals. Leaders are balanced the
+    same way: each partition's leader is the member of its set that leads the fewest so far."""
     if replicas > len(nodes):
         raise ValueError(f"{replicas} replicas asked of {len(nodes)} nodes")
-    share = -(-partitions * replicas // len(nodes))
     held = {n: 0 for n in nodes}
     led = {n: 0 for n in nodes}
     out = []
     for p in range(partitions):
         ranked = rendezvous(topic, p, nodes, len(nodes))
-        chosen = [n for n in ranked if held[n] < share][:replicas]
-        if len(chosen) < replicas:   # the greedy walk cornered itself: fill from the ranking (one over share)
-            chosen += [n for n in ranked if n not in chosen][:replicas - len(chosen)]
+        chosen = sorted(ranked, key=lambda n: (held[n], ranked.index(n)))[:replicas]
+        chosen.sort(key=ranked.index)
         for n in chosen:
             held[n] += 1
         leader = min(chosen, key=lambda n: (led[n], chosen.index(n)))
