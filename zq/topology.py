@@ -290,7 +290,7 @@ def format_bytes(size: int) -> str:
     for unit, scale in BYTE_UNITS.items():
         if scale > 1 and size and size % scale == 0:
             candidates.append(f"{size // scale}{_BYTE_UNIT_NAMES[unit]}")
-    return min(candidates, key=lambda text: (len(text), text))
+    return min(candidates, key=lambda text: (len(text), text.isdigit()))  # on a tie, "1KiB" reads better than "1024"
 
 
 def _split_number_unit(text: str, what: str, example: str) -> tuple[Decimal, str]:
@@ -350,7 +350,8 @@ def host_problem(host: str) -> str | None:
                     f"use this machine's own address, e.g. 127.0.0.1 or 192.168.1.11")
         return None
     if not HOST_NAME.match(host) or host.replace(".", "").isdigit():
-        return f"{_q(host)} is neither an IP address nor a host name"
+        return (f"{_q(host)} is neither an IP address nor a host name; write an address like 192.168.1.11 "
+                f"or a name like node1.lan")
     return None
 
 
@@ -432,7 +433,12 @@ class SourceMap:
             found = self.keys.get((section, key[:n]))
             if found is not None:
                 return found
-        return self.headers.get(section, 1)
+        if section == ("", 0) and key and (key[0], 0) in self.headers:
+            return self.headers[(key[0], 0)]  # a top-level key written as a [table] or [[table]] header
+        if section not in self.headers:
+            # a table written inline at the top level, `node = [{...}]`: the line of its key
+            return self.keys.get((("", 0), (section[0],)), 1)
+        return self.headers[section]
 
     def _scan(self, text: str) -> None:
         counts: dict[str, int] = {}
@@ -557,6 +563,8 @@ _TOML_HINTS = [
     (re.compile(r"^Unclosed array"), lambda m: "an array is missing its closing ]"),
     (re.compile(r"^Unclosed inline table"), lambda m: "an inline table is missing its closing }, or spans lines"),
     (re.compile(r"^Unterminated string"), lambda m: "a string is missing its closing quote"),
+    (re.compile(r"^Illegal character '\\n'"), lambda m: "a string is missing its closing quote (a string ends on "
+                                                           "the line it starts, unless written with triple quotes)"),
     (re.compile(r"^Expected '\]'"), lambda m: "a [table] header is missing its closing ]"),
     (re.compile(r"^Expected '\]\]'"), lambda m: "a [[table]] header is missing its closing ]]"),
 ]
@@ -616,7 +624,7 @@ class _Checker:
             raise TopologyError(f"{self.display}:1: there is no [cluster] table; add one with at least "
                                 f"name = \"...\" (see topologies/local.toml)")
         if not isinstance(cluster_table, dict):
-            raise self.fail(("", 0), ("cluster",), "cluster must be a table: write [cluster] on its own line, "
+            raise self.fail(("", 0), ("cluster",), "cluster must be a table; write [cluster] on its own line, "
                                                   "then its keys below it")
         node_tables = self.array_of_tables(data, "node", "node", NODES_MAX)
         if not node_tables:
@@ -629,13 +637,14 @@ class _Checker:
         groups = self.groups(self.array_of_tables(data, "group", "group", GROUPS_MAX), topics)
         security = data.get("security")
         if security is not None and not isinstance(security, dict):
-            raise self.fail(("", 0), ("security",), "security must be a table: write [security] on its own line")
+            raise self.fail(("", 0), ("security",), "security must be a table; write [security] on its own line, "
+                                                   "then its keys below it")
         return Topology(self.path, cluster, nodes, topics, groups, security)
 
     def array_of_tables(self, data: dict, name: str, noun: str, count_max: int) -> list[dict]:
         value = data.get(name, [])
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            raise self.fail((name, 0), (), f"{name} must be a list of tables: write [[{name}]] (double brackets) "
+            raise self.fail((name, 0), (), f"{name} must be a list of tables; write [[{name}]] (double brackets) "
                                            f"above each {noun}'s keys")
         if len(value) > count_max:
             raise self.fail((name, count_max), (), f"there are {len(value)} [[{name}]] tables, more than the "
@@ -769,7 +778,9 @@ class _Checker:
             try:
                 split_host_port(seed)
             except ValueError as error:
-                raise self.fail(section, ("seeds",), f"{where}: seed {_q(seed)} is not HOST:PORT: {error}") from None
+                raise self.fail(section, ("seeds",), f"{where}: seed {_q(seed)} is not HOST:PORT ({error}); write "
+                                                     f"each seed as HOST:PORT, like \"192.168.1.11:7100\" or "
+                                                     f"\"[fd00::2]:7100\"") from None
         discovery = self.value(section, table, "discovery", str, "a string", where, 'discovery = "zeroconf"',
                                default=DEFAULT_DISCOVERY)
         if discovery not in DISCOVERY_MODES:
