@@ -338,6 +338,16 @@ def test_no_nodes(tmp_path: Path) -> None:
     check_error(tmp_path, CLUSTER + TOPIC, "there is no [[node]] table; add one per node", line=1)
 
 
+def test_cluster_is_checked_before_the_nodes(tmp_path: Path) -> None:
+    check_error(tmp_path, CLUSTER + 'seeds = ["127.0.0.1"]   # HERE\n', 'seed "127.0.0.1" is not HOST:PORT')
+
+
+def test_backoff_errors_name_the_dotted_key(tmp_path: Path) -> None:
+    text = CLUSTER + NODES + TOPIC + 'backoff = { initial = "5x" }   # HERE\n'
+    check_error(tmp_path, text, 'topic "orders": backoff.initial: duration "5x" has an unknown unit "x"',
+                'e.g. initial = "1s"')
+
+
 def test_single_bracket_node(tmp_path: Path) -> None:
     text = CLUSTER + '\n[node]   # HERE\nname = "n1"\nhost = "127.0.0.1"\nport = 7100\n'
     check_error(tmp_path, text, "node must be a list of tables; write [[node]] (double brackets)")

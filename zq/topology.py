@@ -90,7 +90,8 @@ GROUP_KEYS = ("name", "topics")
 # leading punctuation.
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")   # DNS labels, as RFC 1123 allows
 
 
 # ============================================================================================
@@ -554,10 +555,12 @@ _TOML_POSITION = re.compile(r"^(.*) \(at (?:line (\d+), column (\d+)|end of docu
 _TOML_HINTS = [
     (re.compile(r"^Cannot declare \('?([^',)]*)'?,?.*\) twice"),
      lambda m: f"the table [{m.group(1)}] appears twice; merge them into one (use [[{m.group(1)}]] for a list)"),
-    (re.compile(r"^Cannot overwrite a value"), lambda m: "a key is set twice, or a key and a table share a name; keep one"),
+    (re.compile(r"^Cannot overwrite a value"),
+     lambda m: "a key is set twice, or a key and a table share a name; keep one"),
     (re.compile(r"^Cannot mutate immutable namespace"), lambda m: "this extends a value that is already complete; "
                                                                   "set all its keys in one place"),
-    (re.compile(r"^Invalid value"), lambda m: "this value is not valid TOML; put text in quotes, e.g. host = \"127.0.0.1\""),
+    (re.compile(r"^Invalid value"),
+     lambda m: "this value is not valid TOML; put text in quotes, e.g. host = \"127.0.0.1\""),
     (re.compile(r"^Expected '=' after a key"), lambda m: "expected `key = value`"),
     (re.compile(r"^Invalid statement"), lambda m: "expected `key = value` or a [table] header"),
     (re.compile(r"^Unclosed array"), lambda m: "an array is missing its closing ]"),
@@ -626,12 +629,15 @@ class _Checker:
         if not isinstance(cluster_table, dict):
             raise self.fail(("", 0), ("cluster",), "cluster must be a table; write [cluster] on its own line, "
                                                   "then its keys below it")
+        # Checked in file order as far as the data allows: the cluster's own keys, then the nodes,
+        # then the voters (which name nodes), topics and groups.
+        cluster = self.cluster(cluster_table)
         node_tables = self.array_of_tables(data, "node", "node", NODES_MAX)
         if not node_tables:
             raise TopologyError(f"{self.display}:1: there is no [[node]] table; add one per node, e.g. "
                                 f"[[node]] name = \"n1\" host = \"127.0.0.1\" port = 7100 (one key per line)")
         nodes = self.nodes(node_tables)
-        cluster = self.cluster(cluster_table, nodes)
+        cluster = self.voters(cluster_table, cluster, nodes)
         nodes = tuple(NodeSpec(n.name, n.host, n.port, voter=n.name in cluster.voters) for n in nodes)
         topics = self.topics(self.array_of_tables(data, "topic", "topic", TOPICS_MAX), len(nodes))
         groups = self.groups(self.array_of_tables(data, "group", "group", GROUPS_MAX), topics)
@@ -702,7 +708,8 @@ class _Checker:
         try:
             return parse(value)
         except InvalidValue as error:
-            raise self.fail(section, prefix + (key,), f"{where}: {key}: {error.message}; e.g. {example}") from None
+            label = ".".join(prefix + (key,))
+            raise self.fail(section, prefix + (key,), f"{where}: {label}: {error.message}; e.g. {example}") from None
 
     def string_list(self, section: Section, table: dict, key: str, where: str, example: str,
                     count_max: int) -> list[str] | None:
@@ -760,7 +767,8 @@ class _Checker:
                                 f"{problem}; each node uses {NODE_PORTS_COUNT} ports from its port, so space "
                                 f"nodes on one host at least {NODE_PORTS_COUNT} apart (e.g. 7100, 7110, 7120)")
 
-    def cluster(self, table: dict, nodes: tuple[NodeSpec, ...]) -> ClusterSpec:
+    def cluster(self, table: dict) -> ClusterSpec:
+        """The [cluster] table but its voters, which need the nodes."""
         section = ("cluster", 0)
         where = "[cluster]"
         self.known_keys(section, table, CLUSTER_KEYS, where)
@@ -768,7 +776,8 @@ class _Checker:
         data_dir_text = self.value(section, table, "data_dir", str, "a string (a folder path)", where,
                                    'data_dir = "./data"', default=DEFAULT_DATA_DIR)
         if not data_dir_text.strip():
-            raise self.fail(section, ("data_dir",), f'{where}: data_dir is empty; write a folder, e.g. data_dir = "./data"')
+            raise self.fail(section, ("data_dir",),
+                            f'{where}: data_dir is empty; write a folder, e.g. data_dir = "./data"')
         data_dir = Path(data_dir_text).expanduser()
         if not data_dir.is_absolute():
             data_dir = self.path.parent / data_dir
@@ -786,6 +795,11 @@ class _Checker:
         if discovery not in DISCOVERY_MODES:
             raise self.fail(section, ("discovery",), f"{where}: discovery = {_q(discovery)} is not known; use "
                                                      f"{' or '.join(_q(m) for m in DISCOVERY_MODES)}")
+        return ClusterSpec(name, data_dir, tuple(seeds), discovery)
+
+    def voters(self, table: dict, cluster: ClusterSpec, nodes: tuple[NodeSpec, ...]) -> ClusterSpec:
+        section = ("cluster", 0)
+        where = "[cluster]"
         voters = self.string_list(section, table, "voters", where, 'voters = ["n1", "n2", "n3"]', NODES_MAX)
         if voters is None:
             voters = [n.name for n in nodes[:DEFAULT_VOTERS_MAX]]
@@ -798,7 +812,7 @@ class _Checker:
             if voter not in known:
                 raise self.fail(section, ("voters",), f"{where}: voters names {_q(voter)}, which is not a [[node]] "
                                                       f"in this file; known nodes: {', '.join(known)}")
-        return ClusterSpec(name, data_dir, tuple(seeds), discovery, tuple(voters))
+        return ClusterSpec(cluster.name, cluster.data_dir, cluster.seeds, cluster.discovery, tuple(voters))
 
     def topics(self, tables: list[dict], node_count: int) -> tuple[TopicSpec, ...]:
         out: list[TopicSpec] = []
