@@ -82,6 +82,8 @@ class NodeConfig:
     topology: object | None = None       # zq.topology.Topology when started from a file
     discovery: bool = True
     metrics: bool = True                 # serve Prometheus metrics on port+2
+    retention_interval_ms: int = RETENTION_INTERVAL_MS
+    disk_free_bytes_min: int = DISK_FREE_BYTES_MIN   # below this, produce is refused with StorageFull
     limits: Limits = field(default_factory=lambda: DEFAULT)
 
     @property
@@ -215,6 +217,9 @@ class Node:
         poller.register(self.router, zmq.POLLIN)
         registered_peers: set[str] = set()
         self._start_background()
+        if self.config.metrics:
+            from zq.io.metrics import serve_metrics
+            self.metrics_server = serve_metrics(self, self.config.host, self.config.port + 2)
         log.info("node %s serving on %s (cluster %s, metadata leader %s)", self.name, self.config.address,
                  self.config.cluster, self.meta_leader or "unknown yet")
         while not stop.is_set():
@@ -382,7 +387,7 @@ class Node:
             raise InvalidRequest(f"{META_TOPIC} is written by zq itself, not by producers")
         tp, t, pl = self._local_leader(msg.topic, msg.partition)
         if self.disk_full:
-            raise StorageFull(f"{self.name} has less than {DISK_FREE_BYTES_MIN // (1024 * 1024)} MiB of disk free; "
+            raise StorageFull(f"{self.name} has less than {self.config.disk_free_bytes_min // (1024 * 1024)} MiB of disk free; "
                               "free space or add nodes; nothing was written")
         blob = payload[0]
         zbatch.check_incoming(blob, msg.blob_crc, msg.count, self.limits.batch_bytes_max, self.limits.batch_records_max)
@@ -744,7 +749,7 @@ class Node:
             self._register_self_locally()
         else:
             self._at(mono_ms(), self._follow_meta)
-        self._at(mono_ms() + RETENTION_INTERVAL_MS, self._retention)
+        self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
         self._at(mono_ms(), self._check_disk)
 
     def _register_self_locally(self) -> None:
@@ -896,11 +901,11 @@ class Node:
                 self._begin().delete_below(tp, new_start)
                 pl.on_retention(new_start)
                 self.counters["retention_deletes"] += 1
-        self._at(mono_ms() + RETENTION_INTERVAL_MS, self._retention)
+        self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
 
     def _check_disk(self) -> None:
         try:
-            full = self.store.disk_free_bytes() < DISK_FREE_BYTES_MIN
+            full = self.store.disk_free_bytes() < self.config.disk_free_bytes_min
         except OSError:
             full = False
         if full != self.disk_full:
@@ -914,6 +919,9 @@ class Node:
         for peer in self.peers.values():
             peer.close()
         self.router.close(0)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self.store.close()
         log.info("node %s stopped", self.name)
 
