@@ -1,0 +1,553 @@
+"""The `zq` typer app: each command reads its options, calls zq.Client (or the node, or the
+supervisor) and formats the answer. Decisions about data live in the client and the node; this
+module only translates between a terminal and them.
+
+Exit codes (the same for every command):
+
+    0    done
+    1    the cluster or the machine failed us: connection, timeout, I/O, a node that died
+    2    the request was wrong: a usage mistake, a bad topology file, or a request the cluster
+         refused (zq.errors.Rejected: unknown topic, topic exists, message too large, ...)
+    130  interrupted (Ctrl-C)
+
+Every error is one sentence on stderr, `zq: error: ...`, never a traceback (set ZQ_DEBUG=1 to see
+the traceback of an unexpected one).
+
+Consumer groups, dead letters and replay (`zq groups`, `zq dlq`, `zq replay`) are not commands yet:
+they arrive with the issues that build those features, so --help lists only what works.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from zq import errors
+from zq.cli import render
+
+DEFAULT_TOPOLOGY = Path("topologies/local.toml")
+PRODUCE_INFLIGHT_MAX = 10_000     # stdin messages sent and not yet printed; bounds memory on a large pipe
+CONSUME_POLL_MS_MAX = 1_000       # one poll of `zq consume`; bounds how late --timeout and Ctrl-C act
+CONSUME_BATCH_MAX = 500           # messages one poll hands over
+
+app = typer.Typer(name="zq", help="zq: a brokerless distributed message queue.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+topic_app = typer.Typer(help="Create, list, describe and delete topics.", no_args_is_help=True)
+node_app = typer.Typer(help="Run one node in the foreground.", no_args_is_help=True)
+bench_app = typer.Typer(help="Throughput and latency benchmarks (msg/s, MB/s, p50/p99/p99.9).", no_args_is_help=True)
+app.add_typer(topic_app, name="topic")
+app.add_typer(node_app, name="node")
+app.add_typer(bench_app, name="bench")
+
+Bootstrap = Annotated[Optional[str], typer.Option(
+    "--bootstrap", envvar="ZQ_BOOTSTRAP", metavar="HOST:PORT[,HOST:PORT...]",
+    help="Nodes to contact first; without it, nodes are found by zeroconf.")]
+Cluster = Annotated[str, typer.Option("--cluster", envvar="ZQ_CLUSTER", help="Cluster name to find by zeroconf.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+
+
+class UsageProblem(errors.ZqError):
+    """A command-line mistake found after parsing (exit code 2)."""
+
+    code = "usage"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _client(bootstrap: str | None, cluster: str):
+    from zq.client import Client
+    return Client(bootstrap=bootstrap, cluster=cluster)
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(render.as_dict(doc), ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _console():
+    from rich.console import Console
+    return Console()
+
+
+def _topic_names(topics: Any) -> list[str]:
+    names = []
+    for t in topics:
+        names.append(t if isinstance(t, str) else (t.get("name") if isinstance(t, dict) else getattr(t, "name")))
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# zq up, zq node start
+
+
+@app.command("up")
+def up(topology: Annotated[Path, typer.Argument(help="Topology file.")] = DEFAULT_TOPOLOGY,
+       json_out: Json = False) -> None:
+    """Start every node that TOPOLOGY places on this host, in the foreground, with a live status view.
+
+    Creates the topology's topics once the cluster answers. Ctrl-C or SIGTERM stops every node
+    (SIGTERM, a bounded wait, then SIGKILL). Node logs go to DATA_DIR/NODE/node.log. Exits 1 if
+    a node died on its own."""
+    from zq.cli.up import run_up
+    raise typer.Exit(run_up(topology, plain=json_out))
+
+
+@node_app.command("start")
+def node_start(
+    name: Annotated[str, typer.Option("--name", help="This node's name (unique in the cluster).")],
+    topology: Annotated[Optional[Path], typer.Option("--topology", help="Take address, ports, seeds and data "
+                                                     "folder from this node's entry in the topology file.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="This node's own data folder "
+                                                     "(default: the topology's data_dir/NAME, else ./data/NAME).")] = None,
+    bind: Annotated[Optional[str], typer.Option("--bind", help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="First of the node's ten ports (default 7100).")] = None,
+    seed: Annotated[Optional[list[str]], typer.Option("--seed", metavar="HOST:PORT",
+                                                      help="Another node to contact; repeat for more.")] = None,
+    cluster: Annotated[Optional[str], typer.Option("--cluster", envvar="ZQ_CLUSTER",
+                                                   help="Cluster name (default: the topology's, else zq).")] = None,
+    no_discovery: Annotated[bool, typer.Option("--no-discovery", help="Do not use zeroconf; seeds only.")] = False,
+) -> None:
+    """Run one node in the foreground until SIGTERM or Ctrl-C."""
+    from zq.io.node import run_node
+    config = build_node_config(name, topology, data_dir, bind, port, seed or [], cluster, no_discovery)
+    run_node(config)
+
+
+def build_node_config(name: str, topology_path: Path | None, data_dir: Path | None, bind: str | None,
+                      port: int | None, seeds: list[str], cluster: str | None, no_discovery: bool = False):
+    """The NodeConfig of `zq node start`: the topology's entry, then the command line over it."""
+    from zq.io.node import NodeConfig
+    for s in seeds:
+        _check_address(s, "--seed")
+    if topology_path is None:
+        return NodeConfig(name=name, host=bind or "127.0.0.1", port=port or 7100,
+                          data_dir=data_dir or Path("data") / name, cluster=cluster or "zq",
+                          seeds=tuple(seeds), discovery=not no_discovery)
+    from zq.topology import load_topology
+    topo = load_topology(topology_path)
+    spec = topo.node(name)   # TopologyError naming the file and the nodes it has
+    all_seeds = list(dict.fromkeys([*seeds, *topo.seeds_for(name)]))
+    return NodeConfig(name=name, host=bind or spec.host, port=port or spec.port,
+                      data_dir=data_dir or topo.node_data_dir(name), cluster=cluster or topo.cluster.name,
+                      seeds=tuple(all_seeds), voters=tuple(topo.cluster.voters), topology=topo,
+                      discovery=topo.cluster.discovery != "off" and not no_discovery)
+
+
+def _check_address(text: str, option: str) -> None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageProblem(f"{option} {text!r} is not HOST:PORT")
+
+
+# --------------------------------------------------------------------------------------------
+# zq topic
+
+
+@topic_app.command("create")
+def topic_create(
+    name: Annotated[str, typer.Argument(help="Topic name: letters, digits, '.', '_' and '-'.")],
+    partitions: Annotated[int, typer.Option("--partitions", min=1, help="Number of partitions.")] = 1,
+    replication: Annotated[int, typer.Option("--replication", min=1, help="Replicas of each partition.")] = 1,
+    retention: Annotated[Optional[str], typer.Option("--retention", help="Keep messages this long: 7d, 12h, 30m.")] = None,
+    retention_bytes: Annotated[Optional[str], typer.Option("--retention-bytes",
+                                                           help="Keep at most this much per partition: 100GB.")] = None,
+    max_deliveries: Annotated[Optional[int], typer.Option("--max-deliveries", min=1,
+                                                          help="Deliveries before a message is dead-lettered.")] = None,
+    compact: Annotated[bool, typer.Option("--compact", help="Keep only the latest message per key.")] = False,
+    durability: Annotated[Optional[str], typer.Option("--durability", help="fsync (default) or replicated.")] = None,
+    bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False,
+) -> None:
+    """Create a topic (its dead-letter topic is NAME.dlq)."""
+    from zq.topology import InvalidValue, parse_bytes, parse_duration_ms
+    config: dict[str, Any] = {}
+    try:
+        if retention is not None:
+            config["retention_ms"] = parse_duration_ms(retention)
+        if retention_bytes is not None:
+            config["retention_bytes"] = parse_bytes(retention_bytes)
+    except InvalidValue as error:
+        raise UsageProblem(f"--retention{'-bytes' if 'size' in error.message else ''}: {error.message}") from None
+    if max_deliveries is not None:
+        config["max_deliveries"] = max_deliveries
+    if compact:
+        config["compact"] = True
+    if durability is not None:
+        if durability not in ("fsync", "replicated"):
+            raise UsageProblem(f"--durability {durability!r} is not fsync or replicated")
+        config["durability"] = durability
+    with _client(bootstrap, cluster) as client:
+        client.create_topic(name, partitions=partitions, replication=replication, **config)
+        described = render.as_dict(client.describe_topic(name))
+    if json_out:
+        _print_json(described)
+    else:
+        print(f"created topic {name} with {partitions} partition{'s' * (partitions != 1)}, "
+              f"replication {replication}")
+
+
+@topic_app.command("list")
+def topic_list(bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
+    """List topics: name, partitions, replication, settings."""
+    with _client(bootstrap, cluster) as client:
+        summaries = [{k: t.get(k) for k in ("name", "partitions", "replication", "config")}
+                     for t in render.as_dict(client.topics())]
+    if json_out:
+        _print_json({"topics": summaries})
+    else:
+        _console().print(render.topics_table(summaries))
+
+
+@topic_app.command("describe")
+def topic_describe(name: Annotated[str, typer.Argument(help="Topic name.")],
+                   bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
+    """A topic's settings and partitions: leader, replicas, in-sync replicas, log start, log end, high watermark."""
+    with _client(bootstrap, cluster) as client:
+        described = render.as_dict(client.describe_topic(name))
+    if json_out:
+        _print_json(described)
+        return
+    console = _console()
+    summary = render.topic_summary(described)
+    console.print(f"topic {name}: {summary['partitions']} partitions, replication {summary['replication']}")
+    for key, value in sorted(summary["config"].items()):
+        console.print(f"  {key} = {value}")
+    parts = [{"topic": name, **p} for p in described.get("partitions") or []]
+    console.print(render.partitions_table(parts))
+
+
+@topic_app.command("delete")
+def topic_delete(name: Annotated[str, typer.Argument(help="Topic name.")],
+                 bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
+    """Delete a topic and its data."""
+    with _client(bootstrap, cluster) as client:
+        client.delete_topic(name)
+    if json_out:
+        _print_json({"deleted": name})
+    else:
+        print(f"deleted topic {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# zq status
+
+
+@app.command("status")
+def status(bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
+    """Nodes (name, address, state, last seen) and partitions (leader, epoch, replicas, in-sync,
+    high watermark, replication lag)."""
+    with _client(bootstrap, cluster) as client:
+        doc = render.as_dict(client.status())
+    if json_out:
+        _print_json(doc)
+        return
+    console = _console()
+    console.print(render.nodes_table(doc.get("nodes") or []))
+    console.print(render.partitions_table(doc.get("partitions") or []))
+
+
+# --------------------------------------------------------------------------------------------
+# zq produce
+
+
+@app.command("produce")
+def produce(
+    topic: Annotated[str, typer.Argument(help="Topic to publish to.")],
+    value: Annotated[Optional[str], typer.Argument(help="The message; without it, one message per line of stdin.")] = None,
+    key: Annotated[Optional[str], typer.Option("--key", help="Message key (chooses the partition).")] = None,
+    key_separator: Annotated[Optional[str], typer.Option("--key-separator", metavar="SEP",
+                                                         help="Each stdin line is KEY SEP VALUE.")] = None,
+    header: Annotated[Optional[list[str]], typer.Option("--header", metavar="NAME=VALUE",
+                                                        help="A header; repeat for more.")] = None,
+    acks: Annotated[str, typer.Option("--acks", help="none, leader or quorum.")] = "quorum",
+    message_id: Annotated[Optional[str], typer.Option("--id", metavar="MESSAGE_ID",
+                                                      help="Sets header zq-message-id (with VALUE only).")] = None,
+    partition: Annotated[Optional[int], typer.Option("--partition", min=0, help="Publish to this partition.")] = None,
+    bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False,
+) -> None:
+    """Publish VALUE, or one message per line of stdin (the line ending is removed).
+
+    Prints "partition offset" per message, in input order, or with --json one object per line:
+    {"topic", "partition", "offset"} (offset null with --acks none)."""
+    if acks not in render.ACKS_CHOICES:
+        raise UsageProblem(f"--acks {acks!r} is not none, leader or quorum")
+    if key is not None and key_separator is not None:
+        raise UsageProblem("give --key or --key-separator, not both")
+    if message_id is not None and value is None:
+        raise UsageProblem("--id names one message, so it needs VALUE rather than stdin")
+    if value is not None and key_separator is not None:
+        raise UsageProblem("--key-separator splits stdin lines; with VALUE use --key")
+    headers = dict(render.parse_header(h) for h in header or [])
+    if message_id is not None:
+        headers["zq-message-id"] = message_id.encode()
+    if value is not None:
+        messages: Any = iter([(key.encode() if key is not None else None, value.encode())])
+    else:
+        sep = key_separator.encode() if key_separator is not None else None
+        fixed_key = key.encode() if key is not None else None
+        messages = _stdin_messages(sep, fixed_key)
+    with _client(bootstrap, cluster) as client:
+        producer = client.producer(acks=acks)
+        try:
+            _produce_all(producer, topic, messages, headers, partition, json_out)
+        finally:
+            producer.close()
+
+
+def _stdin_messages(sep: bytes | None, fixed_key: bytes | None):
+    for n, line in enumerate(sys.stdin.buffer, start=1):
+        line = line[:-1] if line.endswith(b"\n") else line
+        line = line[:-1] if line.endswith(b"\r") else line
+        k, v = render.split_key(line, sep, n)
+        yield (k if sep is not None else fixed_key), v
+
+
+def _produce_all(producer: Any, topic: str, messages: Any, headers: dict, partition: int | None,
+                 json_out: bool) -> None:
+    pending: deque = deque()
+    send_kwargs: dict[str, Any] = {"headers": headers or None}
+    if partition is not None:
+        send_kwargs["partition"] = partition
+    for k, v in messages:
+        pending.append(producer.send(topic, v, key=k, **send_kwargs))
+        # Print in input order as results arrive; bound what waits to be printed.
+        while pending and (pending[0].done() or len(pending) >= PRODUCE_INFLIGHT_MAX):
+            _print_produced(pending.popleft(), topic, json_out)
+    producer.flush()
+    while pending:
+        _print_produced(pending.popleft(), topic, json_out)
+
+
+def _print_produced(future: Any, topic: str, json_out: bool) -> None:
+    meta = future.result()
+    part = getattr(meta, "partition", None)
+    offset = getattr(meta, "offset", None)
+    offset = None if offset is None or offset < 0 else offset
+    if json_out:
+        line = json.dumps({"topic": getattr(meta, "topic", topic), "partition": part, "offset": offset})
+    else:
+        line = f"{part} {offset if offset is not None else '-'}"
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# zq consume
+
+
+@app.command("consume")
+def consume(
+    topic: Annotated[str, typer.Argument(help="Topic to read.")],
+    start: Annotated[str, typer.Option("--from", metavar="earliest|latest|OFFSET|TIME",
+                                       help="Where to start: earliest, latest, an offset (in every partition read), "
+                                            "or an ISO-8601 time (no zone: local time).")] = "latest",
+    partition: Annotated[Optional[int], typer.Option("--partition", min=0, help="Read only this partition.")] = None,
+    max_messages: Annotated[Optional[int], typer.Option("--max", min=1, help="Stop after N messages.")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", min=0,
+                                                     help="Stop after S seconds with no new message.")] = None,
+    group: Annotated[Optional[str], typer.Option("--group", help="Consume as a member of this group.")] = None,
+    no_ack: Annotated[bool, typer.Option("--no-ack", help="With --group: do not acknowledge (at-most-once "
+                                                          "is the producer's choice; this only reads).")] = False,
+    bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False,
+) -> None:
+    """Print messages as JSON lines: {"topic", "partition", "offset", "timestamp", "key", "value",
+    "headers", "attempt"}.
+
+    timestamp is milliseconds since the epoch. key, value and header values are UTF-8 text; if any
+    of them in a message is not valid UTF-8, that message's object has "encoding": "base64" and
+    all of its key, value and header values are base64. Always JSON lines (--json is accepted
+    for symmetry). Exits 0 after --max messages or --timeout seconds of quiet."""
+    start_at = render.parse_start(start)
+    with _client(bootstrap, cluster) as client:
+        consumer = _make_consumer(client, topic, group, start_at, partition)
+        try:
+            _consume_loop(consumer, topic, partition, max_messages, timeout, ack=group is not None and not no_ack)
+        finally:
+            consumer.close()
+
+
+def _make_consumer(client: Any, topic: str, group: str | None, start: Any, partition: int | None):
+    return client.consumer(topic, group=group, start=start, partitions=None if partition is None else [partition])
+
+
+def _consume_loop(consumer: Any, topic: str, partition: int | None, max_messages: int | None,
+                  timeout_s: float | None, ack: bool) -> None:
+    printed = 0
+    last_ms = time.monotonic() * 1000
+    while max_messages is None or printed < max_messages:
+        wait_ms = CONSUME_POLL_MS_MAX
+        if timeout_s is not None:
+            left_ms = timeout_s * 1000 - (time.monotonic() * 1000 - last_ms)
+            if left_ms <= 0:
+                return
+            wait_ms = min(wait_ms, left_ms)
+        batch_max = CONSUME_BATCH_MAX if max_messages is None else min(CONSUME_BATCH_MAX, max_messages - printed)
+        batch = consumer.poll(timeout=wait_ms / 1000, max_messages=batch_max)
+        if batch:
+            last_ms = time.monotonic() * 1000
+        for msg in batch:
+            sys.stdout.write(json.dumps(render.message_json(msg, topic), ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+            if ack:
+                msg.ack()
+            printed += 1
+            if max_messages is not None and printed >= max_messages:
+                return
+
+
+# --------------------------------------------------------------------------------------------
+# zq bench
+
+
+def _bench(test: str, messages: int, size: int, partitions: int, replication: int, acks: str, durability: str,
+           rate: Optional[float], nodes: int, bootstrap: str | None, cluster: str, json_out: bool) -> None:
+    from zq.cli.bench import print_result, run_bench
+    if acks not in render.ACKS_CHOICES:
+        raise UsageProblem(f"--acks {acks!r} is not none, leader or quorum")
+    if durability not in ("fsync", "replicated"):
+        raise UsageProblem(f"--durability {durability!r} is not fsync or replicated")
+    result = run_bench(test, messages=messages, size=size, partitions=partitions, replication=replication,
+                       acks=acks, durability=durability, rate=rate, nodes=nodes, bootstrap=bootstrap,
+                       cluster=cluster, progress=True)
+    if json_out:
+        _print_json(result)
+    else:
+        print_result(result)
+
+
+Messages = Annotated[int, typer.Option("--messages", min=1, help="Messages to send.")]
+Size = Annotated[int, typer.Option("--size", min=8, help="Value size in bytes.")]
+Partitions = Annotated[int, typer.Option("--partitions", min=1, help="Partitions of the bench topic.")]
+Replication = Annotated[int, typer.Option("--replication", min=1, help="Replication of the bench topic.")]
+Acks = Annotated[str, typer.Option("--acks", help="none, leader or quorum.")]
+Durability = Annotated[str, typer.Option("--durability", help="fsync or replicated.")]
+Rate = Annotated[Optional[float], typer.Option("--rate", min=1, help="Pace sends at this many msg/s "
+                                               "(one message per request) to measure latency.")]
+Nodes = Annotated[int, typer.Option("--nodes", min=1, help="Nodes of the LocalCluster started when "
+                                    "--bootstrap is not given.")]
+
+
+@bench_app.command("produce")
+def bench_produce(messages: Messages = 200_000, size: Size = 100, partitions: Partitions = 8,
+                  replication: Replication = 1, acks: Acks = "leader", durability: Durability = "fsync",
+                  rate: Rate = None, nodes: Nodes = 1, bootstrap: Bootstrap = None, cluster: Cluster = "zq",
+                  json_out: Json = False) -> None:
+    """Producer throughput, and send-to-acknowledgement latency of every message."""
+    _bench("produce", messages, size, partitions, replication, acks, durability, rate, nodes, bootstrap, cluster,
+           json_out)
+
+
+@bench_app.command("consume")
+def bench_consume(messages: Messages = 200_000, size: Size = 100, partitions: Partitions = 8,
+                  replication: Replication = 1, acks: Acks = "leader", durability: Durability = "fsync",
+                  nodes: Nodes = 1, bootstrap: Bootstrap = None, cluster: Cluster = "zq",
+                  json_out: Json = False) -> None:
+    """Consumer throughput reading a topic filled beforehand (latency is not measured: null)."""
+    _bench("consume", messages, size, partitions, replication, acks, durability, None, nodes, bootstrap, cluster,
+           json_out)
+
+
+@bench_app.command("e2e")
+def bench_e2e(messages: Messages = 20_000, size: Size = 100, partitions: Partitions = 1,
+              replication: Replication = 1, acks: Acks = "leader", durability: Durability = "fsync",
+              rate: Annotated[float, typer.Option("--rate", min=1, help="Paced send rate, msg/s.")] = 2_000,
+              nodes: Nodes = 1, bootstrap: Bootstrap = None, cluster: Cluster = "zq",
+              json_out: Json = False) -> None:
+    """Produce-to-consume latency: a paced producer here, a consumer in a second process."""
+    _bench("e2e", messages, size, partitions, replication, acks, durability, rate, nodes, bootstrap, cluster,
+           json_out)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point: every failure is one sentence and an exit code.
+
+
+def _one_sentence(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def exit_code_for(error: BaseException) -> int:
+    if isinstance(error, (errors.Rejected, errors.TopologyError, UsageProblem)):
+        return 2
+    return 1
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, errors.ZqError):
+        return error.message
+    if isinstance(error, FileNotFoundError):
+        return f"{error.filename}: no such file"
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    return str(error) or type(error).__name__
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE, point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: run the app and turn every failure into one sentence and an exit code."""
+    from typer._click import exceptions as click_exc
+    code = 0
+    try:
+        result = app(args=argv, prog_name="zq", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+        if code == 130:
+            sys.stderr.write("zq: interrupted.\n")
+    except click_exc.NoArgsIsHelpError as error:
+        sys.stdout.write(error.ctx.get_help() + "\n" if error.ctx else "")
+        code = 2
+    except click_exc.UsageError as error:
+        hint = f" (see: {error.ctx.command_path} --help)" if error.ctx else ""
+        sys.stderr.write(f"zq: error: {_one_sentence(error.format_message())[:-1]}{hint}.\n")
+        code = 2
+    except typer.Abort:
+        sys.stderr.write("zq: interrupted.\n")
+        code = 130
+    except KeyboardInterrupt:
+        sys.stderr.write("zq: interrupted.\n")
+        code = 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        code = 0
+    except (errors.ZqError, OSError) as error:
+        if isinstance(error, OSError) and error.errno == errno.EPIPE:
+            _quiet_stdout()
+            code = 0
+        else:
+            sys.stderr.write(f"zq: error: {_one_sentence(_describe(error))}\n")
+            code = exit_code_for(error)
+    except Exception as error:  # a bug of ours: still one sentence, the traceback on request
+        if os.environ.get("ZQ_DEBUG"):
+            raise
+        if _is_zmq_error(error):
+            sys.stderr.write(f"zq: error: network: {_one_sentence(str(error))}\n")
+        else:
+            sys.stderr.write(f"zq: error: unexpected {type(error).__name__}: {_one_sentence(str(error))} "
+                             "Set ZQ_DEBUG=1 to see the traceback, and please report it.\n")
+        code = 1
+    sys.exit(code)
+
+
+def _is_zmq_error(error: BaseException) -> bool:
+    try:
+        import zmq
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(error, zmq.ZMQError)
