@@ -64,6 +64,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -246,9 +247,9 @@ class WriteTxn:
         s.pending_bases.append(header.base_offset)
         if st is None or st.empty:
             s.state = PartitionState(header.base_offset, next_offset, size, cum, index_time, index_time)
-        else:
-            s.state = replace(st, log_end=next_offset, size_bytes=st.size_bytes + size, cum_bytes_end=cum,
-                              last_append_time_ms=index_time)
+        else:  # the constructor, not dataclasses.replace: this is the hot path and replace costs 3x more
+            s.state = PartitionState(st.log_start, next_offset, st.size_bytes + size, cum, st.first_append_time_ms,
+                                     index_time)
 
     def truncate_from(self, tp: TopicPartition, offset: int) -> None:
         """Delete every batch with base_offset >= offset (a batch boundary); log end becomes `offset`.
@@ -602,6 +603,16 @@ class Store:
 
     def get_meta(self, name: bytes) -> bytes | None:
         return self._live().get(meta_key(name))
+
+    def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Raw (key, value) pairs whose key starts with `prefix`, in key order: for offline tools
+        (tools/inspect_data.py) and tests, never the node's loop. Values are not verified. Finish
+        with the generator before closing the store."""
+        it, _keep = self._iter(_prefix_end(prefix) if prefix.strip(b"\xff") else b"\xff" * 64)
+        it.seek(prefix)
+        while it.valid():
+            yield it.key(), it.value()
+            it.next()
 
     def disk_free_bytes(self) -> int:
         s = os.statvfs(self.path)
