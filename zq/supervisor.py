@@ -343,6 +343,9 @@ def log_tail(path: Path, lines_max: int = DEFAULT_LIMITS.log_tail_lines_max) -> 
 
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As libzmq binds: connections lingering in TIME_WAIT from a node just stopped do not
+        # make the port busy, only a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -35,6 +35,7 @@ from zq.cli import render
 DEFAULT_TOPOLOGY = Path("topologies/local.toml")
 PRODUCE_INFLIGHT_MAX = 10_000     # stdin messages sent and not yet printed; bounds memory on a large pipe
 CONSUME_POLL_MS_MAX = 1_000       # one poll of `zq consume`; bounds how late --timeout and Ctrl-C act
+PIPE_WIDTH_CHARS = 200            # table width when stdout is a pipe or a file, not a terminal
 CONSUME_BATCH_MAX = 500           # messages one poll hands over
 
 app = typer.Typer(name="zq", help="zq: a brokerless distributed message queue.", no_args_is_help=True,
@@ -74,8 +75,11 @@ def _print_json(doc: Any) -> None:
 
 
 def _console():
+    """Rich console; when stdout is not a terminal, wide enough that tables never truncate names."""
     from rich.console import Console
-    return Console()
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=PIPE_WIDTH_CHARS)
 
 
 def _topic_names(topics: Any) -> list[str]:
@@ -195,11 +199,14 @@ def topic_create(
 
 
 @topic_app.command("list")
-def topic_list(bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
+def topic_list(internal: Annotated[bool, typer.Option("--internal", help="Also list the cluster's own "
+                                                      "topics (__meta).")] = False,
+               bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
     """List topics: name, partitions, replication, settings."""
     with _client(bootstrap, cluster) as client:
         summaries = [{k: t.get(k) for k in ("name", "partitions", "replication", "config")}
-                     for t in render.as_dict(client.topics())]
+                     for t in render.as_dict(client.topics())
+                     if internal or not str(t.get("name")).startswith("__")]
     if json_out:
         _print_json({"topics": summaries})
     else:

@@ -212,13 +212,16 @@ class View:
 
     def _run_live(self, stop: threading.Event, watcher: Watcher) -> None:
         from rich.live import Live
-        with Live(self._render(watcher), refresh_per_second=4, screen=False) as live:
-            while not stop.is_set():
-                alive = self._tick(watcher)
-                live.update(self._render(watcher))
-                if not alive:
-                    return
-                stop.wait(0.25)
+        try:
+            with Live(self._render(watcher), refresh_per_second=4, screen=False) as live:
+                while not stop.is_set():
+                    alive = self._tick(watcher)
+                    live.update(self._render(watcher))
+                    if not alive:
+                        return
+                    stop.wait(0.25)
+        finally:
+            self.plain = True  # the view is gone: what happens next (stopping, stopped) goes as lines
 
     def _render(self, watcher: Watcher):
         from rich.console import Group
