@@ -285,6 +285,22 @@ def test_append_then_truncate_in_one_transaction(store):
     assert st.size_bytes == len(stored[0]) + len(batch(3, 2, 23)) + len(b)
 
 
+def test_append_truncate_append_then_retention_in_one_transaction(store):
+    """A new leader's suffix replaces an old one and retention follows, all in one loop pass."""
+    txn = store.begin()
+    for base, count, time_ms in [(0, 3, 10), (3, 3, 20), (6, 3, 30)]:
+        b = batch(base, count, time_ms)
+        txn.append(TP, b, unpack_header(b))
+    txn.truncate_from(TP, 3)
+    replacement = batch(3, 5, 40)
+    txn.append(TP, replacement, unpack_header(replacement))
+    txn.delete_below(TP, 5)  # inside the replacement batch, not the truncated one
+    store.commit(txn, sync=True)
+    st = store.partition_state(TP)
+    assert (st.log_start, st.log_end, st.size_bytes, st.first_append_time_ms) == (5, 8, len(replacement), 40)
+    assert store.read(TP, 0, 1 << 20) == [replacement]
+
+
 # --- retention
 
 
@@ -561,3 +577,136 @@ def test_inspector_verifies_a_data_dir_and_finds_damage(tmp_path):
     code, doc = inspect()
     assert code == 1
     assert any("batch at 6" in d for d in doc["verify"][0]["details"]), doc["verify"]
+
+
+# --- a model check: random transactions of appends, truncations and retention
+
+
+class _Model:
+    """What the store should hold for one partition: a plain list of (base, next, index_time, stored)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int, int, bytes]] = []
+        self.log_start = self.log_end = 0
+        self.last_time: int | None = None
+        self.exists = False
+
+    def copy(self) -> _Model:
+        m = _Model()
+        m.batches, m.log_start, m.log_end, m.last_time, m.exists = (list(self.batches), self.log_start,
+                                                                    self.log_end, self.last_time, self.exists)
+        return m
+
+    def append(self, count: int, time_ms: int) -> bytes:
+        stored = batch(self.log_end, count, time_ms)
+        index_time = time_ms if self.last_time is None else max(time_ms, self.last_time)
+        if not self.batches:
+            self.log_start = self.log_end
+        self.batches.append((self.log_end, self.log_end + count, index_time, stored))
+        self.log_end += count
+        self.last_time = index_time
+        self.exists = True
+        return stored
+
+    def clear_to(self, offset: int) -> None:
+        self.batches, self.log_start, self.log_end, self.last_time = [], offset, offset, None
+
+    def truncate_from(self, offset: int) -> None:
+        if not self.exists or offset >= self.log_end:
+            return
+        if offset <= self.log_start:
+            self.clear_to(offset)
+            return
+        self.batches = [b for b in self.batches if b[0] < offset]
+        self.log_end = offset
+        self.last_time = self.batches[-1][2]
+
+    def delete_below(self, offset: int) -> None:
+        if not self.exists or offset <= self.log_start:
+            return
+        if offset >= self.log_end:
+            self.clear_to(offset)
+            return
+        self.batches = [b for b in self.batches if b[1] > offset]
+        self.log_start = offset
+
+    def size(self) -> int:
+        return sum(len(b[3]) for b in self.batches)
+
+
+_append = st.tuples(st.just("append"), st.integers(1, 4), st.integers(-50, 100))
+_ops = st.lists(st.one_of(
+    _append, _append, _append, _append,
+    st.tuples(st.just("truncate"), st.integers(0, 30), st.just(0)),
+    st.tuples(st.just("delete_below"), st.integers(0, 40), st.just(0)),
+    st.tuples(st.just("commit"), st.booleans(), st.just(0)),
+    st.tuples(st.just("commit"), st.booleans(), st.just(0)),
+    st.tuples(st.just("reopen"), st.just(0), st.just(0)),
+), min_size=5, max_size=50)
+
+
+@settings(max_examples=80, deadline=None)
+@given(ops=_ops)
+def test_random_transactions_match_a_model(tmp_path_factory, ops):
+    path = tmp_path_factory.mktemp("model") / "db"
+    store = Store(path)
+    committed, staged = _Model(), _Model()
+    txn = store.begin()
+    clock = 1_000
+    try:
+        for op, a, b in ops + [("commit", True, 0)]:
+            if op == "append":
+                clock = max(0, clock + b)
+                stored = staged.append(a, clock)
+                txn.append(TP, stored, unpack_header(stored))
+            elif op == "truncate":
+                # Truncation happens at batch boundaries (or at/below log start, or at log end).
+                boundaries = [staged.log_start] + [x[0] for x in staged.batches] + [staged.log_end]
+                offset = boundaries[a % len(boundaries)] if a % 3 else max(0, staged.log_start - a % 5)
+                staged.truncate_from(offset)
+                txn.truncate_from(TP, offset)
+            elif op == "delete_below":
+                # Mostly inside the log (and often inside a batch), sometimes at or past its end.
+                offset = staged.log_start + a % (staged.log_end - staged.log_start + 3)
+                staged.delete_below(offset)
+                txn.delete_below(TP, offset)
+            elif op == "commit":
+                store.commit(txn, sync=a)
+                committed = staged.copy()
+                txn = store.begin()
+                _check(store, committed)
+            else:
+                store.close()
+                store = Store(path)
+                staged = committed.copy()
+                txn = store.begin()
+                _check(store, committed)
+    finally:
+        store.close()
+
+
+def _check(store: Store, m: _Model) -> None:
+    st_ = store.partition_state(TP)
+    if not m.exists:
+        assert st_ is None
+        return
+    assert (st_.log_start, st_.log_end, st_.size_bytes) == (m.log_start, m.log_end, m.size())
+    assert st_.first_append_time_ms == (m.batches[0][2] if m.batches else None)
+    assert st_.last_append_time_ms == (m.batches[-1][2] if m.batches else None)
+    assert store.read(TP, m.log_start, 1 << 30) == [x[3] for x in m.batches]
+    for x in m.batches:
+        assert store.read(TP, x[1] - 1, 1)[0] == x[3]
+    for t in sorted({x[2] for x in m.batches} | {0, 10**6}):
+        expect = next((max(x[0], m.log_start) for x in m.batches if x[2] >= t), None)
+        assert store.offset_for_time(TP, t) == expect
+    for keep in (0, m.size() // 2, m.size()):
+        expect = None
+        if m.size() > keep:
+            removed = 0
+            for x in m.batches:
+                removed += len(x[3])
+                if removed >= m.size() - keep:
+                    expect = x[1]
+                    break
+            expect = expect if expect > m.log_start else None
+        assert store.retention_candidates(TP, now_ms=0, retention_ms=None, retention_bytes=keep) == expect

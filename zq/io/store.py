@@ -57,6 +57,12 @@ Errors
 - A stored batch that fails its checksums, or sits under the wrong key, raises `CorruptData`
   naming the partition and offset.
 
+Also: `Store(path, read_only=True)` opens without taking RocksDB's lock, beside a running node
+(tools/inspect_data.py); `Store.scan(prefix)` yields raw pairs for tools and tests.
+
+Two rocksdict 0.3.29 quirks shape the read code (see `Store._iter`): an iterator does not keep
+its ReadOptions alive, and `set_iterate_lower_bound` sets the upper bound.
+
 Not thread-safe: the node's single event loop owns the store.
 """
 from __future__ import annotations
@@ -179,11 +185,9 @@ class _Staged:
         del self.pending[i:], self.pending_bases[i:]
 
     def drop_pending_below(self, base_offset: int) -> None:
+        # Entries below log start are never looked up again; dropping them keeps the list short.
         i = bisect.bisect_left(self.pending_bases, base_offset)
         del self.pending[:i], self.pending_bases[:i]
-
-
-_DROPPED = object()
 
 
 class WriteTxn:
@@ -361,7 +365,7 @@ class Store:
         o.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())  # replay the WAL up to a torn tail, no further
         o.set_write_buffer_size(64 * 1024 * 1024)    # 64 MiB memtables: ~5000 batches of 12 KB before a flush
         o.set_max_write_buffer_number(3)         # one filling, up to two flushing: writes do not stall on a flush
-        o.set_max_total_wal_size(512 * 1024 * 1024)  # bound the WAL (and replay time after a crash)
+        o.set_max_total_wal_size(512 * 1024 * 1024)  # backstop on WAL size (and replay time after a crash)
         o.set_max_background_jobs(2)             # the node's machines are small; compaction must not starve the loop
         o.set_bytes_per_sync(1024 * 1024)        # write SSTs out steadily instead of in one burst at close
         o.set_level_compaction_dynamic_level_bytes(True)  # steadier space use when retention deletes old ranges
@@ -423,6 +427,9 @@ class Store:
 
     def _live(self) -> rocksdict.Rdict:
         if self._db is None:
+            if self._needs_reopen:
+                raise ZqError(f"the data dir {self.path} could not be reopened after a failed write; "
+                              "the next commit tries again")
             raise ZqError(f"the store at {self.path} is closed")
         return self._db
 
