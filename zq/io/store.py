@@ -481,7 +481,10 @@ class Store:
 
     def read(self, tp: TopicPartition, offset: int, max_bytes: int, *, upto: int | None = None) -> list[bytes]:
         """Stored batches from the one containing `offset` on, at most `max_bytes` in all but always at
-        least one if there is any, none whose base offset is >= `upto`. Each is verified."""
+        least one if there is any, none whose base offset is >= `upto`. Each is verified.
+
+        `max_bytes` is capped at limits.fetch_bytes_max. An offset below the first retained batch
+        reads from that batch on: whether that is OffsetOutOfRange is the caller's decision."""
         if upto is not None and offset >= upto:
             return []
         max_bytes = min(max_bytes, self.limits.fetch_bytes_max)
