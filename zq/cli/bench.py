@@ -91,7 +91,7 @@ def run_bench(test: str, *, messages: int, size: int, partitions: int, replicati
             from zq.testing import LocalCluster
             local = stack.enter_context(LocalCluster(nodes=nodes))
             bootstrap, cluster = local.bootstrap, local.name
-        from zq.cli.app import _client
+        from zq.cli.commands import _client
         client = stack.enter_context(_client(bootstrap, cluster))
         topic = f"bench-{test}-{random.randrange(1 << 32):08x}"
         client.create_topic(topic, partitions=partitions, replication=replication, durability=durability)
@@ -185,7 +185,7 @@ def _consume(client: Any, topic: str, messages: int, bar: _Progress) -> tuple[fl
 
 def _e2e_consumer(bootstrap: str, cluster: str, topic: str, messages: int, conn: Any) -> None:
     """The second process of `e2e`: read `messages` messages, send back their latencies in ns."""
-    from zq.cli.app import _client
+    from zq.cli.commands import _client
     latencies = array("q")
     try:
         with _client(bootstrap, cluster) as client:

@@ -74,7 +74,7 @@ class Watcher(threading.Thread):
     def _step(self) -> None:
         try:
             if self._client is None:
-                from zq.cli.app import _client
+                from zq.cli.commands import _client
                 self._client = _client(",".join(self.addresses.values()), self.topology.cluster.name)
             if not self.snapshot.topics_done:
                 self._create_topics()
@@ -87,7 +87,7 @@ class Watcher(threading.Thread):
                 self.snapshot.status_error = error.message
 
     def _create_topics(self) -> None:
-        from zq.cli.app import _topic_names
+        from zq.cli.commands import _topic_names
         existing = set(_topic_names(self._client.topics()))
         created, skipped = [], []
         for spec in self.topology.topics:

@@ -305,6 +305,8 @@ def produce(
         producer = client.producer(acks=acks)
         try:
             _produce_all(producer, topic, messages, headers, partition, json_out)
+        except BrokenPipeError:
+            _quiet_stdout()   # whoever read our output left; what was sent stays sent
         finally:
             producer.close()
 
@@ -377,6 +379,9 @@ def consume(
         consumer = _make_consumer(client, topic, group, start_at, partition)
         try:
             _consume_loop(consumer, topic, partition, max_messages, timeout, ack=group is not None and not no_ack)
+        except BrokenPipeError:
+            # The reader left (`zq consume T | head -1`): a normal end of a stream, not an error.
+            _quiet_stdout()
         finally:
             consumer.close()
 
