@@ -1,0 +1,234 @@
+"""Data of the replication core: log entries, wire messages, effects, configuration.
+
+Everything here is a frozen, slotted dataclass of plain values, so the node's shell can put the
+messages on the wire (CBOR) without translation. A replication message travels inside an
+envelope that names the partition (the PUB topic frame, or a field of the DEALER request); the
+messages themselves do not repeat it. Offsets count records: an entry (a producer's batch) of
+`count` records at `base_offset` covers `[base_offset, base_offset + count)`, and the log end is
+the first offset not yet written. Epochs start at 1; epoch 0 means "before any entry".
+
+Grammar (one line per message; `entry` is `[base_offset, count, epoch, producer_id,
+base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
+
+    Append      = [epoch, sender, prev_end, prev_epoch, high_watermark, leader_end, [entry, ...]]
+                  leader -> followers (PUB broadcast, or a DEALER reply to Fetch); no entries = heartbeat
+    AppendAck   = [epoch, sender, durable_end]
+                  follower -> leader; durable_end = end of the prefix it holds durably and knows
+                  matches this leader's log; also the answer that tells a stale sender the newer epoch
+    Fetch       = [epoch, sender, from_end, last_epoch]
+                  follower -> leader: "send entries from from_end; my entry before it has last_epoch"
+    Diverging   = [epoch, sender, diverging_epoch, end_offset]
+                  leader -> follower: "your log diverges; my largest epoch <= yours is
+                  diverging_epoch and it ends at end_offset" (KIP-101/KIP-279 truncation point)
+    RequestVote = [epoch, sender, last_epoch, last_end]
+                  candidate -> voters
+    Vote        = [epoch, sender, granted]
+                  voter -> candidate, sent only after the vote is durable
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from zq.errors import ProtocolError
+
+NO_PRODUCER = -1
+"""producer_id of a batch from a producer that is not idempotent, and of a leader marker."""
+
+MARKER_PAYLOAD = b""
+"""Payload of the one-record control entry a new leader appends at the start of its epoch.
+
+Raft commits entries of earlier epochs only by committing one of the current epoch, so a new
+leader writes this marker at once; otherwise an old uncommitted tail would wait for the next
+produce. It takes one offset, as Kafka's control records do: consumers skip it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One batch in the log. The payload is opaque here (the node stores the batch bytes)."""
+
+    base_offset: int
+    count: int
+    epoch: int
+    producer_id: int
+    base_sequence: int
+    payload: bytes
+
+    @property
+    def end_offset(self) -> int:
+        return self.base_offset + self.count
+
+    @property
+    def is_marker(self) -> bool:
+        return self.producer_id == NO_PRODUCER and self.payload == MARKER_PAYLOAD and self.count == 1
+
+    def to_wire(self) -> list:
+        return [self.base_offset, self.count, self.epoch, self.producer_id, self.base_sequence, self.payload]
+
+    @staticmethod
+    def from_wire(item: object) -> Entry:
+        """An Entry from its list form; a peer's malformed entry raises ProtocolError."""
+        if not isinstance(item, (list, tuple)) or len(item) != 6:
+            raise ProtocolError("a replicated entry is a list of 6 fields")
+        base, count, epoch, pid, seq, payload = item
+        if not all(type(v) is int for v in (base, count, epoch, pid, seq)):
+            raise ProtocolError("a replicated entry's first five fields are integers")
+        if not isinstance(payload, bytes):
+            raise ProtocolError("a replicated entry's payload is bytes")
+        if base < 0 or count < 1 or epoch < 1 or pid < NO_PRODUCER or seq < NO_PRODUCER:
+            raise ProtocolError(f"replicated entry out of range: offset {base}, count {count}, epoch {epoch}")
+        return Entry(base, count, epoch, pid, seq, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    epoch: int
+    sender: str
+    prev_end: int
+    prev_epoch: int
+    high_watermark: int
+    leader_end: int
+    entries: list = field(default_factory=list)  # of Entry.to_wire() lists
+
+
+@dataclass(frozen=True, slots=True)
+class AppendAck:
+    epoch: int
+    sender: str
+    durable_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    epoch: int
+    sender: str
+    from_end: int
+    last_epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Diverging:
+    epoch: int
+    sender: str
+    diverging_epoch: int
+    end_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestVote:
+    epoch: int
+    sender: str
+    last_epoch: int
+    last_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    epoch: int
+    sender: str
+    granted: bool
+
+
+MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote)
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """A message to send. `to` None means every other replica of the set (the leader's PUB)."""
+
+    to: str | None
+    message: object
+
+
+@dataclass(frozen=True, slots=True)
+class HardState:
+    """What must survive a restart: the epoch, the vote in it, the epoch history, and the high
+    watermark (a hint: it only saves a restarted replica from serving less than it knew)."""
+
+    epoch: int = 0
+    voted_for: str | None = None
+    epoch_history: tuple = ()  # ((epoch, start_offset), ...) ascending
+    high_watermark: int = 0
+
+
+# Outcome statuses of a proposal.
+COMMITTED = "committed"              # base_offset and epoch say where; duplicate=True if a retry
+NOT_LEADER = "not_leader"            # retriable: leader_hint names the leader if known
+BACKPRESSURE = "backpressure"        # retriable: too many proposals wait for commit
+OUT_OF_ORDER = "out_of_order_sequence"  # idempotent producer skipped a sequence number
+DUPLICATE_SEQUENCE = "duplicate_sequence"  # a retry older than the remembered window: written before
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    proposal_id: int
+    status: str
+    base_offset: int = -1
+    epoch: int = 0
+    leader_hint: str | None = None
+    duplicate: bool = False
+
+
+FOLLOWER = "follower"
+CANDIDATE = "candidate"
+LEADER = "leader"
+
+
+@dataclass(frozen=True, slots=True)
+class RoleChange:
+    role: str
+    epoch: int
+    leader: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Effects for the shell, applied in this order: delete entries at or above `truncate_from`,
+    append `entries`, write `hard_state` (one atomic write batch); sync if `must_sync`; then send
+    `messages`, publish `high_watermark`, answer `outcomes`, report `role`. Then `advance()`."""
+
+    truncate_from: int | None
+    entries: tuple
+    hard_state: HardState | None
+    must_sync: bool
+    messages: tuple
+    high_watermark: int | None
+    outcomes: tuple
+    role: RoleChange | None
+    log_end: int
+
+    @property
+    def has_writes(self) -> bool:
+        return self.truncate_from is not None or bool(self.entries) or self.hard_state is not None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.has_writes or self.messages or self.outcomes or self.role is not None
+                    or self.high_watermark is not None)
+
+
+class LogReader(Protocol):
+    """The shell's stable log, as of the last `advance()` (etcd-raft's Storage)."""
+
+    def read(self, offset: int, max_bytes: int) -> list[Entry]:
+        """Entries in order from the one holding `offset`: at least one if the log reaches
+        `offset`, then more while their payloads total at most max_bytes."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationConfig:
+    """Timing and bounds of one replica. Every loop and queue in the core checks one of these."""
+
+    election_timeout_ms: int = 300       # a follower waits a random time in [t, 2t) without a leader
+    heartbeat_interval_ms: int = 50      # leader's empty Append; must be well under the timeout
+    fetch_retry_ms: int = 100            # a follower keeps one Fetch in flight; resends after this
+    append_entries_max: int = 256        # entries in one Append
+    append_bytes_max: int = 1 << 20      # payload bytes in one Append (at least one entry goes)
+    pending_proposals_max: int = 1024    # proposals waiting for commit before BACKPRESSURE
+    producer_batches_kept: int = 5       # per idempotent producer, recent batches remembered
+    producers_max: int = 10_000          # idempotent producers remembered (least recent dropped)
+    check_quorum: bool = True            # a leader that hears from no majority for a timeout steps down
+
+
+DEFAULT_CONFIG = ReplicationConfig()

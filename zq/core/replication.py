@@ -1,0 +1,610 @@
+"""The replication core: one `Replica` per (partition, node). No I/O, no clock, no randomness of
+its own; the shell (or the simulator) feeds it events and applies the effects it returns.
+
+Theory of operation
+-------------------
+Roles. A replica is a follower, a candidate or the leader of its partition's replica set, in an
+epoch (Raft's term) that only grows. A follower that hears no leader for a randomised election
+timeout ([t, 2t), drawn from the caller's `random.Random`) becomes a candidate: it moves to the
+next epoch, votes for itself and asks the others. A voter grants one vote per epoch, only to a
+log at least as up to date as its own by (last epoch, log end), and the vote is durable before
+the reply leaves (`Ready.must_sync`). A candidate with a majority becomes leader and at once
+appends a one-record marker entry of its epoch, so that older entries can commit without
+waiting for a produce (Raft commits earlier epochs only through the current one). Any message
+with a higher epoch turns the receiver into a follower of that epoch; any message with a lower
+epoch is refused with the newer epoch, so a stale leader learns it is stale (fencing).
+
+Replication. The leader appends proposals and broadcasts them as `Append` (prev_end, prev_epoch,
+entries); with no entries it is a heartbeat. Broadcasts may be lost, duplicated or reordered
+(they travel over PUB/SUB). A follower appends only an `Append` whose (prev_end, prev_epoch)
+matches its log; on a gap or a mismatch it asks with `Fetch(from_end, last_epoch)`, one in
+flight at a time. The leader answers a Fetch either with the entries from there, or, if the
+follower's log diverges, with `Diverging(epoch, end)` (KIP-101/KIP-279): the follower truncates
+to min(leader's end for that epoch, its own end for it) and fetches again; each round strictly
+shortens the divergent suffix, and never cuts below the prefix already known to match this
+leader (`match_end`, which starts at the high watermark), so it never removes a committed entry.
+
+Commit. A replica counts as holding a batch only once it is durable (`on_persisted`). A
+follower acknowledges min(durable end, match_end). The leader's high watermark is the largest
+offset that a majority holds durably, provided the entry just below it is of the leader's own
+epoch (Raft's rule); it never moves back, and a follower's follows the leader's, capped at its
+own match_end. A proposal's outcome is COMMITTED (with the epoch that wrote it) once the high
+watermark passes it; if the replica stops leading first, it is NOT_LEADER. A leader that has not
+heard from a majority for an election timeout steps down (check-quorum), so a paused and
+resumed old leader cannot acknowledge anything: it can only commit with a majority's acks,
+which carry its epoch, and a majority that elected a successor refuses that epoch.
+
+Idempotent producers. The leader keeps, per producer id, the last few batches' sequence numbers
+and offsets, derived from the log itself (rebuilt after a truncation or a restart), so a new
+leader knows them too. A retried batch returns the original offset; a batch that skips a
+sequence number is refused with OUT_OF_ORDER.
+
+Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
+`advance()` says the shell applied it. The shell must call `advance()` before the next event.
+`on_persisted(end)` says every Ready advanced so far is durable, `end` being the log end of
+the latest one (a shell that syncs once per loop pass calls it after the sync).
+"""
+from __future__ import annotations
+
+import heapq
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from zq.core import quorum
+from zq.core.repl_epochs import appended, end_for_epoch, epoch_at, truncated
+from zq.core.repl_types import (
+    BACKPRESSURE, CANDIDATE, COMMITTED, DEFAULT_CONFIG, DUPLICATE_SEQUENCE, FOLLOWER, LEADER,
+    MARKER_PAYLOAD, NO_PRODUCER, NOT_LEADER, OUT_OF_ORDER, Append, AppendAck, Diverging, Entry, Fetch,
+    HardState, LogReader, Outbound, Outcome, Ready, ReplicationConfig, RequestVote, RoleChange, Vote,
+)
+from zq.errors import ProtocolError
+
+_SCAN_BYTES = 1 << 20  # bytes per read while rebuilding the producer table
+
+
+class Replica:
+    """One replica of one partition. See the module docstring for the rules."""
+
+    def __init__(self, node_id: str, replicas: Sequence[str], reader: LogReader, *,
+                 rng: random.Random, now_ms: int = 0, config: ReplicationConfig = DEFAULT_CONFIG,
+                 hard_state: HardState | None = None, log_end: int = 0) -> None:
+        if node_id not in replicas:
+            raise ValueError(f"{node_id} is not in the replica set {list(replicas)}")
+        hs = hard_state or HardState()
+        self.node_id = node_id
+        self.replicas = tuple(sorted(set(replicas)))
+        self.peers = tuple(r for r in self.replicas if r != node_id)
+        self.config = config
+        self._reader = reader
+        self._rng = rng
+        self.now_ms = now_ms
+        # Durable state, as restored.
+        self.epoch: int = hs.epoch
+        self.voted_for: str | None = hs.voted_for
+        self.history: tuple = tuple(tuple(item) for item in hs.epoch_history)
+        self.log_end: int = log_end
+        self.durable_end: int = log_end  # after a restart, all that is on disk is durable
+        self.high_watermark: int = min(hs.high_watermark, log_end)
+        # Volatile state.
+        self.role: str = FOLLOWER
+        self.leader: str | None = None
+        self.match_end: int = self.high_watermark  # follower: prefix known to match the leader
+        self._election_deadline_ms = 0
+        self._reset_election_timer()
+        self._fetch_sent_ms: int | None = None
+        self._ack_due = False
+        self._votes: set[str] = set()
+        self._match: dict[str, int] = {}          # leader: each follower's acknowledged end
+        self._contact_ms: dict[str, int] = {}     # leader: when each replica was last heard
+        self._heartbeat_due_ms = 0
+        self._broadcast_from = log_end            # leader: first offset not yet broadcast
+        self._waiters: list[tuple[int, int, int, int, bool]] = []  # (end, id, base, epoch, dup)
+        self._next_proposal_id = 1
+        self._producers: OrderedDict[int, list[tuple[int, int, int, int, int]]] = OrderedDict()
+        # Effects not yet handed out, and log changes not yet applied by the shell.
+        self._unstable: list[Entry] = []
+        self._truncate_from: int | None = None
+        self._pending_from: int | None = None
+        self._messages: list[Outbound] = []
+        self._outcomes: list[Outcome] = []
+        self._role_change: RoleChange | None = None
+        self._hw_changed = False
+        self._hard_dirty = False
+        self._must_sync = False
+        self._handed_out = False
+        self._rebuild_producers()
+
+    # ---------------------------------------------------------------- views
+
+    @property
+    def last_epoch(self) -> int:
+        return self.history[-1][0] if self.history else 0
+
+    def epoch_at(self, offset: int) -> int:
+        return epoch_at(self.history, offset)
+
+    def next_timer_ms(self) -> int:
+        """When `tick` next has something to do: the shell may sleep until then."""
+        if self.role == LEADER:
+            due = self._heartbeat_due_ms
+            if self.config.check_quorum:
+                heard = quorum.quorum_contact_ms({**self._contact_ms, self.node_id: self.now_ms},
+                                                 len(self.replicas))
+                due = min(due, (heard or self.now_ms) + self.config.election_timeout_ms)
+            return due
+        return self._election_deadline_ms
+
+    def hard_state(self) -> HardState:
+        return HardState(self.epoch, self.voted_for, self.history, self.high_watermark)
+
+    def entries(self, offset: int, max_entries: int, max_bytes: int) -> list[Entry]:
+        """Entries of this replica's log from `offset` (a boundary), applied or not."""
+        return self._read(offset, max_entries, max_bytes)
+
+    # ---------------------------------------------------------------- events in
+
+    def tick(self, now_ms: int) -> None:
+        """The clock moved to now_ms: fire whichever timer is due. The shell calls this before
+        each batch of events too (after every poll), since the core reads no clock."""
+        self._check_not_handed_out()
+        self.now_ms = max(self.now_ms, now_ms)
+        if self.role == LEADER:
+            if self.config.check_quorum and self._lost_quorum():
+                self.become_follower(self.epoch, None)
+                return
+            if self.now_ms >= self._heartbeat_due_ms:
+                self._broadcast_heartbeat()
+        elif self.now_ms >= self._election_deadline_ms:
+            self.become_candidate()
+
+    def step(self, msg: object) -> None:
+        """A message from a peer of this replica set. Bad input raises ProtocolError."""
+        self._check_not_handed_out()
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            raise ProtocolError(f"not a replication message: {type(msg).__name__}")
+        sender = msg.sender  # type: ignore[attr-defined]
+        if sender not in self.peers:
+            raise ProtocolError(f"{sender!r} is not a peer in replica set {list(self.replicas)}")
+        if type(msg.epoch) is not int or msg.epoch < 0:  # type: ignore[attr-defined]
+            raise ProtocolError("epoch must be a non-negative integer")
+        getattr(self, handler)(msg)
+
+    def propose(self, count: int, producer_id: int, base_sequence: int, payload: bytes) -> int:
+        """Offer a batch of `count` records. Returns a proposal id; its Outcome comes in a Ready."""
+        self._check_not_handed_out()
+        proposal_id = self._next_proposal_id
+        self._next_proposal_id += 1
+        if count < 1:
+            raise ValueError("a batch holds at least one record")
+        if self.role != LEADER:
+            self._outcomes.append(Outcome(proposal_id, NOT_LEADER, leader_hint=self.leader))
+            return proposal_id
+        if len(self._waiters) >= self.config.pending_proposals_max:
+            self._outcomes.append(Outcome(proposal_id, BACKPRESSURE, leader_hint=self.node_id))
+            return proposal_id
+        if producer_id != NO_PRODUCER and self._maybe_answer_retry(proposal_id, producer_id, base_sequence):
+            return proposal_id
+        entry = Entry(self.log_end, count, self.epoch, producer_id, base_sequence, payload)
+        self._append(entry)
+        heapq.heappush(self._waiters, (entry.end_offset, proposal_id, entry.base_offset, self.epoch, False))
+        self.maybe_advance_high_watermark()
+        return proposal_id
+
+    def on_persisted(self, log_end: int) -> None:
+        """Every Ready advanced so far is durable; `log_end` is the latest one's log end."""
+        self._check_not_handed_out()
+        limit = self.log_end if self._pending_from is None else min(self.log_end, self._pending_from)
+        durable = min(log_end, limit)
+        if durable <= self.durable_end:
+            return
+        self.durable_end = durable
+        if self.role == LEADER:
+            self.maybe_advance_high_watermark()
+        elif self.leader is not None:
+            self._ack_due = True
+
+    # ---------------------------------------------------------------- effects out
+
+    def ready(self) -> Ready:
+        """Everything to do now. Call `advance()` once it is applied, before any other event."""
+        self._check_not_handed_out()
+        if self.role == LEADER:
+            self._flush_broadcast()
+        if self._ack_due and self.role == FOLLOWER and self.leader is not None:
+            ack = AppendAck(self.epoch, self.node_id, min(self.durable_end, self.match_end))
+            self._send(self.leader, ack)
+        self._ack_due = False
+        rd = Ready(
+            truncate_from=self._truncate_from,
+            entries=tuple(self._unstable),
+            hard_state=self.hard_state() if self._hard_dirty else None,
+            must_sync=self._must_sync,
+            messages=tuple(self._messages),
+            high_watermark=self.high_watermark if self._hw_changed else None,
+            outcomes=tuple(self._outcomes),
+            role=self._role_change,
+            log_end=self.log_end,
+        )
+        self._messages.clear()
+        self._outcomes.clear()
+        self._role_change = None
+        self._hw_changed = self._hard_dirty = self._must_sync = False
+        self._handed_out = True
+        return rd
+
+    def advance(self) -> None:
+        """The last Ready's writes are applied (synced if it asked): the reader now has them."""
+        self._handed_out = False
+        self._unstable.clear()
+        self._truncate_from = None
+        self._pending_from = None
+
+    # ---------------------------------------------------------------- handlers
+
+    def on_append(self, m: Append) -> None:
+        if m.epoch < self.epoch:
+            self._send(m.sender, AppendAck(self.epoch, self.node_id, 0))  # fence the stale leader
+            return
+        if self.role == LEADER and m.epoch == self.epoch:
+            raise ProtocolError(f"{m.sender} claims to lead epoch {m.epoch}, which this replica leads")
+        if m.epoch > self.epoch or self.role != FOLLOWER or self.leader != m.sender:
+            self.become_follower(m.epoch, m.sender)
+        self._reset_election_timer()
+        self._ack_due = True  # every Append is answered, so the leader's check-quorum sees us
+        entries = _checked_entries(m)
+        if m.prev_end > self.log_end or self.epoch_at(m.prev_end - 1) != m.prev_epoch:
+            self.maybe_fetch()
+            return
+        end = m.prev_end
+        for entry in entries:
+            if entry.base_offset < self.log_end:
+                if self.epoch_at(entry.base_offset) == entry.epoch:
+                    end = entry.end_offset  # already held: same epoch at the same offset
+                    continue
+                self._truncate_checked(entry.base_offset)
+            self._append(entry)
+            end = entry.end_offset
+        if end > self.match_end:
+            self.match_end = end
+        if entries:
+            self._fetch_sent_ms = None  # progress: the next Fetch, if needed, may go at once
+        self._maybe_follow_high_watermark(m.high_watermark)
+        if end < m.leader_end:
+            self.maybe_fetch()
+
+    def on_append_ack(self, m: AppendAck) -> None:
+        if m.epoch > self.epoch:
+            self.become_follower(m.epoch, None)
+            return
+        if m.epoch < self.epoch or self.role != LEADER:
+            return
+        if m.durable_end > self.log_end or m.durable_end < 0:
+            raise ProtocolError(f"{m.sender} acknowledges {m.durable_end}, past the log end {self.log_end}")
+        self._contact_ms[m.sender] = self.now_ms
+        if m.durable_end > self._match[m.sender]:
+            self._match[m.sender] = m.durable_end
+            self.maybe_advance_high_watermark()
+
+    def on_fetch(self, m: Fetch) -> None:
+        if m.epoch > self.epoch:
+            self.become_follower(m.epoch, None)
+            return
+        if self.role != LEADER:
+            return
+        if m.epoch < self.epoch:
+            self._send(m.sender, self._heartbeat())  # tells the fetcher who leads now
+            return
+        self._contact_ms[m.sender] = self.now_ms
+        if 0 <= m.from_end <= self.log_end and self.epoch_at(m.from_end - 1) == m.last_epoch:
+            entries = self._read(m.from_end, self.config.append_entries_max, self.config.append_bytes_max)
+            self._send(m.sender, self._append_message(m.from_end, entries))
+        else:
+            diverging_epoch, end = end_for_epoch(self.history, m.last_epoch, self.log_end)
+            self._send(m.sender, Diverging(self.epoch, self.node_id, diverging_epoch, end))
+
+    def on_diverging(self, m: Diverging) -> None:
+        if m.epoch > self.epoch:
+            self.become_follower(m.epoch, m.sender)
+        if m.epoch < self.epoch or self.role != FOLLOWER or m.sender != self.leader:
+            return
+        _found, own_end = end_for_epoch(self.history, m.diverging_epoch, self.log_end)
+        # The answer counts records; our batch holding that offset may start lower (the
+        # leader's epoch ended inside it), and the whole batch goes.
+        cut = self._entry_start(min(m.end_offset, own_end))
+        # A legitimate answer never cuts into the prefix known to match this leader; one that
+        # would is a stale duplicate of an earlier answer, and is ignored.
+        if cut < self.match_end:
+            return
+        if cut < self.log_end:
+            self._truncate(cut)
+        self._fetch_sent_ms = None
+        self.maybe_fetch()
+
+    def on_request_vote(self, m: RequestVote) -> None:
+        if m.epoch > self.epoch:
+            self.become_follower(m.epoch, None)
+        granted = (
+            m.epoch == self.epoch
+            and self.voted_for in (None, m.sender)
+            and (m.last_epoch, m.last_end) >= (self.last_epoch, self.log_end)
+        )
+        if granted:
+            if self.voted_for != m.sender:
+                self.voted_for = m.sender
+                self._hard_dirty = self._must_sync = True  # the vote is durable before the reply
+            self._reset_election_timer()
+        self._send(m.sender, Vote(self.epoch, self.node_id, granted))
+
+    def on_vote(self, m: Vote) -> None:
+        if m.epoch > self.epoch:
+            self.become_follower(m.epoch, None)
+            return
+        if m.epoch < self.epoch or self.role != CANDIDATE or not m.granted:
+            return
+        self._votes.add(m.sender)
+        if quorum.has_majority(self._votes, len(self.replicas)):
+            self.become_leader()
+
+    # ---------------------------------------------------------------- role changes
+
+    def become_follower(self, epoch: int, leader: str | None) -> None:
+        assert epoch >= self.epoch, "epochs never go back"
+        before = (self.role, self.leader, self.epoch)
+        if self.role == LEADER:
+            self._fail_waiters(leader)
+        if epoch > self.epoch:
+            self.epoch = epoch
+            self.voted_for = None
+            self._hard_dirty = self._must_sync = True
+        self.role = FOLLOWER
+        self.leader = leader
+        self.match_end = self.high_watermark  # committed entries are in every leader's log
+        self._fetch_sent_ms = None
+        self._ack_due = False
+        if before[0] == LEADER:
+            # Raft resets the timer only on a vote granted or a leader heard: a follower that
+            # reset it on every higher epoch would let a candidate that cannot win (its log is
+            # behind) keep everyone else from ever standing.
+            self._reset_election_timer()
+        if before != (FOLLOWER, leader, self.epoch):
+            self._role_change = RoleChange(FOLLOWER, self.epoch, leader)
+
+    def become_candidate(self) -> None:
+        self.epoch += 1
+        self.voted_for = self.node_id
+        self._hard_dirty = self._must_sync = True
+        self.role = CANDIDATE
+        self.leader = None
+        self._votes = {self.node_id}
+        self._reset_election_timer()
+        self._role_change = RoleChange(CANDIDATE, self.epoch, None)
+        if quorum.has_majority(self._votes, len(self.replicas)):
+            self.become_leader()
+            return
+        ask = RequestVote(self.epoch, self.node_id, self.last_epoch, self.log_end)
+        for peer in self.peers:
+            self._send(peer, ask)
+
+    def become_leader(self) -> None:
+        assert self.role == CANDIDATE
+        self.role = LEADER
+        self.leader = self.node_id
+        self._match = {peer: 0 for peer in self.peers}
+        self._contact_ms = {r: self.now_ms for r in self.replicas}
+        self._broadcast_from = self.log_end
+        self._heartbeat_due_ms = self.now_ms + self.config.heartbeat_interval_ms
+        self._role_change = RoleChange(LEADER, self.epoch, self.node_id)
+        self._append(Entry(self.log_end, 1, self.epoch, NO_PRODUCER, NO_PRODUCER, MARKER_PAYLOAD))
+        self.maybe_advance_high_watermark()
+
+    # ---------------------------------------------------------------- decisions
+
+    def maybe_advance_high_watermark(self) -> None:
+        """Leader: move the high watermark to what a majority holds durably, if it is ours."""
+        if self.role != LEADER:
+            return
+        ends = [self.durable_end] + [self._match[p] for p in self.peers]
+        end = quorum.committed_end(ends, len(self.replicas))
+        if end <= self.high_watermark or self.epoch_at(end - 1) != self.epoch:
+            return
+        self._set_high_watermark(end)
+        while self._waiters and self._waiters[0][0] <= end:
+            _end, proposal_id, base, epoch, dup = heapq.heappop(self._waiters)
+            self._outcomes.append(Outcome(proposal_id, COMMITTED, base, epoch, self.node_id, dup))
+
+    def maybe_fetch(self) -> None:
+        """Follower: ask the leader for what follows our log, unless a Fetch is already out."""
+        if self.role != FOLLOWER or self.leader is None:
+            return
+        sent = self._fetch_sent_ms
+        if sent is not None and self.now_ms - sent < self.config.fetch_retry_ms:
+            return
+        self._fetch_sent_ms = self.now_ms
+        last = self.epoch_at(self.log_end - 1)
+        self._send(self.leader, Fetch(self.epoch, self.node_id, self.log_end, last))
+
+    def _maybe_follow_high_watermark(self, leader_hw: int) -> None:
+        candidate = min(leader_hw, self.match_end)
+        if candidate > self.high_watermark:
+            self._set_high_watermark(candidate)
+
+    def _lost_quorum(self) -> bool:
+        self._contact_ms[self.node_id] = self.now_ms
+        heard = quorum.quorum_contact_ms(self._contact_ms, len(self.replicas))
+        return heard is None or self.now_ms - heard >= self.config.election_timeout_ms
+
+    def _maybe_answer_retry(self, proposal_id: int, producer_id: int, base_sequence: int) -> bool:
+        """True if this idempotent batch is answered without appending (retry or gap)."""
+        recent = self._producers.get(producer_id)
+        if not recent:
+            return False  # a producer this log has not seen (or has forgotten) starts anywhere
+        for seq, _count, base, epoch, end in recent:
+            if seq == base_sequence:
+                if end <= self.high_watermark:
+                    self._outcomes.append(Outcome(proposal_id, COMMITTED, base, epoch, self.node_id, True))
+                else:
+                    heapq.heappush(self._waiters, (end, proposal_id, base, epoch, True))
+                return True
+        last_seq, last_count = recent[-1][0], recent[-1][1]
+        expected = last_seq + last_count
+        if base_sequence == expected:
+            return False
+        status = OUT_OF_ORDER if base_sequence > expected else DUPLICATE_SEQUENCE
+        self._outcomes.append(Outcome(proposal_id, status, leader_hint=self.node_id))
+        return True
+
+    # ---------------------------------------------------------------- log and bookkeeping
+
+    def _append(self, entry: Entry) -> None:
+        assert entry.base_offset == self.log_end, (entry.base_offset, self.log_end)
+        history = appended(self.history, entry.epoch, entry.base_offset)
+        if history is not self.history:
+            self.history = history
+            self._hard_dirty = True
+        self.log_end = entry.end_offset
+        if self._pending_from is None:
+            self._pending_from = entry.base_offset
+        self._unstable.append(entry)
+        self._note_producer(entry)
+
+    def _truncate_checked(self, offset: int) -> None:
+        if offset < self.match_end:
+            raise ProtocolError(f"leader asks to replace offset {offset}, below the matched prefix {self.match_end}")
+        self._truncate(offset)
+
+    def _truncate(self, offset: int) -> None:
+        assert self.role == FOLLOWER and offset >= self.high_watermark, "committed entries are never cut"
+        self.log_end = offset
+        self.durable_end = min(self.durable_end, offset)
+        self.history = truncated(self.history, offset)
+        self._hard_dirty = True
+        self._unstable = [e for e in self._unstable if e.base_offset < offset]
+        self._truncate_from = offset if self._truncate_from is None else min(self._truncate_from, offset)
+        self._pending_from = offset if self._pending_from is None else min(self._pending_from, offset)
+        self._rebuild_producers()
+
+    def _entry_start(self, offset: int) -> int:
+        """The base offset of our entry holding `offset` (`offset` itself at the log end)."""
+        if offset >= self.log_end:
+            return self.log_end
+        for e in reversed(self._unstable):
+            if e.base_offset <= offset:
+                return e.base_offset
+        got = self._reader.read(offset, 0)
+        assert got and got[0].base_offset <= offset < got[0].end_offset, "the reader starts at the holding entry"
+        return got[0].base_offset
+
+    def _read(self, offset: int, max_entries: int, max_bytes: int) -> list[Entry]:
+        out: list[Entry] = []
+        size = 0
+        stable_end = self.log_end if self._pending_from is None else self._pending_from
+        pos = offset
+        while pos < stable_end and len(out) < max_entries:
+            chunk = self._reader.read(pos, max_bytes - size)
+            if not chunk:
+                break
+            for e in chunk:
+                if e.base_offset >= stable_end or len(out) >= max_entries or (out and size + len(e.payload) > max_bytes):
+                    return out
+                out.append(e)
+                size += len(e.payload)
+                pos = e.end_offset
+        for e in self._unstable:
+            if e.base_offset < pos:
+                continue
+            if len(out) >= max_entries or (out and size + len(e.payload) > max_bytes):
+                break
+            out.append(e)
+            size += len(e.payload)
+            pos = e.end_offset
+        return out
+
+    def _note_producer(self, entry: Entry) -> None:
+        if entry.producer_id == NO_PRODUCER:
+            return
+        recent = self._producers.setdefault(entry.producer_id, [])
+        recent.append((entry.base_sequence, entry.count, entry.base_offset, entry.epoch, entry.end_offset))
+        del recent[:-self.config.producer_batches_kept]
+        self._producers.move_to_end(entry.producer_id)
+        while len(self._producers) > self.config.producers_max:
+            self._producers.popitem(last=False)
+
+    def _rebuild_producers(self) -> None:
+        """Producer state is derived from the log, so it is right after a truncation or restart."""
+        self._producers.clear()
+        pos = 0
+        while pos < self.log_end:
+            chunk = self._read(pos, self.config.append_entries_max, _SCAN_BYTES)
+            if not chunk:
+                break
+            for entry in chunk:
+                self._note_producer(entry)
+            pos = chunk[-1].end_offset
+
+    def _set_high_watermark(self, offset: int) -> None:
+        assert offset > self.high_watermark, "the high watermark never moves back"
+        self.high_watermark = offset
+        self._hw_changed = self._hard_dirty = True
+
+    def _fail_waiters(self, leader: str | None) -> None:
+        while self._waiters:
+            _end, proposal_id, _base, _epoch, _dup = heapq.heappop(self._waiters)
+            self._outcomes.append(Outcome(proposal_id, NOT_LEADER, leader_hint=leader))
+
+    def _reset_election_timer(self) -> None:
+        t = self.config.election_timeout_ms
+        self._election_deadline_ms = self.now_ms + self._rng.randrange(t, 2 * t)
+
+    def _append_message(self, prev_end: int, entries: list[Entry]) -> Append:
+        return Append(self.epoch, self.node_id, prev_end, self.epoch_at(prev_end - 1), self.high_watermark,
+                      self.log_end, [e.to_wire() for e in entries])
+
+    def _heartbeat(self) -> Append:
+        return self._append_message(self.log_end, [])
+
+    def _broadcast_heartbeat(self) -> None:
+        self._flush_broadcast()
+        self._send(None, self._heartbeat())
+        self._heartbeat_due_ms = self.now_ms + self.config.heartbeat_interval_ms
+
+    def _flush_broadcast(self) -> None:
+        while self._broadcast_from < self.log_end:
+            entries = self._read(self._broadcast_from, self.config.append_entries_max, self.config.append_bytes_max)
+            assert entries, "the leader's own log is readable"
+            self._send(None, self._append_message(self._broadcast_from, entries))
+            self._broadcast_from = entries[-1].end_offset
+
+    def _send(self, to: str | None, message: object) -> None:
+        if self.peers:
+            self._messages.append(Outbound(to, message))
+
+    def _check_not_handed_out(self) -> None:
+        assert not self._handed_out, "call advance() after applying a Ready, before the next event"
+
+
+def _checked_entries(m: Append) -> list[Entry]:
+    if not isinstance(m.entries, list):
+        raise ProtocolError("Append.entries is a list")
+    entries = [Entry.from_wire(item) for item in m.entries]
+    pos = m.prev_end
+    for e in entries:
+        if e.base_offset != pos:
+            raise ProtocolError(f"Append entries are not contiguous at offset {e.base_offset} (expected {pos})")
+        if e.epoch > m.epoch:
+            raise ProtocolError(f"Append of epoch {m.epoch} carries an entry of epoch {e.epoch}")
+        pos = e.end_offset
+    if pos > m.leader_end:
+        raise ProtocolError("Append entries reach past the leader's log end")
+    return entries
+
+
+_HANDLERS = {  # by name, so a test may replace one handler on the class
+    Append: "on_append",
+    AppendAck: "on_append_ack",
+    Fetch: "on_fetch",
+    Diverging: "on_diverging",
+    RequestVote: "on_request_vote",
+    Vote: "on_vote",
+}

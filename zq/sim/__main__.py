@@ -1,0 +1,73 @@
+"""Command line of the simulator.
+
+    python -m zq.sim --seed S [--nodes 5] [--steps N] [-v]     replay one seed, print its trace hash
+    python -m zq.sim --seeds N [--start K] [--nodes 5] [-v]    run N seeds from K, with progress and a summary
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from zq.sim import replay_command
+from zq.sim.cluster import Result, Sim
+
+PROGRESS_EVERY = 100
+
+
+def _report_failure(r: Result, nodes: int, steps: int) -> None:
+    print(f"FAIL seed {r.seed}: invariant '{r.invariant}' broken at step {r.failed_step} ({r.phase} phase)")
+    print(f"  {r.detail}")
+    print(f"  replay: {replay_command(r.seed, nodes, steps)}")
+
+
+def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
+    sim = Sim(seed, nodes=nodes, steps=steps, verbose=verbose)
+    print(f"seed {seed}: {sim.settings.describe()}")
+    r = sim.run()
+    if not r.ok:
+        _report_failure(r, nodes, steps)
+        return 1
+    print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.elections} elections, {r.crashes} crashes, "
+          f"{r.pauses} pauses, {r.cuts} partitions, converged at t={r.converged_ms} ms, trace {r.trace_hash}")
+    return 0
+
+
+def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> int:
+    print(f"seeds {start}..{start + count - 1}, nodes={nodes}, steps={steps}")
+    began = time.monotonic()
+    failures: list[Result] = []
+    totals = {"steps": 0, "acks": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0}
+    for i, seed in enumerate(range(start, start + count), 1):
+        r = Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run()
+        for k in totals:
+            totals[k] += getattr(r, k)
+        if not r.ok:
+            failures.append(r)
+            _report_failure(r, nodes, steps)
+        if i % PROGRESS_EVERY == 0 or i == count:
+            print(f"  {i}/{count} seeds, {len(failures)} failed, {time.monotonic() - began:.1f} s", flush=True)
+    summary = ", ".join(f"{v} {k}" for k, v in totals.items())
+    print(f"{count} seeds in {time.monotonic() - began:.1f} s: {len(failures)} failed; {summary}")
+    for r in failures:
+        print(f"  {replay_command(r.seed, nodes, steps)}   # {r.invariant}")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m zq.sim", description="deterministic cluster simulator")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--seed", type=int, help="replay one seed")
+    group.add_argument("--seeds", type=int, help="run this many seeds")
+    ap.add_argument("--start", type=int, default=0, help="first seed with --seeds")
+    ap.add_argument("--nodes", type=int, default=3, choices=[3, 5])
+    ap.add_argument("--steps", type=int, default=400, help="events in the safety phase")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print roles, faults and phases")
+    args = ap.parse_args(argv)
+    if args.seed is not None:
+        return run_one(args.seed, args.nodes, args.steps, args.verbose)
+    return run_many(args.seeds, args.start, args.nodes, args.steps, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,514 @@
+"""The deterministic cluster simulator: real `Replica` cores, a simulated network and disk, one
+thread, one `random.Random(seed)`.
+
+Theory of operation
+-------------------
+A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler; the sequence
+number breaks ties in insertion order, so one seed gives one order of events and one trace
+hash. Each event is one step: a replica's timer (scheduled at the core's `next_timer_ms`), a
+message arriving, a disk sync (group commit), a client request or answer, or a fault (crash,
+restart, pause, resume, network partition, heal). After each step the checker's invariants
+hold or the run stops with the invariant, the step and the replay command.
+
+The node shell here does what the real node does with a Ready: write (one atomic batch),
+sync when asked (persist, then send), send, answer producers, `advance()`, and report
+durability with `on_persisted` after each sync. A crash loses unsynced writes (a random prefix
+may survive) and the in-flight requests; a restart builds the cores from the durable disk
+alone. A pause stops a node's timers and queues what arrives for it (bounded, as socket
+buffers are), like SIGSTOP.
+
+The safety phase runs `steps` events with faults. The liveness phase then heals everything
+(restarts, resumes, reconnects, no loss) and stops the producers; within `liveness_ms` of
+simulated time every partition must have one leader that every replica follows, with equal log
+ends equal to every high watermark, and every replica must hold every acknowledged write.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+import traceback
+from dataclasses import dataclass, field, fields
+
+from zq.core.replication import Replica
+from zq.core.repl_types import (
+    BACKPRESSURE, COMMITTED, LEADER, NO_PRODUCER, NOT_LEADER, ReplicationConfig,
+)
+from zq.errors import ProtocolError
+from zq.hashing import rendezvous
+from zq.sim.checks import Ack, Checker, Violation
+from zq.sim.disk import SimDisk
+from zq.sim.network import NetworkFaults, SimNetwork
+from zq.sim.workload import (
+    BATCH_RECORDS_MAX, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX, ProduceRequest, ProduceResponse,
+    Producer,
+)
+
+REPLICATION_FACTOR = 3
+DRAIN_ROUNDS_MAX = 16        # Ready rounds per event (each sync may free one more)
+PAUSED_INBOX_MAX = 1_000     # messages queued for a paused node before the rest are dropped
+SIM_CONFIG = ReplicationConfig(election_timeout_ms=150, heartbeat_interval_ms=40, fetch_retry_ms=60,
+                               append_entries_max=16, append_bytes_max=256, pending_proposals_max=64)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a run draws from its seed, printed first so a run explains itself."""
+
+    nodes: int = 3
+    partitions: int = 2
+    producers: int = 3
+    idempotent_share: float = 0.5
+    steps: int = 400                 # events in the safety phase
+    liveness_ms: int = 10_000        # simulated time allowed to converge after healing
+    durability: str = "fsync"
+    sync_delay_ms_max: int = 3       # group commit: a sync follows writes within this
+    crash: bool = True
+    pause: bool = True
+    partition: bool = True
+    fault_interval_ms_max: int = 300
+    fault_duration_ms_max: int = 600
+    net: NetworkFaults = field(default_factory=NetworkFaults)
+
+    @staticmethod
+    def draw(rng: random.Random, nodes: int, steps: int) -> Settings:
+        net = NetworkFaults(
+            loss=rng.choice([0.0, 0.0, 0.02, 0.1, 0.3]),
+            duplicate=rng.choice([0.0, 0.05, 0.2]),
+            delay_ms_max=rng.choice([1, 3, 10, 40]),
+            pub_drop=rng.choice([0.0, 0.1, 0.4]),
+            slow_joiner_ms_max=rng.choice([0, 100, 300]),
+        )
+        return Settings(
+            nodes=nodes, partitions=rng.choice([1, 2, 3]), producers=rng.choice([2, 3, 4]),
+            idempotent_share=rng.choice([0.0, 0.5, 1.0]), steps=steps,
+            sync_delay_ms_max=rng.choice([0, 3, 20]),
+            crash=rng.random() < 0.7, pause=rng.random() < 0.5, partition=rng.random() < 0.6,
+            fault_interval_ms_max=rng.choice([100, 300, 800]),
+            fault_duration_ms_max=rng.choice([200, 600, 1500]), net=net,
+        )
+
+    def describe(self) -> str:
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "net"]
+        parts += [f"{f.name}={getattr(self.net, f.name)}" for f in fields(self.net)]
+        return " ".join(parts)
+
+
+@dataclass(slots=True)
+class Result:
+    seed: int
+    ok: bool
+    settings: Settings
+    steps: int = 0
+    trace_hash: str = ""
+    invariant: str = ""
+    detail: str = ""
+    failed_step: int = -1
+    phase: str = "safety"
+    acks: int = 0
+    elections: int = 0
+    crashes: int = 0
+    pauses: int = 0
+    cuts: int = 0
+    converged_ms: int = -1
+
+
+class SimNode:
+    def __init__(self, name: str, partitions: dict[int, list[str]]) -> None:
+        self.name = name
+        self.replica_sets = partitions          # only the partitions this node holds
+        self.disk = SimDisk(sorted(partitions))
+        self.replicas: dict[int, Replica] = {}
+        self.alive = False
+        self.paused = False
+        self.inbox: list[tuple[str, tuple]] = []
+        self.applied_end: dict[int, int] = {}
+        self.proposals: dict[tuple[int, int], tuple[str, int, int]] = {}
+        self.timer_at: dict[int, int] = {}
+        self.sync_pending = False
+        self.incarnation = 0
+
+
+class Sim:
+    def __init__(self, seed: int, nodes: int = 3, steps: int = 400, settings: Settings | None = None,
+                 verbose: bool = False) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.settings = settings or Settings.draw(self.rng, nodes, steps)
+        self.verbose = verbose
+        self.now = 0
+        self.heap: list = []
+        self.seq = 0
+        self.step_no = 0
+        self.phase = "safety"
+        self.trace = hashlib.blake2b(digest_size=16)
+        s = self.settings
+        self.net = SimNetwork(self.rng, s.net)
+        names = [f"n{i + 1}" for i in range(s.nodes)]
+        self.replica_sets = {p: sorted(rendezvous("sim", p, names, REPLICATION_FACTOR)) for p in range(s.partitions)}
+        self.nodes = {
+            n: SimNode(n, {p: rs for p, rs in self.replica_sets.items() if n in rs}) for n in names
+        }
+        self.checker = Checker(list(range(s.partitions)))
+        self.result = Result(seed, True, s)
+        self.producers: dict[str, Producer] = {}
+        for i in range(s.producers):
+            p = i % s.partitions
+            idem = self.rng.random() < s.idempotent_share
+            name = f"c{i + 1}"
+            self.producers[name] = Producer(name, p, self.replica_sets[p], 1000 + i if idem else NO_PRODUCER)
+
+    # ---------------------------------------------------------------- scheduling
+
+    def at(self, time_ms: int, kind: str, *args) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (time_ms, self.seq, kind, args))
+
+    def log(self, text: str) -> None:
+        if self.verbose:
+            print(f"  [{self.step_no:5d} t={self.now:6d}] {text}")
+
+    # ---------------------------------------------------------------- run
+
+    def run(self) -> Result:
+        s = self.settings
+        for node in self.nodes.values():
+            self.start_node(node)
+        for name in self.producers:
+            self.at(self.rng.randrange(1, 50), "produce", name)
+        if s.crash or s.pause or s.partition:
+            self.at(self.rng.randrange(1, s.fault_interval_ms_max), "fault")
+        try:
+            while self.heap and self.step_no < s.steps:
+                self.one_step()
+            self.begin_liveness()
+            deadline = self.now + s.liveness_ms
+            while self.heap and self.now <= deadline:
+                self.one_step()
+                if self.converged():
+                    self.result.converged_ms = self.now
+                    break
+            else:
+                raise Violation("no convergence", self.convergence_report())
+            for p, rs in self.replica_sets.items():
+                self.checker.check_converged_logs(p, [(n, self.nodes[n].replicas[p]) for n in rs])
+        except (Violation, AssertionError) as v:
+            if isinstance(v, AssertionError):
+                # An assertion guards a core's own invariant: a broken one is a bug like any other.
+                where = traceback.extract_tb(v.__traceback__)[-1]
+                v = Violation("assertion failed", f"{v} at {where.filename}:{where.lineno} ({where.line})")
+            self.result.ok = False
+            self.result.invariant = v.invariant
+            self.result.detail = v.detail
+            self.result.failed_step = self.step_no
+            self.result.phase = self.phase
+        self.result.steps = self.step_no
+        self.result.acks = sum(len(a) for a in self.checker.acks.values())
+        self.result.trace_hash = self.trace.hexdigest()
+        return self.result
+
+    def one_step(self) -> None:
+        time_ms, _seq, kind, args = heapq.heappop(self.heap)
+        self.now = time_ms
+        self.step_no += 1
+        self.trace.update(f"{time_ms}|{kind}|{_trace_args(args)};".encode())
+        getattr(self, "ev_" + kind)(*args)
+
+    # ---------------------------------------------------------------- node shell
+
+    def start_node(self, node: SimNode) -> None:
+        node.alive = True
+        node.paused = False
+        node.incarnation += 1
+        node.inbox.clear()
+        node.proposals.clear()
+        node.sync_pending = False
+        for p in sorted(node.replica_sets):
+            store = node.disk.volatile[p]
+            r = Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=SIM_CONFIG,
+                        hard_state=store.hard, log_end=store.log_end)
+            node.replicas[p] = r
+            node.applied_end[p] = store.log_end
+            node.timer_at[p] = -1
+            self.checker.on_restart(node.name, p, r)
+            self.schedule_timer(node, p)
+        self.net.rejoin(node.name, self.now)
+
+    def schedule_timer(self, node: SimNode, p: int) -> None:
+        due = max(self.now, node.replicas[p].next_timer_ms())
+        if node.timer_at[p] != due:
+            node.timer_at[p] = due
+            self.at(due, "timer", node.name, node.incarnation, p, due)
+
+    def drain(self, node: SimNode, p: int) -> None:
+        r = node.replicas[p]
+        for _ in range(DRAIN_ROUNDS_MAX):
+            rd = r.ready()
+            if rd.empty:
+                r.advance()
+                break
+            if rd.has_writes:
+                if rd.truncate_from is not None:
+                    self.checker.before_truncate(node.name, p, rd.truncate_from, node.disk.volatile[p])
+                node.disk.write(p, rd)
+            if rd.must_sync:
+                node.disk.sync()
+            node.applied_end[p] = rd.log_end
+            if rd.role is not None:
+                self.log(f"{node.name} p{p} {rd.role.role} epoch {rd.role.epoch} leader {rd.role.leader}")
+                if rd.role.role == LEADER:
+                    self.result.elections += 1
+                    self.checker.on_leader(node.name, p, rd.role.epoch, r)
+            if rd.high_watermark is not None:
+                self.checker.on_high_watermark(node.name, p, rd.high_watermark, r)
+            for out in rd.messages:
+                self.send(node, p, out.to, out.message)
+            for outcome in rd.outcomes:
+                self.answer(node, p, outcome)
+            r.advance()
+            if rd.must_sync:
+                r.on_persisted(rd.log_end)
+                continue
+            if rd.has_writes and not node.sync_pending:
+                node.sync_pending = True
+                self.at(self.now + self.rng.randint(0, self.settings.sync_delay_ms_max), "sync",
+                        node.name, node.incarnation)
+            break
+        self.schedule_timer(node, p)
+
+    def send(self, node: SimNode, p: int, to: str | None, msg: object) -> None:
+        broadcast = to is None
+        for dst in (node.replica_sets[p] if broadcast else [to]):
+            if dst == node.name:
+                continue
+            for t in self.net.deliveries(self.now, node.name, dst, broadcast):
+                self.at(t, "deliver", dst, p, msg)
+
+    def answer(self, node: SimNode, p: int, outcome) -> None:
+        waiting = node.proposals.pop((p, outcome.proposal_id), None)
+        if waiting is None:
+            return
+        producer, batch_no, attempt = waiting
+        resp = ProduceResponse(producer, batch_no, attempt, outcome.status, outcome.base_offset, outcome.epoch,
+                               outcome.leader_hint)
+        for t in self.net.client_deliveries(self.now):
+            self.at(t, "response", resp)
+
+    def handle(self, node: SimNode, kind: str, args: tuple) -> None:
+        if kind == "deliver":
+            _dst, p, msg = args
+            r = node.replicas[p]
+            r.tick(self.now)  # a shell tells the core the time before each batch of events
+            try:
+                r.step(msg)
+            except ProtocolError as e:
+                # Every simulated peer is honest: a refused message is a bug in a core.
+                raise Violation("protocol error between honest replicas", f"{node.name} p{p}: {e}") from None
+            self.drain(node, p)
+        else:
+            (req,) = args
+            r = node.replicas.get(req.partition)
+            if r is None:
+                self.answer_directly(req, NOT_LEADER)
+                return
+            r.tick(self.now)
+            pid = r.propose(req.count, req.producer_id, req.base_sequence, req.payload)
+            node.proposals[(req.partition, pid)] = (req.producer, req.batch_no, req.attempt)
+            self.drain(node, req.partition)
+
+    def answer_directly(self, req: ProduceRequest, status: str) -> None:
+        resp = ProduceResponse(req.producer, req.batch_no, req.attempt, status, -1, 0, None)
+        for t in self.net.client_deliveries(self.now):
+            self.at(t, "response", resp)
+
+    def receive(self, dst: str, kind: str, args: tuple) -> None:
+        node = self.nodes[dst]
+        if not node.alive:
+            return
+        if node.paused:
+            if len(node.inbox) < PAUSED_INBOX_MAX:
+                node.inbox.append((kind, args))
+            return
+        self.handle(node, kind, args)
+
+    # ---------------------------------------------------------------- events
+
+    def ev_timer(self, name: str, incarnation: int, p: int, due: int) -> None:
+        node = self.nodes[name]
+        if not node.alive or node.paused or node.incarnation != incarnation or node.timer_at[p] != due:
+            return
+        node.timer_at[p] = -1
+        node.replicas[p].tick(self.now)
+        self.drain(node, p)
+
+    def ev_deliver(self, dst: str, p: int, msg: object) -> None:
+        self.receive(dst, "deliver", (dst, p, msg))
+
+    def ev_request(self, dst: str, req: ProduceRequest) -> None:
+        self.receive(dst, "request", (req,))
+
+    def ev_sync(self, name: str, incarnation: int) -> None:
+        node = self.nodes[name]
+        if not node.alive or node.incarnation != incarnation:
+            return
+        if node.paused:
+            self.at(self.now + 10, "sync", name, incarnation)  # the process syncs when it runs again
+            return
+        node.sync_pending = False
+        node.disk.sync()
+        for p in sorted(node.replicas):
+            node.replicas[p].tick(self.now)
+            node.replicas[p].on_persisted(node.applied_end[p])
+            self.drain(node, p)
+
+    def ev_produce(self, name: str) -> None:
+        if self.phase != "safety":
+            return
+        prod = self.producers[name]
+        if not prod.waiting:
+            prod.new_batch(self.rng.randint(1, BATCH_RECORDS_MAX))
+        self.send_request(prod)
+
+    def send_request(self, prod: Producer) -> None:
+        req = prod.request()
+        for t in self.net.client_deliveries(self.now):
+            self.at(t, "request", prod.target, req)
+        self.at(self.now + REQUEST_TIMEOUT_MS, "timeout", prod.name, req.batch_no, req.attempt)
+
+    def ev_timeout(self, name: str, batch_no: int, attempt: int) -> None:
+        prod = self.producers[name]
+        if self.phase != "safety" or not prod.is_current(batch_no, attempt):
+            return
+        prod.target = self.rng.choice(prod.replica_set)
+        self.send_request(prod)
+
+    def ev_retry(self, name: str, batch_no: int, attempt: int) -> None:
+        prod = self.producers[name]
+        if self.phase == "safety" and prod.is_current(batch_no, attempt):
+            self.send_request(prod)
+
+    def ev_response(self, resp: ProduceResponse) -> None:
+        prod = self.producers[resp.producer]
+        if resp.status == COMMITTED:
+            self.checker.on_ack(Ack(prod.partition, resp.base_offset, resp.epoch,
+                                    f"{prod.name}/{resp.batch_no}".encode()))
+            if prod.on_committed(resp.batch_no) and self.phase == "safety":
+                self.at(self.now + self.rng.randint(0, THINK_MS_MAX), "produce", prod.name)
+            return
+        if prod.idempotent and resp.status not in (NOT_LEADER, BACKPRESSURE):
+            raise Violation("idempotent producer refused", f"{prod.name} batch {resp.batch_no}: {resp.status}")
+        if not prod.is_current(resp.batch_no, resp.attempt):
+            return
+        prod.target = resp.leader_hint if resp.leader_hint in prod.replica_set else self.rng.choice(prod.replica_set)
+        self.at(self.now + RETRY_BACKOFF_MS, "retry", prod.name, resp.batch_no, resp.attempt)
+
+    # ---------------------------------------------------------------- faults
+
+    def ev_fault(self) -> None:
+        if self.phase != "safety":
+            return
+        s = self.settings
+        kinds = [k for k, on in (("crash", s.crash), ("pause", s.pause), ("partition", s.partition)) if on]
+        kind = self.rng.choice(kinds)
+        name = self.rng.choice(sorted(self.nodes))
+        node = self.nodes[name]
+        duration = self.rng.randint(20, s.fault_duration_ms_max)
+        if kind == "crash" and node.alive:
+            kept = node.disk.crash(self.rng)
+            node.alive = False
+            node.replicas.clear()
+            self.result.crashes += 1
+            self.log(f"crash {name} (kept {kept} unsynced batches)")
+            self.at(self.now + duration, "restart", name)
+        elif kind == "pause" and node.alive and not node.paused:
+            node.paused = True
+            self.result.pauses += 1
+            self.log(f"pause {name} for {duration} ms")
+            self.at(self.now + duration, "resume", name, node.incarnation)
+        elif kind == "partition":
+            names = sorted(self.nodes)
+            self.rng.shuffle(names)
+            cut = self.rng.randint(1, len(names) // 2)
+            self.net.cut(sorted(names[:cut]), sorted(names[cut:]))
+            self.result.cuts += 1
+            self.log(f"partition {sorted(names[:cut])} | {sorted(names[cut:])} for {duration} ms")
+            self.at(self.now + duration, "heal")
+        self.at(self.now + self.rng.randint(10, s.fault_interval_ms_max), "fault")
+
+    def ev_restart(self, name: str) -> None:
+        node = self.nodes[name]
+        if not node.alive:
+            self.log(f"restart {name}")
+            self.start_node(node)
+
+    def ev_resume(self, name: str, incarnation: int) -> None:
+        node = self.nodes[name]
+        if node.alive and node.paused and node.incarnation == incarnation:
+            self.resume(node)
+
+    def resume(self, node: SimNode) -> None:
+        self.log(f"resume {node.name}")
+        node.paused = False
+        for p in sorted(node.replicas):
+            node.timer_at[p] = -1
+            node.replicas[p].tick(self.now)  # the clock jumped while it was stopped
+            self.drain(node, p)
+        queued, node.inbox = node.inbox, []
+        for kind, args in queued:
+            if node.alive and not node.paused:
+                self.handle(node, kind, args)
+
+    def ev_heal(self) -> None:
+        if self.phase == "safety":
+            self.net.heal()
+
+    # ---------------------------------------------------------------- liveness
+
+    def begin_liveness(self) -> None:
+        self.phase = "liveness"
+        self.log("liveness phase: heal everything")
+        self.net.faults = NetworkFaults(delay_ms_max=self.settings.net.delay_ms_max)
+        self.net.heal()
+        self.net.joined_at_ms.clear()
+        for name in sorted(self.nodes):
+            node = self.nodes[name]
+            if not node.alive:
+                self.start_node(node)
+            elif node.paused:
+                self.resume(node)
+
+    def converged(self) -> bool:
+        for p, rs in self.replica_sets.items():
+            replicas = [self.nodes[n].replicas[p] for n in rs]
+            leaders = [r for r in replicas if r.role == LEADER]
+            if len(leaders) != 1:
+                return False
+            lead = leaders[0]
+            for r in replicas:
+                if (r.epoch != lead.epoch or r.leader != lead.node_id or r.log_end != lead.log_end
+                        or r.high_watermark != lead.log_end or r.durable_end != lead.log_end):
+                    return False
+        return True
+
+    def convergence_report(self) -> str:
+        parts = []
+        for p, rs in self.replica_sets.items():
+            for n in rs:
+                r = self.nodes[n].replicas[p]
+                parts.append(f"p{p} {n}: {r.role} e{r.epoch} leader={r.leader} end={r.log_end} "
+                             f"hw={r.high_watermark} durable={r.durable_end}")
+        return "; ".join(parts)
+
+
+def _trace_args(args: tuple) -> str:
+    out = []
+    for a in args:
+        if isinstance(a, (int, str)):
+            out.append(str(a))
+        else:
+            out.append(type(a).__name__ + str(getattr(a, "epoch", "")) + str(getattr(a, "sender", "")))
+    return ",".join(out)
+
+
+def run_seed(seed: int, nodes: int = 3, steps: int = 400, verbose: bool = False) -> Result:
+    return Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run()

@@ -1,0 +1,95 @@
+"""A simulated disk per node: what a Ready writes, what a sync keeps, what a crash loses.
+
+Each Ready's writes (truncation, entries, hard state) form one atomic write batch, as a RocksDB
+WriteBatch does. Batches go to the volatile view at once (reads see them) and to the durable
+view only at `sync`. A crash keeps the durable view plus a random prefix of the batches written
+since the last sync (a write-ahead log that reached the platter partly), never a torn batch.
+"""
+from __future__ import annotations
+
+import random
+from bisect import bisect_left, bisect_right
+
+from zq.core.repl_types import Entry, HardState, Ready
+
+
+class PartitionStore:
+    """One partition's log and hard state. Doubles as the core's `LogReader`."""
+
+    __slots__ = ("entries", "bases", "hard")
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.bases: list[int] = []
+        self.hard: HardState | None = None
+
+    @property
+    def log_end(self) -> int:
+        return self.entries[-1].end_offset if self.entries else 0
+
+    def copy(self) -> PartitionStore:
+        other = PartitionStore()
+        other.entries = list(self.entries)
+        other.bases = list(self.bases)
+        other.hard = self.hard
+        return other
+
+    def apply(self, truncate_from: int | None, entries: tuple, hard: HardState | None) -> None:
+        if truncate_from is not None:
+            i = bisect_left(self.bases, truncate_from)
+            del self.entries[i:]
+            del self.bases[i:]
+        for e in entries:
+            assert e.base_offset == self.log_end, "the core appends at the log end"
+            self.entries.append(e)
+            self.bases.append(e.base_offset)
+        if hard is not None:
+            self.hard = hard
+
+    def read(self, offset: int, max_bytes: int) -> list[Entry]:
+        i = max(0, bisect_right(self.bases, offset) - 1)
+        if i < len(self.entries) and self.entries[i].end_offset <= offset:
+            i += 1
+        out: list[Entry] = []
+        size = 0
+        while i < len(self.entries):
+            e = self.entries[i]
+            if out and size + len(e.payload) > max_bytes:
+                break
+            out.append(e)
+            size += len(e.payload)
+            i += 1
+        return out
+
+    def entry_at(self, offset: int) -> Entry | None:
+        i = bisect_left(self.bases, offset)
+        if i < len(self.bases) and self.bases[i] == offset:
+            return self.entries[i]
+        return None
+
+
+class SimDisk:
+    def __init__(self, partitions: list[int]) -> None:
+        self.partitions = list(partitions)
+        self.durable = {p: PartitionStore() for p in self.partitions}
+        self.volatile = {p: PartitionStore() for p in self.partitions}
+        self.unsynced: list[tuple[int, int | None, tuple, HardState | None]] = []
+
+    def write(self, partition: int, rd: Ready) -> None:
+        batch = (partition, rd.truncate_from, rd.entries, rd.hard_state)
+        self.volatile[partition].apply(*batch[1:])
+        self.unsynced.append(batch)
+
+    def sync(self) -> None:
+        for p, trunc, entries, hard in self.unsynced:
+            self.durable[p].apply(trunc, entries, hard)
+        self.unsynced.clear()
+
+    def crash(self, rng: random.Random) -> int:
+        """Lose the volatile state; returns how many unsynced batches survived by luck."""
+        kept = rng.randrange(len(self.unsynced) + 1) if self.unsynced else 0
+        for p, trunc, entries, hard in self.unsynced[:kept]:
+            self.durable[p].apply(trunc, entries, hard)
+        self.unsynced.clear()
+        self.volatile = {p: self.durable[p].copy() for p in self.partitions}
+        return kept
