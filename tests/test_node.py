@@ -185,3 +185,39 @@ def test_three_nodes_share_metadata_and_redirect(tmp_path):
             r.close()
         for n in nodes:
             n.stop()
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root to mount a small tmpfs as a full disk")
+def test_a_really_full_disk_loses_no_acknowledged_message(tmp_path):
+    import os
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        nodes = start_nodes(disk, 1, disk_free_bytes_min=0)   # no early refusal: RocksDB itself hits ENOSPC
+        raw = Raw(nodes[0].address)
+        raw.create("t", 1)
+        acked, refused = 0, 0
+        value = os.urandom(1000)
+        for _ in range(5_000):                   # bounded: 50 MB offered to a 16 MB disk
+            r = raw.produce("t", 0, [value] * 10)
+            if isinstance(r, P.ProduceReply):
+                assert r.base_offset == acked
+                acked += 10
+            else:
+                assert r.code == "storage_full" and "nothing was written" in r.message
+                refused += 1
+                if refused >= 3:
+                    break
+        assert refused >= 3 and acked > 0
+        offset = 0
+        while offset < acked:                    # every acknowledged message is still there, once
+            reply, recs = raw.fetch("t", 0, offset, max_bytes=4 << 20)
+            assert recs and recs[0].offset == offset
+            offset = recs[-1].offset + 1
+        assert reply.high_watermark == acked
+        raw.close()
+        nodes[0].stop()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -297,6 +297,7 @@ class Node:
                 self.store.commit(txn, sync=sync)
             except StorageFull as e:
                 self._abort_pass(e)
+                self.disk_full = True   # refuse produce until the disk check sees room again
                 return
             for tp in self.touched:
                 pl = self.parts.get(tp)
@@ -423,6 +424,7 @@ class Node:
         if msg.offset < pl.high_watermark:
             max_bytes = max(1, min(msg.max_bytes, self.limits.fetch_bytes_max))
             values = self.store.read(tp, msg.offset, max_bytes, upto=pl.high_watermark)
+            del values[self.limits.frames_per_message_max - 2:]   # a reply must stay decodable
         self.counters["fetched_batches"] += len(values)
         self._send(identity, P.encode(P.FetchReply(msg.req_id, pl.high_watermark, pl.log_start, pl.log_end), *values))
 

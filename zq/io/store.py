@@ -472,8 +472,17 @@ class Store:
         return ZqError(f"write to data dir {self.path} failed: {text}", path=str(self.path))
 
     def _reopen(self) -> None:
+        """Reopen read-write after a failed write. If that fails too (RocksDB needs space to flush
+        its WAL), reopen read-only so that reads go on being served, and raise StorageFull: the
+        next commit tries again."""
         self.close()
-        self._db = self._open()
+        try:
+            self._db = self._open()
+        except ZqError as e:
+            self._db = rocksdict.Rdict(str(self.path), self._options(), access_type=rocksdict.AccessType.read_only())
+            self._states = self._load_states()
+            raise StorageFull(f"data dir {self.path} cannot take writes yet ({e.message}); it serves reads "
+                              "until space is freed; nothing was written", path=str(self.path)) from None
         self._states = self._load_states()
         self._needs_reopen = False
 
