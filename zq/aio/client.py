@@ -1,0 +1,153 @@
+"""asyncio twin of the sync client, kept thin on purpose.
+
+The sync client already does its I/O on its own thread; this module only makes waiting
+awaitable. Calls that wait for a node (admin, metadata, list_offsets, flush, a poll with
+nothing ready) run the sync call in the event loop's default executor; `send` is called
+directly, since it only appends to a batch, unless the producer's buffer is nearly full and
+send would block, in which case it too runs in the executor. Futures from the sync producer
+are wrapped with `asyncio.wrap_future`, whose callback hops back to the loop thread-safely.
+
+Names match the sync API; each method that waits is a coroutine.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+from datetime import datetime
+from typing import Any
+
+from zq.client import client as sync_client
+from zq.client import consumer as sync_consumer
+from zq.client import producer as sync_producer
+from zq.client.consumer import Message
+from zq.client.producer import RecordMetadata
+
+
+async def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+
+class Client:
+    """`async with zq.aio.Client(bootstrap) as client:` — see zq.Client for the arguments.
+
+    Construction resolves bootstrap addresses (and may browse zeroconf for up to
+    `discovery_timeout_s` when none is given); use `await Client.connect(...)` to do that in
+    the executor instead."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.sync = sync_client.Client(*args, **kwargs)
+
+    @classmethod
+    async def connect(cls, *args: Any, **kwargs: Any) -> Client:
+        self = cls.__new__(cls)
+        self.sync = await _run(sync_client.Client, *args, **kwargs)
+        return self
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self, timeout: float | None = 5.0) -> None:
+        await _run(self.sync.close, timeout)
+
+    async def create_topic(self, name: str, partitions: int = 1, replication: int = sync_client.default_replication,
+                           **config: Any) -> dict:
+        return await _run(self.sync.create_topic, name, partitions, replication, **config)
+
+    async def delete_topic(self, name: str) -> dict:
+        return await _run(self.sync.delete_topic, name)
+
+    async def topics(self) -> list[dict]:
+        return await _run(self.sync.topics)
+
+    async def describe_topic(self, name: str) -> dict:
+        return await _run(self.sync.describe_topic, name)
+
+    async def status(self) -> dict:
+        return await _run(self.sync.status)
+
+    async def list_offsets(self, topic: str, partition: int, spec: str | int | datetime = "latest") -> sync_client.Offsets:
+        return await _run(self.sync.list_offsets, topic, partition, spec)
+
+    async def refresh_metadata(self) -> Any:
+        return await _run(self.sync.refresh_metadata)
+
+    def producer(self, acks: Any = "quorum", idempotent: bool = False, linger_ms: float = 5, **options: Any) -> Producer:
+        return Producer(self.sync.producer(acks=acks, idempotent=idempotent, linger_ms=linger_ms, **options))
+
+    async def consumer(self, topic: str, group: str | None = None, start: Any = "latest",
+                       partitions: list[int] | None = None, **options: Any) -> Consumer:
+        c = await _run(self.sync.consumer, topic, group=group, start=start, partitions=partitions, **options)
+        return Consumer(c)
+
+
+class Producer:
+    def __init__(self, sync: sync_producer.Producer) -> None:
+        self.sync = sync
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: dict[str, bytes] | None = None,
+                   partition: int | None = None, timestamp_ms: int | None = None) -> asyncio.Future:
+        """Queue one record; returns an asyncio Future of its RecordMetadata (await it for the ack)."""
+        args = (topic, value, key, headers, partition, timestamp_ms)
+        s = self.sync
+        if s.buffered_bytes + len(value) + (len(key) if key else 0) + 1024 > s.buffer_bytes or topic not in s._partitions:
+            fut = await _run(s.send, *args)  # may block: for buffer space, or to learn the topic
+        else:
+            fut = s.send(*args)
+        return asyncio.wrap_future(fut)
+
+    async def send_and_wait(self, topic: str, value: bytes, **kwargs: Any) -> RecordMetadata:
+        return await (await self.send(topic, value, **kwargs))
+
+    async def flush(self, timeout: float | None = None) -> None:
+        await _run(self.sync.flush, timeout)
+
+    async def close(self, timeout: float | None = None) -> None:
+        await _run(self.sync.close, timeout)
+
+
+class Consumer:
+    def __init__(self, sync: sync_consumer.Consumer) -> None:
+        self.sync = sync
+
+    async def poll(self, timeout: float = 1.0, max_messages: int = 500) -> list[Message]:
+        ready = self.sync.poll(timeout=0, max_messages=max_messages)
+        if ready or timeout <= 0:
+            return ready
+        return await _run(self.sync.poll, timeout, max_messages)
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    async def __anext__(self) -> Message:
+        while True:
+            msgs = await self.poll(timeout=1.0, max_messages=1)
+            if msgs:
+                return msgs[0]
+            if self.sync._closed:
+                raise StopAsyncIteration
+
+    def seek(self, partition: int, offset: int) -> None:
+        self.sync.seek(partition, offset)
+
+    async def seek_to_time(self, when: datetime | int) -> None:
+        await _run(self.sync.seek_to_time, when)
+
+    def assignment(self) -> list[int]:
+        return self.sync.assignment()
+
+    def position(self, partition: int) -> int:
+        return self.sync.position(partition)
+
+    @property
+    def resets(self) -> Any:
+        return self.sync.resets
+
+    async def commit(self) -> None:
+        self.sync.commit()
+
+    async def close(self) -> None:
+        self.sync.close()

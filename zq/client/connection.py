@@ -1,0 +1,356 @@
+"""The client's connection layer: one I/O thread that owns every socket of one Client.
+
+Theory of operation
+-------------------
+ZeroMQ sockets are not thread-safe, so one thread, the *I/O thread*, owns them all: one DEALER
+per node address, made lazily on the first request to that address. Other threads never touch
+a socket; they hand work to the I/O thread as plain callables on a deque and wake it by writing
+one byte to a pipe that its poller watches (a pipe write is thread-safe, a zmq socket is not).
+
+A request is `(address, message, payload, timeout_ms, callback)`. The I/O thread keeps it in
+`pending` under its `req_id` with a deadline; the reply with the same `req_id` is handed to the
+callback, or, when the deadline passes first, the callback gets `Timeout`. Replies that arrive
+after their deadline are dropped: the callback already ran. Callbacks run on the I/O thread, so
+they must be short and must not block; the producer and consumer use them to move batches along,
+`call()` uses one to resolve a Future that any thread may wait on.
+
+Sockets use ZMQ_IMMEDIATE, so a message is never queued inside libzmq for a peer that is not
+connected (it would otherwise be delivered, late and unasked, when that peer comes back). A send
+that libzmq cannot take right now waits in the socket's own bounded `outbox` until the socket is
+writable or the request's deadline passes.
+
+Timers (`call_later`) are a heap of deadlines; the poller sleeps until the next deadline.
+Every queue here is bounded: `outbox` by `outbox_requests_max`, `pending` by the callers' own
+in-flight bounds (the producer's in-flight batches, one fetch per partition), the work deque by
+the callers (each submit is one batch or one request, never one record).
+"""
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import zmq
+
+from zq import protocol
+from zq.errors import ConnectionFailed, ProtocolError, Timeout, ZqError, from_wire
+from zq.limits import DEFAULT, Limits
+
+log = logging.getLogger("zq.client")
+
+Callback = Callable[[Any, list, "ZqError | None"], None]
+
+outbox_requests_max = 10_000   # requests waiting for one not-yet-writable socket
+recv_drain_max = 1_000         # replies handled from one socket per loop pass, so no socket starves the rest
+reconnect_ivl_ms = 100
+reconnect_ivl_ms_max = 2_000
+
+
+def now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """("host", port) from "host:port"; ValueError with a sentence when it is not one."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not an address of the form HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class _Peer:
+    """One DEALER to one node address, with the sends it could not make yet."""
+
+    __slots__ = ("address", "socket", "outbox")
+
+    def __init__(self, address: str, socket: zmq.Socket) -> None:
+        self.address = address
+        self.socket = socket
+        self.outbox: collections.deque = collections.deque()
+
+
+class Connection:
+    """The I/O thread and its sockets. Thread-safe entry points: `submit`, `request`, `call`,
+    `call_later`, `send_only`, `close`; everything else runs on the I/O thread."""
+
+    def __init__(self, limits: Limits = DEFAULT, name: str = "zq-client-io") -> None:
+        self.limits = limits
+        self._ids = itertools.count(1)
+        self._work: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._closed = False
+        self._dead = False  # set by the I/O thread as it stops: requests then fail at once
+        self._ctx = zmq.Context()
+        self._peers: dict[str, _Peer] = {}
+        self._by_socket: dict[zmq.Socket, _Peer] = {}
+        self._pending: dict[int, tuple[Callback, float, str]] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._unsent: set[int] = set()  # requests still in an outbox: their expiry means "not sent" 
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._poller = zmq.Poller()
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- thread-safe entry points
+
+    def new_req_id(self) -> int:
+        return next(self._ids)  # itertools.count is atomic under the GIL
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the I/O thread soon."""
+        if self._closed:
+            raise ConnectionFailed("the client is closed; create a new zq.Client")
+        self._work.append(fn)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the I/O thread will run this one too
+
+    def request(self, address: str, msg: Any, payload: tuple | list = (), timeout_ms: float | None = None,
+                callback: Callback | None = None) -> None:
+        """Send `msg` to `address`; `callback(reply, payload_frames, error)` runs on the I/O thread."""
+        timeout = self.limits.request_timeout_ms if timeout_ms is None else timeout_ms
+        self.submit(lambda: self.io_request(address, msg, payload, timeout, callback))
+
+    def send_only(self, address: str, msg: Any, payload: tuple | list = ()) -> None:
+        """Send without expecting a reply (acks=none)."""
+        self.submit(lambda: self.io_request(address, msg, payload, self.limits.request_timeout_ms, None))
+
+    def call(self, address: str, msg: Any, payload: tuple | list = (), timeout_ms: float | None = None) -> Future:
+        """A Future of `(reply, payload_frames)`; it fails with the reply's error."""
+        fut: Future = Future()
+
+        def done(reply: Any, frames: list, error: ZqError | None) -> None:
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result((reply, frames))
+
+        self.request(address, msg, payload, timeout_ms, done)
+        return fut
+
+    def call_later(self, delay_ms: float, fn: Callable[[], None]) -> None:
+        self.submit(lambda: self.io_call_later(delay_ms, fn))
+
+    def close(self) -> None:
+        """Stop the I/O thread; every pending request fails with ConnectionFailed."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5.0)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def on_io_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    # ---------------------------------------------------------------- I/O thread only
+
+    def io_call_later(self, delay_ms: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (now_ms() + delay_ms, next(self._timer_seq), fn))
+
+    def io_request(self, address: str, msg: Any, payload: tuple | list, timeout_ms: float,
+                   callback: Callback | None) -> None:
+        if self._dead:
+            if callback is not None:
+                callback(None, [], ConnectionFailed("the client was closed before the request was sent"))
+            return
+        try:
+            peer = self._peer(address)
+        except (ValueError, zmq.ZMQError) as e:
+            if callback is not None:
+                callback(None, [], ConnectionFailed(f"cannot connect to {address}: {e}"))
+            return
+        frames = protocol.encode(msg, *payload)
+        deadline = now_ms() + timeout_ms
+        if callback is not None:
+            self._pending[msg.req_id] = (callback, deadline, address)
+            heapq.heappush(self._deadlines, (deadline, msg.req_id))
+        if peer.outbox or not self._try_send(peer, frames):
+            if len(peer.outbox) >= outbox_requests_max:
+                self._fail(msg.req_id, ConnectionFailed(f"too many requests waiting for {address}; is the node up?"))
+                return
+            peer.outbox.append((frames, deadline, msg.req_id if callback is not None else None))
+            if callback is not None:
+                self._unsent.add(msg.req_id)
+            self._poller.register(peer.socket, zmq.POLLIN | zmq.POLLOUT)
+
+    def _peer(self, address: str) -> _Peer:
+        peer = self._peers.get(address)
+        if peer is not None:
+            return peer
+        host, port = parse_address(address)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)  # close() must not hang on a dead node; unanswered requests fail anyway
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not connected: it would get them late
+        sock.setsockopt(zmq.SNDHWM, 1_000)  # bounded: our own in-flight limits keep us far below this
+        sock.setsockopt(zmq.RCVHWM, 10_000)  # replies are drained every loop pass; this only absorbs bursts
+        sock.setsockopt(zmq.RECONNECT_IVL, reconnect_ivl_ms)  # a restarted node is found again quickly...
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_ivl_ms_max)  # ...without hammering a dead one
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.frame_bytes_max)  # a broken peer cannot make us buffer gigabytes
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)  # notice a peer whose host vanished without a FIN
+        sock.connect(f"tcp://{'[' + host + ']' if ':' in host else host}:{port}")
+        peer = _Peer(address, sock)
+        self._peers[address] = peer
+        self._by_socket[sock] = peer
+        self._poller.register(sock, zmq.POLLIN)
+        return peer
+
+    @staticmethod
+    def _try_send(peer: _Peer, frames: list) -> bool:
+        try:
+            peer.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def _flush_outbox(self, peer: _Peer) -> None:
+        t = now_ms()
+        while peer.outbox:
+            frames, deadline, req_id = peer.outbox[0]
+            if deadline <= t or (req_id is not None and req_id not in self._pending):
+                peer.outbox.popleft()  # its caller was told already (or will be by _expire)
+                continue
+            if not self._try_send(peer, frames):
+                return
+            peer.outbox.popleft()
+            self._unsent.discard(req_id)
+        self._poller.register(peer.socket, zmq.POLLIN)
+
+    def _fail(self, req_id: int | None, error: ZqError) -> None:
+        entry = self._pending.pop(req_id, None) if req_id is not None else None
+        if entry is not None:
+            self._run_callback(entry[0], None, [], error)
+
+    @staticmethod
+    def _run_callback(cb: Callback, reply: Any, frames: list, error: ZqError | None) -> None:
+        try:
+            cb(reply, frames, error)
+        except Exception:  # a bug in one callback must not stop the I/O thread for every other
+            log.exception("zq client callback failed")
+
+    def _on_frames(self, peer: _Peer, frames: list) -> None:
+        try:
+            reply, payload = protocol.decode(frames, self.limits)
+        except ZqError as e:
+            log.warning("dropped a bad reply from %s: %s", peer.address, e)
+            return
+        entry = self._pending.pop(reply.req_id, None)
+        if entry is None:
+            return  # late reply to a request that timed out already
+        if isinstance(reply, protocol.ErrorReply):
+            self._run_callback(entry[0], reply, payload, from_wire(reply.code, reply.message, reply.data))
+        else:
+            self._run_callback(entry[0], reply, payload, None)
+
+    def _expire(self, t: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= t:
+            _, req_id = heapq.heappop(self._deadlines)
+            entry = self._pending.get(req_id)
+            if entry is None:
+                continue
+            if req_id in self._unsent:
+                self._unsent.discard(req_id)
+                self._fail(req_id, ConnectionFailed(f"could not connect to {entry[2]} in time; nothing was sent. "
+                                                    "Is the node running?", address=entry[2]))
+            else:
+                self._fail(req_id, Timeout(f"no answer from {entry[2]} within the request timeout; "
+                                           "the outcome is unknown", address=entry[2]))
+
+    def _run_timers(self, t: float) -> None:
+        while self._timers and self._timers[0][0] <= t:
+            _, _, fn = heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception:
+                log.exception("zq client timer failed")
+
+    def _run_work(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        # Only what is queued now: work submitted by this work runs on the next pass.
+        for _ in range(len(self._work)):
+            fn = self._work.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("zq client task failed")
+
+    def _poll_timeout_ms(self) -> float:
+        t = now_ms()
+        nxt = t + 1_000.0
+        if self._deadlines:
+            nxt = min(nxt, self._deadlines[0][0])
+        if self._timers:
+            nxt = min(nxt, self._timers[0][0])
+        return max(0.0, nxt - t)
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                events = self._poller.poll(self._poll_timeout_ms())
+                for sock, ev in events:
+                    if sock == self._wake_r:
+                        continue
+                    peer = self._by_socket[sock]
+                    if ev & zmq.POLLIN:
+                        self._drain(peer)
+                    if ev & zmq.POLLOUT and peer.outbox:
+                        self._flush_outbox(peer)
+                self._run_work()
+                t = now_ms()
+                self._run_timers(t)
+                self._expire(t)
+        finally:
+            self._shutdown()
+
+    def _drain(self, peer: _Peer) -> None:
+        sock = peer.socket
+        for _ in range(recv_drain_max):
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_frames(peer, frames)
+
+    def _shutdown(self) -> None:
+        self._dead = True
+        error = ConnectionFailed("the client was closed before the node answered")
+        for req_id in list(self._pending):
+            self._fail(req_id, error)
+        # Work handed over before close still runs, so every request it makes fails visibly
+        # instead of leaving its caller waiting; bounded, since nothing new can be submitted.
+        while self._work:
+            self._run_work()
+        for peer in self._peers.values():
+            peer.socket.close(linger=0)
+        self._ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def check_reply(reply: Any, expected: type) -> Any:
+    """A reply of the expected type, or ProtocolError (peer input is checked, never asserted)."""
+    if not isinstance(reply, expected):
+        raise ProtocolError(f"expected {expected.__name__}, the node sent {type(reply).__name__}")
+    return reply

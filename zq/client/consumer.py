@@ -1,0 +1,458 @@
+"""The consumer: reads partitions of one topic in offset order, with pipelined long-poll fetches.
+
+Theory of operation
+-------------------
+Two threads share the work. The client's I/O thread keeps, for every assigned partition, one
+Fetch outstanding at that partition's leader, from `fetch_offset`; the node holds it up to
+`max_wait_ms` when there is nothing new (long-poll). Each reply's stored batches go, undecoded,
+onto the *arrived* queue as one chunk, and the next fetch starts at once from the offset after
+the last batch, so the network stays busy while the application works. The caller's thread
+(`poll`, iteration) takes chunks off the queue, verifies and decodes each batch with one
+`cbor2.loads`, skips records below the partition's `position` (a batch may start below the
+offset asked for) and at or above the high watermark (not committed yet), and hands out
+`Message`s.
+
+Each partition has a *seek epoch*: `seek()` bumps it, drops the partition's queued chunks and
+sets both offsets; a reply or chunk from an older epoch is dropped, so nothing from before a seek
+is ever delivered after it. Prefetch is bounded: when `prefetch_bytes` of chunks wait, no new
+fetch starts until `poll` takes some (each fetch asks for at most what is left, and a reply holds
+at least one batch, so the bound is overshot by at most one batch per partition).
+
+Errors while fetching: NotLeader follows the leader hint at once; retriable ones (UnknownTopic,
+Timeout, ConnectionFailed, StorageFull...) refresh metadata and retry after a bounded backoff;
+OffsetOutOfRange (retention deleted what we were about to read) moves the partition to the
+log start (or to the high watermark when it was ahead), records it in `resets`, and goes on. Any
+other error is raised once by the next `poll`, and that partition stops.
+
+One thread at a time may call poll/iterate/seek. Without a group, `Message.ack()`, `nack()` and
+`extend()` do nothing: there is no lease to settle. Groups arrive with their own protocol.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from zq import batch as zbatch
+from zq import protocol
+from zq.client.metadata import time_spec
+from zq.errors import CorruptData, InvalidRequest, NotLeader, OffsetOutOfRange, ProtocolError, ZqError
+
+if TYPE_CHECKING:
+    from zq.client.client import Client
+
+log = logging.getLogger("zq.client")
+
+default_max_wait_ms = 500          # long-poll: how long a node may hold a fetch with nothing to give
+default_fetch_bytes = 4 * 1024 * 1024  # most bytes one fetch asks for
+fetch_bytes_min = 64 * 1024        # a fetch never asks for less: one batch must fit
+quick_empty_reply_ms = 5           # an empty reply faster than this is not a long-poll: wait before the next
+empty_fetch_backoff_ms = 20
+resets_max = 1_000                 # offset resets kept in `resets` (oldest dropped)
+
+_EMPTY_HEADERS: dict[str, bytes] = {}
+
+
+class Message:
+    """One record as a consumer delivers it. `timestamp` is the producer's create time in ms since
+    the epoch; `.datetime` gives it as an aware datetime. `attempt` is 1 without a group."""
+
+    __slots__ = ("topic", "partition", "offset", "key", "value", "_headers", "timestamp", "attempt")
+
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
+                 headers: dict[str, bytes] | None, timestamp: int, attempt: int = 1) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.key = key
+        self.value = value
+        self._headers = headers
+        self.timestamp = timestamp
+        self.attempt = attempt
+
+    @property
+    def headers(self) -> dict[str, bytes]:
+        h = self._headers
+        if h is None:
+            h = self._headers = {}  # made on first use: most records have no headers
+        return h
+
+    @property
+    def timestamp_ms(self) -> int:
+        return self.timestamp
+
+    @property
+    def datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp / 1000.0, tz=timezone.utc)
+
+    def ack(self) -> None:
+        """Without a group: nothing to do (there is no lease). With a group, settles the message."""
+
+    def nack(self, delay: float | None = None, reason: str = "") -> None:
+        """Without a group: nothing to do. With a group, asks for redelivery after `delay`."""
+
+    def extend(self, seconds: float) -> None:
+        """Without a group: nothing to do. With a group, extends the lease."""
+
+    def __repr__(self) -> str:
+        return (f"Message(topic={self.topic!r}, partition={self.partition}, offset={self.offset}, "
+                f"key={self.key!r}, value={self.value[:32]!r}{'...' if len(self.value) > 32 else ''})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (self.topic, self.partition, self.offset, self.key, self.value, self.headers, self.timestamp) == \
+            (other.topic, other.partition, other.offset, other.key, other.value, other.headers, other.timestamp)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class OffsetReset(NamedTuple):
+    """A jump the consumer made because the offset it wanted was no longer (or not yet) there."""
+
+    partition: int
+    from_offset: int
+    to_offset: int
+    reason: str
+
+
+class _Chunk:
+    __slots__ = ("partition", "epoch", "frames", "high_watermark", "size_bytes", "reset_to", "error")
+
+    def __init__(self, partition: int, epoch: int, frames: list, high_watermark: int, size_bytes: int,
+                 reset_to: int | None = None, error: ZqError | None = None) -> None:
+        self.partition = partition
+        self.epoch = epoch
+        self.frames = frames
+        self.high_watermark = high_watermark
+        self.size_bytes = size_bytes
+        self.reset_to = reset_to
+        self.error = error
+
+
+class Consumer:
+    """Made by `Client.consumer(topic, ...)`; see the module docstring."""
+
+    def __init__(self, client: Client, topic: str, group: str | None = None, start: Any = "latest",
+                 partitions: list[int] | None = None, max_wait_ms: int = default_max_wait_ms,
+                 fetch_bytes: int = default_fetch_bytes, prefetch_bytes: int | None = None) -> None:
+        if group is not None:
+            raise InvalidRequest("consumer groups are not available in this version yet; "
+                                 "consume without group= to read every partition")
+        self._client = client
+        self._conn = client._conn
+        self.topic = topic
+        self.group = None
+        self.generation = 0
+        limits = client.limits
+        self.max_wait_ms = max(0, min(int(max_wait_ms), limits.fetch_wait_ms_max))
+        self.fetch_bytes = max(fetch_bytes_min, min(int(fetch_bytes), limits.fetch_bytes_max))
+        self.prefetch_bytes = limits.consumer_prefetch_bytes_max if prefetch_bytes is None else int(prefetch_bytes)
+        self._request_timeout_ms = limits.request_timeout_ms
+        self._backoff_ms, self._backoff_ms_max = limits.retry_backoff_ms, limits.retry_backoff_ms_max
+        all_partitions = client._partitions_of(topic)
+        chosen = sorted(set(all_partitions if partitions is None else partitions))
+        for p in chosen:
+            if p not in all_partitions:
+                from zq.errors import UnknownPartition
+                raise UnknownPartition(f"topic {topic!r} has partitions 0 to {len(all_partitions) - 1}, not {p}")
+        self._assigned = chosen
+        self.resets: collections.deque[OffsetReset] = collections.deque(maxlen=resets_max)
+        # Shared between the caller and the I/O thread, under _lock.
+        self._lock = threading.Lock()
+        self._arrived_cv = threading.Condition(self._lock)
+        self._arrived: collections.deque[_Chunk] = collections.deque()
+        self._prefetched_bytes = 0
+        self._epochs: dict[int, int] = {p: 0 for p in chosen}
+        self._closed = False
+        # Caller side only.
+        self._positions: dict[int, int] = {}
+        self._ready: collections.deque[Message] = collections.deque()  # decoded, not yet handed out
+        # I/O thread only.
+        self._fetch_offsets: dict[int, int] = {}
+        self._fetching: set[int] = set()
+        self._paused: set[int] = set()
+        self._failures: dict[int, int] = {p: 0 for p in chosen}
+        self._stopped: set[int] = set()
+        starts = {p: self._start_offset(p, start) for p in chosen}
+        self._positions.update(starts)
+        self._conn.submit(lambda: self._io_start(starts))
+
+    # ------------------------------------------------------------------ caller side
+
+    def poll(self, timeout: float = 1.0, max_messages: int = 500) -> list[Message]:
+        """The messages that arrived, up to `max_messages`, waiting up to `timeout` s for the first."""
+        out: list[Message] = []
+        deadline = time.monotonic() + max(0.0, timeout)
+        ready = self._ready
+        while len(out) < max_messages:
+            if ready:
+                n = min(len(ready), max_messages - len(out))
+                out.extend(ready.popleft() for _ in range(n))
+                continue
+            if not self._take_chunk(deadline if not out else 0.0):
+                break
+        return out
+
+    def __iter__(self) -> Consumer:
+        return self
+
+    def __next__(self) -> Message:
+        """The next message, waiting as long as it takes; StopIteration once closed."""
+        while not self._ready:
+            if self._closed:
+                raise StopIteration
+            self._take_chunk(time.monotonic() + 1.0)
+        return self._ready.popleft()
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Deliver `partition` from `offset` next; nothing fetched before the seek is delivered after it."""
+        if partition not in self._epochs:
+            raise ValueError(f"partition {partition} is not assigned to this consumer ({self._assigned})")
+        if type(offset) is not int or offset < 0:
+            raise ValueError("an offset is a non-negative integer")
+        with self._lock:
+            epoch = self._epochs[partition] = self._epochs[partition] + 1
+            kept = collections.deque()
+            for c in self._arrived:
+                if c.partition == partition:
+                    self._prefetched_bytes -= c.size_bytes
+                else:
+                    kept.append(c)
+            self._arrived = kept
+        self._ready = collections.deque(m for m in self._ready if m.partition != partition)
+        self._positions[partition] = offset
+        self._conn.submit(lambda: self._io_seek(partition, offset, epoch))
+
+    def seek_to_time(self, when: datetime | int) -> None:
+        """Every assigned partition from the first message at or after `when` (datetime or ms)."""
+        spec = time_spec(when)
+        for p in self._assigned:
+            self.seek(p, self._client.list_offsets(self.topic, p, spec).offset)
+
+    def seek_to_beginning(self) -> None:
+        for p in self._assigned:
+            self.seek(p, self._client.list_offsets(self.topic, p, "earliest").offset)
+
+    def seek_to_end(self) -> None:
+        for p in self._assigned:
+            self.seek(p, self._client.list_offsets(self.topic, p, "latest").offset)
+
+    def assignment(self) -> list[int]:
+        """Partitions this consumer reads."""
+        return list(self._assigned)
+
+    def position(self, partition: int) -> int:
+        """The offset of the next message this consumer will hand out from `partition`."""
+        return self._positions[partition]
+
+    def commit(self) -> None:
+        """Without a group there is nothing to commit; kept so code written for groups runs."""
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._arrived.clear()
+            self._prefetched_bytes = 0
+            self._arrived_cv.notify_all()
+        self._ready.clear()
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _start_offset(self, partition: int, start: Any) -> int:
+        if type(start) is int:
+            if start < 0:
+                raise ValueError("a start offset is a non-negative integer")
+            return start
+        return self._client.list_offsets(self.topic, partition, time_spec(start)).offset
+
+    def _take_chunk(self, deadline: float) -> bool:
+        """Decode one arrived chunk into `_ready`, waiting until `deadline` for one. False if none came."""
+        with self._lock:
+            while not self._arrived:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return False
+                self._arrived_cv.wait(remaining)
+            chunk = self._arrived.popleft()
+            self._prefetched_bytes -= chunk.size_bytes
+            resume = bool(self._paused_any) and self._prefetched_bytes < self.prefetch_bytes
+            current = self._epochs[chunk.partition] == chunk.epoch
+        if resume:
+            self._conn.submit(self._io_resume)
+        if not current:
+            return True
+        if chunk.error is not None:
+            raise chunk.error
+        if chunk.reset_to is not None:
+            self._positions[chunk.partition] = chunk.reset_to
+            return True
+        self._decode(chunk)
+        return True
+
+    @property
+    def _paused_any(self) -> bool:
+        return bool(self._paused)  # read across threads: a stale answer only delays or repeats a resume
+
+    def _decode(self, chunk: _Chunk) -> None:
+        p = chunk.partition
+        position = self._positions[p]
+        hw = chunk.high_watermark
+        topic = self.topic
+        append = self._ready.append
+        for frame in chunk.frames:
+            h = zbatch.verify_stored(frame)
+            if h.next_offset <= position:
+                continue
+            records = zbatch.decode_records(frame[zbatch.HEADER_SIZE:], h.flags)
+            if len(records) != h.count:
+                raise ProtocolError(f"batch at {topic}/{p} offset {h.base_offset} holds {len(records)} records, "
+                                    f"its header says {h.count}")
+            offset = h.base_offset
+            skip = position - offset
+            if skip > 0:
+                records = records[skip:]
+                offset = position
+            if offset + len(records) > hw:
+                records = records[:max(0, hw - offset)]
+            try:
+                for ts, key, value, headers in records:
+                    append(Message(topic, p, offset, key, value, headers, ts))
+                    offset += 1
+            except (TypeError, ValueError):
+                raise CorruptData(f"batch at {topic}/{p} offset {h.base_offset} holds a record that is not "
+                                  "[time, key, value, headers]") from None
+            if offset > position:
+                position = offset
+        self._positions[p] = position
+
+    # ------------------------------------------------------------------ I/O thread side
+
+    def _io_start(self, starts: dict[int, int]) -> None:
+        for p in sorted(starts):
+            self._fetch_offsets[p] = starts[p]
+            self._io_fetch(p)
+
+    def _io_seek(self, partition: int, offset: int, epoch: int) -> None:
+        if self._epochs[partition] != epoch:
+            return  # a later seek follows
+        self._fetch_offsets[partition] = offset
+        self._stopped.discard(partition)
+        self._failures[partition] = 0
+        self._io_fetch(partition)
+
+    def _io_resume(self) -> None:
+        for p in sorted(self._paused):
+            self._paused.discard(p)
+            self._io_fetch(p)
+
+    def _io_fetch(self, p: int) -> None:
+        if self._closed or p in self._fetching or p in self._stopped:
+            return
+        room = self.prefetch_bytes - self._prefetched_bytes
+        if room <= 0:
+            self._paused.add(p)
+            return
+        address = self._client._leader_address(self.topic, p)
+        if address is None:
+            self._io_retry(p, NotLeader(f"no leader known for {self.topic}/{p}"))
+            return
+        epoch = self._epochs[p]
+        offset = self._fetch_offsets[p]
+        max_bytes = max(fetch_bytes_min, min(self.fetch_bytes, room))
+        msg = protocol.Fetch(self._conn.new_req_id(), self.topic, p, offset, max_bytes, self.max_wait_ms, None)
+        sent_ms = time.monotonic() * 1000.0
+        self._fetching.add(p)
+        self._conn.io_request(address, msg, (), self.max_wait_ms + self._request_timeout_ms,
+                              lambda reply, frames, error: self._io_on_fetch(p, epoch, offset, sent_ms, reply, frames, error))
+
+    def _io_on_fetch(self, p: int, epoch: int, offset: int, sent_ms: float, reply: Any, frames: list,
+                     error: ZqError | None) -> None:
+        self._fetching.discard(p)
+        if self._closed:
+            return
+        if self._epochs[p] != epoch:
+            self._io_fetch(p)  # a seek happened meanwhile: fetch from the new offset
+            return
+        if error is None and not isinstance(reply, protocol.FetchReply):
+            error = ProtocolError(f"expected FetchReply, got {type(reply).__name__}")
+        if error is None:
+            self._io_on_fetch_reply(p, epoch, offset, sent_ms, reply, frames)
+        elif isinstance(error, OffsetOutOfRange):
+            self._io_reset(p, epoch, offset, error)
+        elif error.retriable:
+            if isinstance(error, NotLeader) and isinstance(error.data.get("address"), str) and self._failures[p] == 0:
+                self._client._hint_leader(self.topic, p, error.data["address"])
+                self._failures[p] += 1
+                self._io_fetch(p)
+            else:
+                self._io_retry(p, error)
+        else:
+            self._stopped.add(p)
+            self._io_deliver(_Chunk(p, epoch, [], 0, 0, error=error))
+
+    def _io_on_fetch_reply(self, p: int, epoch: int, offset: int, sent_ms: float, reply: Any, frames: list) -> None:
+        self._failures[p] = 0
+        next_offset = offset
+        size = 0
+        try:
+            for f in frames:
+                h = zbatch.unpack_header(f)
+                next_offset = max(next_offset, h.next_offset)
+                size += len(f)
+        except ZqError as e:
+            self._stopped.add(p)
+            self._io_deliver(_Chunk(p, epoch, [], 0, 0, error=e))
+            return
+        # Records at or above the high watermark are not committed: they are fetched again later.
+        next_offset = min(next_offset, max(offset, reply.high_watermark))
+        self._fetch_offsets[p] = next_offset
+        if frames:
+            self._io_deliver(_Chunk(p, epoch, frames, reply.high_watermark, size))
+        if next_offset == offset and time.monotonic() * 1000.0 - sent_ms < quick_empty_reply_ms:
+            # Nothing came back, and at once: the node did not hold the fetch, so do not spin on it.
+            self._fetching.add(p)
+            self._conn.io_call_later(empty_fetch_backoff_ms, lambda: self._io_refetch(p))
+        else:
+            self._io_fetch(p)
+
+    def _io_refetch(self, p: int) -> None:
+        self._fetching.discard(p)
+        self._io_fetch(p)
+
+    def _io_reset(self, p: int, epoch: int, offset: int, error: ZqError) -> None:
+        log_start = error.data.get("log_start")
+        hw = error.data.get("high_watermark")
+        if type(log_start) is not int or type(hw) is not int:
+            self._io_retry(p, error)
+            return
+        to = log_start if offset < log_start else hw
+        reason = "deleted by retention" if offset < log_start else "past the high watermark"
+        log.warning("%s/%s: offset %s is %s; continuing from %s", self.topic, p, offset, reason, to)
+        self.resets.append(OffsetReset(p, offset, to, reason))
+        self._fetch_offsets[p] = to
+        self._io_deliver(_Chunk(p, epoch, [], 0, 0, reset_to=to))
+        self._io_fetch(p)
+
+    def _io_retry(self, p: int, error: ZqError) -> None:
+        self._failures[p] += 1
+        delay = min(self._backoff_ms_max, self._backoff_ms * 2 ** min(self._failures[p] - 1, 10))
+        log.debug("fetch %s/%s: %s; retrying in %s ms", self.topic, p, error.code, delay)
+        self._client._io_refresh_metadata()
+        self._fetching.add(p)  # the retry timer owns this partition's next fetch
+        self._conn.io_call_later(delay, lambda: self._io_refetch(p))
+
+    def _io_deliver(self, chunk: _Chunk) -> None:
+        with self._lock:
+            if self._closed or self._epochs[chunk.partition] != chunk.epoch:
+                return
+            self._arrived.append(chunk)
+            self._prefetched_bytes += chunk.size_bytes
+            self._arrived_cv.notify()
