@@ -42,7 +42,7 @@ def check_exactly_once(result, parts, members):
         assert info is None or all(t in info.topics for t, _ in tps)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.data(), ids=member_ids, parts=partition_lists)
 def test_balanced_exactly_once_and_deterministic(data, ids, parts):
     prev = data.draw(previous_for(ids, parts))
@@ -64,7 +64,7 @@ def test_balanced_exactly_once_and_deterministic(data, ids, parts):
     assert assign({m: None for m in ids2}, parts2, prev2) == result
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.data(), ids=member_ids, parts=partition_lists)
 def test_moves_are_minimal(data, ids, parts):
     """The number moved equals the least any balanced assignment must move, computed directly."""
@@ -84,7 +84,7 @@ def test_moves_are_minimal(data, ids, parts):
     assert moved_count == n - can_keep
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(ids=member_ids, parts=partition_lists, data=st.data())
 def test_member_leaving_moves_only_its_partitions(ids, parts, data):
     before = assign({m: None for m in ids}, parts, {})
@@ -95,7 +95,7 @@ def test_member_leaving_moves_only_its_partitions(ids, parts, data):
     assert moved(before, after) == set(before[leaver])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(ids=member_ids, parts=partition_lists)
 def test_member_joining_moves_only_what_it_receives(ids, parts):
     before = assign({m: None for m in ids}, parts, {})
