@@ -145,13 +145,21 @@ def test_mixed_subscriptions_property(data, ids, parts):
     result = assign(members, parts, prev)
     assignable = [tp for tp in parts if any(i is None or tp[0] in i.topics for i in members.values())]
     check_exactly_once(result, assignable, members)
-    # Members that can take exactly the same topics differ by at most one.
-    by_topics: dict = {}
-    for m, info in members.items():
-        key = frozenset(t for t in {t for t, _ in parts} if info is None or t in info.topics)
-        by_topics.setdefault(key, []).append(len(result[m]))
-    for counts in by_topics.values():
+    # Within the topics that one set of members shares, those members differ by at most one.
+    shared: dict = {}
+    for t in {t for t, _ in assignable}:
+        who = frozenset(m for m, i in members.items() if i is None or t in i.topics)
+        shared.setdefault(who, set()).add(t)
+    for who, topics in shared.items():
+        counts = [sum(1 for t, _ in result[m] if t in topics) for m in who]
         assert max(counts) - min(counts) <= 1
+
+
+def test_keeping_in_one_topic_set_counts_when_extras_go_out_in_another():
+    # m and mm take a and b; n takes only a. m keeps a0, so b0 goes to mm rather than piling on m.
+    members = {"m": None, "n": MemberInfo(frozenset({"a"})), "mm": None}
+    result = assign(members, [("a", 0), ("b", 0)], {"m": [("a", 0)]})
+    assert result == {"m": [("a", 0)], "mm": [("b", 0)], "n": []}
 
 
 def test_no_members_or_no_partitions():

@@ -14,8 +14,8 @@ exactly N % M members get q + 1, so counts differ by at most one. The steps, per
 1. Each partition keeps its previous owner if that owner is live and subscribed (if the
    previous assignment names two owners, the smallest member id keeps it).
 2. The q + 1 quotas go first to members that already hold more than q partitions (they keep
-   q + 1 and nothing moves), then to members with the smallest load from earlier classes, then
-   by member id.
+   q + 1 and nothing moves), then to members with the smallest load in other classes (what
+   they got in classes already done plus what they keep in classes still to do), then by id.
 3. A member holding more than its quota releases its highest partitions.
 4. Released and orphaned partitions, in (topic, partition) order, each go to the member still
    under its quota that holds the fewest, ties by member id; so a fresh group is dealt out
@@ -65,8 +65,15 @@ def assign(members: Mapping[str, MemberInfo | None],
             classes.setdefault(who, []).append(tp)
 
     out: dict[str, list[TopicPartitionName]] = {m: [] for m in member_ids}
+    # What each member still holds in classes not yet done: part of its load when the q + 1
+    # quotas of a class are handed out, so keeping a partition in one class does not pile up
+    # on top of an extra in another.
+    later: dict[str, int] = {m: 0 for m in member_ids}
+    for tp, m in owner.items():
+        if subscribers[tp[0]]:
+            later[m] += 1
     for who in sorted(classes):
-        _assign_class(who, classes[who], owner, out)
+        _assign_class(who, classes[who], owner, out, later)
     for m in member_ids:
         out[m].sort()
     return out
@@ -93,17 +100,19 @@ def _previous_owners(previous: Mapping[str, Sequence[TopicPartitionName]],
     return owner
 
 
-def _assign_class(who: tuple[str, ...], parts: list[TopicPartitionName],
-                  owner: dict[TopicPartitionName, str], out: dict[str, list[TopicPartitionName]]) -> None:
+def _assign_class(who: tuple[str, ...], parts: list[TopicPartitionName], owner: dict[TopicPartitionName, str],
+                  out: dict[str, list[TopicPartitionName]], later: dict[str, int]) -> None:
     q, extra = divmod(len(parts), len(who))
     kept: dict[str, list[TopicPartitionName]] = {m: [] for m in who}
     orphans: list[TopicPartitionName] = []
     for tp in parts:   # sorted, so each kept list is sorted
         m = owner.get(tp)
         (kept[m] if m in kept else orphans).append(tp)
+    for m in who:
+        later[m] -= len(kept[m])
 
     # Step 2: who gets q + 1. Loads from earlier classes break ties so totals stay even too.
-    order = sorted(who, key=lambda m: (len(kept[m]) <= q, len(out[m]), m))
+    order = sorted(who, key=lambda m: (len(kept[m]) <= q, len(out[m]) + later[m], m))
     quota = {m: q + (1 if i < extra else 0) for i, m in enumerate(order)}
 
     # Step 3: release what is over quota, highest partitions first.
