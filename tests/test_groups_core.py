@@ -1,0 +1,205 @@
+"""Group membership core: generations, expiry, static members, fencing, gossip merges (no cluster)."""
+from __future__ import annotations
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zq.core.groups import GroupMembership
+from zq.errors import InvalidRequest, ProtocolError
+
+PARTS = [("orders", p) for p in range(6)]
+
+
+def join(g, m, now_ms=0, topics=("orders",), timeout_ms=10_000, static=False):
+    return g.on_join(m, topics=topics, session_timeout_ms=timeout_ms, static=static, now_ms=now_ms)
+
+
+def test_generation_moves_on_every_change_of_the_live_set_and_only_then():
+    g = GroupMembership("billing", "n1")
+    assert g.generation == 0
+    assert join(g, "a") == 1 and join(g, "b") == 2
+    assert g.on_heartbeat("a", 5_000) and g.generation == 2
+    assert join(g, "a", now_ms=6_000) == 2            # a repeated join is a heartbeat
+    assert join(g, "a", topics=("orders", "refunds")) == 3   # a new subscription is a change
+    assert g.on_leave("b", 7_000) and g.generation == 4
+    assert not g.on_leave("b", 7_000) and g.generation == 4
+    assert not g.on_heartbeat("b", 8_000)               # b must join again
+    assert join(g, "b", now_ms=8_000) == 5 and g.records["b"].incarnation == 2
+
+
+def test_session_timeout_expires_and_moves_partitions():
+    g = GroupMembership("billing", "n1")
+    join(g, "a", timeout_ms=1_000), join(g, "b", timeout_ms=5_000)
+    g.maybe_rebalance(PARTS)
+    gen = g.generation
+    assert len(g.assignment_of("a")) == 3
+    g.on_heartbeat("a", 900)
+    assert g.next_deadline_ms() == 1_900
+    assert g.expire(1_899) == [] and g.generation == gen
+    assert g.expire(1_900) == ["a"] and g.generation == gen + 1
+    assert g.maybe_rebalance(PARTS)
+    assert g.assignment_of("b") == PARTS and g.assignment_of("a") == []
+    assert g.is_fenced("b", gen) and not g.is_fenced("b", gen + 1) and g.is_fenced("a", gen + 1)
+    assert g.is_ahead(gen + 2) and not g.is_ahead(gen + 1)
+
+
+def test_static_member_restart_within_session_keeps_partitions_and_generation():
+    g = GroupMembership("billing", "n1")
+    for m in ("s1", "s2", "s3"):
+        join(g, m, static=True)
+    g.maybe_rebalance(PARTS)
+    before = (g.generation, g.assignment)
+    # s2's process restarts and joins again under its static id, within its session timeout.
+    assert join(g, "s2", now_ms=4_000, static=True) == before[0]
+    assert not g.maybe_rebalance(PARTS)
+    assert (g.generation, g.assignment) == before
+
+
+def test_new_partitions_are_a_new_generation():
+    g = GroupMembership("billing", "n1")
+    join(g, "a"), join(g, "b")
+    g.maybe_rebalance(PARTS)
+    gen = g.generation
+    assert g.maybe_rebalance(PARTS + [("orders", 6)])
+    assert g.generation == gen + 1 == g.assignment.generation
+    assert sum(len(g.assignment_of(m)) for m in "ab") == 7
+
+
+def test_group_size_is_bounded():
+    g = GroupMembership("billing", "n1")
+    g.members_max = 2
+    join(g, "a"), join(g, "b")
+    with pytest.raises(InvalidRequest):
+        join(g, "c")
+    with pytest.raises(InvalidRequest):
+        join(g, "", now_ms=0)
+
+
+def test_departed_records_are_bounded_oldest_first():
+    g = GroupMembership("billing", "n1")
+    g.departed_kept_max = 2
+    for i, m in enumerate("abcd"):
+        join(g, m, now_ms=i)
+        g.on_leave(m, now_ms=i)
+    assert sorted(g.records) == ["c", "d"] and g.generation == 8
+
+
+def test_two_nodes_converge_on_members_generation_and_assignment():
+    n1, n2 = GroupMembership("billing", "n1"), GroupMembership("billing", "n2")
+    join(n1, "a"), join(n2, "b"), join(n2, "c")
+    n1.maybe_rebalance(PARTS), n2.maybe_rebalance(PARTS)
+    assert n1.generation == 1 and n2.generation == 2            # concurrent changes, each its own
+    n1.merge_from(n2), n2.merge_from(n1)
+    assert n1.generation == n2.generation == 3                  # the merge is above both
+    n1.maybe_rebalance(PARTS), n2.maybe_rebalance(PARTS)
+    assert n1 == n2.copy() or (n1.assignment == n2.assignment and n1.records == n2.records)
+    assert sorted(tp for m in "abc" for tp in n1.assignment_of(m)) == PARTS
+    # A member left on n2 while n1 still saw it heartbeat: the leave wins, once.
+    n1.on_heartbeat("b", 3_000)
+    n2.on_leave("b", 2_000)
+    n1.merge_from(n2)
+    assert not n1.is_live("b") and n1.generation == 4
+
+
+def test_expired_member_rejoining_elsewhere_wins_over_the_old_incarnation():
+    n1, n2 = GroupMembership("g", "n1"), GroupMembership("g", "n2")
+    join(n1, "a", timeout_ms=100)
+    n2.merge_from(n1)
+    n1.expire(200)                        # n1 expires a ...
+    join(n2, "a", now_ms=150, timeout_ms=100)   # ... while a reconnects to n2 (a heartbeat there)
+    n2.on_leave("a", 160)
+    join(n2, "a", now_ms=170, timeout_ms=100)   # and rejoins: incarnation 2
+    n1.merge_from(n2)
+    assert n1.is_live("a") and n1.records["a"].incarnation == 2
+
+
+def test_round_trip_and_bad_input():
+    g = GroupMembership("billing", "n1")
+    join(g, "a", static=True), join(g, "b")
+    g.on_leave("b", 3)
+    g.maybe_rebalance(PARTS)
+    back = GroupMembership.from_dict(cbor2.loads(cbor2.dumps(g.to_dict())), "n1")
+    assert back == g and back.generation == g.generation
+    for bad in [None, {"group": "g"}, dict(g.to_dict(), members=[["a", 0, [], 1, False, 0, False]]),
+                dict(g.to_dict(), changes=[["n1", -1]]), dict(g.to_dict(), assignment=[1, [["t"]], []])]:
+        with pytest.raises(ProtocolError):
+            GroupMembership.from_dict(bad, "n1")
+    with pytest.raises(ProtocolError):
+        g.merge_from(GroupMembership("other", "n2"))
+
+
+# ---- gossip properties: random operations on three nodes, merged in random orders
+
+op = st.one_of(
+    st.tuples(st.just("join"), st.sampled_from("abcd"), st.sampled_from([("orders",), ("orders", "x")]),
+              st.booleans()),
+    st.tuples(st.just("heartbeat"), st.sampled_from("abcd")),
+    st.tuples(st.just("leave"), st.sampled_from("abcd")),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("tick"), st.integers(0, 400)),
+    st.tuples(st.just("rebalance")),
+    st.tuples(st.just("merge"), st.integers(0, 2)),
+)
+
+
+def run(steps):
+    nodes = [GroupMembership("g", f"n{i}") for i in range(3)]
+    now_ms = 0
+    for who, (kind, *args) in steps:
+        g = nodes[who]
+        gen, live = g.generation, g.live_members()
+        if kind == "join":
+            join(g, args[0], now_ms=now_ms, topics=args[1], timeout_ms=500, static=args[2])
+        elif kind == "heartbeat":
+            g.on_heartbeat(args[0], now_ms)
+        elif kind == "leave":
+            g.on_leave(args[0], now_ms)
+        elif kind == "expire":
+            g.expire(now_ms)
+        elif kind == "tick":
+            now_ms += args[0]
+        elif kind == "rebalance":
+            g.maybe_rebalance(PARTS)
+        elif kind == "merge":
+            g.merge_from(nodes[args[0]])
+        assert g.generation >= gen
+        if g.live_members() != live:
+            assert g.generation > gen, (kind, args)
+    return nodes
+
+
+def merged(a, b):
+    out = a.copy()
+    out.merge_from(b)
+    out.node_id = "x"
+    return out
+
+
+steps_st = st.lists(st.tuples(st.integers(0, 2), op), min_size=5, max_size=40)
+
+
+@settings(max_examples=100, deadline=None)
+@given(steps_st)
+def test_merge_laws_and_convergence(steps):
+    a, b, c = run(steps)
+    assert merged(a, b) == merged(b, a)
+    assert merged(merged(a, b), c) == merged(a, merged(b, c))
+    assert merged(a, a) == merged(a, GroupMembership("g", "n9"))
+    # After everyone has heard from everyone, all agree on members, generation and assignment.
+    for _ in range(2):
+        for x in (a, b, c):
+            for y in (a, b, c):
+                x.merge_from(y)
+    for x in (a, b, c):
+        x.maybe_rebalance(PARTS)
+    for x in (a, b, c):
+        for y in (a, b, c):
+            x.merge_from(y)
+    assert a.generation == b.generation == c.generation
+    assert a.live_members() == b.live_members() == c.live_members()
+    assert a.assignment == b.assignment == c.assignment
+    if a.live_members():
+        assert a.assignment.generation == a.generation
+        assert sorted(tp for m in a.live_members() for tp in a.assignment_of(m)) == PARTS
