@@ -203,3 +203,13 @@ def test_merge_laws_and_convergence(steps):
     if a.live_members():
         assert a.assignment.generation == a.generation
         assert sorted(tp for m in a.live_members() for tp in a.assignment_of(m)) == PARTS
+
+
+def test_a_stale_copy_never_lowers_the_generation_or_revives_a_member():
+    n1 = GroupMembership("g", "n1")
+    join(n1, "a")
+    stale = n1.copy()
+    join(n1, "b"), n1.on_leave("a", 5)
+    gen = n1.generation
+    n1.merge_from(stale)
+    assert n1.generation == gen == 3 and not n1.is_live("a") and n1.is_live("b")
