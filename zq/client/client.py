@@ -62,6 +62,7 @@ class Client:
         self._children: list[Any] = []  # producers and consumers, closed with the client
         self._children_lock = threading.Lock()
         self._closed = False
+        self._metadata_timeout_ms = min(metadata_attempt_timeout_ms, limits.request_timeout_ms)
         # I/O thread only: coalesced background refresh.
         self._io_refreshing = False
         self._io_last_refresh_ms = 0.0
@@ -201,7 +202,7 @@ class Client:
     def refresh_metadata(self) -> Metadata:
         """Ask the nodes for metadata, trying the known addresses in turn (bounded)."""
         reply, address = self._call_any(lambda rid: protocol.MetadataRequest(rid, None),
-                                        attempt_timeout_ms=metadata_attempt_timeout_ms, with_address=True)
+                                        attempt_timeout_ms=self._metadata_timeout_ms, with_address=True)
         self._set_metadata(parse_metadata(check_reply(reply, protocol.MetadataReply), address))
         return self._meta
 
@@ -280,7 +281,7 @@ class Client:
             log.info("metadata refresh from %s failed: %s", address, error)
 
         self._conn.io_request(address, protocol.MetadataRequest(self._conn.new_req_id(), None),
-                              (), metadata_attempt_timeout_ms, done)
+                              (), self._metadata_timeout_ms, done)
 
     # ------------------------------------------------------------------ request helpers
 

@@ -173,7 +173,7 @@ class Consumer:
         self._ready: collections.deque[Message] = collections.deque()  # decoded, not yet handed out
         # I/O thread only.
         self._fetch_offsets: dict[int, int] = {}
-        self._fetching: set[int] = set()
+        self._fetching: dict[int, int] = {}  # partition -> seek epoch of its outstanding fetch (or retry timer)
         self._paused: set[int] = set()
         self._failures: dict[int, int] = {p: 0 for p in chosen}
         self._stopped: set[int] = set()
@@ -354,7 +354,7 @@ class Consumer:
             self._io_fetch(p)
 
     def _io_fetch(self, p: int) -> None:
-        if self._closed or p in self._fetching or p in self._stopped:
+        if self._closed or self._fetching.get(p) == self._epochs[p] or p in self._stopped:
             return
         room = self.prefetch_bytes - self._prefetched_bytes
         if room <= 0:
@@ -369,18 +369,16 @@ class Consumer:
         max_bytes = max(fetch_bytes_min, min(self.fetch_bytes, room))
         msg = protocol.Fetch(self._conn.new_req_id(), self.topic, p, offset, max_bytes, self.max_wait_ms, None)
         sent_ms = time.monotonic() * 1000.0
-        self._fetching.add(p)
+        self._fetching[p] = epoch
         self._conn.io_request(address, msg, (), self.max_wait_ms + self._request_timeout_ms,
                               lambda reply, frames, error: self._io_on_fetch(p, epoch, offset, sent_ms, reply, frames, error))
 
     def _io_on_fetch(self, p: int, epoch: int, offset: int, sent_ms: float, reply: Any, frames: list,
                      error: ZqError | None) -> None:
-        self._fetching.discard(p)
-        if self._closed:
-            return
-        if self._epochs[p] != epoch:
-            self._io_fetch(p)  # a seek happened meanwhile: fetch from the new offset
-            return
+        if self._fetching.get(p) == epoch:
+            del self._fetching[p]
+        if self._closed or self._epochs[p] != epoch:
+            return  # closed, or a seek happened meanwhile and fetches from the new offset already
         if error is None and not isinstance(reply, protocol.FetchReply):
             error = ProtocolError(f"expected FetchReply, got {type(reply).__name__}")
         if error is None:
@@ -418,13 +416,15 @@ class Consumer:
             self._io_deliver(_Chunk(p, epoch, frames, reply.high_watermark, size))
         if next_offset == offset and time.monotonic() * 1000.0 - sent_ms < quick_empty_reply_ms:
             # Nothing came back, and at once: the node did not hold the fetch, so do not spin on it.
-            self._fetching.add(p)
-            self._conn.io_call_later(empty_fetch_backoff_ms, lambda: self._io_refetch(p))
+            self._fetching[p] = epoch
+            self._conn.io_call_later(empty_fetch_backoff_ms, lambda: self._io_refetch(p, epoch))
         else:
             self._io_fetch(p)
 
-    def _io_refetch(self, p: int) -> None:
-        self._fetching.discard(p)
+    def _io_refetch(self, p: int, epoch: int) -> None:
+        if self._fetching.get(p) != epoch:
+            return  # a seek took over this partition's fetching
+        del self._fetching[p]
         self._io_fetch(p)
 
     def _io_reset(self, p: int, epoch: int, offset: int, error: ZqError) -> None:
@@ -446,8 +446,8 @@ class Consumer:
         delay = min(self._backoff_ms_max, self._backoff_ms * 2 ** min(self._failures[p] - 1, 10))
         log.debug("fetch %s/%s: %s; retrying in %s ms", self.topic, p, error.code, delay)
         self._client._io_refresh_metadata()
-        self._fetching.add(p)  # the retry timer owns this partition's next fetch
-        self._conn.io_call_later(delay, lambda: self._io_refetch(p))
+        epoch = self._fetching[p] = self._epochs[p]  # the retry timer owns this partition's next fetch
+        self._conn.io_call_later(delay, lambda: self._io_refetch(p, epoch))
 
     def _io_deliver(self, chunk: _Chunk) -> None:
         with self._lock:

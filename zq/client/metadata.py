@@ -118,8 +118,8 @@ def _as_addresses(found: Any) -> list[str]:
     for item in found or ():
         if isinstance(item, str):
             out.append(item)
-        elif isinstance(item, tuple) and len(item) == 2:
-            out.append(f"{item[0]}:{item[1]}")
+        elif isinstance(item, tuple) and len(item) in (2, 3):  # (host, port) or (node, host, port)
+            out.append(f"{item[-2]}:{item[-1]}")
         elif isinstance(item, dict) and "host" in item and "port" in item:
             out.append(f"{item['host']}:{item['port']}")
         elif hasattr(item, "host") and hasattr(item, "port"):
