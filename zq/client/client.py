@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from zq import protocol
 from zq.client.connection import Connection, check_reply
 from zq.client.metadata import Metadata, parse_metadata, resolve_bootstrap, time_spec
-from zq.errors import ConnectionFailed, NotLeader, ProtocolError, Timeout, UnknownTopic, ZqError
+from zq.errors import ConnectionFailed, LeaderNotAvailable, NotLeader, ProtocolError, Timeout, UnknownTopic, ZqError
 from zq.limits import DEFAULT, Limits
 
 log = logging.getLogger("zq.client")
@@ -319,21 +319,27 @@ class Client:
         """An admin request, following NotLeader to the metadata leader (bounded). Not resent after
         a Timeout: the node may have acted on it, so the caller sees the Timeout."""
         address: str | None = None
-        for hop in range(redirects_max + 1):
+        deadline = time.monotonic() + self.limits.request_timeout_ms / 1000.0
+        hop = 0
+        while True:
             try:
                 if address is None:
                     reply, address = self._call_any(make, with_address=True, resend_on_timeout=False)
                 else:
                     reply, _ = self._call(address, make(self._conn.new_req_id()))
                 return check_reply(reply, protocol.OkReply)
-            except NotLeader as e:
+            except (NotLeader, LeaderNotAvailable) as e:
+                # Refused before anything was done, so safe to send again: to the leader it names,
+                # or, while there is none (an election, a node starting), to anyone after a pause.
+                hop += 1
                 hint = e.data.get("address")
-                if isinstance(hint, str) and hint != address:
+                if hop > redirects_max + 1 and time.monotonic() >= deadline:
+                    raise
+                if isinstance(e, NotLeader) and isinstance(hint, str) and hint != address and hop <= redirects_max:
                     address = hint
-                else:  # no leader known yet (an election, or metadata spreading): wait, then ask anyone
+                else:
                     address = None
-                    time.sleep(min(self.limits.retry_backoff_ms * (hop + 1), self.limits.retry_backoff_ms_max) / 1000.0)
-        raise NotLeader(f"the metadata leader moved {redirects_max + 1} times while this request chased it; retry shortly")
+                    time.sleep(min(self.limits.retry_backoff_ms * hop, self.limits.retry_backoff_ms_max) / 1000.0)
 
     def _leader_call(self, topic: str, partition: int, make: Any) -> tuple[Any, list]:
         """A request to the partition's leader: follows NotLeader hints, refreshes on retriable errors."""

@@ -311,6 +311,10 @@ class Consumer:
             h = zbatch.verify_stored(frame)
             if h.next_offset <= position:
                 continue
+            if h.flags & zbatch.FLAG_CONTROL:
+                # A new leader's epoch marker: no record for the application, only an offset to step over.
+                position = max(position, min(h.next_offset, hw))
+                continue
             records = zbatch.decode_records(frame[zbatch.HEADER_SIZE:], h.flags)
             if len(records) != h.count:
                 raise ProtocolError(f"batch at {topic}/{p} offset {h.base_offset} holds {len(records)} records, "
