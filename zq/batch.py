@@ -15,7 +15,7 @@ Stored batch layout (big-endian):
     offset size field
     0      1    magic            0x5A ('Z')
     1      1    version          1
-    2      2    flags            bits 0-2: codec (0 none, 1 zlib)
+    2      2    flags            bits 0-2: codec (0 none, 1 zlib); bit 3: control batch (see below)
     4      4    header_crc       CRC-32 of bytes 2..4 and 8..48 of this header (all but magic, version, itself)
     8      8    base_offset      offset of the first record
     16     4    count            records in the batch (>= 1)
@@ -27,6 +27,10 @@ Stored batch layout (big-endian):
     48     ...  blob
 
 Checksums are verified when a node accepts a batch, when it reads one back, and by the consumer.
+
+A *control batch* (flag bit 3) holds no records a consumer sees: a new partition leader writes
+one, of one offset and an empty blob, at the start of its epoch (see zq.core.replication), as
+Kafka writes control records. Consumers skip it and go on from its next offset.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ _CRC_SPAN = struct.Struct(">QIIQQII")  # the fields after header_crc
 CODEC_NONE = 0
 CODEC_ZLIB = 1
 CODECS = {"none": CODEC_NONE, "zlib": CODEC_ZLIB}
+FLAG_CONTROL = 0x8
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +129,21 @@ def unpack_header(value: bytes | memoryview) -> BatchHeader:
     return BatchHeader(flags, *rest)
 
 
+def restamp(stored: bytes, base_offset: int, epoch: int) -> bytes:
+    """The same batch with its base offset and epoch set: what a leader fixes when it appends a
+    produced batch, and what a follower checks it holds (the header CRC is recomputed)."""
+    h = unpack_header(stored)
+    if h.base_offset == base_offset and h.epoch == epoch:
+        return stored
+    fixed = BatchHeader(h.flags, base_offset, h.count, epoch, h.append_time_ms, h.producer_id, h.base_sequence,
+                        h.blob_crc)
+    return pack_header(fixed) + stored[HEADER_SIZE:]
+
+
+def control_batch(base_offset: int, epoch: int, append_time_ms: int) -> bytes:
+    return make_stored(FLAG_CONTROL, base_offset, 1, epoch, append_time_ms, 0, 0, crc(b""), b"")
+
+
 def make_stored(flags: int, base_offset: int, count: int, epoch: int, append_time_ms: int,
                 producer_id: int, base_sequence: int, blob_crc: int, blob: bytes) -> bytes:
     """Header + blob, as the store keeps it and a fetch returns it."""
@@ -152,6 +172,8 @@ def check_incoming(blob: bytes, blob_crc: int, count: int, batch_bytes_max: int,
 def iter_records(value: bytes, start_offset: int = 0, verify: bool = True) -> list[Record]:
     """The records of one stored batch at or after `start_offset`."""
     h = verify_stored(value) if verify else unpack_header(value)
+    if h.flags & FLAG_CONTROL:
+        return []
     raw = decode_records(memoryview(value)[HEADER_SIZE:].tobytes() if isinstance(value, memoryview) else value[HEADER_SIZE:], h.flags)
     if len(raw) != h.count:
         raise CorruptData(f"batch at offset {h.base_offset} holds {len(raw)} records, header says {h.count}")

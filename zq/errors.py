@@ -131,6 +131,13 @@ class LeaderNotAvailable(ZqError):
     retriable = True
 
 
+class Backpressure(ZqError):
+    """The partition has too many writes waiting; the producer slows down and retries."""
+
+    code = "backpressure"
+    retriable = True
+
+
 class Timeout(ZqError):
     """No answer in time: the outcome is unknown."""
 

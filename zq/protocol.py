@@ -69,8 +69,7 @@ def message(code: int):
 
 def encode(msg: Any, *payload: bytes) -> list[bytes]:
     """Frames for `msg` (without any routing id)."""
-    fields = [getattr(msg, name) for name, _ in _CHECKS[type(msg)]]
-    return [SIGNATURE, cbor2.dumps([msg.CODE, *fields]), *payload]
+    return [SIGNATURE, cbor2.dumps(to_array(msg)), *payload]
 
 
 def decode(frames: list, limits: Limits = DEFAULT) -> tuple[Any, list]:
@@ -92,6 +91,11 @@ def decode(frames: list, limits: Limits = DEFAULT) -> tuple[Any, list]:
         arr = cbor2.loads(bytes(head))
     except Exception as e:  # cbor2 raises several types for garbage
         raise ProtocolError(f"header frame is not valid CBOR ({e.__class__.__name__})") from None
+    return from_array(arr), frames[2:]
+
+
+def from_array(arr: Any) -> Any:
+    """The message held by a CBOR array `[type, field, ...]`, every field checked. Raises ProtocolError."""
     if not isinstance(arr, list) or not arr or type(arr[0]) is not int:
         raise ProtocolError("header frame is not an array starting with a message type")
     cls = _BY_CODE.get(arr[0])
@@ -103,7 +107,11 @@ def decode(frames: list, limits: Limits = DEFAULT) -> tuple[Any, list]:
     for (name, ok), value in zip(checks, arr[1:]):
         if not ok(value):
             raise ProtocolError(f"{cls.__name__}.{name} has the wrong type ({type(value).__name__})")
-    return cls(*arr[1:]), frames[2:]
+    return cls(*arr[1:])
+
+
+def to_array(msg: Any) -> list:
+    return [msg.CODE, *(getattr(msg, name) for name, _ in _CHECKS[type(msg)])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,3 +299,40 @@ class LocalStatusReply:
     node: dict          # {"name", "address", "incarnation", "started_ms"}
     partitions: list    # [{"topic", "partition", "leader", "epoch", "replicas", "in_sync", "log_start", "log_end", "high_watermark", "replication_lag"}]
     CODE: ClassVar[int]
+
+
+@message(18)
+@dataclass(frozen=True, slots=True)
+class Replicate:
+    """Replication messages of many partitions, coalesced per pair of nodes and loop pass.
+
+    Each item is `[topic_id, partition, message]`, the message a replication-core message as an
+    array (codes 20-25). One-way: answers travel as Replicate messages the other way."""
+    req_id: int
+    sender: str
+    items: list
+    CODE: ClassVar[int]
+
+
+@message(19)
+@dataclass(frozen=True, slots=True)
+class NodeHeartbeat:
+    """Sent to every peer a few times a second: who I am, and which partitions I lead."""
+    req_id: int
+    sender: str
+    address: str
+    incarnation: int
+    leaders: list        # [[topic_id, partition, epoch], ...]
+    meta_applied: int    # the sender has applied every __meta command below this offset
+    CODE: ClassVar[int]
+
+
+# The replication core's messages (zq.core.repl_types), registered for the wire.
+from zq.core import repl_types as _rt  # noqa: E402
+
+message(20)(_rt.Append)
+message(21)(_rt.AppendAck)
+message(22)(_rt.Fetch)
+message(23)(_rt.Diverging)
+message(24)(_rt.RequestVote)
+message(25)(_rt.Vote)

@@ -1,22 +1,35 @@
-"""The node: one process, one event loop, one ROUTER for clients and peers.
+"""The node: one process, one event loop, one ROUTER for clients and peers, one PUB for replication.
 
 Theory of operation
 -------------------
 A pass of the loop (1) waits on its sockets until a message arrives or the next timer is due,
-(2) drains at most `inbox_drain_max` messages, handing each to the handler for its type, (3)
-writes everything those handlers produced as ONE RocksDB WriteBatch, synced if any of it belongs
-to a topic with `durability = "fsync"` (group commit: one fsync covers every batch of the pass),
-(4) only then sends the replies that promise durability, advances high watermarks and answers
-the fetches that were waiting for data, and (5) runs due timers. Persist, then send.
+(2) drains at most `inbox_drain_max` messages from each socket, handing each to the handler for
+its type, which feeds the partition's replication core (`zq.core.replication.Replica`), (3)
+collects every core's effects (`Ready`) and writes them as ONE RocksDB WriteBatch, synced if any
+of it must be (a vote, or a batch of a topic with `durability = "fsync"`: group commit, one
+fsync covers the whole pass), (4) only then tells the cores their writes are durable, sends the
+messages they asked for, answers producers whose batches committed, and wakes fetches waiting
+for the high watermark, repeating (3)-(4) while the cores have more to say (bounded), and (5)
+runs due timers. Persist, then send.
 
-The rules live in pure cores: offsets, high watermark and idempotent producers in
-`zq.core.partition.PartitionLog`, topics and placement in `zq.core.metadata`. This module only
-moves bytes between sockets, the store and those cores.
+The rules live in pure cores: replication, elections, the high watermark and idempotent
+producers in `zq.core.replication`; topics and placement in `zq.core.metadata`. This module
+moves bytes between sockets, the store and those cores, and decides nothing they decide.
 
-Metadata: the node named first in `voters` leads `__meta`. It appends commands to its own log;
-every other node follows it by long-poll fetching `__meta`, storing the batches unchanged in its
-own store and applying them, so it can restart on its own. A node learns its partitions by
-applying `create_topic` commands that name it in a replica set.
+Replication transport. A leader's Append that carries entries goes out on the node's PUB socket
+with the partition as the topic frame; followers subscribe to the partitions they hold. PUB/SUB
+may drop (high-water mark, slow joiner, reconnect): the core notices the gap and fetches the
+range over DEALER/ROUTER. Every other replication message (acks, fetches, votes, heartbeats) goes
+over the sender's DEALER to the receiver's ROUTER, coalesced into one `Replicate` message per
+peer per pass. Every few hundred milliseconds each node also sends each peer a `NodeHeartbeat`
+naming the partitions it leads, so every node can route clients to leaders it does not share a
+partition with, and knows who is alive at the application level (libzmq's own heartbeats would
+answer for a process that is stuck).
+
+Metadata. `__meta` is a partition like any other, replicated by the same core on the voter
+nodes. Each voter applies its committed commands; every other node follows it by long-poll
+fetching `__meta` from its leader, storing the batches unchanged and applying them. A node learns
+which partitions it holds by applying `create_topic` commands that name it.
 
 Peer input is checked, never asserted: a frame that fails to decode is counted, answered with an
 error where a reply is possible, and dropped; the loop goes on serving everyone else.
@@ -26,7 +39,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
+import random
 import signal
 import threading
 import time
@@ -41,25 +54,36 @@ import zmq
 from zq import batch as zbatch
 from zq import protocol as P
 from zq.core import metadata as meta
-from zq.core.partition import Append, Duplicate, PartitionLog
-from zq.errors import (InvalidRequest, LeaderNotAvailable, NotLeader, ProtocolError, StorageFull, UnknownPartition,
-                       ZqError)
+from zq.core.repl_types import (BACKPRESSURE, COMMITTED, DUPLICATE_SEQUENCE, LEADER, NOT_LEADER, OUT_OF_ORDER,
+                                Outcome, ReplicationConfig)  # noqa: F401 (Outcome in annotations)
+from zq.core.replication import Replica
+from zq.errors import (Backpressure, InvalidRequest, LeaderNotAvailable, NotLeader, OffsetOutOfRange, OutOfOrderSequence, UnknownTopic,
+                       ProtocolError, StorageFull, UnknownPartition, ZqError, from_wire)
+from zq.io import replicas as R
 from zq.io.store import Store
 from zq.limits import DEFAULT, Limits
 from zq.types import META_TOPIC, META_TP, TopicPartition
 
 log = logging.getLogger("zq.node")
 
-META_FETCH_WAIT_MS = 1_000        # long-poll of a follower on __meta
+META_FETCH_WAIT_MS = 1_000        # long-poll of a learner on __meta
 META_RETRY_MS = 200               # pause before a failed __meta fetch or registration is sent again
 PEER_REQUEST_TIMEOUT_MS = 3_000   # a peer request with no answer by then is given up
 STATUS_WAIT_MS = 400              # how long `zq status` waits for the other nodes' local views
-NODE_ALIVE_MS = 5_000             # a node heard from within this long counts as alive
-NODE_DEAD_MS = 15_000             # ... and as dead after this long
+NODE_HEARTBEAT_MS = 250           # how often a node tells each peer it is alive and what it leads
+NODE_ALIVE_MS = 3_000             # a node heard from within this long counts as alive
+NODE_DEAD_MS = 10_000             # ... and as dead after this long
 RETENTION_INTERVAL_MS = 5_000     # how often retention runs
 DISK_CHECK_INTERVAL_MS = 1_000    # how often free disk space is read
 DISK_FREE_BYTES_MIN = 64 * 1024 * 1024  # below this, produce is refused with StorageFull
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
+READY_ROUNDS_MAX = 4              # write-then-send rounds per loop pass (acks after durability need one more)
+PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands this soon after creation
+PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB drops them (followers fetch the gap)
+
+# Replication timing for real nodes: a Python process under load (GC, fsync, 2 cores) stalls for
+# tens of milliseconds at times, so elections wait a second, not Raft's usual 150-300 ms.
+NODE_REPLICATION = ReplicationConfig(election_timeout_ms=1_000, heartbeat_interval_ms=100, fetch_retry_ms=250)
 
 
 def now_ms() -> int:
@@ -78,12 +102,13 @@ class NodeConfig:
     data_dir: Path = Path("./data/n1")   # this node's own RocksDB folder
     cluster: str = "zq"
     seeds: tuple[str, ...] = ()          # "host:port" of other nodes' ROUTER
-    voters: tuple[str, ...] = ()         # names of the nodes that hold __meta (first = its leader in this version)
+    voters: tuple[str, ...] = ()         # nodes that hold __meta; empty: this node alone (or learn from seeds)
     topology: object | None = None       # zq.topology.Topology when started from a file
     discovery: bool = True
     metrics: bool = True                 # serve Prometheus metrics on port+2
     retention_interval_ms: int = RETENTION_INTERVAL_MS
-    disk_free_bytes_min: int = DISK_FREE_BYTES_MIN   # below this, produce is refused with StorageFull
+    disk_free_bytes_min: int = DISK_FREE_BYTES_MIN
+    replication: ReplicationConfig = NODE_REPLICATION
     limits: Limits = field(default_factory=lambda: DEFAULT)
 
     @property
@@ -99,6 +124,31 @@ class _Parked:
     msg: P.Fetch
     tp: TopicPartition
     done: bool = False
+
+
+@dataclass(slots=True)
+class _Part:
+    """A partition this node holds a replica of."""
+    tp: TopicPartition
+    name: str
+    replica: Replica | None       # None: a learner's copy of __meta (no vote, no acks)
+    sync: bool                    # durability = fsync
+    log_start: int = 0
+    learner_end: int = 0          # learner only: its log end (= its high watermark)
+    waiters: dict[int, Callable[[Any], None]] = field(default_factory=dict)
+    leader_acks: list[tuple[int, Callable[[Any], None]]] = field(default_factory=list)  # (end, callback): acks=leader
+
+    @property
+    def high_watermark(self) -> int:
+        return self.replica.high_watermark if self.replica else self.learner_end
+
+    @property
+    def log_end(self) -> int:
+        return self.replica.log_end if self.replica else self.learner_end
+
+    @property
+    def epoch(self) -> int:
+        return self.replica.epoch if self.replica else 0
 
 
 class _Peer:
@@ -120,6 +170,11 @@ class _Peer:
         self.sock.close(0)
 
 
+def _pub_address(address: str) -> str:
+    host, port = address.rsplit(":", 1)
+    return f"{host}:{int(port) + 1}"
+
+
 class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
@@ -127,131 +182,190 @@ class Node:
         self.name = config.name
         self.incarnation = now_ms()
         self.started_ms = now_ms()
+        self.rng = random.Random()     # election timeouts; the simulator seeds its own
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
         self.store = Store(config.data_dir, limits=self.limits)
         self.meta = meta.MetadataState()
-        self.meta_leader: str | None = config.voters[0] if config.voters else (None if config.seeds else self.name)
-        self.parts: dict[TopicPartition, PartitionLog] = {}
+        self.voters: tuple[str, ...] = config.voters or (() if config.seeds else (config.name,))
+        self.parts: dict[TopicPartition, _Part] = {}
         self.parked: dict[TopicPartition, list[_Parked]] = defaultdict(list)
         self.parked_count = 0
         self.peers: dict[str, _Peer] = {}
+        self.addresses: dict[str, str] = {}                     # node name -> ROUTER address
+        self.last_heard: dict[str, int] = {}                    # node name -> mono ms
+        self.leader_view: dict[TopicPartition, tuple[str, int]] = {}  # from peers' heartbeats
         self.timers: list[tuple[int, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
         self._req_ids = itertools.count(1)
         self.counters: dict[str, int] = defaultdict(int)
-        self.follower_meta_pos: dict[str, tuple[int, int]] = {}   # node -> (next __meta offset, seen at mono ms)
+        self.meta_applied_by: dict[str, int] = {}               # node -> __meta applied offset (heartbeats)
         self.pending_creates: list[tuple[int, int, bytes, P.OkReply]] = []
         self.disk_full = False
-        # per-pass state
+        self.dirty: set[TopicPartition] = set()
+        self.outbox: dict[str, list] = defaultdict(list)        # peer -> Replicate items of this pass
+        self.pub_out: list[tuple[TopicPartition, list]] = []
         self.txn = None
         self.sync_needed = False
-        self.after_commit: list[tuple[bytes, list[bytes]]] = []
-        self.after_commit_fns: list[Callable[[], None]] = []
-        self.touched: dict[TopicPartition, tuple[int, int, set[int]]] = {}
-        self.meta_unapplied: list[tuple[int, dict]] = []
+        self.meta_learned: list[tuple[int, dict]] = []          # learner: fetched commands awaiting durability
         self.stopping = False
-        self._discovering = False
         self._registered = False
+        self.sub_connected: dict[str, str] = {}                 # peer -> address its PUB is subscribed at
         self.ctx = zmq.Context.instance()
-        self.router = self._bind_router()
+        self.router = self._bind(zmq.ROUTER, config.port)
+        self.pub = self._bind(zmq.PUB, config.port + 1)
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, PUB_SNDHWM)  # bounded; an overflow is a gap the core fetches
         self.metrics_server = None
+        self._seed_addresses_from_topology()
         self._load()
 
     # ------------------------------------------------------------------ start-up
 
-    def _bind_router(self) -> zmq.Socket:
-        s = self.ctx.socket(zmq.ROUTER)
-        s.setsockopt(zmq.ROUTER_MANDATORY, 1)     # an unroutable reply must fail loudly (counted), not vanish
-        s.setsockopt(zmq.LINGER, 0)               # on stop, unsent replies are dropped: clients retry
-        s.setsockopt(zmq.SNDHWM, self.limits.router_sndhwm)   # bounded reply queue per client
-        s.setsockopt(zmq.RCVHWM, self.limits.router_rcvhwm)   # bounded inbox: producers beyond it wait in TCP
-        s.setsockopt(zmq.SNDTIMEO, 0)             # a client that stopped reading must not stall the loop
-        s.setsockopt(zmq.MAXMSGSIZE, self.limits.frame_bytes_max)  # a bigger frame drops the connection
+    def _bind(self, kind: int, port: int) -> zmq.Socket:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)               # on stop, unsent messages are dropped: peers and clients retry
+        s.setsockopt(zmq.SNDTIMEO, 0)             # a peer that stopped reading must not stall the loop
+        if kind == zmq.ROUTER:
+            s.setsockopt(zmq.ROUTER_MANDATORY, 1)     # an unroutable reply must fail loudly (counted), not vanish
+            s.setsockopt(zmq.SNDHWM, self.limits.router_sndhwm)   # bounded reply queue per client
+            s.setsockopt(zmq.RCVHWM, self.limits.router_rcvhwm)   # bounded inbox: producers beyond it wait in TCP
+            s.setsockopt(zmq.MAXMSGSIZE, self.limits.frame_bytes_max)  # a bigger frame drops the connection
+        else:
+            s.setsockopt(zmq.SNDHWM, PUB_SNDHWM)  # past it PUB drops for that subscriber; it fetches the gap
         try:
-            s.bind(f"tcp://{self.config.host}:{self.config.port}")
+            s.bind(f"tcp://{self.config.host}:{port}")
         except zmq.ZMQError as e:
             s.close(0)
-            raise ZqError(f"cannot listen on {self.config.address}: {e.strerror}; "
+            raise ZqError(f"cannot listen on {self.config.host}:{port}: {e.strerror}; "
                           "is another node using that port? pick another with --port") from None
         return s
 
+    def _seed_addresses_from_topology(self) -> None:
+        topo = self.config.topology
+        for n in getattr(topo, "nodes", ()) if topo is not None else ():
+            if n.name != self.name:
+                self.addresses[n.name] = f"{n.host}:{n.port}"
+
     def _load(self) -> None:
-        """Rebuild state from the store: apply __meta, then open every local partition at its log end."""
-        for offset, command in self._read_meta_commands(0):
+        """Rebuild state from the store: __meta first, then every local partition at its log end."""
+        if self.name in self.voters:
+            self._open_part(META_TP, META_TOPIC, list(self.voters), sync=True)
+        else:
+            st = self.store.partition_state(META_TP)
+            self.parts[META_TP] = _Part(META_TP, META_TOPIC, None, True, st.log_start if st else 0,
+                                        st.log_end if st else 0)
+        for offset, command in self._read_meta_commands(0, self.parts[META_TP].high_watermark):
             self.meta.apply(offset, command)
-        st = self.store.partition_state(META_TP)
-        ml = PartitionLog(st.log_start, st.log_end) if st else PartitionLog()
-        self.parts[META_TP] = ml
+        for n in self.meta.nodes.values():
+            if n.name != self.name:
+                self.addresses.setdefault(n.name, n.address)
         for t in self.meta.topics.values():
             self._open_topic(t)
-        log.info("node %s loaded: %d topics, %d local partitions, __meta at %d",
+        log.info("node %s loaded: %d topics, %d local partitions, __meta applied to %d",
                  self.name, len(self.meta.topics), len(self.parts) - 1, self.meta.applied)
 
-    def _read_meta_commands(self, start: int) -> list[tuple[int, dict]]:
+    def _read_meta_commands(self, start: int, upto: int) -> list[tuple[int, dict]]:
         out = []
         offset = start
-        while True:
-            values = self.store.read(META_TP, offset, 4 * 1024 * 1024)
+        while offset < upto:
+            values = self.store.read(META_TP, offset, 4 * 1024 * 1024, upto=upto)
             if not values:
-                return out
+                break
             for v in values:
-                for rec in zbatch.iter_records(v, offset):
+                h = zbatch.verify_stored(v)
+                for rec in zbatch.iter_records(v, offset, verify=False):
                     out.append((rec.offset, cbor2.loads(rec.value)))
-                    offset = rec.offset + 1
+                offset = h.next_offset
+        return out
 
     def _open_topic(self, t: meta.TopicMeta) -> None:
+        sync = t.config.get("durability", "fsync") == "fsync"
         for p, replicas in enumerate(t.partitions):
-            if self.name not in replicas:
-                continue
-            tp = TopicPartition(t.id, p)
-            if tp in self.parts:
-                continue
-            st = self.store.partition_state(tp)
-            pl = PartitionLog(st.log_start, st.log_end) if st else PartitionLog()
-            self.parts[tp] = pl
+            if self.name in replicas:
+                self._open_part(TopicPartition(t.id, p), t.name, replicas, sync)
+
+    def _open_part(self, tp: TopicPartition, name: str, replicas: list[str], sync: bool) -> None:
+        if tp in self.parts:
+            return
+        st = self.store.partition_state(tp)
+        hs = R.load_hard_state(self.store, tp)
+        now = mono_ms()
+        replica = Replica(self.name, replicas, R.StoreReader(self.store, tp), rng=self.rng, now_ms=now,
+                          config=self.config.replication, hard_state=hs, log_end=st.log_end if st else 0)
+        if len(replicas) == 1:
+            replica.tick(replica.next_timer_ms())   # alone in its set: lead at once
+        elif hs is None and replicas[0] == self.name:
+            # The preferred leader of a new partition stands soon rather than after a whole election
+            # timeout; "soon" leaves the other replicas time to apply the same create_topic command,
+            # or they would drop its vote request for a partition they do not know yet.
+            self._at(mono_ms() + PREFERRED_LEADER_DELAY_MS, lambda: self._stand(tp))
+        self.parts[tp] = _Part(tp, name, replica, sync, st.log_start if st else 0)
+        self.dirty.add(tp)
+        for peer in replicas:
+            if peer != self.name:
+                self._connect_sub(peer)
+        self.sub.setsockopt(zmq.SUBSCRIBE, R.tp_bytes(tp))
+
+    def _stand(self, tp: TopicPartition) -> None:
+        part = self.parts.get(tp)
+        if part is not None and part.replica is not None and part.replica.epoch == 0 and part.replica.leader is None:
+            part.replica.tick(max(mono_ms(), part.replica.next_timer_ms()))
+            self.dirty.add(tp)
+
+    def _connect_sub(self, peer: str) -> None:
+        address = self.addresses.get(peer)
+        if address is None or self.sub_connected.get(peer) == address:
+            return
+        if peer in self.sub_connected:
+            self.sub.disconnect(f"tcp://{_pub_address(self.sub_connected[peer])}")
+        self.sub.connect(f"tcp://{_pub_address(address)}")
+        self.sub_connected[peer] = address
 
     # ------------------------------------------------------------------ the loop
 
     def run(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
-        registered_peers: set[str] = set()
+        poller.register(self.sub, zmq.POLLIN)
+        polled_peers: set[str] = set()
         self._start_background()
         if self.config.metrics:
             from zq.io.metrics import serve_metrics
             self.metrics_server = serve_metrics(self, self.config.host, self.config.port + 2)
-        log.info("node %s serving on %s (cluster %s, metadata leader %s)", self.name, self.config.address,
-                 self.config.cluster, self.meta_leader or "unknown yet")
+        log.info("node %s serving on %s (cluster %s, voters %s)", self.name, self.config.address,
+                 self.config.cluster, ", ".join(self.voters) or "learnt from seeds")
         while not stop.is_set():
             for name, peer in self.peers.items():
-                if name not in registered_peers:
+                if name not in polled_peers:
                     poller.register(peer.sock, zmq.POLLIN)
-                    registered_peers.add(name)
-            timeout = self._poll_timeout_ms()
-            ready = dict(poller.poll(timeout))
+                    polled_peers.add(name)
+            ready = dict(poller.poll(self._poll_timeout_ms()))
             if self.router in ready:
-                self._drain_router()
+                self._drain(self.router, self._on_router_frames)
+            if self.sub in ready:
+                self._drain(self.sub, self._on_sub_frames)
             for peer in list(self.peers.values()):
                 if peer.sock in ready:
-                    self._drain_peer(peer)
+                    self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames))
+            self._tick_replicas()
             self._finish_pass()
             self._run_timers()
         self.close()
 
     def _poll_timeout_ms(self) -> int:
-        if not self.timers:
-            return 100
-        return max(0, min(100, self.timers[0][0] - mono_ms()))
+        due = self.timers[0][0] if self.timers else mono_ms() + 100
+        return max(0, min(100, due - mono_ms()))
 
-    def _drain_router(self) -> None:
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list], None]) -> None:
         for _ in range(self.limits.inbox_drain_max):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._on_frames(frames)
+            handle(frames)
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_router_frames(self, frames: list[bytes]) -> None:
         identity, body = frames[0], frames[1:]
         try:
             msg, payload = P.decode(body, self.limits)
@@ -265,14 +379,20 @@ class Node:
         handler = self.HANDLERS.get(type(msg))
         if handler is None:
             self.counters["protocol_errors"] += 1
-            self._send(identity, P.encode(P.error_reply(msg.req_id, ProtocolError(
+            self._send(identity, P.encode(P.error_reply(getattr(msg, "req_id", 0), ProtocolError(
                 f"{type(msg).__name__} is not a request a node serves"))))
             return
         try:
             handler(self, identity, msg, payload)
-        except ZqError as e:
+        except Exception as e:
+            if not isinstance(e, ZqError):
+                # Our bug, not the peer's: log it loudly, answer, and keep serving everyone else.
+                log.exception("handling %s failed", type(msg).__name__)
+                e = ZqError(f"the node failed to handle {type(msg).__name__} ({e.__class__.__name__}); "
+                            "this is a bug in zq, please report it with the node's log")
             self.counters[f"errors_{e.code}"] += 1
-            self._send(identity, P.encode(P.error_reply(msg.req_id, e)))
+            if not isinstance(msg, (P.Replicate, P.NodeHeartbeat)):   # one-way messages get no reply
+                self._send(identity, P.encode(P.error_reply(msg.req_id, e)))
 
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
         try:
@@ -281,7 +401,7 @@ class Node:
             # Gone (EHOSTUNREACH under ROUTER_MANDATORY) or not reading (EAGAIN): it will retry or time out.
             self.counters["replies_dropped"] += 1
 
-    # ------------------------------------------------------------------ group commit
+    # ------------------------------------------------------------------ persist, then send
 
     def _begin(self):
         if self.txn is None:
@@ -289,60 +409,184 @@ class Node:
         return self.txn
 
     def _finish_pass(self) -> None:
-        """Write the pass's writes as one batch, then send what waited for them."""
-        if self.txn is not None:
-            txn, self.txn = self.txn, None
-            sync, self.sync_needed = self.sync_needed, False
-            try:
-                self.store.commit(txn, sync=sync)
-            except StorageFull as e:
-                self._abort_pass(e)
-                self.disk_full = True   # refuse produce until the disk check sees room again
+        """Write what the cores and handlers produced as one batch, then send what waited for it."""
+        for _ in range(READY_ROUNDS_MAX):
+            readys = self._collect_readys()
+            if self.txn is None and not readys:
+                break
+            ok = self._commit()
+            for part, rd in readys:
+                part.replica.advance()
+            for part, rd in readys:
+                if ok or not rd.has_writes:
+                    self._after_durable(part, rd)
+                else:
+                    self._reopen_after_failed_write(part)
+            if not ok:
+                break
+            self._apply_learned_meta()
+        self._flush_outbox()
+
+    def _collect_readys(self) -> list:
+        out = []
+        dirty, self.dirty = self.dirty, set()
+        for tp in sorted(dirty):
+            part = self.parts.get(tp)
+            if part is None or part.replica is None:
+                continue
+            rd = part.replica.ready()
+            if rd.empty:
+                part.replica.advance()
+                continue
+            if rd.has_writes:
+                self._write_ready(part, rd)
+            out.append((part, rd))
+        return out
+
+    def _write_ready(self, part: _Part, rd) -> None:
+        txn = self._begin()
+        if rd.truncate_from is not None:
+            txn.truncate_from(part.tp, rd.truncate_from)
+            self.counters["truncations"] += 1
+        now = now_ms()
+        for entry in rd.entries:
+            value, header = R.stored_from_entry(entry, now)
+            txn.append(part.tp, value, header)
+        if rd.hard_state is not None:
+            txn.put_meta(R.hard_state_key(part.tp), R.encode_hard_state(rd.hard_state))
+        self.sync_needed |= rd.must_sync or (part.sync and bool(rd.entries))
+
+    def _commit(self) -> bool:
+        if self.txn is None:
+            return True
+        txn, self.txn = self.txn, None
+        sync, self.sync_needed = self.sync_needed, False
+        try:
+            self.store.commit(txn, sync=sync)
+        except StorageFull as e:
+            log.error("write failed, nothing of this pass was stored: %s", e.message)
+            self.counters["storage_errors"] += 1
+            self.disk_full = True   # refuse produce until the disk check sees room again
+            self.storage_error = e
+            self.meta_learned.clear()
+            learner = self.parts[META_TP]
+            if learner.replica is None:
+                st = self.store.partition_state(META_TP)
+                learner.learner_end = st.log_end if st else 0
+            return False
+        return True
+
+    def _reopen_after_failed_write(self, part: _Part) -> None:
+        """The write of this pass failed: the core's view of its log is ahead of the disk, so the
+        partition is reopened from what the store holds, and its waiting producers are told."""
+        error = self.storage_error
+        waiters, part.waiters = part.waiters, {}
+        acks, part.leader_acks = part.leader_acks, []
+        for callback in [*waiters.values(), *(cb for _, cb in acks)]:
+            callback(error)
+        tp = part.tp
+        replicas = list(part.replica.replicas)
+        del self.parts[tp]
+        self._open_part(tp, part.name, replicas, part.sync)
+
+    def _after_durable(self, part: _Part, rd) -> None:
+        replica = part.replica
+        if rd.has_writes:
+            replica.on_persisted(rd.log_end)
+            self.dirty.add(part.tp)          # acks and commits that durability allows come next round
+            while part.leader_acks and part.leader_acks[0][0] <= rd.log_end:
+                part.leader_acks.pop(0)[1](None)
+        for out in rd.messages:
+            self._route(part.tp, out)
+        for outcome in rd.outcomes:
+            callback = part.waiters.pop(outcome.proposal_id, None)
+            if callback is not None:
+                callback(outcome)
+        if rd.role is not None:
+            log.info("%s/%d: %s in epoch %d (leader %s)", part.name, part.tp.partition, rd.role.role,
+                     rd.role.epoch, rd.role.leader or "unknown")
+            self.counters[f"became_{rd.role.role}"] += 1
+            if rd.role.role != LEADER:
+                self._refuse_parked(part.tp)
+        if rd.high_watermark is not None:
+            self._serve_parked(part.tp)
+            if part.tp == META_TP:
+                self._apply_committed_meta()
+
+    def _route(self, tp: TopicPartition, out) -> None:
+        """A core's message: a broadcast with entries goes on PUB; everything else by DEALER."""
+        item = [tp.topic_id, tp.partition, P.to_array(out.message)]
+        if out.to is None:
+            if getattr(out.message, "entries", None):
+                self.pub_out.append((tp, item))
                 return
-            for tp in self.touched:
-                pl = self.parts.get(tp)
-                if pl is not None and pl.maybe_advance_high_watermark(pl.log_end):
-                    self._serve_parked(tp)
-            self.touched.clear()
-            self._apply_meta()
-        replies, self.after_commit = self.after_commit, []
-        for identity, frames in replies:
-            self._send(identity, frames)
-        fns, self.after_commit_fns = self.after_commit_fns, []
-        for fn in fns:
-            fn()
+            for peer in self.parts[tp].replica.peers:
+                self.outbox[peer].append(item)
+        else:
+            self.outbox[out.to].append(item)
 
-    def _abort_pass(self, error: ZqError) -> None:
-        log.error("write failed, nothing of this pass was stored: %s", error.message)
-        self.counters["storage_errors"] += 1
-        for tp, (log_end, last_time, pids) in self.touched.items():
-            self.parts[tp].abort_appends(log_end, last_time, pids)
-        self.touched.clear()
-        self.meta_unapplied.clear()
-        for identity, frames in self.after_commit:
+    def _flush_outbox(self) -> None:
+        for tp, item in self.pub_out:
             try:
-                msg, _ = P.decode(frames, self.limits)
-                self._send(identity, P.encode(P.error_reply(msg.req_id, error)))
-            except ZqError:
-                pass
-        self.after_commit.clear()
-        self.after_commit_fns.clear()
+                self.pub.send_multipart([R.tp_bytes(tp), *P.encode(P.Replicate(0, self.name, [item]))], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.counters["pub_dropped"] += 1
+        self.pub_out.clear()
+        outbox, self.outbox = self.outbox, defaultdict(list)
+        for name, items in outbox.items():
+            peer = self._peer(name)
+            if peer is None:
+                self.counters["replication_unroutable"] += len(items)
+                continue
+            self._peer_send(peer, P.Replicate(0, self.name, items))
 
-    def _append(self, tp: TopicPartition, pl: PartitionLog, count: int, producer_id: int, base_sequence: int,
-                flags: int, blob_crc: int, blob: bytes, sync: bool) -> Append | Duplicate:
-        if tp not in self.touched:
-            self.touched[tp] = (pl.log_end, pl.last_append_time_ms, set())
-        result = pl.on_produce(count, producer_id, base_sequence, now_ms())
-        if isinstance(result, Append):
-            stored = zbatch.make_stored(flags, result.base_offset, count, pl.epoch, result.append_time_ms,
-                                        producer_id, base_sequence, blob_crc, blob)
-            header = zbatch.BatchHeader(flags, result.base_offset, count, pl.epoch, result.append_time_ms,
-                                        producer_id, base_sequence, blob_crc)
-            self._begin().append(tp, stored, header)
-            if producer_id:
-                self.touched[tp][2].add(producer_id)
-            self.sync_needed |= sync
-        return result
+    def _peer_send(self, peer: _Peer, msg: Any) -> None:
+        try:
+            peer.sock.send_multipart(P.encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.counters["peer_sends_dropped"] += 1
+
+    # ------------------------------------------------------------------ replication in
+
+    def on_replicate(self, identity: bytes, msg: P.Replicate, payload: list[bytes]) -> None:
+        self._heard(msg.sender)
+        self._step_items(msg.items)
+
+    def _on_sub_frames(self, frames: list[bytes]) -> None:
+        try:
+            msg, _ = P.decode(frames[1:], self.limits)
+            if not isinstance(msg, P.Replicate):
+                raise ProtocolError("only Replicate travels on PUB/SUB")
+            self._step_items(msg.items)
+        except ZqError as e:
+            self.counters["protocol_errors"] += 1
+            log.debug("dropped a bad replication broadcast: %s", e)
+
+    def _step_items(self, items: list) -> None:
+        now = mono_ms()
+        for item in items:
+            try:
+                if not (isinstance(item, list) and len(item) == 3 and type(item[0]) is int and type(item[1]) is int):
+                    raise ProtocolError("a Replicate item is [topic_id, partition, message]")
+                tp = TopicPartition(item[0], item[1])
+                part = self.parts.get(tp)
+                if part is None or part.replica is None:
+                    self.counters["replication_for_unknown_partition"] += 1   # topic not applied here yet
+                    continue
+                message = P.from_array(item[2])
+                part.replica.tick(now)
+                part.replica.step(message)
+                self.dirty.add(tp)
+            except ZqError as e:
+                self.counters["protocol_errors"] += 1
+                log.debug("dropped a replication message: %s", e)
+
+    def _tick_replicas(self) -> None:
+        now = mono_ms()
+        for tp, part in self.parts.items():
+            if part.replica is not None and part.replica.next_timer_ms() <= now:
+                part.replica.tick(now)
+                self.dirty.add(tp)
 
     # ------------------------------------------------------------------ lookups
 
@@ -357,24 +601,30 @@ class Node:
                                    topic=topic, partition=partition)
         return TopicPartition(t.id, partition), t
 
-    def _leader_of(self, tp: TopicPartition, t: meta.TopicMeta | None) -> str | None:
-        return self.meta_leader if t is None else t.leader(tp.partition)
+    def leader_of(self, tp: TopicPartition) -> tuple[str | None, int]:
+        """Who leads a partition as far as this node knows, and in which epoch."""
+        part = self.parts.get(tp)
+        if part is not None and part.replica is not None and part.replica.leader is not None:
+            return part.replica.leader, part.replica.epoch
+        seen = self.leader_view.get(tp)
+        if seen is not None and self._alive(seen[0]):
+            return seen
+        if tp == META_TP:
+            return (self.voters[0] if self.voters else None), 0
+        t = self.meta.topics_by_id.get(tp.topic_id)
+        return (t.partitions[tp.partition][0] if t else None), 0
 
-    def _local_leader(self, topic: str, partition: int) -> tuple[TopicPartition, meta.TopicMeta | None, PartitionLog]:
-        tp, t = self._topic_partition(topic, partition)
-        leader = self._leader_of(tp, t)
-        if leader != self.name:
-            raise self._not_leader(leader, f"{topic}/{partition}")
-        pl = self.parts.get(tp)
-        if pl is None:
-            raise LeaderNotAvailable(f"partition {topic}/{partition} is not open on {self.name} yet; retry")
-        return tp, t, pl
+    def _local_leader(self, topic: str, partition: int) -> tuple[TopicPartition, _Part]:
+        tp, _ = self._topic_partition(topic, partition)
+        part = self.parts.get(tp)
+        if part is not None and part.replica is not None and part.replica.role == LEADER:
+            return tp, part
+        raise self._not_leader(self.leader_of(tp)[0], f"{topic}/{partition}")
 
     def _not_leader(self, leader: str | None, what: str) -> ZqError:
-        if leader is None:
-            return LeaderNotAvailable(f"no leader is known for {what} yet; retry shortly")
-        n = self.meta.nodes.get(leader)
-        address = n.address if n else ""
+        if leader is None or leader == self.name:
+            return LeaderNotAvailable(f"{what} has no leader right now (an election is under way); retry shortly")
+        address = self.addresses.get(leader, "")
         return NotLeader(f"{self.name} does not lead {what}; {leader} ({address or 'address unknown'}) does",
                          leader=leader, address=address)
 
@@ -386,32 +636,72 @@ class Node:
             raise ProtocolError(f"Produce carries one payload frame (the batch), got {len(payload)}")
         if msg.topic == META_TOPIC:
             raise InvalidRequest(f"{META_TOPIC} is written by zq itself, not by producers")
-        tp, t, pl = self._local_leader(msg.topic, msg.partition)
+        tp, part = self._local_leader(msg.topic, msg.partition)
         if self.disk_full:
-            raise StorageFull(f"{self.name} has less than {self.config.disk_free_bytes_min // (1024 * 1024)} MiB of disk free; "
-                              "free space or add nodes; nothing was written")
+            raise StorageFull(f"{self.name} has less than {self.config.disk_free_bytes_min // (1024 * 1024)} MiB "
+                              "of disk free; free space or add nodes; nothing was written")
         blob = payload[0]
         zbatch.check_incoming(blob, msg.blob_crc, msg.count, self.limits.batch_bytes_max, self.limits.batch_records_max)
-        sync = t.config.get("durability", "fsync") == "fsync"
-        result = self._append(tp, pl, msg.count, msg.producer_id, msg.base_sequence, msg.flags, msg.blob_crc, blob, sync)
+        append_time = now_ms()
+        placeholder = zbatch.make_stored(msg.flags & 0x7, 0, msg.count, 0, append_time, msg.producer_id,
+                                         msg.base_sequence, msg.blob_crc, blob)
+        self._propose(part, msg.count, msg.producer_id, msg.base_sequence, placeholder,
+                      None if msg.acks == 0 else lambda o: self._answer_produce(identity, msg, part, append_time, o),
+                      leader_ack=msg.acks == 1)
         self.counters["produced_records"] += msg.count
         self.counters["produced_bytes"] += len(blob)
-        if msg.acks == 0:
+
+    def _propose(self, part: _Part, count: int, producer_id: int, base_sequence: int, stored: bytes,
+                 callback: Callable[[Any], None] | None, leader_ack: bool = False) -> None:
+        replica = part.replica
+        pid, seq = R.core_producer(producer_id, base_sequence)
+        before = replica.log_end
+        proposal = replica.propose(count, pid, seq, stored)
+        self.dirty.add(part.tp)
+        if callback is None:
             return
-        reply = P.encode(P.ProduceReply(msg.req_id, result.base_offset, pl.epoch, result.append_time_ms, pl.log_start))
-        if isinstance(result, Duplicate) and result.base_offset + msg.count <= pl.high_watermark:
-            self._send(identity, reply)
+        if leader_ack and replica.log_end > before:
+            # acks=leader: answer once this node holds the batch durably, not when a majority does.
+            done = Outcome(proposal, COMMITTED, before, replica.epoch, self.name)
+            part.leader_acks.append((replica.log_end, lambda error: callback(error or done)))
         else:
-            self.after_commit.append((identity, reply))
+            part.waiters[proposal] = callback
+
+    def _answer_produce(self, identity: bytes, msg: P.Produce, part: _Part, append_time: int, outcome: Any) -> None:
+        if isinstance(outcome, ZqError):
+            self._send(identity, P.encode(P.error_reply(msg.req_id, outcome)))
+        elif outcome.status == COMMITTED:
+            self._send(identity, P.encode(P.ProduceReply(msg.req_id, outcome.base_offset, outcome.epoch, append_time,
+                                                         part.log_start)))
+        else:
+            self._send(identity, P.encode(P.error_reply(msg.req_id, self._outcome_error(part, outcome))))
+
+    def _outcome_error(self, part: _Part, outcome: Outcome) -> ZqError:
+        what = f"{part.name}/{part.tp.partition}"
+        if outcome.status == NOT_LEADER:
+            return self._not_leader(outcome.leader_hint, what)
+        if outcome.status == BACKPRESSURE:
+            return Backpressure(f"{what} has too many writes waiting for replication; retry shortly")
+        if outcome.status == OUT_OF_ORDER:
+            return OutOfOrderSequence(f"the idempotent producer skipped sequence numbers on {what}; "
+                                      "batches were lost in between: restart the producer")
+        if outcome.status == DUPLICATE_SEQUENCE:
+            return OutOfOrderSequence(f"the idempotent producer resent an old batch on {what}; it was written before")
+        return ZqError(f"unexpected outcome {outcome.status} on {what}")
 
     def on_fetch(self, identity: bytes, msg: P.Fetch, payload: list[bytes]) -> None:
         self.counters["fetch_requests"] += 1
-        tp, t, pl = self._local_leader(msg.topic, msg.partition)
-        if tp == META_TP and msg.replica:
-            self.follower_meta_pos[msg.replica] = (msg.offset, mono_ms())
-            self._check_pending_creates()
-        if pl.check_fetch(msg.offset) or msg.max_wait_ms <= 0 or self.parked_count >= self.limits.pending_fetches_max:
-            self._reply_fetch(identity, msg, tp, pl)
+        if msg.topic == META_TOPIC and msg.replica:
+            self._heard(msg.replica)
+        tp, part = self._local_leader(msg.topic, msg.partition)
+        hw = part.high_watermark
+        if msg.offset < part.log_start or msg.offset > hw:
+            raise OffsetOutOfRange(
+                f"offset {msg.offset} is outside the retained range [{part.log_start}, {hw}] of "
+                f"{msg.topic}/{msg.partition}; read from earliest or latest", log_start=part.log_start,
+                high_watermark=hw)
+        if msg.offset < hw or msg.max_wait_ms <= 0 or self.parked_count >= self.limits.pending_fetches_max:
+            self._reply_fetch(identity, msg, tp, part)
             return
         wait_ms = min(msg.max_wait_ms, self.limits.fetch_wait_ms_max)
         parked = _Parked(mono_ms() + wait_ms, identity, msg, tp)
@@ -419,31 +709,38 @@ class Node:
         self.parked_count += 1
         self._at(parked.deadline_ms, lambda: self._expire_parked(parked))
 
-    def _reply_fetch(self, identity: bytes, msg: P.Fetch, tp: TopicPartition, pl: PartitionLog) -> None:
+    def _reply_fetch(self, identity: bytes, msg: P.Fetch, tp: TopicPartition, part: _Part) -> None:
         values: list[bytes] = []
-        if msg.offset < pl.high_watermark:
+        hw = part.high_watermark
+        if msg.offset < hw:
             max_bytes = max(1, min(msg.max_bytes, self.limits.fetch_bytes_max))
-            values = self.store.read(tp, msg.offset, max_bytes, upto=pl.high_watermark)
+            values = self.store.read(tp, msg.offset, max_bytes, upto=hw)
             del values[self.limits.frames_per_message_max - 2:]   # a reply must stay decodable
         self.counters["fetched_batches"] += len(values)
-        self._send(identity, P.encode(P.FetchReply(msg.req_id, pl.high_watermark, pl.log_start, pl.log_end), *values))
+        self._send(identity, P.encode(P.FetchReply(msg.req_id, hw, part.log_start, part.log_end), *values))
 
     def _serve_parked(self, tp: TopicPartition) -> None:
         waiting = self.parked.pop(tp, None)
         if not waiting:
             return
-        pl = self.parts.get(tp)
+        part = self.parts.get(tp)
         for parked in waiting:
             if parked.done:
                 continue
             parked.done = True
             self.parked_count -= 1
-            if pl is None:
-                continue
-            try:
-                self._reply_fetch(parked.identity, parked.msg, tp, pl)
-            except ZqError as e:
-                self._send(parked.identity, P.encode(P.error_reply(parked.msg.req_id, e)))
+            if part is not None:
+                self._reply_fetch(parked.identity, parked.msg, tp, part)
+
+    def _refuse_parked(self, tp: TopicPartition) -> None:
+        """This node stopped leading `tp`: waiting fetches learn where to go instead."""
+        waiting = self.parked.pop(tp, None)
+        for parked in waiting or ():
+            if not parked.done:
+                parked.done = True
+                self.parked_count -= 1
+                error = self._not_leader(self.leader_of(tp)[0], f"{parked.msg.topic}/{parked.msg.partition}")
+                self._send(parked.identity, P.encode(P.error_reply(parked.msg.req_id, error)))
 
     def _expire_parked(self, parked: _Parked) -> None:
         if parked.done:
@@ -453,22 +750,23 @@ class Node:
         lst = self.parked.get(parked.tp)
         if lst is not None:
             lst.remove(parked)
-        pl = self.parts.get(parked.tp)
-        if pl is not None:
-            self._reply_fetch(parked.identity, parked.msg, parked.tp, pl)
+        part = self.parts.get(parked.tp)
+        if part is not None:
+            self._reply_fetch(parked.identity, parked.msg, parked.tp, part)
 
     def on_list_offsets(self, identity: bytes, msg: P.ListOffsets, payload: list[bytes]) -> None:
-        tp, t, pl = self._local_leader(msg.topic, msg.partition)
+        tp, part = self._local_leader(msg.topic, msg.partition)
+        hw = part.high_watermark
         if msg.spec == "earliest":
-            offset = pl.log_start
+            offset = part.log_start
         elif msg.spec == "latest":
-            offset = pl.high_watermark
+            offset = hw
         elif isinstance(msg.spec, int):
             found = self.store.offset_for_time(tp, msg.spec)
-            offset = pl.high_watermark if found is None else min(max(found, pl.log_start), pl.high_watermark)
+            offset = hw if found is None else min(max(found, part.log_start), hw)
         else:
             raise InvalidRequest(f"offset spec must be 'earliest', 'latest' or a time in ms, got {msg.spec!r}")
-        self._send(identity, P.encode(P.OffsetsReply(msg.req_id, offset, pl.log_start, pl.high_watermark)))
+        self._send(identity, P.encode(P.OffsetsReply(msg.req_id, offset, part.log_start, hw)))
 
     # ------------------------------------------------------------------ handlers: metadata
 
@@ -477,34 +775,42 @@ class Node:
                                                       self._topics_view(msg.topics))))
 
     def _topics_view(self, names: list | None) -> list[dict]:
-        out = [meta.meta_topic_view(self.meta_leader)] if self.meta_leader else []
+        leader, epoch = self.leader_of(META_TP)
+        out = [{"name": META_TOPIC, "id": 0, "config": {},
+                "partitions": [{"partition": 0, "leader": leader, "epoch": epoch, "replicas": list(self.voters)}]}]
         for t in sorted(self.meta.topics.values(), key=lambda t: t.name):
             if names is not None and t.name not in names:
                 continue
-            out.append({"name": t.name, "id": t.id, "config": t.config,
-                        "partitions": [{"partition": p, "leader": r[0], "epoch": 0, "replicas": r}
-                                       for p, r in enumerate(t.partitions)]})
+            parts = []
+            for p, r in enumerate(t.partitions):
+                leader, epoch = self.leader_of(TopicPartition(t.id, p))
+                parts.append({"partition": p, "leader": leader, "epoch": epoch, "replicas": r})
+            out.append({"name": t.name, "id": t.id, "config": t.config, "partitions": parts})
         return out
 
     def _nodes_view(self) -> list[dict]:
         out = []
         now = mono_ms()
-        for name in sorted(set(self.meta.nodes) | {self.name}):
-            n = self.meta.nodes.get(name)
-            host, port = (n.host, n.port) if n else (self.config.host, self.config.port)
-            out.append({"name": name, "host": host, "port": port, "state": self._node_state(name, now),
+        for name in sorted(set(self.meta.nodes) | set(self.addresses) | {self.name}):
+            if name == self.name:
+                host, port = self.config.host, self.config.port
+            else:
+                host, port = self.addresses.get(name, "?:0").rsplit(":", 1)
+            state = self._node_state(name, now)
+            if name not in self.meta.nodes and name != self.name and state == "alive":
+                state = "joining"   # heard from, not yet in __meta: cannot be given partitions yet
+            out.append({"name": name, "host": host, "port": int(port), "state": state,
                         "last_seen_ms": self._last_seen_ago_ms(name, now)})
         return out
+
+    def _heard(self, name: str) -> None:
+        self.last_heard[name] = mono_ms()
 
     def _last_seen_ago_ms(self, name: str, now: int) -> int | None:
         if name == self.name:
             return 0
-        seen = [self.follower_meta_pos.get(name, (0, 0))[1]]
-        peer = self.peers.get(name)
-        if peer:
-            seen.append(peer.last_seen_ms)
-        last = max(seen)
-        return None if last == 0 else now - last
+        last = self.last_heard.get(name)
+        return None if last is None else now - last
 
     def _node_state(self, name: str, now: int) -> str:
         ago = self._last_seen_ago_ms(name, now)
@@ -512,58 +818,83 @@ class Node:
             return "unknown"
         return "alive" if ago <= NODE_ALIVE_MS else "suspect" if ago <= NODE_DEAD_MS else "dead"
 
+    def _alive(self, name: str) -> bool:
+        return name == self.name or self._node_state(name, mono_ms()) == "alive"
+
     def _live_nodes(self) -> list[str]:
-        now = mono_ms()
-        return sorted(n for n in set(self.meta.nodes) | {self.name} if self._node_state(n, now) == "alive")
+        return sorted(n for n in set(self.meta.nodes) | {self.name} if self._alive(n))
 
     def on_create_topic(self, identity: bytes, msg: P.CreateTopic, payload: list[bytes]) -> None:
         self._require_meta_leader()
         commands = meta.plan_create_topic(self.meta, msg.name, msg.partitions, msg.replication, msg.config,
                                           self._live_nodes(), now_ms(), self.limits)
-        end = self._append_meta(commands)
         reply = P.OkReply(msg.req_id, {"topic": msg.name, "id": commands[0]["id"]})
-        self.pending_creates.append((end, mono_ms() + self.limits.create_wait_ms_max, identity, reply))
-        self.after_commit_fns.append(self._check_pending_creates)
-        self._at(mono_ms() + self.limits.create_wait_ms_max, self._check_pending_creates)
+        self._append_meta(commands, lambda end, err: self._meta_change_done(identity, msg.req_id, reply, end, err))
 
     def on_delete_topic(self, identity: bytes, msg: P.DeleteTopic, payload: list[bytes]) -> None:
         self._require_meta_leader()
         commands = meta.plan_delete_topic(self.meta, msg.name)
-        end = self._append_meta(commands)
         reply = P.OkReply(msg.req_id, {"topic": msg.name})
+        self._append_meta(commands, lambda end, err: self._meta_change_done(identity, msg.req_id, reply, end, err))
+
+    def _meta_change_done(self, identity: bytes, req_id: int, reply: P.OkReply, end: int, error: ZqError | None) -> None:
+        """A create or delete committed: answer once every live node has it too (bounded wait)."""
+        if error is not None:
+            self._send(identity, P.encode(P.error_reply(req_id, error)))
+            return
         self.pending_creates.append((end, mono_ms() + self.limits.create_wait_ms_max, identity, reply))
-        self.after_commit_fns.append(self._check_pending_creates)
+        self._check_pending_creates()
         self._at(mono_ms() + self.limits.create_wait_ms_max, self._check_pending_creates)
 
     def on_register_node(self, identity: bytes, msg: P.RegisterNode, payload: list[bytes]) -> None:
         self._require_meta_leader()
-        self.follower_meta_pos.setdefault(msg.name, (0, mono_ms()))
+        self._heard(msg.name)
         known = self.meta.nodes.get(msg.name)
-        if known is None or (known.host, known.port) != (msg.host, msg.port):
-            self._append_meta([{"op": "register_node", "name": msg.name, "host": msg.host, "port": msg.port,
-                                "incarnation": msg.incarnation}])
-            self.after_commit.append((identity, P.encode(P.OkReply(msg.req_id, {}))))
-        else:
+        if known is not None and (known.host, known.port) == (msg.host, msg.port):
             self._send(identity, P.encode(P.OkReply(msg.req_id, {})))
+            return
+        command = {"op": "register_node", "name": msg.name, "host": msg.host, "port": msg.port,
+                   "incarnation": msg.incarnation}
+        self._append_meta([command], lambda end, err: self._send(identity, P.encode(
+            P.error_reply(msg.req_id, err) if err else P.OkReply(msg.req_id, {}))))
 
     def _require_meta_leader(self) -> None:
-        if self.meta_leader != self.name:
-            raise self._not_leader(self.meta_leader, "the cluster metadata")
+        part = self.parts.get(META_TP)
+        if part is None or part.replica is None or part.replica.role != LEADER:
+            raise self._not_leader(self.leader_of(META_TP)[0], "the cluster metadata")
 
-    def _append_meta(self, commands: list[dict]) -> int:
-        """Append commands to __meta (on its leader); they are applied once durable. Returns the end offset."""
-        pl = self.parts[META_TP]
-        ts = now_ms()
-        blob = zbatch.encode_records([[ts, None, cbor2.dumps(c), None] for c in commands])
-        result = self._append(META_TP, pl, len(commands), 0, 0, 0, zbatch.crc(blob), blob, True)
-        for i, c in enumerate(commands):
-            self.meta_unapplied.append((result.base_offset + i, c))
-        return result.base_offset + len(commands)
+    def _append_meta(self, commands: list[dict], done: Callable[[int, ZqError | None], None]) -> None:
+        """Propose commands to __meta (on its leader); `done(end, error)` runs when they commit."""
+        part = self.parts[META_TP]
+        blob = zbatch.encode_records([[now_ms(), None, cbor2.dumps(c), None] for c in commands])
+        stored = zbatch.make_stored(0, 0, len(commands), 0, now_ms(), 0, 0, zbatch.crc(blob), blob)
 
-    def _apply_meta(self) -> None:
-        pending, self.meta_unapplied = self.meta_unapplied, []
-        for offset, command in pending:
+        def on_outcome(outcome: Any) -> None:
+            if isinstance(outcome, ZqError):
+                done(0, outcome)
+            elif outcome.status == COMMITTED:
+                done(outcome.base_offset + len(commands), None)
+            else:
+                done(0, self._outcome_error(part, outcome))
+        self._propose(part, len(commands), 0, 0, stored, on_outcome)
+
+    def _apply_committed_meta(self) -> None:
+        part = self.parts[META_TP]
+        hw = part.high_watermark
+        if self.meta.applied >= hw:
+            return
+        for offset, command in self._read_meta_commands(self.meta.applied, hw):
             self._apply_meta_command(offset, command)
+        self.meta.skip_to(hw)
+        self._send_heartbeats(again=False)   # tells the metadata leader at once that we have it
+
+    def _apply_learned_meta(self) -> None:
+        learned, self.meta_learned = self.meta_learned, []
+        for offset, command in learned:
+            self._apply_meta_command(offset, command)
+        if learned:
+            self.meta.skip_to(self.parts[META_TP].learner_end)
+            self._send_heartbeats(again=False)
 
     def _apply_meta_command(self, offset: int, command: dict) -> None:
         before = self.meta.topics.get(command.get("name", ""))
@@ -574,49 +905,88 @@ class Node:
         elif op == "delete_topic" and before is not None:
             self._close_topic(before)
         elif op == "register_node" and command["name"] != self.name:
-            self._peer(command["name"])
+            n = self.meta.nodes[command["name"]]
+            if self.addresses.get(n.name) != n.address:
+                self.addresses[n.name] = n.address
+                self._forget_peer(n.name)
 
     def _close_topic(self, t: meta.TopicMeta) -> None:
         for p in range(len(t.partitions)):
             tp = TopicPartition(t.id, p)
-            if self.parts.pop(tp, None) is not None:
-                self._begin().drop_partition(tp)
+            part = self.parts.pop(tp, None)
+            if part is None:
+                continue
+            self._begin().drop_partition(tp)
+            self._begin().delete_meta(R.hard_state_key(tp))
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, R.tp_bytes(tp))
+            for callback in part.waiters.values():
+                callback(UnknownTopic(f"topic {t.name!r} was deleted"))
             for parked in self.parked.pop(tp, []):
                 if not parked.done:
                     parked.done = True
                     self.parked_count -= 1
-                    self._send(parked.identity, P.encode(P.error_reply(parked.msg.req_id, meta.UnknownTopic(
+                    self._send(parked.identity, P.encode(P.error_reply(parked.msg.req_id, UnknownTopic(
                         f"topic {t.name!r} was deleted"))))
 
     def _check_pending_creates(self) -> None:
-        """Answer a create or delete once every live follower has fetched past it, or its wait ran out."""
+        """Answer a create or delete once every live node has fetched or replicated past it, or its wait ran out."""
         if not self.pending_creates:
             return
         now = mono_ms()
-        hw = self.parts[META_TP].high_watermark
-        followers = [pos for name, (pos, seen) in self.follower_meta_pos.items()
-                     if name != self.name and now - seen <= NODE_ALIVE_MS]
+        positions = [self.meta.applied] + [pos for name, pos in self.meta_applied_by.items() if self._alive(name)]
         keep = []
         for end, deadline, identity, reply in self.pending_creates:
-            if hw >= end and (all(pos >= end for pos in followers) or now >= deadline):
+            if all(pos >= end for pos in positions) or now >= deadline:
                 self._send(identity, P.encode(reply))
             else:
                 keep.append((end, deadline, identity, reply))
         self.pending_creates = keep
+        if keep:
+            self._at(now + 20, self._check_pending_creates)
 
-    # ------------------------------------------------------------------ handlers: status
+    # ------------------------------------------------------------------ handlers: status and liveness
+
+    def on_node_heartbeat(self, identity: bytes, msg: P.NodeHeartbeat, payload: list[bytes]) -> None:
+        if msg.sender == self.name:
+            return
+        self._heard(msg.sender)
+        self.meta_applied_by[msg.sender] = msg.meta_applied
+        if self.pending_creates:
+            self._check_pending_creates()
+        if self.addresses.get(msg.sender) != msg.address:
+            self.addresses[msg.sender] = msg.address
+            self._forget_peer(msg.sender)
+        for item in msg.leaders:
+            if isinstance(item, list) and len(item) == 3 and all(type(x) is int for x in item):
+                tp = TopicPartition(item[0], item[1])
+                known = self.leader_view.get(tp)
+                if known is None or item[2] >= known[1]:
+                    self.leader_view[tp] = (msg.sender, item[2])
+
+    def _send_heartbeats(self, again: bool = True) -> None:
+        if self.stopping:
+            return
+        leaders = [[tp.topic_id, tp.partition, part.replica.epoch] for tp, part in sorted(self.parts.items())
+                   if part.replica is not None and part.replica.role == LEADER]
+        beat = P.NodeHeartbeat(0, self.name, self.config.address, self.incarnation, leaders, self.meta.applied)
+        for name in sorted(self.addresses):
+            peer = self._peer(name)
+            if peer is not None:
+                self._peer_send(peer, beat)
+        if not again:
+            return
+        self._at(mono_ms() + NODE_HEARTBEAT_MS, self._send_heartbeats)
 
     def on_status(self, identity: bytes, msg: P.StatusRequest, payload: list[bytes]) -> None:
         """Gather every reachable node's local view (bounded wait), then answer with the whole picture."""
         views: dict[str, list] = {self.name: self._local_partitions_view()}
-        others = [n for n in sorted(self.meta.nodes) if n != self.name]
+        others = [n for n in sorted(set(self.meta.nodes) | set(self.addresses)) if n != self.name]
         state = {"left": len(others), "done": False}
 
         def finish() -> None:
-            if state["done"]:
-                return
-            state["done"] = True
-            self._send(identity, P.encode(P.StatusReply(msg.req_id, self._status_doc(views))))
+            if not state["done"]:
+                state["done"] = True
+                self._send(identity, P.encode(P.StatusReply(msg.req_id, self._status_doc(views))))
 
         def on_reply(name: str, reply: Any, _payload: list) -> None:
             if isinstance(reply, P.LocalStatusReply):
@@ -639,45 +1009,48 @@ class Node:
                          "started_ms": self.started_ms}, self._local_partitions_view())))
 
     def _local_partitions_view(self) -> list[dict]:
+        """The partitions this node leads, with what only their leader knows."""
         out = []
-        for tp, pl in sorted(self.parts.items()):
-            if tp == META_TP:
-                if self.meta_leader != self.name:
-                    continue
-                name, replicas = META_TOPIC, [self.name]
-            else:
-                t = self.meta.topics_by_id.get(tp.topic_id)
-                if t is None:
-                    continue
-                name, replicas = t.name, t.partitions[tp.partition]
-            if replicas[0] != self.name:
+        now = mono_ms()
+        for tp, part in sorted(self.parts.items()):
+            r = part.replica
+            if r is None or r.role != LEADER:
                 continue
-            out.append({"topic": name, "partition": tp.partition, "leader": self.name, "epoch": pl.epoch,
-                        "replicas": replicas, "in_sync": replicas, "log_start": pl.log_start, "log_end": pl.log_end,
-                        "high_watermark": pl.high_watermark, "replication_lag": 0})
+            match = getattr(r, "_match", {})
+            contact = getattr(r, "_contact_ms", {})
+            in_sync = [self.name] + [p for p in r.peers
+                                     if match.get(p, 0) >= r.high_watermark and now - contact.get(p, 0) <= NODE_ALIVE_MS]
+            lag = max([r.log_end - match.get(p, 0) for p in r.peers] or [0])
+            out.append({"topic": part.name, "partition": tp.partition, "leader": self.name, "epoch": r.epoch,
+                        "replicas": list(r.replicas), "in_sync": sorted(in_sync), "log_start": part.log_start,
+                        "log_end": r.log_end, "high_watermark": r.high_watermark, "replication_lag": lag})
         return out
 
     def _status_doc(self, views: dict[str, list]) -> dict:
         seen: dict[tuple[str, int], dict] = {}
         for rows in views.values():
             for row in rows:
-                seen[(row["topic"], row["partition"])] = row
-        partitions = []
+                key = (row["topic"], row["partition"])
+                if key not in seen or row["epoch"] > seen[key]["epoch"]:
+                    seen[key] = row
+        partitions = [seen.get((META_TOPIC, 0)) or self._unknown_row(META_TOPIC, 0, list(self.voters))]
         for t in sorted(self.meta.topics.values(), key=lambda t: t.name):
             for p, replicas in enumerate(t.partitions):
-                row = seen.get((t.name, p)) or {
-                    "topic": t.name, "partition": p, "leader": replicas[0], "epoch": 0, "replicas": replicas,
-                    "in_sync": [], "log_start": None, "log_end": None, "high_watermark": None,
-                    "replication_lag": None}
-                partitions.append(row)
+                partitions.append(seen.get((t.name, p)) or self._unknown_row(t.name, p, replicas))
         nodes = []
         for n in self._nodes_view():
             answered = n["name"] in views
             nodes.append({"name": n["name"], "address": f"{n['host']}:{n['port']}",
                           "state": "alive" if answered else n["state"],
                           "last_seen_ms": 0 if answered else n["last_seen_ms"]})
-        return {"cluster": self.config.cluster, "node": self.name, "metadata_leader": self.meta_leader,
+        return {"cluster": self.config.cluster, "node": self.name, "metadata_leader": self.leader_of(META_TP)[0],
                 "nodes": nodes, "partitions": partitions}
+
+    @staticmethod
+    def _unknown_row(topic: str, partition: int, replicas: list[str]) -> dict:
+        """A partition whose leader did not answer: no leader, nothing known of its log."""
+        return {"topic": topic, "partition": partition, "leader": None, "epoch": None, "replicas": replicas,
+                "in_sync": [], "log_start": None, "log_end": None, "high_watermark": None, "replication_lag": None}
 
     HANDLERS: dict[type, Callable] = {
         P.Produce: on_produce,
@@ -689,6 +1062,8 @@ class Node:
         P.RegisterNode: on_register_node,
         P.StatusRequest: on_status,
         P.LocalStatusRequest: on_local_status,
+        P.Replicate: on_replicate,
+        P.NodeHeartbeat: on_node_heartbeat,
     }
 
     # ------------------------------------------------------------------ peers
@@ -696,13 +1071,20 @@ class Node:
     def _peer(self, name: str, address: str | None = None) -> _Peer | None:
         peer = self.peers.get(name)
         if peer is None:
+            address = address or self.addresses.get(name)
             if address is None:
-                n = self.meta.nodes.get(name)
-                if n is None:
-                    return None
-                address = n.address
+                return None
             peer = self.peers[name] = _Peer(self.ctx, name, address)
         return peer
+
+    def _forget_peer(self, name: str) -> None:
+        """Its address changed: the next message opens a new connection; SUB reconnects too."""
+        peer = self.peers.get(name)
+        if peer is not None and peer.address != self.addresses.get(name):
+            peer.address = self.addresses[name]
+            peer.sock.connect(f"tcp://{peer.address}")
+        if any(name in (p.replica.replicas if p.replica else ()) for p in self.parts.values()):
+            self._connect_sub(name)
 
     def _request(self, name: str, msg: Any, on_reply: Callable[[Any, list], None],
                  timeout_ms: int = PEER_REQUEST_TIMEOUT_MS, address: str | None = None) -> None:
@@ -713,10 +1095,7 @@ class Node:
             return
         req_id = msg.req_id
         peer.pending[req_id] = (mono_ms() + timeout_ms, on_reply)
-        try:
-            peer.sock.send_multipart(P.encode(msg), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass   # not connected yet: the timeout answers
+        self._peer_send(peer, msg)
         self._at(mono_ms() + timeout_ms, lambda: self._request_timed_out(peer, req_id))
 
     def _request_timed_out(self, peer: _Peer, req_id: int) -> None:
@@ -724,154 +1103,132 @@ class Node:
         if entry is not None:
             entry[1](LeaderNotAvailable(f"node {peer.name} did not answer in time"), [])
 
-    def _drain_peer(self, peer: _Peer) -> None:
-        for _ in range(self.limits.inbox_drain_max):
-            try:
-                frames = peer.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg, payload = P.decode(frames, self.limits)
-            except ZqError:
-                self.counters["protocol_errors"] += 1
-                continue
-            peer.last_seen_ms = mono_ms()
-            entry = peer.pending.pop(msg.req_id, None)
-            if entry is not None:
-                reply = msg
-                if isinstance(msg, P.ErrorReply):
-                    from zq.errors import from_wire
-                    reply = from_wire(msg.code, msg.message, msg.data)
-                entry[1](reply, payload)
+    def _on_peer_frames(self, peer: _Peer, frames: list[bytes]) -> None:
+        try:
+            msg, payload = P.decode(frames, self.limits)
+        except ZqError:
+            self.counters["protocol_errors"] += 1
+            return
+        peer.last_seen_ms = mono_ms()
+        if not peer.name.startswith("seed:"):
+            self._heard(peer.name)
+        entry = peer.pending.pop(getattr(msg, "req_id", -1), None)
+        if entry is not None:
+            reply = from_wire(msg.code, msg.message, msg.data) if isinstance(msg, P.ErrorReply) else msg
+            entry[1](reply, payload)
 
-    # ------------------------------------------------------------------ following __meta
+    # ------------------------------------------------------------------ learning __meta (non-voters)
 
     def _start_background(self) -> None:
-        if self.meta_leader == self.name:
-            self._register_self_locally()
+        self._at(mono_ms(), self._send_heartbeats)
+        self._at(mono_ms(), self._check_disk)
+        self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
+        if self.config.seeds:
+            self._ask_seeds()
+        if self.name in self.voters:
+            self._at(mono_ms(), self._register_self)
         else:
             self._at(mono_ms(), self._follow_meta)
-        self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
-        self._at(mono_ms(), self._check_disk)
 
-    def _register_self_locally(self) -> None:
-        known = self.meta.nodes.get(self.name)
-        if known is None or (known.host, known.port) != (self.config.host, self.config.port):
-            self._append_meta([{"op": "register_node", "name": self.name, "host": self.config.host,
-                                "port": self.config.port, "incarnation": self.incarnation}])
-
-    def _seed_addresses(self) -> list[str]:
-        return [s for s in self.config.seeds if s != self.config.address]
-
-    def _follow_meta(self) -> None:
-        """One step of following __meta: find the leader, register, then long-poll fetch forever."""
-        if self.stopping:
-            return
-        if self.meta_leader is None:
-            self._discover_meta_leader()
-            return
-        leader = self.meta_leader
-        if leader not in self.meta.nodes and leader not in self.peers:
-            address = self._address_from_topology(leader)
-            if address is None:
-                self._discover_meta_leader()   # ask the seeds where the leader is
-                return
-            self._peer(leader, address)
-        if not self._registered:
-            self._request(leader, P.RegisterNode(next(self._req_ids), self.name, self.config.host, self.config.port,
-                                                 self.incarnation), self._on_registered)
-            return
-        pl = self.parts[META_TP]
-        self._request(leader, P.Fetch(next(self._req_ids), META_TOPIC, 0, pl.log_end, 4 * 1024 * 1024,
-                                      META_FETCH_WAIT_MS, self.name),
-                      self._on_meta_fetched, timeout_ms=META_FETCH_WAIT_MS + PEER_REQUEST_TIMEOUT_MS)
-
-    def _address_from_topology(self, name: str) -> str | None:
-        topo = self.config.topology
-        if topo is None:
-            return None
-        for n in getattr(topo, "nodes", ()):
-            if n.name == name:
-                return f"{n.host}:{n.port}"
-        return None
-
-    def _discover_meta_leader(self) -> None:
-        """Ask every seed for metadata: it names the metadata leader and its address."""
-        seeds = self._seed_addresses()
-        if not seeds:
-            if self.meta_leader is None:
-                self.meta_leader = self.name
-                self._register_self_locally()
-            else:
-                log.warning("metadata leader %s has no known address; pass one of its peers with --seed",
-                            self.meta_leader)
-                self._at(mono_ms() + META_RETRY_MS * 10, self._follow_meta)
-            return
-        self._discovering = True
-        for address in seeds:
-            self._request(f"seed:{address}", P.MetadataRequest(next(self._req_ids), []), self._on_seed_metadata,
-                          address=address)
-        self._at(mono_ms() + PEER_REQUEST_TIMEOUT_MS + META_RETRY_MS, self._discovery_timed_out)
-
-    def _discovery_timed_out(self) -> None:
-        if self._discovering:
-            self._discovering = False
-            self._follow_meta()
+    def _ask_seeds(self) -> None:
+        """Each seed answers with its own name and address (and what it knows of the cluster)."""
+        for address in self.config.seeds:
+            if address != self.config.address:
+                self._request(f"seed:{address}", P.MetadataRequest(next(self._req_ids), []), self._on_seed_metadata,
+                              address=address)
 
     def _on_seed_metadata(self, reply: Any, payload: list) -> None:
-        if not isinstance(reply, P.MetadataReply) or reply.cluster != self.config.cluster:
-            if isinstance(reply, P.MetadataReply):
-                log.warning("a seed belongs to cluster %r, not %r: ignored", reply.cluster, self.config.cluster)
+        if not isinstance(reply, P.MetadataReply):
             return
-        for t in reply.topics:
-            if t["name"] == META_TOPIC and self.meta_leader is None:
-                self.meta_leader = t["partitions"][0]["leader"]
-                log.info("metadata leader is %s (learnt from a seed)", self.meta_leader)
+        if reply.cluster != self.config.cluster:
+            log.warning("a seed belongs to cluster %r, not %r: ignored", reply.cluster, self.config.cluster)
+            return
         for n in reply.nodes:
-            if n["name"] == self.meta_leader and n["name"] not in self.peers:
-                self._peer(n["name"], f"{n['host']}:{n['port']}")
-        if self._discovering and self.meta_leader in self.peers:
-            self._discovering = False
-            self._follow_meta()
+            if n["name"] != self.name and n["name"] not in self.addresses and n.get("host") not in (None, "?"):
+                self.addresses[n["name"]] = f"{n['host']}:{n['port']}"
+                self._forget_peer(n["name"])
+        if not self.voters:
+            for t in reply.topics:
+                if t["name"] == META_TOPIC and t["partitions"][0]["replicas"]:
+                    self.voters = tuple(t["partitions"][0]["replicas"])
+                    log.info("metadata voters are %s (learnt from a seed)", ", ".join(self.voters))
+
+    def _register_self(self) -> None:
+        """Voters and learners alike make sure `__meta` holds their address."""
+        if self.stopping:
+            return
+        known = self.meta.nodes.get(self.name)
+        if known is not None and (known.host, known.port) == (self.config.host, self.config.port):
+            self._registered = True
+            return
+        part = self.parts.get(META_TP)
+        if part is not None and part.replica is not None and part.replica.role == LEADER:
+            command = {"op": "register_node", "name": self.name, "host": self.config.host,
+                       "port": self.config.port, "incarnation": self.incarnation}
+            self._append_meta([command], lambda end, err: None)
+            self._at(mono_ms() + META_RETRY_MS * 5, self._register_self)
+            return
+        leader = self.leader_of(META_TP)[0]
+        if leader is None or leader == self.name or self._peer(leader) is None:
+            self._at(mono_ms() + META_RETRY_MS, self._register_self)
+            return
+        self._request(leader, P.RegisterNode(next(self._req_ids), self.name, self.config.host, self.config.port,
+                                             self.incarnation), self._on_registered)
 
     def _on_registered(self, reply: Any, payload: list) -> None:
         if isinstance(reply, P.OkReply):
             self._registered = True
-            self._follow_meta()
-        else:
-            if isinstance(reply, NotLeader) and reply.data.get("leader"):
-                self.meta_leader = reply.data["leader"]
+            return
+        if isinstance(reply, NotLeader) and reply.data.get("leader"):
+            self.leader_view[META_TP] = (reply.data["leader"], self.leader_view.get(META_TP, ("", 0))[1])
+            if reply.data.get("address"):
+                self.addresses.setdefault(reply.data["leader"], reply.data["address"])
+        self._at(mono_ms() + META_RETRY_MS, self._register_self)
+
+    def _follow_meta(self) -> None:
+        """A learner's loop: register, then long-poll fetch __meta from its leader, forever."""
+        if self.stopping:
+            return
+        if not self.voters:
+            self._at(mono_ms() + META_RETRY_MS, self._follow_meta)   # still waiting for a seed to answer
+            return
+        if not self._registered:
+            self._register_self()
             self._at(mono_ms() + META_RETRY_MS, self._follow_meta)
+            return
+        leader = self.leader_of(META_TP)[0]
+        if leader is None or self._peer(leader) is None:
+            self._at(mono_ms() + META_RETRY_MS, self._follow_meta)
+            return
+        part = self.parts[META_TP]
+        self._request(leader, P.Fetch(next(self._req_ids), META_TOPIC, 0, part.learner_end, 4 * 1024 * 1024,
+                                      META_FETCH_WAIT_MS, self.name),
+                      self._on_meta_fetched, timeout_ms=META_FETCH_WAIT_MS + PEER_REQUEST_TIMEOUT_MS)
 
     def _on_meta_fetched(self, reply: Any, payload: list) -> None:
         if not isinstance(reply, P.FetchReply):
-            if isinstance(reply, ZqError):
-                log.debug("fetching %s from %s failed: %s", META_TOPIC, self.meta_leader, reply.message)
+            if isinstance(reply, NotLeader) and reply.data.get("leader"):
+                self.leader_view[META_TP] = (reply.data["leader"], self.leader_view.get(META_TP, ("", 0))[1])
+            elif isinstance(reply, ZqError):
+                log.debug("fetching %s failed: %s", META_TOPIC, reply.message)
             self._at(mono_ms() + META_RETRY_MS, self._follow_meta)
             return
-        pl = self.parts[META_TP]
-        stored_any = False
+        part = self.parts[META_TP]
         for value in payload:
             try:
                 h = zbatch.verify_stored(value)
             except ZqError as e:
-                log.warning("a %s batch from %s failed its checksum (%s); fetching it again", META_TOPIC,
-                            self.meta_leader, e.message)
+                log.warning("a %s batch failed its checksum (%s); fetching it again", META_TOPIC, e.message)
                 break
-            if h.base_offset != pl.log_end:
+            if h.base_offset != part.learner_end:
                 continue   # already held, or a gap: the next fetch starts from our log end
             self._begin().append(META_TP, value, h)
-            pl.log_end = h.next_offset
-            self.touched.setdefault(META_TP, (h.base_offset, 0, set()))
             self.sync_needed = True
+            part.learner_end = h.next_offset
             for rec in zbatch.iter_records(value, h.base_offset, verify=False):
-                self.meta_unapplied.append((rec.offset, cbor2.loads(rec.value)))
-            stored_any = True
-        # The next fetch goes out after this pass's write, so the leader counts only what we hold durably.
-        if stored_any:
-            self.after_commit_fns.append(self._follow_meta)
-        else:
-            self._follow_meta()
+                self.meta_learned.append((rec.offset, cbor2.loads(rec.value)))
+        # The next fetch goes out after this pass's write, so the leader counts only what we hold.
+        self._at(mono_ms(), self._follow_meta)
 
     # ------------------------------------------------------------------ timers and housekeeping
 
@@ -890,7 +1247,7 @@ class Node:
 
     def _retention(self) -> None:
         now = now_ms()
-        for tp, pl in list(self.parts.items()):
+        for tp, part in list(self.parts.items()):
             t = self.meta.topics_by_id.get(tp.topic_id)
             if t is None:
                 continue
@@ -898,11 +1255,13 @@ class Node:
             if r_ms is None and r_bytes is None:
                 continue
             new_start = self.store.retention_candidates(tp, now_ms=now, retention_ms=r_ms, retention_bytes=r_bytes)
-            if new_start is not None and new_start > pl.log_start:
-                new_start = min(new_start, pl.high_watermark)
-                self._begin().delete_below(tp, new_start)
-                pl.on_retention(new_start)
-                self.counters["retention_deletes"] += 1
+            if new_start is not None and new_start > part.log_start:
+                # Only committed data goes, so no leader change can need it back.
+                new_start = min(new_start, part.high_watermark)
+                if new_start > part.log_start:
+                    self._begin().delete_below(tp, new_start)
+                    part.log_start = new_start
+                    self.counters["retention_deletes"] += 1
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
 
     def _check_disk(self) -> None:
@@ -921,6 +1280,8 @@ class Node:
         for peer in self.peers.values():
             peer.close()
         self.router.close(0)
+        self.pub.close(0)
+        self.sub.close(0)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()

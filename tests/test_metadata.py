@@ -1,62 +1,11 @@
-"""The partition-log and metadata cores, without any I/O."""
+"""The metadata core, without any I/O. (The replication core has its own tests.)"""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from zq.core import metadata as M
-from zq.core.partition import Append, Duplicate, PartitionLog
-from zq.errors import InvalidRequest, NotEnoughReplicas, OffsetOutOfRange, OutOfOrderSequence, TopicExists, UnknownTopic
+from zq.errors import InvalidRequest, NotEnoughReplicas, TopicExists, UnknownTopic
 from zq.limits import DEFAULT
-
-
-def test_offsets_are_consecutive_and_visible_only_when_durable():
-    p = PartitionLog()
-    a = p.on_produce(3, 0, 0, 1000)
-    b = p.on_produce(2, 0, 0, 999)          # clock went back: append time does not
-    assert (a.base_offset, b.base_offset, p.log_end) == (0, 3, 5)
-    assert b.append_time_ms == 1000
-    assert p.check_fetch(0) is False        # nothing durable yet: a fetch waits
-    assert p.maybe_advance_high_watermark(3) and p.high_watermark == 3
-    assert not p.maybe_advance_high_watermark(2) and p.high_watermark == 3   # never back
-    assert p.check_fetch(2) is True
-    with pytest.raises(OffsetOutOfRange):
-        p.check_fetch(4)
-
-
-def test_idempotent_producer_retry_is_not_written_twice():
-    p = PartitionLog()
-    first = p.on_produce(5, 42, 0, 1)
-    again = p.on_produce(5, 42, 0, 2)
-    assert isinstance(first, Append) and isinstance(again, Duplicate) and again.base_offset == first.base_offset
-    assert p.log_end == 5
-    nxt = p.on_produce(1, 42, 5, 3)
-    assert nxt.base_offset == 5
-    with pytest.raises(OutOfOrderSequence, match="skipped"):
-        p.on_produce(1, 42, 9, 4)
-    with pytest.raises(OutOfOrderSequence, match="older"):
-        p.on_produce(1, 42, 2, 4)
-
-
-def test_aborted_pass_gives_offsets_back():
-    p = PartitionLog()
-    p.on_produce(2, 0, 0, 1)
-    p.maybe_advance_high_watermark(2)
-    p.on_produce(3, 7, 0, 2)
-    p.abort_appends(2, 1, {7})
-    assert p.log_end == 2 and p.on_produce(3, 7, 0, 3).base_offset == 2
-
-
-@given(st.lists(st.integers(1, 50), min_size=1, max_size=30), st.data())
-def test_high_watermark_is_monotone_and_bounded(counts, data):
-    p = PartitionLog()
-    hw = 0
-    for c in counts:
-        p.on_produce(c, 0, 0, 0)
-        p.maybe_advance_high_watermark(data.draw(st.integers(0, p.log_end + 10)))
-        assert hw <= p.high_watermark <= p.log_end
-        hw = p.high_watermark
 
 
 def _state_with(*names):

@@ -1,0 +1,90 @@
+"""The glue between the replication core and the node's store and sockets.
+
+The core (`zq.core.replication.Replica`) speaks in `Entry` objects whose payload is opaque. In a
+node that payload is the stored batch itself (zq.batch: header + blob), so that a follower
+stores exactly the bytes the leader stored and a fetch returns them unchanged. Two details:
+
+- a leader proposes a produced batch before it knows the batch's offset, so the payload's header
+  carries a placeholder base offset and epoch; whoever stores an entry *restamps* the header
+  from the entry's own fields (`stored_from_entry`), which also makes a follower check the
+  batch's checksums before it writes anything;
+- the core's one-record leader marker has an empty payload; it is stored as a control batch
+  (zq.batch.FLAG_CONTROL), which consumers skip.
+
+Producer ids: the wire and the batch header use 0 for "not idempotent", the core uses -1.
+"""
+from __future__ import annotations
+
+import struct
+
+import cbor2
+
+from zq import batch as zbatch
+from zq.core.repl_types import MARKER_PAYLOAD, NO_PRODUCER, Entry, HardState
+from zq.errors import CorruptData, ProtocolError
+from zq.io.store import Store
+from zq.types import TopicPartition
+
+_HS = struct.Struct(">II")
+
+
+def tp_bytes(tp: TopicPartition) -> bytes:
+    """The PUB/SUB topic frame of a partition: 8 bytes, so prefix matching is exact matching."""
+    return _HS.pack(tp.topic_id, tp.partition)
+
+
+def tp_from_bytes(b: bytes) -> TopicPartition:
+    if len(b) != _HS.size:
+        raise ProtocolError("a replication topic frame is 8 bytes")
+    return TopicPartition(*_HS.unpack(b))
+
+
+def core_producer(producer_id: int, base_sequence: int) -> tuple[int, int]:
+    return (producer_id, base_sequence) if producer_id else (NO_PRODUCER, NO_PRODUCER)
+
+
+def entry_from_stored(value: bytes) -> Entry:
+    h = zbatch.unpack_header(value)
+    if h.flags & zbatch.FLAG_CONTROL:
+        return Entry(h.base_offset, 1, h.epoch, NO_PRODUCER, NO_PRODUCER, MARKER_PAYLOAD)
+    pid, seq = core_producer(h.producer_id, h.base_sequence)
+    return Entry(h.base_offset, h.count, h.epoch, pid, seq, value)
+
+
+def stored_from_entry(entry: Entry, now_ms: int) -> tuple[bytes, zbatch.BatchHeader]:
+    """The bytes to store for an entry, verified. Raises CorruptData for a damaged payload."""
+    if entry.is_marker:
+        value = zbatch.control_batch(entry.base_offset, entry.epoch, now_ms)
+    else:
+        value = zbatch.restamp(entry.payload, entry.base_offset, entry.epoch)
+    header = zbatch.verify_stored(value)
+    if header.count != entry.count:
+        raise CorruptData(f"replicated batch at {entry.base_offset} holds {header.count} records, entry says {entry.count}")
+    return value, header
+
+
+class StoreReader:
+    """The core's LogReader over one partition of the store (committed writes only)."""
+
+    def __init__(self, store: Store, tp: TopicPartition):
+        self.store = store
+        self.tp = tp
+
+    def read(self, offset: int, max_bytes: int) -> list[Entry]:
+        return [entry_from_stored(v) for v in self.store.read(self.tp, offset, max(1, max_bytes))]
+
+
+def hard_state_key(tp: TopicPartition) -> bytes:
+    return b"hs" + _HS.pack(tp.topic_id, tp.partition)
+
+
+def encode_hard_state(hs: HardState) -> bytes:
+    return cbor2.dumps([hs.epoch, hs.voted_for, [list(x) for x in hs.epoch_history], hs.high_watermark])
+
+
+def load_hard_state(store: Store, tp: TopicPartition) -> HardState | None:
+    raw = store.get_meta(hard_state_key(tp))
+    if raw is None:
+        return None
+    epoch, voted_for, history, hw = cbor2.loads(raw)
+    return HardState(epoch, voted_for, tuple(tuple(x) for x in history), hw)
