@@ -619,6 +619,15 @@ def test_offset_deleted_by_retention_jumps_to_log_start(cluster, client):
     assert list(consumer.resets) == [zq.client.OffsetReset(0, 2, 5, "deleted by retention")]
 
 
+def test_control_batches_are_stepped_over(cluster, client):
+    with cluster.lock:  # a new leader's epoch marker at offset 0, as a real node writes one
+        cluster.logs[("t", 0)].append(zbatch.control_batch(0, 2, int(time.time() * 1000)))
+    fill(cluster, client, 0, [b"a", b"b"])
+    consumer = client.consumer("t", start="earliest", partitions=[0])
+    assert [(m.offset, m.value) for m in consumer.poll(timeout=2)] == [(1, b"a"), (2, b"b")]
+    assert consumer.position(0) == 3
+
+
 def test_prefetch_is_bounded(cluster, client):
     fill(cluster, client, 0, [b"v" * 1000 for _ in range(200)], batch=10)
     consumer = client.consumer("t", start="earliest", partitions=[0], prefetch_bytes=1, fetch_bytes=1)
