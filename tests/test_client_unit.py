@@ -635,8 +635,9 @@ def test_prefetch_is_bounded(cluster, client):
     fetches = [r for _, r in cluster.requests if isinstance(r, protocol.Fetch)]
     assert len(fetches) == 1  # one reply fills the tiny prefetch; no more fetches until poll takes it
     got = []
-    while len(got) < 200:
-        got += consumer.poll(timeout=2)
+    deadline = time.monotonic() + 5
+    while len(got) < 200 and time.monotonic() < deadline:
+        got += consumer.poll(timeout=0.5)
     assert [m.offset for m in got] == list(range(200))
 
 

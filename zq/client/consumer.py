@@ -174,7 +174,7 @@ class Consumer:
         # I/O thread only.
         self._fetch_offsets: dict[int, int] = {}
         self._fetching: dict[int, int] = {}  # partition -> seek epoch of its outstanding fetch (or retry timer)
-        self._paused: set[int] = set()
+        self._paused: set[int] = set()  # waiting for prefetch room; under _lock
         self._failures: dict[int, int] = {p: 0 for p in chosen}
         self._stopped: set[int] = set()
         starts = {p: self._start_offset(p, start) for p in chosen}
@@ -299,7 +299,7 @@ class Consumer:
 
     @property
     def _paused_any(self) -> bool:
-        return bool(self._paused)  # read across threads: a stale answer only delays or repeats a resume
+        return bool(self._paused)  # called under _lock, which guards _paused
 
     def _decode(self, chunk: _Chunk) -> None:
         p = chunk.partition
@@ -351,19 +351,23 @@ class Consumer:
         self._stopped.discard(partition)
         self._failures[partition] = 0
         self._io_fetch(partition)
+        self._io_resume()  # the seek dropped queued chunks: partitions paused for room may go on
 
     def _io_resume(self) -> None:
-        for p in sorted(self._paused):
-            self._paused.discard(p)
+        with self._lock:
+            paused = sorted(self._paused)
+            self._paused.clear()
+        for p in paused:
             self._io_fetch(p)
 
     def _io_fetch(self, p: int) -> None:
         if self._closed or self._fetching.get(p) == self._epochs[p] or p in self._stopped:
             return
-        room = self.prefetch_bytes - self._prefetched_bytes
-        if room <= 0:
-            self._paused.add(p)
-            return
+        with self._lock:  # decided under the lock poll() frees room under, so no resume is missed
+            room = self.prefetch_bytes - self._prefetched_bytes
+            if room <= 0:
+                self._paused.add(p)
+                return
         address = self._client._leader_address(self.topic, p)
         if address is None:
             self._io_retry(p, NotLeader(f"no leader known for {self.topic}/{p}"))
