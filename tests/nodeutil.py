@@ -12,7 +12,7 @@ import zmq
 
 from zq import batch as B
 from zq import protocol as P
-from zq.io.node import NodeConfig, run_node
+from zq.io.node import Node, NodeConfig
 
 
 def free_port_base(span: int = 10) -> int:
@@ -43,12 +43,14 @@ class NodeThread:
         self.config = config
         self.stop_event = threading.Event()
         self.errors: list[BaseException] = []
+        self.node: Node | None = None
         self.thread = threading.Thread(target=self._run, name=config.name, daemon=True)
         self.thread.start()
 
     def _run(self):
         try:
-            run_node(self.config, self.stop_event)
+            self.node = Node(self.config)
+            self.node.run(self.stop_event)
         except BaseException as e:  # surfaced by stop()
             self.errors.append(e)
 

@@ -79,6 +79,7 @@ DISK_FREE_BYTES_MIN = 64 * 1024 * 1024  # below this, produce is refused with St
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
 READY_ROUNDS_MAX = 4              # write-then-send rounds per loop pass (acks after durability need one more)
 PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands this soon after creation
+SLOW_PASS_MS = 250                # a loop pass longer than this is logged: it delays heartbeats
 PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB drops them (followers fetch the gap)
 
 # Replication timing for real nodes: a Python process under load (GC, fsync, 2 cores) stalls for
@@ -341,6 +342,7 @@ class Node:
                     poller.register(peer.sock, zmq.POLLIN)
                     polled_peers.add(name)
             ready = dict(poller.poll(self._poll_timeout_ms()))
+            pass_start = time.monotonic()
             if self.router in ready:
                 self._drain(self.router, self._on_router_frames)
             if self.sub in ready:
@@ -351,6 +353,10 @@ class Node:
             self._tick_replicas()
             self._finish_pass()
             self._run_timers()
+            pass_ms = (time.monotonic() - pass_start) * 1000
+            if pass_ms > SLOW_PASS_MS:
+                self.counters["slow_passes"] += 1
+                log.warning("a loop pass took %.0f ms (over %d ms starves heartbeats)", pass_ms, SLOW_PASS_MS)
         self.close()
 
     def _poll_timeout_ms(self) -> int:
@@ -527,8 +533,10 @@ class Node:
 
     def _flush_outbox(self) -> None:
         for tp, item in self.pub_out:
+            items, frames = R.pack_items([item])
             try:
-                self.pub.send_multipart([R.tp_bytes(tp), *P.encode(P.Replicate(0, self.name, [item]))], zmq.NOBLOCK)
+                self.pub.send_multipart([R.tp_bytes(tp), *P.encode(P.Replicate(0, self.name, items), *frames)],
+                                        zmq.NOBLOCK)
             except zmq.ZMQError:
                 self.counters["pub_dropped"] += 1
         self.pub_out.clear()
@@ -538,11 +546,13 @@ class Node:
             if peer is None:
                 self.counters["replication_unroutable"] += len(items)
                 continue
-            self._peer_send(peer, P.Replicate(0, self.name, items))
+            for chunk in R.chunk_items(items, self.limits.frames_per_message_max - 8):
+                packed, frames = R.pack_items(chunk)
+                self._peer_send(peer, P.Replicate(0, self.name, packed), frames)
 
-    def _peer_send(self, peer: _Peer, msg: Any) -> None:
+    def _peer_send(self, peer: _Peer, msg: Any, frames: list[bytes] = ()) -> None:
         try:
-            peer.sock.send_multipart(P.encode(msg), zmq.NOBLOCK)
+            peer.sock.send_multipart(P.encode(msg, *frames), zmq.NOBLOCK)
         except zmq.ZMQError:
             self.counters["peer_sends_dropped"] += 1
 
@@ -550,17 +560,17 @@ class Node:
 
     def on_replicate(self, identity: bytes, msg: P.Replicate, payload: list[bytes]) -> None:
         self._heard(msg.sender)
-        self._step_items(msg.items)
+        self._step_items(R.unpack_items(msg.items, payload))
 
     def _on_sub_frames(self, frames: list[bytes]) -> None:
         try:
-            msg, _ = P.decode(frames[1:], self.limits)
+            msg, payload = P.decode(frames[1:], self.limits)
             if not isinstance(msg, P.Replicate):
                 raise ProtocolError("only Replicate travels on PUB/SUB")
-            self._step_items(msg.items)
+            self._step_items(R.unpack_items(msg.items, payload))
         except ZqError as e:
             self.counters["protocol_errors"] += 1
-            log.debug("dropped a bad replication broadcast: %s", e)
+            log.warning("dropped a bad replication broadcast: %s", e)
 
     def _step_items(self, items: list) -> None:
         now = mono_ms()
@@ -579,7 +589,7 @@ class Node:
                 self.dirty.add(tp)
             except ZqError as e:
                 self.counters["protocol_errors"] += 1
-                log.debug("dropped a replication message: %s", e)
+                log.warning("dropped a replication message: %s", e)
 
     def _tick_replicas(self) -> None:
         now = mono_ms()

@@ -88,3 +88,58 @@ def load_hard_state(store: Store, tp: TopicPartition) -> HardState | None:
         return None
     epoch, voted_for, history, hw = cbor2.loads(raw)
     return HardState(epoch, voted_for, tuple(tuple(x) for x in history), hw)
+
+
+_APPEND_CODE = 20   # zq.protocol registers repl_types.Append under this code
+
+
+def pack_items(items: list) -> tuple[list, list[bytes]]:
+    """Move the entry payloads of Replicate items into frames of their own.
+
+    An Append's entries carry whole stored batches; inside the CBOR header they would be copied,
+    and would break the header's size bound. On the wire an entry's payload field is instead the
+    index of the payload frame that holds it."""
+    frames: list[bytes] = []
+    out = []
+    for tid, p, arr in items:
+        if arr[0] == _APPEND_CODE and arr[7]:
+            entries = []
+            for e in arr[7]:
+                entries.append([*e[:5], len(frames)])
+                frames.append(e[5])
+            arr = [*arr[:7], entries]
+        out.append([tid, p, arr])
+    return out, frames
+
+
+def unpack_items(items: list, frames: list) -> list:
+    """The inverse of pack_items; a reference to a missing frame is the peer's error."""
+    out = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[2], list) and item[2]):
+            raise ProtocolError("a Replicate item is [topic_id, partition, message]")
+        tid, p, arr = item
+        if arr[0] == _APPEND_CODE and len(arr) == 8 and isinstance(arr[7], list) and arr[7]:
+            entries = []
+            for e in arr[7]:
+                if not (isinstance(e, list) and len(e) == 6 and type(e[5]) is int and 0 <= e[5] < len(frames)):
+                    raise ProtocolError("a replicated entry names a payload frame that is not there")
+                entries.append([*e[:5], bytes(frames[e[5]])])
+            arr = [*arr[:7], entries]
+        out.append([tid, p, arr])
+    return out
+
+
+def chunk_items(items: list, frames_max: int) -> list[list]:
+    """Split items so that no message carries more than `frames_max` payload frames."""
+    chunks: list[list] = [[]]
+    frames = 0
+    for item in items:
+        arr = item[2]
+        n = len(arr[7]) if arr[0] == _APPEND_CODE else 0
+        if chunks[-1] and frames + n > frames_max:
+            chunks.append([])
+            frames = 0
+        chunks[-1].append(item)
+        frames += n
+    return chunks
