@@ -210,6 +210,8 @@ class Node:
         self.meta_learned: list[tuple[int, dict]] = []          # learner: fetched commands awaiting durability
         self.stopping = False
         self._registered = False
+        self.services: list[Any] = []                           # see add_service
+        self.service_handlers: dict[type, Callable[[bytes, Any, list], None]] = {}
         self.sub_connected: dict[str, str] = {}                 # peer -> address its PUB is subscribed at
         self.ctx = zmq.Context.instance()
         self.router = self._bind(zmq.ROUTER, config.port)
@@ -351,6 +353,8 @@ class Node:
                 if peer.sock in ready:
                     self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames))
             self._tick_replicas()
+            for service in self.services:
+                service.tick(mono_ms())
             self._finish_pass()
             self._run_timers()
             pass_ms = (time.monotonic() - pass_start) * 1000
@@ -383,6 +387,9 @@ class Node:
                 self._send(identity, P.encode(P.error_reply(0, e)))
             return
         handler = self.HANDLERS.get(type(msg))
+        if handler is None and type(msg) in self.service_handlers:
+            service_handler = self.service_handlers[type(msg)]
+            handler = lambda node, identity, msg, payload: service_handler(identity, msg, payload)  # noqa: E731
         if handler is None:
             self.counters["protocol_errors"] += 1
             self._send(identity, P.encode(P.error_reply(getattr(msg, "req_id", 0), ProtocolError(
@@ -1062,6 +1069,95 @@ class Node:
         return {"topic": topic, "partition": partition, "leader": None, "epoch": None, "replicas": replicas,
                 "in_sync": [], "log_start": None, "log_end": None, "high_watermark": None, "replication_lag": None}
 
+    # ------------------------------------------------------------------ the surface services use
+    #
+    # A service (consumer groups, membership, ...) is an object with `handlers` (message type ->
+    # fn(identity, msg, payload)), `start()`, `tick(now_ms)` (every loop pass: keep it cheap) and
+    # `close()`. It talks to the rest of the node only through the methods below, so that the
+    # loop's rules (persist, then send; bounded everything) hold for it too.
+
+    def add_service(self, service: Any) -> None:
+        for kind in service.handlers:
+            if kind in self.HANDLERS or kind in self.service_handlers:
+                raise ValueError(f"{type(service).__name__} wants {kind.__name__}, which is served already")
+        self.services.append(service)
+        self.service_handlers.update(service.handlers)
+
+    def reply(self, identity: bytes, msg: Any, *frames: bytes) -> None:
+        """Answer a client or peer on the ROUTER (never blocks; a vanished peer is counted)."""
+        self._send(identity, P.encode(msg, *frames))
+
+    def reply_error(self, identity: bytes, req_id: int, error: ZqError) -> None:
+        self._send(identity, P.encode(P.error_reply(req_id, error)))
+
+    def send_to_peer(self, name: str, msg: Any, *frames: bytes) -> bool:
+        """A one-way message to another node's ROUTER; False if its address is unknown."""
+        peer = self._peer(name)
+        if peer is None:
+            return False
+        self._peer_send(peer, msg, list(frames))
+        return True
+
+    def request_peer(self, name: str, msg: Any, on_reply: Callable[[Any, list], None],
+                     timeout_ms: int = PEER_REQUEST_TIMEOUT_MS) -> None:
+        """A request to another node; `on_reply(reply_or_ZqError, payload)` runs exactly once."""
+        self._request(name, msg, on_reply, timeout_ms)
+
+    def next_req_id(self) -> int:
+        return next(self._req_ids)
+
+    def write(self):
+        """The write transaction of this pass (zq.io.store.WriteTxn): committed, with everything
+        else the pass wrote, before the pass's replies and messages go out."""
+        return self._begin()
+
+    def write_synced(self) -> None:
+        """Ask for this pass's write to be fsynced."""
+        self.sync_needed = True
+
+    def at(self, when_ms: int, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop at monotonic time `when_ms` (or soon after)."""
+        self._at(when_ms, fn)
+
+    def now_ms(self) -> int:
+        return mono_ms()
+
+    def wall_ms(self) -> int:
+        return now_ms()
+
+    def alive(self, name: str) -> bool:
+        return self._alive(name)
+
+    def known_nodes(self) -> list[str]:
+        return sorted(set(self.meta.nodes) | set(self.addresses) | {self.name})
+
+    def leads(self, topic: str, partition: int) -> bool:
+        try:
+            self._local_leader(topic, partition)
+            return True
+        except ZqError:
+            return False
+
+    def partition_bounds(self, topic: str, partition: int) -> tuple[int, int]:
+        """(log_start, high_watermark) of a partition this node leads; raises NotLeader otherwise."""
+        _, part = self._local_leader(topic, partition)
+        return part.log_start, part.high_watermark
+
+    def produce_local(self, topic: str, partition: int, records: list[list], done: Callable[[Any], None],
+                      acks_quorum: bool = True) -> None:
+        """Append records (`[create_time_ms, key, value, headers]`) to a partition this node leads,
+        as a producer would; `done(outcome_or_ZqError)` runs when the batch commits (or fails).
+        Raises NotLeader if another node leads it: send the records there instead."""
+        _, part = self._local_leader(topic, partition)
+        blob = zbatch.encode_records(records)
+        stored = zbatch.make_stored(0, 0, len(records), 0, now_ms(), 0, 0, zbatch.crc(blob), blob)
+        self._propose(part, len(records), 0, 0, stored, done, leader_ack=not acks_quorum)
+
+    def read_committed(self, topic: str, partition: int, offset: int, max_bytes: int) -> list[bytes]:
+        """Stored batches of a partition this node leads, from `offset`, below the high watermark."""
+        tp, part = self._local_leader(topic, partition)
+        return self.store.read(tp, offset, max_bytes, upto=part.high_watermark)
+
     HANDLERS: dict[type, Callable] = {
         P.Produce: on_produce,
         P.Fetch: on_fetch,
@@ -1287,6 +1383,8 @@ class Node:
 
     def close(self) -> None:
         self.stopping = True
+        for service in self.services:
+            service.close()
         for peer in self.peers.values():
             peer.close()
         self.router.close(0)
