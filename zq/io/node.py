@@ -110,6 +110,7 @@ class NodeConfig:
     retention_interval_ms: int = RETENTION_INTERVAL_MS
     disk_free_bytes_min: int = DISK_FREE_BYTES_MIN
     replication: ReplicationConfig = NODE_REPLICATION
+    services: tuple[str, ...] = ()       # modules whose install(node) adds a service before the loop starts
     limits: Limits = field(default_factory=lambda: DEFAULT)
 
     @property
@@ -210,8 +211,6 @@ class Node:
         self.meta_learned: list[tuple[int, dict]] = []          # learner: fetched commands awaiting durability
         self.stopping = False
         self._registered = False
-        self.services: list[Any] = []                           # see add_service
-        self.service_handlers: dict[type, Callable[[bytes, Any, list], None]] = {}
         self.sub_connected: dict[str, str] = {}                 # peer -> address its PUB is subscribed at
         self.ctx = zmq.Context.instance()
         self.router = self._bind(zmq.ROUTER, config.port)
@@ -220,8 +219,17 @@ class Node:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, PUB_SNDHWM)  # bounded; an overflow is a gap the core fetches
         self.metrics_server = None
+        self.services: list[Any] = []                           # see add_service
+        self.service_handlers: dict[type, Callable[[bytes, Any, list], None]] = {}
         self._seed_addresses_from_topology()
         self._load()
+        for module in config.services:
+            import importlib
+            try:
+                installer = importlib.import_module(module).install
+            except (ImportError, AttributeError) as e:
+                raise ZqError(f"service module {module!r} cannot be loaded ({e}); is zq installed completely?") from None
+            installer(self)
 
     # ------------------------------------------------------------------ start-up
 
@@ -1130,6 +1138,14 @@ class Node:
 
     def known_nodes(self) -> list[str]:
         return sorted(set(self.meta.nodes) | set(self.addresses) | {self.name})
+
+    def leader_address(self, topic: str, partition: int) -> tuple[str | None, str | None]:
+        """(name, "host:port") of the node this one believes leads a partition; Nones if unknown."""
+        tp, _ = self._topic_partition(topic, partition)
+        leader = self.leader_of(tp)[0]
+        if leader is None:
+            return None, None
+        return leader, self.config.address if leader == self.name else self.addresses.get(leader)
 
     def leads(self, topic: str, partition: int) -> bool:
         try:
