@@ -220,6 +220,7 @@ class Node:
         self.sub.setsockopt(zmq.RCVHWM, PUB_SNDHWM)  # bounded; an overflow is a gap the core fetches
         self.metrics_server = None
         self.services: list[Any] = []                           # see add_service
+        self.member_view: Callable[[str, int], tuple[str, int | None] | None] | None = None
         self.service_handlers: dict[type, Callable[[bytes, Any, list], None]] = {}
         self._seed_addresses_from_topology()
         self._load()
@@ -838,6 +839,10 @@ class Node:
         return None if last is None else now - last
 
     def _node_state(self, name: str, now: int) -> str:
+        if self.member_view is not None and name != self.name:
+            seen = self.member_view(name, now)
+            if seen is not None:
+                return seen[0]
         ago = self._last_seen_ago_ms(name, now)
         if ago is None:
             return "unknown"
@@ -1105,6 +1110,23 @@ class Node:
             return False
         self._peer_send(peer, msg, list(frames))
         return True
+
+    def send_to_address(self, name: str | None, address: str, msg: Any, *frames: bytes) -> None:
+        """A one-way message to a node known only by address so far (a seed, a discovered peer)."""
+        peer = self._peer(name or f"seed:{address}", address)
+        self._peer_send(peer, msg, list(frames))
+
+    def learn_address(self, name: str, address: str) -> None:
+        """Discovery or gossip says where `name` listens (advisory: it never decides who holds data)."""
+        if name != self.name and self.addresses.get(name) != address:
+            self.addresses[name] = address
+            self._forget_peer(name)
+
+    def set_member_view(self, view: Callable[[str, int], tuple[str, int | None] | None]) -> None:
+        """A failure detector's answer to "what state is node N in, and how long since it was heard
+        from?" (`view(name, now_ms)` -> (state, last_seen_ago_ms), or None if it does not know N).
+        Without one, the node judges by when it last heard from each peer."""
+        self.member_view = view
 
     def request_peer(self, name: str, msg: Any, on_reply: Callable[[Any, list], None],
                      timeout_ms: int = PEER_REQUEST_TIMEOUT_MS) -> None:
