@@ -1,0 +1,484 @@
+"""Scenario tests of the replication core: three real `Replica`s over a scripted fake network.
+
+The harness (`Trio`) is the smallest honest shell: it applies each Ready to an in-memory disk
+(sync when asked, or at once when `autosync` is on for that node), queues the messages, and
+delivers them only when a test says so, so every interleaving here is chosen on purpose.
+"""
+from __future__ import annotations
+
+import random
+
+import cbor2
+import pytest
+
+from zq.core.repl_epochs import appended, end_for_epoch, epoch_at, truncated
+from zq.core.repl_types import (
+    BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, MESSAGE_TYPES, NO_PRODUCER, NOT_LEADER, OUT_OF_ORDER, Append,
+    AppendAck, Entry, Fetch, HardState, RequestVote, ReplicationConfig, Vote,
+)
+from zq.core.replication import Replica
+from zq.errors import ProtocolError
+from zq.sim.disk import SimDisk
+
+CFG = ReplicationConfig(election_timeout_ms=100, heartbeat_interval_ms=20, fetch_retry_ms=30,
+                        append_entries_max=4, append_bytes_max=64, pending_proposals_max=8)
+NAMES = ("a", "b", "c")
+DELIVER_MAX = 10_000  # messages one deliver() may pass, so a livelock fails instead of hanging
+
+
+class Trio:
+    def __init__(self, disks: dict[str, SimDisk] | None = None, seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.disks = disks or {n: SimDisk([0]) for n in NAMES}
+        self.autosync = {n: True for n in NAMES}
+        self.now = {n: 0 for n in NAMES}
+        self.queue: list[tuple[str, str, object]] = []
+        self.outcomes: dict[int, object] = {}
+        self.readies: dict[str, list] = {n: [] for n in NAMES}
+        self.replicas = {n: self._boot(n) for n in NAMES}
+
+    def _boot(self, n: str) -> Replica:
+        store = self.disks[n].volatile[0]
+        return Replica(n, NAMES, store, rng=self.rng, now_ms=self.now[n], config=CFG,
+                       hard_state=store.hard, log_end=store.log_end)
+
+    def restart(self, n: str, keep_unsynced: bool = False) -> None:
+        disk = self.disks[n]
+        if keep_unsynced:
+            disk.sync()
+        disk.unsynced.clear()
+        disk.volatile = {0: disk.durable[0].copy()}
+        self.queue = [m for m in self.queue if m[1] != n]
+        self.replicas[n] = self._boot(n)
+
+    def drain(self, n: str) -> None:
+        r = self.replicas[n]
+        while True:
+            rd = r.ready()
+            self.readies[n].append(rd)
+            if rd.empty:
+                r.advance()
+                return
+            self.disks[n].write(0, rd)
+            synced = rd.must_sync or (self.autosync[n] and rd.has_writes)
+            if synced:
+                self.disks[n].sync()
+            for out in rd.messages:
+                for dst in ([p for p in NAMES if p != n] if out.to is None else [out.to]):
+                    self.queue.append((n, dst, out.message))
+            for o in rd.outcomes:
+                self.outcomes[o.proposal_id] = o
+            r.advance()
+            if synced:
+                r.on_persisted(rd.log_end)
+            else:
+                return
+
+    def sync(self, n: str) -> None:
+        self.disks[n].sync()
+        self.replicas[n].on_persisted(self.replicas[n].log_end)
+        self.drain(n)
+
+    def tick(self, n: str, ms: int) -> None:
+        self.now[n] += ms
+        self.replicas[n].tick(self.now[n])
+        self.drain(n)
+
+    def elect(self, n: str) -> None:
+        """Make n time out first, then let the votes flow."""
+        self.tick(n, 2 * CFG.election_timeout_ms)
+        self.deliver()
+        assert self.replicas[n].role == LEADER
+
+    def propose(self, n: str, payload: bytes, count: int = 1, producer_id: int = NO_PRODUCER, seq: int = -1) -> int:
+        pid = self.replicas[n].propose(count, producer_id, seq, payload)
+        self.drain(n)
+        return pid
+
+    def deliver(self, drop=lambda src, dst, msg: False) -> None:
+        for _ in range(DELIVER_MAX):
+            if not self.queue:
+                return
+            src, dst, msg = self.queue.pop(0)
+            if drop(src, dst, msg):
+                continue
+            self.replicas[dst].step(msg)
+            self.drain(dst)
+        raise AssertionError("the cores kept talking without settling")
+
+    def heartbeat(self, leader: str) -> None:
+        self.tick(leader, CFG.heartbeat_interval_ms)
+        self.deliver()
+
+    def log(self, n: str) -> list[tuple[int, int, int, bytes]]:
+        return [(e.base_offset, e.count, e.epoch, e.payload) for e in self.replicas[n].entries(0, 10_000, 1 << 30)]
+
+
+def _disk_with(entries: list[Entry], epoch: int, voted_for: str | None = None) -> SimDisk:
+    """A disk holding `entries` durably, as a replica that had written them would leave it."""
+    disk = SimDisk([0])
+    history: tuple = ()
+    for e in entries:
+        history = appended(history, e.epoch, e.base_offset)
+    store = disk.durable[0]
+    store.apply(None, tuple(entries), HardState(epoch, voted_for, history, 0))
+    disk.volatile = {0: store.copy()}
+    return disk
+
+
+def _log_of(epochs: list[int], counts: list[int] | None = None) -> list[Entry]:
+    out, pos = [], 0
+    for i, ep in enumerate(epochs):
+        n = counts[i] if counts else 1
+        out.append(Entry(pos, n, ep, NO_PRODUCER, NO_PRODUCER, f"e{ep}@{pos}".encode()))
+        pos += n
+    return out
+
+
+# ------------------------------------------------------------------ epoch history
+
+
+def test_epoch_history_lookups() -> None:
+    h = ((1, 0), (4, 3), (6, 5))
+    assert [epoch_at(h, o) for o in (-1, 0, 2, 3, 4, 5, 9)] == [0, 1, 1, 4, 4, 6, 6]
+    assert end_for_epoch(h, 4, 10) == (4, 5)
+    assert end_for_epoch(h, 5, 10) == (4, 5)   # no epoch 5 here: the largest below it
+    assert end_for_epoch(h, 9, 10) == (6, 10)
+    assert end_for_epoch(((3, 2),), 1, 10) == (0, 2)
+    assert truncated(h, 5) == ((1, 0), (4, 3))
+    assert appended(h, 6, 7) is h and appended(h, 7, 7) == h + ((7, 7),)
+
+
+# ------------------------------------------------------------------ elections and replication
+
+
+def test_election_then_replication_commits_everywhere() -> None:
+    t = Trio()
+    t.elect("a")
+    assert t.replicas["a"].epoch == 1
+    ids = [t.propose("a", f"m{i}".encode(), count=2) for i in range(3)]
+    t.deliver()
+    t.heartbeat("a")
+    leader_log = t.log("a")
+    assert leader_log[0][3] == b""  # the leader's epoch marker
+    assert [x[3] for x in leader_log[1:]] == [b"m0", b"m1", b"m2"]
+    for n in NAMES:
+        assert t.log(n) == leader_log
+        assert t.replicas[n].high_watermark == t.replicas["a"].log_end == 7
+    assert [(t.outcomes[i].status, t.outcomes[i].base_offset, t.outcomes[i].epoch) for i in ids] == [
+        (COMMITTED, 1, 1), (COMMITTED, 3, 1), (COMMITTED, 5, 1)]
+    assert {t.replicas[n].leader for n in NAMES} == {"a"}
+
+
+def test_vote_only_for_up_to_date_log_and_one_per_epoch() -> None:
+    t = Trio()
+    t.elect("a")
+    t.propose("a", b"x")
+    t.deliver(drop=lambda s, d, m: d == "c")  # c misses everything
+    b, c = t.replicas["b"], t.replicas["c"]
+    # c's log is behind b's: b refuses it even in a newer epoch.
+    b.step(RequestVote(5, "c", c.last_epoch, c.log_end))
+    rd = b.ready()
+    b.advance()
+    assert [o.message for o in rd.messages] == [Vote(5, "b", False)]
+    # a up-to-date candidate gets the vote, but a second candidate of that epoch does not.
+    b.step(RequestVote(5, "a", 1, t.replicas["a"].log_end))
+    rd = b.ready()
+    b.advance()
+    assert rd.messages[0].message == Vote(5, "b", True)
+    b.step(RequestVote(5, "c", 9, 1000))
+    rd = b.ready()
+    b.advance()
+    assert rd.messages[0].message == Vote(5, "b", False)
+
+
+def test_vote_is_durable_before_the_reply_is_sent() -> None:
+    disks = {"a": _disk_with(_log_of([1, 1]), 1), "b": _disk_with(_log_of([1, 1]), 1), "c": _disk_with([], 1)}
+    t = Trio(disks)
+    t.autosync["b"] = False  # b syncs only when a Ready demands it
+    b = t.replicas["b"]
+    b.step(RequestVote(2, "c", 0, 0))  # refused (c's log is behind), but b moves to epoch 2
+    t.drain("b")
+    assert (b.epoch, b.voted_for) == (2, None)
+    b.step(RequestVote(2, "a", 1, 2))  # granted: only the vote changes now
+    rd = b.ready()
+    assert [o.message for o in rd.messages] == [Vote(2, "b", True)]
+    assert rd.must_sync and rd.hard_state is not None and rd.hard_state.voted_for == "a"
+    t.disks["b"].write(0, rd)
+    t.disks["b"].sync()
+    b.advance()
+    # Restarting b from its durable state keeps the vote: it cannot vote for c in that epoch.
+    t.restart("b")
+    assert (t.replicas["b"].epoch, t.replicas["b"].voted_for) == (2, "a")
+    t.replicas["b"].step(RequestVote(2, "c", 5, 100))
+    rd = t.replicas["b"].ready()
+    assert rd.messages[0].message == Vote(2, "b", False)
+
+
+def test_entries_of_an_older_epoch_commit_only_with_one_of_the_leaders_own() -> None:
+    """Raft figure 8: a majority holding an old-epoch entry does not commit it by itself."""
+    disks = {"a": _disk_with(_log_of([1, 2]), 3), "b": _disk_with(_log_of([1]), 3),
+             "c": _disk_with(_log_of([1, 3]), 3)}
+    t = Trio(disks)
+    t.tick("a", 2 * CFG.election_timeout_ms)
+    t.deliver(drop=lambda s, d, m: d == "c" or s == "c" or isinstance(m, (Append, Fetch)))
+    a = t.replicas["a"]
+    assert a.role == LEADER and a.epoch == 4 and a.log_end == 3  # [e1, e2, marker e4]
+    a.step(AppendAck(4, "b", 2))  # b holds e1 and e2 durably: a majority for offset 2
+    t.drain("a")
+    assert a.high_watermark == 0
+    a.step(AppendAck(4, "b", 3))  # and now the marker of epoch 4 too
+    t.drain("a")
+    assert a.high_watermark == 3
+
+
+def test_commit_needs_a_durable_majority() -> None:
+    t = Trio()
+    t.elect("a")
+    t.heartbeat("a")
+    t.autosync["b"] = t.autosync["c"] = False
+    pid = t.propose("a", b"x")
+    t.deliver()
+    t.heartbeat("a")
+    # Both followers hold the batch, neither durably: the leader alone is no majority.
+    assert t.replicas["b"].log_end == t.replicas["c"].log_end == 2
+    assert t.replicas["a"].high_watermark == 1
+    assert pid not in t.outcomes
+    t.sync("b")
+    t.deliver()
+    assert t.replicas["a"].high_watermark == 2
+    assert t.outcomes[pid].status == COMMITTED
+
+
+def test_leader_counts_itself_only_once_durable() -> None:
+    t = Trio()
+    t.elect("a")
+    t.heartbeat("a")
+    t.autosync["a"] = t.autosync["c"] = False
+    pid = t.propose("a", b"x")
+    t.deliver()
+    t.heartbeat("a")
+    # Only b holds x durably: one of three.
+    assert t.replicas["a"].high_watermark == 1 and pid not in t.outcomes
+    t.sync("a")
+    t.deliver()
+    assert t.replicas["a"].high_watermark == 2 and t.outcomes[pid].status == COMMITTED
+
+
+def test_follower_acknowledges_only_what_matches_the_leader() -> None:
+    """A follower's durable but divergent tail must not count towards a new leader's commit."""
+    a = _disk_with(_log_of([1, 1]), epoch=2)
+    b = _disk_with(_log_of([1, 1]), epoch=2)
+    c = _disk_with(_log_of([1, 1, 2, 2, 2]), epoch=2)  # durable entries of a leader that lost
+    t = Trio({"a": a, "b": b, "c": c})
+    t.tick("a", 2 * CFG.election_timeout_ms)
+    t.deliver(drop=lambda s, d, m: d == "c" or s == "c")
+    assert t.replicas["a"].role == LEADER
+    t.queue.clear()
+    t.replicas["c"].step(Append(3, "a", 2, 1, 0, 3, []))  # heartbeat: prev (2, epoch 1) matches c
+    rd = t.replicas["c"].ready()
+    t.replicas["c"].advance()
+    acks = [o.message for o in rd.messages if isinstance(o.message, AppendAck)]
+    assert acks == [AppendAck(3, "c", 2)]  # not 5: entries 2..4 are not known to match
+
+
+# ------------------------------------------------------------------ truncation (Raft figure 7)
+
+LEADER_EPOCHS = [1, 1, 1, 4, 4, 5, 5, 6, 6, 6]
+FIGURE_7 = {
+    "a_missing_one": [1, 1, 1, 4, 4, 5, 5, 6, 6],
+    "b_missing_many": [1, 1, 1, 4],
+    "c_extra_same_epoch": [1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 6],
+    "d_extra_newer_epoch": [1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 7, 7],
+    "e_divergent_epoch_4": [1, 1, 1, 4, 4, 4, 4],
+    "f_divergent_epochs_2_3": [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3],
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIGURE_7))
+def test_follower_truncates_exactly_its_divergent_suffix(case: str) -> None:
+    leader_log = _log_of(LEADER_EPOCHS)
+    follower_log = _log_of(FIGURE_7[case])
+    # c_extra_same_epoch: the extra entry of epoch 6 came from the same leader, so it carries
+    # that leader's payload; _log_of names payloads by (epoch, offset), which matches.
+    disks = {"a": _disk_with(leader_log, 7), "b": _disk_with(leader_log, 7), "c": _disk_with(follower_log, 7)}
+    t = Trio(disks)
+    t.tick("a", 2 * CFG.election_timeout_ms)
+    t.deliver()
+    assert t.replicas["a"].role == LEADER and t.replicas["a"].epoch == 8
+    pid = t.propose("a", b"new")
+    t.deliver()
+    for _ in range(5):
+        t.heartbeat("a")
+    assert t.log("c") == t.log("a")
+    common = 0
+    while common < min(len(LEADER_EPOCHS), len(FIGURE_7[case])) and LEADER_EPOCHS[common] == FIGURE_7[case][common]:
+        common += 1
+    # Only the divergent suffix went: the common prefix was never rewritten on c's disk.
+    truncations = [rd.truncate_from for rd in t.readies["c"] if rd.truncate_from is not None]
+    assert all(cut >= common for cut in truncations)
+    assert bool(truncations) == (len(FIGURE_7[case]) > common)
+    assert t.outcomes[pid].status == COMMITTED
+    assert t.replicas["c"].high_watermark == t.replicas["a"].log_end
+
+
+def test_truncation_point_inside_a_batch_cuts_the_whole_batch() -> None:
+    """The leader's epoch may end inside one of our batches (simulator seed 248)."""
+    leader_log = _log_of([1, 7, 9], counts=[5, 1, 1])    # epoch 7 holds [5,6)
+    follower_log = _log_of([1, 5, 8], counts=[5, 3, 1])  # epoch 5 holds [5,8)
+    disks = {"a": _disk_with(leader_log, 9), "b": _disk_with(leader_log, 9), "c": _disk_with(follower_log, 9)}
+    t = Trio(disks)
+    t.elect("a")
+    for _ in range(3):
+        t.heartbeat("a")
+    assert t.log("c") == t.log("a")
+    # Asked about epoch 8, the leader answers "epoch 7 ends at 6", inside c's batch [5,8).
+    assert [rd.truncate_from for rd in t.readies["c"] if rd.truncate_from is not None] == [5]
+
+
+# ------------------------------------------------------------------ fencing
+
+
+def test_stale_leader_cannot_commit_and_fails_its_proposals() -> None:
+    t = Trio()
+    t.elect("a")
+    t.heartbeat("a")
+    # a is cut off; b and c elect b.
+    t.tick("b", 2 * CFG.election_timeout_ms)
+    t.deliver(drop=lambda s, d, m: "a" in (s, d))
+    assert t.replicas["b"].role == LEADER and t.replicas["b"].epoch == 2
+    pid = t.propose("a", b"lost")  # a still believes it leads epoch 1
+    assert pid not in t.outcomes
+    t.deliver()  # a's Append reaches b and c, who answer with epoch 2
+    assert t.replicas["a"].role == FOLLOWER
+    assert t.outcomes[pid].status == NOT_LEADER
+    assert all(x[3] != b"lost" for x in t.log("b"))
+    t.heartbeat("b")
+    assert t.log("a") == t.log("b")  # a's uncommitted batch is gone from a too
+
+
+def test_check_quorum_steps_down_an_isolated_leader() -> None:
+    t = Trio()
+    t.elect("a")
+    t.heartbeat("a")
+    pid = t.propose("a", b"unacked")
+    t.queue.clear()  # nothing from a arrives anywhere: a is isolated (or paused, then resumed)
+    t.tick("a", CFG.election_timeout_ms // 2)
+    assert t.replicas["a"].role == LEADER
+    t.tick("a", CFG.election_timeout_ms)
+    assert t.replicas["a"].role == FOLLOWER
+    assert t.outcomes[pid].status == NOT_LEADER
+
+
+# ------------------------------------------------------------------ idempotent producer
+
+
+def test_duplicate_idempotent_batch_returns_the_original_offset_even_after_leader_change() -> None:
+    t = Trio()
+    t.elect("a")
+    first = t.propose("a", b"p7-0", count=2, producer_id=7, seq=0)
+    t.deliver()
+    t.heartbeat("a")
+    again = t.propose("a", b"p7-0", count=2, producer_id=7, seq=0)
+    end = t.replicas["a"].log_end
+    assert t.outcomes[again].status == COMMITTED and t.outcomes[again].duplicate
+    assert t.outcomes[again].base_offset == t.outcomes[first].base_offset
+    gap = t.propose("a", b"p7-5", producer_id=7, seq=5)
+    assert t.outcomes[gap].status == OUT_OF_ORDER
+    assert t.replicas["a"].log_end == end
+    # b takes over; its producer table comes from its own log.
+    t.elect("b")
+    retry = t.propose("b", b"p7-0", count=2, producer_id=7, seq=0)
+    assert t.outcomes[retry].base_offset == t.outcomes[first].base_offset
+    nxt = t.propose("b", b"p7-2", producer_id=7, seq=2)
+    t.deliver()
+    t.heartbeat("b")
+    assert t.outcomes[nxt].status == COMMITTED and not t.outcomes[nxt].duplicate
+
+
+def test_backpressure_when_too_many_proposals_wait() -> None:
+    t = Trio()
+    t.elect("a")
+    ids = [t.propose("a", b"x") for _ in range(CFG.pending_proposals_max + 1)]
+    assert t.outcomes[ids[-1]].status == BACKPRESSURE
+    assert all(i not in t.outcomes for i in ids[:-1])
+
+
+def test_proposal_to_a_follower_is_not_leader_with_a_hint() -> None:
+    t = Trio()
+    t.elect("a")
+    t.heartbeat("a")
+    pid = t.propose("b", b"x")
+    assert (t.outcomes[pid].status, t.outcomes[pid].leader_hint) == (NOT_LEADER, "a")
+
+
+# ------------------------------------------------------------------ lost broadcasts and restarts
+
+
+def test_follower_fetches_the_gap_after_a_dropped_append() -> None:
+    t = Trio()
+    t.elect("a")
+    t.heartbeat("a")
+    t.propose("a", b"one")
+    t.deliver(drop=lambda s, d, m: d == "c" and isinstance(m, Append))  # PUB/SUB dropped it for c
+    assert t.replicas["c"].log_end == 1
+    t.propose("a", b"two")
+    t.deliver()  # c sees prev_end 2 > its end 1: a gap
+    sent_fetch = [o.message for rd in t.readies["c"] for o in rd.messages if isinstance(o.message, Fetch)]
+    assert sent_fetch and sent_fetch[-1].from_end == 1
+    assert t.log("c") == t.log("a")
+
+
+def test_restart_from_durable_state_loses_unsynced_writes_then_catches_up() -> None:
+    t = Trio()
+    t.elect("a")
+    t.heartbeat("a")
+    t.autosync["c"] = False
+    t.propose("a", b"x")
+    t.deliver()
+    assert t.replicas["c"].log_end == 2
+    t.restart("c")  # crash: c's unsynced copy of x is gone
+    c = t.replicas["c"]
+    assert (c.log_end, c.epoch, c.role, c.leader) == (1, 1, FOLLOWER, None)
+    t.autosync["c"] = True
+    t.heartbeat("a")
+    assert t.log("c") == t.log("a")
+    assert t.replicas["c"].high_watermark == 2
+
+
+# ------------------------------------------------------------------ peer input
+
+
+def test_bad_peer_input_raises_protocol_error() -> None:
+    t = Trio()
+    t.elect("a")
+    b = t.replicas["b"]
+    with pytest.raises(ProtocolError):
+        b.step(Append(1, "mallory", 0, 0, 0, 0, []))
+    with pytest.raises(ProtocolError):
+        b.step(Append(1, "a", 1, 1, 0, 5, [[7, 1, 1, -1, -1, b""]]))  # not contiguous with prev_end
+    with pytest.raises(ProtocolError):
+        b.step(Append(1, "a", 1, 1, 0, 5, [[1, 0, 1, -1, -1, b""]]))  # empty batch
+    with pytest.raises(ProtocolError):
+        b.step(Append(1, "a", 1, 1, 0, 5, [[1, 1, 2, -1, -1, b""]]))  # entry newer than its Append
+    with pytest.raises(ProtocolError):
+        t.replicas["a"].step(AppendAck(1, "b", 999))
+    with pytest.raises(ProtocolError):
+        b.step("hello")
+
+
+def test_messages_round_trip_through_cbor() -> None:
+    samples = {
+        Append: Append(3, "a", 4, 2, 1, 6, [Entry(4, 2, 3, 7, 0, b"xy").to_wire()]),
+        AppendAck: AppendAck(3, "b", 6),
+        Fetch: Fetch(3, "b", 4, 2),
+        RequestVote: RequestVote(3, "c", 2, 4),
+        Vote: Vote(3, "b", True),
+    }
+    for cls in MESSAGE_TYPES:
+        fields = [f for f in cls.__slots__]
+        msg = samples.get(cls) or cls(*([1, "a"] + [0] * (len(fields) - 2)))
+        wire = cbor2.dumps([getattr(msg, f) for f in fields])
+        assert cls(*cbor2.loads(wire)) == msg
+    entry = Entry(4, 2, 3, 7, 0, b"xy")
+    assert Entry.from_wire(cbor2.loads(cbor2.dumps(entry.to_wire()))) == entry
