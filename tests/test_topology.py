@@ -713,7 +713,7 @@ def test_shipped_topology_loads(path: Path) -> None:
 
 def test_local_topology() -> None:
     topology = load_topology(REPO / "topologies" / "local.toml")
-    assert topology.cluster.name == "zq-local"
+    assert topology.cluster.name == "zq"
     assert topology.cluster.data_dir == REPO / "data"
     assert [(n.name, n.host, n.port) for n in topology.nodes] == [
         ("n1", "127.0.0.1", 7100), ("n2", "127.0.0.1", 7110), ("n3", "127.0.0.1", 7120)]
