@@ -720,7 +720,7 @@ def test_local_topology() -> None:
     assert topology.cluster.seeds == ("127.0.0.1:7100", "127.0.0.1:7110", "127.0.0.1:7120")
     assert [n.name for n in topology.nodes_on_this_host()] == ["n1", "n2", "n3"]
     (orders,) = topology.topics
-    assert (orders.name, orders.partitions, orders.replication) == ("orders", 8, 1)
+    assert (orders.name, orders.partitions, orders.replication) == ("orders", 8, 3)
     assert [(g.name, g.topics) for g in topology.groups] == [("billing", ("orders",))]
 
 
