@@ -44,6 +44,7 @@ PORTS_PER_NODE = 10              # INTERFACE.md: a node uses at most ten consecu
 PORT_BASE_MIN = 20_000           # below Linux's ephemeral range (32768-60999), so no client socket
 PORT_BASE_MAX = 32_000           # takes a port between our probe and the node's bind
 PORT_PICK_TRIES_MAX = 200
+SIGNAL_SETTLE_S_MAX = 5.0        # how long pause()/resume() wait for the kernel to show the new state
 
 _LIVE: "weakref.WeakSet[LocalCluster]" = weakref.WeakSet()
 
@@ -264,11 +265,28 @@ class LocalCluster:
             self.wait_ready([name])
 
     def pause(self, name: str) -> None:
-        """SIGSTOP: the process stays, but neither it nor libzmq's threads answer anything."""
+        """SIGSTOP: the process stays, but neither it nor libzmq's threads answer anything.
+
+        Returns once the kernel shows the process stopped, so the test's next step sees it paused."""
         self.group.send_signal(name, signal.SIGSTOP)
+        self._wait_state(name, stopped=True)
 
     def resume(self, name: str) -> None:
         self.group.send_signal(name, signal.SIGCONT)
+        self._wait_state(name, stopped=False)
+
+    def _wait_state(self, name: str, stopped: bool) -> None:
+        """Wait (bounded) until /proc shows the process stopped or not; Linux only, else no wait."""
+        stat = Path(f"/proc/{self.pid(name)}/stat")
+        deadline = time.monotonic() + SIGNAL_SETTLE_S_MAX
+        while time.monotonic() < deadline:
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return
+            if (state in ("T", "t")) == stopped:
+                return
+            time.sleep(0.005)
 
     def died(self) -> list[str]:
         """Nodes that exited without being asked to."""
