@@ -336,3 +336,10 @@ message(22)(_rt.Fetch)
 message(23)(_rt.Diverging)
 message(24)(_rt.RequestVote)
 message(25)(_rt.Vote)
+
+# The membership core's messages (zq.core.membership: SWIM failure detection and gossip), node to node.
+from zq.core import membership as _mb  # noqa: E402
+
+message(60)(_mb.Ping)
+message(61)(_mb.Ack)
+message(62)(_mb.PingReq)
