@@ -119,23 +119,32 @@ def node_start(
     cluster: Annotated[Optional[str], typer.Option("--cluster", envvar="ZQ_CLUSTER",
                                                    help="Cluster name (default: the topology's, else zq).")] = None,
     no_discovery: Annotated[bool, typer.Option("--no-discovery", help="Do not use zeroconf; seeds only.")] = False,
+    service: Annotated[Optional[list[str]], typer.Option("--service", metavar="MODULE", hidden=True,
+                                                         help="Also install this service module.")] = None,
 ) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
     from zq.io.node import run_node
-    config = build_node_config(name, topology, data_dir, bind, port, seed or [], cluster, no_discovery)
+    config = build_node_config(name, topology, data_dir, bind, port, seed or [], cluster, no_discovery,
+                               services=service or [])
     run_node(config)
 
 
 def build_node_config(name: str, topology_path: Path | None, data_dir: Path | None, bind: str | None,
-                      port: int | None, seeds: list[str], cluster: str | None, no_discovery: bool = False):
-    """The NodeConfig of `zq node start`: the topology's entry, then the command line over it."""
+                      port: int | None, seeds: list[str], cluster: str | None, no_discovery: bool = False,
+                      services: list[str] = ()):
+    """The NodeConfig of `zq node start`: the topology's entry, then the command line over it.
+
+    `services` (hidden `--service MODULE`) are installed on top of the node's default services."""
     from zq.io.node import NodeConfig
     for s in seeds:
         _check_address(s, "--seed")
+    extra: dict[str, Any] = {}
+    if services:
+        extra["services"] = tuple(dict.fromkeys([*NodeConfig.__dataclass_fields__["services"].default, *services]))
     if topology_path is None:
         return NodeConfig(name=name, host=bind or "127.0.0.1", port=port or 7100,
                           data_dir=data_dir or Path("data") / name, cluster=cluster or "zq",
-                          seeds=tuple(seeds), discovery=not no_discovery)
+                          seeds=tuple(seeds), discovery=not no_discovery, **extra)
     from zq.topology import load_topology
     topo = load_topology(topology_path)
     spec = topo.node(name)   # TopologyError naming the file and the nodes it has
@@ -143,7 +152,7 @@ def build_node_config(name: str, topology_path: Path | None, data_dir: Path | No
     return NodeConfig(name=name, host=bind or spec.host, port=port or spec.port,
                       data_dir=data_dir or topo.node_data_dir(name), cluster=cluster or topo.cluster.name,
                       seeds=tuple(all_seeds), voters=tuple(topo.cluster.voters), topology=topo,
-                      discovery=topo.cluster.discovery != "off" and not no_discovery)
+                      discovery=topo.cluster.discovery != "off" and not no_discovery, **extra)
 
 
 def _check_address(text: str, option: str) -> None:
