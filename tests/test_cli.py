@@ -343,3 +343,42 @@ def test_broken_pipe_is_quiet(cluster):
     assert json.loads(first)["value"] == "x" * 1000
     assert consume.returncode == 0
     assert err == b""
+
+
+BENCH_KEYS = {"test", "messages", "size", "seconds", "msgs_per_s", "mb_per_s", "latency_ms", "settings"}
+
+
+@pytest.mark.parametrize("argv", [["produce", "--messages", "3000"],
+                                  ["produce", "--messages", "200", "--rate", "2000", "--partitions", "1"],
+                                  ["consume", "--messages", "3000"],
+                                  ["e2e", "--messages", "200", "--rate", "2000"]])
+def test_bench_json_shape(zq, argv):
+    code, out, err = zq("bench", *argv, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert BENCH_KEYS <= set(doc)
+    assert doc["test"] == argv[0] and doc["messages"] == int(argv[2]) and doc["size"] == 100
+    assert set(doc["latency_ms"]) == {"p50", "p99", "p999"}
+    assert set(doc["settings"]) == {"partitions", "replication", "acks", "durability"}
+    assert doc["settings"]["durability"] == "fsync" and doc["errors"] == 0
+    assert doc["msgs_per_s"] > 0 and doc["mb_per_s"] == pytest.approx(doc["msgs_per_s"] * 100 / 1e6, rel=0.01)
+    if argv[0] == "consume":
+        assert doc["latency_ms"]["p50"] is None          # not measured, and says so
+    else:
+        lat = doc["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"]
+
+
+def test_bench_suite_verdicts():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_tool", Path(__file__).parent.parent / "tools" / "bench.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    fast = {"msgs_per_s": 300_000.0, "latency_ms": {"p50": 0.4, "p99": 0.9, "p999": 2.0}}
+    slow = {"msgs_per_s": 1_000.0, "latency_ms": {"p50": 4.0, "p99": 9.0, "p999": 20.0}}
+    assert tool.verdict("produce", fast).endswith(": met")
+    assert tool.verdict("produce", slow).endswith("NOT met")
+    assert tool.verdict("produce-latency", fast).endswith(": met")
+    assert tool.verdict("produce-latency", slow).endswith("NOT met")
+    assert [name for name, _ in tool.suite(10, 10)] == ["produce", "produce-latency", "consume", "e2e"]

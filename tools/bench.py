@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""The benchmark suite that `make bench` runs: zq's figures beside the anchors measured on this machine.
+
+    python tools/bench.py                 # starts a 1-node LocalCluster (the issue's "one node
+                                          # holding the partitions"), runs the suite, stops it
+    python tools/bench.py --quick         # smaller runs, for a smoke test (~20 s)
+    python tools/bench.py --bootstrap H:P # against a running cluster instead
+
+The suite (every run: 100-byte values, durability=fsync, acks=leader, one client process):
+
+    produce          N messages as fast as one producer goes, 8 partitions    -> msg/s, MB/s
+    produce-latency  2,000 msg/s paced for 10 s, 1 partition, one message per request
+                                                                               -> send-to-durable-ack p50/p99/p99.9
+    consume          N messages read from earliest by one consumer, 8 partitions -> msg/s, MB/s
+    e2e              2,000 msg/s paced for 10 s, consumer in a second process  -> produce-to-consume p50/p99/p99.9
+
+Each result is printed, then a table puts them beside the issue's targets and the anchors, and
+every result goes as one JSON line (INTERFACE.md's bench shape plus "name", "started_utc" and
+"machine") to bench-results/bench-<UTC time>.jsonl.
+
+What `zq bench` measures, exactly, is in the docstring of zq/cli/bench.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zq.cli.bench import print_result, run_bench  # noqa: E402
+from zq.cli.render import fmt_ms, fmt_rate  # noqa: E402
+from zq.errors import ZqError  # noqa: E402
+
+# Copied from /work/shared/anchors/RESULTS.md ("Performance anchors (this machine)", run
+# 2026-11-27 02:05 UTC; medians of 3 reps, 100-byte payloads, one Python client). Read its
+# caveats before comparing: durability and ack semantics differ between the anchors.
+ANCHORS = {
+    "produce": [
+        ("zq-path A5: pyzmq+cbor2+rocksdict, batch=100, fsync (ceiling)", "397.6 k msg/s"),
+        ("Redis Streams B: XADD pipeline=1000, aof everysec", "86.5 k msg/s"),
+        ("NATS JetStream B: file R1, async window=1000", "38.1 k msg/s"),
+        ("RabbitMQ B: quorum queue, confirms window=1000", "32.2 k msg/s"),
+    ],
+    "produce-latency": [
+        ("zq-path A5: produce->fsync ack @2000 msg/s, 1 msg/request", "p50 484 µs, p99 812 µs"),
+    ],
+    "consume": [
+        ("Redis Streams C: XREADGROUP 1000 + XACK", "68.5 k msg/s"),
+        ("RabbitMQ C: prefetch 1000, ack multiple every 100", "41.3 k msg/s"),
+        ("NATS JetStream C: pull fetch=500 + explicit ack", "24.8 k msg/s"),
+    ],
+    "e2e": [
+        ("Redis Streams D @2000 msg/s", "p50 225 µs, p99 375 µs"),
+        ("NATS JetStream D @2000 msg/s", "p50 616 µs, p99 1547 µs"),
+        ("RabbitMQ D @2000 msg/s", "p50 1433 µs, p99 6927 µs"),
+    ],
+}
+# The issue's targets (issue 2, "Performance to reach").
+TARGETS = {
+    "produce": ("msgs_per_s", ">=", 250_000, "≥ 250 k msg/s"),
+    "consume": ("msgs_per_s", ">=", 250_000, "≥ 250 k msg/s"),
+    "produce-latency": ("p99", "<=", 1.0, "p99 ≤ 1 ms @2000 msg/s"),
+    "e2e": None,
+}
+PACED_RATE = 2_000        # msg/s, as the anchors' latency runs
+PACED_SECONDS = 10        # as the anchors' latency runs
+
+
+def suite(messages: int, paced_messages: int) -> list[tuple[str, dict]]:
+    common = {"size": 100, "replication": 1, "acks": "leader", "durability": "fsync"}
+    return [
+        ("produce", {"test": "produce", "messages": messages, "partitions": 8, **common}),
+        ("produce-latency", {"test": "produce", "messages": paced_messages, "partitions": 1,
+                             "rate": PACED_RATE, **common}),
+        ("consume", {"test": "consume", "messages": messages, "partitions": 8, **common}),
+        ("e2e", {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE, **common}),
+    ]
+
+
+def verdict(name: str, result: dict) -> str:
+    target = TARGETS.get(name)
+    if target is None:
+        return "-"
+    field, op, bound, text = target
+    value = result["latency_ms"].get(field) if field.startswith("p") else result.get(field)
+    if value is None:
+        return f"{text}: no figure"
+    met = value >= bound if op == ">=" else value <= bound
+    return f"{text}: {'met' if met else 'NOT met'}"
+
+
+def summary(name: str, result: dict) -> str:
+    lat = result["latency_ms"]
+    if name in ("produce-latency", "e2e"):
+        return (f"p50 {fmt_ms(lat['p50'])}, p99 {fmt_ms(lat['p99'])}, p99.9 {fmt_ms(lat['p999'])} "
+                f"(achieved {fmt_rate(result['rate_achieved'])} msg/s)")
+    return f"{fmt_rate(result['msgs_per_s'])} msg/s, {result['mb_per_s']:.1f} MB/s"
+
+
+def print_table(rows: list[tuple[str, dict]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="zq bench beside the anchors (anchors: /work/shared/anchors/RESULTS.md, same machine)",
+                  title_justify="left", show_lines=True)
+    for column in ("test", "zq", "issue target", "anchors"):
+        table.add_column(column)
+    for name, result in rows:
+        anchors = "\n".join(f"{label}: {figure}" for label, figure in ANCHORS.get(name, []))
+        table.add_row(name, summary(name, result), verdict(name, result), anchors)
+    Console(width=max(160, Console().width)).print(table)
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+            "platform": platform.platform()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bootstrap", help="a running cluster (default: start a LocalCluster)")
+    parser.add_argument("--cluster", default="zq", help="its cluster name (with --bootstrap)")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes of the LocalCluster (default 1)")
+    parser.add_argument("--messages", type=int, default=500_000, help="messages of the throughput runs")
+    parser.add_argument("--quick", action="store_true", help="50,000-message throughput runs and 2 s paced runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="folder for the JSON lines")
+    parser.add_argument("--only", choices=[n for n in TARGETS], action="append", help="run only these tests")
+    args = parser.parse_args()
+    messages = 50_000 if args.quick else args.messages
+    paced = PACED_RATE * (2 if args.quick else PACED_SECONDS)
+    started = datetime.now(timezone.utc)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_path = args.out / f"bench-{started.strftime('%Y%m%dT%H%M%SZ')}.jsonl"
+    print(f"zq bench suite: {messages} messages per throughput run, {paced} paced at {PACED_RATE} msg/s; "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
+
+    from contextlib import ExitStack
+    rows: list[tuple[str, dict]] = []
+    with ExitStack() as stack:
+        bootstrap, cluster = args.bootstrap, args.cluster
+        if bootstrap is None:
+            from zq.testing import LocalCluster
+            local = stack.enter_context(LocalCluster(nodes=args.nodes))
+            bootstrap, cluster = local.bootstrap, local.name
+        for name, spec in suite(messages, paced):
+            if args.only and name not in args.only:
+                continue
+            spec = dict(spec)
+            test = spec.pop("test")
+            t0 = time.monotonic()
+            try:
+                result = run_bench(test, bootstrap=bootstrap, cluster=cluster, progress=True, **spec)
+            except ZqError as error:
+                print(f"{name}: failed: {error.message}", file=sys.stderr)
+                continue
+            result["nodes"] = args.nodes if args.bootstrap is None else None
+            print(f"[{name}, {time.monotonic() - t0:.1f} s]")
+            print_result(result)
+            rows.append((name, result))
+            with open(out_path, "a") as f:
+                f.write(json.dumps({"name": name, "started_utc": started.isoformat(), "machine": machine(),
+                                    **result}) + "\n")
+    print()
+    print_table(rows)
+    print(f"results: {out_path}")
+    return 0 if len(rows) == len([n for n, _ in suite(1, 1) if not args.only or n in args.only]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
