@@ -222,12 +222,14 @@ class ReplicationConfig:
 
     election_timeout_ms: int = 300       # a follower waits a random time in [t, 2t) without a leader
     heartbeat_interval_ms: int = 50      # leader's empty Append; must be well under the timeout
-    fetch_retry_ms: int = 100            # a follower keeps one Fetch in flight; resends after this
+    fetch_retry_ms: int = 100            # a follower keeps at most one Fetch in flight; resends after this
     append_entries_max: int = 256        # entries in one Append
     append_bytes_max: int = 1 << 20      # payload bytes in one Append (at least one entry goes)
-    pending_proposals_max: int = 1024    # proposals waiting for commit before BACKPRESSURE
+    pending_proposals_max: int = 1024    # proposals waiting for commit before BACKPRESSURE; this
+                                         # also bounds the leader's uncommitted entries in flight
     producer_batches_kept: int = 5       # per idempotent producer, recent batches remembered
     producers_max: int = 10_000          # idempotent producers remembered (least recent dropped)
+    producer_scan_records_max: int = 10_000_000  # log tail read to rebuild producer state
     check_quorum: bool = True            # a leader that hears from no majority for a timeout steps down
 
 

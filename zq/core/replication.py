@@ -247,8 +247,8 @@ class Replica:
         if m.epoch < self.epoch:
             self._send(m.sender, AppendAck(self.epoch, self.node_id, 0))  # fence the stale leader
             return
-        if self.role == LEADER and m.epoch == self.epoch:
-            raise ProtocolError(f"{m.sender} claims to lead epoch {m.epoch}, which this replica leads")
+        if m.epoch == self.epoch and (self.role == LEADER or self.leader not in (None, m.sender)):
+            raise ProtocolError(f"{m.sender} claims to lead epoch {m.epoch}, which {self.leader} leads")
         if m.epoch > self.epoch or self.role != FOLLOWER or self.leader != m.sender:
             self.become_follower(m.epoch, m.sender)
         self._reset_election_timer()
@@ -532,9 +532,12 @@ class Replica:
             self._producers.popitem(last=False)
 
     def _rebuild_producers(self) -> None:
-        """Producer state is derived from the log, so it is right after a truncation or restart."""
+        """Producer state is derived from the log, so it is right after a truncation or restart.
+
+        Only the last `producer_scan_records_max` records are read: a producer silent for longer
+        is forgotten, which costs it deduplication of a retry that old, never data."""
         self._producers.clear()
-        pos = 0
+        pos = self._entry_start(max(0, self.log_end - self.config.producer_scan_records_max))
         while pos < self.log_end:
             chunk = self._read(pos, self.config.append_entries_max, _SCAN_BYTES)
             if not chunk:

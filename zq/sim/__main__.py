@@ -29,7 +29,7 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
         _report_failure(r, nodes, steps)
         return 1
     print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.elections} elections, {r.crashes} crashes, "
-          f"{r.pauses} pauses, {r.cuts} partitions, converged at t={r.converged_ms} ms, trace {r.trace_hash}")
+          f"{r.pauses} pauses, {r.cuts} partitions, converged {r.converged_ms} ms after healing, trace {r.trace_hash}")
     return 0
 
 
@@ -37,18 +37,21 @@ def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> i
     print(f"seeds {start}..{start + count - 1}, nodes={nodes}, steps={steps}")
     began = time.monotonic()
     failures: list[Result] = []
+    converge_ms_max = 0
     totals = {"steps": 0, "acks": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0}
     for i, seed in enumerate(range(start, start + count), 1):
         r = Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run()
         for k in totals:
             totals[k] += getattr(r, k)
+        converge_ms_max = max(converge_ms_max, r.converged_ms)
         if not r.ok:
             failures.append(r)
             _report_failure(r, nodes, steps)
         if i % PROGRESS_EVERY == 0 or i == count:
             print(f"  {i}/{count} seeds, {len(failures)} failed, {time.monotonic() - began:.1f} s", flush=True)
     summary = ", ".join(f"{v} {k}" for k, v in totals.items())
-    print(f"{count} seeds in {time.monotonic() - began:.1f} s: {len(failures)} failed; {summary}")
+    print(f"{count} seeds in {time.monotonic() - began:.1f} s: {len(failures)} failed; {summary}; "
+          f"slowest convergence after healing {converge_ms_max} ms (simulated)")
     for r in failures:
         print(f"  {replay_command(r.seed, nodes, steps)}   # {r.invariant}")
     return 1 if failures else 0
