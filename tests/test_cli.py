@@ -327,6 +327,14 @@ def test_unknown_topic_is_exit_2(zq, short_timeouts):
     assert_one_sentence(err)
 
 
+def test_produce_to_an_unknown_topic_fails_at_once(zq):
+    started = time.monotonic()
+    code, out, err = zq("produce", "no-such-topic", "v")
+    assert code == 2 and "no-such-topic" in err
+    assert_one_sentence(err)
+    assert time.monotonic() - started < 5     # not the producer's 30 s wait for a topic to appear
+
+
 def test_broken_pipe_is_quiet(cluster):
     with cluster.client() as client:
         client.create_topic("pipe")

@@ -311,6 +311,11 @@ def produce(
         fixed_key = key.encode() if key is not None else None
         messages = _stdin_messages(sep, fixed_key)
     with _client(bootstrap, cluster) as client:
+        # A producer waits up to max_block_ms for a topic that may be being created; at a prompt a
+        # misspelt name should fail at once.
+        if topic not in _topic_names(client.topics()):
+            raise errors.UnknownTopic(f"topic {topic!r} does not exist; create it with `zq topic create {topic}`, "
+                                      "or check the name with `zq topic list`")
         producer = client.producer(acks=acks)
         try:
             _produce_all(producer, topic, messages, headers, partition, json_out)
