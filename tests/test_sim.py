@@ -90,6 +90,8 @@ def test_runs_draw_faults_and_do_work() -> None:
     assert sum(r.pauses for r in results) > 20
     assert sum(r.cuts for r in results) > 50
     assert sum(r.acks for r in results) > 500
+    assert sum(r.reads for r in results) > 500
+    assert {r.settings.durability for r in results} == {"fsync", "replicated"}
     assert all(r.elections >= r.settings.partitions for r in results)
 
 

@@ -28,7 +28,7 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
     if not r.ok:
         _report_failure(r, nodes, steps)
         return 1
-    print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.elections} elections, {r.crashes} crashes, "
+    print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.reads} reads, {r.elections} elections, {r.crashes} crashes, "
           f"{r.pauses} pauses, {r.cuts} partitions, converged {r.converged_ms} ms after healing, trace {r.trace_hash}")
     return 0
 
@@ -38,7 +38,7 @@ def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> i
     began = time.monotonic()
     failures: list[Result] = []
     converge_ms_max = 0
-    totals = {"steps": 0, "acks": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0}
+    totals = {"steps": 0, "acks": 0, "reads": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0}
     for i, seed in enumerate(range(start, start + count), 1):
         r = Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run()
         for k in totals:

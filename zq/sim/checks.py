@@ -13,7 +13,8 @@ compared with what is there. From that:
 - an acknowledged write is in the committed log at the offset and epoch it was acknowledged
   with; every new leader holds the whole committed log; no replica ever deletes an entry of the
   committed log (so no future leader can lack one);
-- an idempotent producer's batch is committed at most once.
+- an idempotent producer's batch is committed at most once;
+- what a consumer read below a leader's high watermark is committed, and stays in every log.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class Checker:
         self.hw: dict[tuple[str, int], int] = {}
         self.leaders: dict[tuple[int, int], str] = {}
         self.acks: dict[int, list[Ack]] = {p: [] for p in partitions}
+        self.reads: dict[int, dict[int, Entry]] = {p: {} for p in partitions}
         self.idempotent: dict[tuple[int, int, int], int] = {}  # (partition, producer, seq) -> offset
 
     # -- events
@@ -101,6 +103,12 @@ class Checker:
                             f"p{ack.partition} offset {ack.base_offset} epoch {ack.epoch}: committed has {c}")
         self.acks[ack.partition].append(ack)
 
+    def on_read(self, node: str, p: int, entry: Entry) -> None:
+        c = self.committed[p].get(entry.base_offset)
+        if c is None or not _same(c, entry):
+            raise Violation("consumer saw an uncommitted entry", f"{node} p{p} offset {entry.base_offset}: {entry}")
+        self.reads[p][entry.base_offset] = entry
+
     # -- final
 
     def check_converged_logs(self, p: int, replicas: list) -> None:
@@ -111,6 +119,10 @@ class Checker:
                 got = r.entries(ack.base_offset, 1, 0)
                 if not got or got[0].base_offset != ack.base_offset or got[0].payload != ack.payload:
                     raise Violation("acknowledged write lost", f"{node} p{p} offset {ack.base_offset}")
+            for offset, seen in self.reads[p].items():
+                got = r.entries(offset, 1, 0)
+                if not got or not _same(got[0], seen):
+                    raise Violation("entry a consumer saw was taken back", f"{node} p{p} offset {offset}")
 
     # -- helpers
 

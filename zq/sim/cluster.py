@@ -12,9 +12,12 @@ hold or the run stops with the invariant, the step and the replay command.
 
 The node shell here does what the real node does with a Ready: write (one atomic batch),
 sync when asked (persist, then send), send, answer producers, `advance()`, and report
-durability with `on_persisted` after each sync. A crash loses unsynced writes (a random prefix
-may survive) and the in-flight requests; a restart builds the cores from the durable disk
-alone. A pause stops a node's timers and queues what arrives for it (bounded, as socket
+durability with `on_persisted` after each sync. With durability=fsync a crash is a power loss:
+it loses unsynced writes (a random prefix may survive). With durability=replicated a write
+counts as durable once written (RocksDB's log, no fsync, as Kafka does) and a crash is a
+process kill, which the page cache survives; losing power on a majority at once is the case
+that mode gives up, and it is not simulated. A crash also loses the in-flight requests; a
+restart builds the cores from the disk alone. A pause stops a node's timers and queues what arrives for it (bounded, as socket
 buffers are), like SIGSTOP.
 
 The safety phase runs `steps` events with faults. The liveness phase then heals everything
@@ -46,7 +49,8 @@ from zq.sim.workload import (
 
 REPLICATION_FACTOR = 3
 DRAIN_ROUNDS_MAX = 16        # Ready rounds per event (each sync may free one more)
-PAUSED_INBOX_MAX = 1_000     # messages queued for a paused node before the rest are dropped
+PAUSED_INBOX_MAX = 1_000
+READ_ENTRIES_MAX = 8         # entries one simulated consumer fetch returns     # messages queued for a paused node before the rest are dropped
 SIM_CONFIG = ReplicationConfig(election_timeout_ms=150, heartbeat_interval_ms=40, fetch_retry_ms=60,
                                append_entries_max=16, append_bytes_max=256, pending_proposals_max=64)
 
@@ -61,7 +65,8 @@ class Settings:
     idempotent_share: float = 0.5
     steps: int = 400                 # events in the safety phase
     liveness_ms: int = 10_000        # simulated time allowed to converge after healing
-    durability: str = "fsync"
+    durability: str = "fsync"        # or "replicated" (see the module docstring)
+    readers: int = 1                 # consumers reading committed entries from leaders
     sync_delay_ms_max: int = 3       # group commit: a sync follows writes within this
     crash: bool = True
     pause: bool = True
@@ -81,6 +86,7 @@ class Settings:
         )
         return Settings(
             nodes=nodes, partitions=rng.choice([1, 2, 3]), producers=rng.choice([2, 3, 4]),
+            durability=rng.choice(["fsync", "fsync", "fsync", "replicated"]), readers=rng.choice([0, 1, 2]),
             idempotent_share=rng.choice([0.0, 0.5, 1.0]), steps=steps,
             sync_delay_ms_max=rng.choice([0, 3, 20]),
             crash=rng.random() < 0.7, pause=rng.random() < 0.5, partition=rng.random() < 0.6,
@@ -106,6 +112,7 @@ class Result:
     failed_step: int = -1
     phase: str = "safety"
     acks: int = 0
+    reads: int = 0                   # committed entries consumers read
     elections: int = 0
     crashes: int = 0
     pauses: int = 0
@@ -152,6 +159,7 @@ class Sim:
         self.checker = Checker(list(range(s.partitions)))
         self.result = Result(seed, True, s)
         self.producers: dict[str, Producer] = {}
+        self.read_positions: dict[int, int] = {}
         for i in range(s.producers):
             p = i % s.partitions
             idem = self.rng.random() < s.idempotent_share
@@ -176,6 +184,8 @@ class Sim:
             self.start_node(node)
         for name in self.producers:
             self.at(self.rng.randrange(1, 50), "produce", name)
+        for i in range(s.readers):
+            self.at(self.rng.randrange(1, 50), "read", i % s.partitions, i)
         if s.crash or s.pause or s.partition:
             self.at(self.rng.randrange(1, s.fault_interval_ms_max), "fault")
         try:
@@ -204,6 +214,7 @@ class Sim:
             self.result.phase = self.phase
         self.result.steps = self.step_no
         self.result.acks = sum(len(a) for a in self.checker.acks.values())
+        self.result.reads = sum(len(r) for r in self.checker.reads.values())
         self.result.trace_hash = self.trace.hexdigest()
         return self.result
 
@@ -266,7 +277,7 @@ class Sim:
             for outcome in rd.outcomes:
                 self.answer(node, p, outcome)
             r.advance()
-            if rd.must_sync:
+            if rd.must_sync or (rd.has_writes and self.settings.durability == "replicated"):
                 r.on_persisted(rd.log_end)
                 continue
             if rd.has_writes and not node.sync_pending:
@@ -402,6 +413,23 @@ class Sim:
         prod.target = resp.leader_hint if resp.leader_hint in prod.replica_set else self.rng.choice(prod.replica_set)
         self.at(self.now + RETRY_BACKOFF_MS, "retry", prod.name, resp.batch_no, resp.attempt)
 
+    def ev_read(self, p: int, reader: int) -> None:
+        """A consumer fetches from a replica that believes it leads: only what lies below that
+        replica's high watermark, which must never be taken back."""
+        if self.phase != "safety":
+            return
+        name = self.rng.choice(self.replica_sets[p])
+        node = self.nodes[name]
+        r = node.replicas.get(p)
+        if node.alive and not node.paused and r is not None and r.role == LEADER:
+            pos = self.read_positions.get(reader, 0)
+            for e in r.entries(pos, READ_ENTRIES_MAX, 1 << 20):
+                if e.base_offset >= r.high_watermark:
+                    break
+                self.checker.on_read(name, p, e)
+                self.read_positions[reader] = e.end_offset
+        self.at(self.now + self.rng.randint(5, 40), "read", p, reader)
+
     # ---------------------------------------------------------------- faults
 
     def ev_fault(self) -> None:
@@ -414,7 +442,7 @@ class Sim:
         node = self.nodes[name]
         duration = self.rng.randint(20, s.fault_duration_ms_max)
         if kind == "crash" and node.alive:
-            kept = node.disk.crash(self.rng)
+            kept = node.disk.crash(self.rng, power_loss=self.settings.durability == "fsync")
             node.alive = False
             node.replicas.clear()
             self.result.crashes += 1

@@ -85,9 +85,15 @@ class SimDisk:
             self.durable[p].apply(trunc, entries, hard)
         self.unsynced.clear()
 
-    def crash(self, rng: random.Random) -> int:
-        """Lose the volatile state; returns how many unsynced batches survived by luck."""
-        kept = rng.randrange(len(self.unsynced) + 1) if self.unsynced else 0
+    def crash(self, rng: random.Random, power_loss: bool = True) -> int:
+        """Lose the volatile state; returns how many unsynced batches survived.
+
+        A power loss keeps a random prefix of the unsynced batches (by luck); a process kill
+        keeps them all, since they sit in the operating system's page cache."""
+        if not power_loss:
+            kept = len(self.unsynced)
+        else:
+            kept = rng.randrange(len(self.unsynced) + 1) if self.unsynced else 0
         for p, trunc, entries, hard in self.unsynced[:kept]:
             self.durable[p].apply(trunc, entries, hard)
         self.unsynced.clear()
