@@ -1,0 +1,222 @@
+"""LAN clusters on a real (virtual) LAN: nodes as `python -m zq node start` processes in Linux network
+namespaces joined by a bridge (tests/netns.py, root only). Every packet stays inside the test's
+namespaces. Clients run inside a namespace too (the host has no route to the test LAN).
+
+What is measured (printed; run with `-s` to see it): how long discovery alone takes to form a
+cluster, and how long the failure detector takes to suspect and to declare a SIGKILLed node dead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.netns import ROOT_REASON, Lan, is_root
+from zq.io.membership import NODE_MEMBERSHIP
+
+PY = sys.executable
+SERVICE = "zq.io.membership"
+PORT = 7100
+FORM_TIMEOUT_S = 25.0        # bound on a cluster forming (processes start, zeroconf probes, pings)
+DEAD_TIMEOUT_S = 20.0        # bound on a killed node being declared dead
+# A killed node is probed within two rounds of probe periods, suspected one period later, and
+# declared dead a suspicion timeout after that; the slack covers a loaded 2-core machine.
+DEAD_BOUND_S = (3 * NODE_MEMBERSHIP.probe_interval_ms + NODE_MEMBERSHIP.suspicion_timeout_ms) / 1000 + 4.0
+PAUSE_S = 3.0                # less than the suspicion timeout (5 s), long enough to be suspected
+STATUS_POLL_S = 0.2
+
+# Runs inside a namespace: polls client.status() on one node and prints a JSON line each time the
+# node states change, until every state in WANT holds or the timeout passes.
+WATCH = textwrap.dedent("""
+    import json, sys, time
+    from zq.client import Client
+    boot, timeout_s, want = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
+    deadline, last = time.time() + timeout_s, None
+    with Client(bootstrap=boot) as client:
+        while time.time() < deadline:
+            try:
+                states = {n["name"]: n["state"] for n in client.status()["nodes"]}
+            except Exception as e:
+                states = {"error": type(e).__name__}
+            if states != last:
+                print(json.dumps({"t": time.time(), "states": states}), flush=True)
+                last = states
+            if all(states.get(k) == v for k, v in want.items()):
+                break
+            time.sleep(%s)
+""" % STATUS_POLL_S)
+
+# Runs inside a namespace: creates a topic (or not), produces N messages with acks=quorum to
+# every partition, then reads every partition from earliest and prints what it read.
+PRODUCE_AND_READ = textwrap.dedent("""
+    import json, sys, time
+    from zq.client import Client
+    from zq.errors import NotEnoughReplicas
+    boot, topic, tag, n, create = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+    with Client(bootstrap=boot) as client:
+        for attempt in range(100 if create else 0):   # nodes register in __meta shortly after they start
+            try:
+                client.create_topic(topic, partitions=3, replication=3)
+                break
+            except NotEnoughReplicas:
+                time.sleep(0.2)
+        producer = client.producer(acks="quorum")
+        futures = [producer.send(topic, f"{tag}-{i}".encode(), partition=i % 3) for i in range(n)]
+        metas = [f.result(60) for f in futures]
+        producer.flush(30)
+        consumer = client.consumer(topic, start="earliest")
+        values, deadline = [], time.time() + 30
+        while time.time() < deadline:
+            values += [m.value.decode() for m in consumer.poll(timeout=0.5)]
+            if sum(v.startswith(tag) for v in values) >= n:
+                break
+        consumer.close()
+    print(json.dumps({"partitions": sorted({m.partition for m in metas}), "values": values}))
+""")
+
+
+@pytest.fixture
+def root():
+    if not is_root():
+        pytest.skip(ROOT_REASON)
+
+
+def write_topology(path: Path, cluster: str, hosts: list[tuple[str, str]], discovery: str, data_dir: Path) -> Path:
+    lines = ["[cluster]", f'name = "{cluster}"', f'data_dir = "{data_dir}"', f'discovery = "{discovery}"', ""]
+    for name, host in hosts:
+        lines += ["[[node]]", f'name = "{name}"', f'host = "{host}"', f"port = {PORT}", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def start_node(lan: Lan, i: int, topology: Path, log_dir: Path) -> subprocess.Popen:
+    with open(log_dir / f"n{i + 1}.log", "w") as log:   # the child holds its own copy of the descriptor
+        return lan.popen(i, [PY, "-m", "zq", "node", "start", "--name", f"n{i + 1}", "--topology", str(topology),
+                             "--service", SERVICE], stdout=log, stderr=subprocess.STDOUT)
+
+
+def watch(lan: Lan, host: int, boot: str, want: dict[str, str], timeout_s: float) -> list[dict]:
+    """State changes seen by client.status() on `boot`, up to the first sample where `want` holds."""
+    result = lan.run(host, [PY, "-c", WATCH, boot, str(timeout_s), json.dumps(want)], timeout_s=timeout_s + 30)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def reached(samples: list[dict], want: dict[str, str]) -> float | None:
+    for s in samples:
+        if all(s["states"].get(k) == v for k, v in want.items()):
+            return s["t"]
+    return None
+
+
+def first_time(samples: list[dict], node: str, state: str) -> float | None:
+    return next((s["t"] for s in samples if s["states"].get(node) == state), None)
+
+
+def produce_and_read(lan: Lan, host: int, boot: str, topic: str, tag: str, n: int, create: bool) -> dict:
+    result = lan.run(host, [PY, "-c", PRODUCE_AND_READ, boot, topic, tag, str(n), "1" if create else "0"],
+                     timeout_s=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def metric(lan: Lan, host: int, address: str, kind: str) -> int:
+    """A counter from a node's /metrics (zq_events{kind=...}), read from inside the LAN."""
+    code = ("import sys, urllib.request; print(urllib.request.urlopen(f'http://{sys.argv[1]}/metrics', timeout=5)"
+            ".read().decode())")
+    h, p = address.rsplit(":", 1)
+    text = lan.run(host, [PY, "-c", code, f"{h}:{int(p) + 2}"], timeout_s=30).stdout
+    for line in text.splitlines():
+        if line.startswith("zq_events_total{") and f'kind="{kind}"' in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def logs(log_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(log_dir.glob("*.log")))
+
+
+@pytest.mark.netns
+def test_three_nodes_find_each_other_by_zeroconf_alone(root, tmp_path):
+    """No seeds: each node's topology names only itself, so zeroconf is the only way to the others."""
+    with Lan(hosts=3) as lan:
+        ip = lan.addresses
+        topologies = [write_topology(tmp_path / f"n{i + 1}.toml", "lan-disc", [(f"n{i + 1}", ip[i])], "zeroconf",
+                                     tmp_path / "data") for i in range(3)]
+        started = time.time()
+        for i in range(3):
+            start_node(lan, i, topologies[i], tmp_path)
+        want = {"n1": "alive", "n2": "alive", "n3": "alive"}
+        views = [watch(lan, i, f"{ip[i]}:{PORT}", want, FORM_TIMEOUT_S) for i in range(3)]
+        formed = [reached(v, want) for v in views]
+        assert all(formed), f"{views}\n{logs(tmp_path)}"
+        print(f"\nzeroconf alone: all 3 nodes alive in every node's status {max(formed) - started:.1f} s "
+              f"after the 3 processes were started")
+        assert metric(lan, 0, f"{ip[0]}:{PORT}", "membership_became_alive") >= 2
+
+
+@pytest.mark.netns
+def test_seeds_alone_form_the_cluster_and_a_short_pause_is_not_a_death(root, tmp_path):
+    with Lan(hosts=3) as lan:
+        ip = lan.addresses
+        topology = write_topology(tmp_path / "lan.toml", "lan-seeds", [(f"n{i + 1}", ip[i]) for i in range(3)],
+                                  "off", tmp_path / "data")
+        procs = [start_node(lan, i, topology, tmp_path) for i in range(3)]
+        want = {"n1": "alive", "n2": "alive", "n3": "alive"}
+        formed = watch(lan, 0, f"{ip[0]}:{PORT}", want, FORM_TIMEOUT_S)
+        assert reached(formed, want), f"{formed}\n{logs(tmp_path)}"
+        # Let the detector run for a couple of probe periods before the pause.
+        time.sleep(2 * NODE_MEMBERSHIP.probe_interval_ms / 1000)
+
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        paused = time.time()
+        time.sleep(PAUSE_S)
+        os.kill(procs[1].pid, signal.SIGCONT)
+        # Watch for longer than the suspicion timeout after the pause: n2 must never be dead.
+        after = watch(lan, 0, f"{ip[0]}:{PORT}", {"n2": "dead"},
+                      NODE_MEMBERSHIP.suspicion_timeout_ms / 1000 + 3)
+        assert first_time(after, "n2", "dead") is None, f"{after}\n{logs(tmp_path)}"
+        assert after[-1]["states"] == want, after
+        for i in (0, 2):
+            assert metric(lan, i, f"{ip[i]}:{PORT}", "membership_deaths_declared") == 0
+        assert metric(lan, 0, f"{ip[0]}:{PORT}", "membership_pings_sent") > 0
+        suspected = first_time(after, "n2", "suspect")
+        print(f"\nSIGSTOP for {PAUSE_S} s: n2 {'suspected but ' if suspected else ''}never declared dead "
+              f"({time.time() - paused:.1f} s watched)")
+
+
+@pytest.mark.netns
+def test_a_killed_node_is_declared_dead_and_its_partitions_keep_serving(root, tmp_path):
+    with Lan(hosts=3) as lan:
+        ip = lan.addresses
+        topology = write_topology(tmp_path / "lan.toml", "lan-kill", [(f"n{i + 1}", ip[i]) for i in range(3)],
+                                  "off", tmp_path / "data")
+        procs = [start_node(lan, i, topology, tmp_path) for i in range(3)]
+        want = {"n1": "alive", "n2": "alive", "n3": "alive"}
+        assert reached(watch(lan, 0, f"{ip[0]}:{PORT}", want, FORM_TIMEOUT_S), want), logs(tmp_path)
+        boot = ",".join(f"{a}:{PORT}" for a in ip[:2])
+        before = produce_and_read(lan, 0, boot, "orders", "before", 30, create=True)
+        assert before["partitions"] == [0, 1, 2]
+
+        os.kill(procs[2].pid, signal.SIGKILL)
+        killed = time.time()
+        seen = watch(lan, 0, f"{ip[0]}:{PORT}", {"n3": "dead"}, DEAD_TIMEOUT_S)
+        suspected, dead = first_time(seen, "n3", "suspect"), first_time(seen, "n3", "dead")
+        assert dead is not None, f"{seen}\n{logs(tmp_path)}"
+        print(f"\nSIGKILL: n3 suspected after {suspected - killed:.1f} s, declared dead after {dead - killed:.1f} s"
+              if suspected else f"\nSIGKILL: n3 declared dead after {dead - killed:.1f} s")
+        assert dead - killed <= DEAD_BOUND_S
+        assert metric(lan, 0, f"{ip[0]}:{PORT}", "membership_deaths_declared") >= 1
+
+        # Every partition (replication 3) still takes quorum writes and serves reads from n1 and n2.
+        after = produce_and_read(lan, 1, boot, "orders", "after", 30, create=False)
+        assert after["partitions"] == [0, 1, 2]
+        assert sorted(v for v in after["values"] if v.startswith("after")) == sorted(f"after-{i}" for i in range(30))
+        assert sorted(v for v in after["values"] if v.startswith("before")) == sorted(f"before-{i}" for i in range(30))
