@@ -11,16 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from zq.supervisor import ping
+from zq.supervisor import ping, process_gone
 from zq.testing import ClusterNotReady, LocalCluster, free_port_base, port_in_use, render_topology
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def test_start_stop_leaves_no_process_and_no_temporary_folder():
@@ -31,7 +23,7 @@ def test_start_stop_leaves_no_process_and_no_temporary_folder():
         assert cluster.bootstrap == ",".join(cluster.addresses[n] for n in cluster.names)
         assert all(ping(a) is not None for a in cluster.addresses.values())
         assert all(cluster.log_path(n).exists() for n in cluster.names)
-    assert all(gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
     assert not data_dir.exists()
 
 
@@ -40,7 +32,7 @@ def test_an_exception_in_the_block_still_stops_every_node():
         with LocalCluster(nodes=1) as cluster:
             pid = cluster.pid("n1")
             raise RuntimeError("test body failed")
-    assert gone(pid)
+    assert process_gone(pid)
 
 
 def test_kill_restart_keeps_the_data_and_pause_resume(tmp_path):
@@ -54,7 +46,7 @@ def test_kill_restart_keeps_the_data_and_pause_resume(tmp_path):
 
         old_pid = cluster.pid("n2")
         assert cluster.kill("n2") == -signal.SIGKILL
-        assert gone(old_pid) and not cluster.is_running("n2")
+        assert process_gone(old_pid) and not cluster.is_running("n2")
         assert cluster.died() == []                 # a kill on purpose is not a death
         cluster.restart("n2")
         assert cluster.pid("n2") != old_pid and cluster.is_running("n2")
@@ -75,7 +67,7 @@ def test_kill_restart_keeps_the_data_and_pause_resume(tmp_path):
         cluster.resume("n1")
         assert ping(cluster.address("n1"), timeout_ms=3_000) is not None
         pids = [cluster.pid(n) for n in cluster.names]
-    assert all(gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
     assert (tmp_path / "n1" / "node.log").exists()   # a given data_dir is kept
 
 
@@ -132,4 +124,4 @@ def test_the_pytest_plugin_fixture_marker_and_log_tails(tmp_path):
     assert "1 failed, 1 passed" in result.stdout, result.stdout + result.stderr
     assert "zq node n1 log" in result.stdout          # the failing test's report carries the node log
     pids = [int(line) for line in (tmp_path / "pids.txt").read_text().split()]
-    assert len(pids) == 2 and all(gone(pid) for pid in pids)
+    assert len(pids) == 2 and all(process_gone(pid) for pid in pids)

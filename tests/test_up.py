@@ -14,20 +14,8 @@ from pathlib import Path
 import pytest
 
 from zq.supervisor import DIED, RUNNING, STOPPED, STOPPING, ProcessGroup, SendSignal, SupervisorCore, \
-    SupervisorLimits, ping
-from zq.testing import free_port_base, render_topology
-
-
-def gone(pid: int) -> bool:
-    """True when no process has this pid (reaped), or it is a zombie awaiting a reaper that is not us."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
+    SupervisorLimits, ping, process_gone
+from zq.testing import free_port_bases, render_topology
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +84,7 @@ def test_process_group_escalates_to_sigkill_and_leaves_nothing(tmp_path):
     assert group.returncode("stubborn") == -signal.SIGKILL   # ... then killed
     assert group.returncode("polite") == -signal.SIGTERM
     assert group.exit_code() == 0
-    assert all(gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
     assert "starting stubborn" in (tmp_path / "stubborn.log").read_text()
 
 
@@ -116,11 +104,7 @@ def test_process_group_stops_a_paused_child(tmp_path):
 
 def write_topology(tmp_path: Path, names: list[str]) -> tuple[Path, dict[str, str]]:
     nodes, addresses = [], {}
-    for name in names:
-        taken = [int(a.rsplit(":", 1)[1]) for a in addresses.values()]
-        base = free_port_base(10)
-        while any(abs(base - t) < 10 for t in taken):
-            base = free_port_base(10)
+    for name, base in zip(names, free_port_bases(len(names))):
         nodes.append({"name": name, "host": "127.0.0.1", "port": base})
         addresses[name] = f"127.0.0.1:{base}"
     text = render_topology({"name": f"up-{os.getpid()}", "data_dir": "data", "discovery": "off"}, nodes,
@@ -205,7 +189,7 @@ def test_up_serves_creates_topics_and_stops_every_node_on_sigterm(up_process, tm
     code, err = up.finish()
     assert code == 0, err
     assert err == ""
-    assert all(gone(pid) for pid in pids.values())
+    assert all(process_gone(pid) for pid in pids.values())
     assert any("stopped" in line for line in up.lines)
 
 
@@ -232,7 +216,7 @@ def test_a_node_that_dies_is_reported_and_up_exits_1(up_process):
     up.proc.send_signal(signal.SIGTERM)
     code, _ = up.finish()
     assert code == 1
-    assert all(gone(pid) for pid in pids.values())
+    assert all(process_gone(pid) for pid in pids.values())
 
 
 def test_up_refuses_a_port_in_use(up_process, tmp_path):

@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Any, Sequence
 
 RUNNING = "running"
 STOPPING = "stopping"
@@ -392,3 +392,37 @@ def cluster_ready(addresses: dict[str, str], timeout_ms: int = DEFAULT_LIMITS.pi
         if missing:
             return False, f"node {name} does not see {', '.join(missing)} alive yet"
     return True, ""
+
+
+def process_gone(pid: int) -> bool:
+    """True when no live process has this pid: none at all, or a zombie nobody has reaped yet."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process took the pid over: ours is gone
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def ensure_topics(client: Any, specs: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """Create a topology's topics that do not exist yet; (created, already there).
+
+    Errors other than TopicExists (a race with another creator) reach the caller, who knows whether
+    a retriable one (too few nodes registered yet) is worth another round."""
+    from zq.errors import TopicExists
+    existing = {t["name"] for t in client.topics()}
+    created, skipped = [], []
+    for spec in specs:
+        if spec.name in existing:
+            skipped.append(spec.name)
+            continue
+        try:
+            client.create_topic(spec.name, partitions=spec.partitions, replication=spec.replication, **spec.config())
+            created.append(spec.name)
+        except TopicExists:
+            skipped.append(spec.name)
+    return created, skipped

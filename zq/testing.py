@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from zq.errors import ZqError
-from zq.supervisor import DEFAULT_LIMITS, ProcessGroup, SupervisorLimits, cluster_ready, log_tail, node_argv, \
-    port_in_use
+from zq.supervisor import DEFAULT_LIMITS, ProcessGroup, SupervisorLimits, cluster_ready, ensure_topics, log_tail, \
+    node_argv, port_in_use
 
 PORTS_PER_NODE = 10              # INTERFACE.md: a node uses at most ten consecutive ports
 PORT_BASE_MIN = 20_000           # below Linux's ephemeral range (32768-60999), so no client socket
@@ -63,6 +63,17 @@ def free_port_base(count: int, host: str = "127.0.0.1", rng: random.Random | Non
         if not any(port_in_use(host, p) for p in range(base, base + count)):
             return base
     raise ClusterNotReady(f"found no {count} consecutive free ports on {host} in {PORT_PICK_TRIES_MAX} tries")
+
+
+def free_port_bases(nodes: int, host: str = "127.0.0.1") -> list[int]:
+    """One base per node, each with PORTS_PER_NODE free ports, no two ranges overlapping."""
+    rng = random.Random()
+    bases: list[int] = []
+    while len(bases) < nodes:
+        base = free_port_base(PORTS_PER_NODE, host, rng)
+        if all(abs(base - b) >= PORTS_PER_NODE for b in bases):
+            bases.append(base)
+    return bases
 
 
 def _toml_value(value: Any) -> str:
@@ -153,10 +164,8 @@ class LocalCluster:
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="zq-cluster-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        rng = random.Random()
         nodes = []
-        for name in self.names:
-            base = self._pick_base(rng)
+        for name, base in zip(self.names, free_port_bases(len(self.names))):
             self.addresses[name] = f"127.0.0.1:{base}"
             nodes.append({"name": name, "host": "127.0.0.1", "port": base})
         cluster = {k: v for k, v in self._source.get("cluster", {}).items() if k not in ("seeds", "data_dir", "name")}
@@ -165,13 +174,6 @@ class LocalCluster:
         text = render_topology(cluster, nodes, self._source.get("topic", []), self._source.get("group", []))
         self.topology_path = self.data_dir / "topology.toml"
         self.topology_path.write_text(text)
-
-    def _pick_base(self, rng: random.Random) -> int:
-        taken = {int(a.rsplit(":", 1)[1]) for a in self.addresses.values()}
-        while True:
-            base = free_port_base(PORTS_PER_NODE, rng=rng)
-            if all(abs(base - t) >= PORTS_PER_NODE for t in taken):
-                return base
 
     def _spawn(self, name: str) -> None:
         assert self.topology_path is not None and self.data_dir is not None
@@ -198,18 +200,12 @@ class LocalCluster:
                               f"logs are in {self.data_dir}")
 
     def _create_topics(self) -> None:
-        topics = self._source.get("topic", [])
-        if not topics:
+        if not self._source.get("topic"):
             return
         from zq.topology import load_topology
         assert self.topology_path is not None
-        topology = load_topology(self.topology_path)
         with self.client() as client:
-            existing = set(_topic_names(client.topics()))
-            for spec in topology.topics:
-                if spec.name not in existing:
-                    client.create_topic(spec.name, partitions=spec.partitions, replication=spec.replication,
-                                        **spec.config())
+            ensure_topics(client, load_topology(self.topology_path).topics)
 
     def stop(self) -> None:
         """Stop every node (SIGTERM, bounded wait, SIGKILL); remove the temporary folder."""
@@ -291,11 +287,6 @@ class LocalCluster:
     def died(self) -> list[str]:
         """Nodes that exited without being asked to."""
         return self.group.died()
-
-
-def _topic_names(topics: Any) -> Iterator[str]:
-    for t in topics:
-        yield t if isinstance(t, str) else (t.get("name") if isinstance(t, dict) else getattr(t, "name"))
 
 
 @atexit.register

@@ -82,13 +82,6 @@ def _console():
     return Console(width=PIPE_WIDTH_CHARS)
 
 
-def _topic_names(topics: Any) -> list[str]:
-    names = []
-    for t in topics:
-        names.append(t if isinstance(t, str) else (t.get("name") if isinstance(t, dict) else getattr(t, "name")))
-    return names
-
-
 # --------------------------------------------------------------------------------------------
 # zq up, zq node start
 
@@ -313,7 +306,7 @@ def produce(
     with _client(bootstrap, cluster) as client:
         # A producer waits up to max_block_ms for a topic that may be being created; at a prompt a
         # misspelt name should fail at once.
-        if topic not in _topic_names(client.topics()):
+        if topic not in {t["name"] for t in client.topics()}:
             raise errors.UnknownTopic(f"topic {topic!r} does not exist; create it with `zq topic create {topic}`, "
                                       "or check the name with `zq topic list`")
         producer = client.producer(acks=acks)

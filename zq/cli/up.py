@@ -22,7 +22,8 @@ from typing import Any
 
 from zq import errors
 from zq.cli import render
-from zq.supervisor import DEFAULT_LIMITS, ProcessGroup, SupervisorLimits, log_tail, node_argv, ping, port_in_use
+from zq.supervisor import DEFAULT_LIMITS, ProcessGroup, SupervisorLimits, ensure_topics, log_tail, node_argv, \
+    ping, port_in_use
 
 
 @dataclass(slots=True)
@@ -87,25 +88,15 @@ class Watcher(threading.Thread):
                 self.snapshot.status_error = error.message
 
     def _create_topics(self) -> None:
-        from zq.cli.commands import _topic_names
-        existing = set(_topic_names(self._client.topics()))
-        created, skipped = [], []
-        for spec in self.topology.topics:
-            if spec.name in existing:
-                skipped.append(spec.name)
-                continue
-            try:
-                self._client.create_topic(spec.name, partitions=spec.partitions, replication=spec.replication,
-                                          **spec.config())
-                created.append(spec.name)
-            except errors.TopicExists:
-                skipped.append(spec.name)
-            except errors.ZqError as error:
-                if error.retriable:   # e.g. not enough nodes registered yet: try again next round
-                    with self.lock:
-                        self.snapshot.topics_note = f"waiting to create {spec.name}: {error.message}"
-                    return
+        try:
+            created, skipped = ensure_topics(self._client, self.topology.topics)
+        except errors.ZqError as error:
+            if not error.retriable:   # e.g. a replication factor no topology can hold: say it, keep serving
                 raise
+            # Not enough nodes registered yet, metadata spreading: try again next round.
+            with self.lock:
+                self.snapshot.topics_note = f"waiting to create topics: {error.message}"
+            return
         note = "; ".join(x for x in (f"created {', '.join(created)}" if created else "",
                                        f"already there: {', '.join(skipped)}" if skipped else "") if x)
         with self.lock:
