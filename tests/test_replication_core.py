@@ -482,3 +482,28 @@ def test_messages_round_trip_through_cbor() -> None:
         assert cls(*cbor2.loads(wire)) == msg
     entry = Entry(4, 2, 3, 7, 0, b"xy")
     assert Entry.from_wire(cbor2.loads(cbor2.dumps(entry.to_wire()))) == entry
+
+
+def test_leader_reports_replica_progress_for_status() -> None:
+    t = Trio()
+    t.elect("a")
+    t.heartbeat("a")
+    t.propose("a", b"x")
+    t.deliver(drop=lambda s, d, m: d == "c")
+    progress = t.replicas["a"].replica_progress()
+    assert sorted(progress) == ["a", "b", "c"]
+    assert progress["a"][0] == progress["b"][0] == 2 and progress["c"][0] == 1
+    assert t.replicas["b"].replica_progress() == {}
+
+
+def test_producer_state_survives_restart_within_the_scan_window() -> None:
+    t = Trio()
+    t.elect("a")
+    first = t.propose("a", b"p9-0", producer_id=9, seq=0)
+    t.deliver()
+    t.heartbeat("a")
+    for n in NAMES:
+        t.restart(n, keep_unsynced=True)
+    t.elect("b")
+    retry = t.propose("b", b"p9-0", producer_id=9, seq=0)
+    assert t.outcomes[retry].duplicate and t.outcomes[retry].base_offset == t.outcomes[first].base_offset

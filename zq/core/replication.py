@@ -82,7 +82,9 @@ class Replica:
         # Durable state, as restored.
         self.epoch: int = hs.epoch
         self.voted_for: str | None = hs.voted_for
-        self.history: tuple = tuple(tuple(item) for item in hs.epoch_history)
+        # Hard state and entries are written in one atomic batch, so the history never reaches
+        # past the log; cutting it here keeps a hand-made or damaged one from misleading us.
+        self.history: tuple = truncated(tuple(tuple(item) for item in hs.epoch_history), log_end)
         self.log_end: int = log_end
         self.durable_end: int = log_end  # after a restart, all that is on disk is durable
         self.high_watermark: int = min(hs.high_watermark, log_end)
@@ -131,9 +133,18 @@ class Replica:
             if self.config.check_quorum:
                 heard = quorum.quorum_contact_ms({**self._contact_ms, self.node_id: self.now_ms},
                                                  len(self.replicas))
-                due = min(due, (heard or self.now_ms) + self.config.election_timeout_ms)
+                due = min(due, (self.now_ms if heard is None else heard) + self.config.election_timeout_ms)
             return due
         return self._election_deadline_ms
+
+    def replica_progress(self) -> dict[str, tuple[int, int]]:
+        """Leader only (empty otherwise): per replica, (durable end it has acknowledged, when it
+        was last heard, ms). For status and metrics: in-sync replicas and replication lag."""
+        if self.role != LEADER:
+            return {}
+        out = {peer: (self._match[peer], self._contact_ms.get(peer, 0)) for peer in self.peers}
+        out[self.node_id] = (self.durable_end, self.now_ms)
+        return dict(sorted(out.items()))
 
     def hard_state(self) -> HardState:
         return HardState(self.epoch, self.voted_for, self.history, self.high_watermark)
