@@ -175,13 +175,17 @@ def test_seeds_alone_form_the_cluster_and_a_short_pause_is_not_a_death(root, tmp
         # Let the detector run for a couple of probe periods before the pause.
         time.sleep(2 * NODE_MEMBERSHIP.probe_interval_ms / 1000)
 
+        # Watch from before the pause to well past a suspicion timeout after it: n2 must never be dead.
+        watch_s = PAUSE_S + NODE_MEMBERSHIP.suspicion_timeout_ms / 1000 + 3
+        watcher = lan.popen(0, [PY, "-c", WATCH, f"{ip[0]}:{PORT}", str(watch_s), json.dumps({"n2": "dead"})])
+        time.sleep(1.0)   # the watcher's first sample
         os.kill(procs[1].pid, signal.SIGSTOP)
         paused = time.time()
         time.sleep(PAUSE_S)
         os.kill(procs[1].pid, signal.SIGCONT)
-        # Watch for longer than the suspicion timeout after the pause: n2 must never be dead.
-        after = watch(lan, 0, f"{ip[0]}:{PORT}", {"n2": "dead"},
-                      NODE_MEMBERSHIP.suspicion_timeout_ms / 1000 + 3)
+        out, err = watcher.communicate(timeout=watch_s + 30)
+        assert watcher.returncode == 0, err
+        after = [json.loads(line) for line in out.splitlines()]
         assert first_time(after, "n2", "dead") is None, f"{after}\n{logs(tmp_path)}"
         assert after[-1]["states"] == want, after
         for i in (0, 2):
