@@ -91,11 +91,15 @@ class Watcher(threading.Thread):
         try:
             created, skipped = ensure_topics(self._client, self.topology.topics)
         except errors.ZqError as error:
-            if not error.retriable:   # e.g. a replication factor no topology can hold: say it, keep serving
-                raise
-            # Not enough nodes registered yet, metadata spreading: try again next round.
             with self.lock:
-                self.snapshot.topics_note = f"waiting to create topics: {error.message}"
+                if error.retriable:
+                    # Not enough nodes registered yet, metadata spreading: try again next round.
+                    self.snapshot.topics_note = f"waiting to create topics: {error.message}"
+                else:
+                    # The cluster refused (a bad setting): say so once and keep serving what runs.
+                    self.snapshot.topics_done = True
+                    self.snapshot.topics_note = f"could not create the topology's topics: {error.message}"
+                    self.snapshot.events.append(f"topics: {self.snapshot.topics_note}")
             return
         note = "; ".join(x for x in (f"created {', '.join(created)}" if created else "",
                                        f"already there: {', '.join(skipped)}" if skipped else "") if x)
