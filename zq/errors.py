@@ -177,6 +177,13 @@ class Fenced(Rejected):
     code = "fenced"
 
 
+class RebalanceInProgress(ZqError):
+    """The group's membership is changing and this node has not caught up yet; retry shortly."""
+
+    code = "rebalance_in_progress"
+    retriable = True
+
+
 def _all_subclasses(cls: type) -> list[type]:
     out = []
     for sub in cls.__subclasses__():

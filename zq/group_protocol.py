@@ -1,0 +1,186 @@
+"""Wire messages of consumer groups (codes 40-59), registered with `zq.protocol.message`.
+
+Framing, checking and the error reply are those of `zq.protocol`; each message has one grammar
+line in docs/protocol.md. The first field of every message is its request id.
+
+Client and node: a member joins through any node (`JoinGroup`), heartbeats there
+(`GroupHeartbeat`), and both are answered with a `GroupReply` (its generation and partitions).
+It leases messages from each assigned partition's leader (`Lease` -> `LeaseReply` with the stored
+batches as payload frames) and settles them in batches (`Ack` -> `OkReply{committed}`).
+`ResetGroup` and `DescribeGroups` go to any node, which asks the partition leaders.
+
+Node and node: `GroupGossip` (memberships) and `GroupStateGossip` (delivery states, one payload
+frame each) are one-way; `LocalGroupsRequest` asks a node for the rows of the partitions it leads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from zq.protocol import message
+
+# ---------------------------------------------------------------------------- client <-> node
+
+
+@message(40)
+@dataclass(frozen=True, slots=True)
+class JoinGroup:
+    req_id: int
+    group: str
+    member_id: str
+    topics: list              # [topic, ...]
+    session_timeout_ms: int
+    static: bool
+    CODE: ClassVar[int]
+
+
+@message(41)
+@dataclass(frozen=True, slots=True)
+class GroupHeartbeat:
+    req_id: int
+    group: str
+    member_id: str
+    generation: int
+    CODE: ClassVar[int]
+
+
+@message(42)
+@dataclass(frozen=True, slots=True)
+class LeaveGroup:
+    req_id: int
+    group: str
+    member_id: str
+    CODE: ClassVar[int]
+
+
+@message(43)
+@dataclass(frozen=True, slots=True)
+class GroupReply:
+    """The member's generation and the partitions it holds in it: [[topic, partition], ...]."""
+    req_id: int
+    group: str
+    member_id: str
+    generation: int
+    partitions: list
+    CODE: ClassVar[int]
+
+
+@message(44)
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Lease up to `max_messages` deliverable messages of a partition (to its leader).
+
+    `start` says where a group with no state for this partition begins: "earliest", "latest",
+    or a time in ms."""
+    req_id: int
+    group: str
+    member_id: str
+    generation: int
+    topic: str
+    partition: int
+    max_messages: int
+    lease_ms: int
+    max_wait_ms: int
+    start: str | int
+    CODE: ClassVar[int]
+
+
+@message(45)
+@dataclass(frozen=True, slots=True)
+class LeaseReply:
+    """`deliveries` is flat: [offset, attempt, offset, attempt, ...]; the stored batches holding
+    those offsets follow as payload frames (a batch may hold other offsets too: skip them)."""
+    req_id: int
+    reset_epoch: int
+    deliveries: list
+    high_watermark: int
+    CODE: ClassVar[int]
+
+
+@message(46)
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Settle deliveries of one partition: `acked` [offset, ...], `nacks` [[offset, attempt,
+    delay_ms|null, reason], ...], `extends` [[offset, lease_ms], ...]; all under `reset_epoch`."""
+    req_id: int
+    group: str
+    member_id: str
+    generation: int
+    topic: str
+    partition: int
+    reset_epoch: int
+    acked: list
+    nacks: list
+    extends: list
+    CODE: ClassVar[int]
+
+
+@message(47)
+@dataclass(frozen=True, slots=True)
+class ResetGroup:
+    """Move a group to an offset, a time or the earliest offset, on one partition or every one.
+
+    Exactly one of `to_offset`, `to_time_ms`, `earliest` is given. `forwarded` is set by the node
+    that passes the request on to a partition's leader, which never forwards it again."""
+    req_id: int
+    group: str
+    topic: str
+    partition: int | None
+    to_offset: int | None
+    to_time_ms: int | None
+    earliest: bool
+    forwarded: bool
+    CODE: ClassVar[int]
+
+
+@message(48)
+@dataclass(frozen=True, slots=True)
+class DescribeGroups:
+    """-> OkReply{"groups": [...]}, the document of `zq groups --json`."""
+    req_id: int
+    group: str | None
+    CODE: ClassVar[int]
+
+
+# ---------------------------------------------------------------------------- node <-> node
+
+
+@message(50)
+@dataclass(frozen=True, slots=True)
+class GroupGossip:
+    """One-way: the sender's copies of group memberships: `groups` [name, ...], each copy
+    (CBOR of GroupMembership.to_dict) a payload frame, so that a large group fits."""
+    req_id: int
+    sender: str
+    groups: list
+    CODE: ClassVar[int]
+
+
+@message(51)
+@dataclass(frozen=True, slots=True)
+class GroupStateGossip:
+    """One-way, from a partition's leader to its other replicas: `items` [[group, topic_id,
+    partition, dead_lettered], ...], each item's DeliveryState (CBOR of to_dict) a payload frame."""
+    req_id: int
+    sender: str
+    items: list
+    CODE: ClassVar[int]
+
+
+@message(52)
+@dataclass(frozen=True, slots=True)
+class LocalGroupsRequest:
+    req_id: int
+    group: str | None
+    CODE: ClassVar[int]
+
+
+@message(53)
+@dataclass(frozen=True, slots=True)
+class LocalGroupsReply:
+    """Rows of the partitions the sender leads: [{"group", "topic", "partition", "committed",
+    "lag", "lag_seconds", "in_flight", "retrying", "dead_lettered", "epoch"}, ...]."""
+    req_id: int
+    node: str
+    rows: list
+    CODE: ClassVar[int]
