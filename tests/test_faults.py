@@ -25,7 +25,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -379,6 +382,32 @@ def settle_and_check(cluster: Any, admin: zq.Client, status: zq.Client, load: Lo
 
 
 # ---------------------------------------------------------------------------- the tests
+
+@pytest.mark.zq_cluster(nodes=1)
+def test_fault_tool_pauses_resumes_and_kills_a_node(zq_cluster):
+    """tools/faults.py finds a LocalCluster node by its command line and signals only it."""
+    cluster = zq_cluster
+    topology, pid = str(cluster.topology_path), cluster.pid("n1")
+
+    def tool(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "faults.py"),
+                               *args], capture_output=True, text=True, timeout=30)
+
+    def state() -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    assert tool("pause", topology, "n1").returncode == 0 and state() == "T"
+    assert json.loads(tool("list", "--json", topology).stdout)["nodes"][0] == {
+        "name": "n1", "address": cluster.address("n1"), "pid": pid, "state": "paused"}
+    assert tool("resume", topology, "n1").returncode == 0 and state() != "T"
+    wrong = tool("pause", topology, "n7")
+    assert wrong.returncode == 1 and "n7" in wrong.stderr
+    cut = tool("partition", topology, "n1")   # on loopback: refused, nothing touched
+    assert cut.returncode == 1 and "namespace" in cut.stderr
+    assert tool("kill", topology, "n1").returncode == 0
+    wait_until(lambda: not cluster.is_running("n1"), 10, "n1 to exit")
+    assert tool("kill", topology, "n1").returncode == 1
+
 
 def test_leader_killed_then_restarted(zq_cluster):
     cluster = zq_cluster
