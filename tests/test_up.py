@@ -228,3 +228,25 @@ def test_up_refuses_a_port_in_use(up_process, tmp_path):
     assert "in use" in second.stderr and "Traceback" not in second.stderr
     up.proc.send_signal(signal.SIGTERM)
     assert up.finish()[0] == 0
+
+
+def test_up_json_prints_events_as_json_lines(tmp_path):
+    import json
+    path, _ = write_topology(tmp_path, ["a"])
+    proc = subprocess.Popen([sys.executable, "-m", "zq", "up", str(path), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        events = []
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if "serving" in events[-1]["event"]:
+                proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert all(set(e) == {"time_ms", "event"} for e in events)
+    assert events[-1]["event"] == "stopped"

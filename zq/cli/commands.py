@@ -88,14 +88,15 @@ def _console():
 
 @app.command("up")
 def up(topology: Annotated[Path, typer.Argument(help="Topology file.")] = DEFAULT_TOPOLOGY,
-       json_out: Json = False) -> None:
+       json_out: Annotated[bool, typer.Option("--json", help="Print events as JSON lines "
+                                                                "{time_ms, event} instead of the view.")] = False) -> None:
     """Start every node that TOPOLOGY places on this host, in the foreground, with a live status view.
 
     Creates the topology's topics once the cluster answers. Ctrl-C or SIGTERM stops every node
     (SIGTERM, a bounded wait, then SIGKILL). Node logs go to DATA_DIR/NODE/node.log. Exits 1 if
-    a node died on its own."""
+    a node died on its own. Without a terminal, events are printed as lines instead of the view."""
     from zq.cli.up import run_up
-    raise typer.Exit(run_up(topology, plain=json_out))
+    raise typer.Exit(run_up(topology, json_lines=json_out))
 
 
 @node_app.command("start")

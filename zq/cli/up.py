@@ -8,10 +8,11 @@ once a second into a snapshot the main thread draws.
 
 On a terminal the view is a rich Live panel; otherwise (a pipe, a test, a service manager) the
 same events are plain lines on stdout: started, serving, topics created, node died, stopping,
-stopped.
+stopped. With --json they are JSON lines {"time_ms", "event"}.
 """
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -125,7 +126,7 @@ def _load(topology_path: Path):
     return topo, nodes
 
 
-def run_up(topology_path: Path, plain: bool = False, limits: SupervisorLimits = DEFAULT_LIMITS) -> int:
+def run_up(topology_path: Path, json_lines: bool = False, limits: SupervisorLimits = DEFAULT_LIMITS) -> int:
     topo, nodes = _load(topology_path)
     data_dir = Path(topo.cluster.data_dir)
     stop = threading.Event()
@@ -138,7 +139,7 @@ def run_up(topology_path: Path, plain: bool = False, limits: SupervisorLimits = 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     group = ProcessGroup(limits)
     addresses = {n.name: f"{n.host}:{n.port}" for n in nodes}
-    view = View(topology_path, topo, data_dir, group, plain or not sys.stdout.isatty())
+    view = View(topology_path, topo, data_dir, group, not sys.stdout.isatty(), json_lines)
     watcher = Watcher(topo, addresses, limits)
     try:
         for node in nodes:
@@ -165,14 +166,20 @@ def run_up(topology_path: Path, plain: bool = False, limits: SupervisorLimits = 
 class View:
     """The live view on a terminal, or plain event lines elsewhere."""
 
-    def __init__(self, path: Path, topo: Any, data_dir: Path, group: ProcessGroup, plain: bool) -> None:
-        self.path, self.topo, self.data_dir, self.group, self.plain = path, topo, data_dir, group, plain
+    def __init__(self, path: Path, topo: Any, data_dir: Path, group: ProcessGroup, plain: bool,
+                 json_lines: bool = False) -> None:
+        self.path, self.topo, self.data_dir, self.group = path, topo, data_dir, group
+        self.plain = plain or json_lines
+        self.json_lines = json_lines
         self._printed = 0
         self._reported_dead: set[str] = set()
         self._events: list[str] = []
 
     def event(self, text: str) -> None:
-        if self.plain:
+        if self.json_lines:
+            sys.stdout.write(json.dumps({"time_ms": int(time.time() * 1000), "event": text}) + "\n")
+            sys.stdout.flush()
+        elif self.plain:
             sys.stdout.write(f"zq up: {text}\n")
             sys.stdout.flush()
         self._events.append(text)
