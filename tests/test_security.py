@@ -1,0 +1,227 @@
+"""zq.io.security with real ZeroMQ sockets on 127.0.0.1: CURVE servers with a ZAP handler admit the
+cluster key and allowed client keys, and refuse (and count) everything else."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import zmq
+
+from zq.io import security as S
+
+REFUSED_WAIT_MS = 600      # long enough for a CURVE handshake on loopback, several times over
+ALLOWED_WAIT_MS = 5_000
+
+
+@pytest.fixture
+def keydir(tmp_path: Path) -> Path:
+    S.generate_keys(tmp_path, "cluster")
+    S.generate_keys(tmp_path / "clients", "c1")
+    S.generate_keys(tmp_path / "others", "stranger")
+    return tmp_path
+
+
+@pytest.fixture
+def keys(keydir: Path) -> S.NodeKeys:
+    return S.NodeKeys(S.load_key_pair(keydir / "cluster.key_secret"), S.load_allowed_keys(keydir / "clients"))
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def server(ctx: zmq.Context, keys: S.NodeKeys, kind: int = zmq.ROUTER, domain: bytes = S.ROUTER_DOMAIN):
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    S.server_socket(sock, keys, domain)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    return sock, f"tcp://127.0.0.1:{port}"
+
+
+def dealer(ctx: zmq.Context, endpoint: str, client_keys: S.ClientKeys | None = None):
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if client_keys is not None:
+        S.client_socket(sock, client_keys)
+    sock.connect(endpoint)
+    return sock
+
+
+def arrives(router: zmq.Socket, wait_ms: int) -> bytes | None:
+    if not router.poll(wait_ms):
+        return None
+    return router.recv_multipart()[-1]
+
+
+def client_keys(keydir: Path, secret: str, cluster: str = "cluster.key") -> S.ClientKeys:
+    return S.client_keys_from_files(keydir / cluster, keydir / secret)
+
+
+# --------------------------------------------------------------------------------------------
+# Key files
+
+
+def test_generated_keys_load_back_and_the_secret_file_is_private(tmp_path):
+    public_path, secret_path = S.generate_keys(tmp_path / "k", "n1")
+    assert (public_path.name, secret_path.name) == ("n1.key", "n1.key_secret")
+    assert stat.S_IMODE(os.stat(secret_path).st_mode) == 0o600
+    pair = S.load_key_pair(secret_path)
+    assert len(pair.public) == 40 and len(pair.secret) == 40
+    assert S.load_public_key(public_path) == pair.public
+    assert pair.secret.decode() not in public_path.read_text()   # the public file never holds the secret
+    with pytest.raises(S.SecurityError, match="exists already"):
+        S.generate_keys(tmp_path / "k", "n1")
+    assert S.generate_keys(tmp_path / "k", "n1", overwrite=True) == (public_path, secret_path)
+    assert S.load_key_pair(secret_path) != pair
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: d / "missing.key_secret", "does not exist"),
+    (lambda d: (d / "junk.key_secret").write_text("not a key") and d / "junk.key_secret", "cannot be read"),
+    (lambda d: (d / "short.key_secret").write_text('curve\n    public-key = "abc"\n    secret-key = "def"\n')
+     and d / "short.key_secret", "no valid Z85 key"),
+    (lambda d: S.generate_keys(d, "pub")[0], "only a public key"),
+])
+def test_bad_key_files_are_one_clear_error(tmp_path, setup, message):
+    with pytest.raises(S.SecurityError, match=message):
+        S.load_key_pair(setup(tmp_path))
+
+
+def test_node_keys_from_a_topology_table(keydir):
+    class Topo:
+        security = {"cluster_secret_key_file": str(keydir / "cluster.key_secret"),
+                    "cluster_public_key_file": str(keydir / "cluster.key"),
+                    "allowed_clients_dir": str(keydir / "clients")}
+    keys = S.node_keys_from_topology(Topo)
+    assert keys.cluster == S.load_key_pair(keydir / "cluster.key_secret")
+    assert keys.allowed_clients == {S.load_public_key(keydir / "clients" / "c1.key")}
+    Topo.security = {**Topo.security, "cluster_public_key_file": str(keydir / "others" / "stranger.key")}
+    with pytest.raises(S.SecurityError, match="different key pairs"):
+        S.node_keys_from_topology(Topo)
+    Topo.security = None
+    assert S.node_keys_from_topology(Topo) is None and S.node_keys_from_topology(None) is None
+
+
+def test_client_keys_from_the_environment(keydir):
+    assert S.client_keys_from_env({}) is None
+    with pytest.raises(S.SecurityError, match="set both"):
+        S.client_keys_from_env({S.ENV_CLUSTER_KEY: str(keydir / "cluster.key")})
+    keys = S.client_keys_from_env({S.ENV_CLUSTER_KEY: str(keydir / "cluster.key"),
+                                   S.ENV_CLIENT_KEY: str(keydir / "clients" / "c1.key_secret")})
+    assert keys.cluster_public == S.load_public_key(keydir / "cluster.key")
+    assert keys.client == S.load_key_pair(keydir / "clients" / "c1.key_secret")
+
+
+# --------------------------------------------------------------------------------------------
+# Real sockets
+
+
+def test_an_allowed_client_gets_through_and_others_are_refused_and_counted(ctx, keys, keydir):
+    auth = S.Authenticator.start(ctx, keys)
+    try:
+        router, endpoint = server(ctx, keys)
+        stranger = dealer(ctx, endpoint, client_keys(keydir, "others/stranger.key_secret"))
+        stranger.send(b"from a stranger")
+        assert arrives(router, REFUSED_WAIT_MS) is None
+        assert auth.counters["refused"] >= 1 and auth.counters["allowed"] == 0
+
+        plain = dealer(ctx, endpoint)        # no CURVE at all: the handshake itself fails
+        plain.send(b"in the clear")
+        assert arrives(router, REFUSED_WAIT_MS) is None
+
+        c1 = dealer(ctx, endpoint, client_keys(keydir, "clients/c1.key_secret"))
+        c1.send(b"from c1")
+        assert arrives(router, ALLOWED_WAIT_MS) == b"from c1"
+        assert auth.counters["allowed"] == 1
+
+        node = ctx.socket(zmq.DEALER)        # another node: the cluster key pair as client key
+        node.setsockopt(zmq.LINGER, 0)
+        S.peer_socket(node, keys)
+        node.connect(endpoint)
+        node.send(b"from a node")
+        assert arrives(router, ALLOWED_WAIT_MS) == b"from a node"
+        for s in (stranger, plain, c1, node, router):
+            s.close(0)
+    finally:
+        auth.close()
+
+
+def test_a_client_that_expects_another_server_key_sends_nothing(ctx, keys, keydir):
+    auth = S.Authenticator.start(ctx, keys)
+    try:
+        router, endpoint = server(ctx, keys)
+        wrong = dealer(ctx, endpoint, client_keys(keydir, "clients/c1.key_secret", cluster="others/stranger.key"))
+        wrong.send(b"to an impostor?")
+        assert arrives(router, REFUSED_WAIT_MS) is None
+        wrong.close(0)
+        router.close(0)
+    finally:
+        auth.close()
+
+
+def test_the_replication_stream_is_for_nodes_only(ctx, keys, keydir):
+    auth = S.Authenticator.start(ctx, keys)
+    try:
+        pub, endpoint = server(ctx, keys, zmq.PUB, S.PEER_DOMAIN)
+        subs = {}
+        for who, set_up in (("node", lambda s: S.peer_socket(s, keys)),
+                            ("client", lambda s: S.client_socket(s, client_keys(keydir, "clients/c1.key_secret")))):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            set_up(sub)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(endpoint)
+            subs[who] = sub
+        got = None
+        for _ in range(50):                  # PUB drops until a subscriber has joined: publish until one hears
+            pub.send(b"entries")
+            if subs["node"].poll(100):
+                got = subs["node"].recv()
+                break
+        assert got == b"entries"
+        assert not subs["client"].poll(REFUSED_WAIT_MS)   # an allowed client still may not read replication
+        assert auth.counters["refused"] >= 1
+        for s in (*subs.values(), pub):
+            s.close(0)
+    finally:
+        auth.close()
+
+
+def test_without_a_zap_handler_every_handshake_fails_closed(ctx, keys, keydir):
+    router, endpoint = server(ctx, keys)     # no Authenticator on this context
+    c1 = dealer(ctx, endpoint, client_keys(keydir, "clients/c1.key_secret"))
+    c1.send(b"hello")
+    assert arrives(router, REFUSED_WAIT_MS) is None
+    c1.close(0)
+    router.close(0)
+
+
+def test_one_handler_per_context_shared_by_nodes_of_one_cluster(ctx, keys, keydir):
+    first = S.Authenticator.start(ctx, keys)
+    second = S.Authenticator.start(ctx, keys)
+    assert first is second
+    other = S.NodeKeys(S.load_key_pair(keydir / "others" / "stranger.key_secret"), frozenset())
+    with pytest.raises(S.SecurityError, match="another cluster"):
+        S.Authenticator.start(ctx, other)
+    second.close()
+    router, endpoint = server(ctx, keys)     # still served after one user closed
+    c1 = dealer(ctx, endpoint, client_keys(keydir, "clients/c1.key_secret"))
+    c1.send(b"still")
+    assert arrives(router, ALLOWED_WAIT_MS) == b"still"
+    c1.close(0)
+    router.close(0)
+    first.close()
+
+
+def test_a_malformed_zap_request_is_answered_and_counted(keys):
+    auth = S.Authenticator.__new__(S.Authenticator)   # reply() only: no sockets, no thread
+    auth.keys, auth.counters, auth._refused_logged = keys, {"allowed": 0, "refused": 0, "bad_requests": 0}, set()
+    assert auth.reply([b"2.0", b"7"])[:3] == [b"1.0", b"7", b"500"]
+    assert auth.reply([b"1.0", b"8", b"zq", b"1.2.3.4", b"", b"PLAIN", b"user", b"pw"])[2] == b"400"
+    assert auth.reply([b"1.0", b"9", b"zq", b"1.2.3.4", b"", b"CURVE", b"short"])[2] == b"400"
+    assert auth.counters == {"allowed": 0, "refused": 2, "bad_requests": 1}
