@@ -7,13 +7,15 @@ file about 50 s, under the 120 s budget. `make sim SEEDS=N` runs longer soaks.
 """
 from __future__ import annotations
 
+import heapq
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from zq.core.repl_types import Vote
+from zq.core import quorum
+from zq.core.repl_types import COMMITTED, Outcome, Vote
 from zq.core.replication import Replica
 from zq.sim import Sim, replay_command
 from zq.sim.__main__ import main as sim_main
@@ -132,6 +134,27 @@ def test_checks_catch_acks_of_writes_not_yet_durable(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(Replica, "ready", ready_counting_unsynced_writes)
     r = _first_failure(range(3_000))
     assert r is not None, "a core that counts unsynced writes as durable went unnoticed"
+
+
+def test_checks_catch_commits_of_older_epoch_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raft's figure 8: counting replicas of an older epoch's entry commits what a later
+    leader may overwrite. The simulator must find it."""
+
+    def advance_without_the_epoch_rule(self: Replica) -> None:
+        if self.role != "leader":
+            return
+        ends = [self.durable_end] + [self._match[p] for p in self.peers]
+        end = quorum.committed_end(ends, len(self.replicas))
+        if end <= self.high_watermark:
+            return
+        self._set_high_watermark(end)
+        while self._waiters and self._waiters[0][0] <= end:
+            _end, proposal_id, base, epoch, dup = heapq.heappop(self._waiters)
+            self._outcomes.append(Outcome(proposal_id, COMMITTED, base, epoch, self.node_id, dup))
+
+    monkeypatch.setattr(Replica, "maybe_advance_high_watermark", advance_without_the_epoch_rule)
+    r = _first_failure(range(1_000))
+    assert r is not None, "a core that commits older epochs' entries by counting went unnoticed"
 
 
 def test_cli_prints_seed_and_settings_first_and_replay_command_on_failure(

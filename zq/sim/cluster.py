@@ -27,6 +27,7 @@ ends equal to every high watermark, and every replica must hold every acknowledg
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import random
@@ -53,6 +54,9 @@ PAUSED_INBOX_MAX = 1_000
 READ_ENTRIES_MAX = 8         # entries one simulated consumer fetch returns     # messages queued for a paused node before the rest are dropped
 SIM_CONFIG = ReplicationConfig(election_timeout_ms=150, heartbeat_interval_ms=40, fetch_retry_ms=60,
                                append_entries_max=16, append_bytes_max=256, pending_proposals_max=64)
+# Small Appends split a leader's marker from the older entries before it, which is what Raft's
+# figure 8 needs; a seed draws one of these.
+APPEND_ENTRIES_CHOICES = (1, 2, 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,7 @@ class Settings:
     idempotent_share: float = 0.5
     steps: int = 400                 # events in the safety phase
     liveness_ms: int = 10_000        # simulated time allowed to converge after healing
+    append_entries_max: int = 16
     durability: str = "fsync"        # or "replicated" (see the module docstring)
     readers: int = 1                 # consumers reading committed entries from leaders
     sync_delay_ms_max: int = 3       # group commit: a sync follows writes within this
@@ -86,6 +91,7 @@ class Settings:
         )
         return Settings(
             nodes=nodes, partitions=rng.choice([1, 2, 3]), producers=rng.choice([2, 3, 4]),
+            append_entries_max=rng.choice(APPEND_ENTRIES_CHOICES),
             durability=rng.choice(["fsync", "fsync", "fsync", "replicated"]), readers=rng.choice([0, 1, 2]),
             idempotent_share=rng.choice([0.0, 0.5, 1.0]), steps=steps,
             sync_delay_ms_max=rng.choice([0, 3, 20]),
@@ -151,6 +157,7 @@ class Sim:
         self.trace = hashlib.blake2b(digest_size=16)
         s = self.settings
         self.net = SimNetwork(self.rng, s.net)
+        self.config = dataclasses.replace(SIM_CONFIG, append_entries_max=s.append_entries_max)
         names = [f"n{i + 1}" for i in range(s.nodes)]
         self.replica_sets = {p: sorted(rendezvous("sim", p, names, REPLICATION_FACTOR)) for p in range(s.partitions)}
         self.nodes = {
@@ -236,7 +243,7 @@ class Sim:
         node.sync_pending = False
         for p in sorted(node.replica_sets):
             store = node.disk.volatile[p]
-            r = Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=SIM_CONFIG,
+            r = Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=self.config,
                         hard_state=store.hard, log_end=store.log_end)
             node.replicas[p] = r
             node.applied_end[p] = store.log_end
