@@ -73,4 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `python -m zq.sim ... | head` is a normal way to look
+        sys.stderr.close()
+        sys.exit(0)
