@@ -225,3 +225,23 @@ def test_a_malformed_zap_request_is_answered_and_counted(keys):
     assert auth.reply([b"1.0", b"8", b"zq", b"1.2.3.4", b"", b"PLAIN", b"user", b"pw"])[2] == b"400"
     assert auth.reply([b"1.0", b"9", b"zq", b"1.2.3.4", b"", b"CURVE", b"short"])[2] == b"400"
     assert auth.counters == {"allowed": 0, "refused": 2, "bad_requests": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# zq keys generate
+
+
+def test_zq_keys_generate_writes_a_pair_and_never_overwrites(tmp_path, capsys):
+    from zq.cli.commands import main
+    with pytest.raises(SystemExit) as done:
+        main(["keys", "generate", "--out", str(tmp_path), "--name", "app1", "--json"])
+    assert done.value.code == 0
+    import json
+    doc = json.loads(capsys.readouterr().out)
+    assert S.load_key_pair(Path(doc["secret_key_file"])).public.decode() == doc["public_key"]
+    assert S.load_public_key(Path(doc["public_key_file"])).decode() == doc["public_key"]
+    with pytest.raises(SystemExit) as again:
+        main(["keys", "generate", "--out", str(tmp_path), "--name", "app1"])
+    assert again.value.code != 0
+    assert "exists already" in capsys.readouterr().err
+    assert S.load_key_pair(Path(doc["secret_key_file"])).public.decode() == doc["public_key"]   # untouched

@@ -46,6 +46,8 @@ bench_app = typer.Typer(help="Throughput and latency benchmarks (msg/s, MB/s, p5
 app.add_typer(topic_app, name="topic")
 app.add_typer(node_app, name="node")
 app.add_typer(bench_app, name="bench")
+from zq.cli.keys import keys_app  # noqa: E402 (the sub-app lives in its own module)
+app.add_typer(keys_app, name="keys")
 
 Bootstrap = Annotated[Optional[str], typer.Option(
     "--bootstrap", envvar="ZQ_BOOTSTRAP", metavar="HOST:PORT[,HOST:PORT...]",
