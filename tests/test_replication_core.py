@@ -465,6 +465,12 @@ def test_bad_peer_input_raises_protocol_error() -> None:
         t.replicas["a"].step(AppendAck(1, "b", 999))
     with pytest.raises(ProtocolError):
         b.step("hello")
+    with pytest.raises(ProtocolError):
+        b.step(Append(1, "a", "0", 0, 0, 0, []))  # an offset that is not an int
+    with pytest.raises(ProtocolError):
+        b.step(Vote(1, "a", 1))  # granted must be a bool
+    with pytest.raises(ProtocolError):
+        b.step(Fetch(-5, "a", 0, 0))
 
 
 def test_messages_round_trip_through_cbor() -> None:

@@ -175,11 +175,13 @@ class Replica:
         handler = _HANDLERS.get(type(msg))
         if handler is None:
             raise ProtocolError(f"not a replication message: {type(msg).__name__}")
-        sender = msg.sender  # type: ignore[attr-defined]
-        if sender not in self.peers:
-            raise ProtocolError(f"{sender!r} is not a peer in replica set {list(self.replicas)}")
-        if type(msg.epoch) is not int or msg.epoch < 0:  # type: ignore[attr-defined]
-            raise ProtocolError("epoch must be a non-negative integer")
+        for name in msg.__slots__:  # type: ignore[attr-defined]
+            want = _FIELD_TYPES.get(name, int)
+            value = getattr(msg, name)
+            if type(value) is not want or (want is int and value < 0):
+                raise ProtocolError(f"{type(msg).__name__}.{name} must be {want.__name__}, got {value!r:.40}")
+        if msg.sender not in self.peers:  # type: ignore[attr-defined]
+            raise ProtocolError(f"{msg.sender!r} is not a peer in replica set {list(self.replicas)}")  # type: ignore[attr-defined]
         getattr(self, handler)(msg)
 
     def propose(self, count: int, producer_id: int, base_sequence: int, payload: bytes) -> int:
@@ -613,6 +615,10 @@ def _checked_entries(m: Append) -> list[Entry]:
         raise ProtocolError("Append entries reach past the leader's log end")
     return entries
 
+
+# Field types of the replication messages that are not int; every int field (an offset or an
+# epoch) is >= 0, epoch 0 being "before any entry".
+_FIELD_TYPES = {"sender": str, "entries": list, "granted": bool}
 
 _HANDLERS = {  # by name, so a test may replace one handler on the class
     Append: "on_append",
