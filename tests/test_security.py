@@ -245,3 +245,29 @@ def test_zq_keys_generate_writes_a_pair_and_never_overwrites(tmp_path, capsys):
     assert again.value.code != 0
     assert "exists already" in capsys.readouterr().err
     assert S.load_key_pair(Path(doc["secret_key_file"])).public.decode() == doc["public_key"]   # untouched
+
+
+# --------------------------------------------------------------------------------------------
+# The topology's [security] table
+
+
+def test_the_security_table_of_a_topology(tmp_path):
+    from zq.errors import TopologyError
+    from zq.topology import load_topology
+    base = '[cluster]\nname = "c"\n\n[[node]]\nname = "n1"\nhost = "127.0.0.1"\nport = 7100\n\n[security]\n'
+    path = tmp_path / "t.toml"
+    path.write_text(base + 'cluster_secret_key_file = "keys/cluster.key_secret"\nallowed_clients_dir = "/etc/zq/c"\n')
+    assert load_topology(path).security == {"mode": "curve",
+                                            "cluster_secret_key_file": str(tmp_path / "keys" / "cluster.key_secret"),
+                                            "allowed_clients_dir": "/etc/zq/c"}
+    for extra, message in (('cluster_secret_key = "x"   # line 10\n', "t.toml:10: unknown key"),
+                           ('mode = "tls"\n', 'mode = "tls" is not known'),
+                           ('cluster_secret_key_file = 3\n', "must be a string")):
+        path.write_text(base + extra)
+        with pytest.raises(TopologyError, match=message):
+            load_topology(path)
+    path.write_text(base + 'mode = "curve"\n')
+    with pytest.raises(S.SecurityError, match="t.toml: \\[security\\] has no cluster_secret_key_file"):
+        S.node_keys_from_topology(load_topology(path))
+    path.write_text(base.replace("[security]\n", ""))
+    assert S.node_keys_from_topology(load_topology(path)) is None   # no [security]: an open cluster

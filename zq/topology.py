@@ -85,6 +85,10 @@ TOPIC_KEYS = ("name", "partitions", "replication", "retention", "retention_bytes
               "backoff", "compact", "durability")
 BACKOFF_KEYS = ("initial", "max")
 GROUP_KEYS = ("name", "topics")
+# [security] (CurveZMQ, see zq/io/security.py): file paths are relative to the topology's folder.
+SECURITY_KEYS = ("mode", "cluster_secret_key_file", "cluster_public_key_file", "allowed_clients_dir")
+SECURITY_MODES = ("curve",)
+SECURITY_PATH_KEYS = SECURITY_KEYS[1:]
 
 # Node and cluster names become directory names and zeroconf TXT values: no "." or ".." and no
 # leading punctuation.
@@ -645,7 +649,33 @@ class _Checker:
         if security is not None and not isinstance(security, dict):
             raise self.fail(("", 0), ("security",), "security must be a table; write [security] on its own line, "
                                                    "then its keys below it")
+        if security is not None:
+            security = self.security(security)
         return Topology(self.path, cluster, nodes, topics, groups, security)
+
+    def security(self, table: dict) -> dict:
+        """The [security] table, keys checked and file paths made absolute. Whether the files exist
+        and hold keys (and that cluster_secret_key_file is there at all) is checked by the node that
+        reads them, zq.io.security.node_keys_from_topology: another host may keep them elsewhere."""
+        section = ("security", 0)
+        where = "[security]"
+        self.known_keys(section, table, SECURITY_KEYS, where)
+        mode = self.value(section, table, "mode", str, "a string", where, 'mode = "curve"', default="curve")
+        if mode not in SECURITY_MODES:
+            raise self.fail(section, ("mode",), f"{where}: mode = {_q(mode)} is not known; use "
+                                                f"{' or '.join(_q(m) for m in SECURITY_MODES)}")
+        out: dict[str, str] = {"mode": mode}
+        for key in SECURITY_PATH_KEYS:
+            text = self.value(section, table, key, str, "a string (a file path)", where,
+                              f'{key} = "keys/cluster.key_secret"')
+            if text is None:
+                continue
+            if not text.strip():
+                raise self.fail(section, (key,), f"{where}: {key} is empty; write a path, e.g. "
+                                                 f'{key} = "keys/cluster.key_secret"')
+            path = Path(text).expanduser()
+            out[key] = os.path.normpath(path if path.is_absolute() else self.path.parent / path)
+        return out
 
     def array_of_tables(self, data: dict, name: str, noun: str, count_max: int) -> list[dict]:
         value = data.get(name, [])

@@ -159,6 +159,10 @@ def node_keys_from_topology(topology: Any) -> NodeKeys | None:
     table = getattr(topology, "security", None) if topology is not None else None
     if not table:
         return None
+    if not table.get("cluster_secret_key_file"):
+        where = getattr(topology, "path", "the topology")
+        raise SecurityError(f"{where}: [security] has no cluster_secret_key_file; add "
+                            'cluster_secret_key_file = "keys/cluster.key_secret" (make it with `zq keys generate`)')
     cluster = load_key_pair(Path(table["cluster_secret_key_file"]), "cluster_secret_key_file")
     if table.get("cluster_public_key_file"):
         public = load_public_key(Path(table["cluster_public_key_file"]), "cluster_public_key_file")
