@@ -101,11 +101,19 @@ class Client:
         self._adopt(p)
         return p
 
-    def consumer(self, topic: str, group: str | None = None, start: Any = "latest",
+    def consumer(self, topic: str, group: str | None = None, start: Any = None,
                  partitions: list[int] | None = None, **options: Any):
-        """A Consumer of every partition of `topic` (or `partitions`) from `start`."""
+        """A Consumer of every partition of `topic` (or `partitions`) from `start` (default latest);
+        with `group`, a GroupConsumer (zq.client.groups) whose group, when it has nothing committed,
+        starts at `start` (default earliest)."""
+        if group is not None:
+            from zq.client.groups import GroupConsumer
+            c: Any = GroupConsumer(self, topic, group, start=start, partitions=partitions, **options)
+            self._adopt(c)
+            return c
         from zq.client.consumer import Consumer
-        c = Consumer(self, topic, group=group, start=start, partitions=partitions, **options)
+        c = Consumer(self, topic, group=group, start="latest" if start is None else start, partitions=partitions,
+                     **options)
         self._adopt(c)
         return c
 

@@ -1,0 +1,739 @@
+"""The group consumer: a member of a consumer group, and the group admin calls (describe, reset,
+dead letters).
+
+Theory of operation
+-------------------
+`GroupConsumer` joins its group through any node and then heartbeats there every
+`heartbeat_ms` from the client's I/O thread; each heartbeat's reply carries the generation and
+the partitions this member holds. A heartbeat refused as `Fenced` (the session expired, or the
+node forgot the member) makes it join again; a node that does not answer makes it move to the
+next node.
+
+For every partition it holds, the I/O thread keeps one `Lease` outstanding at the partition's
+leader (long-poll, following NotLeader hints as the plain consumer does). A lease asks for at
+most the room left under `max_in_flight`: messages leased and not yet settled by the
+application. That bound is the member's prefetch and its backpressure: a slow application stops
+leasing, and what it does not lease the group's other members may take after a rebalance. The
+reply's stored batches go, undecoded, onto the arrived queue; the caller's thread decodes them and
+hands out `GroupMessage`s, each with its attempt number.
+
+Settling costs no round trip: `ack`, `nack` and `extend` append to a per-partition list under the
+lock, and the I/O thread sends each partition's list as one `Ack` every `ack_flush_ms` (or at
+once when `ack_batch_max` items wait). An Ack the leader refuses with NotLeader goes to the new
+leader; a Fenced one is dropped (the leader will redeliver, which is the at-least-once contract)
+and the member heartbeats at once to learn its new assignment. `commit()` sends what waits now
+and waits for the answers.
+
+`seek` and `seek_to_time` send `ResetGroup` for the partitions this member holds: the leaders
+open a new reset epoch, acks of the older epoch are ignored, and messages of the older epoch
+still queued here are dropped. `close()` flushes acks, then leaves the group, so its partitions
+move at once.
+
+One thread at a time may call poll/iterate/seek/commit; ack/nack/extend may come from any thread.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from zq import batch as zbatch
+from zq import group_protocol as G
+from zq import protocol
+from zq.client.consumer import Message
+from zq.client.metadata import time_spec
+from zq.errors import (ConnectionFailed, Fenced, InvalidRequest, NotLeader, ProtocolError, RebalanceInProgress,
+                       Timeout, ZqError)
+
+if TYPE_CHECKING:
+    from zq.client.client import Client
+
+log = logging.getLogger("zq.client")
+
+default_session_timeout_ms = 10_000
+default_lease_ms = 30_000
+default_max_in_flight = 2_000      # messages leased and not yet settled, per consumer
+default_max_wait_ms = 500
+lease_messages_max = 1_000         # messages one lease asks for
+ack_flush_ms = 20                  # settled messages wait at most this long before their Ack goes
+ack_batch_max = 2_000              # ... or until this many are waiting
+ack_retries_max = 5                # sends of one Ack after NotLeader, timeouts and RebalanceInProgress
+retry_backoff_ms = 100
+retry_backoff_ms_max = 2_000
+quick_empty_reply_ms = 5
+empty_lease_backoff_ms = 20
+commit_wait_s = 10.0
+close_leave_timeout_ms = 2_000
+
+
+class GroupMessage(Message):
+    """A message delivered to a group member: `ack()`, `nack()` and `extend()` settle it."""
+
+    __slots__ = ("_consumer", "_epoch", "_settled")
+
+    def __init__(self, consumer: GroupConsumer, epoch: int, topic: str, partition: int, offset: int,
+                 key: bytes | None, value: bytes, headers: dict | None, timestamp: int, attempt: int) -> None:
+        Message.__init__(self, topic, partition, offset, key, value, headers, timestamp, attempt)
+        self._consumer = consumer
+        self._epoch = epoch
+        self._settled = False
+
+    def ack(self) -> None:
+        """The message was handled: it will not be delivered again (acks are sent in batches)."""
+        if not self._settled:
+            self._settled = True
+            self._consumer._settle(self, "ack", None)
+
+    def nack(self, delay: float | None = None, reason: str = "") -> None:
+        """Handling failed: deliver it again after `delay` seconds (default: the topic's backoff).
+        After the topic's `max_deliveries` failed deliveries it moves to TOPIC.dlq."""
+        if not self._settled:
+            self._settled = True
+            delay_ms = None if delay is None else max(0, int(delay * 1000))
+            self._consumer._settle(self, "nack", [self.offset, self.attempt, delay_ms, str(reason)])
+
+    def extend(self, seconds: float) -> None:
+        """Keep the lease for `seconds` more from now (long work); nothing after ack or nack."""
+        if not self._settled:
+            self._consumer._settle(self, "extend", [self.offset, max(1, int(seconds * 1000))])
+
+
+class _Pending:
+    """Settlements of one partition and reset epoch waiting to be sent."""
+
+    __slots__ = ("acked", "nacks", "extends")
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+        self.nacks: list[list] = []
+        self.extends: list[list] = []
+
+    def __len__(self) -> int:
+        return len(self.acked) + len(self.nacks) + len(self.extends)
+
+
+class _Chunk:
+    __slots__ = ("partition", "epoch", "deliveries", "frames", "error")
+
+    def __init__(self, partition: int, epoch: int, deliveries: dict[int, int], frames: list,
+                 error: ZqError | None = None) -> None:
+        self.partition = partition
+        self.epoch = epoch
+        self.deliveries = deliveries
+        self.frames = frames
+        self.error = error
+
+
+class GroupConsumer:
+    """Made by `Client.consumer(topic, group=...)`; see the module docstring."""
+
+    def __init__(self, client: Client, topic: str, group: str, start: Any = None,
+                 partitions: list[int] | None = None, member_id: str | None = None,
+                 session_timeout_ms: int = default_session_timeout_ms, heartbeat_ms: int | None = None,
+                 lease_ms: int = default_lease_ms, max_in_flight: int = default_max_in_flight,
+                 max_wait_ms: int = default_max_wait_ms) -> None:
+        if partitions is not None:
+            raise InvalidRequest("a group member reads the partitions the group assigns it; "
+                                 "leave out partitions= (or --partition) with a group")
+        if not isinstance(group, str) or not group:
+            raise ValueError("a group name is a non-empty string")
+        if start is None:
+            start = "earliest"
+        if type(start) is int:
+            raise ValueError("a group with nothing committed starts at 'earliest', 'latest' or a time; "
+                             "use seek(partition, offset) to move it to an offset")
+        self._start = time_spec(start)
+        self._client = client
+        self._conn = client._conn
+        self.topic = topic
+        self.group = group
+        self.static = member_id is not None
+        self.member_id = member_id or f"{group}-{uuid.uuid4().hex[:12]}"
+        self.session_timeout_ms = int(session_timeout_ms)
+        self.heartbeat_ms = int(heartbeat_ms or max(100, self.session_timeout_ms // 4))
+        self.lease_ms = int(lease_ms)
+        self.max_in_flight = max(1, int(max_in_flight))
+        self.max_wait_ms = max(0, int(max_wait_ms))
+        self._request_timeout_ms = client.limits.request_timeout_ms
+        client._partitions_of(topic)   # UnknownTopic now rather than at the first lease
+        # Shared between threads, under _lock.
+        self._lock = threading.Lock()
+        self._arrived_cv = threading.Condition(self._lock)
+        self._arrived: collections.deque[_Chunk] = collections.deque()
+        self._in_flight = 0            # leased (or being leased) and not yet settled
+        self._pending: dict[tuple[int, int], _Pending] = {}
+        self._pending_count = 0
+        self._flush_scheduled = False
+        self._resume_asked = False
+        self._epochs: dict[int, int] = {}   # partition -> newest reset epoch seen; older chunks are dropped
+        self._closed = False
+        self.generation = 0
+        self._assigned: set[int] = set()
+        # Caller side only.
+        self._ready: collections.deque[GroupMessage] = collections.deque()
+        # I/O thread only.
+        self._coordinator: str | None = None
+        self._leasing: set[int] = set()
+        self._paused: set[int] = set()
+        self._failures: dict[int, int] = collections.defaultdict(int)
+        self._caught_up: dict[int, bool] = {}
+        self._hb_failures = 0
+        self._joined = threading.Event()
+        self._join_error: ZqError | None = None
+        self._unflushed: list[Future] = []
+        self._join()
+
+    # ------------------------------------------------------------------ membership
+
+    def _join(self) -> None:
+        """Join through the first node that answers (caller's thread), then heartbeat from the I/O thread."""
+        reply, address = self._client._call_any(
+            lambda rid: G.JoinGroup(rid, self.group, self.member_id, [self.topic], self.session_timeout_ms, self.static),
+            with_address=True)
+        if not isinstance(reply, G.GroupReply):
+            raise ProtocolError(f"expected GroupReply, got {type(reply).__name__}")
+        parts = self._parts(reply)
+        with self._lock:   # so that assignment() and generation hold the join's answer at once
+            self.generation = reply.generation
+            self._assigned = parts
+        self._conn.submit(lambda: self._io_joined(address, parts))
+
+    def _io_joined(self, address: str, parts: set[int]) -> None:
+        self._coordinator = address
+        for p in sorted(parts):
+            self._io_lease(p)
+        self._conn.io_call_later(self.heartbeat_ms, self._io_heartbeat)
+
+    def _parts(self, reply: G.GroupReply) -> set[int]:
+        return {p for t, p in (tuple(x) for x in reply.partitions if isinstance(x, list) and len(x) == 2)
+                if t == self.topic and type(p) is int}
+
+    def _io_apply(self, reply: G.GroupReply) -> None:
+        parts = self._parts(reply)
+        added = parts - self._assigned
+        if reply.generation != self.generation or parts != self._assigned:
+            log.info("group %s: member %s in generation %d holds %s", self.group, self.member_id,
+                     reply.generation, sorted(parts))
+        with self._lock:
+            self.generation = reply.generation
+            self._assigned = parts
+        for p in sorted(added):
+            self._failures[p] = 0
+            self._io_lease(p)
+
+    def _io_heartbeat(self) -> None:
+        if self._closed:
+            return
+        address = self._coordinator or self._client._addresses()[0]
+        msg = G.GroupHeartbeat(self._conn.new_req_id(), self.group, self.member_id, self.generation)
+        self._conn.io_request(address, msg, (), self.heartbeat_ms + 1_000,
+                              lambda reply, frames, error: self._io_on_heartbeat(address, reply, error))
+
+    def _io_on_heartbeat(self, address: str, reply: Any, error: ZqError | None) -> None:
+        if self._closed:
+            return
+        delay = self.heartbeat_ms
+        if error is None and isinstance(reply, G.GroupReply):
+            self._hb_failures = 0
+            self._io_apply(reply)
+        elif isinstance(error, Fenced):
+            self._io_rejoin(address)
+            return
+        else:
+            # No answer, or the node is behind: after a few misses, try the next node.
+            self._hb_failures += 1
+            if isinstance(error, (Timeout, ConnectionFailed)) or self._hb_failures >= 3:
+                addresses = self._client._addresses()
+                i = addresses.index(address) if address in addresses else -1
+                self._coordinator = addresses[(i + 1) % len(addresses)]
+            delay = min(self.heartbeat_ms, retry_backoff_ms * self._hb_failures)
+        self._conn.io_call_later(delay, self._io_heartbeat)
+
+    def _io_rejoin(self, address: str) -> None:
+        msg = G.JoinGroup(self._conn.new_req_id(), self.group, self.member_id, [self.topic], self.session_timeout_ms,
+                          self.static)
+
+        def done(reply: Any, frames: list, error: ZqError | None) -> None:
+            if self._closed:
+                return
+            if error is None and isinstance(reply, G.GroupReply):
+                self._coordinator = address
+                self._io_apply(reply)
+                self._conn.io_call_later(self.heartbeat_ms, self._io_heartbeat)
+            else:
+                log.info("group %s: joining again failed (%s); retrying", self.group, error)
+                self._conn.io_call_later(retry_backoff_ms, lambda: self._io_rejoin(address))
+        self._conn.io_request(address, msg, (), self._request_timeout_ms, done)
+
+    def _io_heartbeat_soon(self) -> None:
+        self._conn.io_call_later(0, self._io_heartbeat_once)
+
+    def _io_heartbeat_once(self) -> None:
+        """An extra heartbeat to learn a new assignment now; the regular ones go on as they were."""
+        if self._closed:
+            return
+        address = self._coordinator or self._client._addresses()[0]
+        msg = G.GroupHeartbeat(self._conn.new_req_id(), self.group, self.member_id, self.generation)
+
+        def done(reply: Any, frames: list, error: ZqError | None) -> None:
+            if not self._closed and error is None and isinstance(reply, G.GroupReply):
+                self._io_apply(reply)
+        self._conn.io_request(address, msg, (), self._request_timeout_ms, done)
+
+    # ------------------------------------------------------------------ leasing
+
+    def _io_lease(self, p: int) -> None:
+        if self._closed or p not in self._assigned or p in self._leasing:
+            return
+        with self._lock:
+            room = self.max_in_flight - self._in_flight
+            if room <= 0:
+                self._paused.add(p)
+                return
+            n = min(room, lease_messages_max)
+            self._in_flight += n   # reserved until the reply says how many came
+        address = self._client._leader_address(self.topic, p)
+        if address is None:
+            self._unreserve(n)
+            self._io_retry(p, NotLeader(f"no leader known for {self.topic}/{p}"))
+            return
+        self._leasing.add(p)
+        msg = G.Lease(self._conn.new_req_id(), self.group, self.member_id, self.generation, self.topic, p, n,
+                      self.lease_ms, self.max_wait_ms, self._start)
+        sent_ms = time.monotonic() * 1000.0
+        self._conn.io_request(address, msg, (), self.max_wait_ms + self._request_timeout_ms,
+                              lambda reply, frames, error: self._io_on_lease(p, n, sent_ms, reply, frames, error))
+
+    def _unreserve(self, n: int) -> None:
+        with self._lock:
+            self._in_flight -= n
+
+    def _io_on_lease(self, p: int, n: int, sent_ms: float, reply: Any, frames: list, error: ZqError | None) -> None:
+        self._leasing.discard(p)
+        if error is None and not isinstance(reply, G.LeaseReply):
+            error = ProtocolError(f"expected LeaseReply, got {type(reply).__name__}")
+        got = 0
+        if error is None:
+            deliveries = reply.deliveries
+            if len(deliveries) % 2 or not all(type(x) is int for x in deliveries):
+                error = ProtocolError("LeaseReply.deliveries is a flat list of [offset, attempt] pairs")
+            else:
+                got = len(deliveries) // 2
+        with self._lock:
+            self._in_flight -= n - got
+            if error is None and got:
+                epoch = max(self._epochs.get(p, 0), reply.reset_epoch)
+                self._epochs[p] = epoch
+                self._arrived.append(_Chunk(p, reply.reset_epoch, dict(zip(deliveries[::2], deliveries[1::2])),
+                                            frames))
+                self._arrived_cv.notify()
+        if self._closed:
+            return
+        if error is None:
+            self._failures[p] = 0
+            self._caught_up[p] = got == 0
+            if got == 0 and time.monotonic() * 1000.0 - sent_ms < quick_empty_reply_ms:
+                self._conn.io_call_later(empty_lease_backoff_ms, lambda: self._io_lease(p))
+            else:
+                self._io_lease(p)
+        elif isinstance(error, NotLeader) and isinstance(error.data.get("address"), str) and self._failures[p] == 0:
+            self._client._hint_leader(self.topic, p, error.data["address"])
+            self._failures[p] += 1
+            self._io_lease(p)
+        elif isinstance(error, (Fenced, RebalanceInProgress)):
+            # Our view of the group is stale, or the leader's is: learn the assignment, then try again.
+            if isinstance(error, Fenced):
+                self._io_heartbeat_soon()
+            self._failures[p] += 1
+            self._conn.io_call_later(min(retry_backoff_ms * self._failures[p], retry_backoff_ms_max),
+                                     lambda: self._io_lease(p))
+        elif error.retriable:
+            self._io_retry(p, error)
+        else:
+            with self._lock:
+                self._arrived.append(_Chunk(p, -1, {}, [], error=error))
+                self._arrived_cv.notify()
+
+    def _io_retry(self, p: int, error: ZqError) -> None:
+        self._failures[p] += 1
+        delay = min(retry_backoff_ms_max, retry_backoff_ms * 2 ** min(self._failures[p] - 1, 10))
+        log.debug("lease %s/%s: %s; retrying in %s ms", self.topic, p, error.code, delay)
+        self._client._io_refresh_metadata()
+        self._conn.io_call_later(delay, lambda: self._io_lease(p))
+
+    def _io_resume(self) -> None:
+        with self._lock:
+            self._resume_asked = False
+            paused = sorted(self._paused)
+            self._paused.clear()
+        for p in paused:
+            self._io_lease(p)
+
+    # ------------------------------------------------------------------ settling
+
+    def _settle(self, msg: GroupMessage, kind: str, item: Any) -> None:
+        submit_flush = submit_resume = False
+        with self._lock:
+            pending = self._pending.get((msg.partition, msg._epoch))
+            if pending is None:
+                pending = self._pending[(msg.partition, msg._epoch)] = _Pending()
+            if kind == "ack":
+                pending.acked.append(msg.offset)
+            elif kind == "nack":
+                pending.nacks.append(item)
+            else:
+                pending.extends.append(item)
+            self._pending_count += 1
+            if kind != "extend":
+                self._in_flight -= 1
+                if self._paused and not self._resume_asked:
+                    self._resume_asked = submit_resume = True
+            if not self._flush_scheduled:
+                self._flush_scheduled = submit_flush = True
+            elif self._pending_count >= ack_batch_max:
+                submit_flush = True
+        if submit_flush and not self._conn.closed:
+            if self._pending_count >= ack_batch_max:
+                self._conn.submit(self._io_flush)
+            else:
+                self._conn.call_later(ack_flush_ms, self._io_flush)
+        if submit_resume and not self._conn.closed:
+            self._conn.submit(self._io_resume)
+
+    def _io_flush(self, done: Future | None = None) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._pending_count = 0
+            self._flush_scheduled = False
+        waits: list[Future] = []
+        for (p, epoch), items in sorted(pending.items()):
+            fut: Future = Future()
+            waits.append(fut)
+            self._io_send_ack(p, epoch, items, fut, 0)
+        if done is not None:
+            _when_all(waits, done)
+
+    def _io_send_ack(self, p: int, epoch: int, items: _Pending, fut: Future, attempt: int) -> None:
+        address = self._client._leader_address(self.topic, p)
+        if address is None or self._conn.closed:
+            fut.set_result(NotLeader(f"no leader known for {self.topic}/{p}; the acks are dropped and the "
+                                     "messages will be delivered again"))
+            return
+        msg = G.Ack(self._conn.new_req_id(), self.group, self.member_id, self.generation, self.topic, p, epoch,
+                    items.acked, items.nacks, items.extends)
+
+        def done(reply: Any, frames: list, error: ZqError | None) -> None:
+            if error is None:
+                fut.set_result(None)
+                return
+            retry = attempt + 1 < ack_retries_max and (error.retriable or isinstance(error, RebalanceInProgress))
+            if isinstance(error, NotLeader) and isinstance(error.data.get("address"), str):
+                self._client._hint_leader(self.topic, p, error.data["address"])
+            if isinstance(error, Fenced):
+                self._io_heartbeat_soon()
+            if retry and not self._conn.closed:
+                self._client._io_refresh_metadata()
+                self._conn.io_call_later(retry_backoff_ms * (attempt + 1),
+                                         lambda: self._io_send_ack(p, epoch, items, fut, attempt + 1))
+                return
+            log.info("acks for %s/%s were not applied (%s); those messages will be delivered again",
+                     self.topic, p, error.message)
+            fut.set_result(error)
+        self._conn.io_request(address, msg, (), self._request_timeout_ms, done)
+
+    def commit(self, timeout: float = commit_wait_s) -> None:
+        """Send every settled message's ack now and wait for the leaders' answers. Raises the first
+        refusal (e.g. Fenced: this member lost the partition, the messages will be redelivered)."""
+        done: Future = Future()
+        self._conn.submit(lambda: self._io_flush(done))
+        errors = done.result(timeout)
+        if errors:
+            raise errors[0]
+
+    # ------------------------------------------------------------------ caller side
+
+    def poll(self, timeout: float = 1.0, max_messages: int = 500) -> list[GroupMessage]:
+        """The messages that arrived, up to `max_messages`, waiting up to `timeout` s for the first."""
+        out: list[GroupMessage] = []
+        deadline = time.monotonic() + max(0.0, timeout)
+        ready = self._ready
+        while len(out) < max_messages:
+            if ready:
+                n = min(len(ready), max_messages - len(out))
+                out.extend(ready.popleft() for _ in range(n))
+                continue
+            if not self._take_chunk(deadline if not out else 0.0):
+                break
+        return out
+
+    def __iter__(self) -> GroupConsumer:
+        return self
+
+    def __next__(self) -> GroupMessage:
+        while not self._ready:
+            if self._closed:
+                raise StopIteration
+            self._take_chunk(time.monotonic() + 1.0)
+        return self._ready.popleft()
+
+    def _take_chunk(self, deadline: float) -> bool:
+        with self._lock:
+            while not self._arrived:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return False
+                self._arrived_cv.wait(remaining)
+            chunk = self._arrived.popleft()
+            current = chunk.error is not None or chunk.epoch >= self._epochs.get(chunk.partition, 0)
+        if chunk.error is not None:
+            raise chunk.error
+        if not current:
+            self._release(len(chunk.deliveries))
+            return True
+        self._decode(chunk)
+        return True
+
+    def _release(self, n: int) -> None:
+        """Leased messages dropped here (a seek made them stale): their room is free again."""
+        with self._lock:
+            self._in_flight -= n
+            resume = bool(self._paused) and not self._resume_asked
+            self._resume_asked |= resume
+        if resume:
+            self._conn.submit(self._io_resume)
+
+    def _decode(self, chunk: _Chunk) -> None:
+        p = chunk.partition
+        wanted = chunk.deliveries
+        topic = self.topic
+        out: list[GroupMessage] = []
+        for frame in chunk.frames:
+            h = zbatch.verify_stored(frame)
+            if h.flags & zbatch.FLAG_CONTROL:
+                continue
+            records = zbatch.decode_records(frame[zbatch.HEADER_SIZE:], h.flags)
+            if len(records) != h.count:
+                raise ProtocolError(f"batch at {topic}/{p} offset {h.base_offset} holds {len(records)} records, "
+                                    f"its header says {h.count}")
+            offset = h.base_offset
+            for ts, key, value, headers in records:
+                attempt = wanted.get(offset)
+                if attempt is not None:
+                    out.append(GroupMessage(self, chunk.epoch, topic, p, offset, key, value, headers, ts, attempt))
+                offset += 1
+        missing = len(wanted) - len(out)
+        if missing:
+            log.warning("%s/%s: %d leased messages were not in the reply's batches", topic, p, missing)
+            self._release(missing)
+        out.sort(key=lambda m: m.offset)
+        self._ready.extend(out)
+
+    def assignment(self) -> list[int]:
+        """Partitions this member holds now."""
+        with self._lock:
+            return sorted(self._assigned)
+
+    def caught_up(self) -> bool:
+        """True when the last lease of every held partition came back empty (nothing to deliver now)."""
+        parts = self.assignment()
+        return bool(parts) and all(self._caught_up.get(p, False) for p in parts) and not self._ready \
+            and not self._arrived
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Move the group on `partition` to `offset` (a replay, or a skip); nothing leased before
+        is delivered after it."""
+        if type(offset) is not int or offset < 0:
+            raise ValueError("an offset is a non-negative integer")
+        reset_group(self._client, self.topic, self.group, partition=partition, to_offset=offset)
+        self._drop_queued({partition})
+
+    def seek_to_time(self, when: datetime | int) -> None:
+        """Move the group, on every partition, to the first message at or after `when`."""
+        spec = time_spec(when)
+        if not isinstance(spec, int):
+            raise ValueError("seek_to_time takes a datetime or a time in ms")
+        reset_group(self._client, self.topic, self.group, to_time=spec)
+        self._drop_queued(None)
+
+    def seek_to_beginning(self) -> None:
+        reset_group(self._client, self.topic, self.group, earliest=True)
+        self._drop_queued(None)
+
+    def _drop_queued(self, partitions: set[int] | None) -> None:
+        """After a reset, what is queued here belongs to an older epoch: the next leases bring the rest."""
+        with self._lock:
+            keep: collections.deque[_Chunk] = collections.deque()
+            dropped = 0
+            for c in self._arrived:
+                if partitions is None or c.partition in partitions:
+                    dropped += len(c.deliveries)
+                    self._epochs[c.partition] = max(self._epochs.get(c.partition, 0), c.epoch + 1)
+                else:
+                    keep.append(c)
+            self._arrived = keep
+        kept = collections.deque(m for m in self._ready if partitions is not None and m.partition not in partitions)
+        dropped += len(self._ready) - len(kept)
+        self._ready = kept
+        if dropped:
+            self._release(dropped)
+
+    def close(self) -> None:
+        """Send the acks that wait, leave the group (its partitions move at once), stop."""
+        if self._closed:
+            return
+        try:
+            if not self._conn.closed:
+                self.commit(timeout=commit_wait_s)
+        except (ZqError, TimeoutError) as e:
+            log.info("group %s: acks at close failed (%s)", self.group, e)
+        with self._lock:
+            self._closed = True
+            self._arrived.clear()
+            self._arrived_cv.notify_all()
+        self._ready.clear()
+        if not self._conn.closed:
+            address = self._coordinator or self._client._addresses()[0]
+            try:
+                self._client._call(address, G.LeaveGroup(self._conn.new_req_id(), self.group, self.member_id),
+                                   close_leave_timeout_ms)
+            except ZqError as e:
+                log.info("group %s: leaving failed (%s); the session will expire instead", self.group, e)
+
+    def __enter__(self) -> GroupConsumer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _when_all(futures: list[Future], done: Future) -> None:
+    """Resolve `done` with the list of errors once every future has resolved."""
+    if not futures:
+        done.set_result([])
+        return
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one(_f: Future) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            done.set_result([f.result() for f in futures if f.result() is not None])
+    for f in futures:
+        f.add_done_callback(one)
+
+
+# ---------------------------------------------------------------------------- admin calls
+
+
+def _ok(reply: Any) -> dict:
+    if not isinstance(reply, protocol.OkReply):
+        raise ProtocolError(f"expected OkReply, got {type(reply).__name__}")
+    return dict(reply.data)
+
+
+def describe_groups(client: Client, group: str | None = None) -> dict:
+    """The `zq groups --json` document: {"groups": [{"group", "generation", "members", "partitions"}]}."""
+    reply, _ = client._call_any(lambda rid: G.DescribeGroups(rid, group))
+    return {"groups": _ok(reply).get("groups") or []}
+
+
+def reset_group(client: Client, topic: str, group: str, *, partition: int | None = None,
+                to_offset: int | None = None, to_time: datetime | int | None = None,
+                earliest: bool = False) -> dict:
+    """Move `group` on `topic` (one partition, or all) to an offset, a time or the earliest offset.
+
+    Returns {"group", "topic", "partitions": [{"partition", "offset"}]}: where each partition now starts."""
+    time_ms = None
+    if to_time is not None:
+        spec = time_spec(to_time)
+        if not isinstance(spec, int):
+            raise ValueError("to_time is a datetime or a time in ms")
+        time_ms = spec
+    if (to_offset is not None) + (time_ms is not None) + bool(earliest) != 1:
+        raise ValueError("give exactly one of to_offset, to_time and earliest")
+    client._partitions_of(topic)
+    reply, _ = client._call_any(lambda rid: G.ResetGroup(rid, group, topic, partition, to_offset, time_ms,
+                                                         bool(earliest), False), resend_on_timeout=False)
+    return _ok(reply)
+
+
+def dead_letters(client: Client, topic: str, max_messages: int | None = None, wait_s: float = 5.0) -> list[Message]:
+    """The messages in TOPIC.dlq now (up to `max_messages`), oldest first per partition."""
+    dlq = topic if topic.endswith(".dlq") else topic + ".dlq"
+    parts = client._partitions_of(dlq)
+    ends = {p: client.list_offsets(dlq, p, "latest").offset for p in parts}
+    starts = {p: client.list_offsets(dlq, p, "earliest").offset for p in parts}
+    todo = {p for p in parts if ends[p] > starts[p]}
+    out: list[Message] = []
+    if not todo:
+        return out
+    consumer = client.consumer(dlq, start="earliest", partitions=sorted(todo))
+    try:
+        deadline = time.monotonic() + wait_s
+        while todo and time.monotonic() < deadline and (max_messages is None or len(out) < max_messages):
+            for msg in consumer.poll(timeout=0.2):
+                if msg.offset < ends[msg.partition]:
+                    out.append(msg)
+            todo = {p for p in todo if consumer.position(p) < ends[p]}
+    finally:
+        consumer.close()
+    out.sort(key=lambda m: (m.partition, m.offset))
+    return out[:max_messages] if max_messages is not None else out
+
+
+REDRIVE_GROUP = "zq-redrive"
+DEAD_LETTER_HEADERS = ("zq-source-topic", "zq-source-partition", "zq-source-offset", "zq-attempts", "zq-last-error",
+                       "zq-first-failure-ms", "zq-last-failure-ms", "zq-group")
+
+
+def redrive(client: Client, topic: str, max_messages: int | None = None, rate: float | None = None,
+            idle_s: float = 1.0) -> list[dict]:
+    """Publish dead letters of TOPIC back to TOPIC (the partition they came from), each exactly once
+    as far as the group `zq-redrive` on TOPIC.dlq is concerned: a dead letter is acked there only
+    after its copy in TOPIC is acknowledged, so a second redrive does not send it again.
+
+    `rate` (msg/s) paces the sends. Returns one {"partition", "offset", "from_offset"} per message."""
+    source = topic[:-4] if topic.endswith(".dlq") else topic
+    dlq = source + ".dlq"
+    out: list[dict] = []
+    consumer = GroupConsumer(client, dlq, REDRIVE_GROUP, start="earliest", max_wait_ms=200,
+                             max_in_flight=max_messages or default_max_in_flight)
+    producer = client.producer(acks="quorum")
+    try:
+        idle_since = time.monotonic()
+        started = time.monotonic()
+        while max_messages is None or len(out) < max_messages:
+            batch = consumer.poll(timeout=0.2, max_messages=(max_messages - len(out)) if max_messages else 500)
+            if not batch:
+                idle = time.monotonic() - idle_since
+                if (consumer.caught_up() and idle >= 0.3) or idle >= idle_s * 5:
+                    break
+                continue
+            idle_since = time.monotonic()
+            for msg in batch:
+                if rate:
+                    wait = started + len(out) / rate - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                headers = {k: v for k, v in msg.headers.items() if k not in DEAD_LETTER_HEADERS}
+                headers["zq-redriven-from"] = f"{dlq}/{msg.partition}/{msg.offset}".encode()
+                try:
+                    partition = int(msg.headers.get("zq-source-partition", b"").decode())
+                except ValueError:
+                    partition = msg.partition
+                meta = producer.send(source, msg.value, key=msg.key, headers=headers, partition=partition).result(
+                    client.limits.request_timeout_ms / 1000.0 + 1.0)
+                msg.ack()
+                out.append({"partition": meta.partition, "offset": meta.offset, "from_offset": msg.offset})
+        consumer.commit()
+    finally:
+        producer.close()
+        consumer.close()
+    return out
