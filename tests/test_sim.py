@@ -36,6 +36,7 @@ def _failures(seeds: range, nodes: int, steps: int = STEPS) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_two_thousand_seeds_three_nodes() -> None:
     began = time.monotonic()
     failures = _failures(range(START, START + SEEDS_3_NODES), nodes=3)
@@ -43,6 +44,7 @@ def test_two_thousand_seeds_three_nodes() -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_seeds_five_nodes() -> None:
     failures = _failures(range(START, START + SEEDS_5_NODES), nodes=5)
     assert not failures, "\n".join(failures)
