@@ -36,6 +36,7 @@ error where a reply is possible, and dropped; the loop goes on serving everyone 
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -208,6 +209,7 @@ class Node:
         self.pub_out: list[tuple[TopicPartition, list]] = []
         self.txn = None
         self.sync_needed = False
+        self.lazy_hard_states: dict[TopicPartition, Any] = {}   # high-watermark hints awaiting the next write
         self.meta_learned: list[tuple[int, dict]] = []          # learner: fetched commands awaiting durability
         self.stopping = False
         self._registered = False
@@ -297,11 +299,13 @@ class Node:
             if self.name in replicas:
                 self._open_part(TopicPartition(t.id, p), t.name, replicas, sync)
 
-    def _open_part(self, tp: TopicPartition, name: str, replicas: list[str], sync: bool) -> None:
+    def _open_part(self, tp: TopicPartition, name: str, replicas: list[str], sync: bool, hw_floor: int = 0) -> None:
         if tp in self.parts:
             return
         st = self.store.partition_state(tp)
         hs = R.load_hard_state(self.store, tp)
+        if hs is not None and hw_floor > hs.high_watermark:
+            hs = dataclasses.replace(hs, high_watermark=hw_floor)
         now = mono_ms()
         replica = Replica(self.name, replicas, R.StoreReader(self.store, tp), rng=self.rng, now_ms=now,
                           config=self.config.replication, hard_state=hs, log_end=st.log_end if st else 0)
@@ -460,6 +464,12 @@ class Node:
             if rd.empty:
                 part.replica.advance()
                 continue
+            if rd.truncate_from is None and not rd.entries and not rd.must_sync and rd.hard_state is not None:
+                # Only the high-watermark hint changed: it need not be on disk before anything is sent
+                # (a restarted replica just serves less until the leader tells it more), so it rides
+                # along with a later write instead of costing a write of its own now.
+                self.lazy_hard_states[tp] = rd.hard_state
+                rd = dataclasses.replace(rd, hard_state=None)
             if rd.has_writes:
                 self._write_ready(part, rd)
             out.append((part, rd))
@@ -476,11 +486,17 @@ class Node:
             txn.append(part.tp, value, header)
         if rd.hard_state is not None:
             txn.put_meta(R.hard_state_key(part.tp), R.encode_hard_state(rd.hard_state))
+            self.lazy_hard_states.pop(part.tp, None)
         self.sync_needed |= rd.must_sync or (part.sync and bool(rd.entries))
 
     def _commit(self) -> bool:
         if self.txn is None:
             return True
+        if self.lazy_hard_states:
+            for tp, hs in self.lazy_hard_states.items():
+                if tp in self.parts:
+                    self.txn.put_meta(R.hard_state_key(tp), R.encode_hard_state(hs))
+            self.lazy_hard_states.clear()
         txn, self.txn = self.txn, None
         sync, self.sync_needed = self.sync_needed, False
         try:
@@ -509,7 +525,9 @@ class Node:
         tp = part.tp
         replicas = list(part.replica.replicas)
         del self.parts[tp]
-        self._open_part(tp, part.name, replicas, part.sync)
+        # What was committed stays committed, and all of it was on disk before this failed write:
+        # the reopened replica keeps serving it, even if the stored high-watermark hint is older.
+        self._open_part(tp, part.name, replicas, part.sync, hw_floor=part.replica.high_watermark)
 
     def _after_durable(self, part: _Part, rd) -> None:
         replica = part.replica
@@ -996,6 +1014,8 @@ class Node:
     def _send_heartbeats(self, again: bool = True) -> None:
         if self.stopping:
             return
+        if self.lazy_hard_states and again:
+            self._begin()   # the pass's write carries the waiting high-watermark hints
         leaders = [[tp.topic_id, tp.partition, part.replica.epoch] for tp, part in sorted(self.parts.items())
                    if part.replica is not None and part.replica.role == LEADER]
         beat = P.NodeHeartbeat(0, self.name, self.config.address, self.incarnation, leaders, self.meta.applied)
@@ -1420,6 +1440,9 @@ class Node:
         self._at(mono_ms() + DISK_CHECK_INTERVAL_MS, self._check_disk)
 
     def close(self) -> None:
+        if self.lazy_hard_states:
+            self._begin()
+            self._commit()
         self.stopping = True
         for service in self.services:
             service.close()
