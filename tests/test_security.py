@@ -271,3 +271,63 @@ def test_the_security_table_of_a_topology(tmp_path):
         S.node_keys_from_topology(load_topology(path))
     path.write_text(base.replace("[security]\n", ""))
     assert S.node_keys_from_topology(load_topology(path)) is None   # no [security]: an open cluster
+
+
+# --------------------------------------------------------------------------------------------
+# zq.Client with keys, against a secured stand-in node (a CURVE ROUTER that answers status)
+
+
+class SecuredStandIn:
+    def __init__(self, ctx: zmq.Context, keys: S.NodeKeys):
+        import threading
+        self.auth = S.Authenticator.start(ctx, keys)
+        self.router, self.endpoint = server(ctx, keys)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        from zq import protocol as P
+        while not self.stop.is_set():
+            if not self.router.poll(50):
+                continue
+            identity, *frames = self.router.recv_multipart()
+            msg, _ = P.decode(frames)
+            self.router.send_multipart([identity, *P.encode(P.StatusReply(msg.req_id, {"nodes": [], "who": "n1"}))])
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.router.close(0)
+        self.auth.close()
+
+
+def test_a_client_needs_an_allowed_key_to_reach_a_secured_node(ctx, keys, keydir, monkeypatch):
+    import dataclasses
+
+    from zq.client import Client
+    from zq.errors import ConnectionFailed, Timeout
+    from zq.limits import DEFAULT
+    limits = dataclasses.replace(DEFAULT, request_timeout_ms=300, retry_backoff_ms=10)
+    node = SecuredStandIn(ctx, keys)
+    address = node.endpoint.removeprefix("tcp://")
+    try:
+        with Client(bootstrap=address, security=client_keys(keydir, "clients/c1.key_secret")) as client:
+            assert client.status()["who"] == "n1"
+        monkeypatch.setenv(S.ENV_CLUSTER_KEY, str(keydir / "cluster.key"))     # the CLI's way: environment
+        monkeypatch.setenv(S.ENV_CLIENT_KEY, str(keydir / "clients" / "c1.key_secret"))
+        with Client(bootstrap=address) as client:
+            assert client.status()["who"] == "n1"
+        refused_before = node.auth.counters["refused"]
+        monkeypatch.setenv(S.ENV_CLIENT_KEY, str(keydir / "others" / "stranger.key_secret"))
+        with Client(bootstrap=address, limits=limits) as client:
+            with pytest.raises((ConnectionFailed, Timeout)):
+                client.status()
+        assert node.auth.counters["refused"] > refused_before
+        monkeypatch.delenv(S.ENV_CLUSTER_KEY)
+        monkeypatch.delenv(S.ENV_CLIENT_KEY)
+        with Client(bootstrap=address, limits=limits) as client:                # no keys at all
+            with pytest.raises((ConnectionFailed, Timeout)):
+                client.status()
+    finally:
+        node.close()

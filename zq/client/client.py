@@ -18,6 +18,7 @@ client closes them.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from datetime import datetime
@@ -51,11 +52,16 @@ class Client:
     """A connection to one zq cluster. Use as a context manager, or call close()."""
 
     def __init__(self, bootstrap: str | list[str] | None = None, cluster: str = "zq", limits: Limits = DEFAULT,
-                 discovery_timeout_s: float = 3.0, interface: str | None = None) -> None:
+                 discovery_timeout_s: float = 3.0, interface: str | None = None, security: Any = None) -> None:
+        """`security`: a zq.io.security.ClientKeys for a cluster with [security] (CurveZMQ); without
+        it, the key files named by $ZQ_CLUSTER_KEY and $ZQ_CLIENT_KEY are used if set."""
         self.cluster = cluster
         self.limits = limits
+        if security is None and (os.environ.get("ZQ_CLUSTER_KEY") or os.environ.get("ZQ_CLIENT_KEY")):
+            from zq.io.security import client_keys_from_env
+            security = client_keys_from_env()
         self.bootstrap = resolve_bootstrap(bootstrap, cluster, discovery_timeout_s, interface)
-        self._conn = Connection(limits)
+        self._conn = Connection(limits, security=security)
         self._meta = Metadata()
         self._hints: dict[tuple[str, int], str] = {}
         self._preferred: str | None = None  # the address that answered last

@@ -79,8 +79,9 @@ class Connection:
     """The I/O thread and its sockets. Thread-safe entry points: `submit`, `request`, `call`,
     `call_later`, `send_only`, `close`; everything else runs on the I/O thread."""
 
-    def __init__(self, limits: Limits = DEFAULT, name: str = "zq-client-io") -> None:
+    def __init__(self, limits: Limits = DEFAULT, name: str = "zq-client-io", security: Any = None) -> None:
         self.limits = limits
+        self.security = security  # zq.io.security.ClientKeys: every socket is a CurveZMQ client
         self._ids = itertools.count(1)
         self._work: collections.deque = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -206,6 +207,9 @@ class Connection:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_ivl_ms_max)  # ...without hammering a dead one
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.frame_bytes_max)  # a broken peer cannot make us buffer gigabytes
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)  # notice a peer whose host vanished without a FIN
+        if self.security is not None:
+            from zq.io.security import client_socket
+            client_socket(sock, self.security)  # encrypted, and our key must be one the nodes allow
         sock.connect(f"tcp://{'[' + host + ']' if ':' in host else host}:{port}")
         peer = _Peer(address, sock)
         self._peers[address] = peer
