@@ -13,8 +13,8 @@ Exit codes (the same for every command):
 Every error is one sentence on stderr, `zq: error: ...`, never a traceback (set ZQ_DEBUG=1 to see
 the traceback of an unexpected one).
 
-Consumer groups, dead letters and replay (`zq groups`, `zq dlq`, `zq replay`) are not commands yet:
-they arrive with the issues that build those features, so --help lists only what works.
+Consumer groups, dead letters and replay (`zq groups`, `zq replay`, `zq dlq`) live in zq.cli.groups,
+registered at the end of this module.
 """
 from __future__ import annotations
 
@@ -365,16 +365,18 @@ def _print_produced(future: Any, topic: str, json_out: bool) -> None:
 @app.command("consume")
 def consume(
     topic: Annotated[str, typer.Argument(help="Topic to read.")],
-    start: Annotated[str, typer.Option("--from", metavar="earliest|latest|OFFSET|TIME",
-                                       help="Where to start: earliest, latest, an offset (in every partition read), "
-                                            "or an ISO-8601 time (no zone: local time).")] = "latest",
+    start: Annotated[Optional[str], typer.Option("--from", metavar="earliest|latest|OFFSET|TIME",
+                                                 help="Where to start: earliest, latest, an offset (in every partition "
+                                                      "read), or an ISO-8601 time (no zone: local time). Default: "
+                                                      "latest; with --group, where a group with nothing committed "
+                                                      "starts (default earliest).")] = None,
     partition: Annotated[Optional[int], typer.Option("--partition", min=0, help="Read only this partition.")] = None,
     max_messages: Annotated[Optional[int], typer.Option("--max", min=1, help="Stop after N messages.")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", min=0,
                                                      help="Stop after S seconds with no new message.")] = None,
     group: Annotated[Optional[str], typer.Option("--group", help="Consume as a member of this group.")] = None,
-    no_ack: Annotated[bool, typer.Option("--no-ack", help="With --group: do not acknowledge (at-most-once "
-                                                          "is the producer's choice; this only reads).")] = False,
+    no_ack: Annotated[bool, typer.Option("--no-ack", help="With --group: at-most-once, each message is acked "
+                                                          "as it arrives, before it is printed.")] = False,
     bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False,
 ) -> None:
     """Print messages as JSON lines: {"topic", "partition", "offset", "timestamp", "key", "value",
@@ -384,11 +386,12 @@ def consume(
     of them in a message is not valid UTF-8, that message's object has "encoding": "base64" and
     all of its key, value and header values are base64. Always JSON lines (--json is accepted
     for symmetry). Exits 0 after --max messages or --timeout seconds of quiet."""
-    start_at = render.parse_start(start)
+    start_at = render.parse_start(start) if start is not None else (None if group is not None else "latest")
     with _client(bootstrap, cluster) as client:
         consumer = _make_consumer(client, topic, group, start_at, partition)
         try:
-            _consume_loop(consumer, topic, partition, max_messages, timeout, ack=group is not None and not no_ack)
+            _consume_loop(consumer, topic, partition, max_messages, timeout, ack=group is not None and not no_ack,
+                          ack_first=group is not None and no_ack)
         except BrokenPipeError:
             # The reader left (`zq consume T | head -1`): a normal end of a stream, not an error.
             _quiet_stdout()
@@ -401,7 +404,7 @@ def _make_consumer(client: Any, topic: str, group: str | None, start: Any, parti
 
 
 def _consume_loop(consumer: Any, topic: str, partition: int | None, max_messages: int | None,
-                  timeout_s: float | None, ack: bool) -> None:
+                  timeout_s: float | None, ack: bool, ack_first: bool = False) -> None:
     printed = 0
     last_ms = time.monotonic() * 1000
     while max_messages is None or printed < max_messages:
@@ -416,6 +419,8 @@ def _consume_loop(consumer: Any, topic: str, partition: int | None, max_messages
         if batch:
             last_ms = time.monotonic() * 1000
         for msg in batch:
+            if ack_first:
+                msg.ack()   # at-most-once: settled before it is handled, so never delivered again
             sys.stdout.write(json.dumps(render.message_json(msg, topic), ensure_ascii=False) + "\n")
             sys.stdout.flush()
             if ack:
@@ -573,3 +578,8 @@ def _is_zmq_error(error: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(error, zmq.ZMQError)
+
+
+from zq.cli import groups as _groups  # noqa: E402 (it uses this module's helpers)
+
+_groups.register(app)
