@@ -37,6 +37,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zq import protocol
 from zq.errors import ConnectionFailed, ProtocolError, Timeout, ZqError, from_wire
@@ -49,6 +50,7 @@ Callback = Callable[[Any, list, "ZqError | None"], None]
 outbox_requests_max = 10_000   # requests waiting for one not-yet-writable socket
 recv_drain_max = 1_000         # replies handled from one socket per loop pass, so no socket starves the rest
 reconnect_ivl_ms = 100
+connect_timeout_ms = 2_000     # a request that could not even be sent by then fails (ConnectionFailed, safe to retry)
 reconnect_ivl_ms_max = 2_000
 
 
@@ -92,8 +94,10 @@ class Connection:
         self._ctx = zmq.Context()
         self._peers: dict[str, _Peer] = {}
         self._by_socket: dict[zmq.Socket, _Peer] = {}
+        self._by_monitor: dict[zmq.Socket, _Peer] = {}
         self._pending: dict[int, tuple[Callback, float, str]] = {}
         self._deadlines: list[tuple[float, int]] = []
+        self._connect_deadlines: list[tuple[float, int]] = []   # (give up connecting at, req_id)
         self._unsent: set[int] = set()  # requests still in an outbox: their expiry means "not sent" 
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
@@ -191,6 +195,9 @@ class Connection:
             peer.outbox.append((frames, deadline, msg.req_id if callback is not None else None))
             if callback is not None:
                 self._unsent.add(msg.req_id)
+                # A node that is not there is known sooner than a request timeout: give up on
+                # connecting after connect_timeout_ms, when nothing was sent and a retry is safe.
+                heapq.heappush(self._connect_deadlines, (min(deadline, now_ms() + connect_timeout_ms), msg.req_id))
             self._poller.register(peer.socket, zmq.POLLIN | zmq.POLLOUT)
 
     def _peer(self, address: str) -> _Peer:
@@ -215,7 +222,26 @@ class Connection:
         self._peers[address] = peer
         self._by_socket[sock] = peer
         self._poller.register(sock, zmq.POLLIN)
+        # A lost connection fails the requests in flight on it at once (outcome unknown, retriable),
+        # rather than leaving them to wait out their timeout: a dead leader costs a reconnect, not 30 s.
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._by_monitor[monitor] = peer
+        self._poller.register(monitor, zmq.POLLIN)
         return peer
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        peer = self._by_monitor[monitor]
+        for _ in range(recv_drain_max):
+            try:
+                event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                lost = [rid for rid, (_, _, address) in self._pending.items()
+                        if address == peer.address and rid not in self._unsent]
+                for rid in lost:
+                    self._fail(rid, Timeout(f"the connection to {peer.address} was lost before it answered; "
+                                            "the outcome is unknown", address=peer.address))
 
     @staticmethod
     def _try_send(peer: _Peer, frames: list) -> bool:
@@ -265,6 +291,13 @@ class Connection:
             self._run_callback(entry[0], reply, payload, None)
 
     def _expire(self, t: float) -> None:
+        while self._connect_deadlines and self._connect_deadlines[0][0] <= t:
+            _, req_id = heapq.heappop(self._connect_deadlines)
+            entry = self._pending.get(req_id)
+            if entry is not None and req_id in self._unsent:
+                self._unsent.discard(req_id)
+                self._fail(req_id, ConnectionFailed(f"could not connect to {entry[2]} within {connect_timeout_ms} ms; "
+                                                    "nothing was sent. Is the node running?", address=entry[2]))
         while self._deadlines and self._deadlines[0][0] <= t:
             _, req_id = heapq.heappop(self._deadlines)
             entry = self._pending.get(req_id)
@@ -305,6 +338,8 @@ class Connection:
         nxt = t + 1_000.0
         if self._deadlines:
             nxt = min(nxt, self._deadlines[0][0])
+        if self._connect_deadlines:
+            nxt = min(nxt, self._connect_deadlines[0][0])
         if self._timers:
             nxt = min(nxt, self._timers[0][0])
         return max(0.0, nxt - t)
@@ -315,6 +350,9 @@ class Connection:
                 events = self._poller.poll(self._poll_timeout_ms())
                 for sock, ev in events:
                     if sock == self._wake_r:
+                        continue
+                    if sock in self._by_monitor:
+                        self._on_monitor(sock)
                         continue
                     peer = self._by_socket[sock]
                     if ev & zmq.POLLIN:
@@ -346,6 +384,8 @@ class Connection:
         # instead of leaving its caller waiting; bounded, since nothing new can be submitted.
         while self._work:
             self._run_work()
+        for monitor in self._by_monitor:
+            monitor.close(linger=0)
         for peer in self._peers.values():
             peer.socket.close(linger=0)
         self._ctx.term()

@@ -480,9 +480,8 @@ class Node:
         if rd.truncate_from is not None:
             txn.truncate_from(part.tp, rd.truncate_from)
             self.counters["truncations"] += 1
-        now = now_ms()
         for entry in rd.entries:
-            value, header = R.stored_from_entry(entry, now)
+            value, header = R.stored_from_entry(entry)
             txn.append(part.tp, value, header)
         if rd.hard_state is not None:
             txn.put_meta(R.hard_state_key(part.tp), R.encode_hard_state(rd.hard_state))
@@ -1091,7 +1090,7 @@ class Node:
         for n in self._nodes_view():
             answered = n["name"] in views
             nodes.append({"name": n["name"], "address": f"{n['host']}:{n['port']}",
-                          "state": "alive" if answered else n["state"],
+                          "state": "alive" if answered and n["state"] != "joining" else n["state"],
                           "last_seen_ms": 0 if answered else n["last_seen_ms"]})
         return {"cluster": self.config.cluster, "node": self.name, "metadata_leader": self.leader_of(META_TP)[0],
                 "nodes": nodes, "partitions": partitions}

@@ -51,10 +51,12 @@ def entry_from_stored(value: bytes) -> Entry:
     return Entry(h.base_offset, h.count, h.epoch, pid, seq, value)
 
 
-def stored_from_entry(entry: Entry, now_ms: int) -> tuple[bytes, zbatch.BatchHeader]:
+def stored_from_entry(entry: Entry) -> tuple[bytes, zbatch.BatchHeader]:
     """The bytes to store for an entry, verified. Raises CorruptData for a damaged payload."""
     if entry.is_marker:
-        value = zbatch.control_batch(entry.base_offset, entry.epoch, now_ms)
+        # Append time 0, not this node's clock, so every replica stores the very same bytes (the
+        # store's time index clamps it to the batch before, so time lookups are unaffected).
+        value = zbatch.control_batch(entry.base_offset, entry.epoch, 0)
     else:
         value = zbatch.restamp(entry.payload, entry.base_offset, entry.epoch)
     header = zbatch.verify_stored(value)
