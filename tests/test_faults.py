@@ -548,3 +548,29 @@ def test_leader_paused_cannot_commit_and_steps_down(zq_cluster):
     assert counts["acked"] >= 300
 
 
+
+
+# ---------------------------------------------------------------------------- kept reproducer: producer failover
+
+DEFAULT_FAILOVER_S_MAX = 10.0   # five times the longest election timeout
+
+
+def test_default_producer_fails_over_soon_after_a_leader_kill(zq_cluster):
+    """With the producer's default settings, a SIGKILLed leader should cost about an election, not
+    the whole request timeout (30 s) or two of them: the batch in flight to the dead leader waits
+    for its timeout, and its retry may go to the dead address again."""
+    cluster = zq_cluster
+    admin, status, _ = set_up(cluster)
+    load = Load(admin)
+    load.producer.close(0)
+    load.producer = admin.producer(acks="quorum", idempotent=True, linger_ms=5)   # default request timeout
+    load.start()
+    try:
+        load.wait_more_acks(100)
+        row = status_rows(status)[(TOPIC, 0)]
+        kill_s = time.monotonic()
+        cluster.kill(row["leader"])
+        load.wait(lambda l: l.first_ack(0, row["epoch"], kill_s), DEFAULT_FAILOVER_S_MAX,
+                  f"an acknowledgement on partition 0 from an epoch after {row['epoch']}")
+    finally:
+        load.finish(2)
