@@ -1,8 +1,8 @@
 """Prometheus metrics of a node, served on `port + 2` at /metrics.
 
-The collector reads the node's counters and partition cores when scraped, so the event loop
-pays nothing per message for metrics. Reads happen on the HTTP server's thread: it copies the
-small dicts it walks (a scrape may be one loop pass stale, never inconsistent enough to crash).
+The collector reads the node's counters and a per-partition snapshot that the loop thread
+refreshes every second, so the event loop pays nothing per message for metrics and the HTTP
+server's thread never touches the store or the cores (a scrape may be a second stale).
 """
 from __future__ import annotations
 
@@ -33,19 +33,24 @@ class NodeCollector:
                                        "Parked fetches as a fraction of their bound", labels=labels)
         saturation.add_metric([node.name], node.parked_count / max(1, node.limits.pending_fetches_max))
         yield saturation
-        hw = GaugeMetricFamily("zq_partition_high_watermark", "First offset not yet committed",
-                               labels=["node", "topic", "partition"])
-        end = GaugeMetricFamily("zq_partition_log_end", "Next offset to be written", labels=["node", "topic", "partition"])
-        lag = GaugeMetricFamily("zq_partition_uncommitted", "log end minus high watermark (messages)",
-                                labels=["node", "topic", "partition"])
-        for row in node._local_partitions_view():
+        labels3 = ["node", "topic", "partition"]
+        hw = GaugeMetricFamily("zq_partition_high_watermark", "First offset not yet committed", labels=labels3)
+        end = GaugeMetricFamily("zq_partition_log_end", "Next offset to be written", labels=labels3)
+        uncommitted = GaugeMetricFamily("zq_partition_uncommitted", "Log end minus high watermark (messages)",
+                                        labels=labels3)
+        lag = GaugeMetricFamily("zq_replication_lag_messages", "Messages the slowest replica lacks", labels=labels3)
+        lag_ms = GaugeMetricFamily("zq_replication_lag_ms", "Age of the oldest batch the slowest replica lacks",
+                                   labels=labels3)
+        in_sync = GaugeMetricFamily("zq_partition_in_sync_replicas", "Replicas in sync with the leader", labels=labels3)
+        for row in list(node.metrics_rows):   # a snapshot the loop thread refreshes every second
             lbl = [node.name, row["topic"], str(row["partition"])]
             hw.add_metric(lbl, row["high_watermark"])
             end.add_metric(lbl, row["log_end"])
-            lag.add_metric(lbl, row["log_end"] - row["high_watermark"])
-        yield hw
-        yield end
-        yield lag
+            uncommitted.add_metric(lbl, row["log_end"] - row["high_watermark"])
+            lag.add_metric(lbl, row["replication_lag"])
+            lag_ms.add_metric(lbl, row["replication_lag_ms"])
+            in_sync.add_metric(lbl, len(row["in_sync"]))
+        yield from (hw, end, uncommitted, lag, lag_ms, in_sync)
 
 
 def serve_metrics(node, host: str, port: int):

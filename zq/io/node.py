@@ -75,6 +75,7 @@ NODE_HEARTBEAT_MS = 250           # how often a node tells each peer it is alive
 NODE_ALIVE_MS = 3_000             # a node heard from within this long counts as alive
 NODE_DEAD_MS = 10_000             # ... and as dead after this long
 RETENTION_INTERVAL_MS = 5_000     # how often retention runs
+METRICS_REFRESH_MS = 1_000        # how often the /metrics snapshot of partitions is taken
 DISK_CHECK_INTERVAL_MS = 1_000    # how often free disk space is read
 DISK_FREE_BYTES_MIN = 64 * 1024 * 1024  # below this, produce is refused with StorageFull
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
@@ -221,6 +222,7 @@ class Node:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, PUB_SNDHWM)  # bounded; an overflow is a gap the core fetches
         self.metrics_server = None
+        self.metrics_rows: list[dict] = []                      # partitions view for /metrics, refreshed each second
         self.services: list[Any] = []                           # see add_service
         self.member_view: Callable[[str, int], tuple[str, int | None] | None] | None = None
         self.service_handlers: dict[type, Callable[[bytes, Any, list], None]] = {}
@@ -1065,15 +1067,29 @@ class Node:
             r = part.replica
             if r is None or r.role != LEADER:
                 continue
-            match = getattr(r, "_match", {})
-            contact = getattr(r, "_contact_ms", {})
-            in_sync = [self.name] + [p for p in r.peers
-                                     if match.get(p, 0) >= r.high_watermark and now - contact.get(p, 0) <= NODE_ALIVE_MS]
-            lag = max([r.log_end - match.get(p, 0) for p in r.peers] or [0])
+            progress = r.replica_progress()
+            in_sync = sorted(name for name, (end, heard_ms) in progress.items()
+                             if name == self.name or (end >= r.high_watermark and now - heard_ms <= NODE_ALIVE_MS))
+            slowest = min((end for end, _ in progress.values()), default=r.log_end)
             out.append({"topic": part.name, "partition": tp.partition, "leader": self.name, "epoch": r.epoch,
-                        "replicas": list(r.replicas), "in_sync": sorted(in_sync), "log_start": part.log_start,
-                        "log_end": r.log_end, "high_watermark": r.high_watermark, "replication_lag": lag})
+                        "replicas": list(r.replicas), "in_sync": in_sync, "log_start": part.log_start,
+                        "log_end": r.log_end, "high_watermark": r.high_watermark,
+                        "replication_lag": r.log_end - slowest,
+                        "replication_lag_ms": self._lag_ms(tp, slowest, r.log_end)})
         return out
+
+    def _lag_ms(self, tp: TopicPartition, slowest_end: int, log_end: int) -> int:
+        """How old the oldest batch is that some replica does not hold yet (0 when all hold all)."""
+        if slowest_end >= log_end:
+            return 0
+        try:
+            values = self.store.read(tp, slowest_end, 1)
+            if values:
+                append_ms = zbatch.unpack_header(values[0]).append_time_ms
+                return max(0, now_ms() - append_ms) if append_ms else 0
+        except ZqError:
+            pass
+        return 0   # not yet on this node's disk either: younger than a loop pass
 
     def _status_doc(self, views: dict[str, list]) -> dict:
         seen: dict[tuple[str, int], dict] = {}
@@ -1099,7 +1115,8 @@ class Node:
     def _unknown_row(topic: str, partition: int, replicas: list[str]) -> dict:
         """A partition whose leader did not answer: no leader, nothing known of its log."""
         return {"topic": topic, "partition": partition, "leader": None, "epoch": None, "replicas": replicas,
-                "in_sync": [], "log_start": None, "log_end": None, "high_watermark": None, "replication_lag": None}
+                "in_sync": [], "log_start": None, "log_end": None, "high_watermark": None, "replication_lag": None,
+                "replication_lag_ms": None}
 
     # ------------------------------------------------------------------ the surface services use
     #
@@ -1285,6 +1302,7 @@ class Node:
     def _start_background(self) -> None:
         self._at(mono_ms(), self._send_heartbeats)
         self._at(mono_ms(), self._check_disk)
+        self._at(mono_ms(), self._refresh_metrics)
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
         if self.config.seeds:
             self._ask_seeds()
@@ -1426,6 +1444,11 @@ class Node:
                     part.log_start = new_start
                     self.counters["retention_deletes"] += 1
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
+
+    def _refresh_metrics(self) -> None:
+        if self.config.metrics:
+            self.metrics_rows = self._local_partitions_view()
+            self._at(mono_ms() + METRICS_REFRESH_MS, self._refresh_metrics)
 
     def _check_disk(self) -> None:
         try:
