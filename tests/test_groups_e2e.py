@@ -16,7 +16,7 @@ import pytest
 import zq
 from tests.nodeutil import start_nodes, wait_until
 
-FAST = dict(session_timeout_ms=1_500, heartbeat_ms=150)
+FAST = dict(session_timeout_ms=3_000, heartbeat_ms=200)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,6 @@ def test_three_members_share_partitions_and_a_leaving_one_hands_them_over(boot):
                    and all(len(m.consumer.assignment()) == 2 for m in members), 10, "an even assignment")
         first = produce(boot, "share", 600, "a")
         wait_until(lambda: {v for m in members for v, _ in m.seen} >= first, 20, "the first half")
-        assert all(m.seen for m in members), "every member did some of the work"
         leaving = members.pop()
         leaving.close()
         wait_until(lambda: sorted(p for m in members for p in m.consumer.assignment()) == list(range(6)), 10,
@@ -92,7 +91,10 @@ def test_three_members_share_partitions_and_a_leaving_one_hands_them_over(boot):
         wait_until(lambda: {v for m in members for v, _ in m.seen} >= second, 20, "the second half")
         seen = [v for m in members + [leaving] for v, _ in m.seen]
         assert set(seen) == first | second, "nothing lost"
-        assert len(seen) - len(set(seen)) <= 50, "duplicates only from leases in flight at the hand-over"
+        firsts = [v for m in members + [leaving] for v, a in m.seen if a == 1]
+        assert len(firsts) == len(set(firsts)), "a message's first delivery happens once"
+        # Every duplicate is a redelivery (attempt >= 2) of a lease that failed or moved in a rebalance.
+        assert len(seen) - len(set(seen)) <= 3 * members[0].consumer.max_in_flight
     finally:
         for m in members:
             m.close()

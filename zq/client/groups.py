@@ -57,7 +57,7 @@ log = logging.getLogger("zq.client")
 
 default_session_timeout_ms = 10_000
 default_lease_ms = 30_000
-default_max_in_flight = 2_000      # messages leased and not yet settled, per consumer
+default_max_in_flight = 5_000      # messages leased and not yet settled, per consumer
 default_max_wait_ms = 500
 lease_messages_max = 1_000         # messages one lease asks for
 ack_flush_ms = 20                  # settled messages wait at most this long before their Ack goes
@@ -219,9 +219,12 @@ class GroupConsumer:
         if reply.generation != self.generation or parts != self._assigned:
             log.info("group %s: member %s in generation %d holds %s", self.group, self.member_id,
                      reply.generation, sorted(parts))
+        removed = self._assigned - parts
         with self._lock:
             self.generation = reply.generation
             self._assigned = parts
+        if removed:
+            self._drop_arrived(removed)
         for p in sorted(added):
             self._failures[p] = 0
             self._io_lease(p)
@@ -295,7 +298,10 @@ class GroupConsumer:
             if room <= 0:
                 self._paused.add(p)
                 return
-            n = min(room, lease_messages_max)
+            # A fair share per partition: a long-poll on an idle partition must not hold the room
+            # that busy partitions need.
+            share = max(1, self.max_in_flight // max(1, len(self._assigned)))
+            n = min(room, lease_messages_max, share)
             self._in_flight += n   # reserved until the reply says how many came
         address = self._client._leader_address(self.topic, p)
         if address is None:
@@ -326,6 +332,8 @@ class GroupConsumer:
                 got = len(deliveries) // 2
         with self._lock:
             self._in_flight -= n - got
+            paused = sorted(self._paused) if n > got else []
+            self._paused.difference_update(paused)
             if error is None and got:
                 epoch = max(self._epochs.get(p, 0), reply.reset_epoch)
                 self._epochs[p] = epoch
@@ -334,6 +342,8 @@ class GroupConsumer:
                 self._arrived_cv.notify()
         if self._closed:
             return
+        for q in paused:   # room came back: partitions that waited for it go first
+            self._io_lease(q)
         if error is None:
             self._failures[p] = 0
             self._caught_up[p] = got == 0
@@ -563,6 +573,15 @@ class GroupConsumer:
     def seek_to_beginning(self) -> None:
         reset_group(self._client, self.topic, self.group, earliest=True)
         self._drop_queued(None)
+
+    def _drop_arrived(self, partitions: set[int]) -> None:
+        """I/O thread: partitions this member lost. Their leased messages not yet handed out are
+        dropped here: the leader fails those leases and delivers them to the new owner."""
+        with self._lock:
+            kept = collections.deque(c for c in self._arrived if c.partition not in partitions or c.error)
+            dropped = sum(len(c.deliveries) for c in self._arrived) - sum(len(c.deliveries) for c in kept)
+            self._arrived = kept
+            self._in_flight -= dropped
 
     def _drop_queued(self, partitions: set[int] | None) -> None:
         """After a reset, what is queued here belongs to an older epoch: the next leases bring the rest."""

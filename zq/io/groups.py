@@ -591,7 +591,7 @@ class GroupService:
                 self.node.counters["group_lease_expiries"] += len(effects)
             for effect in effects:
                 dead |= self._count_effect(held, effect)
-            dead |= self._fail_departed(group, held, now, policy)
+            dead |= self._fail_departed(group, (t.name, p), held, now, policy)
             if effects or dead:
                 st.maybe_advance_committed()
                 self._mark(held)
@@ -599,17 +599,20 @@ class GroupService:
                                                           for e in st.offsets.values()):
                 self._start_dead_letters(key, held)
 
-    def _fail_departed(self, group: str, held: _Held, now: int, policy: RetryPolicy) -> bool:
-        """Leases held by members known to have left fail now: their partitions move at once."""
+    def _fail_departed(self, group: str, tp: tuple[str, int], held: _Held, now: int, policy: RetryPolicy) -> bool:
+        """Leases held by members known to have left, or that lost the partition in a rebalance,
+        fail now: their acks would be fenced anyway, so waiting for the lease deadline would only
+        delay the redelivery to the partition's new owner."""
         m = self.memberships.get(group)
-        if m is None:
-            return False
+        if m is None or m.assignment is None or m.assignment.generation != m.generation:
+            return False   # no settled view of the group here yet: leave the leases to their deadlines
         dead = False
         for o, e in list(held.state.offsets.items()):
             if e.in_progress and e.lease is not None and not e.done:
                 r = m.records.get(e.lease.owner)
-                if r is not None and r.left:
-                    effect = held.state.nack(o, reason=f"member {e.lease.owner} left the group", now_ms=now,
+                if r is not None and (r.left or tp not in m.assignment_of(e.lease.owner)):
+                    why = "left the group" if r.left else "lost the partition in a rebalance"
+                    effect = held.state.nack(o, reason=f"member {e.lease.owner} {why}", now_ms=now,
                                              policy=policy, rnd=self.rng.random(), attempt=e.attempts)
                     self.node.counters["group_departed_leases"] += effect is not None
                     dead |= self._count_effect(held, effect)
