@@ -219,12 +219,9 @@ class GroupConsumer:
         if reply.generation != self.generation or parts != self._assigned:
             log.info("group %s: member %s in generation %d holds %s", self.group, self.member_id,
                      reply.generation, sorted(parts))
-        removed = self._assigned - parts
         with self._lock:
             self.generation = reply.generation
             self._assigned = parts
-        if removed:
-            self._drop_arrived(removed)
         for p in sorted(added):
             self._failures[p] = 0
             self._io_lease(p)
