@@ -72,8 +72,8 @@ def start_nodes(tmp_path: Path, n: int = 1, **overrides) -> list[NodeThread]:
     seeds = tuple(f"127.0.0.1:{b}" for b in bases)
     out = []
     for name, base in zip(names, bases):
-        cfg = NodeConfig(name=name, port=base, data_dir=tmp_path / name, seeds=seeds, voters=tuple(names),
-                         metrics=False, **overrides)
+        settings = {"discovery": False, "metrics": False, **overrides}   # seeds only: tests never multicast
+        cfg = NodeConfig(name=name, port=base, data_dir=tmp_path / name, seeds=seeds, voters=tuple(names), **settings)
         out.append(NodeThread(cfg))
     return out
 

@@ -635,16 +635,10 @@ def test_prefetch_is_bounded(cluster, client):
     fetches = [r for _, r in cluster.requests if isinstance(r, protocol.Fetch)]
     assert len(fetches) == 1  # one reply fills the tiny prefetch; no more fetches until poll takes it
     got = []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30   # generous: CI machines are slow; the loop ends as soon as all 200 are in
     while len(got) < 200 and time.monotonic() < deadline:
         got += consumer.poll(timeout=0.5)
     assert [m.offset for m in got] == list(range(200))
-
-
-def test_group_is_refused_clearly_for_now(cluster, client):
-    with pytest.raises(ZqError) as e:
-        client.consumer("t", group="billing")
-    assert "group" in str(e.value)
 
 
 def test_consumer_of_unknown_topic(cluster, client):

@@ -331,3 +331,43 @@ def test_a_client_needs_an_allowed_key_to_reach_a_secured_node(ctx, keys, keydir
                 client.status()
     finally:
         node.close()
+
+
+def test_a_secured_cluster_replicates_and_serves_only_allowed_clients(tmp_path, keydir):
+    """Three real nodes with [security]: replication between them works over Curve, an allowed
+    client produces and consumes, a client with a stranger's key gets nothing."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from tests.nodeutil import start_nodes, wait_until
+    from zq.client import Client
+    from zq.errors import ConnectionFailed, Timeout
+    from zq.limits import DEFAULT
+    topology = SimpleNamespace(path=tmp_path / "t.toml", nodes=(), cluster=SimpleNamespace(discovery="off"), security={
+        "mode": "curve", "cluster_secret_key_file": str(keydir / "cluster.key_secret"),
+        "cluster_public_key_file": str(keydir / "cluster.key"), "allowed_clients_dir": str(keydir / "clients")})
+    nodes = start_nodes(tmp_path, 3, topology=topology)
+    try:
+        bootstrap = ",".join(n.address for n in nodes)
+        with Client(bootstrap=bootstrap, security=client_keys(keydir, "clients/c1.key_secret")) as client:
+            wait_until(lambda: sum(n["state"] == "alive" for n in client.status()["nodes"]) == 3, 20,
+                       "three secured nodes to see each other")
+            wait_until(lambda: client.create_topic("secret", partitions=2, replication=3) or True, 20, "create")
+            producer = client.producer(acks="quorum")
+            metas = [producer.send("secret", b"m%d" % i, partition=i % 2).result(20) for i in range(10)]
+            consumer = client.consumer("secret", start="earliest")
+            got = []
+            deadline = __import__("time").monotonic() + 20
+            while len(got) < 10 and __import__("time").monotonic() < deadline:
+                got += consumer.poll(timeout=0.5)
+            assert sorted(m.value for m in got) == sorted(b"m%d" % i for i in range(10))
+            assert all(m.epoch >= 1 for m in metas)
+            rows = [r for r in client.status()["partitions"] if r["topic"] == "secret"]
+            assert all(len(r["in_sync"]) == 3 for r in rows)       # followers replicate over Curve
+        limits = dataclasses.replace(DEFAULT, request_timeout_ms=300, retry_backoff_ms=10)
+        with Client(bootstrap=bootstrap, limits=limits, security=client_keys(keydir, "others/stranger.key_secret")) as c:
+            with pytest.raises((ConnectionFailed, Timeout)):
+                c.status()
+    finally:
+        for n in nodes:
+            n.stop()

@@ -186,6 +186,11 @@ class GroupService:
     def close(self) -> None:
         self.parked.clear()
 
+    def on_high_watermark(self, topic: str, partition: int, high_watermark: int) -> None:
+        """New data is visible: leases waiting for it are answered in this pass, not the next."""
+        if self.parked:
+            self._serve_parked(self.node.now_ms())
+
     def tick(self, now_ms: int) -> None:
         """Every loop pass: cheap unless a timer is due or leases are parked."""
         if now_ms >= self._next_sweep_ms:
@@ -695,21 +700,8 @@ class GroupService:
             self._mark(held)
 
     def _request_with_frames(self, name: str, msg: Any, frames: list[bytes], on_reply: Callable[[Any, list], None]) -> None:
-        """A request to a peer with payload frames (a Produce). The node's request_peer takes none
-        yet, so this uses its request table directly; see the report for the method asked for."""
-        node = self.node
-        try:
-            node.request_peer(name, msg, on_reply, dead_letter_wait_ms, frames=frames)
-            return
-        except TypeError:
-            pass
-        peer = node._peer(name)
-        if peer is None:
-            on_reply(LeaderNotAvailable(f"node {name} is not reachable"), [])
-            return
-        peer.pending[msg.req_id] = (node.now_ms() + dead_letter_wait_ms, on_reply)
-        node._peer_send(peer, msg, list(frames))
-        node.at(node.now_ms() + dead_letter_wait_ms, lambda: node._request_timed_out(peer, msg.req_id))
+        """A request to a peer with payload frames (a Produce of dead letters to a remote leader)."""
+        self.node.request_peer(name, msg, on_reply, dead_letter_wait_ms, frames=frames)
 
     # ------------------------------------------------------------------ replication of states
 

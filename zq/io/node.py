@@ -61,6 +61,7 @@ from zq.core.replication import Replica
 from zq.errors import (Backpressure, InvalidRequest, LeaderNotAvailable, NotLeader, OffsetOutOfRange, OutOfOrderSequence, UnknownTopic,
                        ProtocolError, StorageFull, UnknownPartition, ZqError, from_wire)
 from zq.io import replicas as R
+from zq.io import security
 from zq.io.store import Store
 from zq.limits import DEFAULT, Limits
 from zq.types import META_TOPIC, META_TP, TopicPartition
@@ -74,6 +75,7 @@ STATUS_WAIT_MS = 400              # how long `zq status` waits for the other nod
 NODE_HEARTBEAT_MS = 250           # how often a node tells each peer it is alive and what it leads
 NODE_ALIVE_MS = 3_000             # a node heard from within this long counts as alive
 NODE_DEAD_MS = 10_000             # ... and as dead after this long
+FOUND_WAIT_MS = 3_000             # a node with no voters and no answer by then may found the cluster
 RETENTION_INTERVAL_MS = 5_000     # how often retention runs
 METRICS_REFRESH_MS = 1_000        # how often the /metrics snapshot of partitions is taken
 DISK_CHECK_INTERVAL_MS = 1_000    # how often free disk space is read
@@ -86,6 +88,8 @@ PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB dro
 
 # Replication timing for real nodes: a Python process under load (GC, fsync, 2 cores) stalls for
 # tens of milliseconds at times, so elections wait a second, not Raft's usual 150-300 ms.
+# consumer groups (leases, acks, retries, dead letters) and membership (SWIM failure detection, zeroconf)
+DEFAULT_SERVICES = ("zq.io.groups", "zq.io.membership")
 NODE_REPLICATION = ReplicationConfig(election_timeout_ms=1_000, heartbeat_interval_ms=100, fetch_retry_ms=250)
 
 
@@ -112,7 +116,7 @@ class NodeConfig:
     retention_interval_ms: int = RETENTION_INTERVAL_MS
     disk_free_bytes_min: int = DISK_FREE_BYTES_MIN
     replication: ReplicationConfig = NODE_REPLICATION
-    services: tuple[str, ...] = ()       # modules whose install(node) adds a service before the loop starts
+    services: tuple[str, ...] = DEFAULT_SERVICES   # modules whose install(node) adds a service before the loop
     limits: Limits = field(default_factory=lambda: DEFAULT)
 
     @property
@@ -158,10 +162,12 @@ class _Part:
 class _Peer:
     """One DEALER to another node's ROUTER, with the requests sent on it that await an answer."""
 
-    def __init__(self, ctx: zmq.Context, name: str, address: str):
+    def __init__(self, ctx: zmq.Context, name: str, address: str, keys: Any = None):
         self.name = name
         self.address = address
         self.sock = ctx.socket(zmq.DEALER)
+        if keys is not None:
+            security.peer_socket(self.sock, keys)   # nodes talk to each other as Curve clients with the cluster key
         self.sock.setsockopt(zmq.LINGER, 0)          # a stopping node must not wait on a dead peer
         self.sock.setsockopt(zmq.SNDHWM, 10_000)     # bounded queue towards one peer (queued while it connects)
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
@@ -190,7 +196,9 @@ class Node:
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
         self.store = Store(config.data_dir, limits=self.limits)
         self.meta = meta.MetadataState()
-        self.voters: tuple[str, ...] = config.voters or (() if config.seeds else (config.name,))
+        # Without voters from a topology, a node learns them from a seed or a discovered peer; if it
+        # finds no cluster within FOUND_WAIT_MS, the lowest-named of the waiting nodes founds one.
+        self.voters: tuple[str, ...] = config.voters or (() if config.seeds or config.discovery else (config.name,))
         self.parts: dict[TopicPartition, _Part] = {}
         self.parked: dict[TopicPartition, list[_Parked]] = defaultdict(list)
         self.parked_count = 0
@@ -216,11 +224,19 @@ class Node:
         self._registered = False
         self.sub_connected: dict[str, str] = {}                 # peer -> address its PUB is subscribed at
         self.ctx = zmq.Context.instance()
+        self.keys = security.node_keys_from_topology(config.topology)
+        if self.keys is None:
+            log.warning(security.OPEN_CLUSTER_WARNING)
+            self.authenticator = None
+        else:
+            self.authenticator = security.Authenticator.start(self.ctx, self.keys)
         self.router = self._bind(zmq.ROUTER, config.port)
         self.pub = self._bind(zmq.PUB, config.port + 1)
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, PUB_SNDHWM)  # bounded; an overflow is a gap the core fetches
+        if self.keys is not None:
+            security.peer_socket(self.sub, self.keys)     # replication streams are encrypted and authenticated
         self.metrics_server = None
         self.metrics_rows: list[dict] = []                      # partitions view for /metrics, refreshed each second
         self.services: list[Any] = []                           # see add_service
@@ -249,6 +265,9 @@ class Node:
             s.setsockopt(zmq.MAXMSGSIZE, self.limits.frame_bytes_max)  # a bigger frame drops the connection
         else:
             s.setsockopt(zmq.SNDHWM, PUB_SNDHWM)  # past it PUB drops for that subscriber; it fetches the gap
+        if self.keys is not None:
+            # CurveZMQ: the ROUTER admits nodes and allowed clients, the PUB nodes only (ZAP decides).
+            security.server_socket(s, self.keys, security.ROUTER_DOMAIN if kind == zmq.ROUTER else security.PEER_DOMAIN)
         try:
             s.bind(f"tcp://{self.config.host}:{port}")
         except zmq.ZMQError as e:
@@ -419,7 +438,7 @@ class Node:
                 e = ZqError(f"the node failed to handle {type(msg).__name__} ({e.__class__.__name__}); "
                             "this is a bug in zq, please report it with the node's log")
             self.counters[f"errors_{e.code}"] += 1
-            if not isinstance(msg, (P.Replicate, P.NodeHeartbeat)):   # one-way messages get no reply
+            if hasattr(msg, "req_id") and not isinstance(msg, (P.Replicate, P.NodeHeartbeat)):   # one-way: no reply
                 self._send(identity, P.encode(P.error_reply(msg.req_id, e)))
 
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
@@ -551,6 +570,10 @@ class Node:
                 self._refuse_parked(part.tp)
         if rd.high_watermark is not None:
             self._serve_parked(part.tp)
+            for service in self.services:
+                hook = getattr(service, "on_high_watermark", None)
+                if hook is not None:
+                    hook(part.name, part.tp.partition, rd.high_watermark)
             if part.tp == META_TP:
                 self._apply_committed_meta()
 
@@ -854,6 +877,10 @@ class Node:
     def _last_seen_ago_ms(self, name: str, now: int) -> int | None:
         if name == self.name:
             return 0
+        if self.member_view is not None:
+            seen = self.member_view(name, now)
+            if seen is not None and seen[1] is not None:
+                return seen[1]
         last = self.last_heard.get(name)
         return None if last is None else now - last
 
@@ -1121,8 +1148,8 @@ class Node:
     # ------------------------------------------------------------------ the surface services use
     #
     # A service (consumer groups, membership, ...) is an object with `handlers` (message type ->
-    # fn(identity, msg, payload)), `start()`, `tick(now_ms)` (every loop pass: keep it cheap) and
-    # `close()`. It talks to the rest of the node only through the methods below, so that the
+    # fn(identity, msg, payload)), `tick(now_ms)` (every loop pass: keep it cheap), `close()`, and
+    # optionally `on_high_watermark(topic, partition, high_watermark)` (data became visible). It talks to the rest of the node only through the methods below, so that the
     # loop's rules (persist, then send; bounded everything) hold for it too.
 
     def add_service(self, service: Any) -> None:
@@ -1157,6 +1184,8 @@ class Node:
         if name != self.name and self.addresses.get(name) != address:
             self.addresses[name] = address
             self._forget_peer(name)
+            if not self.voters:
+                self._ask(address)   # it may know the cluster's voters
 
     def set_member_view(self, view: Callable[[str, int], tuple[str, int | None] | None]) -> None:
         """A failure detector's answer to "what state is node N in, and how long since it was heard
@@ -1165,9 +1194,9 @@ class Node:
         self.member_view = view
 
     def request_peer(self, name: str, msg: Any, on_reply: Callable[[Any, list], None],
-                     timeout_ms: int = PEER_REQUEST_TIMEOUT_MS) -> None:
+                     timeout_ms: int = PEER_REQUEST_TIMEOUT_MS, frames: tuple | list = ()) -> None:
         """A request to another node; `on_reply(reply_or_ZqError, payload)` runs exactly once."""
-        self._request(name, msg, on_reply, timeout_ms)
+        self._request(name, msg, on_reply, timeout_ms, frames=frames)
 
     def next_req_id(self) -> int:
         return next(self._req_ids)
@@ -1254,20 +1283,24 @@ class Node:
             address = address or self.addresses.get(name)
             if address is None:
                 return None
-            peer = self.peers[name] = _Peer(self.ctx, name, address)
+            peer = self.peers[name] = _Peer(self.ctx, name, address, self.keys)
         return peer
 
     def _forget_peer(self, name: str) -> None:
         """Its address changed: the next message opens a new connection; SUB reconnects too."""
         peer = self.peers.get(name)
         if peer is not None and peer.address != self.addresses.get(name):
+            try:
+                peer.sock.disconnect(f"tcp://{peer.address}")
+            except zmq.ZMQError:
+                pass   # never connected there
             peer.address = self.addresses[name]
             peer.sock.connect(f"tcp://{peer.address}")
         if any(name in (p.replica.replicas if p.replica else ()) for p in self.parts.values()):
             self._connect_sub(name)
 
     def _request(self, name: str, msg: Any, on_reply: Callable[[Any, list], None],
-                 timeout_ms: int = PEER_REQUEST_TIMEOUT_MS, address: str | None = None) -> None:
+                 timeout_ms: int = PEER_REQUEST_TIMEOUT_MS, address: str | None = None, frames: tuple | list = ()) -> None:
         """Send `msg` to a peer; `on_reply(reply_or_error, payload)` runs once, with a ZqError on timeout."""
         peer = self._peer(name, address)
         if peer is None or len(peer.pending) >= PEER_PENDING_MAX:
@@ -1275,7 +1308,7 @@ class Node:
             return
         req_id = msg.req_id
         peer.pending[req_id] = (mono_ms() + timeout_ms, on_reply)
-        self._peer_send(peer, msg)
+        self._peer_send(peer, msg, list(frames))
         self._at(mono_ms() + timeout_ms, lambda: self._request_timed_out(peer, req_id))
 
     def _request_timed_out(self, peer: _Peer, req_id: int) -> None:
@@ -1306,17 +1339,39 @@ class Node:
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
         if self.config.seeds:
             self._ask_seeds()
+        if not self.voters:
+            self._at(mono_ms() + FOUND_WAIT_MS, self._maybe_found_cluster)
         if self.name in self.voters:
             self._at(mono_ms(), self._register_self)
         else:
             self._at(mono_ms(), self._follow_meta)
 
+    def _maybe_found_cluster(self) -> None:
+        """No cluster answered: the lowest-named node among those waiting founds one; the others
+        keep asking, and learn it from the founder."""
+        if self.voters or self.stopping:
+            return
+        waiting = sorted({self.name} | {n for n in self.addresses if self._alive(n)})
+        if waiting[0] == self.name:
+            log.info("no cluster %r found: founding it, with this node holding its metadata", self.config.cluster)
+            self.voters = (self.name,)
+            del self.parts[META_TP]
+            self._open_part(META_TP, META_TOPIC, [self.name], sync=True)
+            self._register_self()
+            return
+        for name in waiting[1:]:
+            self._ask(self.addresses[name])
+        self._at(mono_ms() + FOUND_WAIT_MS // 2, self._maybe_found_cluster)
+
+    def _ask(self, address: str) -> None:
+        if address != self.config.address:
+            self._request(f"seed:{address}", P.MetadataRequest(next(self._req_ids), []), self._on_seed_metadata,
+                          address=address)
+
     def _ask_seeds(self) -> None:
         """Each seed answers with its own name and address (and what it knows of the cluster)."""
         for address in self.config.seeds:
-            if address != self.config.address:
-                self._request(f"seed:{address}", P.MetadataRequest(next(self._req_ids), []), self._on_seed_metadata,
-                              address=address)
+            self._ask(address)
 
     def _on_seed_metadata(self, reply: Any, payload: list) -> None:
         if not isinstance(reply, P.MetadataReply):
@@ -1368,7 +1423,7 @@ class Node:
 
     def _follow_meta(self) -> None:
         """A learner's loop: register, then long-poll fetch __meta from its leader, forever."""
-        if self.stopping:
+        if self.stopping or self.name in self.voters:
             return
         if not self.voters:
             self._at(mono_ms() + META_RETRY_MS, self._follow_meta)   # still waiting for a seed to answer
@@ -1476,6 +1531,8 @@ class Node:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
+        if self.authenticator is not None:
+            self.authenticator.close()
         self.store.close()
         log.info("node %s stopped", self.name)
 
