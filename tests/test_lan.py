@@ -276,3 +276,25 @@ def test_the_service_in_real_nodes_on_loopback(tmp_path):
         for n in nodes:
             if n.thread.is_alive():
                 n.stop()
+
+
+@pytest.mark.netns
+def test_nodes_with_no_topology_and_no_seeds_form_one_cluster_by_zeroconf(root, tmp_path):
+    """`zq node start --name nX --bind IP --cluster C` on three hosts, nothing else: they find each
+    other by zeroconf, one founds the cluster, the others learn it from that node, and a topic
+    replicated on all three serves."""
+    with Lan(hosts=3) as lan:
+        ip = lan.addresses
+        started = time.time()
+        for i in range(3):
+            with open(tmp_path / f"n{i + 1}.log", "w") as log:
+                lan.popen(i, [PY, "-m", "zq", "node", "start", "--name", f"n{i + 1}", "--bind", ip[i],
+                              "--port", str(PORT), "--cluster", "lan-join", "--data-dir", str(tmp_path / f"n{i + 1}")],
+                          stdout=log, stderr=subprocess.STDOUT)
+        want = {f"n{j + 1}": "alive" for j in range(3)}       # alive: registered in the one cluster's metadata
+        views = watch(lan, 2, f"{ip[2]}:{PORT}", want, FORM_TIMEOUT_S)
+        formed = reached(views, want)
+        assert formed, f"{views}\n{logs(tmp_path)}"
+        print(f"\nno topology, no seeds: one cluster of 3 formed {formed - started:.1f} s after the processes started")
+        out = produce_and_read(lan, 1, f"{ip[1]}:{PORT}", "joined", "j", 30, create=True)
+        assert sorted(v for v in out["values"] if v.startswith("j-")) == sorted(f"j-{i}" for i in range(30))

@@ -388,7 +388,11 @@ class Node:
                     self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames))
             self._tick_replicas()
             for service in self.services:
-                service.tick(mono_ms())
+                try:
+                    service.tick(mono_ms())
+                except Exception:
+                    self.counters["internal_errors"] += 1
+                    log.exception("service %s failed in tick", type(service).__name__)
             self._finish_pass()
             self._run_timers()
             pass_ms = (time.monotonic() - pass_start) * 1000
@@ -1359,8 +1363,9 @@ class Node:
             self._open_part(META_TP, META_TOPIC, [self.name], sync=True)
             self._register_self()
             return
-        for name in waiting[1:]:
-            self._ask(self.addresses[name])
+        for name in waiting:
+            if name != self.name:
+                self._ask(self.addresses[name])
         self._at(mono_ms() + FOUND_WAIT_MS // 2, self._maybe_found_cluster)
 
     def _ask(self, address: str) -> None:
@@ -1476,7 +1481,12 @@ class Node:
         ran = 0
         while self.timers and self.timers[0][0] <= now and ran < self.limits.inbox_drain_max:
             _, _, fn = heapq.heappop(self.timers)
-            fn()
+            try:
+                fn()
+            except Exception:
+                # Our bug: log it loudly and keep serving; one broken timer must not stop the node.
+                self.counters["internal_errors"] += 1
+                log.exception("a timer of the node failed")
             ran += 1
         if ran:
             self._finish_pass()
