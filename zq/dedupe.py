@@ -6,12 +6,12 @@ once is built from two halves:
 
 1. the producer is idempotent (`client.producer(idempotent=True)`), so a retried send is not
    appended twice: the partition leader drops a batch it has already appended;
-2. the producer sets a `message_id` header (`zq produce --id ID`, or
-   `headers={"message_id": ...}`), and the consumer skips ids it has already handled:
+2. the producer sets a `zq-message-id` header (`zq produce --id ID`, or
+   `headers={"zq-message-id": ...}`), and the consumer skips ids it has already handled:
 
        dedupe = Deduper(capacity=100_000)
        for msg in consumer:
-           if not dedupe.seen(msg.headers["message_id"]):
+           if not dedupe.seen(msg.headers["zq-message-id"]):
                handle(msg)
            msg.ack()
 
