@@ -236,7 +236,7 @@ def test_reset_replays_and_acks_of_the_old_epoch_are_ignored(one):
     _, got = lease(raw, "m", gen)
     assert ack(raw, "m", gen, acked=got).data["committed"] == base + 3
     reply = raw.rpc(G.ResetGroup(raw.rid(), "g", "t", None, None, None, True, False))[0]
-    assert reply.data["partitions"] == [{"partition": 0, "offset": 0}]
+    assert reply.data["partitions"] == [{"partition": 0, "offset": 0, "epoch": 1}]   # the reset epoch it opened
     r, again = lease(raw, "m", gen)
     assert r.reset_epoch == 1 and [v for _, v in again.values()] == [b"a", b"b", b"c"]
     stale = ack(raw, "m", gen, acked=list(again), epoch=0)

@@ -6,13 +6,19 @@
     python tools/bench.py --quick         # smaller runs, for a smoke test (~20 s)
     python tools/bench.py --bootstrap H:P # against a running cluster instead
 
-The suite (every run: 100-byte values, durability=fsync, acks=leader, one client process):
+The suite (every run: 100-byte values, durability=fsync, one client process):
 
+  on a 1-node cluster, replication 1, acks=leader (issue 2):
     produce          N messages as fast as one producer goes, 8 partitions    -> msg/s, MB/s
     produce-latency  2,000 msg/s paced for 10 s, 1 partition, one message per request
                                                                                -> send-to-durable-ack p50/p99/p99.9
     consume          N messages read from earliest by one consumer, 8 partitions -> msg/s, MB/s
     e2e              2,000 msg/s paced for 10 s, consumer in a second process  -> produce-to-consume p50/p99/p99.9
+  on a 3-node cluster, replication 3, acks=quorum (issues 3 and 4):
+    produce-r3       N messages as fast as one producer goes, 6 partitions    -> msg/s, MB/s
+    e2e-r3           as e2e                                                    -> produce-to-consume p50/p99/p99.9
+    group-1          N/2 messages consumed by one group member acking each    -> msg/s
+    group-3          the same with three members (threads of one process)     -> msg/s
 
 Each result is printed, then a table puts them beside the issue's targets and the anchors, and
 every result goes as one JSON line (INTERFACE.md's bench shape plus "name", "started_utc" and
@@ -56,31 +62,58 @@ ANCHORS = {
         ("RabbitMQ C: prefetch 1000, ack multiple every 100", "41.3 k msg/s"),
         ("NATS JetStream C: pull fetch=500 + explicit ack", "24.8 k msg/s"),
     ],
+    "produce-r3": [
+        ("Redis Streams B (1 replica): XADD pipeline=1000", "86.5 k msg/s"),
+        ("RabbitMQ B: quorum queue, confirms window=1000", "32.2 k msg/s"),
+    ],
+    "e2e-r3": [
+        ("NATS JetStream D @2000 msg/s (R1)", "p50 616 µs, p99 1547 µs"),
+        ("RabbitMQ D @2000 msg/s (quorum queue)", "p50 1433 µs, p99 6927 µs"),
+    ],
+    "group-1": [
+        ("Redis Streams C: XREADGROUP 1000 + XACK", "68.5 k msg/s"),
+        ("RabbitMQ C: prefetch 1000, ack multiple every 100", "41.3 k msg/s"),
+        ("NATS JetStream C: pull fetch=500 + AckAll", "25.8 k msg/s"),
+    ],
     "e2e": [
         ("Redis Streams D @2000 msg/s", "p50 225 µs, p99 375 µs"),
         ("NATS JetStream D @2000 msg/s", "p50 616 µs, p99 1547 µs"),
         ("RabbitMQ D @2000 msg/s", "p50 1433 µs, p99 6927 µs"),
     ],
 }
-# The issue's targets (issue 2, "Performance to reach").
+# The issues' targets ("Performance to reach" of issues 2, 3 and 4).
 TARGETS = {
     "produce": ("msgs_per_s", ">=", 250_000, "≥ 250 k msg/s"),
     "consume": ("msgs_per_s", ">=", 250_000, "≥ 250 k msg/s"),
     "produce-latency": ("p99", "<=", 1.0, "p99 ≤ 1 ms @2000 msg/s"),
     "e2e": None,
+    "produce-r3": ("msgs_per_s", ">=", 100_000, "≥ 100 k msg/s"),
+    "e2e-r3": ("p99", "<=", 2.0, "p50 ≤ 1 ms, p99 ≤ 2 ms @2000 msg/s"),
+    "group-1": ("msgs_per_s", ">=", 150_000, "≥ 150 k msg/s"),
+    "group-3": None,
 }
 PACED_RATE = 2_000        # msg/s, as the anchors' latency runs
 PACED_SECONDS = 10        # as the anchors' latency runs
 
 
-def suite(messages: int, paced_messages: int) -> list[tuple[str, dict]]:
-    common = {"size": 100, "replication": 1, "acks": "leader", "durability": "fsync"}
+def suite(messages: int, paced_messages: int) -> list[tuple[str, int, dict]]:
+    """(name, nodes of the cluster it runs on, run_bench arguments)."""
+    one = {"size": 100, "replication": 1, "acks": "leader", "durability": "fsync"}
+    three = {"size": 100, "replication": 3, "acks": "quorum", "durability": "fsync"}
+    group_messages = max(10_000, messages // 2)
     return [
-        ("produce", {"test": "produce", "messages": messages, "partitions": 8, **common}),
-        ("produce-latency", {"test": "produce", "messages": paced_messages, "partitions": 1,
-                             "rate": PACED_RATE, **common}),
-        ("consume", {"test": "consume", "messages": messages, "partitions": 8, **common}),
-        ("e2e", {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE, **common}),
+        # Issue 2: one node holding the partitions.
+        ("produce", 1, {"test": "produce", "messages": messages, "partitions": 8, **one}),
+        ("produce-latency", 1, {"test": "produce", "messages": paced_messages, "partitions": 1,
+                                "rate": PACED_RATE, **one}),
+        ("consume", 1, {"test": "consume", "messages": messages, "partitions": 8, **one}),
+        ("e2e", 1, {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE, **one}),
+        # Issue 3: three nodes, replication 3, acks=quorum.
+        ("produce-r3", 3, {"test": "produce", "messages": messages, "partitions": 6, **three}),
+        ("e2e-r3", 3, {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE, **three}),
+        # Issue 4: consumer groups acking every message, on the same three nodes.
+        ("group-1", 3, {"test": "group", "messages": group_messages, "partitions": 6, "members": 1, **three}),
+        ("group-3", 3, {"test": "group", "messages": group_messages, "partitions": 6, "members": 3, **three}),
     ]
 
 
@@ -98,7 +131,7 @@ def verdict(name: str, result: dict) -> str:
 
 def summary(name: str, result: dict) -> str:
     lat = result["latency_ms"]
-    if name in ("produce-latency", "e2e"):
+    if name in ("produce-latency", "e2e", "e2e-r3"):
         return (f"p50 {fmt_ms(lat['p50'])}, p99 {fmt_ms(lat['p99'])}, p99.9 {fmt_ms(lat['p999'])} "
                 f"(achieved {fmt_rate(result['rate_achieved'])} msg/s)")
     return f"{fmt_rate(result['msgs_per_s'])} msg/s, {result['mb_per_s']:.1f} MB/s"
@@ -126,7 +159,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", help="a running cluster (default: start a LocalCluster)")
     parser.add_argument("--cluster", default="zq", help="its cluster name (with --bootstrap)")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes of the LocalCluster (default 1)")
     parser.add_argument("--messages", type=int, default=500_000, help="messages of the throughput runs")
     parser.add_argument("--quick", action="store_true", help="50,000-message throughput runs and 2 s paced runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="folder for the JSON lines")
@@ -142,34 +174,36 @@ def main() -> int:
 
     from contextlib import ExitStack
     rows: list[tuple[str, dict]] = []
-    with ExitStack() as stack:
-        bootstrap, cluster = args.bootstrap, args.cluster
-        if bootstrap is None:
-            from zq.testing import LocalCluster
-            local = stack.enter_context(LocalCluster(nodes=args.nodes))
-            bootstrap, cluster = local.bootstrap, local.name
-        for name, spec in suite(messages, paced):
-            if args.only and name not in args.only:
-                continue
-            spec = dict(spec)
-            test = spec.pop("test")
-            t0 = time.monotonic()
-            try:
-                result = run_bench(test, bootstrap=bootstrap, cluster=cluster, progress=True, **spec)
-            except ZqError as error:
-                print(f"{name}: failed: {error.message}", file=sys.stderr)
-                continue
-            result["nodes"] = args.nodes if args.bootstrap is None else None
-            print(f"[{name}, {time.monotonic() - t0:.1f} s]")
-            print_result(result)
-            rows.append((name, result))
-            with open(out_path, "a") as f:
-                f.write(json.dumps({"name": name, "started_utc": started.isoformat(), "machine": machine(),
-                                    **result}) + "\n")
+    wanted = [(n, nodes, spec) for n, nodes, spec in suite(messages, paced) if not args.only or n in args.only]
+    for cluster_nodes in sorted({nodes for _, nodes, _ in wanted}):
+        with ExitStack() as stack:
+            bootstrap, cluster = args.bootstrap, args.cluster
+            if bootstrap is None:
+                from zq.testing import LocalCluster
+                local = stack.enter_context(LocalCluster(nodes=cluster_nodes))
+                bootstrap, cluster = local.bootstrap, local.name
+            for name, nodes, spec in wanted:
+                if nodes != cluster_nodes:
+                    continue
+                spec = dict(spec)
+                test = spec.pop("test")
+                t0 = time.monotonic()
+                try:
+                    result = run_bench(test, bootstrap=bootstrap, cluster=cluster, progress=True, **spec)
+                except ZqError as error:
+                    print(f"{name}: failed: {error.message}", file=sys.stderr)
+                    continue
+                result["nodes"] = cluster_nodes if args.bootstrap is None else None
+                print(f"[{name}, {time.monotonic() - t0:.1f} s]")
+                print_result(result)
+                rows.append((name, result))
+                with open(out_path, "a") as f:
+                    f.write(json.dumps({"name": name, "started_utc": started.isoformat(), "machine": machine(),
+                                        **result}) + "\n")
     print()
     print_table(rows)
     print(f"results: {out_path}")
-    return 0 if len(rows) == len([n for n, _ in suite(1, 1) if not args.only or n in args.only]) else 1
+    return 0 if len(rows) == len(wanted) else 1
 
 
 if __name__ == "__main__":

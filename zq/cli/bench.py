@@ -83,9 +83,9 @@ class _Progress:
 
 def run_bench(test: str, *, messages: int, size: int, partitions: int, replication: int, acks: str,
               durability: str, rate: float | None = None, nodes: int = 1, bootstrap: str | None = None,
-              cluster: str = "zq", progress: bool = False) -> dict[str, Any]:
-    if test not in ("produce", "consume", "e2e"):
-        raise errors.InvalidRequest(f"unknown bench test {test!r}: produce, consume or e2e")
+              cluster: str = "zq", progress: bool = False, members: int = 1) -> dict[str, Any]:
+    if test not in ("produce", "consume", "e2e", "group"):
+        raise errors.InvalidRequest(f"unknown bench test {test!r}: produce, consume, e2e or group")
     if test == "e2e" and rate is None:
         rate = 2_000.0
     own_cluster = bootstrap is None
@@ -105,6 +105,10 @@ def run_bench(test: str, *, messages: int, size: int, partitions: int, replicati
             _produce(client, topic, messages, size, acks, None, bar, label="filling")
             seconds, failed = _consume(client, topic, messages, bar)
             latencies = array("q")
+        elif test == "group":
+            _produce(client, topic, messages, size, acks, None, bar, label="filling")
+            seconds, failed = _group(bootstrap, cluster, topic, messages, members, bar)
+            latencies = array("q")
         else:
             seconds, latencies, failed = _e2e(bootstrap, cluster, client, topic, messages, size, acks, rate, bar)
         try:
@@ -117,7 +121,8 @@ def run_bench(test: str, *, messages: int, size: int, partitions: int, replicati
         "msgs_per_s": round(per_s, 1) if per_s else None,
         "mb_per_s": round(per_s * size / 1e6, 3) if per_s else None,
         "latency_ms": _percentiles_ms(latencies) if len(latencies) else {"p50": None, "p99": None, "p999": None},
-        "settings": {"partitions": partitions, "replication": replication, "acks": acks, "durability": durability},
+        "settings": {"partitions": partitions, "replication": replication, "acks": acks, "durability": durability,
+                     **({"members": members} if test == "group" else {})},
         "rate_offered": rate, "rate_achieved": round(per_s, 1) if per_s else None,
         "errors": failed, "nodes": nodes if own_cluster else None,
     }
@@ -196,6 +201,62 @@ def _consume(client: Any, topic: str, messages: int, bar: _Progress) -> tuple[fl
         seconds = time.perf_counter() - start
     finally:
         consumer.close()
+    return seconds, 0
+
+
+def _group(bootstrap: str, cluster: str, topic: str, messages: int, members: int, bar: _Progress) -> tuple[float, int]:
+    """`members` consumers of one group (threads of this process, a client each) ack every message
+    they get; the time runs until all `messages` are acked and the acks are flushed."""
+    import threading
+
+    from zq.cli.commands import _client
+    group = f"bench-{random.randrange(1 << 32):08x}"
+    acked = [0] * members
+    stop = threading.Event()
+    errors_seen: list[BaseException] = []
+
+    def member(i: int) -> None:
+        try:
+            with _client(bootstrap, cluster) as client:
+                consumer = client.consumer(topic, group=group, start="earliest")
+                try:
+                    while not stop.is_set():
+                        for msg in consumer.poll(timeout=0.2, max_messages=10_000):
+                            msg.ack()
+                            acked[i] += 1
+                    consumer.commit()
+                finally:
+                    consumer.close()
+        except BaseException as error:  # reported by the caller
+            errors_seen.append(error)
+            stop.set()
+
+    bar.phase(f"consuming in a group of {members}", messages)
+    threads = [threading.Thread(target=member, args=(i,), daemon=True) for i in range(members)]
+    start = last_change = time.perf_counter()
+    last_total = 0
+    for t in threads:
+        t.start()
+    try:
+        while True:
+            time.sleep(0.05)
+            total = sum(acked)
+            now = time.perf_counter()
+            bar.update(min(total, messages))
+            if total >= messages or errors_seen:
+                break
+            if total != last_total:
+                last_total, last_change = total, now
+            elif now - last_change > QUIET_TIMEOUT_S:
+                raise errors.Timeout(f"the group acked {total} of {messages} messages, then nothing for "
+                                     f"{QUIET_TIMEOUT_S:g} s")
+        seconds = time.perf_counter() - start
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    if errors_seen:
+        raise errors.ZqError(f"a group member failed: {errors_seen[0]}")
     return seconds, 0
 
 

@@ -435,7 +435,8 @@ def _consume_loop(consumer: Any, topic: str, partition: int | None, max_messages
 
 
 def _bench(test: str, messages: int, size: int, partitions: int, replication: int, acks: str, durability: str,
-           rate: Optional[float], nodes: int, bootstrap: str | None, cluster: str, json_out: bool) -> None:
+           rate: Optional[float], nodes: int, bootstrap: str | None, cluster: str, json_out: bool,
+           members: int = 1) -> None:
     from zq.cli.bench import print_result, run_bench
     if acks not in render.ACKS_CHOICES:
         raise UsageProblem(f"--acks {acks!r} is not none, leader or quorum")
@@ -443,7 +444,7 @@ def _bench(test: str, messages: int, size: int, partitions: int, replication: in
         raise UsageProblem(f"--durability {durability!r} is not fsync or replicated")
     result = run_bench(test, messages=messages, size=size, partitions=partitions, replication=replication,
                        acks=acks, durability=durability, rate=rate, nodes=nodes, bootstrap=bootstrap,
-                       cluster=cluster, progress=True)
+                       cluster=cluster, progress=True, members=members)
     if json_out:
         _print_json(result)
     else:
@@ -491,6 +492,17 @@ def bench_e2e(messages: Messages = 20_000, size: Size = 100, partitions: Partiti
     """Produce-to-consume latency: a paced producer here, a consumer in a second process."""
     _bench("e2e", messages, size, partitions, replication, acks, durability, rate, nodes, bootstrap, cluster,
            json_out)
+
+
+@bench_app.command("group")
+def bench_group(messages: Messages = 200_000, size: Size = 100, partitions: Partitions = 6,
+                replication: Replication = 1, acks: Acks = "leader", durability: Durability = "fsync",
+                members: Annotated[int, typer.Option("--members", min=1, help="Consumers in the group.")] = 1,
+                nodes: Nodes = 1, bootstrap: Bootstrap = None, cluster: Cluster = "zq",
+                json_out: Json = False) -> None:
+    """Consumer-group throughput: fill a topic, then MEMBERS consumers of one group ack every message."""
+    _bench("group", messages, size, partitions, replication, acks, durability, None, nodes, bootstrap, cluster,
+           json_out, members=members)
 
 
 # --------------------------------------------------------------------------------------------

@@ -556,20 +556,17 @@ class GroupConsumer:
         is delivered after it."""
         if type(offset) is not int or offset < 0:
             raise ValueError("an offset is a non-negative integer")
-        reset_group(self._client, self.topic, self.group, partition=partition, to_offset=offset)
-        self._drop_queued({partition})
+        self._drop_queued(reset_group(self._client, self.topic, self.group, partition=partition, to_offset=offset))
 
     def seek_to_time(self, when: datetime | int) -> None:
         """Move the group, on every partition, to the first message at or after `when`."""
         spec = time_spec(when)
         if not isinstance(spec, int):
             raise ValueError("seek_to_time takes a datetime or a time in ms")
-        reset_group(self._client, self.topic, self.group, to_time=spec)
-        self._drop_queued(None)
+        self._drop_queued(reset_group(self._client, self.topic, self.group, to_time=spec))
 
     def seek_to_beginning(self) -> None:
-        reset_group(self._client, self.topic, self.group, earliest=True)
-        self._drop_queued(None)
+        self._drop_queued(reset_group(self._client, self.topic, self.group, earliest=True))
 
     def _drop_arrived(self, partitions: set[int]) -> None:
         """I/O thread: partitions this member lost. Their leased messages not yet handed out are
@@ -580,19 +577,23 @@ class GroupConsumer:
             self._arrived = kept
             self._in_flight -= dropped
 
-    def _drop_queued(self, partitions: set[int] | None) -> None:
-        """After a reset, what is queued here belongs to an older epoch: the next leases bring the rest."""
+    def _drop_queued(self, reset: dict) -> None:
+        """After a reset, what is queued here from before it (an older reset epoch) is dropped; the
+        next leases bring the rest. Chunks of the new epoch may have arrived already, before the
+        reset's own reply: those stay."""
+        epochs = {row["partition"]: row.get("epoch", 0) for row in reset.get("partitions", [])}
         with self._lock:
+            for p, epoch in epochs.items():
+                self._epochs[p] = max(self._epochs.get(p, 0), epoch)
             keep: collections.deque[_Chunk] = collections.deque()
             dropped = 0
             for c in self._arrived:
-                if partitions is None or c.partition in partitions:
+                if c.partition in epochs and c.epoch < epochs[c.partition]:
                     dropped += len(c.deliveries)
-                    self._epochs[c.partition] = max(self._epochs.get(c.partition, 0), c.epoch + 1)
                 else:
                     keep.append(c)
             self._arrived = keep
-        kept = collections.deque(m for m in self._ready if partitions is not None and m.partition not in partitions)
+        kept = collections.deque(m for m in self._ready if m.partition not in epochs or m._epoch >= epochs[m.partition])
         dropped += len(self._ready) - len(kept)
         self._ready = kept
         if dropped:

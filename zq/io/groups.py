@@ -794,7 +794,8 @@ class GroupService:
             else:
                 self.node.reply(identity, P.OkReply(msg.req_id, {
                     "group": msg.group, "topic": msg.topic,
-                    "partitions": [{"partition": p, "offset": results[p]} for p in sorted(results)]}))
+                    "partitions": [{"partition": p, "offset": results[p][0], "epoch": results[p][1]}
+                                   for p in sorted(results)]}))
 
         def done(p: int, result: Any) -> None:
             results[p] = result
@@ -833,13 +834,14 @@ class GroupService:
         def on_reply(reply: Any, _payload: list) -> None:
             if isinstance(reply, P.OkReply):
                 rows = reply.data.get("partitions") or [{}]
-                done(p, rows[0].get("offset"))
+                done(p, (rows[0].get("offset"), rows[0].get("epoch", 0)))
             else:
                 done(p, reply if isinstance(reply, ZqError) else ProtocolError("unexpected reply to a reset"))
 
         self.node.request_peer(leader, forwarded, on_reply, reset_wait_ms)
 
-    def _reset_local(self, msg: G.ResetGroup, t: Any, p: int) -> int:
+    def _reset_local(self, msg: G.ResetGroup, t: Any, p: int) -> tuple[int, int]:
+        """(offset the group now starts at, the reset epoch that opened)."""
         log_start, hw = self.node.partition_bounds(t.name, p)
         if msg.earliest:
             target = log_start
@@ -856,7 +858,7 @@ class GroupService:
         self._mark(held)
         self.node.counters["group_resets"] += 1
         log.info("group %s: %s/%d reset to offset %d (epoch %d)", msg.group, t.name, p, target, held.state.reset_epoch)
-        return target
+        return target, held.state.reset_epoch
 
     # ------------------------------------------------------------------ describe
 
