@@ -333,3 +333,32 @@ def test_describe_shows_members_and_lag(one):
     assert set(rows[0]) >= {"topic", "partition", "committed", "lag", "lag_seconds", "in_flight", "retrying",
                             "dead_lettered"}
     assert raw.rpc(G.DescribeGroups(raw.rid(), "other"))[0].data == {"groups": []}
+
+
+def test_consumer_lag_and_replication_lag_are_prometheus_metrics(tmp_path):
+    import urllib.request
+    nodes = start_nodes(tmp_path, 1, services=SERVICES, metrics=True)
+    raw = Raw(nodes[0].address)
+    try:
+        create(raw, "t")
+        produce(raw, "t", [b"a", b"b", b"c", b"d"])
+        gen = join(raw, "m").generation
+        _, got = lease(raw, "m", gen, n=4)
+        assert len(got) >= 2
+        ack(raw, "m", gen, acked=sorted(got)[:1])
+        url = f"http://127.0.0.1:{nodes[0].config.port + 2}/metrics"
+
+        def sample(name: str, **labels) -> float | None:
+            for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+                if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    return float(line.rsplit(" ", 1)[1])
+            return None
+        # committed moves past the marker and one acked message; three of the four are not committed
+        wait_until(lambda: sample("zq_group_lag_messages", group="g", topic="t", partition="0") == 3, 10,
+                   "the group's lag in /metrics")
+        assert sample("zq_group_in_flight", group="g", topic="t", partition="0") == len(got) - 1
+        assert sample("zq_replication_lag_messages", topic="t", partition="0") == 0
+        assert sample("zq_partition_in_sync_replicas", topic="t", partition="0") == 1
+    finally:
+        raw.close()
+        nodes[0].stop()

@@ -50,7 +50,7 @@ Callback = Callable[[Any, list, "ZqError | None"], None]
 outbox_requests_max = 10_000   # requests waiting for one not-yet-writable socket
 recv_drain_max = 1_000         # replies handled from one socket per loop pass, so no socket starves the rest
 reconnect_ivl_ms = 100
-connect_timeout_ms = 2_000     # a request that could not even be sent by then fails (ConnectionFailed, safe to retry)
+connect_timeout_ms = 3_000     # a request that could not even be sent by then fails (ConnectionFailed, safe to retry)
 reconnect_ivl_ms_max = 2_000
 
 

@@ -906,6 +906,11 @@ class GroupService:
                 "dead_lettered": held.dead_lettered if held is not None else 0,
                 "epoch": held.state.reset_epoch if held is not None else 0, "leader": self.node.name}
 
+    def metrics_rows(self) -> list[dict]:
+        """Consumer lag and delivery state of the (group, partition) pairs this node leads, for the
+        node's /metrics snapshot (called on the loop thread about once a second)."""
+        return self._local_rows(None)
+
     def on_describe_groups(self, identity: bytes, msg: G.DescribeGroups, payload: list) -> None:
         node = self.node
         rows: dict[str, list] = {node.name: self._local_rows(msg.group)}

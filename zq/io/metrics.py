@@ -51,6 +51,22 @@ class NodeCollector:
             lag_ms.add_metric(lbl, row["replication_lag_ms"])
             in_sync.add_metric(lbl, len(row["in_sync"]))
         yield from (hw, end, uncommitted, lag, lag_ms, in_sync)
+        labels4 = ["node", "group", "topic", "partition"]
+        families = {
+            "lag": GaugeMetricFamily("zq_group_lag_messages", "High watermark minus the group's committed offset",
+                                     labels=labels4),
+            "lag_seconds": GaugeMetricFamily("zq_group_lag_seconds", "Age of the oldest message the group has not "
+                                             "committed", labels=labels4),
+            "in_flight": GaugeMetricFamily("zq_group_in_flight", "Messages leased and not settled", labels=labels4),
+            "retrying": GaugeMetricFamily("zq_group_retrying", "Messages waiting for a retry", labels=labels4),
+            "dead_lettered": CounterMetricFamily("zq_group_dead_lettered", "Messages moved to the dead-letter topic",
+                                                 labels=labels4),
+        }
+        for row in list(node.group_metrics_rows):
+            lbl = [node.name, row["group"], row["topic"], str(row["partition"])]
+            for field, family in families.items():
+                family.add_metric(lbl, row[field] or 0)
+        yield from families.values()
 
 
 def serve_metrics(node, host: str, port: int):

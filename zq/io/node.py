@@ -239,6 +239,7 @@ class Node:
             security.peer_socket(self.sub, self.keys)     # replication streams are encrypted and authenticated
         self.metrics_server = None
         self.metrics_rows: list[dict] = []                      # partitions view for /metrics, refreshed each second
+        self.group_metrics_rows: list[dict] = []                # consumer groups' rows for /metrics, likewise
         self.services: list[Any] = []                           # see add_service
         self.member_view: Callable[[str, int], tuple[str, int | None] | None] | None = None
         self.service_handlers: dict[type, Callable[[bytes, Any, list], None]] = {}
@@ -902,7 +903,11 @@ class Node:
         return name == self.name or self._node_state(name, mono_ms()) == "alive"
 
     def _live_nodes(self) -> list[str]:
-        return sorted(n for n in set(self.meta.nodes) | {self.name} if self._alive(n))
+        """Nodes that may be given replicas: registered, and not known to be dead. A suspect node
+        counts (a busy node misses a probe now and then; placement is not worth refusing over it)."""
+        now = mono_ms()
+        return sorted(n for n in set(self.meta.nodes) | {self.name}
+                      if n == self.name or self._node_state(n, now) in ("alive", "suspect"))
 
     def on_create_topic(self, identity: bytes, msg: P.CreateTopic, payload: list[bytes]) -> None:
         self._require_meta_leader()
@@ -1513,6 +1518,15 @@ class Node:
     def _refresh_metrics(self) -> None:
         if self.config.metrics:
             self.metrics_rows = self._local_partitions_view()
+            group_rows = []
+            for service in self.services:
+                rows = getattr(service, "metrics_rows", None)
+                if rows is not None:
+                    try:
+                        group_rows += rows()
+                    except ZqError:
+                        pass   # a partition changed hands mid-way: the next refresh has it
+            self.group_metrics_rows = group_rows
             self._at(mono_ms() + METRICS_REFRESH_MS, self._refresh_metrics)
 
     def _check_disk(self) -> None:
