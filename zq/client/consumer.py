@@ -133,7 +133,43 @@ class _Chunk:
         self.error = error
 
 
-class Consumer:
+class ReadyQueue:
+    """What every consumer hands out: `poll` and blocking iteration over `self._ready`, refilled by
+    `self._take_chunk(deadline) -> bool` (False when nothing came by the deadline)."""
+
+    _ready: collections.deque
+    _closed: bool
+
+    def _take_chunk(self, deadline: float) -> bool:
+        raise NotImplementedError
+
+    def poll(self, timeout: float = 1.0, max_messages: int = 500) -> list:
+        """The messages that arrived, up to `max_messages`, waiting up to `timeout` s for the first."""
+        out: list = []
+        deadline = time.monotonic() + max(0.0, timeout)
+        while len(out) < max_messages:
+            ready = self._ready   # read each time: a seek may replace the queue
+            if ready:
+                n = min(len(ready), max_messages - len(out))
+                out.extend(ready.popleft() for _ in range(n))
+                continue
+            if not self._take_chunk(deadline if not out else 0.0):
+                break
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """The next message, waiting as long as it takes; StopIteration once closed."""
+        while not self._ready:
+            if self._closed:
+                raise StopIteration
+            self._take_chunk(time.monotonic() + 1.0)
+        return self._ready.popleft()
+
+
+class Consumer(ReadyQueue):
     """Made by `Client.consumer(topic, ...)`; see the module docstring."""
 
     def __init__(self, client: Client, topic: str, group: str | None = None, start: Any = "latest",
@@ -183,30 +219,6 @@ class Consumer:
 
     # ------------------------------------------------------------------ caller side
 
-    def poll(self, timeout: float = 1.0, max_messages: int = 500) -> list[Message]:
-        """The messages that arrived, up to `max_messages`, waiting up to `timeout` s for the first."""
-        out: list[Message] = []
-        deadline = time.monotonic() + max(0.0, timeout)
-        ready = self._ready
-        while len(out) < max_messages:
-            if ready:
-                n = min(len(ready), max_messages - len(out))
-                out.extend(ready.popleft() for _ in range(n))
-                continue
-            if not self._take_chunk(deadline if not out else 0.0):
-                break
-        return out
-
-    def __iter__(self) -> Consumer:
-        return self
-
-    def __next__(self) -> Message:
-        """The next message, waiting as long as it takes; StopIteration once closed."""
-        while not self._ready:
-            if self._closed:
-                raise StopIteration
-            self._take_chunk(time.monotonic() + 1.0)
-        return self._ready.popleft()
 
     def seek(self, partition: int, offset: int) -> None:
         """Deliver `partition` from `offset` next; nothing fetched before the seek is delivered after it."""

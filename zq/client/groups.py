@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from zq import batch as zbatch
 from zq import group_protocol as G
 from zq import protocol
-from zq.client.consumer import Message
+from zq.client.consumer import Message, ReadyQueue
 from zq.client.metadata import time_spec
 from zq.errors import (ConnectionFailed, Fenced, InvalidRequest, NotLeader, ProtocolError, RebalanceInProgress,
                        Timeout, ZqError)
@@ -129,7 +129,7 @@ class _Chunk:
         self.error = error
 
 
-class GroupConsumer:
+class GroupConsumer(ReadyQueue):
     """Made by `Client.consumer(topic, group=...)`; see the module docstring."""
 
     def __init__(self, client: Client, topic: str, group: str, start: Any = None,
@@ -463,30 +463,6 @@ class GroupConsumer:
             raise errors[0]
 
     # ------------------------------------------------------------------ caller side
-
-    def poll(self, timeout: float = 1.0, max_messages: int = 500) -> list[GroupMessage]:
-        """The messages that arrived, up to `max_messages`, waiting up to `timeout` s for the first."""
-        out: list[GroupMessage] = []
-        deadline = time.monotonic() + max(0.0, timeout)
-        ready = self._ready
-        while len(out) < max_messages:
-            if ready:
-                n = min(len(ready), max_messages - len(out))
-                out.extend(ready.popleft() for _ in range(n))
-                continue
-            if not self._take_chunk(deadline if not out else 0.0):
-                break
-        return out
-
-    def __iter__(self) -> GroupConsumer:
-        return self
-
-    def __next__(self) -> GroupMessage:
-        while not self._ready:
-            if self._closed:
-                raise StopIteration
-            self._take_chunk(time.monotonic() + 1.0)
-        return self._ready.popleft()
 
     def _take_chunk(self, deadline: float) -> bool:
         with self._lock:
