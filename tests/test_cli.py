@@ -389,4 +389,7 @@ def test_bench_suite_verdicts():
     assert tool.verdict("produce", slow).endswith("NOT met")
     assert tool.verdict("produce-latency", fast).endswith(": met")
     assert tool.verdict("produce-latency", slow).endswith("NOT met")
-    assert [name for name, _ in tool.suite(10, 10)] == ["produce", "produce-latency", "consume", "e2e"]
+    assert [(name, nodes) for name, nodes, _ in tool.suite(10, 10)] == [
+        ("produce", 1), ("produce-latency", 1), ("consume", 1), ("e2e", 1),
+        ("produce-r3", 3), ("e2e-r3", 3), ("group-1", 3), ("group-3", 3)]
+    assert tool.verdict("produce-r3", fast).endswith(": met") and tool.verdict("group-1", slow).endswith("NOT met")

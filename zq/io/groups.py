@@ -509,6 +509,9 @@ class GroupService:
                 if held is None:
                     raise LeaderNotAvailable(f"the group state of {msg.topic}/{msg.partition} was dropped; retry")
                 hw = self.node.partition_bounds(msg.topic, msg.partition)[1]
+                # The member may have left, or lost the partition, while its lease waited: serving it
+                # then would lease messages to nobody, and their expiry would count as failed attempts.
+                self._check_member(msg.group, msg.member_id, msg.generation, (msg.topic, msg.partition), strict=True)
                 ready = hw > max(held.cursor, held.state.committed) or (held.maybe_retries and self._retry_due(held, wall))
                 if ready and self._serve_lease(parked.identity, msg, parked.key):
                     continue
