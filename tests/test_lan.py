@@ -222,7 +222,8 @@ def test_a_killed_node_is_declared_dead_and_its_partitions_keep_serving(root, tm
         print(f"\nSIGKILL: n3 suspected after {suspected - killed:.1f} s, declared dead after {dead - killed:.1f} s"
               if suspected else f"\nSIGKILL: n3 declared dead after {dead - killed:.1f} s")
         assert dead - killed <= DEAD_BOUND_S
-        assert metric(lan, 0, f"{ip[0]}:{PORT}", "membership_deaths_declared") >= 1
+        # One of the survivors declared it (the other may have learnt it by gossip, which is not a declaration).
+        assert sum(metric(lan, i, f"{ip[i]}:{PORT}", "membership_deaths_declared") for i in range(2)) >= 1
 
         # Every partition (replication 3) still takes quorum writes and serves reads from n1 and n2.
         after = produce_and_read(lan, 1, boot, "orders", "after", 30, create=False)
