@@ -232,3 +232,44 @@ def test_a_really_full_disk_loses_no_acknowledged_message(tmp_path):
         nodes[0].stop()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_deleting_a_replicated_topic_under_traffic_leaves_every_node_serving(tmp_path):
+    """Reproducer: a partition closed by a topic deletion in the same pass as its last replication
+    messages made the node stop (KeyError in routing)."""
+    nodes = start_nodes(tmp_path, 3)
+    raws = [Raw(n.address) for n in nodes]
+    try:
+        wait_until(lambda: sum(n["state"] == "alive" for n in raws[0].rpc(P.MetadataRequest(raws[0].rid(), None))[0].nodes) == 3,
+                   10, "three nodes registered")
+        leader = lambda: raws[0].rpc(P.MetadataRequest(raws[0].rid(), []))[0].topics[0]["partitions"][0]  # noqa: E731
+        wait_until(lambda: leader()["epoch"] > 0, 10, "a metadata leader")
+        by_name = {n.config.name: r for n, r in zip(nodes, raws)}
+
+        def admin(make):
+            """An admin request to the metadata leader, following it if an election moves it."""
+            for _ in range(50):
+                r = by_name[leader()["leader"]]
+                reply = r.rpc(make(r))[0]
+                if not (isinstance(reply, P.ErrorReply) and reply.code in ("not_leader", "leader_not_available")):
+                    return reply
+                time.sleep(0.1)
+            return reply
+        meta_leader = by_name[leader()["leader"]]
+        for round_ in range(3):
+            assert isinstance(admin(lambda r: P.CreateTopic(r.rid(), f"t{round_}", 3, 3, {})), P.OkReply)
+            def write_everywhere(name=f"t{round_}") -> bool:
+                parts = [t for t in meta_leader.rpc(P.MetadataRequest(meta_leader.rid(), [name]))[0].topics
+                         if t["name"] == name][0]["partitions"]
+                return all(isinstance(by_name[p["leader"]].produce(name, p["partition"], [b"x"], acks=2),
+                                      P.ProduceReply) for p in parts)
+            wait_until(write_everywhere, 15, "writes to every partition")
+            assert isinstance(admin(lambda r: P.DeleteTopic(r.rid(), f"t{round_}")), P.OkReply)
+        for n, r in zip(nodes, raws):
+            assert n.thread.is_alive(), f"{n.config.name} stopped"
+            assert isinstance(r.rpc(P.MetadataRequest(r.rid(), None))[0], P.MetadataReply)
+    finally:
+        for r in raws:
+            r.close()
+        for n in nodes:
+            n.stop()

@@ -387,15 +387,22 @@ class Node:
             for peer in list(self.peers.values()):
                 if peer.sock in ready:
                     self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames))
-            self._tick_replicas()
-            for service in self.services:
-                try:
-                    service.tick(mono_ms())
-                except Exception:
-                    self.counters["internal_errors"] += 1
-                    log.exception("service %s failed in tick", type(service).__name__)
-            self._finish_pass()
-            self._run_timers()
+            try:
+                self._tick_replicas()
+                for service in self.services:
+                    try:
+                        service.tick(mono_ms())
+                    except Exception:
+                        self.counters["internal_errors"] += 1
+                        log.exception("service %s failed in tick", type(service).__name__)
+                self._finish_pass()
+                self._run_timers()
+            except Exception:
+                # A bug of ours between the cores and the disk: going on could acknowledge what is not
+                # stored, so the node stops, loudly; a restart rebuilds every core from the disk.
+                log.critical("a loop pass failed; stopping so that a restart recovers from what is on disk",
+                             exc_info=True)
+                raise
             pass_ms = (time.monotonic() - pass_start) * 1000
             if pass_ms > SLOW_PASS_MS:
                 self.counters["slow_passes"] += 1
@@ -549,6 +556,8 @@ class Node:
             callback(error)
         tp = part.tp
         replicas = list(part.replica.replicas)
+        if self.parts.get(tp) is not part:
+            return   # closed (topic deleted) in this pass
         del self.parts[tp]
         # What was committed stays committed, and all of it was on disk before this failed write:
         # the reopened replica keeps serving it, even if the stored high-watermark hint is older.
@@ -562,7 +571,7 @@ class Node:
             while part.leader_acks and part.leader_acks[0][0] <= rd.log_end:
                 part.leader_acks.pop(0)[1](None)
         for out in rd.messages:
-            self._route(part.tp, out)
+            self._route(part, out)
         for outcome in rd.outcomes:
             callback = part.waiters.pop(outcome.proposal_id, None)
             if callback is not None:
@@ -582,14 +591,17 @@ class Node:
             if part.tp == META_TP:
                 self._apply_committed_meta()
 
-    def _route(self, tp: TopicPartition, out) -> None:
-        """A core's message: a broadcast with entries goes on PUB; everything else by DEALER."""
+    def _route(self, part: _Part, out) -> None:
+        """A core's message: a broadcast with entries goes on PUB; everything else by DEALER.
+        (The partition may have been closed in this very pass, by a topic deletion: its last
+        messages still go out, harmlessly.)"""
+        tp = part.tp
         item = [tp.topic_id, tp.partition, P.to_array(out.message)]
         if out.to is None:
             if getattr(out.message, "entries", None):
                 self.pub_out.append((tp, item))
                 return
-            for peer in self.parts[tp].replica.peers:
+            for peer in part.replica.peers:
                 self.outbox[peer].append(item)
         else:
             self.outbox[out.to].append(item)
