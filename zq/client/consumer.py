@@ -143,6 +143,16 @@ class ReadyQueue:
     def _take_chunk(self, deadline: float) -> bool:
         raise NotImplementedError
 
+    def _next_arrived(self, deadline: float):
+        """The oldest arrived chunk, waiting until `deadline` for one; None if none came. Call with
+        `self._lock` held (`self._arrived_cv` is a condition on it)."""
+        while not self._arrived:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed:
+                return None
+            self._arrived_cv.wait(remaining)
+        return self._arrived.popleft()
+
     def poll(self, timeout: float = 1.0, max_messages: int = 500) -> list:
         """The messages that arrived, up to `max_messages`, waiting up to `timeout` s for the first."""
         out: list = []
@@ -288,12 +298,9 @@ class Consumer(ReadyQueue):
     def _take_chunk(self, deadline: float) -> bool:
         """Decode one arrived chunk into `_ready`, waiting until `deadline` for one. False if none came."""
         with self._lock:
-            while not self._arrived:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed:
-                    return False
-                self._arrived_cv.wait(remaining)
-            chunk = self._arrived.popleft()
+            chunk = self._next_arrived(deadline)
+            if chunk is None:
+                return False
             self._prefetched_bytes -= chunk.size_bytes
             resume = bool(self._paused_any) and self._prefetched_bytes < self.prefetch_bytes
             current = self._epochs[chunk.partition] == chunk.epoch

@@ -466,12 +466,9 @@ class GroupConsumer(ReadyQueue):
 
     def _take_chunk(self, deadline: float) -> bool:
         with self._lock:
-            while not self._arrived:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed:
-                    return False
-                self._arrived_cv.wait(remaining)
-            chunk = self._arrived.popleft()
+            chunk = self._next_arrived(deadline)
+            if chunk is None:
+                return False
             current = chunk.error is not None or chunk.epoch >= self._epochs.get(chunk.partition, 0)
         if chunk.error is not None:
             raise chunk.error
