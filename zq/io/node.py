@@ -80,6 +80,7 @@ RETENTION_INTERVAL_MS = 5_000     # how often retention runs
 METRICS_REFRESH_MS = 1_000        # how often the /metrics snapshot of partitions is taken
 DISK_CHECK_INTERVAL_MS = 1_000    # how often free disk space is read
 DISK_FREE_BYTES_MIN = 64 * 1024 * 1024  # below this, produce is refused with StorageFull
+PENDING_ADMIN_MAX = 1_000         # creates/deletes waiting for every node to apply them before the reply
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
 READY_ROUNDS_MAX = 4              # write-then-send rounds per loop pass (acks after durability need one more)
 PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands this soon after creation
@@ -938,6 +939,9 @@ class Node:
         """A create or delete committed: answer once every live node has it too (bounded wait)."""
         if error is not None:
             self._send(identity, P.encode(P.error_reply(req_id, error)))
+            return
+        if len(self.pending_creates) >= PENDING_ADMIN_MAX:
+            self._send(identity, P.encode(reply))   # committed already; only the courtesy wait is skipped
             return
         self.pending_creates.append((end, mono_ms() + self.limits.create_wait_ms_max, identity, reply))
         self._check_pending_creates()
