@@ -465,6 +465,7 @@ def test_follower_paused_then_resumed(zq_cluster):
             # Past the election timeout (1-2 s) and past the in-sync window: the others go on.
             wait_until(lambda: all(victim not in (r["in_sync"] or []) for r in watched(status_rows(status))),
                        FAILOVER_WAIT_S, f"{victim} out of the in-sync set")
+            assert all(r["under_replicated"] for r in watched(status_rows(status))), "zq status says so"
             # Hold the pause past the longest election timeout, while the majority goes on committing.
             load.wait_more_acks(200)
             load.wait(lambda l: time.monotonic() - pause_s >= PAUSE_S, FAILOVER_WAIT_S, f"{PAUSE_S:g} s of pause")
@@ -475,6 +476,7 @@ def test_follower_paused_then_resumed(zq_cluster):
         wait_until(lambda: all(victim in (r["in_sync"] or []) for r in watched(status_rows(status))),
                    CATCHUP_WAIT_S, f"{victim} back in the in-sync set of every partition")
         record("catchup_s (SIGCONT of a paused follower -> in sync everywhere)", time.monotonic() - resume_s)
+        assert not any(r["under_replicated"] for r in watched(status_rows(status)))
         load.wait_more_acks(100)
     except BaseException:
         load.finish(2)

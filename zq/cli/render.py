@@ -207,13 +207,28 @@ def partitions_table(partitions: list[dict], rows_max: int = TABLE_ROWS_MAX, tit
         table.add_column(column, justify="right" if i in (1, 3, 6, 7, 8, 9) else "left")
     ordered = sorted(partitions, key=lambda p: (str(p.get("topic")), int(p.get("partition", 0))))
     for p in ordered[:rows_max]:
+        in_sync = join(p.get("in_sync") or [])
+        if not p.get("leader"):
+            in_sync = f"[red]{in_sync or 'no leader'}[/]"
+        elif under_replicated(p):
+            in_sync = f"[yellow]{in_sync}[/]"
         table.add_row(str(p.get("topic")), str(p.get("partition")), str(p.get("leader") or "-"),
-                      str(p.get("epoch", "-")), join(p.get("replicas") or []), join(p.get("in_sync") or []),
+                      str(p.get("epoch", "-")), join(p.get("replicas") or []), in_sync,
                       str(p.get("log_start", "-")), str(p.get("log_end", "-")),
                       str(p.get("high_watermark", "-")), str(p.get("replication_lag", "-")))
+    notes = []
+    short = sum(under_replicated(p) for p in ordered)
+    if short:
+        notes.append(f"{short} partition(s) under-replicated (in-sync set smaller than the replica set)")
     if len(ordered) > rows_max:
-        table.caption = f"... and {len(ordered) - rows_max} more partitions (zq status --json shows all)"
+        notes.append(f"... and {len(ordered) - rows_max} more partitions (zq status --json shows all)")
+    if notes:
+        table.caption = "; ".join(notes)
     return table
+
+
+def under_replicated(p: dict) -> bool:
+    return len(p.get("in_sync") or []) < len(p.get("replicas") or [])
 
 
 def topics_table(topics: list[dict]):

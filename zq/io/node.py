@@ -1154,6 +1154,8 @@ class Node:
         for t in sorted(self.meta.topics.values(), key=lambda t: t.name):
             for p, replicas in enumerate(t.partitions):
                 partitions.append(seen.get((t.name, p)) or self._unknown_row(t.name, p, replicas))
+        for row in partitions:
+            row["under_replicated"] = len(row["in_sync"]) < len(row["replicas"])
         nodes = []
         for n in self._nodes_view():
             answered = n["name"] in views
