@@ -212,10 +212,10 @@ def partitions_table(partitions: list[dict], rows_max: int = TABLE_ROWS_MAX, tit
             in_sync = f"[red]{in_sync or 'no leader'}[/]"
         elif under_replicated(p):
             in_sync = f"[yellow]{in_sync}[/]"
-        table.add_row(str(p.get("topic")), str(p.get("partition")), str(p.get("leader") or "-"),
-                      str(p.get("epoch", "-")), join(p.get("replicas") or []), in_sync,
-                      str(p.get("log_start", "-")), str(p.get("log_end", "-")),
-                      str(p.get("high_watermark", "-")), str(p.get("replication_lag", "-")))
+        table.add_row(str(p.get("topic")), str(p.get("partition")), cell(p.get("leader")),
+                      cell(p.get("epoch")), join(p.get("replicas") or []), in_sync,
+                      cell(p.get("log_start")), cell(p.get("log_end")),
+                      cell(p.get("high_watermark")), cell(p.get("replication_lag")))
     notes = []
     short = sum(under_replicated(p) for p in ordered)
     if short:
@@ -225,6 +225,11 @@ def partitions_table(partitions: list[dict], rows_max: int = TABLE_ROWS_MAX, tit
     if notes:
         table.caption = "; ".join(notes)
     return table
+
+
+def cell(value: Any) -> str:
+    """A table cell: '-' where nothing is known (a leader that did not answer), not 'None'."""
+    return "-" if value is None or value == "" else str(value)
 
 
 def under_replicated(p: dict) -> bool:
