@@ -69,3 +69,41 @@ def test_replaying_the_log_gives_the_same_state():
     for off, c in log + log:          # applying twice is a no-op the second time
         again.apply(off, c)
     assert again.topics == s.topics and again.applied == s.applied
+
+
+def test_reassign_sets_the_target_and_keeps_the_initial_set():
+    s = _state_with("n1", "n2", "n3", "n4")
+    for off, c in enumerate(M.plan_create_topic(s, "orders", 2, 3, {}, ["n1", "n2", "n3"], 5, DEFAULT), start=s.applied):
+        s.apply(off, c)
+    t = s.topic("orders")
+    created = [list(r) for r in t.partitions]
+    cmds = M.plan_reassign(s, "orders", 1, ["n4", "n2", "n3"], DEFAULT)
+    assert cmds == [{"op": "reassign_partition", "name": "orders", "id": t.id, "partition": 1,
+                     "replicas": ["n4", "n2", "n3"]}]
+    s.apply(s.applied, cmds[0])
+    assert t.partitions[1] == ["n4", "n2", "n3"] and t.partitions[0] == created[0]
+    assert t.initial == created, "the set at offset 0 of every replica's log stays known"
+    assert t.reassignments == 1
+
+
+@pytest.mark.parametrize("topic, partition, replicas, words", [
+    ("nope", 0, ["n1"], "does not exist"),
+    ("__meta", 0, ["n1"], "zq's own"),
+    ("orders", 5, ["n1"], "partitions 0 to 1"),
+    ("orders", 0, [], "at least one replica"),
+    ("orders", 0, ["n1", "n1"], "twice"),
+    ("orders", 0, ["n1", "n9"], "'n9' is not a member"),
+])
+def test_bad_reassignments_are_refused_with_a_sentence(topic, partition, replicas, words):
+    s = _state_with("n1", "n2", "n3")
+    for off, c in enumerate(M.plan_create_topic(s, "orders", 2, 3, {}, ["n1", "n2", "n3"], 5, DEFAULT), start=s.applied):
+        s.apply(off, c)
+    with pytest.raises((InvalidRequest, UnknownTopic)) as e:
+        M.plan_reassign(s, topic, partition, replicas, DEFAULT)
+    assert words in e.value.message
+
+
+def test_replication_above_the_bound_is_refused():
+    s = _state_with(*[f"n{i}" for i in range(9)])
+    with pytest.raises(InvalidRequest, match="between 1 and 7"):
+        M.plan_create_topic(s, "wide", 1, 8, {}, sorted(s.nodes), 5, DEFAULT)

@@ -22,6 +22,7 @@ class Limits:
     frames_per_message_max: int = 1024      # frames in one multipart message
     topic_name_chars_max: int = 200
     partitions_per_topic_max: int = 10_000
+    replication_max: int = 7                # replicas of one partition (each is a voter: 7 tolerates 3 failures)
     # Node event loop.
     inbox_drain_max: int = 2_048            # requests handled per loop pass before writing and replying
     pending_fetches_max: int = 10_000       # long-poll fetches parked at once
@@ -30,6 +31,7 @@ class Limits:
     router_sndhwm: int = 100_000            # replies queued per peer before ROUTER drops (see transport)
     router_rcvhwm: int = 100_000
     create_wait_ms_max: int = 5_000         # how long create_topic waits for every node to learn it
+    drain_wait_ms_max: int = 30_000         # longest `zq node drain` waits for leadership to move away
     # Producer.
     producer_buffer_bytes_max: int = 64 * MiB  # bytes buffered in a producer before send blocks
     producer_inflight_batches_max: int = 64    # batches sent and not yet acknowledged, per producer

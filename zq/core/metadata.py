@@ -16,11 +16,20 @@ Commands are CBOR maps with an `op`:
     register_node  {op, name, host, port, incarnation}
     create_topic   {op, name, id, partitions: [[leader, replica, ...], ...], config, created_ms}
     delete_topic   {op, name, id}
+    reassign_partition {op, name, id, partition, replicas: [replica, ...]}
 
 Topic ids come from a counter in the state, so a topic deleted and created again gets a new id
 and never sees the old data. Replica sets are chosen at creation by rendezvous hashing
 (zq.hashing) and written into the command: they change only by another logged command, never
 because a node came or went.
+
+A `reassign_partition` command records an operator's target replica set; it does not move data
+by itself. The partition's leader carries it out in the partition's own log, one replica at a
+time (a new replica catches up as a learner first, then joins the voters; a replica that leaves
+goes last if it is the leader), so that every step keeps a quorum (zq.core.replication). The
+set a partition was created with stays in `TopicMeta.initial`: it is the configuration at
+offset 0 of every replica's log, the one a replica starts from before it reads the log's own
+configuration entries.
 """
 from __future__ import annotations
 
@@ -53,9 +62,11 @@ DURABILITIES = ("fsync", "replicated")
 class TopicMeta:
     name: str
     id: int
-    partitions: list[list[str]]   # replica set per partition, preferred leader first
+    partitions: list[list[str]]   # replica set per partition, preferred leader first (the target)
     config: dict[str, Any]
     created_ms: int
+    initial: list[list[str]] = field(default_factory=list)  # replica sets at creation (offset 0)
+    reassignments: int = 0        # reassign_partition commands applied to this topic
 
     def leader(self, partition: int) -> str:
         return self.partitions[partition][0]
@@ -93,7 +104,8 @@ class MetadataState:
                                                    command.get("incarnation", 0))
         elif op == "create_topic":
             t = TopicMeta(command["name"], command["id"], [list(r) for r in command["partitions"]],
-                          dict(command["config"]), command.get("created_ms", 0))
+                          dict(command["config"]), command.get("created_ms", 0),
+                          [list(r) for r in command["partitions"]])
             self.topics[t.name] = t
             self.topics_by_id[t.id] = t
             self.next_topic_id = max(self.next_topic_id, t.id + 1)
@@ -101,6 +113,11 @@ class MetadataState:
             t = self.topics.pop(command["name"], None)
             if t is not None:
                 self.topics_by_id.pop(t.id, None)
+        elif op == "reassign_partition":
+            t = self.topics_by_id.get(command["id"])
+            if t is not None and 0 <= command["partition"] < len(t.partitions):
+                t.partitions[command["partition"]] = list(command["replicas"])
+                t.reassignments += 1
         # An unknown op comes from a newer version: skipping it keeps this node applying the rest.
 
     def skip_to(self, offset: int) -> None:
@@ -152,8 +169,8 @@ def plan_create_topic(state: MetadataState, name: str, partitions: int, replicat
         raise TopicExists(f"topic {name!r} exists already; `zq topic describe {name}` shows it")
     if not 1 <= partitions <= limits.partitions_per_topic_max:
         raise InvalidRequest(f"partitions must be between 1 and {limits.partitions_per_topic_max}, got {partitions}")
-    if replication < 1:
-        raise InvalidRequest(f"replication must be at least 1, got {replication}")
+    if not 1 <= replication <= limits.replication_max:
+        raise InvalidRequest(f"replication must be between 1 and {limits.replication_max}, got {replication}")
     nodes = sorted(live_nodes)
     if replication > len(nodes):
         raise NotEnoughReplicas(
@@ -179,6 +196,28 @@ def plan_delete_topic(state: MetadataState, name: str) -> list[dict]:
     if dlq is not None:
         out.append({"op": "delete_topic", "name": dlq.name, "id": dlq.id})
     return out
+
+
+def plan_reassign(state: MetadataState, name: str, partition: int, replicas: list[str],
+                  limits: Limits) -> list[dict]:
+    """The command that sets a partition's target replica set, or an error saying what is wrong."""
+    if name.startswith("__"):
+        raise InvalidRequest(f"topic {name!r} is zq's own; its replicas are the topology's voters")
+    t = state.topic(name)
+    if not 0 <= partition < len(t.partitions):
+        raise InvalidRequest(f"topic {name!r} has partitions 0 to {len(t.partitions) - 1}, not {partition}")
+    if not replicas:
+        raise InvalidRequest("a partition needs at least one replica; name them with --replicas n1,n2,n3")
+    if len(set(replicas)) != len(replicas):
+        raise InvalidRequest(f"replicas {', '.join(replicas)} name a node twice")
+    unknown = [r for r in replicas if r not in state.nodes]
+    if unknown:
+        raise InvalidRequest(f"node {unknown[0]!r} is not a member of the cluster (known: "
+                             f"{', '.join(sorted(state.nodes))}); start it first, `zq status` lists members")
+    if len(replicas) > limits.replication_max:
+        raise InvalidRequest(f"replication must be at most {limits.replication_max}, got {len(replicas)}")
+    return [{"op": "reassign_partition", "name": t.name, "id": t.id, "partition": partition,
+             "replicas": list(replicas)}]
 
 
 def meta_topic_view(leader: str) -> dict:
