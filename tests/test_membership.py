@@ -258,17 +258,88 @@ def test_restarted_node_is_recognised_and_stale_record_does_not_revive_it(restar
     assert all(net.view("n3")[n] is State.ALIVE for n in NAMES if n != "n3")
 
 
-def test_a_newer_discovery_record_brings_a_dead_node_back_but_not_an_equal_one():
+def test_no_discovery_record_brings_a_dead_node_back_but_a_newer_one_is_asked():
+    """A record of a node held DEAD never revives it, even one newer than the death: a node that
+    refuted a suspicion (and announced that) and then crashed leaves exactly such a record in the
+    zeroconf caches. Found by `python -m zq.sim.members --seed 46`. The record's address is pinged
+    instead; the node's own Ack brings it back."""
     c = Membership("a", addr("a"), 0, random.Random(1), 0, CONFIG)
     c.on_discovered("b", addr("b"), 3, 0)
     dead = Ack(1, "z", addr("z"), 0, "z", [["b", addr("b"), 3, "dead"]])
     c.on_ack(dead, 10)
     assert c.state_of("b") is State.DEAD
-    c.on_discovered("b", addr("b"), 3, 20)
+    effects = c.on_discovered("b", addr("b"), 3, 20)
     assert c.state_of("b") is State.DEAD
-    changes = c.on_discovered("b", "tcp://b-new:7100", 4, 30)
+    [ask] = effects
+    assert isinstance(ask, Send) and isinstance(ask.message, Ping) and ask.address == addr("b")
+    assert ask.message.target == "b" and ask.message.updates[0] == ["b", addr("b"), 3, "dead"]
+    # Newer, and at a new address: still only asked (and not twice within a probe period).
+    assert c.on_discovered("b", "tcp://b-new:7100", 4, 30) == []
+    assert c.state_of("b") is State.DEAD
+    [ask] = c.on_discovered("b", "tcp://b-new:7100", 4, 30 + CONFIG.probe_interval_ms)
+    assert ask.address == "tcp://b-new:7100"
+    changes = c.on_ack(Ack(ask.message.seq, "b", "tcp://b-new:7100", 4, "b", []), 1_100)
     assert c.state_of("b") is State.ALIVE
-    assert changes == [MemberChanged("b", "tcp://b-new:7100", State.ALIVE, 4, 30)]
+    assert MemberChanged("b", "tcp://b-new:7100", State.ALIVE, 4, 1_100) in changes
+
+
+def test_a_discovery_record_never_lifts_a_suspicion_or_a_departure():
+    c = Membership("a", addr("a"), 0, random.Random(1), 0, CONFIG)
+    c.on_discovered("b", addr("b"), 1, 0)
+    c.on_discovered("d", addr("d"), 1, 0)
+    c.on_ack(Ack(1, "z", addr("z"), 0, "z", [["b", addr("b"), 1, "suspect"], ["d", addr("d"), 1, "left"]]), 10)
+    c.on_discovered("b", addr("b"), 2, 20)
+    c.on_discovered("d", addr("d"), 2, 20)
+    assert c.state_of("b") is State.SUSPECT and c.state_of("d") is State.LEFT
+
+
+def test_a_known_alive_member_takes_a_newer_record():
+    c = Membership("a", addr("a"), 0, random.Random(1), 0, CONFIG)
+    c.on_discovered("b", addr("b"), 1, 0)
+    assert c.on_discovered("b", "tcp://b-new:7100", 2, 10) == [
+        MemberChanged("b", "tcp://b-new:7100", State.ALIVE, 2, 10)]
+    assert c.on_discovered("b", addr("b"), 1, 20) == []
+
+
+def test_two_sides_that_hold_each_other_dead_reconnect_without_seeds_or_discovery():
+    """A partition that outlives the suspicion leaves each side holding the other DEAD, and SWIM
+    never probes the dead: without a seed to re-ping or a fresh zeroconf record, the cluster stayed
+    split for good. Found by `python -m zq.sim.members --seed 11` (discovery only, no seeds)."""
+    net = cluster(11, NAMES[:4])
+    net.run_until(5_000)
+    left, right = {"n1", "n2"}, {"n3", "n4"}
+    original_send = net.send
+
+    def cut_send(src, e):
+        dst = e.address.split("//")[1].split(":")[0]
+        if (src in left) != (dst in left):
+            return
+        original_send(src, e)
+    net.send = cut_send
+    net.run_until(net.now + detection_bound_ms(4))
+    assert all(net.view(o)[n] is State.DEAD for o in left for n in right)
+    assert all(net.view(o)[n] is State.DEAD for o in right for n in left)
+    net.send = original_send
+    healed_ms = net.now
+    net.run_until(healed_ms + CONFIG.reconnect_interval_ms + 4 * CONFIG.probe_interval_ms)
+    assert all(net.everyone_sees(n, (State.ALIVE,)) for n in NAMES[:4])
+
+
+def test_reconnect_pings_dead_members_round_robin_and_never_left_ones():
+    cfg = MembershipConfig(reconnect_interval_ms=5_000, reconnect_probes_max=2, suspicion_timeout_ms=60_000)
+    c = Membership("a", addr("a"), 0, random.Random(1), 0, cfg)
+    for name in ("b", "c", "d", "e"):
+        c.on_discovered(name, addr(name), 0, 0)
+    gossip = [[n, addr(n), 0, "dead"] for n in ("b", "c", "d")] + [["e", addr("e"), 0, "left"]]
+    c.on_ack(Ack(1, "z", addr("z"), 0, "z", gossip), 1)
+
+    def reconnects(since, until):  # ticked every 500 ms, as a running node is (no stall)
+        return [e.message.target for now in range(since, until + 1, 500) for e in c.tick(now)
+                if isinstance(e, Send) and e.message.target != "z"]
+    assert reconnects(500, 4_500) == []
+    assert reconnects(5_000, 5_000) == ["b", "c"]
+    assert reconnects(5_500, 9_500) == []
+    assert reconnects(10_000, 10_000) == ["d", "b"]
 
 
 def test_gossip_loss_converges():

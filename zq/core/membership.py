@@ -29,10 +29,21 @@ talks to anyone), then the freshest rumours (each repeated `retransmit_mult * ce
 times), then up to `anti_entropy_updates_max` records taken round-robin from the whole table, so two
 views that disagree converge even after the rumour itself stopped being repeated.
 
-Discovery is advisory. `on_discovered` (zeroconf, seeds) adds an unknown node as ALIVE, but it uses
-the same precedence as gossip: a stale mDNS record of a dead node cannot bring it back unless it
-carries a newer incarnation (a restart). Discovered records are not gossiped: only the members
-themselves vouch for their liveness.
+Discovery is advisory. `on_discovered` (zeroconf, seeds) adds an unknown node as ALIVE and takes a
+newer incarnation or address for a node we hold ALIVE, but it never lifts a suspicion, a death or a
+departure, whatever incarnation the record carries: a record of a crashed node may be newer than the
+death we hold (it refuted a suspicion, announced that, then crashed), and zeroconf caches it long
+after. For such a node we ping the record's address instead (at most once per probe period), with
+what we hold about it on board: a node that is really there answers, and refutes first if need be,
+and its own Ack brings it back. Discovered records are not gossiped: only the members themselves
+vouch for their liveness.
+
+Reconnecting. SWIM never probes the dead, so two sides of a network partition that outlived the
+suspicion timeout hold each other DEAD for good unless someone speaks first; seeds and zeroconf
+records arrive too rarely to count on. So every `reconnect_interval_ms` we ping up to
+`reconnect_probes_max` DEAD members (round-robin; not LEFT ones, they said goodbye), as Serf does.
+The Ping carries the recipient's DEAD record, so a live recipient refutes and its Ack proves it
+ALIVE at the new incarnation; a dead one costs one message.
 
 Stalls. If an event arrives long (`stall_ms_min`) after the earliest deadline we asked to be woken
 for, this process was stopped (SIGSTOP, suspend, a long GC). The time it was stopped is not held
@@ -82,6 +93,8 @@ class MembershipConfig:
     refute_fanout_max: int = 32           # members told directly of a refutation or a leave
     tombstone_ms: int = 3_600_000         # DEAD/LEFT records kept so stale rumours cannot revive them
     stall_ms_min: int = 1_000             # woken this late past a deadline: we were stopped
+    reconnect_interval_ms: int = 5_000    # how often DEAD members are pinged in case they are back
+    reconnect_probes_max: int = 4         # DEAD members pinged per reconnect round
     node_id_chars_max: int = 128
     address_chars_max: int = 256
 
@@ -89,6 +102,7 @@ class MembershipConfig:
         assert 0 < self.ack_timeout_ms < self.probe_interval_ms, "the ack timeout must fit in a period"
         assert self.anti_entropy_updates_max <= self.piggyback_updates_max <= self.updates_per_message_max
         assert self.indirect_probes >= 0 and self.members_max > 0 and self.relays_max >= 0
+        assert self.reconnect_interval_ms > 0 and self.reconnect_probes_max >= 0
 
 
 class State(enum.Enum):
@@ -259,6 +273,8 @@ class Membership:
         self._fill_after: str = ""                    # anti-entropy cursor over sorted node ids
         self._seq = 0
         self._next_probe_ms = now_ms
+        self._next_reconnect_ms = now_ms + self.config.reconnect_interval_ms
+        self._reconnect_after: str = ""               # reconnect cursor over sorted node ids
         self._last_event_ms = now_ms
 
     # ---------------------------------------------------------------- queries
@@ -279,7 +295,7 @@ class Membership:
 
     def next_deadline_ms(self) -> int:
         """When the caller should call tick() next, at the latest."""
-        deadlines = [self._next_probe_ms]
+        deadlines = [self._next_probe_ms, self._next_reconnect_ms]
         if self._probe and not self._probe.acked and not self._probe.indirect_sent:
             deadlines.append(self._probe.indirect_at_ms)
         deadlines += [m.suspect_deadline_ms for m in self._members.values() if m.suspect_deadline_ms is not None]
@@ -298,6 +314,10 @@ class Membership:
                 self._maybe_end_probe(now_ms, out)
                 self._maybe_start_probe(now_ms, out)
             self._next_probe_ms = now_ms + self.config.probe_interval_ms
+        if now_ms >= self._next_reconnect_ms:
+            if not self.left:
+                self._maybe_reconnect(out)
+            self._next_reconnect_ms = now_ms + self.config.reconnect_interval_ms
         self._expire_suspicions(now_ms, out)
         self._expire_relays(now_ms)
         self._forget_tombstones(now_ms)
@@ -380,8 +400,13 @@ class Membership:
             raise ProtocolError("a discovered incarnation must be a non-negative integer")
         out: list[Effect] = []
         self._maybe_notice_stall(now_ms)
-        if node_id != self.node_id:
-            self._apply(Update(NodeId(node_id), address, incarnation, State.ALIVE), now_ms, out, gossip=False)
+        if node_id == self.node_id:
+            return out
+        m = self._members.get(NodeId(node_id))
+        if m is not None and m.state is not State.ALIVE:
+            self._maybe_verify(m, address, now_ms, out)
+            return out
+        self._apply(Update(NodeId(node_id), address, incarnation, State.ALIVE), now_ms, out, gossip=False)
         return out
 
     def join(self, addresses: list[str], now_ms: int) -> list[Effect]:
@@ -454,6 +479,21 @@ class Membership:
             self._order_index = 0
         return None
 
+    def _maybe_verify(self, m: _Member, address: str, now_ms: int, out: list[Effect]) -> None:
+        """A record says a node we hold non-ALIVE may be at `address`: ask it, never take the record's word."""
+        if m.notified_ms is not None and now_ms - m.notified_ms < self.config.probe_interval_ms:
+            return
+        m.notified_ms = now_ms
+        out.append(self._ping(m.node, address, self._next_seq()))
+
+    def _maybe_reconnect(self, out: list[Effect]) -> None:
+        """Ping a few DEAD members, round-robin: a partition that outlived the suspicion heals."""
+        dead = [n for n in sorted(self._members) if self._members[n].state is State.DEAD]
+        start = next((i for i, n in enumerate(dead) if n > self._reconnect_after), 0)
+        for node in (dead[start:] + dead[:start])[:self.config.reconnect_probes_max]:
+            self._reconnect_after = node
+            out.append(self._ping(node, self._members[node].address, self._next_seq()))
+
     # ---------------------------------------------------------------- timers
 
     def _expire_suspicions(self, now_ms: int, out: list[Effect]) -> None:
@@ -482,6 +522,7 @@ class Membership:
 
     def _shift_deadlines(self, shift_ms: int) -> None:
         self._next_probe_ms += shift_ms
+        self._next_reconnect_ms += shift_ms
         if self._probe is not None:
             self._probe.indirect_at_ms += shift_ms
         for m in self._members.values():

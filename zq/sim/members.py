@@ -1,0 +1,903 @@
+"""SWIM membership in the deterministic simulator: N real `Membership` cores, each behind a shell
+that does what zq/io/membership.py does, over a simulated network, with faults chosen by a seed.
+
+Theory of operation
+-------------------
+Two layers. `MembershipLayer` is the embeddable part: the cores, their shells, the discovery
+(zeroconf) model and the message deliveries, driven by a heap of timed events of its own. It
+injects no faults; a host (this module's `MembersSim`, later the replication simulator) calls its
+fault methods and reads its views. `MembersSim` draws settings from one `random.Random(seed)`,
+injects faults during the safety phase, checks the invariants of zq/sim/members_checks.py after
+every step, then heals everything and checks liveness within a bound derived from the core's
+timing (`liveness_bound_ms`).
+
+The shell, per node, as in zq/io/membership.py: a peer message goes to `core.on_message`; the core
+is ticked when its `next_deadline_ms()` is due (plus a little loop latency); every `SEED_RETRY_MS`
+the seeds that no ALIVE or SUSPECT member holds are pinged with `core.join`; discovery records
+are handed to `core.on_discovered` at the next drain (every `DISCOVERY_DRAIN_MS`). Our own
+incarnation changing (a refutation) re-announces our zeroconf record. A graceful leave calls
+`core.leave`, keeps serving for `LEAVE_FLUSH_MS`, then the process exits.
+
+Discovery model: a (re)started node announces its record `(name, address, incarnation)` to every
+running node it can reach (multicast, so partitions and loss apply), and its browse returns the
+cached records of every other node, including the last record of a node that crashed (a stale
+record: zeroconf caches it until its TTL runs out) or left without its goodbye arriving. The host
+may feed a stale record at any time with `stale_hint`. Such a record must never bring a node back.
+
+Faults a host can apply (all take the simulated time): `crash(name)` (the process is gone; its
+address goes quiet), `restart(name)` (a new process: a new core with incarnation `EPOCH_MS + now`,
+the wall-clock milliseconds zq/io/node.py uses), `pause(name)` / `resume(name)` (SIGSTOP: timers
+stop, messages queue up to `PAUSED_INBOX_MAX`; on resume the inbox and the overdue tick run in an
+order the seed picks), `leave(name)`, `start(name)` (a late joiner's first start), and network
+faults through the shared `SimNetwork` (`net.blocked` holds directed pairs, so a cut may be one-way).
+
+Embedding API (`MembershipLayer`):
+
+    layer = MembershipLayer(names, rng, net, now_ms, config=SIM_MEMBERSHIP, seeds={name: [address]},
+                            discovery=True)
+    layer.start(name, now_ms)                 # start a node (its first start, or a late joiner)
+    layer.next_due_ms() -> int | None         # when the next membership event is due
+    layer.step() -> set[str]                  # run one event (the earliest); returns the nodes touched
+    layer.run_until(now_ms, after_step=None)  # run every event due at or before now_ms
+    layer.crash/restart/pause/resume/leave(name, now_ms)
+    layer.stale_hint(observer, node, now_ms)  # feed a cached record of `node` to `observer`
+    layer.running() -> list[str]              # nodes with a process (paused ones included)
+    layer.view(observer) -> dict[str, MemberView]   # its table, itself excluded
+    layer.state_in(observer, node) -> State | None
+    layer.dead_in(observer) -> list[str]      # the members `observer` holds DEAD (what an operator acts on)
+    layer.on_change: list[Callable[[int, str, MemberChanged], None]]   # every MemberChanged, as it happens
+
+A host schedules one event of its own at `next_due_ms()` and calls `run_until(now)` there (or runs
+the layer's events in its own loop with `step()`), so both heaps advance on one clock.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import random
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+from zq.core.membership import (Ack, MemberChanged, MemberView, Membership, MembershipConfig, Ping, PingReq,
+                                Send, State)
+from zq.errors import ProtocolError
+from zq.io.membership import DISCOVERY_DRAIN_MS, LEAVE_FLUSH_MS, NODE_MEMBERSHIP, SEED_RETRY_MS, SEEDS_PER_PASS_MAX
+from zq.sim.members_checks import MembersChecker, Violation
+from zq.sim.network import NetworkFaults, SimNetwork
+
+EPOCH_MS = 1_700_000_000_000   # incarnations are wall-clock ms at start, as in zq/io/node.py
+PAUSED_INBOX_MAX = 1_000       # messages queued for a stopped process (socket buffers); the rest are lost
+LOOP_LATENCY_MS_MAX = 5        # a shell ticks its core this late at most after the core's deadline
+EVENTS_PER_RUN_UNTIL_MAX = 1_000_000  # a host's run_until never loops forever
+SIM_MEMBERSHIP = NODE_MEMBERSHIP       # the timing real nodes use: the bounds below are about that
+PORT = 7100
+
+
+def address_of(name: str) -> str:
+    return f"{name}:{PORT}"
+
+
+@dataclass(slots=True)
+class MemberNode:
+    """One node's process as the shell sees it."""
+    name: str
+    address: str
+    seeds: list[str]
+    core: Membership | None = None
+    life: int = 0                      # bumped on every start, so events of an old process are dropped
+    paused: bool = False
+    leaving: bool = False              # left, flushing its goodbye before it exits
+    inbox: list = field(default_factory=list)
+    tick_at: int = -1
+    incarnation_last: int = -1         # the incarnation of its latest (or current) process
+    starts: list = field(default_factory=list)   # the incarnation each of its processes started with
+
+
+class MembershipLayer:
+    """The cores, shells, discovery and deliveries. See the module docstring."""
+
+    def __init__(self, names: list[str], rng: random.Random, net: SimNetwork, now_ms: int,
+                 config: MembershipConfig = SIM_MEMBERSHIP, seeds: dict[str, list[str]] | None = None,
+                 discovery: bool = True) -> None:
+        self.rng = rng
+        self.net = net
+        self.now = now_ms
+        self.config = config
+        self.discovery = discovery
+        seeds = seeds or {}
+        self.nodes = {n: MemberNode(n, address_of(n), [s for s in seeds.get(n, []) if s != address_of(n)])
+                      for n in sorted(names)}
+        self.by_address = {m.address: n for n, m in self.nodes.items()}
+        self.records: dict[str, tuple[str, int]] = {}   # zeroconf caches: name -> (address, incarnation)
+        self.heap: list = []
+        self.seq = 0
+        self.on_change: list[Callable[[int, str, MemberChanged], None]] = []
+        self.on_hint: list[Callable[[str, str, int, MemberView | None, MemberView | None], None]] = []
+        self.trace = hashlib.blake2b(digest_size=16)
+        self.counters = {"messages": 0, "delivered": 0, "inbox_dropped": 0, "hints": 0, "stale_hints": 0}
+        self._touched: set[str] = set()
+
+    # ---------------------------------------------------------------- queries
+
+    def running(self) -> list[str]:
+        return [n for n, m in self.nodes.items() if m.core is not None]
+
+    def view(self, observer: str) -> dict[str, MemberView]:
+        core = self.nodes[observer].core
+        assert core is not None, f"{observer} is not running"
+        return {v.node: v for v in core.members(self.now) if v.node != observer}
+
+    def state_in(self, observer: str, node: str) -> State | None:
+        core = self.nodes[observer].core
+        return None if core is None else core.state_of(node)
+
+    def dead_in(self, observer: str) -> list[str]:
+        return [n for n, v in self.view(observer).items() if v.state is State.DEAD]
+
+    def next_due_ms(self) -> int | None:
+        return self.heap[0][0] if self.heap else None
+
+    # ---------------------------------------------------------------- scheduling
+
+    def at(self, time_ms: int, kind: str, *args) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (time_ms, self.seq, kind, args))
+
+    def step(self) -> set[str]:
+        """Run the earliest event. Returns the nodes whose core it touched (for the checks)."""
+        time_ms, _seq, kind, args = heapq.heappop(self.heap)
+        self.now = max(self.now, time_ms)
+        self.trace.update(f"{time_ms}|{kind}|{_trace_args(args)};".encode())
+        self._touched = set()
+        getattr(self, "ev_" + kind)(*args)
+        return self._touched
+
+    def run_until(self, now_ms: int, after_step: Callable[[set[str]], None] | None = None) -> None:
+        for _ in range(EVENTS_PER_RUN_UNTIL_MAX):
+            if not self.heap or self.heap[0][0] > now_ms:
+                break
+            touched = self.step()
+            if after_step is not None:
+                after_step(touched)
+        self.now = max(self.now, now_ms)
+
+    # ---------------------------------------------------------------- lifecycle (the host's faults)
+
+    def start(self, name: str, now_ms: int) -> None:
+        """Start a process for `name`: its first start, a late join, or a restart after a crash or leave."""
+        self.now = max(self.now, now_ms)
+        m = self.nodes[name]
+        assert m.core is None, f"{name} is running"
+        m.life += 1
+        m.paused = m.leaving = False
+        m.inbox = []
+        m.tick_at = -1
+        incarnation = EPOCH_MS + self.now   # as zq/io/node.py: the wall clock, nothing remembered
+        m.incarnation_last = max(m.incarnation_last, incarnation)
+        m.starts.append(incarnation)
+        m.core = Membership(name, m.address, incarnation, random.Random(self.rng.random()), self.now, self.config)
+        self._touched.add(name)
+        self._schedule_tick(m)
+        if m.seeds:
+            self.at(self.now, "seeds", name, m.life)
+        if self.discovery:
+            self._announce(m)
+            self._browse(m)
+
+    def crash(self, name: str, now_ms: int) -> None:
+        self.now = max(self.now, now_ms)
+        m = self.nodes[name]
+        m.core = None
+        m.paused = m.leaving = False
+        m.inbox = []
+
+    restart = start
+
+    def pause(self, name: str, now_ms: int) -> None:
+        self.now = max(self.now, now_ms)
+        m = self.nodes[name]
+        assert m.core is not None and not m.paused
+        m.paused = True
+
+    def resume(self, name: str, now_ms: int) -> None:
+        """SIGCONT: the overdue tick and the queued messages run, in an order the seed picks."""
+        self.now = max(self.now, now_ms)
+        m = self.nodes[name]
+        if m.core is None or not m.paused:
+            return
+        m.paused = False
+        inbox, m.inbox = m.inbox, []
+        tick_first = self.rng.random() < 0.5
+        if tick_first:
+            self._tick(m)
+        for msg in inbox:
+            if m.core is not None:
+                self._deliver(m, msg)
+        if not tick_first and m.core is not None:
+            self._tick(m)
+        if m.core is not None and m.seeds:
+            self.at(self.now, "seeds", name, m.life)
+
+    def leave(self, name: str, now_ms: int) -> None:
+        self.now = max(self.now, now_ms)
+        m = self.nodes[name]
+        assert m.core is not None and not m.paused
+        m.leaving = True
+        self._apply(m, m.core.leave(self.now))
+        self.at(self.now + LEAVE_FLUSH_MS, "exit", name, m.life)
+
+    def stale_hint(self, observer: str, node: str, now_ms: int) -> bool:
+        """Feed `observer` the cached zeroconf record of `node` (stale if `node` is down). False if none."""
+        self.now = max(self.now, now_ms)
+        record = self.records.get(node)
+        if record is None or self.nodes[observer].core is None or observer == node:
+            return False
+        self.at(self.now + self.rng.randint(1, DISCOVERY_DRAIN_MS), "hint", observer, self.nodes[observer].life,
+                node, record[0], record[1])
+        return True
+
+    def reannounce_all(self, now_ms: int) -> None:
+        """A browse's periodic query after a heal: every running node hears every cached record."""
+        self.now = max(self.now, now_ms)
+        if not self.discovery:
+            return
+        for name in self.running():
+            self._browse(self.nodes[name])
+
+    def forget_record(self, name: str) -> None:
+        """A goodbye that arrived: caches drop the record."""
+        self.records.pop(name, None)
+
+    # ---------------------------------------------------------------- events
+
+    def ev_deliver(self, dst: str, msg) -> None:
+        m = self.nodes[dst]
+        if m.core is None:
+            return  # nobody listens at that address now
+        if m.paused:
+            if len(m.inbox) < PAUSED_INBOX_MAX:
+                m.inbox.append(msg)
+            else:
+                self.counters["inbox_dropped"] += 1
+            return
+        self._deliver(m, msg)
+
+    def ev_tick(self, name: str, life: int, due: int) -> None:
+        m = self.nodes[name]
+        if m.core is None or m.life != life or m.tick_at != due or m.paused:
+            return  # a paused process ticks when it resumes
+        self._tick(m)
+
+    def ev_seeds(self, name: str, life: int) -> None:
+        """zq/io/membership.py `_maybe_join_seeds`: ping every seed no live member answers for."""
+        m = self.nodes[name]
+        if m.core is None or m.life != life or m.paused or m.leaving:
+            return
+        live = {v.address for v in m.core.members(self.now)
+                if v.node != name and v.state in (State.ALIVE, State.SUSPECT)}
+        lonely = [s for s in m.seeds if s not in live][:SEEDS_PER_PASS_MAX]
+        if lonely:
+            self._apply(m, m.core.join(lonely, self.now))
+        self.at(self.now + SEED_RETRY_MS, "seeds", name, life)
+
+    def ev_hint(self, observer: str, life: int, node: str, address: str, incarnation: int) -> None:
+        m = self.nodes[observer]
+        if m.core is None or m.life != life:
+            return
+        if m.paused:
+            self.at(self.now + DISCOVERY_DRAIN_MS, "hint", observer, life, node, address, incarnation)
+            return  # zeroconf's queue waits for the loop to drain it
+        self.counters["hints"] += 1
+        before = m.core.members(self.now)
+        self._apply(m, m.core.on_discovered(node, address, incarnation, self.now))
+        after = m.core.members(self.now)
+        for hook in self.on_hint:
+            hook(observer, node, incarnation, _row(before, node), _row(after, node))
+
+    def ev_exit(self, name: str, life: int) -> None:
+        m = self.nodes[name]
+        if m.core is not None and m.life == life and m.leaving:
+            self.crash(name, self.now)
+
+    # ---------------------------------------------------------------- the shell
+
+    def _tick(self, m: MemberNode) -> None:
+        m.tick_at = -1
+        self._apply(m, m.core.tick(self.now))
+
+    def _deliver(self, m: MemberNode, msg) -> None:
+        self.counters["delivered"] += 1
+        try:
+            effects = m.core.on_message(msg, self.now)
+        except ProtocolError as e:
+            # Every simulated peer is honest: a refused message is a bug in the core.
+            raise Violation("protocol error between honest members", f"{m.name}: {e}") from None
+        self._apply(m, effects)
+
+    def _apply(self, m: MemberNode, effects: list) -> None:
+        self._touched.add(m.name)
+        for effect in effects:
+            if isinstance(effect, Send):
+                self._send(m, effect)
+            else:
+                assert isinstance(effect, MemberChanged)
+                for hook in self.on_change:
+                    hook(self.now, m.name, effect)
+                if effect.node == m.name and effect.state is State.ALIVE:
+                    m.incarnation_last = max(m.incarnation_last, effect.incarnation)
+                    if self.discovery:
+                        self._announce(m)   # Discovery.update_incarnation: an Updated record
+        if m.core is not None:
+            m.incarnation_last = max(m.incarnation_last, m.core.incarnation)
+            self._schedule_tick(m)
+
+    def _send(self, m: MemberNode, effect: Send) -> None:
+        self.counters["messages"] += 1
+        dst = self.by_address.get(effect.address)
+        if dst is None or dst == m.name:
+            return
+        for t in self.net.deliveries(self.now, m.name, dst, False):
+            self.at(t, "deliver", dst, effect.message)
+
+    def _schedule_tick(self, m: MemberNode) -> None:
+        due = max(self.now, m.core.next_deadline_ms())
+        if due != m.tick_at:
+            m.tick_at = due
+            self.at(due + self.rng.randint(0, LOOP_LATENCY_MS_MAX), "tick", m.name, m.life, due)
+
+    def _announce(self, m: MemberNode) -> None:
+        self.records[m.name] = (m.address, m.core.incarnation)
+        for other in self.running():
+            if other == m.name:
+                continue
+            for t in self.net.deliveries(self.now, m.name, other, True):
+                self.at(t + self.rng.randint(1, DISCOVERY_DRAIN_MS), "hint", other, self.nodes[other].life,
+                        m.name, m.address, m.core.incarnation)
+                break  # mDNS dedupes a repeated answer
+
+    def _browse(self, m: MemberNode) -> None:
+        for other, (address, incarnation) in sorted(self.records.items()):
+            if other != m.name:
+                self.at(self.now + self.rng.randint(1, DISCOVERY_DRAIN_MS), "hint", m.name, m.life, other,
+                        address, incarnation)
+
+
+def _row(rows: list[MemberView], node: str) -> MemberView | None:
+    return next((v for v in rows if v.node == node), None)
+
+
+def _trace_args(args: tuple) -> str:
+    out = []
+    for a in args:
+        if isinstance(a, (int, str)):
+            out.append(str(a))
+        elif isinstance(a, (Ping, Ack, PingReq)):
+            out.append(f"{type(a).__name__}:{a.sender}:{a.sender_incarnation}:{a.target}:{a.seq}:{len(a.updates)}")
+        else:
+            out.append(type(a).__name__)
+    return ",".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# The standalone simulator: faults by seed, checks after every step, liveness after healing.
+
+
+def liveness_bound_ms(n: int, c: MembershipConfig = SIM_MEMBERSHIP) -> int:
+    """Simulated time after healing (no loss, one-way delay < ack_timeout_ms / 2) by which every
+    view is exact. Derived from the core's timing, worst case for n nodes:
+
+    - a live node held SUSPECT is told so by the suspecter's next probe of it: round-robin probing
+      reaches every member within 2 (n - 1) periods (the rest of a round, then a reshuffled one);
+      if the suspicion expires first it is a false death, handled below;
+    - a live node held DEAD (a partition outlived the suspicion) is pinged again by the holder's
+      reconnect probe within `reconnect_interval_ms`; the Ack proves it alive at its refuted
+      incarnation and, in the same exchange, it learns and refutes what it was held as;
+    - a refutation is sent straight to its members (`_fan_out`) and gossiped; anti-entropy brings it
+      to every view within n - 1 messages of each holder, under 2 (n - 1) more periods;
+    - a node that is down is probed by some survivor within 2 (n - 1) periods, is SUSPECT there one
+      period later, the suspicion reaches the others on their next message, each declares it DEAD
+      `suspicion_timeout_ms` after hearing it.
+
+    The sum of the longest chain (false death -> reconnect -> refutation spread, or crash ->
+    suspicion -> death), with one period of slack per hand-off.
+    """
+    periods = 2 * (n - 1)
+    crash_to_dead = (periods + 2) * c.probe_interval_ms + c.suspicion_timeout_ms
+    false_death_healed = c.suspicion_timeout_ms + c.reconnect_interval_ms + (2 * periods + 2) * c.probe_interval_ms
+    return max(crash_to_dead, false_death_healed) + c.suspicion_timeout_ms
+
+
+STABLE_MS = 10_000        # after converging, views must stay exact this long (no flapping back)
+
+
+@dataclass(frozen=True, slots=True)
+class MembersSettings:
+    """Everything a run draws from its seed, printed first so a run explains itself."""
+    nodes: int = 3
+    late_joiners: int = 0            # nodes that first start during the safety phase
+    seeds: str = "all"               # "all": every node lists every address; "first": only n1's; "none"
+    discovery: bool = True
+    safety_ms: int = 20_000
+    crash: bool = True
+    restart_share: float = 0.7       # crashed (or left) nodes that come back during the safety phase
+    pause: bool = True
+    partition: bool = True
+    one_way: bool = True
+    leave: bool = True
+    stale_hints: bool = True
+    fault_interval_ms_max: int = 3_000
+    fault_duration_ms_max: int = 3_000
+    net: NetworkFaults = field(default_factory=NetworkFaults)
+
+    @staticmethod
+    def draw(rng: random.Random, nodes: int | None = None) -> MembersSettings:
+        n = nodes or rng.randint(3, 7)
+        seeds = rng.choice(["all", "first", "none"])
+        net = NetworkFaults(loss=rng.choice([0.0, 0.0, 0.02, 0.1, 0.3]), duplicate=rng.choice([0.0, 0.05, 0.2]),
+                            delay_ms_max=rng.choice([1, 5, 40, 150]))
+        return MembersSettings(
+            nodes=n, late_joiners=rng.randint(0, min(2, n - 2)), seeds=seeds,
+            discovery=seeds == "none" or rng.random() < 0.6, safety_ms=rng.choice([10_000, 20_000, 30_000]),
+            crash=rng.random() < 0.7, restart_share=rng.choice([0.0, 0.5, 0.9]), pause=rng.random() < 0.5,
+            partition=rng.random() < 0.5, one_way=rng.random() < 0.4, leave=rng.random() < 0.4,
+            stale_hints=rng.random() < 0.6, fault_interval_ms_max=rng.choice([1_000, 3_000, 8_000]),
+            fault_duration_ms_max=rng.choice([800, 3_000, 12_000]), net=net)
+
+    def describe(self) -> str:
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "net"]
+        parts += [f"{f.name}={getattr(self.net, f.name)}" for f in fields(self.net)
+                  if f.name in ("loss", "duplicate", "delay_ms_max")]
+        return " ".join(parts)
+
+
+@dataclass(slots=True)
+class _Crash:
+    node: str
+    at_ms: int
+    incarnation: int
+    suspect_first_ms: int | None = None
+    suspect_last_ms: int | None = None
+    dead_first_ms: int | None = None
+    dead_last_ms: int | None = None
+
+
+@dataclass(slots=True)
+class MembersResult:
+    seed: int
+    ok: bool
+    settings: MembersSettings
+    steps: int = 0
+    trace_hash: str = ""
+    invariant: str = ""
+    detail: str = ""
+    failed_step: int = -1
+    phase: str = "safety"
+    crashes: int = 0
+    restarts: int = 0
+    pauses: int = 0
+    cuts: int = 0
+    leaves: int = 0
+    stale_hints: int = 0
+    false_suspicions: int = 0        # during faults: a running node held SUSPECT by someone
+    false_deaths: int = 0            # during faults: a running node held DEAD by someone
+    liveness_false_suspicions: int = 0
+    converged_ms: int = -1           # simulated time from healing to exact views
+    bound_ms: int = 0
+    detections: list = field(default_factory=list)   # per crash: (to first suspect, to last suspect, first dead, last dead)
+
+
+class MembersSim:
+    def __init__(self, seed: int, nodes: int | None = None, settings: MembersSettings | None = None,
+                 config: MembershipConfig = SIM_MEMBERSHIP, verbose: bool = False) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.settings = s = settings or MembersSettings.draw(self.rng, nodes)
+        self.verbose = verbose
+        self.config = config
+        self.phase = "safety"
+        self.step_no = 0
+        self.net = SimNetwork(self.rng, s.net)
+        names = [f"n{i + 1}" for i in range(s.nodes)]
+        self.names = names
+        seeds = {"all": {n: [address_of(x) for x in names] for n in names},
+                 "first": {n: [address_of(names[0])] if n != names[0] else [address_of(names[1])] for n in names},
+                 "none": {}}[s.seeds]
+        self.layer = MembershipLayer(names, self.rng, self.net, 0, config, seeds, s.discovery)
+        self.checker = MembersChecker(self.layer)
+        self.layer.on_change.append(self._on_change)
+        self.layer.on_hint.append(self.checker.on_hint)
+        self.result = MembersResult(seed, True, s, bound_ms=liveness_bound_ms(s.nodes, config))
+        self.faults: list = []       # the host's own timed events: (time, seq, kind, args)
+        self.fseq = 0
+        self.cuts: dict[int, frozenset] = {}
+        self.crashes: dict[str, _Crash] = {}
+        self.late = names[len(names) - s.late_joiners:]
+        self.down_for_good: set[str] = set()
+        # Without discovery, nodes that only know n1's address find the cluster through n1 alone:
+        # n1 always comes back (an operator restarts the seed node), or the cluster could not form.
+        self.anchors = {names[0]} if s.seeds == "first" and not s.discovery else set()
+        self._all_crashes: list[_Crash] = []
+        self.liveness_started_ms = -1
+
+    # ---------------------------------------------------------------- scheduling
+
+    def at(self, time_ms: int, kind: str, *args) -> None:
+        self.fseq += 1
+        heapq.heappush(self.faults, (time_ms, self.fseq, kind, args))
+
+    def log(self, text: str) -> None:
+        if self.verbose:
+            print(f"  [{self.step_no:6d} t={self.layer.now:7d}] {text}")
+
+    def one_step(self) -> None:
+        """The earlier of the layer's next event and our next fault; then the checks."""
+        due = self.layer.next_due_ms()
+        if due is None and not self.faults:
+            raise Violation("no events", "nothing is scheduled: every node is down or stopped")
+        if self.faults and (due is None or self.faults[0][0] < due):
+            time_ms, _, kind, args = heapq.heappop(self.faults)
+            self.layer.now = max(self.layer.now, time_ms)
+            self.layer.trace.update(f"{time_ms}|fault {kind}|{_trace_args(args)};".encode())
+            self.layer._touched = set()
+            getattr(self, "ev_" + kind)(*args)
+            touched = self.layer._touched | set(self.layer.running())
+        else:
+            touched = self.layer.step()
+        self.step_no += 1
+        for name in sorted(touched):
+            self.checker.check_observer(name)
+
+    # ---------------------------------------------------------------- run
+
+    def run(self) -> MembersResult:
+        s = self.settings
+        r = self.result
+        try:
+            for name in self.names:
+                if name not in self.late:
+                    self.layer.start(name, 0)
+            for name in self.late:
+                self.at(self.rng.randrange(1, s.safety_ms), "join", name)
+            if s.crash or s.pause or s.partition or s.one_way or s.leave or s.stale_hints:
+                self.at(self.rng.randrange(1, s.fault_interval_ms_max), "fault")
+            while self.layer.now < s.safety_ms and (self.faults or self.layer.heap):
+                self.one_step()
+            self.begin_liveness()
+            self.run_liveness()
+        except (Violation, AssertionError) as v:
+            if isinstance(v, AssertionError):
+                import traceback
+                where = traceback.extract_tb(v.__traceback__)[-1]
+                v = Violation("assertion failed", f"{v} at {where.filename}:{where.lineno} ({where.line})")
+            r.ok = False
+            r.invariant, r.detail = v.invariant, v.detail
+            r.failed_step = self.step_no
+            r.phase = self.phase
+        r.steps = self.step_no
+        r.trace_hash = self.layer.trace.hexdigest()
+        r.detections = [(c.suspect_first_ms - c.at_ms, c.suspect_last_ms - c.at_ms,
+                         c.dead_first_ms - c.at_ms, c.dead_last_ms - c.at_ms)
+                        for c in self._all_crashes if c.dead_last_ms is not None and c.suspect_last_ms is not None]
+        return r
+
+    # ---------------------------------------------------------------- metrics
+
+    def _on_change(self, now_ms: int, observer: str, change: MemberChanged) -> None:
+        if change.node == observer:
+            return
+        node = self.layer.nodes[change.node]
+        if node.core is not None and not node.leaving:
+            if change.state is State.SUSPECT:
+                if self.phase == "safety":
+                    self.result.false_suspicions += 1
+                else:
+                    self.result.liveness_false_suspicions += 1
+            elif change.state is State.DEAD and self.phase == "safety":
+                self.result.false_deaths += 1
+            return
+        crash = self.crashes.get(change.node)
+        if crash is None or change.incarnation != crash.incarnation:
+            return
+        if change.state is State.SUSPECT and crash.suspect_first_ms is None:
+            crash.suspect_first_ms = now_ms
+        if change.state is State.DEAD and crash.dead_first_ms is None:
+            crash.dead_first_ms = now_ms
+            crash.suspect_first_ms = crash.suspect_first_ms or now_ms
+        others = [o for o in self.layer.running() if o != change.node]
+        states = [self.layer.state_in(o, change.node) for o in others]
+        if crash.suspect_last_ms is None and all(st in (State.SUSPECT, State.DEAD, None) for st in states):
+            crash.suspect_last_ms = now_ms
+        if crash.dead_last_ms is None and all(st in (State.DEAD, None) for st in states):
+            crash.dead_last_ms = now_ms
+            crash.suspect_last_ms = crash.suspect_last_ms or now_ms
+
+    # ---------------------------------------------------------------- faults
+
+    def ev_fault(self) -> None:
+        if self.phase != "safety":
+            return
+        s = self.settings
+        kinds = [k for k, on in (("crash", s.crash), ("pause", s.pause), ("partition", s.partition),
+                                 ("one_way", s.one_way), ("leave", s.leave), ("stale_hint", s.stale_hints)) if on]
+        kind = self.rng.choice(kinds)
+        duration = self.rng.randint(50, s.fault_duration_ms_max)
+        getattr(self, "fault_" + kind)(duration)
+        self.at(self.layer.now + self.rng.randint(50, s.fault_interval_ms_max), "fault")
+
+    def _pick_running(self, unpaused: bool = True) -> str | None:
+        names = [n for n in self.layer.running()
+                 if not self.layer.nodes[n].leaving and not (unpaused and self.layer.nodes[n].paused)]
+        return self.rng.choice(names) if names else None
+
+    def _staying(self) -> int:
+        return sum(1 for n in self.layer.running() if not self.layer.nodes[n].leaving)
+
+    def fault_crash(self, duration: int) -> None:
+        name = self._pick_running(unpaused=False)
+        if name is None or self._staying() <= 1:
+            return
+        node = self.layer.nodes[name]
+        crash = _Crash(name, self.layer.now, node.core.incarnation)
+        self.crashes[name] = crash
+        self._all_crashes.append(crash)
+        self.layer.crash(name, self.layer.now)
+        self.result.crashes += 1
+        self.log(f"crash {name}@{crash.incarnation}")
+        self._maybe_come_back(name, duration)
+
+    def _maybe_come_back(self, name: str, duration: int) -> None:
+        if name in self.anchors or self.rng.random() < self.settings.restart_share:
+            self.at(self.layer.now + duration, "restart", name)
+        else:
+            self.down_for_good.add(name)
+
+    def fault_pause(self, duration: int) -> None:
+        name = self._pick_running()
+        if name is None:
+            return
+        self.layer.pause(name, self.layer.now)
+        self.result.pauses += 1
+        self.log(f"pause {name} for {duration} ms")
+        self.at(self.layer.now + duration, "resume", name, self.layer.nodes[name].life)
+
+    def fault_partition(self, duration: int) -> None:
+        names = list(self.names)
+        self.rng.shuffle(names)
+        cut = self.rng.randint(1, len(names) // 2)
+        a, b = sorted(names[:cut]), sorted(names[cut:])
+        pairs = frozenset([(x, y) for x in a for y in b] + [(y, x) for x in a for y in b])
+        self._cut(pairs, duration, f"partition {a} | {b}")
+
+    def fault_one_way(self, duration: int) -> None:
+        names = list(self.names)
+        self.rng.shuffle(names)
+        cut = self.rng.randint(1, len(names) - 1)
+        a, b = sorted(names[:cut]), sorted(names[cut:])
+        self._cut(frozenset((x, y) for x in a for y in b), duration, f"one-way {a} -> {b} cut")
+
+    def _cut(self, pairs: frozenset, duration: int, text: str) -> None:
+        self.fseq += 1
+        self.cuts[self.fseq] = pairs
+        self.net.blocked = frozenset().union(*self.cuts.values())
+        self.result.cuts += 1
+        self.log(f"{text} for {duration} ms")
+        self.at(self.layer.now + duration, "heal", self.fseq)
+
+    def fault_leave(self, duration: int) -> None:
+        name = self._pick_running()
+        if name is None or self._staying() <= 1:
+            return
+        self.crashes.pop(name, None)
+        self.layer.leave(name, self.layer.now)
+        if self.rng.random() < 0.5:
+            self.layer.forget_record(name)   # its goodbye reached the caches
+        self.result.leaves += 1
+        self.log(f"leave {name}")
+        self._maybe_come_back(name, duration + LEAVE_FLUSH_MS)
+
+    def fault_stale_hint(self, duration: int) -> None:
+        down = [n for n in self.names if self.layer.nodes[n].core is None and n in self.layer.records]
+        observer = self._pick_running(unpaused=False)
+        if not down or observer is None:
+            return
+        node = self.rng.choice(down)
+        if self.layer.stale_hint(observer, node, self.layer.now):
+            self.result.stale_hints += 1
+            self.log(f"stale record of {node}@{self.layer.records[node][1]} to {observer}")
+
+    def ev_join(self, name: str) -> None:
+        if self.phase == "safety" and self.layer.nodes[name].life == 0:
+            self.log(f"late join {name}")
+            self.layer.start(name, self.layer.now)
+
+    def ev_restart(self, name: str) -> None:
+        if self.phase == "safety" and self.layer.nodes[name].core is None:
+            self.crashes.pop(name, None)
+            self.layer.restart(name, self.layer.now)
+            self.result.restarts += 1
+            self.log(f"restart {name}@{self.layer.nodes[name].core.incarnation}")
+
+    def ev_resume(self, name: str, life: int) -> None:
+        node = self.layer.nodes[name]
+        if node.life == life and node.paused:
+            self.log(f"resume {name}")
+            self.layer.resume(name, self.layer.now)
+
+    def ev_heal(self, cut_id: int) -> None:
+        if self.cuts.pop(cut_id, None) is not None:
+            self.net.blocked = frozenset().union(*self.cuts.values())
+
+    # ---------------------------------------------------------------- liveness
+
+    def begin_liveness(self) -> None:
+        """Heal everything: no loss, no cuts, no pauses; late joiners start; the down stay down."""
+        self.phase = "liveness"
+        self.liveness_started_ms = self.layer.now
+        self.log("liveness phase: heal everything")
+        self.net.faults = NetworkFaults(delay_ms_max=self.settings.net.delay_ms_max)
+        self.cuts.clear()
+        self.net.blocked = frozenset()
+        self.faults = [f for f in self.faults if f[2] == "stale"]
+        for name in self.names:
+            node = self.layer.nodes[name]
+            if node.life == 0:
+                self.layer.start(name, self.layer.now)
+            elif node.paused:
+                self.layer.resume(name, self.layer.now)
+        for name in sorted(self.anchors):
+            if self.layer.nodes[name].core is None:
+                self.layer.restart(name, self.layer.now)
+        if self.settings.stale_hints:
+            self.at(self.layer.now + self.rng.randint(1, 2_000), "stale")
+
+    def ev_stale(self) -> None:
+        """Stale records keep coming while the views converge: they must not undo it."""
+        self.fault_stale_hint(0)
+        self.at(self.layer.now + self.rng.randint(500, 3_000), "stale")
+
+    def run_liveness(self) -> None:
+        """Views must become exact within the bound and then stay exact for STABLE_MS.
+
+        Views may be exact for a moment and then not, right after healing (a probe sent before the
+        heal times out after it): what counts is the last time they became exact."""
+        r = self.result
+        healed_ms = self.layer.now
+        exact_since: int | None = None
+        end_ms = healed_ms + r.bound_ms + STABLE_MS
+        while self.layer.now <= end_ms:
+            self.one_step()
+            if self.converged():
+                if exact_since is None:
+                    exact_since = self.layer.now
+                if self.layer.now - exact_since >= STABLE_MS:
+                    break
+            else:
+                exact_since = None
+        if exact_since is None or self.layer.now - exact_since < STABLE_MS or exact_since - healed_ms > r.bound_ms:
+            at = "never" if exact_since is None else f"only from {exact_since - healed_ms} ms"
+            raise Violation("no convergence", f"views exact {at} after healing (bound {r.bound_ms} ms, then "
+                                              f"{STABLE_MS} ms stable): " + self.views_report())
+        r.converged_ms = exact_since - healed_ms
+
+    def converged(self) -> bool:
+        running = [n for n in self.layer.running() if not self.layer.nodes[n].leaving]
+        down = [n for n in self.names if n not in running]
+        for o in running:
+            view = self.layer.view(o)
+            for n in running:
+                if n != o and (n not in view or view[n].state is not State.ALIVE):
+                    return False
+            for n in down:
+                if n in view and view[n].state not in (State.DEAD, State.LEFT):
+                    return False
+        return True
+
+    def views_report(self) -> str:
+        parts = []
+        for o in self.layer.running():
+            rows = " ".join(f"{n}={v.state.value}@{v.incarnation - EPOCH_MS}" for n, v in sorted(self.layer.view(o).items()))
+            parts.append(f"{o}(@{self.layer.nodes[o].core.incarnation - EPOCH_MS}): {rows}")
+        return "; ".join(parts) + f"; down: {[n for n in self.names if self.layer.nodes[n].core is None]}"
+
+
+def replay_command(seed: int, nodes: int | None = None) -> str:
+    return f"python -m zq.sim.members --seed {seed}" + (f" --nodes {nodes}" if nodes else "")
+
+
+def run_seed(seed: int, nodes: int | None = None, verbose: bool = False,
+             config: MembershipConfig = SIM_MEMBERSHIP) -> MembersResult:
+    return MembersSim(seed, nodes=nodes, config=config, verbose=verbose).run()
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+PROGRESS_EVERY = 500
+
+
+def _report_failure(r: MembersResult, nodes: int | None) -> None:
+    print(f"FAIL seed {r.seed}: invariant '{r.invariant}' broken at step {r.failed_step} ({r.phase} phase)")
+    print(f"  {r.detail}")
+    print(f"  replay: {replay_command(r.seed, nodes)}")
+
+
+def _detections_text(rows: list) -> str:
+    if not rows:
+        return "no crash detected end to end"
+    cols = list(zip(*rows))
+    names = ("suspect first", "suspect last", "dead first", "dead last")
+    return ", ".join(f"{name} median {sorted(c)[len(c) // 2]} max {max(c)} ms" for name, c in zip(names, cols))
+
+
+def run_one(seed: int, nodes: int | None, verbose: bool) -> int:
+    sim = MembersSim(seed, nodes=nodes, verbose=verbose)
+    print(f"seed {seed}: {sim.settings.describe()}")
+    r = sim.run()
+    if not r.ok:
+        _report_failure(r, nodes)
+        return 1
+    print(f"ok seed {seed}: {r.steps} steps, {r.crashes} crashes, {r.restarts} restarts, {r.pauses} pauses, "
+          f"{r.cuts} cuts, {r.leaves} leaves, {r.stale_hints} stale records; during faults {r.false_suspicions} "
+          f"false suspicions, {r.false_deaths} false deaths; converged {r.converged_ms} ms after healing "
+          f"(bound {r.bound_ms}); crash to {_detections_text(r.detections)}; trace {r.trace_hash}")
+    return 0
+
+
+def run_many(count: int, start: int, nodes: int | None, verbose: bool) -> int:
+    print(f"membership seeds {start}..{start + count - 1}" + (f", nodes={nodes}" if nodes else ", nodes 3..7"))
+    began = time.monotonic()
+    failures: list[MembersResult] = []
+    totals = dict.fromkeys(("steps", "crashes", "restarts", "pauses", "cuts", "leaves", "stale_hints",
+                            "false_suspicions", "false_deaths", "liveness_false_suspicions"), 0)
+    detections: list = []
+    converged: list[int] = []
+    margin_min = None
+    for i, seed in enumerate(range(start, start + count), 1):
+        r = MembersSim(seed, nodes=nodes, verbose=verbose).run()
+        for k in totals:
+            totals[k] += getattr(r, k)
+        detections += r.detections
+        if r.ok:
+            converged.append(r.converged_ms)
+            margin = r.bound_ms - r.converged_ms
+            margin_min = margin if margin_min is None else min(margin_min, margin)
+        else:
+            failures.append(r)
+            _report_failure(r, nodes)
+        if i % PROGRESS_EVERY == 0 or i == count:
+            print(f"  {i}/{count} seeds, {len(failures)} failed, {time.monotonic() - began:.1f} s", flush=True)
+    converged.sort()
+    print(f"{count} seeds in {time.monotonic() - began:.1f} s: {len(failures)} failed; "
+          + ", ".join(f"{v} {k}" for k, v in totals.items()))
+    if converged:
+        print(f"  convergence after healing (simulated): median {converged[len(converged) // 2]} ms, "
+              f"max {converged[-1]} ms, smallest margin to the bound {margin_min} ms")
+    print(f"  {len(detections)} crashes detected end to end; crash to {_detections_text(detections)}")
+    for r in failures:
+        print(f"  {replay_command(r.seed, nodes)}   # {r.invariant}")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m zq.sim.members", description="membership simulator")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--seed", type=int, help="replay one seed")
+    group.add_argument("--seeds", type=int, help="run this many seeds")
+    ap.add_argument("--start", type=int, default=0, help="first seed with --seeds")
+    ap.add_argument("--nodes", type=int, choices=range(3, 8), help="cluster size (default: drawn, 3..7)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print faults and phases")
+    args = ap.parse_args(argv)
+    if args.seed is not None:
+        return run_one(args.seed, args.nodes, args.verbose)
+    return run_many(args.seeds, args.start, args.nodes, args.verbose)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)

@@ -1,0 +1,121 @@
+"""The invariants of membership, checked after every step of zq/sim/members.py.
+
+Safety, for every running observer O and every row (N, incarnation, state) of its table:
+
+- own incarnation: the incarnation O holds for N never exceeds N's own (its current process's,
+  or its last one's when N is down): only a node raises its incarnation;
+- monotonic: within one life of O, the (incarnation, state rank) it holds for N never goes down,
+  ALIVE < SUSPECT < DEAD < LEFT, and a row once held is never dropped (tombstones outlive a run);
+- left stays left: once O held N LEFT at incarnation i, N is ALIVE or SUSPECT in O's table again
+  only at an incarnation above i, and only if N started a new process after it left;
+- self: O's own row is ALIVE (or LEFT after it left) at O's own incarnation, and O holds no other
+  row for itself;
+- stale hint: a discovery record of a node that is down, fed to an O that held it SUSPECT, DEAD or
+  LEFT, leaves it so (a record O never heard of may add it: discovery is advisory, and the
+  detector then finds it dead).
+
+Liveness (checked by the driver after healing, see `MembersSim.converged`): every running node is
+ALIVE in every running node's table, every node that is down is DEAD or LEFT (or unknown).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from zq.core.membership import MemberView, State
+
+if TYPE_CHECKING:
+    from zq.sim.members import MembershipLayer
+
+_RANK = {State.ALIVE: 0, State.SUSPECT: 1, State.DEAD: 2, State.LEFT: 3}
+
+
+class Violation(Exception):
+    def __init__(self, invariant: str, detail: str) -> None:
+        super().__init__(f"{invariant}: {detail}")
+        self.invariant = invariant
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class _Seen:
+    life: int
+    incarnation: int
+    state: State
+
+
+@dataclass
+class MembersChecker:
+    layer: MembershipLayer
+    seen: dict[tuple[str, str], _Seen] = field(default_factory=dict)     # (observer, node) -> last row
+    left_seen: dict[tuple[str, str], int] = field(default_factory=dict)  # (observer, node) -> LEFT incarnation
+    stale_hints_refused: int = 0
+    stale_hints_added: int = 0          # records of down nodes that an unknowing observer took in
+
+    def check_observer(self, observer: str) -> None:
+        m = self.layer.nodes[observer]
+        core = m.core
+        if core is None:
+            return
+        rows = core.members(self.layer.now)
+        mine = [v for v in rows if v.node == observer]
+        if len(mine) != 1:
+            raise Violation("self", f"{observer} holds {len(mine)} rows for itself")
+        me = mine[0]
+        expected = State.LEFT if core.left else State.ALIVE
+        if me.state is not expected or me.incarnation != core.incarnation:
+            raise Violation("self", f"{observer} holds itself {me.state.value}@{me.incarnation}, "
+                                    f"expected {expected.value}@{core.incarnation}")
+        if core.state_of(observer) is not expected:
+            raise Violation("self", f"{observer}.state_of(itself) is {core.state_of(observer)}")
+        held = set()
+        for v in rows:
+            if v.node != observer:
+                held.add(v.node)
+                self._check_row(observer, m.life, v)
+        for (o, n), s in self.seen.items():
+            if o == observer and s.life == m.life and n not in held:
+                raise Violation("monotonic", f"{observer} dropped its row for {n} ({s.state.value}@{s.incarnation})")
+
+    def _check_row(self, observer: str, life: int, v: MemberView) -> None:
+        node = self.layer.nodes.get(v.node)
+        if node is None:
+            raise Violation("own incarnation", f"{observer} holds {v.node}, which never existed")
+        own = node.core.incarnation if node.core is not None else node.incarnation_last
+        if v.incarnation > own:
+            raise Violation("own incarnation", f"{observer} holds {v.node} at incarnation {v.incarnation}, "
+                                               f"above its own {own}")
+        key = (observer, v.node)
+        prev = self.seen.get(key)
+        if prev is not None and prev.life == life:
+            if (v.incarnation, _RANK[v.state]) < (prev.incarnation, _RANK[prev.state]):
+                raise Violation("monotonic", f"{observer} went from {v.node} {prev.state.value}@{prev.incarnation} "
+                                             f"to {v.state.value}@{v.incarnation}")
+        elif prev is not None:
+            self.left_seen.pop(key, None)  # a new life of the observer starts from nothing
+        self.seen[key] = _Seen(life, v.incarnation, v.state)
+        if v.state is State.LEFT:
+            self.left_seen[key] = max(self.left_seen.get(key, -1), v.incarnation)
+            return
+        left_inc = self.left_seen.get(key)
+        if left_inc is not None and v.state in (State.ALIVE, State.SUSPECT):
+            rejoined = any(start > left_inc for start in node.starts)
+            if v.incarnation <= left_inc or not rejoined:
+                raise Violation("left stays left", f"{observer} holds {v.node} {v.state.value}@{v.incarnation} after "
+                                                   f"holding it left@{left_inc} (rejoined: {rejoined})")
+
+    def on_hint(self, observer: str, node: str, incarnation: int, before: MemberView | None,
+                after: MemberView | None) -> None:
+        n = self.layer.nodes[node]
+        down = n.core is None
+        if not down or incarnation > n.incarnation_last:
+            return
+        if before is None:
+            if after is not None and after.state is State.ALIVE:
+                self.stale_hints_added += 1
+            return
+        if before.state is not State.ALIVE:
+            if after is None or after.state is State.ALIVE:
+                raise Violation("stale hint", f"a record of down {node}@{incarnation} took {observer}'s "
+                                              f"{before.state.value}@{before.incarnation} to {after}")
+            self.stale_hints_refused += 1
