@@ -277,7 +277,7 @@ def test_no_discovery_record_brings_a_dead_node_back_but_a_newer_one_is_asked():
     assert c.on_discovered("b", "tcp://b-new:7100", 4, 30) == []
     assert c.state_of("b") is State.DEAD
     [ask] = c.on_discovered("b", "tcp://b-new:7100", 4, 30 + CONFIG.probe_interval_ms)
-    assert ask.address == "tcp://b-new:7100"
+    assert ask.address == "tcp://b-new:7100" and ask.to is None and ask.message.target == "b"
     changes = c.on_ack(Ack(ask.message.seq, "b", "tcp://b-new:7100", 4, "b", []), 1_100)
     assert c.state_of("b") is State.ALIVE
     assert MemberChanged("b", "tcp://b-new:7100", State.ALIVE, 4, 1_100) in changes

@@ -484,7 +484,11 @@ class Membership:
         if m.notified_ms is not None and now_ms - m.notified_ms < self.config.probe_interval_ms:
             return
         m.notified_ms = now_ms
-        out.append(self._ping(m.node, address, self._next_seq()))
+        # Addressed by address alone when it moved: a shell keeps one connection per known member, at
+        # the address it knows, and a restarted node may listen elsewhere. The target id still says
+        # who must answer.
+        ping = self._ping(m.node, address, self._next_seq())
+        out.append(ping if address == m.address else Send(None, address, ping.message))
 
     def _maybe_reconnect(self, out: list[Effect]) -> None:
         """Ping a few DEAD members, round-robin: a partition that outlived the suspicion heals."""

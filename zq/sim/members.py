@@ -521,6 +521,9 @@ class MembersSim:
         self.anchors = {names[0]} if s.seeds == "first" and not s.discovery else set()
         self._all_crashes: list[_Crash] = []
         self.liveness_started_ms = -1
+        self._views_changed = True
+        self._running_last: list[str] = []
+        self._converged_last = False
 
     # ---------------------------------------------------------------- scheduling
 
@@ -586,6 +589,9 @@ class MembersSim:
     # ---------------------------------------------------------------- metrics
 
     def _on_change(self, now_ms: int, observer: str, change: MemberChanged) -> None:
+        self._views_changed = True
+        if self.verbose:
+            self.log(f"{observer}: {change.node} {change.state.value}@{change.incarnation - EPOCH_MS}")
         if change.node == observer:
             return
         node = self.layer.nodes[change.node]
@@ -783,6 +789,14 @@ class MembersSim:
         r.converged_ms = exact_since - healed_ms
 
     def converged(self) -> bool:
+        """Exact views (cached: they change only with a MemberChanged or a process starting or ending)."""
+        if self._views_changed or self._running_last != self.layer.running():
+            self._views_changed = False
+            self._running_last = self.layer.running()
+            self._converged_last = self._converged()
+        return self._converged_last
+
+    def _converged(self) -> bool:
         running = [n for n in self.layer.running() if not self.layer.nodes[n].leaving]
         down = [n for n in self.names if n not in running]
         for o in running:
@@ -826,7 +840,7 @@ def _report_failure(r: MembersResult, nodes: int | None) -> None:
 
 def _detections_text(rows: list) -> str:
     if not rows:
-        return "no crash detected end to end"
+        return "dead: none followed to DEAD in every view"
     cols = list(zip(*rows))
     names = ("suspect first", "suspect last", "dead first", "dead last")
     return ", ".join(f"{name} median {sorted(c)[len(c) // 2]} max {max(c)} ms" for name, c in zip(names, cols))

@@ -39,7 +39,6 @@ class Violation(Exception):
 
 @dataclass(slots=True)
 class _Seen:
-    life: int
     incarnation: int
     state: State
 
@@ -47,8 +46,9 @@ class _Seen:
 @dataclass
 class MembersChecker:
     layer: MembershipLayer
-    seen: dict[tuple[str, str], _Seen] = field(default_factory=dict)     # (observer, node) -> last row
-    left_seen: dict[tuple[str, str], int] = field(default_factory=dict)  # (observer, node) -> LEFT incarnation
+    seen: dict[str, dict[str, _Seen]] = field(default_factory=dict)      # observer -> node -> last row
+    left_seen: dict[str, dict[str, int]] = field(default_factory=dict)   # observer -> node -> LEFT incarnation
+    seen_life: dict[str, int] = field(default_factory=dict)              # observer -> the life `seen` is of
     stale_hints_refused: int = 0
     stale_hints_added: int = 0          # records of down nodes that an unknowing observer took in
 
@@ -68,16 +68,22 @@ class MembersChecker:
                                     f"expected {expected.value}@{core.incarnation}")
         if core.state_of(observer) is not expected:
             raise Violation("self", f"{observer}.state_of(itself) is {core.state_of(observer)}")
-        held = set()
+        if self.seen_life.get(observer) != m.life:
+            # A new process of the observer starts from an empty table.
+            self.seen_life[observer] = m.life
+            self.seen[observer] = {}
+            self.left_seen[observer] = {}
+        seen, left_seen = self.seen[observer], self.left_seen[observer]
+        held = 0
         for v in rows:
             if v.node != observer:
-                held.add(v.node)
-                self._check_row(observer, m.life, v)
-        for (o, n), s in self.seen.items():
-            if o == observer and s.life == m.life and n not in held:
-                raise Violation("monotonic", f"{observer} dropped its row for {n} ({s.state.value}@{s.incarnation})")
+                held += 1
+                self._check_row(observer, v, seen, left_seen)
+        if held != len(seen):
+            dropped = sorted(set(seen) - {v.node for v in rows})
+            raise Violation("monotonic", f"{observer} dropped its rows for {dropped}")
 
-    def _check_row(self, observer: str, life: int, v: MemberView) -> None:
+    def _check_row(self, observer: str, v: MemberView, seen: dict[str, _Seen], left_seen: dict[str, int]) -> None:
         node = self.layer.nodes.get(v.node)
         if node is None:
             raise Violation("own incarnation", f"{observer} holds {v.node}, which never existed")
@@ -85,19 +91,15 @@ class MembersChecker:
         if v.incarnation > own:
             raise Violation("own incarnation", f"{observer} holds {v.node} at incarnation {v.incarnation}, "
                                                f"above its own {own}")
-        key = (observer, v.node)
-        prev = self.seen.get(key)
-        if prev is not None and prev.life == life:
-            if (v.incarnation, _RANK[v.state]) < (prev.incarnation, _RANK[prev.state]):
-                raise Violation("monotonic", f"{observer} went from {v.node} {prev.state.value}@{prev.incarnation} "
-                                             f"to {v.state.value}@{v.incarnation}")
-        elif prev is not None:
-            self.left_seen.pop(key, None)  # a new life of the observer starts from nothing
-        self.seen[key] = _Seen(life, v.incarnation, v.state)
+        prev = seen.get(v.node)
+        if prev is not None and (v.incarnation, _RANK[v.state]) < (prev.incarnation, _RANK[prev.state]):
+            raise Violation("monotonic", f"{observer} went from {v.node} {prev.state.value}@{prev.incarnation} "
+                                         f"to {v.state.value}@{v.incarnation}")
+        seen[v.node] = _Seen(v.incarnation, v.state)
         if v.state is State.LEFT:
-            self.left_seen[key] = max(self.left_seen.get(key, -1), v.incarnation)
+            left_seen[v.node] = max(left_seen.get(v.node, -1), v.incarnation)
             return
-        left_inc = self.left_seen.get(key)
+        left_inc = left_seen.get(v.node)
         if left_inc is not None and v.state in (State.ALIVE, State.SUSPECT):
             rejoined = any(start > left_inc for start in node.starts)
             if v.incarnation <= left_inc or not rejoined:
