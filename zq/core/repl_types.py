@@ -24,11 +24,20 @@ base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
                   candidate -> voters
     Vote        = [epoch, sender, granted]
                   voter -> candidate, sent only after the vote is durable
+    TimeoutNow  = [epoch, sender]
+                  leader -> one caught-up voter: "stand for election now" (leadership hand-off)
+
+A configuration entry (a replica-set change) is an ordinary one-record entry, `[base_offset, 1,
+epoch, -1, -1, CONFIG_PREFIX + cbor([voter, ...])]`, voters sorted; it travels in Appends like
+any other entry.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import cbor2
 
 from zq.errors import ProtocolError
 
@@ -41,6 +50,33 @@ MARKER_PAYLOAD = b""
 Raft commits entries of earlier epochs only by committing one of the current epoch, so a new
 leader writes this marker at once; otherwise an old uncommitted tail would wait for the next
 produce. It takes one offset, as Kafka's control records do: consumers skip it."""
+
+CONFIG_PREFIX = b"\x00zq-config\x00"
+"""Start of the payload of a configuration entry (a replica-set change). A produced batch always
+starts with the batch magic, and a marker is empty, so neither can pass for one."""
+
+CONFIG_VOTERS_MAX = 64
+"""Voters one configuration entry may name: a peer's entry naming more is refused."""
+
+
+def encode_config(voters: Iterable[str]) -> bytes:
+    """The payload of a configuration entry naming `voters` (stored sorted, without repeats)."""
+    return CONFIG_PREFIX + cbor2.dumps(sorted(set(voters)))
+
+
+def decode_config(payload: bytes) -> tuple[str, ...] | None:
+    """The voters a configuration payload names; None if it is not one. A payload that starts
+    like one but is malformed raises ProtocolError (it came from a peer)."""
+    if not payload.startswith(CONFIG_PREFIX):
+        return None
+    try:
+        voters = cbor2.loads(payload[len(CONFIG_PREFIX):])
+    except Exception as e:  # cbor2 raises several types on garbage
+        raise ProtocolError(f"malformed configuration entry: {e}") from None
+    if (not isinstance(voters, list) or not 1 <= len(voters) <= CONFIG_VOTERS_MAX
+            or not all(isinstance(v, str) and v for v in voters) or voters != sorted(set(voters))):
+        raise ProtocolError(f"a configuration names 1..{CONFIG_VOTERS_MAX} distinct sorted node names, got {voters!r:.80}")
+    return tuple(voters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +98,13 @@ class Entry:
     def is_marker(self) -> bool:
         return self.producer_id == NO_PRODUCER and self.payload == MARKER_PAYLOAD and self.count == 1
 
+    @property
+    def config(self) -> tuple[str, ...] | None:
+        """The voters, if this is a configuration entry (a replica-set change); else None."""
+        if self.producer_id != NO_PRODUCER or self.count != 1:
+            return None
+        return decode_config(self.payload)
+
     def to_wire(self) -> list:
         return [self.base_offset, self.count, self.epoch, self.producer_id, self.base_sequence, self.payload]
 
@@ -77,6 +120,8 @@ class Entry:
             raise ProtocolError("a replicated entry's payload is bytes")
         if base < 0 or count < 1 or epoch < 1 or pid < NO_PRODUCER or seq < NO_PRODUCER:
             raise ProtocolError(f"replicated entry out of range: offset {base}, count {count}, epoch {epoch}")
+        if pid == NO_PRODUCER and count == 1:
+            decode_config(payload)  # a malformed configuration entry is refused here, not later
         return Entry(base, count, epoch, pid, seq, payload)
 
 
@@ -129,7 +174,13 @@ class Vote:
     granted: bool
 
 
-MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote)
+@dataclass(frozen=True, slots=True)
+class TimeoutNow:
+    epoch: int
+    sender: str
+
+
+MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote, TimeoutNow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +193,20 @@ class Outbound:
 
 @dataclass(frozen=True, slots=True)
 class HardState:
-    """What must survive a restart: the epoch, the vote in it, the epoch history, and the high
-    watermark (a hint: it only saves a restarted replica from serving less than it knew)."""
+    """What must survive a restart: the epoch, the vote in it, the epoch history, the high
+    watermark (a hint: it only saves a restarted replica from serving less than it knew), and
+    the configurations in the log.
+
+    `configs` is ((offset, (voter, ...)), ...) ascending: offset -1 is the configuration the
+    replica was created with (before its log), every other item a configuration entry of the
+    log at that offset. Empty (written before replica sets could change): the `replicas` given
+    to the constructor are the configuration."""
 
     epoch: int = 0
     voted_for: str | None = None
     epoch_history: tuple = ()  # ((epoch, start_offset), ...) ascending
     high_watermark: int = 0
+    configs: tuple = ()        # ((offset, voters), ...) ascending; see above
 
 
 # Outcome statuses of a proposal.
@@ -231,6 +289,10 @@ class ReplicationConfig:
     producers_max: int = 10_000          # idempotent producers remembered (least recent dropped)
     producer_scan_records_max: int = 10_000_000  # log tail read to rebuild producer state
     check_quorum: bool = True            # a leader that hears from no majority for a timeout steps down
+    catch_up_records_max: int = 1000     # a learner this close to the log end (and past the high
+                                         # watermark) is made a voter
+    configs_kept: int = 8                # configurations remembered below the latest committed one
+                                         # (whose removed nodes the leader still informs)
 
 
 DEFAULT_CONFIG = ReplicationConfig()

@@ -39,6 +39,50 @@ and offsets, derived from the log itself (rebuilt after a truncation or a restar
 leader knows them too. A retried batch returns the original offset; a batch that skips a
 sequence number is refused with OUT_OF_ORDER.
 
+Configurations (Raft's single-server changes, Ongaro's thesis ch. 4). The voters are a sorted
+tuple of node names. The configuration of a replica is the latest configuration entry in its
+log, committed or not (it takes effect on append); a truncation that cuts one brings the one
+before it back. Before any, it is the set the replica was created with: the partition's initial
+replica set, or none at all for a replica created by a reassignment (it must not count on a
+membership its node had before its data was deleted). `HardState.configs` keeps them, so a
+restart knows. Quorums (votes, the high watermark, check-quorum) count the voters of the
+current configuration only; a leader counts itself only if it is one. A replica whose node is
+not a voter is a LEARNER: it follows, appends and acknowledges what a leader sends, but never
+stands and never votes (nor takes a candidate's epoch): a node removed and added again starts
+with an empty log, and its vote could elect a node that missed its removal in a configuration
+long gone. The cost is liveness in one narrow case: a voter just added whose configuration
+entry committed without it, whose leader then died before it got the entry, withholds its vote
+until that leader is back.
+
+Changing the replica set. `set_target(voters)` gives the desired voters; only a leader acts,
+one step at a time, and only once its own marker and the latest configuration are committed
+(so every configuration differs by one voter from one that is committed: any majority of the
+new one meets any majority of the old). A missing node first becomes the leader's learner (one
+at a time): it is sent Appends and its acknowledgements are tracked, and once it holds the
+high watermark durably and is within `catch_up_records_max` of the log end, the leader appends
+voters + {it}. Otherwise a surplus voter is removed, the leader itself last: it keeps leading
+the new configuration, counting a majority of it without itself, and once that commits it tells
+the most caught-up voter to stand (TimeoutNow) and steps down. `removed` turns True on a node in
+neither the committed configuration nor its target: the shell closes it and deletes its data.
+
+Telling the removed. A leader also sends to the nodes that the configurations it remembers had
+and the current one has not, so a removed node learns of its removal and, once it is committed
+(its high watermark passes it), that it is removed. One that missed it entirely still believes
+it is a voter and stands, alone, in ever later epochs; voters ignore a RequestVote from a node
+outside their configuration while they hear their leader (leader stickiness, Raft thesis 4.2.3,
+kept to strangers so that a voter's election, including a TimeoutNow hand-off, is plain Raft),
+so it cannot depose anyone. It also asks the nodes of its target, among which the current leader
+usually is: a leader that hears a stranger sends to it from then on (a bounded few), and if the
+stranger's epoch is ahead of its own, stands again at once in a later epoch (the voters grant
+it at once), so that its Appends reach the stranger, which then learns the configuration.
+
+Hand-off. `transfer_leadership(to)` and `set_draining(True)` make a leader pick a voter (the
+given one, or the one with the highest acknowledged end, ties by name), stop taking proposals
+(NOT_LEADER with no hint, so clients look again), and once that voter holds the whole log
+durably, send it TimeoutNow; the voter, if it still follows that leader in that epoch, stands at
+once and wins (its log is the most up to date). The leader waits at most an election timeout,
+then serves again (a draining one picks again). A draining replica never stands.
+
 Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
 `advance()` says the shell applied it. The shell must call `advance()` before the next event.
 `on_persisted(end)` says every Ready advanced so far is durable, `end` being the log end of
@@ -56,11 +100,13 @@ from zq.core.repl_epochs import appended, end_for_epoch, epoch_at, truncated
 from zq.core.repl_types import (
     BACKPRESSURE, CANDIDATE, COMMITTED, DEFAULT_CONFIG, DUPLICATE_SEQUENCE, FOLLOWER, LEADER,
     MARKER_PAYLOAD, NO_PRODUCER, NOT_LEADER, OUT_OF_ORDER, Append, AppendAck, Diverging, Entry, Fetch,
-    HardState, LogReader, Outbound, Outcome, Ready, ReplicationConfig, RequestVote, RoleChange, Vote,
+    HardState, LogReader, Outbound, Outcome, Ready, ReplicationConfig, RequestVote, RoleChange, TimeoutNow,
+    Vote, encode_config,
 )
 from zq.errors import ProtocolError
 
 _SCAN_BYTES = 1 << 20  # bytes per read while rebuilding the producer table
+STRANGERS_MAX = 8      # nodes outside the configuration a leader keeps sending to
 
 
 class Replica:
@@ -69,12 +115,8 @@ class Replica:
     def __init__(self, node_id: str, replicas: Sequence[str], reader: LogReader, *,
                  rng: random.Random, now_ms: int = 0, config: ReplicationConfig = DEFAULT_CONFIG,
                  hard_state: HardState | None = None, log_end: int = 0) -> None:
-        if node_id not in replicas:
-            raise ValueError(f"{node_id} is not in the replica set {list(replicas)}")
         hs = hard_state or HardState()
         self.node_id = node_id
-        self.replicas = tuple(sorted(set(replicas)))
-        self.peers = tuple(r for r in self.replicas if r != node_id)
         self.config = config
         self._reader = reader
         self._rng = rng
@@ -88,6 +130,12 @@ class Replica:
         self.log_end: int = log_end
         self.durable_end: int = log_end  # after a restart, all that is on disk is durable
         self.high_watermark: int = min(hs.high_watermark, log_end)
+        # Configurations: ((offset, voters), ...) ascending, offset -1 being the one this replica
+        # was created with. Cut with the log, like the history; never empty.
+        configs = tuple((offset, tuple(voters)) for offset, voters in hs.configs if offset < log_end)
+        self._configs: tuple = configs or ((-1, tuple(sorted(set(replicas)))),)
+        self._target: tuple[str, ...] | None = None  # desired voters (from __meta), once told
+        self.draining = False
         # Volatile state.
         self.role: str = FOLLOWER
         self.leader: str | None = None
@@ -97,8 +145,16 @@ class Replica:
         self._fetch_sent_ms: int | None = None
         self._ack_due = False
         self._votes: set[str] = set()
-        self._match: dict[str, int] = {}          # leader: each follower's acknowledged end
-        self._contact_ms: dict[str, int] = {}     # leader: when each replica was last heard
+        self._match: dict[str, int] = {}          # leader: each peer's acknowledged end
+        self._contact_ms: dict[str, int] = {}     # leader: when each peer was last heard
+        self._learner: str | None = None          # leader: the one node being caught up to join
+        self._transfer: tuple[str, int] | None = None  # leader: (hand-off to, give up at ms)
+        self._timeout_now_sent = False
+        self._leader_heard_ms: int | None = None  # follower: when the leader was last heard
+        # Nodes outside every configuration we know that asked us for votes: a node whose
+        # addition was cut from the log, or that missed its removal. A leader sends to them
+        # too, so they learn the configuration (bounded; the oldest is forgotten first).
+        self._strangers: OrderedDict[str, None] = OrderedDict()
         self._heartbeat_due_ms = 0
         self._broadcast_from = log_end            # leader: first offset not yet broadcast
         self._waiters: list[tuple[int, int, int, int, bool]] = []  # (end, id, base, epoch, dup)
@@ -120,6 +176,65 @@ class Replica:
     # ---------------------------------------------------------------- views
 
     @property
+    def voters(self) -> tuple[str, ...]:
+        """The current configuration: the latest in the log, committed or not (Raft)."""
+        return self._configs[-1][1]
+
+    @property
+    def replicas(self) -> tuple[str, ...]:
+        """The voters (the name the status views use)."""
+        return self._configs[-1][1]
+
+    @property
+    def learners(self) -> tuple[str, ...]:
+        """Leader: the nodes it is catching up to join (at most one)."""
+        return (self._learner,) if self.role == LEADER and self._learner is not None else ()
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """Who this replica sends to. A leader: the voters, its learner, and the nodes that the
+        configurations it remembers removed (so they learn it and can be deleted). Others: the
+        voters and the leader they follow."""
+        out = set(self.voters)
+        if self.role == LEADER:
+            out.update(self.learners)
+            out.update(self._leaving())
+            out.update(self._strangers)
+        elif self.leader is not None:
+            out.add(self.leader)
+        out.discard(self.node_id)
+        return tuple(sorted(out))
+
+    @property
+    def target(self) -> tuple[str, ...] | None:
+        return self._target
+
+    @property
+    def config_history(self) -> tuple:
+        """((offset, voters), ...) as the hard state holds it; offset -1: the initial one."""
+        return self._configs
+
+    def committed_voters(self) -> tuple[str, ...]:
+        """The latest configuration below the high watermark (or the initial one)."""
+        for offset, voters in reversed(self._configs):
+            if offset < self.high_watermark:
+                return voters
+        return self._configs[0][1]
+
+    @property
+    def removed(self) -> bool:
+        """True once this node is in neither the committed configuration nor its target: the
+        shell may close this replica and delete its data."""
+        if self._target is None or self.node_id in self._target or self.role == LEADER:
+            return False
+        return self.node_id not in self.committed_voters() and self.node_id not in self.voters
+
+    @property
+    def transferring(self) -> str | None:
+        """Leader: the voter it is handing leadership to, if it is."""
+        return self._transfer[0] if self._transfer is not None and self.role == LEADER else None
+
+    @property
     def last_epoch(self) -> int:
         return self.history[-1][0] if self.history else 0
 
@@ -131,9 +246,10 @@ class Replica:
         if self.role == LEADER:
             due = self._heartbeat_due_ms
             if self.config.check_quorum:
-                heard = quorum.quorum_contact_ms({**self._contact_ms, self.node_id: self.now_ms},
-                                                 len(self.replicas))
+                heard = self._quorum_heard_ms()
                 due = min(due, (self.now_ms if heard is None else heard) + self.config.election_timeout_ms)
+            if self._transfer is not None:
+                due = min(due, self._transfer[1])
             return due
         return self._election_deadline_ms
 
@@ -142,12 +258,13 @@ class Replica:
         was last heard, ms). For status and metrics: in-sync replicas and replication lag."""
         if self.role != LEADER:
             return {}
-        out = {peer: (self._match[peer], self._contact_ms.get(peer, 0)) for peer in self.peers}
+        out = {peer: (self._match.get(peer, 0), self._contact_ms.get(peer, 0))
+               for peer in (*self.voters, *self.learners) if peer != self.node_id}
         out[self.node_id] = (self.durable_end, self.now_ms)
         return dict(sorted(out.items()))
 
     def hard_state(self) -> HardState:
-        return HardState(self.epoch, self.voted_for, self.history, self.high_watermark)
+        return HardState(self.epoch, self.voted_for, self.history, self.high_watermark, self._configs)
 
     def entries(self, offset: int, max_entries: int, max_bytes: int) -> list[Entry]:
         """Entries of this replica's log from `offset` (a boundary), applied or not."""
@@ -164,10 +281,20 @@ class Replica:
             if self.config.check_quorum and self._lost_quorum():
                 self.become_follower(self.epoch, None)
                 return
+            if self._transfer is not None and self.now_ms >= self._transfer[1]:
+                self._transfer = None  # the hand-off did not happen in time: serve again
             if self.now_ms >= self._heartbeat_due_ms:
                 self._broadcast_heartbeat()
+                self._maybe_send_timeout_now(resend=True)
         elif self.now_ms >= self._election_deadline_ms:
-            self.become_candidate()
+            if self.node_id in self.voters and not self.draining:
+                self.become_candidate()
+            else:
+                # A learner or a draining replica never stands; a learner that hears no leader
+                # asks the one it knows (a removed node learns its removal this way too).
+                self._reset_election_timer()
+                self._fetch_sent_ms = None
+                self.maybe_fetch()
 
     def step(self, msg: object) -> None:
         """A message from a peer of this replica set. Bad input raises ProtocolError."""
@@ -180,9 +307,34 @@ class Replica:
             value = getattr(msg, name)
             if type(value) is not want or (want is int and value < 0):
                 raise ProtocolError(f"{type(msg).__name__}.{name} must be {want.__name__}, got {value!r:.40}")
-        if msg.sender not in self.peers:  # type: ignore[attr-defined]
-            raise ProtocolError(f"{msg.sender!r} is not a peer in replica set {list(self.replicas)}")  # type: ignore[attr-defined]
+        # A sender outside the configuration is normal: a learner hears its leader before its log
+        # names it, a leader hears its learner, a removed node may not know it yet.
+        if msg.sender == self.node_id or not msg.sender:  # type: ignore[attr-defined]
+            raise ProtocolError(f"{type(msg).__name__} from {msg.sender!r}, which is not a peer")  # type: ignore[attr-defined]
         getattr(self, handler)(msg)
+
+    def set_target(self, voters: Sequence[str]) -> None:
+        """The voters this partition should have (from the cluster metadata). Any replica may be
+        told; only a leader acts on it, one voter at a time (see the module docstring)."""
+        self._check_not_handed_out()
+        target = tuple(sorted(set(voters)))
+        if not target or not all(isinstance(v, str) and v for v in target):
+            raise ValueError(f"a target replica set names at least one node: {list(voters)}")
+        self._target = target
+
+    def set_draining(self, on: bool) -> None:
+        """Draining: never stand for election, and as leader hand leadership to the best voter
+        (retried every election timeout while it lasts)."""
+        self._check_not_handed_out()
+        self.draining = on
+        if on:
+            self._maybe_start_transfer(None)
+
+    def transfer_leadership(self, to: str | None = None) -> None:
+        """Leader: hand leadership to voter `to` (None: the most caught-up one), once; proposals
+        are refused meanwhile, for at most an election timeout. Not leading: nothing happens."""
+        self._check_not_handed_out()
+        self._maybe_start_transfer(to)
 
     def propose(self, count: int, producer_id: int, base_sequence: int, payload: bytes) -> int:
         """Offer a batch of `count` records. Returns a proposal id; its Outcome comes in a Ready."""
@@ -193,6 +345,9 @@ class Replica:
             raise ValueError("a batch holds at least one record")
         if self.role != LEADER:
             self._outcomes.append(Outcome(proposal_id, NOT_LEADER, leader_hint=self.leader))
+            return proposal_id
+        if self._transfer is not None:
+            self._outcomes.append(Outcome(proposal_id, NOT_LEADER, leader_hint=None))  # handing off
             return proposal_id
         if len(self._waiters) >= self.config.pending_proposals_max:
             self._outcomes.append(Outcome(proposal_id, BACKPRESSURE, leader_hint=self.node_id))
@@ -224,6 +379,10 @@ class Replica:
         """Everything to do now. Call `advance()` once it is applied, before any other event."""
         self._check_not_handed_out()
         if self.role == LEADER:
+            if self.draining:
+                self._maybe_start_transfer(None)
+            self.maybe_change_config()
+            self._maybe_send_timeout_now()
             self._flush_broadcast()
         if self._ack_due and self.role == FOLLOWER and self.leader is not None:
             ack = AppendAck(self.epoch, self.node_id, min(self.durable_end, self.match_end))
@@ -265,6 +424,7 @@ class Replica:
         if m.epoch > self.epoch or self.role != FOLLOWER or self.leader != m.sender:
             self.become_follower(m.epoch, m.sender)
         self._reset_election_timer()
+        self._leader_heard_ms = self.now_ms
         self._ack_due = True  # every Append is answered, so the leader's check-quorum sees us
         entries = _checked_entries(m)
         if m.prev_end > self.log_end or self.epoch_at(m.prev_end - 1) != m.prev_epoch:
@@ -288,6 +448,9 @@ class Replica:
             self.maybe_fetch()
 
     def on_append_ack(self, m: AppendAck) -> None:
+        if m.epoch > self.epoch and self.role == LEADER and m.sender not in self.voters:
+            self._note_stranger(m.sender, m.epoch)  # a removed node fenced us with its epoch
+            return
         if m.epoch > self.epoch:
             self.become_follower(m.epoch, None)
             return
@@ -295,6 +458,8 @@ class Replica:
             return
         if m.durable_end > self.log_end or m.durable_end < 0:
             raise ProtocolError(f"{m.sender} acknowledges {m.durable_end}, past the log end {self.log_end}")
+        if m.sender not in self._match:
+            return  # not a voter, learner or leaving node of ours: nothing to count
         self._contact_ms[m.sender] = self.now_ms
         if m.durable_end > self._match[m.sender]:
             self._match[m.sender] = m.durable_end
@@ -309,7 +474,8 @@ class Replica:
         if m.epoch < self.epoch:
             self._send(m.sender, self._heartbeat())  # tells the fetcher who leads now
             return
-        self._contact_ms[m.sender] = self.now_ms
+        if m.sender in self._match:
+            self._contact_ms[m.sender] = self.now_ms
         if 0 <= m.from_end <= self.log_end and self.epoch_at(m.from_end - 1) == m.last_epoch:
             entries = self._read(m.from_end, self.config.append_entries_max, self.config.append_bytes_max)
             self._send(m.sender, self._append_message(m.from_end, entries))
@@ -336,6 +502,19 @@ class Replica:
         self.maybe_fetch()
 
     def on_request_vote(self, m: RequestVote) -> None:
+        if self.node_id not in self.voters:
+            # A learner does not vote: its log may have been deleted and restarted (a node
+            # removed, then added again), so it may lack entries it once acknowledged, and a
+            # removed node that missed its removal could win with its vote in an old
+            # configuration. Nor does it take the epoch, which would fence its leader.
+            return
+        if m.sender not in self.voters and (self.role == LEADER or self._hears_leader()):
+            # Leader stickiness, for nodes outside our configuration only: a removed node that
+            # missed its removal keeps standing, and must not depose a working leader. (A voter's
+            # request is handled as Raft does, so a TimeoutNow hand-off needs no exception.)
+            if self.role == LEADER:
+                self._note_stranger(m.sender, m.epoch)
+            return
         if m.epoch > self.epoch:
             self.become_follower(m.epoch, None)
         granted = (
@@ -357,8 +536,16 @@ class Replica:
         if m.epoch < self.epoch or self.role != CANDIDATE or not m.granted:
             return
         self._votes.add(m.sender)
-        if quorum.has_majority(self._votes, len(self.replicas)):
+        if quorum.has_majority(self._votes & set(self.voters), len(self.voters)):
             self.become_leader()
+
+    def on_timeout_now(self, m: TimeoutNow) -> None:
+        if m.epoch > self.epoch:
+            self.become_follower(m.epoch, m.sender)
+            return
+        if (m.epoch == self.epoch and self.role == FOLLOWER and self.leader == m.sender
+                and self.node_id in self.voters and not self.draining):
+            self.become_candidate()  # the leader stopped taking writes and we hold its whole log
 
     # ---------------------------------------------------------------- role changes
 
@@ -373,6 +560,9 @@ class Replica:
             self._hard_dirty = self._must_sync = True
         self.role = FOLLOWER
         self.leader = leader
+        self._learner = None
+        self._transfer = None
+        self._leader_heard_ms = None
         self.match_end = self.high_watermark  # committed entries are in every leader's log
         self._fetch_sent_ms = None
         self._ack_due = False
@@ -391,21 +581,27 @@ class Replica:
         self.role = CANDIDATE
         self.leader = None
         self._votes = {self.node_id}
+        self._leader_heard_ms = None
         self._reset_election_timer()
         self._role_change = RoleChange(CANDIDATE, self.epoch, None)
-        if quorum.has_majority(self._votes, len(self.replicas)):
+        if quorum.has_majority(self._votes, len(self.voters)):
             self.become_leader()
             return
         ask = RequestVote(self.epoch, self.node_id, self.last_epoch, self.log_end)
-        for peer in self.peers:
-            self._send(peer, ask)
+        # The target's nodes too: if our configuration is stale (we missed a change), the
+        # leader of the current one is likely among them, and will bring us up to date.
+        for peer in sorted({*self.voters, *(self._target or ())}):
+            if peer != self.node_id:
+                self._send(peer, ask)
 
     def become_leader(self) -> None:
         assert self.role == CANDIDATE
         self.role = LEADER
         self.leader = self.node_id
+        self._learner = None
+        self._transfer = None
         self._match = {peer: 0 for peer in self.peers}
-        self._contact_ms = {r: self.now_ms for r in self.replicas}
+        self._contact_ms = {r: self.now_ms for r in self.peers}
         self._broadcast_from = self.log_end
         self._heartbeat_due_ms = self.now_ms + self.config.heartbeat_interval_ms
         self._role_change = RoleChange(LEADER, self.epoch, self.node_id)
@@ -418,14 +614,53 @@ class Replica:
         """Leader: move the high watermark to what a majority holds durably, if it is ours."""
         if self.role != LEADER:
             return
-        ends = [self.durable_end] + [self._match[p] for p in self.peers]
-        end = quorum.committed_end(ends, len(self.replicas))
+        voters = self.voters
+        ends = [self.durable_end if v == self.node_id else self._match.get(v, 0) for v in voters]
+        end = quorum.committed_end(ends, len(voters))
         if end <= self.high_watermark or self.epoch_at(end - 1) != self.epoch:
             return
         self._set_high_watermark(end)
         while self._waiters and self._waiters[0][0] <= end:
             _end, proposal_id, base, epoch, dup = heapq.heappop(self._waiters)
             self._outcomes.append(Outcome(proposal_id, COMMITTED, base, epoch, self.node_id, dup))
+        if self.node_id not in voters and self._configs[-1][0] < end:
+            # Our own removal is committed: hand over to the most caught-up voter, step down.
+            best = self._best_voter()
+            if best is not None and self._match.get(best, 0) == self.log_end:
+                self._send(best, TimeoutNow(self.epoch, self.node_id))
+            self.become_follower(self.epoch, None)
+
+    def maybe_change_config(self) -> None:
+        """Leader: take one step from the voters towards the target, if the last one is done.
+
+        A step waits until this leader's marker is committed (so the configuration it sees as
+        committed is the cluster's) and the latest configuration is committed; it then either
+        catches up one learner and adds it, or removes one voter (the leader itself last)."""
+        target = self._target
+        if self.role != LEADER or target is None or self._transfer is not None:
+            return
+        hw = self.high_watermark
+        own_start = self.history[-1][1] if self.history and self.history[-1][0] == self.epoch else hw
+        if own_start >= hw or self._configs[-1][0] >= hw or self.node_id not in self.voters:
+            return
+        voters = set(self.voters)
+        add = sorted(set(target) - voters)
+        if self._learner is not None and self._learner not in add:
+            self._learner = None  # the target changed under it
+        if add:
+            if self._learner is None:
+                self._learner = add[0]
+                self._match.setdefault(self._learner, 0)
+                self._contact_ms.setdefault(self._learner, self.now_ms)
+            held = self._match[self._learner]
+            if held >= hw and self.log_end - held <= self.config.catch_up_records_max:
+                self._append_config(voters | {self._learner})
+                self._learner = None
+            return
+        remove = sorted(voters - set(target))
+        if remove and len(voters) > 1:
+            others = [v for v in remove if v != self.node_id]
+            self._append_config(voters - {others[0] if others else self.node_id})
 
     def maybe_fetch(self) -> None:
         """Follower: ask the leader for what follows our log, unless a Fetch is already out."""
@@ -443,10 +678,69 @@ class Replica:
         if candidate > self.high_watermark:
             self._set_high_watermark(candidate)
 
+    def _quorum_heard_ms(self) -> int | None:
+        """When a majority of the voters had last been heard from (the leader counts itself
+        only if it is a voter)."""
+        contacts = {v: self.now_ms if v == self.node_id else self._contact_ms[v]
+                    for v in self.voters if v == self.node_id or v in self._contact_ms}
+        return quorum.quorum_contact_ms(contacts, len(self.voters))
+
     def _lost_quorum(self) -> bool:
-        self._contact_ms[self.node_id] = self.now_ms
-        heard = quorum.quorum_contact_ms(self._contact_ms, len(self.replicas))
+        heard = self._quorum_heard_ms()
         return heard is None or self.now_ms - heard >= self.config.election_timeout_ms
+
+    def _hears_leader(self) -> bool:
+        heard = self._leader_heard_ms
+        return (self.leader is not None and heard is not None
+                and self.now_ms - heard < self.config.election_timeout_ms)
+
+    def _leaving(self) -> set[str]:
+        """Nodes that the remembered configurations had and the current one has not."""
+        out: set[str] = set()
+        for _offset, voters in self._configs[:-1]:
+            out.update(voters)
+        return out - set(self.voters)
+
+    def _note_stranger(self, node: str, epoch: int) -> None:
+        """Leader: a node outside our configuration spoke. Send to it from now on; if its epoch
+        is ahead (it stood, alone, again and again), stand at once in a later one, which the
+        voters grant at once, so that our Appends reach it: it then learns the configuration."""
+        if node not in self._match:
+            self._strangers[node] = None
+            self._strangers.move_to_end(node)
+            while len(self._strangers) > STRANGERS_MAX:
+                self._strangers.popitem(last=False)
+            self._match.setdefault(node, 0)
+        if epoch > self.epoch:
+            self.become_follower(epoch, None)
+            if self.node_id in self.voters and not self.draining:
+                self.become_candidate()
+
+    def _best_voter(self) -> str | None:
+        """The voter (not us) with the highest acknowledged end; ties go to the lower name."""
+        others = [v for v in self.voters if v != self.node_id]
+        return min(others, key=lambda v: (-self._match.get(v, 0), v)) if others else None
+
+    def _maybe_start_transfer(self, to: str | None) -> None:
+        if self.role != LEADER or self._transfer is not None:
+            return
+        to = self._best_voter() if to is None else to
+        if to is None or to == self.node_id or to not in self.voters:
+            return
+        self._transfer = (to, self.now_ms + self.config.election_timeout_ms)
+        self._timeout_now_sent = False
+        self._maybe_send_timeout_now()
+
+    def _maybe_send_timeout_now(self, resend: bool = False) -> None:
+        """Leader handing off: once the chosen voter holds our whole log durably, tell it to
+        stand (again on each heartbeat while we still lead: the message may be lost)."""
+        if self.role != LEADER or self._transfer is None:
+            return
+        to = self._transfer[0]
+        if self._match.get(to, 0) != self.log_end or (self._timeout_now_sent and not resend):
+            return
+        self._timeout_now_sent = True
+        self._send(to, TimeoutNow(self.epoch, self.node_id))
 
     def _maybe_answer_retry(self, proposal_id: int, producer_id: int, base_sequence: int) -> bool:
         """True if this idempotent batch is answered without appending (retry or gap)."""
@@ -481,6 +775,20 @@ class Replica:
             self._pending_from = entry.base_offset
         self._unstable.append(entry)
         self._note_producer(entry)
+        voters = entry.config
+        if voters is not None:
+            # A configuration takes effect on append, committed or not (Raft).
+            self._configs = self._configs + ((entry.base_offset, voters),)
+            self._hard_dirty = True
+            if self.role == LEADER:
+                for peer in self.peers:
+                    self._match.setdefault(peer, 0)
+                    self._contact_ms.setdefault(peer, self.now_ms)
+
+    def _append_config(self, voters: set[str]) -> None:
+        entry = Entry(self.log_end, 1, self.epoch, NO_PRODUCER, NO_PRODUCER, encode_config(voters))
+        self._append(entry)
+        self.maybe_advance_high_watermark()
 
     def _truncate_checked(self, offset: int) -> None:
         if offset < self.match_end:
@@ -492,6 +800,9 @@ class Replica:
         self.log_end = offset
         self.durable_end = min(self.durable_end, offset)
         self.history = truncated(self.history, offset)
+        # An uncommitted configuration cut with its entry: the one before it is back.
+        self._configs = tuple(c for c in self._configs if c[0] < offset)
+        assert self._configs, "the configuration a replica started with is never cut"
         self._hard_dirty = True
         self._unstable = [e for e in self._unstable if e.base_offset < offset]
         self._truncate_from = offset if self._truncate_from is None else min(self._truncate_from, offset)
@@ -563,6 +874,12 @@ class Replica:
         assert offset > self.high_watermark, "the high watermark never moves back"
         self.high_watermark = offset
         self._hw_changed = self._hard_dirty = True
+        # Forget configurations well below the committed one (a bounded few stay, so a leader
+        # still tells the nodes they removed).
+        committed = max(i for i, (o, _v) in enumerate(self._configs) if o < offset or i == 0)
+        drop = committed - self.config.configs_kept
+        if drop > 0:
+            self._configs = self._configs[drop:]
 
     def _fail_waiters(self, leader: str | None) -> None:
         while self._waiters:
@@ -593,7 +910,7 @@ class Replica:
             self._broadcast_from = entries[-1].end_offset
 
     def _send(self, to: str | None, message: object) -> None:
-        if self.peers:
+        if to is not None or self.peers:
             self._messages.append(Outbound(to, message))
 
     def _check_not_handed_out(self) -> None:
@@ -627,4 +944,5 @@ _HANDLERS = {  # by name, so a test may replace one handler on the class
     Diverging: "on_diverging",
     RequestVote: "on_request_vote",
     Vote: "on_vote",
+    TimeoutNow: "on_timeout_now",
 }
