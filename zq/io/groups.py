@@ -2,11 +2,13 @@
 
 Theory of operation
 -------------------
-The rules live in two pure cores; this module feeds them messages and time and carries out
-their effects. `zq.core.groups.GroupMembership` (one per group, on every node) says who is in a
-group, its generation and who reads which partition; `zq.core.groupstate.DeliveryState` (one
-per (group, partition), owned by the partition's leader) says which offsets are done, leased,
-retrying or due for the dead-letter topic.
+The rules live in pure cores; this module feeds them messages and time and carries out their
+effects (sockets, the store, timers, producing dead-letter copies). `zq.core.groups.GroupMembership`
+(one per group, on every node) says who is in a group, its generation and who reads which
+partition; `zq.core.grouplead.PartitionLead` (one per (group, partition), used by the partition's
+leader) holds the leader-side rules below (fencing, which offsets a lease serves, applying an Ack,
+the sweep, dead-letter bookkeeping, merge, reset) around the lattice
+`zq.core.groupstate.DeliveryState`. The groups simulator (zq/sim/groups.py) drives the same cores.
 
 Membership. A consumer joins through any node and heartbeats there. Every node gossips its
 copies of every group to every other node (`GroupGossip`) every `membership_gossip_ms`, and at
@@ -56,7 +58,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import cbor2
@@ -64,8 +66,9 @@ import cbor2
 from zq import batch as zbatch
 from zq import protocol as P
 from zq import group_protocol as G
+from zq.core.grouplead import FENCED, DeadLetterWrite, PartitionLead, check_member
 from zq.core.groups import GroupMembership
-from zq.core.groupstate import DLQ_NONE, DeadLetter, DeliveryState, Retry
+from zq.core.groupstate import DeliveryState
 from zq.core.repl_types import COMMITTED
 from zq.core.retry import BackoffPolicy, RetryPolicy
 from zq.errors import (Fenced, InvalidRequest, LeaderNotAvailable, NotLeader, ProtocolError, RebalanceInProgress,
@@ -88,12 +91,9 @@ states_max = 100_000              # delivery states one node keeps in memory
 parked_leases_max = 10_000        # long-poll leases waiting at once
 lease_messages_max = 5_000        # messages one lease may hand out
 lease_bytes_max = 4 * 1024 * 1024  # stored batches one lease reply carries (one batch always fits)
-lease_ms_min, lease_ms_max = 100, 12 * 3_600_000
 lease_wait_ms_max = 30_000
 session_timeout_ms_min, session_timeout_ms_max = 200, 30 * 60_000
 ack_items_max = 100_000           # acked + nacks + extends in one Ack
-reason_chars_max = 1_000          # a nack's reason is cut to this
-dead_letter_writes_max = 4        # dead-letter copies in flight per partition
 gossip_items_per_message_max = 256
 name_chars_max = 200              # group and member ids
 
@@ -107,21 +107,7 @@ def state_key(group: str, topic_id: int, partition: int) -> bytes:
 Key = tuple[str, int, int]   # (group, topic id, partition)
 
 
-@dataclass(slots=True)
-class _Held:
-    """A delivery state this node keeps, with what only the shell needs to know of it."""
-    state: DeliveryState
-    dead_lettered: int = 0            # copies acknowledged in TOPIC.dlq, for `zq groups`
-    cursor: int = 0                   # offsets from here up have never been leased by this node
-    dirty: bool = False               # to persist this pass
-    changed: bool = False             # to gossip to the replicas
-    maybe_retries: bool = True        # there may be offsets waiting to be retried
-    dead_letters_in_flight: set[int] = field(default_factory=set)
-
-    def recompute_cursor(self) -> None:
-        st = self.state
-        self.cursor = max(st.committed, max(st.offsets) + 1 if st.offsets else st.committed)
-        self.maybe_retries = True
+_Held = PartitionLead   # the leader-side rules of one (group, partition): zq.core.grouplead
 
 
 @dataclass(slots=True)
@@ -320,28 +306,17 @@ class GroupService:
     # ------------------------------------------------------------------ fencing
 
     def _check_member(self, group: str, member_id: str, generation: int, tp: tuple[str, int], strict: bool) -> None:
-        """Raise unless `member_id` may lease (strict) or settle deliveries of `tp` now."""
-        m = self.memberships.get(group)
-        r = m.records.get(member_id) if m is not None else None
-        if m is None or r is None:
-            if m is None or m.is_ahead(generation):
-                raise RebalanceInProgress(f"the leader of {tp[0]}/{tp[1]} has not heard of member {member_id} "
-                                          f"of group {group} yet; retry shortly")
-            raise Fenced(f"member {member_id} is not in group {group}; join again")
-        if r.left:
-            raise Fenced(f"member {member_id} left group {group} or its session expired; join again")
-        owns = tp in m.assignment_of(member_id)
-        if strict and m.is_ahead(generation) or not owns and m.is_ahead(generation):
-            raise RebalanceInProgress(f"group {group} is in generation {generation} for the member but "
-                                      f"{m.generation} here; retry shortly")
-        if strict and generation != m.generation:
+        """Raise unless `member_id` may lease (strict) or settle deliveries of `tp` now (grouplead.check_member)."""
+        refusal = check_member(self.memberships.get(group), member_id, generation, tp, strict)
+        if refusal is None:
+            return
+        if refusal.counted:
             self.node.counters["group_fenced"] += 1
-            raise Fenced(f"generation {generation} of group {group} is over (now {m.generation}); "
-                         "fetch the new assignment", generation=m.generation)
-        if not owns:
-            self.node.counters["group_fenced"] += 1
-            raise Fenced(f"{tp[0]}/{tp[1]} is not assigned to member {member_id} in generation {m.generation} "
-                         f"of group {group}", generation=m.generation)
+        if refusal.kind == FENCED:
+            if refusal.generation is not None:
+                raise Fenced(refusal.message, generation=refusal.generation)
+            raise Fenced(refusal.message)
+        raise RebalanceInProgress(refusal.message)
 
     # ------------------------------------------------------------------ delivery states
 
@@ -373,7 +348,7 @@ class GroupService:
             if len(self.held) >= states_max:
                 raise InvalidRequest(f"this node keeps at most {states_max} group delivery states")
             offset = start_offset()
-            held = self.held[key] = _Held(DeliveryState(committed=offset), cursor=offset, dirty=True, changed=True)
+            held = self.held[key] = _Held.fresh(offset)
         return held
 
     def _start_offset(self, topic: str, topic_id: int, partition: int, start: Any) -> int:
@@ -384,10 +359,6 @@ class GroupService:
             found = self.node.store.offset_for_time(TopicPartition(topic_id, partition), start)
             return hw if found is None else min(max(found, log_start), hw)
         return log_start
-
-    def _mark(self, held: _Held) -> None:
-        held.dirty = True
-        held.changed = True
 
     def _persist(self) -> None:
         txn = None
@@ -430,49 +401,34 @@ class GroupService:
     def _serve_lease(self, identity: bytes, msg: G.Lease, key: Key) -> bool:
         """Lease what may be delivered now and answer; False (nothing answered) when there is nothing."""
         held = self.held[key]
-        st = held.state
         topic, p = msg.topic, msg.partition
         log_start, hw = self.node.partition_bounds(topic, p)
         now = self.node.wall_ms()
-        if st.committed < log_start:
-            st.skip_to(log_start)   # retention deleted what was below: it can no longer be delivered
-            self._mark(held)
-        held.cursor = max(held.cursor, st.committed)
-        want = min(msg.max_messages, lease_messages_max)
-        retries = self._due_retries(held, now, want)
+        plan = held.plan_lease(now, min(msg.max_messages, lease_messages_max), log_start, hw)
+        retries = plan.retries
         frames: dict[int, bytes] = {}
         for o in retries:
             for f in self.node.read_committed(topic, p, o, 1):
                 frames.setdefault(zbatch.unpack_header(f).base_offset, f)
                 break
         new: list[int] = []
-        start = held.cursor
-        end = min(hw, st.committed + st.offsets_tracked_max, start + want - len(retries))
+        start, end = plan.start, plan.end
         if start < end:
-            control = False
             for f in self.node.read_committed(topic, p, start, lease_bytes_max):
                 h = zbatch.unpack_header(f)
                 if h.base_offset >= end:
                     break
                 lo, hi = max(h.base_offset, start), min(h.next_offset, end)
-                if h.flags & zbatch.FLAG_CONTROL:
-                    for o in range(lo, hi):   # a leader's epoch marker: no record to deliver, done at once
-                        control |= st.ack(o)
-                else:
+                control = bool(h.flags & zbatch.FLAG_CONTROL)
+                if not control:
                     frames.setdefault(h.base_offset, f)
                     new.extend(range(lo, hi))
-                held.cursor = hi
-            if control:
-                st.maybe_advance_committed()
-                self._mark(held)
+                held.on_read(lo, hi, control)
         if not retries and not new:
             return False
-        owner = msg.member_id
-        lease_ms = min(max(msg.lease_ms, lease_ms_min), lease_ms_max)
-        deliveries = st.lease(retries + new, owner, now + lease_ms, now)
+        deliveries = held.grant(retries + new, msg.member_id, msg.lease_ms, now)
         if not deliveries:
             return False
-        self._mark(held)
         flat: list[int] = []
         redelivered = 0
         for d in deliveries:
@@ -482,22 +438,8 @@ class GroupService:
         needed = _frames_for([d.offset for d in deliveries], frames)
         self.node.counters["group_delivered"] += len(deliveries)
         self.node.counters["group_redelivered"] += redelivered
-        self.node.reply(identity, G.LeaseReply(msg.req_id, st.reset_epoch, flat, hw), *needed)
+        self.node.reply(identity, G.LeaseReply(msg.req_id, held.state.reset_epoch, flat, hw), *needed)
         return True
-
-    def _due_retries(self, held: _Held, now: int, want: int) -> list[int]:
-        if not held.maybe_retries:
-            return []
-        out = []
-        any_retrying = False
-        for o, e in held.state.offsets.items():
-            if e.failures > 0 and not e.in_progress and not e.done and e.dead_letter == DLQ_NONE:
-                any_retrying = True
-                if e.next_visible_ms <= now:
-                    out.append(o)
-        held.maybe_retries = any_retrying
-        out.sort()
-        return out[:want]
 
     def _serve_parked(self, now_ms: int) -> None:
         keep = []
@@ -512,8 +454,7 @@ class GroupService:
                 # The member may have left, or lost the partition, while its lease waited: serving it
                 # then would lease messages to nobody, and their expiry would count as failed attempts.
                 self._check_member(msg.group, msg.member_id, msg.generation, (msg.topic, msg.partition), strict=True)
-                ready = hw > max(held.cursor, held.state.committed) or (held.maybe_retries and self._retry_due(held, wall))
-                if ready and self._serve_lease(parked.identity, msg, parked.key):
+                if held.ready(hw, wall) and self._serve_lease(parked.identity, msg, parked.key):
                     continue
             except ZqError as e:   # leadership moved, topic deleted: the member learns where to go
                 self.node.reply_error(parked.identity, msg.req_id, e)
@@ -523,11 +464,6 @@ class GroupService:
                 continue
             keep.append(parked)
         self.parked = keep
-
-    @staticmethod
-    def _retry_due(held: _Held, now: int) -> bool:
-        return any(e.failures > 0 and not e.in_progress and not e.done and e.dead_letter == DLQ_NONE
-                   and e.next_visible_ms <= now for e in held.state.offsets.values())
 
     # ------------------------------------------------------------------ acks
 
@@ -539,50 +475,25 @@ class GroupService:
         self._check_member(msg.group, msg.member_id, msg.generation, (msg.topic, msg.partition), strict=False)
         key = (msg.group, t.id, msg.partition)
         held = self._held_or_new(key, lambda: self._start_offset(msg.topic, t.id, msg.partition, "earliest"))
-        st = held.state
-        epoch = msg.reset_epoch
-        now = self.node.wall_ms()
+        out = held.on_ack(msg.member_id, msg.reset_epoch, msg.acked, msg.nacks, msg.extends, self.node.wall_ms(),
+                          self._policy(t) if msg.nacks else None, self.rng.random)
         counters = self.node.counters
-        acked = 0
-        for o in msg.acked:
-            if type(o) is not int:
-                raise ProtocolError("Ack.acked holds offsets")
-            acked += st.ack(o, epoch)
-        counters["group_acks"] += acked
-        dead = False
-        policy = self._policy(t) if msg.nacks else None
-        for row in msg.nacks:
-            if not (isinstance(row, list) and len(row) == 4 and type(row[0]) is int and type(row[1]) is int
-                    and (row[2] is None or type(row[2]) is int) and isinstance(row[3], str)):
-                raise ProtocolError("Ack.nacks rows are [offset, attempt, delay_ms|null, reason]")
-            effect = st.nack(row[0], reason=row[3][:reason_chars_max], now_ms=now, policy=policy,
-                             rnd=self.rng.random(), delay_ms=row[2], attempt=row[1], epoch=epoch)
-            counters["group_nacks"] += effect is not None
-            dead |= self._count_effect(held, effect)
-        for row in msg.extends:
-            if not (isinstance(row, list) and len(row) == 2 and type(row[0]) is int and type(row[1]) is int):
-                raise ProtocolError("Ack.extends rows are [offset, lease_ms]")
-            st.extend(row[0], msg.member_id, now + min(max(row[1], lease_ms_min), lease_ms_max), now, epoch)
-        st.maybe_advance_committed()
-        self._mark(held)
+        counters["group_acks"] += out.acked
+        if msg.nacks:
+            counters["group_nacks"] += out.nacked
+            counters["group_retries"] += out.retries
+            counters["group_dead_letters_due"] += out.dead_letters_due
+        st = held.state
         self.node.reply(identity, P.OkReply(msg.req_id, {"committed": st.committed, "epoch": st.reset_epoch}))
-        if dead:
-            self._start_dead_letters(key, held)
-
-    def _count_effect(self, held: _Held, effect: Any) -> bool:
-        """Count a Retry or DeadLetter; True for a dead letter."""
-        if isinstance(effect, Retry):
-            held.maybe_retries = True
-            self.node.counters["group_retries"] += 1
-        elif isinstance(effect, DeadLetter):
-            self.node.counters["group_dead_letters_due"] += 1
-            return True
-        return False
+        if out.dead_letters_due:
+            for write in held.take_dead_letters():
+                self._write_dead_letter(key, held, write)
 
     # ------------------------------------------------------------------ the sweep
 
     def _sweep(self) -> None:
         now = self.node.wall_ms()
+        counters = self.node.counters
         for key in sorted(self.held):
             held = self.held[key]
             group, topic_id, p = key
@@ -591,58 +502,27 @@ class GroupService:
                 continue   # not applied yet here, or deleted (the store dropped its data)
             if not self.node.leads(t.name, p):
                 continue
-            st = held.state
-            policy = self._policy(t)
-            dead = False
-            effects = st.expire(now, policy, self.rng.random())
-            if effects:
-                self.node.counters["group_lease_expiries"] += len(effects)
-            for effect in effects:
-                dead |= self._count_effect(held, effect)
-            dead |= self._fail_departed(group, (t.name, p), held, now, policy)
-            if effects or dead:
-                st.maybe_advance_committed()
-                self._mark(held)
-            if dead or held.dead_letters_in_flight or any(e.dead_letter != DLQ_NONE and not e.done
-                                                          for e in st.offsets.values()):
-                self._start_dead_letters(key, held)
-
-    def _fail_departed(self, group: str, tp: tuple[str, int], held: _Held, now: int, policy: RetryPolicy) -> bool:
-        """Leases held by members known to have left, or that lost the partition in a rebalance,
-        fail now: their acks would be fenced anyway, so waiting for the lease deadline would only
-        delay the redelivery to the partition's new owner."""
-        m = self.memberships.get(group)
-        if m is None or m.assignment is None or m.assignment.generation != m.generation:
-            return False   # no settled view of the group here yet: leave the leases to their deadlines
-        dead = False
-        for o, e in list(held.state.offsets.items()):
-            if e.in_progress and e.lease is not None and not e.done:
-                r = m.records.get(e.lease.owner)
-                if r is not None and (r.left or tp not in m.assignment_of(e.lease.owner)):
-                    why = "left the group" if r.left else "lost the partition in a rebalance"
-                    effect = held.state.nack(o, reason=f"member {e.lease.owner} {why}", now_ms=now,
-                                             policy=policy, rnd=self.rng.random(), attempt=e.attempts)
-                    self.node.counters["group_departed_leases"] += effect is not None
-                    dead |= self._count_effect(held, effect)
-                    self._mark(held)
-        return dead
+            out = held.sweep(now, self.memberships.get(group), (t.name, p), self._policy(t), self.rng.random)
+            if out.expired:
+                counters["group_lease_expiries"] += out.expired
+            if out.departed:
+                counters["group_departed_leases"] += out.departed
+            if out.retries:
+                counters["group_retries"] += out.retries
+            if out.dead_letters_due:
+                counters["group_dead_letters_due"] += out.dead_letters_due
+            for write in out.writes:
+                self._write_dead_letter(key, held, write)
 
     # ------------------------------------------------------------------ dead letters
 
-    def _start_dead_letters(self, key: Key, held: _Held) -> None:
-        if len(held.dead_letters_in_flight) >= dead_letter_writes_max:
-            return
-        for d in held.state.pending_dead_letters():
-            if len(held.dead_letters_in_flight) >= dead_letter_writes_max:
-                break
-            if d.offset not in held.dead_letters_in_flight:
-                self._write_dead_letter(key, held, d)
-
-    def _write_dead_letter(self, key: Key, held: _Held, d: DeadLetter) -> None:
+    def _write_dead_letter(self, key: Key, held: _Held, write: DeadLetterWrite) -> None:
         group, topic_id, p = key
         node = self.node
+        d = write.letter
         t = node.meta.topics_by_id.get(topic_id)
         if t is None:
+            held.abandon_dead_letter(write)
             return
         source = self._source_record(t.name, p, d.offset)
         dlq = node.meta.topics.get(t.name + ".dlq")
@@ -652,7 +532,7 @@ class GroupService:
             log.warning("group %s: %s/%d offset %d cannot be dead-lettered (%s); skipped", group, t.name, p,
                         d.offset, "no longer stored" if source is None else f"no topic {t.name}.dlq")
             node.counters["group_dead_letters_skipped"] += 1
-            self._on_dead_letter_written(key, d.offset, True, counted=False)
+            self._on_dead_letter_written(key, write, True, counted=False)
             return
         headers = dict(source.headers or {})
         headers.update({
@@ -663,21 +543,20 @@ class GroupService:
         })
         record = [node.wall_ms(), source.key, source.value, headers]
         dp = p % len(dlq.partitions)
-        held.dead_letters_in_flight.add(d.offset)
         if node.leads(dlq.name, dp):
             def local_done(outcome: Any) -> None:
                 ok = not isinstance(outcome, ZqError) and getattr(outcome, "status", None) == COMMITTED
-                self._on_dead_letter_written(key, d.offset, ok)
+                self._on_dead_letter_written(key, write, ok)
             node.produce_local(dlq.name, dp, [record], local_done, acks_quorum=True)
             return
         leader = node.leader_address(dlq.name, dp)[0]
         if leader is None:
-            held.dead_letters_in_flight.discard(d.offset)   # the next sweep tries again
+            held.abandon_dead_letter(write)   # the next sweep tries again
             return
         blob = zbatch.encode_records([record])
         request = P.Produce(node.next_req_id(), dlq.name, dp, 2, 1, zbatch.crc(blob), 0, 0, 0)
         self._request_with_frames(leader, request, [blob], lambda reply, _: self._on_dead_letter_written(
-            key, d.offset, isinstance(reply, P.ProduceReply)))
+            key, write, isinstance(reply, P.ProduceReply)))
 
     def _source_record(self, topic: str, partition: int, offset: int) -> Any:
         for value in self.node.read_committed(topic, partition, offset, 1):
@@ -687,20 +566,14 @@ class GroupService:
             break
         return None
 
-    def _on_dead_letter_written(self, key: Key, offset: int, ok: bool, counted: bool = True) -> None:
+    def _on_dead_letter_written(self, key: Key, write: DeadLetterWrite, ok: bool, counted: bool = True) -> None:
         held = self.held.get(key)
         if held is None:
             return
-        held.dead_letters_in_flight.discard(offset)
         if not ok:
             self.node.counters["group_dead_letter_failures"] += 1
-            return   # the sweep tries again
-        if held.state.on_dead_lettered(offset):
-            if counted:
-                held.dead_lettered += 1
-                self.node.counters["group_dead_letters"] += 1
-            held.state.maybe_advance_committed()
-            self._mark(held)
+        if held.on_dead_letter_written(write, ok, counted) and counted:
+            self.node.counters["group_dead_letters"] += 1
 
     def _request_with_frames(self, name: str, msg: Any, frames: list[bytes], on_reply: Callable[[Any, list], None]) -> None:
         """A request to a peer with payload frames (a Produce of dead letters to a remote leader)."""
@@ -748,18 +621,10 @@ class GroupService:
                 if held is None:
                     if len(self.held) >= states_max:
                         continue
-                    held = self.held[key] = _Held(other)
-                    held.recompute_cursor()
+                    held = self.held[key] = _Held.from_state(other, dead_lettered)
+                    held.dirty = True
                 else:
-                    before = held.state.reset_epoch
-                    held.state.merge_from(other)
-                    if held.state.reset_epoch != before:
-                        held.recompute_cursor()
-                    else:
-                        held.cursor = max(held.cursor, held.state.committed)
-                        held.maybe_retries = True
-                held.dead_lettered = max(held.dead_lettered, dead_lettered)
-                held.dirty = True
+                    held.merge_from(other, dead_lettered)
         except ZqError as e:
             self.node.counters["protocol_errors"] += 1
             log.warning("dropped group state gossip from %s: %s", msg.sender, e)
@@ -855,10 +720,7 @@ class GroupService:
             target = min(max(msg.to_offset, log_start), hw)
         key = (msg.group, t.id, p)
         held = self._held_or_new(key, lambda: target)
-        held.state.reset(target)
-        held.cursor = target
-        held.maybe_retries = False
-        self._mark(held)
+        held.reset(target)
         self.node.counters["group_resets"] += 1
         log.info("group %s: %s/%d reset to offset %d (epoch %d)", msg.group, t.name, p, target, held.state.reset_epoch)
         return target, held.state.reset_epoch
@@ -1009,13 +871,8 @@ def _frames_for(offsets: list[int], frames: dict[int, bytes]) -> list[bytes]:
 
 
 def _encode_held(held: _Held) -> bytes:
-    return cbor2.dumps({"s": held.state.to_dict(), "dl": held.dead_lettered})
+    return cbor2.dumps(held.to_dict())
 
 
 def _decode_held(raw: bytes) -> _Held:
-    d = _loads(raw)
-    if not isinstance(d, dict) or "s" not in d:
-        raise ProtocolError("a stored group state is a map with the state under 's'")
-    held = _Held(DeliveryState.from_dict(d["s"]), dead_lettered=int(d.get("dl", 0)))
-    held.recompute_cursor()
-    return held
+    return _Held.from_dict(_loads(raw))

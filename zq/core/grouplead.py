@@ -1,0 +1,387 @@
+"""The leader-side rules of consumer groups: fencing, leasing, acks, the sweep, dead letters, merge, reset.
+
+Theory of operation
+-------------------
+A partition's leader keeps one `PartitionLead` per group that reads the partition. It wraps the
+lattice `DeliveryState` (groupstate.py) with what only the leader needs: a cursor (offsets from
+`cursor` up were never leased by this node in this epoch), whether some offset may be waiting to
+retry, which dead-letter copies are being written, and how many were written. The node's groups
+service (zq/io/groups.py) and the groups simulator (zq/sim/groups.py) both drive it; neither
+decides a delivery rule of its own. Every method takes the time and the random numbers it needs
+and returns what happened as data; it reads no clock, sends nothing and stores nothing.
+
+Fencing (`check_member`). A request names a member, the generation it believes in and a
+partition. The leader's copy of the membership decides: no copy of the group, or a member it has
+not heard of while the request's generation is ahead of its own, is `RebalanceInProgress` (the
+leader is behind: retry); a member it has not heard of otherwise, or one that left, is `Fenced`
+(join again). A lease (strict) must be in the leader's current generation and hold the
+partition in it. An ack (not strict) must hold the partition in the leader's current view,
+whatever generation it names: a rebalance that did not move the partition does not throw away
+work that was done, and one that did move it fences the old owner, whose acks then change
+nothing (the new owner gets the message again: at least once). A member ahead of the leader's
+view that the leader does not yet see holding the partition is `RebalanceInProgress`.
+
+Leasing, in two halves around the shell's reads. `plan_lease(now, want, log_start, hw)` first
+skips what retention deleted, then picks the offsets whose retry time has passed (lowest first),
+then the range `[cursor, end)` of never-leased offsets up to the high watermark, within the
+state's tracked window, for the rest of `want`. The shell reads that range's stored batches and
+reports each (`on_read(lo, hi, control)`): a control batch (a leader's epoch marker) holds no
+record, so its offsets are done at once. `grant(offsets, owner, lease_ms, now)` then leases what
+may be delivered and returns the `Delivery`s, each with its attempt number.
+
+Acks (`on_ack`) apply acked offsets, nacks (the attempt that failed; a repeated nack counts
+once) and lease extensions, all under the reset epoch the member was given, so acks from before
+a replay are ignored; then the committed offset moves over the done prefix.
+
+The sweep (`sweep`) is the leader's timer: leases past their deadline fail (a failed delivery,
+retried after backoff, or due for the dead-letter topic after `max_deliveries`); leases of
+members that left or lost the partition fail at once, but only when the leader's membership
+copy is settled (its assignment is of its generation); then up to `dead_letter_writes_max` due
+offsets are handed out as `DeadLetterWrite`s. Only `on_dead_letter_written(write, ok=True)`, said
+when the copy is acknowledged by its quorum, makes the offset done; a failed or lost write is
+handed out again by a later sweep (at least once).
+
+Merge and reset. A replica merges a gossiped copy (`merge_from`): the lattice join, after which
+the cursor moves to the committed offset (or, when a newer reset epoch arrived, is recomputed).
+A new leader starts from its merged copy: offsets it never saw leased are leased again, which is
+a redelivery, never a loss. `reset(to_offset)` opens a new reset epoch; dead-letter writes of the
+old epoch that finish later are ignored (their copy exists, but the replay delivers the message
+again).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from zq.core.groups import GroupMembership
+from zq.core.groupstate import DLQ_NONE, DeadLetter, Delivery, DeliveryState, Retry
+from zq.core.retry import RetryPolicy
+from zq.errors import ProtocolError
+
+TP = tuple[str, int]
+
+lease_ms_min, lease_ms_max = 100, 12 * 3_600_000
+reason_chars_max = 1_000          # a nack's reason is cut to this
+dead_letter_writes_max = 4        # dead-letter copies in flight per partition
+
+FENCED, REBALANCING = "fenced", "rebalance_in_progress"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a member may not lease or settle now. `counted`: a fencing the node counts
+    (group_fenced); `generation`: the leader's generation, for the member's error."""
+
+    kind: str           # FENCED or REBALANCING
+    message: str
+    generation: int | None = None
+    counted: bool = False
+
+
+def check_member(m: GroupMembership | None, member_id: str, generation: int, tp: TP,
+                 strict: bool) -> Refusal | None:
+    """None if `member_id` may lease (strict) or settle deliveries of `tp` now."""
+    group = m.group if m is not None else "?"
+    r = m.records.get(member_id) if m is not None else None
+    if m is None or r is None:
+        if m is None or m.is_ahead(generation):
+            return Refusal(REBALANCING, f"the leader of {tp[0]}/{tp[1]} has not heard of member {member_id} "
+                                        f"of this group yet; retry shortly")
+        return Refusal(FENCED, f"member {member_id} is not in group {group}; join again")
+    if r.left:
+        return Refusal(FENCED, f"member {member_id} left group {group} or its session expired; join again")
+    owns = tp in m.assignment_of(member_id)
+    if m.is_ahead(generation) and (strict or not owns):
+        return Refusal(REBALANCING, f"group {group} is in generation {generation} for the member but "
+                                    f"{m.generation} here; retry shortly")
+    if strict and generation != m.generation:
+        return Refusal(FENCED, f"generation {generation} of group {group} is over (now {m.generation}); "
+                               "fetch the new assignment", m.generation, True)
+    if not owns:
+        return Refusal(FENCED, f"{tp[0]}/{tp[1]} is not assigned to member {member_id} in generation "
+                               f"{m.generation} of group {group}", m.generation, True)
+    return None
+
+
+# ---- effects
+
+
+@dataclass(frozen=True, slots=True)
+class LeasePlan:
+    """What a lease may take: due `retries`, then never-leased offsets in `[start, end)`."""
+
+    retries: list[int]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckOutcome:
+    acked: int          # offsets newly acked
+    nacked: int         # nacks that counted
+    retries: int        # of which retried later
+    dead_letters_due: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterWrite:
+    """Copy `letter.offset` to the dead-letter topic, then call `on_dead_letter_written` with this."""
+
+    epoch: int
+    letter: DeadLetter
+
+
+@dataclass(frozen=True, slots=True)
+class SweepOutcome:
+    expired: int                  # leases that ran out
+    departed: int                 # leases of members that left or lost the partition, failed now
+    retries: int
+    dead_letters_due: int
+    writes: list[DeadLetterWrite]  # dead-letter copies to start now
+    changed: bool
+
+
+# ---- the state machine
+
+
+@dataclass(slots=True)
+class PartitionLead:
+    """One (group, partition) as its leader (or a replica that may become it) keeps it."""
+
+    state: DeliveryState
+    dead_lettered: int = 0            # copies acknowledged in TOPIC.dlq, for `zq groups`
+    cursor: int = 0                   # offsets from here up have never been leased by this node
+    maybe_retries: bool = True        # there may be offsets waiting to be retried
+    dead_letters_in_flight: set[int] = field(default_factory=set)
+    dirty: bool = False               # changed since the shell last persisted it
+    changed: bool = False             # changed since the shell last gossiped it
+
+    @classmethod
+    def fresh(cls, committed: int) -> PartitionLead:
+        return cls(DeliveryState(committed=committed), cursor=committed, dirty=True, changed=True)
+
+    @classmethod
+    def from_state(cls, state: DeliveryState, dead_lettered: int = 0) -> PartitionLead:
+        lead = cls(state, dead_lettered)
+        lead.recompute_cursor()
+        return lead
+
+    def recompute_cursor(self) -> None:
+        st = self.state
+        self.cursor = max(st.committed, max(st.offsets) + 1 if st.offsets else st.committed)
+        self.maybe_retries = True
+
+    def mark(self) -> None:
+        self.dirty = True
+        self.changed = True
+
+    # ---- leasing
+
+    def plan_lease(self, now_ms: int, want: int, log_start: int, high_watermark: int) -> LeasePlan:
+        st = self.state
+        if st.committed < log_start:
+            st.skip_to(log_start)   # retention deleted what was below: it can no longer be delivered
+            self.mark()
+        self.cursor = max(self.cursor, st.committed)
+        retries = self.due_retries(now_ms, want)
+        start = self.cursor
+        end = min(high_watermark, st.committed + st.offsets_tracked_max, start + want - len(retries))
+        return LeasePlan(retries, start, max(start, end))
+
+    def due_retries(self, now_ms: int, want: int) -> list[int]:
+        """Offsets whose retry time has passed, lowest first, at most `want`."""
+        if not self.maybe_retries:
+            return []
+        out = []
+        any_retrying = False
+        for o, e in self.state.offsets.items():
+            if e.failures > 0 and not e.in_progress and not e.done and e.dead_letter == DLQ_NONE:
+                any_retrying = True
+                if e.next_visible_ms <= now_ms:
+                    out.append(o)
+        self.maybe_retries = any_retrying
+        out.sort()
+        return out[:want]
+
+    def on_read(self, lo: int, hi: int, control: bool) -> None:
+        """The shell read offsets `[lo, hi)` of the planned range; a control batch's are done at once."""
+        if control:
+            st = self.state
+            acked = False
+            for o in range(lo, hi):
+                acked |= st.ack(o)
+            if acked:
+                st.maybe_advance_committed()
+                self.mark()
+        self.cursor = hi
+
+    def grant(self, offsets: list[int], owner: str, lease_ms: int, now_ms: int) -> list[Delivery]:
+        lease_ms = min(max(lease_ms, lease_ms_min), lease_ms_max)
+        deliveries = self.state.lease(offsets, owner, now_ms + lease_ms, now_ms)
+        if deliveries:
+            self.mark()
+        return deliveries
+
+    def ready(self, high_watermark: int, now_ms: int) -> bool:
+        """May a parked lease find something now?"""
+        st = self.state
+        if high_watermark > max(self.cursor, st.committed):
+            return True
+        return self.maybe_retries and any(
+            e.failures > 0 and not e.in_progress and not e.done and e.dead_letter == DLQ_NONE
+            and e.next_visible_ms <= now_ms for e in st.offsets.values())
+
+    # ---- acks
+
+    def on_ack(self, member_id: str, epoch: int, acked: Iterable[Any], nacks: Iterable[Any], extends: Iterable[Any],
+               now_ms: int, policy: RetryPolicy | None, rnd: Callable[[], float]) -> AckOutcome:
+        """Apply one Ack of a member that `check_member` let settle. Raises ProtocolError on a
+        malformed row (the rows before it stay applied, as they would in any order)."""
+        st = self.state
+        n_acked = 0
+        for o in acked:
+            if type(o) is not int:
+                raise ProtocolError("Ack.acked holds offsets")
+            n_acked += st.ack(o, epoch)
+        nacked = retries = dead = 0
+        for row in nacks:
+            if not (isinstance(row, list) and len(row) == 4 and type(row[0]) is int and type(row[1]) is int
+                    and (row[2] is None or type(row[2]) is int) and isinstance(row[3], str)):
+                raise ProtocolError("Ack.nacks rows are [offset, attempt, delay_ms|null, reason]")
+            assert policy is not None, "a nack needs the topic's retry policy"
+            effect = st.nack(row[0], reason=row[3][:reason_chars_max], now_ms=now_ms, policy=policy,
+                             rnd=rnd(), delay_ms=row[2], attempt=row[1], epoch=epoch)
+            if effect is not None:
+                nacked += 1
+                r, d = self._count(effect)
+                retries += r
+                dead += d
+        for row in extends:
+            if not (isinstance(row, list) and len(row) == 2 and type(row[0]) is int and type(row[1]) is int):
+                raise ProtocolError("Ack.extends rows are [offset, lease_ms]")
+            st.extend(row[0], member_id, now_ms + min(max(row[1], lease_ms_min), lease_ms_max), now_ms, epoch)
+        st.maybe_advance_committed()
+        self.mark()
+        return AckOutcome(n_acked, nacked, retries, dead)
+
+    def _count(self, effect: Retry | DeadLetter | None) -> tuple[int, int]:
+        if isinstance(effect, Retry):
+            self.maybe_retries = True
+            return 1, 0
+        if isinstance(effect, DeadLetter):
+            return 0, 1
+        return 0, 0
+
+    # ---- the sweep
+
+    def sweep(self, now_ms: int, m: GroupMembership | None, tp: TP, policy: RetryPolicy,
+              rnd: Callable[[], float]) -> SweepOutcome:
+        st = self.state
+        retries = dead = 0
+        effects = st.expire(now_ms, policy, rnd())
+        for effect in effects:
+            r, d = self._count(effect)
+            retries += r
+            dead += d
+        departed, r, d = self._fail_departed(m, tp, now_ms, policy, rnd)
+        retries += r
+        dead += d
+        changed = bool(effects or departed)
+        if changed:
+            st.maybe_advance_committed()
+            self.mark()
+        writes = self.take_dead_letters() if (dead or self.dead_letters_in_flight or any(
+            e.dead_letter != DLQ_NONE and not e.done for e in st.offsets.values())) else []
+        return SweepOutcome(len(effects), departed, retries, dead, writes, changed)
+
+    def _fail_departed(self, m: GroupMembership | None, tp: TP, now_ms: int, policy: RetryPolicy,
+                       rnd: Callable[[], float]) -> tuple[int, int, int]:
+        """Leases held by members known to have left, or that lost the partition in a rebalance,
+        fail now: their acks would be fenced anyway, so waiting for the lease deadline would only
+        delay the redelivery to the partition's new owner."""
+        if m is None or m.assignment is None or m.assignment.generation != m.generation:
+            return 0, 0, 0   # no settled view of the group here yet: leave the leases to their deadlines
+        st = self.state
+        failed = retries = dead = 0
+        for o, e in list(st.offsets.items()):
+            if e.in_progress and e.lease is not None and not e.done:
+                r = m.records.get(e.lease.owner)
+                if r is not None and (r.left or tp not in m.assignment_of(e.lease.owner)):
+                    why = "left the group" if r.left else "lost the partition in a rebalance"
+                    effect = st.nack(o, reason=f"member {e.lease.owner} {why}", now_ms=now_ms,
+                                     policy=policy, rnd=rnd(), attempt=e.attempts)
+                    if effect is not None:
+                        failed += 1
+                        a, b = self._count(effect)
+                        retries += a
+                        dead += b
+        return failed, retries, dead
+
+    # ---- dead letters
+
+    def take_dead_letters(self) -> list[DeadLetterWrite]:
+        """Due dead-letter copies to start now, at most `dead_letter_writes_max` in flight."""
+        out = []
+        for d in self.state.pending_dead_letters():
+            if len(self.dead_letters_in_flight) >= dead_letter_writes_max:
+                break
+            if d.offset not in self.dead_letters_in_flight:
+                self.dead_letters_in_flight.add(d.offset)
+                out.append(DeadLetterWrite(self.state.reset_epoch, d))
+        return out
+
+    def on_dead_letter_written(self, write: DeadLetterWrite, ok: bool, counted: bool = True) -> bool:
+        """The copy is acknowledged by its quorum (ok), or failed. True if the offset is now done."""
+        if write.epoch != self.state.reset_epoch:
+            return False   # a reset came in between: the in-flight set was cleared, the replay decides
+        self.dead_letters_in_flight.discard(write.letter.offset)
+        if not ok or not self.state.on_dead_lettered(write.letter.offset, write.epoch):
+            return False
+        if counted:
+            self.dead_lettered += 1
+        self.state.maybe_advance_committed()
+        self.mark()
+        return True
+
+    def abandon_dead_letter(self, write: DeadLetterWrite) -> None:
+        """The shell could not even start the write (no leader known): a later sweep tries again."""
+        if write.epoch == self.state.reset_epoch:
+            self.dead_letters_in_flight.discard(write.letter.offset)
+
+    # ---- merge and reset
+
+    def merge_from(self, other: DeliveryState, dead_lettered: int) -> None:
+        st = self.state
+        before = st.reset_epoch
+        st.merge_from(other)
+        if st.reset_epoch != before:
+            self.dead_letters_in_flight.clear()
+            self.recompute_cursor()
+        else:
+            self.cursor = max(self.cursor, st.committed)
+            self.maybe_retries = True
+        self.dead_lettered = max(self.dead_lettered, dead_lettered)
+        self.dirty = True
+
+    def reset(self, to_offset: int) -> None:
+        self.state.reset(to_offset)
+        self.cursor = to_offset
+        self.maybe_retries = False
+        self.dead_letters_in_flight.clear()
+        self.mark()
+
+    # ---- storage
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"s": self.state.to_dict(), "dl": self.dead_lettered}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PartitionLead:
+        """Raises ProtocolError."""
+        if not isinstance(d, dict) or "s" not in d:
+            raise ProtocolError("a stored group state is a map with the state under 's'")
+        dl = d.get("dl", 0)
+        if type(dl) is not int or dl < 0:
+            raise ProtocolError("a stored group state's dead-letter count is an integer >= 0")
+        return cls.from_state(DeliveryState.from_dict(d["s"]), dl)
