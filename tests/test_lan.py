@@ -299,3 +299,99 @@ def test_nodes_with_no_topology_and_no_seeds_form_one_cluster_by_zeroconf(root, 
         print(f"\nno topology, no seeds: one cluster of 3 formed {formed - started:.1f} s after the processes started")
         out = produce_and_read(lan, 1, f"{ip[1]}:{PORT}", "joined", "j", 30, create=True)
         assert sorted(v for v in out["values"] if v.startswith("j-")) == sorted(f"j-{i}" for i in range(30))
+
+
+# Runs inside a namespace: an idempotent quorum producer to partition 0 in a thread while the
+# partition is reassigned onto n4 with `zq topic reassign` (the CLI, as a user would); prints the
+# acknowledged (value, offset) pairs and the CLI's output.
+REASSIGN_UNDER_LOAD = textwrap.dedent("""
+    import json, subprocess, sys, threading, time
+    from zq.client import Client
+    boot, topic, target = sys.argv[1], sys.argv[2], sys.argv[3]
+    acked, failed, stop = [], [], threading.Event()
+    def produce():
+        with Client(bootstrap=boot) as client:
+            producer = client.producer(acks="quorum", idempotent=True)
+            deadline, i = time.time() + 60, 0
+            while not stop.is_set() and i < 5000 and time.time() < deadline:
+                try:
+                    acked.append((f"m-{i}", producer.send(topic, f"m-{i}".encode(), partition=0).result(30).offset))
+                except Exception as e:
+                    failed.append(repr(e))
+                i += 1
+                time.sleep(0.003)
+            producer.close()
+    t = threading.Thread(target=produce)
+    t.start()
+    time.sleep(1.0)
+    started = time.time()
+    cli = subprocess.run([sys.executable, "-m", "zq", "topic", "reassign", topic, "--partition", "0",
+                          "--replicas", target, "--timeout", "60", "--bootstrap", boot],
+                         capture_output=True, text=True, timeout=120)
+    moved_s = time.time() - started
+    time.sleep(0.5)
+    stop.set()
+    t.join(90)
+    print(json.dumps({"acked": acked, "failed": failed[:5], "cli_rc": cli.returncode, "cli_out": cli.stdout,
+                      "cli_err": cli.stderr, "moved_s": moved_s}))
+""")
+
+# Runs inside a namespace: reads partition 0 from earliest and prints (value, offset) pairs.
+READ_PARTITION = textwrap.dedent("""
+    import json, sys, time
+    from zq.client import Client
+    boot, topic, want = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with Client(bootstrap=boot) as client:
+        consumer = client.consumer(topic, start="earliest", partitions=[0])
+        got, deadline = [], time.time() + 60
+        while len(got) < want and time.time() < deadline:
+            got += [(m.value.decode(), m.offset) for m in consumer.poll(timeout=0.5)]
+        consumer.close()
+    print(json.dumps(got))
+""")
+
+
+@pytest.mark.netns
+def test_a_fourth_node_started_later_joins_by_zeroconf_and_takes_a_reassigned_partition(root, tmp_path):
+    """Three nodes from a topology; a fourth on another host with nothing but `--cluster` finds them by
+    zeroconf, `zq topic reassign` moves partition 0 from n1 onto it under load, and with n2 then killed
+    the partition still takes quorum writes from n3 and n4 and serves every acknowledged message once."""
+    with Lan(hosts=4) as lan:
+        ip = lan.addresses
+        topology = write_topology(tmp_path / "lan.toml", "lan-grow", [(f"n{i + 1}", ip[i]) for i in range(3)],
+                                  "zeroconf", tmp_path / "data")
+        procs = [start_node(lan, i, topology, tmp_path) for i in range(3)]
+        want = {"n1": "alive", "n2": "alive", "n3": "alive"}
+        assert reached(watch(lan, 0, f"{ip[0]}:{PORT}", want, FORM_TIMEOUT_S), want), logs(tmp_path)
+        boot = ",".join(f"{a}:{PORT}" for a in ip[:3])
+        before = produce_and_read(lan, 0, boot, "orders", "before", 30, create=True)
+        assert before["partitions"] == [0, 1, 2]
+
+        started = time.time()
+        with open(tmp_path / "n4.log", "w") as log:
+            procs.append(lan.popen(3, [PY, "-m", "zq", "node", "start", "--name", "n4", "--bind", ip[3], "--port",
+                                       str(PORT), "--cluster", "lan-grow", "--data-dir", str(tmp_path / "n4")],
+                                   stdout=log, stderr=subprocess.STDOUT))
+        joined = reached(watch(lan, 0, f"{ip[0]}:{PORT}", {"n4": "alive"}, FORM_TIMEOUT_S), {"n4": "alive"})
+        assert joined, logs(tmp_path)
+        print(f"\nn4 (no topology, no seeds) joined by zeroconf {joined - started:.1f} s after its start")
+
+        result = lan.run(0, [PY, "-c", REASSIGN_UNDER_LOAD, boot, "orders", "n4,n2,n3"], timeout_s=200)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = json.loads(result.stdout.splitlines()[-1])
+        assert out["cli_rc"] == 0, f"{out['cli_out']}\n{out['cli_err']}\n{logs(tmp_path)}"
+        assert "done" in out["cli_out"], out["cli_out"]
+        assert not out["failed"] and len(out["acked"]) > 100, out["failed"]
+        print(f"reassigned orders/0 from n1,n2,n3 to n4,n2,n3 under load in {out['moved_s']:.1f} s "
+              f"({len(out['acked'])} messages acknowledged meanwhile)")
+
+        os.kill(procs[1].pid, signal.SIGKILL)    # n2: the new set's only survivors are n3 and n4
+        survivors = f"{ip[2]}:{PORT},{ip[3]}:{PORT}"
+        after = produce_and_read(lan, 3, survivors, "orders", "after", 9, create=False)
+        assert sorted(v for v in after["values"] if v.startswith("after")) == sorted(f"after-{i}" for i in range(9))
+        read = lan.run(3, [PY, "-c", READ_PARTITION, survivors, "orders", str(len(out["acked"]) + 13)], timeout_s=120)
+        got = [tuple(x) for x in json.loads(read.stdout.splitlines()[-1])]
+        values = [v for v, _ in got]
+        assert len(values) == len(set(values)), "every message once"
+        missing = {tuple(x) for x in out["acked"]} - set(got)
+        assert not missing, f"{len(missing)} acknowledged messages missing, e.g. {sorted(missing)[:3]}"

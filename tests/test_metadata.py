@@ -83,7 +83,7 @@ def test_reassign_sets_the_target_and_keeps_the_initial_set():
     s.apply(s.applied, cmds[0])
     assert t.partitions[1] == ["n4", "n2", "n3"] and t.partitions[0] == created[0]
     assert t.initial == created, "the set at offset 0 of every replica's log stays known"
-    assert t.reassignments == 1
+    assert t.reassigned == {1}
 
 
 @pytest.mark.parametrize("topic, partition, replicas, words", [

@@ -140,8 +140,10 @@ def restamp(stored: bytes, base_offset: int, epoch: int) -> bytes:
     return pack_header(fixed) + stored[HEADER_SIZE:]
 
 
-def control_batch(base_offset: int, epoch: int, append_time_ms: int) -> bytes:
-    return make_stored(FLAG_CONTROL, base_offset, 1, epoch, append_time_ms, 0, 0, crc(b""), b"")
+def control_batch(base_offset: int, epoch: int, append_time_ms: int, blob: bytes = b"") -> bytes:
+    """A one-record batch of zq's own that consumers skip: a leader's epoch marker (empty blob) or a
+    replica-set configuration (the blob is the replication core's encoding of it)."""
+    return make_stored(FLAG_CONTROL, base_offset, 1, epoch, append_time_ms, 0, 0, crc(blob), blob)
 
 
 def make_stored(flags: int, base_offset: int, count: int, epoch: int, append_time_ms: int,

@@ -327,6 +327,30 @@ class NodeHeartbeat:
     CODE: ClassVar[int]
 
 
+@message(30)
+@dataclass(frozen=True, slots=True)
+class ReassignPartition:
+    """Set the target replica set of one partition (to the metadata leader). The reply comes once
+    the command is committed; the move itself then happens in the partition's log, step by step."""
+    req_id: int
+    topic: str
+    partition: int
+    replicas: list       # [node name, ...], preferred leader first
+    CODE: ClassVar[int]
+
+
+@message(31)
+@dataclass(frozen=True, slots=True)
+class DrainNode:
+    """To the node to drain: stop standing for election and hand every partition it leads to
+    another in-sync replica. The reply says how many it still leads after at most `wait_ms`;
+    with `leave`, the node then leaves the cluster (announces it, and stops)."""
+    req_id: int
+    wait_ms: int
+    leave: bool
+    CODE: ClassVar[int]
+
+
 # The replication core's messages (zq.core.repl_types), registered for the wire.
 from zq.core import repl_types as _rt  # noqa: E402
 
@@ -336,6 +360,7 @@ message(22)(_rt.Fetch)
 message(23)(_rt.Diverging)
 message(24)(_rt.RequestVote)
 message(25)(_rt.Vote)
+message(26)(_rt.TimeoutNow)
 
 # The membership core's messages (zq.core.membership: SWIM failure detection and gossip), node to node.
 from zq.core import membership as _mb  # noqa: E402

@@ -41,7 +41,7 @@ CONSUME_BATCH_MAX = 500           # messages one poll hands over
 app = typer.Typer(name="zq", help="zq: a brokerless distributed message queue.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 topic_app = typer.Typer(help="Create, list, describe and delete topics.", no_args_is_help=True)
-node_app = typer.Typer(help="Run one node in the foreground.", no_args_is_help=True)
+node_app = typer.Typer(help="Run one node in the foreground, or drain one.", no_args_is_help=True)
 bench_app = typer.Typer(help="Throughput and latency benchmarks (msg/s, MB/s, p50/p99/p99.9).", no_args_is_help=True)
 app.add_typer(topic_app, name="topic")
 app.add_typer(node_app, name="node")
@@ -123,6 +123,30 @@ def node_start(
     config = build_node_config(name, topology, data_dir, bind, port, seed or [], cluster, no_discovery,
                                services=service or [])
     run_node(config)
+
+
+@node_app.command("drain")
+def node_drain(
+    name: Annotated[str, typer.Argument(help="The node to drain.")],
+    leave: Annotated[bool, typer.Option("--leave/--stay", help="Then leave the cluster and stop the node.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.0, help="Longest wait for leadership to move, "
+                                           "in seconds.")] = 10.0,
+    bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False,
+) -> None:
+    """Hand every partition NAME leads to another in-sync replica, stop it standing for election,
+    then (by default) let it leave the cluster and stop. Its replicas stay where they are: move
+    them with `zq topic reassign` if the node is not coming back."""
+    with _client(bootstrap, cluster) as client:
+        result = client.drain_node(name, wait_s=timeout, leave=leave)
+    if json_out:
+        _print_json(result)
+        return
+    print(f"{name}: led {result['led_before']} partition(s) with another voter, now leads {result['led_after']}"
+          + (" and is leaving the cluster" if result.get("leaving") else ""))
+    if result["led_after"]:
+        print(f"  still leading {', '.join(result.get('still_leading') or [])}: no other in-sync replica took "
+              "over in time (see `zq status`)")
+        raise typer.Exit(1)
 
 
 def build_node_config(name: str, topology_path: Path | None, data_dir: Path | None, bind: str | None,
@@ -246,6 +270,68 @@ def topic_delete(name: Annotated[str, typer.Argument(help="Topic name.")],
         _print_json({"deleted": name})
     else:
         print(f"deleted topic {name}")
+
+
+@topic_app.command("reassign")
+def topic_reassign(
+    name: Annotated[str, typer.Argument(help="Topic name.")],
+    replicas: Annotated[str, typer.Option("--replicas", metavar="NODE,NODE,...",
+                                          help="The new replica set, preferred leader first.")],
+    partition: Annotated[Optional[list[int]], typer.Option("--partition", min=0, help="Partition to move; "
+                                                           "repeat for more (default: every partition).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the move is complete.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Longest wait, in seconds.")] = 120.0,
+    bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False,
+) -> None:
+    """Move partitions to another set of nodes: each new replica catches up first, then joins; the
+    set changes one node at a time and never drops below a quorum. Logged in the cluster metadata."""
+    nodes = [n.strip() for n in replicas.split(",") if n.strip()]
+    if not nodes:
+        raise UsageProblem("--replicas names no node; give them as n1,n2,n3")
+    with _client(bootstrap, cluster) as client:
+        count = next((t["partitions"] for t in client.topics() if t["name"] == name), None)
+        if count is None:
+            raise errors.UnknownTopic(f"topic {name!r} does not exist; `zq topic list` shows the topics")
+        chosen = sorted(set(partition)) if partition else list(range(count))
+        bad = [p for p in chosen if p >= count]
+        if bad:
+            raise UsageProblem(f"topic {name!r} has partitions 0 to {count - 1}, not {bad[0]}")
+        for p in chosen:
+            client.reassign_partition(name, p, nodes)
+        if not json_out:
+            print(f"reassigning {name} partition{'s' * (len(chosen) != 1)} {', '.join(map(str, chosen))} "
+                  f"to {', '.join(nodes)}")
+        rows = _wait_reassigned(client, name, chosen, timeout, json_out) if wait else []
+    if json_out:
+        _print_json({"topic": name, "partitions": chosen, "replicas": nodes, "done": bool(wait), "status": rows})
+    elif wait:
+        print(f"done: {name} partition{'s' * (len(chosen) != 1)} {', '.join(map(str, chosen))} "
+              f"now on {', '.join(nodes)}")
+
+
+REASSIGN_POLL_S = 0.25   # how often `zq topic reassign --wait` looks at the cluster's status
+
+
+def _wait_reassigned(client: Any, name: str, chosen: list[int], timeout_s: float, quiet: bool) -> list[dict]:
+    """Poll the status until every chosen partition's replica set is its target (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        doc = render.as_dict(client.status())
+        rows = [r for r in doc.get("partitions") or [] if r.get("topic") == name and r.get("partition") in chosen]
+        pending = [r for r in rows if not r.get("leader") or render.moving(r) or r.get("learners")]
+        if rows and not pending:
+            return rows
+        line = "; ".join(f"{name}/{r['partition']}: {render.join(r.get('replicas') or []) or '?'}"
+                         + (f" (catching up: {render.join(r.get('learners'))})" if r.get("learners") else "")
+                         for r in pending)
+        if not quiet and line != last:
+            print(f"  moving: {line}", flush=True)
+            last = line
+        if time.monotonic() >= deadline:
+            raise errors.Timeout(f"the move is not complete after {timeout_s:g} s ({line}); it goes on in the "
+                                 "cluster: follow it with `zq status`, and check that the new nodes are alive")
+        time.sleep(REASSIGN_POLL_S)
 
 
 # --------------------------------------------------------------------------------------------

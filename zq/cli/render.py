@@ -212,14 +212,22 @@ def partitions_table(partitions: list[dict], rows_max: int = TABLE_ROWS_MAX, tit
             in_sync = f"[red]{in_sync or 'no leader'}[/]"
         elif under_replicated(p):
             in_sync = f"[yellow]{in_sync}[/]"
+        replicas = join(p.get("replicas") or [])
+        if moving(p):
+            learners = p.get("learners") or []
+            replicas += f" [cyan]-> {join(p.get('target') or [])}[/]" + (
+                f" [cyan](catching up: {join(learners)})[/]" if learners else "")
         table.add_row(str(p.get("topic")), str(p.get("partition")), cell(p.get("leader")),
-                      cell(p.get("epoch")), join(p.get("replicas") or []), in_sync,
+                      cell(p.get("epoch")), replicas, in_sync,
                       cell(p.get("log_start")), cell(p.get("log_end")),
                       cell(p.get("high_watermark")), cell(p.get("replication_lag")))
     notes = []
     short = sum(under_replicated(p) for p in ordered)
     if short:
         notes.append(f"{short} partition(s) under-replicated (in-sync set smaller than the replica set)")
+    moves = sum(moving(p) for p in ordered)
+    if moves:
+        notes.append(f"{moves} partition(s) moving to a new replica set (zq topic reassign)")
     if len(ordered) > rows_max:
         notes.append(f"... and {len(ordered) - rows_max} more partitions (zq status --json shows all)")
     if notes:
@@ -230,6 +238,12 @@ def partitions_table(partitions: list[dict], rows_max: int = TABLE_ROWS_MAX, tit
 def cell(value: Any) -> str:
     """A table cell: '-' where nothing is known (a leader that did not answer), not 'None'."""
     return "-" if value is None or value == "" else str(value)
+
+
+def moving(p: dict) -> bool:
+    """A reassignment is under way: the replica set is not yet the target."""
+    target = p.get("target")
+    return bool(target) and sorted(target) != sorted(p.get("replicas") or [])
 
 
 def under_replicated(p: dict) -> bool:

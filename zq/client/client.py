@@ -27,7 +27,8 @@ from typing import Any, NamedTuple
 from zq import protocol
 from zq.client.connection import Connection, check_reply
 from zq.client.metadata import Metadata, parse_metadata, resolve_bootstrap, time_spec
-from zq.errors import ConnectionFailed, LeaderNotAvailable, NotLeader, ProtocolError, Timeout, UnknownTopic, ZqError
+from zq.errors import (ConnectionFailed, InvalidRequest, LeaderNotAvailable, NotLeader, ProtocolError, Timeout,
+                       UnknownTopic, ZqError)
 from zq.limits import DEFAULT, Limits
 
 log = logging.getLogger("zq.client")
@@ -150,6 +151,30 @@ class Client:
         reply = self._admin(lambda rid: protocol.DeleteTopic(rid, name))
         self._refresh_until(lambda m: name not in m.topics, self.limits.request_timeout_ms)
         return dict(reply.data)
+
+    def reassign_partition(self, topic: str, partition: int, replicas: list[str]) -> dict:
+        """Set the target replica set of one partition (preferred leader first). Returns once the
+        change is logged in the cluster metadata; the partition's leader then moves it one replica at
+        a time (a new replica catches up before it counts, the set never drops below a quorum).
+        `status()` shows progress: a partition is done when its `replicas` equal its `target`."""
+        if type(partition) is not int or partition < 0:
+            raise ValueError("partition is a non-negative integer")
+        if not replicas or not all(isinstance(r, str) and r for r in replicas):
+            raise ValueError("replicas is a non-empty list of node names")
+        reply = self._admin(lambda rid: protocol.ReassignPartition(rid, topic, partition, list(replicas)))
+        return dict(reply.data)
+
+    def drain_node(self, name: str, wait_s: float = 10.0, leave: bool = False) -> dict:
+        """Ask node `name` to hand every partition it leads to another in-sync replica and to stop
+        standing for election; with `leave`, it then leaves the cluster and stops. Returns
+        {"node", "led_before", "led_after", "still_leading", "leaving"} after at most `wait_s`."""
+        address = self.refresh_metadata().nodes.get(name)
+        if address is None:
+            raise InvalidRequest(f"node {name!r} is not a member of the cluster; `zq status` lists the nodes")
+        wait_ms = max(0, int(wait_s * 1000))
+        reply, _ = self._call(address, protocol.DrainNode(self._conn.new_req_id(), wait_ms, leave),
+                              timeout_ms=wait_ms + self.limits.request_timeout_ms)
+        return dict(check_reply(reply, protocol.OkReply).data)
 
     def topics(self) -> list[dict]:
         """Every topic, by name: [{"name", "id", "partitions": count, "replication", "config"}]."""

@@ -27,9 +27,10 @@ A `reassign_partition` command records an operator's target replica set; it does
 by itself. The partition's leader carries it out in the partition's own log, one replica at a
 time (a new replica catches up as a learner first, then joins the voters; a replica that leaves
 goes last if it is the leader), so that every step keeps a quorum (zq.core.replication). The
-set a partition was created with stays in `TopicMeta.initial`: it is the configuration at
-offset 0 of every replica's log, the one a replica starts from before it reads the log's own
-configuration entries.
+set a partition was created with stays in `TopicMeta.initial`: it is the configuration a
+replica created with the partition starts from, before it reads the log's own configuration
+entries. A replica created later, by a reassignment (`TopicMeta.reassigned`), starts from no
+configuration at all and learns it from the log (zq.core.replication explains why).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class TopicMeta:
     config: dict[str, Any]
     created_ms: int
     initial: list[list[str]] = field(default_factory=list)  # replica sets at creation (offset 0)
-    reassignments: int = 0        # reassign_partition commands applied to this topic
+    reassigned: set[int] = field(default_factory=set)  # partitions a reassign_partition command named
 
     def leader(self, partition: int) -> str:
         return self.partitions[partition][0]
@@ -117,7 +118,7 @@ class MetadataState:
             t = self.topics_by_id.get(command["id"])
             if t is not None and 0 <= command["partition"] < len(t.partitions):
                 t.partitions[command["partition"]] = list(command["replicas"])
-                t.reassignments += 1
+                t.reassigned.add(command["partition"])
         # An unknown op comes from a newer version: skipping it keeps this node applying the rest.
 
     def skip_to(self, offset: int) -> None:

@@ -222,6 +222,9 @@ class Node:
         self.lazy_hard_states: dict[TopicPartition, Any] = {}   # high-watermark hints awaiting the next write
         self.meta_learned: list[tuple[int, dict]] = []          # learner: fetched commands awaiting durability
         self.stopping = False
+        self.draining = False                                   # `zq node drain`: never stand, hand leadership away
+        self.pending_drain: tuple[int, int, bytes, int, bool] | None = None  # (req_id, deadline, identity, led, leave)
+        self.leave_requested = False                            # set by a drain with leave: the loop ends
         self._registered = False
         self.sub_connected: dict[str, str] = {}                 # peer -> address its PUB is subscribed at
         self.ctx = zmq.Context.instance()
@@ -317,12 +320,33 @@ class Node:
         return out
 
     def _open_topic(self, t: meta.TopicMeta) -> None:
-        sync = t.config.get("durability", "fsync") == "fsync"
-        for p, replicas in enumerate(t.partitions):
-            if self.name in replicas:
-                self._open_part(TopicPartition(t.id, p), t.name, replicas, sync)
+        for p, target in enumerate(t.partitions):
+            tp = TopicPartition(t.id, p)
+            # A replica being moved away still counts until the log's configuration drops it, so
+            # one that has data here opens even when the target no longer names this node.
+            if self.name in target or (tp not in self.parts and self.store.partition_state(tp) is not None):
+                self._open_topic_part(t, p)
 
-    def _open_part(self, tp: TopicPartition, name: str, replicas: list[str], sync: bool, hw_floor: int = 0) -> None:
+    def _open_topic_part(self, t: meta.TopicMeta, p: int) -> None:
+        tp = TopicPartition(t.id, p)
+        sync = t.config.get("durability", "fsync") == "fsync"
+        self._open_part(tp, t.name, self._created_with(t, p), sync, target=t.partitions[p])
+
+    def _created_with(self, t: meta.TopicMeta, p: int) -> list[str]:
+        """The configuration our replica of `t`/`p` starts from before its log says more (the
+        core keeps it in the hard state once it has one): the set the partition was created with,
+        or, with no hard state on a partition ever reassigned, none at all (a replica made by a
+        reassignment, or one whose data was deleted by an earlier move, must not count on a
+        membership its node once had)."""
+        if p in t.reassigned and R.load_hard_state(self.store, TopicPartition(t.id, p)) is None:
+            return []
+        return list(t.initial[p] if p < len(t.initial) else t.partitions[p])
+
+    def _open_part(self, tp: TopicPartition, name: str, replicas: list[str], sync: bool, hw_floor: int = 0,
+                   target: list[str] | None = None) -> None:
+        """Open this node's replica of a partition. `replicas` is the configuration it starts from
+        (see `_created_with`); the core reads later ones from the log itself, so a replica that joins
+        by a reassignment is a learner until a configuration entry names it. `target` is __meta's."""
         if tp in self.parts:
             return
         st = self.store.partition_state(tp)
@@ -332,16 +356,19 @@ class Node:
         now = mono_ms()
         replica = Replica(self.name, replicas, R.StoreReader(self.store, tp), rng=self.rng, now_ms=now,
                           config=self.config.replication, hard_state=hs, log_end=st.log_end if st else 0)
-        if len(replicas) == 1:
+        replica.set_target(list(target if target is not None else replicas))
+        if self.draining:
+            replica.set_draining(True)
+        if replica.voters == (self.name,):
             replica.tick(replica.next_timer_ms())   # alone in its set: lead at once
-        elif hs is None and replicas[0] == self.name:
+        elif hs is None and replicas and replicas[0] == self.name:
             # The preferred leader of a new partition stands soon rather than after a whole election
             # timeout; "soon" leaves the other replicas time to apply the same create_topic command,
             # or they would drop its vote request for a partition they do not know yet.
             self._at(mono_ms() + PREFERRED_LEADER_DELAY_MS, lambda: self._stand(tp))
         self.parts[tp] = _Part(tp, name, replica, sync, st.log_start if st else 0)
         self.dirty.add(tp)
-        for peer in replicas:
+        for peer in sorted({*replicas, *(target or ())}):
             if peer != self.name:
                 self._connect_sub(peer)
         self.sub.setsockopt(zmq.SUBSCRIBE, R.tp_bytes(tp))
@@ -374,7 +401,7 @@ class Node:
             self.metrics_server = serve_metrics(self, self.config.host, self.config.port + 2)
         log.info("node %s serving on %s (cluster %s, voters %s)", self.name, self.config.address,
                  self.config.cluster, ", ".join(self.voters) or "learnt from seeds")
-        while not stop.is_set():
+        while not stop.is_set() and not self.leave_requested:
             for name, peer in self.peers.items():
                 if name not in polled_peers:
                     poller.register(peer.sock, zmq.POLLIN)
@@ -556,13 +583,18 @@ class Node:
         for callback in [*waiters.values(), *(cb for _, cb in acks)]:
             callback(error)
         tp = part.tp
-        replicas = list(part.replica.replicas)
         if self.parts.get(tp) is not part:
             return   # closed (topic deleted) in this pass
         del self.parts[tp]
         # What was committed stays committed, and all of it was on disk before this failed write:
         # the reopened replica keeps serving it, even if the stored high-watermark hint is older.
-        self._open_part(tp, part.name, replicas, part.sync, hw_floor=part.replica.high_watermark)
+        if tp == META_TP:
+            self._open_part(tp, part.name, list(self.voters), part.sync, hw_floor=part.replica.high_watermark)
+            return
+        t = self.meta.topics_by_id.get(tp.topic_id)
+        if t is not None:
+            self._open_part(tp, part.name, self._created_with(t, tp.partition), part.sync,
+                            hw_floor=part.replica.high_watermark, target=t.partitions[tp.partition])
 
     def _after_durable(self, part: _Part, rd) -> None:
         replica = part.replica
@@ -583,6 +615,11 @@ class Node:
             self.counters[f"became_{rd.role.role}"] += 1
             if rd.role.role != LEADER:
                 self._refuse_parked(part.tp)
+            if rd.role.leader not in (None, self.name):
+                self._connect_sub(rd.role.leader)
+        if replica.removed and self.parts.get(part.tp) is part:
+            self._remove_part(part)
+            return
         if rd.high_watermark is not None:
             self._serve_parked(part.tp)
             for service in self.services:
@@ -935,6 +972,54 @@ class Node:
         reply = P.OkReply(msg.req_id, {"topic": msg.name})
         self._append_meta(commands, lambda end, err: self._meta_change_done(identity, msg.req_id, reply, end, err))
 
+    def on_reassign_partition(self, identity: bytes, msg: P.ReassignPartition, payload: list[bytes]) -> None:
+        self._require_meta_leader()
+        commands = meta.plan_reassign(self.meta, msg.topic, msg.partition, [str(r) for r in msg.replicas], self.limits)
+        reply = P.OkReply(msg.req_id, {"topic": msg.topic, "partition": msg.partition, "replicas": list(msg.replicas)})
+        self._append_meta(commands, lambda end, err: self._meta_change_done(identity, msg.req_id, reply, end, err))
+
+    def on_drain_node(self, identity: bytes, msg: P.DrainNode, payload: list[bytes]) -> None:
+        """Stop standing for election everywhere and hand every partition we lead to an in-sync
+        replica (the cores do it: TimeoutNow to the most caught-up voter). The answer comes when
+        we lead nothing that has another voter, or after `wait_ms` (bounded by drain_wait_ms_max)."""
+        if self.pending_drain is not None:
+            raise InvalidRequest(f"node {self.name} is being drained already; wait for that drain to answer")
+        self.draining = True
+        for tp, part in self.parts.items():
+            if part.replica is not None:
+                part.replica.set_draining(True)
+                self.dirty.add(tp)
+        wait_ms = max(0, min(msg.wait_ms, self.limits.drain_wait_ms_max))
+        log.info("node %s: draining (hand leadership away within %d ms%s)", self.name, wait_ms,
+                 ", then leave" if msg.leave else "")
+        self.pending_drain = (msg.req_id, mono_ms() + wait_ms, identity, len(self._led_elsewhere_possible()), msg.leave)
+        self._check_drain()
+
+    def _led_elsewhere_possible(self) -> list[TopicPartition]:
+        """Partitions we lead that another voter could lead instead."""
+        return [tp for tp, part in self.parts.items()
+                if part.replica is not None and part.replica.role == LEADER and len(part.replica.voters) > 1]
+
+    def _check_drain(self) -> None:
+        if self.pending_drain is None:
+            return
+        req_id, deadline, identity, led_before, leave = self.pending_drain
+        still = self._led_elsewhere_possible()
+        if still and mono_ms() < deadline:
+            self._at(mono_ms() + 20, self._check_drain)
+            return
+        self.pending_drain = None
+        names = [f"{self.parts[tp].name}/{tp.partition}" for tp in still]
+        self._send(identity, P.encode(P.OkReply(req_id, {"node": self.name, "led_before": led_before,
+                                                         "led_after": len(still), "still_leading": names,
+                                                         "leaving": leave})))
+        if leave:
+            log.info("node %s: drained (still leading %d); leaving the cluster", self.name, len(still))
+            self._at(mono_ms() + 100, self._request_leave)   # the answer goes out first
+
+    def _request_leave(self) -> None:
+        self.leave_requested = True
+
     def _meta_change_done(self, identity: bytes, req_id: int, reply: P.OkReply, end: int, error: ZqError | None) -> None:
         """A create or delete committed: answer once every live node has it too (bounded wait)."""
         if error is not None:
@@ -1005,11 +1090,49 @@ class Node:
             self._open_topic(self.meta.topics[command["name"]])
         elif op == "delete_topic" and before is not None:
             self._close_topic(before)
+        elif op == "reassign_partition":
+            self._on_reassigned(command)
         elif op == "register_node" and command["name"] != self.name:
             n = self.meta.nodes[command["name"]]
             if self.addresses.get(n.name) != n.address:
                 self.addresses[n.name] = n.address
                 self._forget_peer(n.name)
+
+    def _on_reassigned(self, command: dict) -> None:
+        """A partition has a new target replica set: tell our replica (its leader carries the move
+        out in the partition's log), or open a learner replica here if we are new to it."""
+        t = self.meta.topics_by_id.get(command["id"])
+        p = command["partition"]
+        if t is None or not 0 <= p < len(t.partitions):
+            return
+        tp = TopicPartition(t.id, p)
+        target = t.partitions[p]
+        log.info("%s/%d: reassigned to %s", t.name, p, ", ".join(target))
+        part = self.parts.get(tp)
+        if part is not None and part.replica is not None:
+            part.replica.set_target(list(target))
+            for peer in target:
+                if peer != self.name:
+                    self._connect_sub(peer)
+            self.dirty.add(tp)
+        elif self.name in target:
+            self._open_topic_part(t, p)
+
+    def _remove_part(self, part: _Part) -> None:
+        """The partition's committed configuration no longer names this node, and neither does
+        its target: the replica and its data go (a later reassignment back starts it empty)."""
+        tp = part.tp
+        log.info("%s/%d: this node is no longer a replica; deleting its copy", part.name, tp.partition)
+        self.counters["replicas_removed"] += 1
+        self.parts.pop(tp, None)
+        self.lazy_hard_states.pop(tp, None)
+        self._begin().drop_partition(tp)
+        self._begin().delete_meta(R.hard_state_key(tp))
+        self.sub.setsockopt(zmq.UNSUBSCRIBE, R.tp_bytes(tp))
+        gone = self._not_leader(self.leader_of(tp)[0], f"{part.name}/{tp.partition}")
+        for callback in [*part.waiters.values(), *(cb for _, cb in part.leader_acks)]:
+            callback(gone)
+        self._refuse_parked(tp)
 
     def _close_topic(self, t: meta.TopicMeta) -> None:
         for p in range(len(t.partitions)):
@@ -1124,7 +1247,8 @@ class Node:
                              if name == self.name or (end >= r.high_watermark and now - heard_ms <= NODE_ALIVE_MS))
             slowest = min((end for end, _ in progress.values()), default=r.log_end)
             out.append({"topic": part.name, "partition": tp.partition, "leader": self.name, "epoch": r.epoch,
-                        "replicas": list(r.replicas), "in_sync": in_sync, "log_start": part.log_start,
+                        "replicas": list(r.voters), "learners": list(r.learners), "in_sync": in_sync,
+                        "log_start": part.log_start,
                         "log_end": r.log_end, "high_watermark": r.high_watermark,
                         "replication_lag": r.log_end - slowest,
                         "replication_lag_ms": self._lag_ms(tp, slowest, r.log_end)})
@@ -1156,6 +1280,11 @@ class Node:
                 partitions.append(seen.get((t.name, p)) or self._unknown_row(t.name, p, replicas))
         for row in partitions:
             row["under_replicated"] = len(row["in_sync"]) < len(row["replicas"])
+            t = self.meta.topics.get(row["topic"])
+            target = t.partitions[row["partition"]] if t is not None else row["replicas"]
+            row["target"] = list(target)
+            row["moving"] = sorted(target) != sorted(row["replicas"])
+            row.setdefault("learners", [])
         nodes = []
         for n in self._nodes_view():
             answered = n["name"] in views
@@ -1169,7 +1298,7 @@ class Node:
     def _unknown_row(topic: str, partition: int, replicas: list[str]) -> dict:
         """A partition whose leader did not answer: no leader, nothing known of its log."""
         return {"topic": topic, "partition": partition, "leader": None, "epoch": None, "replicas": replicas,
-                "in_sync": [], "log_start": None, "log_end": None, "high_watermark": None, "replication_lag": None,
+                "learners": [], "in_sync": [], "log_start": None, "log_end": None, "high_watermark": None, "replication_lag": None,
                 "replication_lag_ms": None}
 
     # ------------------------------------------------------------------ the surface services use
@@ -1295,6 +1424,8 @@ class Node:
         P.MetadataRequest: on_metadata,
         P.CreateTopic: on_create_topic,
         P.DeleteTopic: on_delete_topic,
+        P.ReassignPartition: on_reassign_partition,
+        P.DrainNode: on_drain_node,
         P.RegisterNode: on_register_node,
         P.StatusRequest: on_status,
         P.LocalStatusRequest: on_local_status,

@@ -8,8 +8,10 @@ stores exactly the bytes the leader stored and a fetch returns them unchanged. T
   carries a placeholder base offset and epoch; whoever stores an entry *restamps* the header
   from the entry's own fields (`stored_from_entry`), which also makes a follower check the
   batch's checksums before it writes anything;
-- the core's one-record leader marker has an empty payload; it is stored as a control batch
-  (zq.batch.FLAG_CONTROL), which consumers skip.
+- the core's one-record leader marker has an empty payload, and its one-record configuration
+  entries (replica-set changes) carry the core's encoding of the voters; both are stored as
+  control batches (zq.batch.FLAG_CONTROL) holding that payload as their blob, which consumers
+  skip. A produced batch always starts with the batch magic, so it cannot pass for either.
 
 Producer ids: the wire and the batch header use 0 for "not idempotent", the core uses -1.
 """
@@ -46,17 +48,18 @@ def core_producer(producer_id: int, base_sequence: int) -> tuple[int, int]:
 def entry_from_stored(value: bytes) -> Entry:
     h = zbatch.unpack_header(value)
     if h.flags & zbatch.FLAG_CONTROL:
-        return Entry(h.base_offset, 1, h.epoch, NO_PRODUCER, NO_PRODUCER, MARKER_PAYLOAD)
+        blob = bytes(value[zbatch.HEADER_SIZE:])
+        return Entry(h.base_offset, 1, h.epoch, NO_PRODUCER, NO_PRODUCER, blob or MARKER_PAYLOAD)
     pid, seq = core_producer(h.producer_id, h.base_sequence)
     return Entry(h.base_offset, h.count, h.epoch, pid, seq, value)
 
 
 def stored_from_entry(entry: Entry) -> tuple[bytes, zbatch.BatchHeader]:
     """The bytes to store for an entry, verified. Raises CorruptData for a damaged payload."""
-    if entry.is_marker:
+    if entry.is_marker or entry.config is not None:
         # Append time 0, not this node's clock, so every replica stores the very same bytes (the
         # store's time index clamps it to the batch before, so time lookups are unaffected).
-        value = zbatch.control_batch(entry.base_offset, entry.epoch, 0)
+        value = zbatch.control_batch(entry.base_offset, entry.epoch, 0, entry.payload)
     else:
         value = zbatch.restamp(entry.payload, entry.base_offset, entry.epoch)
     header = zbatch.verify_stored(value)
@@ -81,15 +84,19 @@ def hard_state_key(tp: TopicPartition) -> bytes:
 
 
 def encode_hard_state(hs: HardState) -> bytes:
-    return cbor2.dumps([hs.epoch, hs.voted_for, [list(x) for x in hs.epoch_history], hs.high_watermark])
+    return cbor2.dumps([hs.epoch, hs.voted_for, [list(x) for x in hs.epoch_history], hs.high_watermark,
+                        [[offset, list(voters)] for offset, voters in hs.configs]])
 
 
 def load_hard_state(store: Store, tp: TopicPartition) -> HardState | None:
     raw = store.get_meta(hard_state_key(tp))
     if raw is None:
         return None
-    epoch, voted_for, history, hw = cbor2.loads(raw)
-    return HardState(epoch, voted_for, tuple(tuple(x) for x in history), hw)
+    fields = cbor2.loads(raw)
+    epoch, voted_for, history, hw = fields[:4]
+    configs = fields[4] if len(fields) > 4 else []   # written before replica sets could change: none
+    return HardState(epoch, voted_for, tuple(tuple(x) for x in history), hw,
+                     tuple((offset, tuple(voters)) for offset, voters in configs))
 
 
 _APPEND_CODE = 20   # zq.protocol registers repl_types.Append under this code

@@ -1,0 +1,167 @@
+"""Replica-set changes and drains in real nodes on loopback (in-process node threads).
+
+`zq topic reassign` logs a target replica set in __meta; the partition's leader then moves the
+partition one replica at a time in its own log (zq.core.replication: a new replica catches up as a
+learner, then joins the voters; a replica that leaves goes when a quorum without it holds the
+log). These tests check the shell's side of it: the learner replica is opened on the new node,
+the removed one is deleted, nothing acknowledged is lost, and the new set really holds the data
+(the partition keeps taking quorum writes after a node of the old set is gone). The network
+namespace version with real processes is in tests/test_lan.py.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.nodeutil import NodeThread, free_port_base, start_nodes, wait_until
+from zq.client import Client
+from zq.core.repl_types import LEADER
+from zq.errors import NotEnoughReplicas
+from zq.io.node import NodeConfig
+from zq.types import TopicPartition
+
+PRODUCE_MAX = 3_000          # messages the background producer sends at most
+PRODUCE_S_MAX = 30.0         # and for at most this long
+MOVE_TIMEOUT_S = 30.0        # bound on a reassignment completing on an idle 2-core machine
+
+
+def _client(nodes) -> Client:
+    return Client(bootstrap=",".join(n.address for n in nodes))
+
+
+def _create(client: Client, topic: str, partitions: int) -> None:
+    """Create once all three nodes have registered (they do within a second of starting)."""
+    def created() -> bool:
+        try:
+            client.create_topic(topic, partitions=partitions, replication=3)
+            return True
+        except NotEnoughReplicas:
+            return False
+    wait_until(created, 20, "three registered nodes")
+
+
+def _row(client: Client, topic: str, partition: int) -> dict:
+    return next(r for r in client.status()["partitions"] if r["topic"] == topic and r["partition"] == partition)
+
+
+def _moved(client: Client, topic: str, partition: int, target: list[str]) -> bool:
+    r = _row(client, topic, partition)
+    return bool(r["leader"]) and sorted(r["replicas"]) == sorted(target) and not r["learners"]
+
+
+class Background:
+    """An idempotent quorum producer to one partition in a thread, bounded in count and time; it
+    records every acknowledged (value, offset)."""
+
+    def __init__(self, client: Client, topic: str, partition: int, tag: str):
+        self.acked: list[tuple[str, int]] = []
+        self.failed: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(client, topic, partition, tag), daemon=True)
+        self.thread.start()
+
+    def _run(self, client: Client, topic: str, partition: int, tag: str) -> None:
+        producer = client.producer(acks="quorum", idempotent=True)
+        deadline = time.monotonic() + PRODUCE_S_MAX
+        i = 0
+        while not self.stop.is_set() and i < PRODUCE_MAX and time.monotonic() < deadline:
+            value = f"{tag}-{i}"
+            try:
+                meta = producer.send(topic, value.encode(), partition=partition).result(20)
+                self.acked.append((value, meta.offset))
+            except Exception as e:   # noqa: BLE001 - a failed send is not acknowledged; that is allowed
+                self.failed.append(f"{value}: {e}")
+            i += 1
+            time.sleep(0.002)
+        producer.close()
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(PRODUCE_S_MAX + 30)
+        assert not self.thread.is_alive()
+
+
+def _read_all(client: Client, topic: str, partition: int, want: int) -> list[tuple[str, int]]:
+    consumer = client.consumer(topic, start="earliest", partitions=[partition])
+    got: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 30
+    while len(got) < want and time.monotonic() < deadline:
+        got += [(m.value.decode(), m.offset) for m in consumer.poll(timeout=0.5)]
+    consumer.close()
+    return got
+
+
+def _start_fourth(tmp_path, nodes) -> NodeThread:
+    base = free_port_base()
+    cfg = NodeConfig(name="n4", port=base, data_dir=tmp_path / "n4", seeds=tuple(n.address for n in nodes),
+                     voters=("n1", "n2", "n3"), discovery=False, metrics=False)
+    return NodeThread(cfg)
+
+
+def test_a_fourth_node_takes_a_reassigned_partition_under_load_with_nothing_lost(tmp_path):
+    nodes = start_nodes(tmp_path, 3)
+    n4 = None
+    try:
+        with _client(nodes) as client:
+            _create(client, "orders", 2)
+            load = Background(client, "orders", 0, "m")
+            wait_until(lambda: len(load.acked) >= 100, 20, "the producer to get going")
+            n4 = _start_fourth(tmp_path, nodes)
+            wait_until(lambda: any(n["name"] == "n4" and n["state"] == "alive" for n in client.status()["nodes"]),
+                       20, "n4 to join the cluster")
+            target = ["n4", "n2", "n3"]      # n1 leaves, n4 joins
+            client.reassign_partition("orders", 0, target)
+            wait_until(lambda: _moved(client, "orders", 0, target), MOVE_TIMEOUT_S, "the move to finish")
+            time.sleep(0.3)                   # a few more writes on the new set
+            load.finish()
+            assert len(load.acked) > 100 and not load.failed, load.failed[:3]
+
+            tp = TopicPartition(client.refresh_metadata().topics["orders"]["id"], 0)
+            r4 = n4.node.parts[tp].replica
+            assert r4.voters == ("n2", "n3", "n4")
+            wait_until(lambda: tp not in nodes[0].node.parts, 10, "n1 to drop its copy")
+            assert nodes[0].node.store.partition_state(tp) is None, "the removed replica's data is deleted"
+            row = _row(client, "orders", 0)
+            assert row["target"] == target and sorted(row["in_sync"]) == ["n2", "n3", "n4"], row
+
+            # The new set holds the data: without n2, only n3 and n4 are left of it, a bare majority.
+            nodes[1].stop()
+            with Client(bootstrap=f"{nodes[2].address},{n4.address}") as survivor:
+                last = survivor.producer(acks="quorum").send("orders", b"after-n2", partition=0).result(30)
+                got = _read_all(survivor, "orders", 0, len(load.acked) + 1)
+        values = [v for v, _ in got]
+        assert len(values) == len(set(values)), "every message once"
+        assert set(load.acked) <= set(got), "every acknowledged message, at its offset"
+        assert ("after-n2", last.offset) in got
+    finally:
+        for n in [*nodes, *([n4] if n4 else [])]:
+            if n.thread.is_alive():
+                n.stop()
+
+
+def test_drain_hands_leadership_away_then_the_node_leaves(tmp_path):
+    nodes = start_nodes(tmp_path, 3)
+    try:
+        with _client(nodes) as client:
+            _create(client, "jobs", 6)
+            wait_until(lambda: all(r["leader"] for r in client.status()["partitions"]), 20, "leaders everywhere")
+            led = {n.config.name: sum(1 for p in n.node.parts.values() if p.replica and p.replica.role == LEADER)
+                   for n in nodes}
+            name = max(led, key=lambda k: led[k])
+            victim = next(n for n in nodes if n.config.name == name)
+            result = client.drain_node(name, wait_s=10, leave=True)
+            assert result["led_before"] >= 1 and result["led_after"] == 0, result
+            victim.thread.join(10)
+            assert not victim.thread.is_alive(), "a drained node with --leave stops"
+            others = [n for n in nodes if n is not victim]
+        with _client(others) as client:
+            wait_until(lambda: all(r["leader"] not in (None, name) for r in client.status()["partitions"]),
+                       10, "every partition led by a node that stays")
+            states = {n["name"]: n["state"] for n in client.status()["nodes"]}
+            assert states[name] in ("left", "dead", "suspect"), states
+            meta = client.producer(acks="quorum").send("jobs", b"still here", partition=0).result(20)
+            assert meta.offset >= 0
+    finally:
+        for n in nodes:
+            if n.thread.is_alive():
+                n.stop()
