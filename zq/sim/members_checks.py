@@ -15,7 +15,8 @@ Safety, for every running observer O and every row (N, incarnation, state) of it
   detector then finds it dead).
 
 Liveness (checked by the driver after healing, see `MembersSim.converged`): every running node is
-ALIVE in every running node's table, every node that is down is DEAD or LEFT (or unknown).
+ALIVE in every running node's table, every node that is down is DEAD or LEFT in every table
+(or in none, when no running node ever heard of it).
 """
 from __future__ import annotations
 
