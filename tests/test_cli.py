@@ -321,6 +321,35 @@ def test_consume_from_a_time(zq):
     assert [json.loads(line)["value"] for line in out.splitlines()] == ["new"]
 
 
+def test_reassign_moves_a_partition_to_another_node_and_refuses_mistakes(zq, cluster):
+    a, b = cluster.names[:2]
+    assert zq("topic", "create", "mv")[0] == 0
+    code, out, err = zq("status", "--json")
+    row = next(p for p in json.loads(out)["partitions"] if p["topic"] == "mv")
+    here, there = (a, b) if row["replicas"] == [a] else (b, a)
+    assert zq("produce", "mv", "before")[0] == 0
+    code, out, err = zq("topic", "reassign", "mv", "--replicas", there, "--timeout", "30")
+    assert code == 0, err
+    assert f"reassigning mv partition 0 to {there}" in out and "done" in out
+    code, out, err = zq("status", "--json")
+    row = next(p for p in json.loads(out)["partitions"] if p["topic"] == "mv")
+    assert row["replicas"] == [there] and row["leader"] == there and row["target"] == [there], row
+    assert zq("produce", "mv", "after")[0] == 0
+    code, out, err = zq("consume", "mv", "--from", "earliest", "--max", "2", "--timeout", "10")
+    assert [json.loads(line)["value"] for line in out.splitlines()] == ["before", "after"]
+
+    for argv, words in [
+        (("topic", "reassign", "mv", "--replicas", "nobody"), "'nobody' is not a member"),
+        (("topic", "reassign", "mv", "--replicas", here, "--partition", "3"), "partitions 0 to 0"),
+        (("topic", "reassign", "no-such-topic", "--replicas", here), "does not exist"),
+        (("topic", "reassign", "mv", "--replicas", ","), "names no node"),
+        (("node", "drain", "nobody"), "not a member"),
+    ]:
+        code, out, err = zq(*argv)
+        assert code == 2 and words in err, (argv, err)
+        assert_one_sentence(err)
+
+
 def test_unknown_topic_is_exit_2(zq, short_timeouts):
     code, out, err = zq("consume", "no-such-topic", "--timeout", "1")
     assert code == 2
