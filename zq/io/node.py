@@ -1665,6 +1665,11 @@ class Node:
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
 
     def _refresh_metrics(self) -> None:
+        if self.authenticator is not None:
+            # The ZAP handler's thread counts CurveZMQ handshakes; the node's counters show them.
+            auth = dict(self.authenticator.counters)
+            self.counters["curve_allowed"] = auth["allowed"]
+            self.counters["curve_refused"] = auth["refused"]
         if self.config.metrics:
             self.metrics_rows = self._local_partitions_view()
             group_rows = []
