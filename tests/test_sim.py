@@ -1,9 +1,10 @@
 """The deterministic simulator: thousands of seeds, replay of kept seeds, determinism, and proof
 that the checks catch a broken core.
 
-Sizing (measured on this 2-core machine while other work ran): a 3-node seed of 1,000 safety
-steps plus its liveness phase takes about 15-20 ms, so 2,000 of them take 30-40 s and the whole
-file about 50 s, under the 120 s budget. `make sim SEEDS=N` runs longer soaks.
+Sizing (measured on this 2-core machine while other work ran): a seed of 1,000 safety steps
+plus its liveness phase takes about 15-20 ms of CPU (a default seed draws 3, 4 or 5 nodes), so
+2,000 of them take 30-45 s and the whole file about 60 s, under the 120 s budget. `make sim
+SEEDS=N` runs longer soaks.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from zq.core import quorum
-from zq.core.repl_types import COMMITTED, Outcome, Vote
+from zq.core.repl_types import COMMITTED, LEADER, Outcome, Vote
 from zq.core.replication import Replica
 from zq.sim import Sim, replay_command
 from zq.sim.__main__ import main as sim_main
 
-SEEDS_3_NODES = 2_000
-SEEDS_5_NODES = 400
+SEEDS_3_NODES = 2_000   # default seeds: each draws 3, 4 or 5 nodes
+SEEDS_5_NODES = 300
 STEPS = 1_000
 START = int(os.environ.get("ZQ_SIM_START", "0"))  # shift the window to explore new seeds
 KEPT = Path(__file__).with_name("sim_seeds.txt")
@@ -40,7 +41,7 @@ def _failures(seeds: range, nodes: int, steps: int = STEPS) -> list[str]:
 def test_two_thousand_seeds_three_nodes() -> None:
     began = time.monotonic()
     failures = _failures(range(START, START + SEEDS_3_NODES), nodes=3)
-    print(f"{SEEDS_3_NODES} seeds x {STEPS} steps, 3 nodes: {time.monotonic() - began:.1f} s")
+    print(f"{SEEDS_3_NODES} seeds x {STEPS} steps, 3 to 5 nodes: {time.monotonic() - began:.1f} s")
     assert not failures, "\n".join(failures)
 
 
@@ -88,15 +89,25 @@ def test_one_seed_twice_gives_one_trace() -> None:
 
 
 def test_runs_draw_faults_and_do_work() -> None:
-    """The seeds are not vacuous: they crash, pause and partition nodes, elect and acknowledge."""
+    """The seeds are not vacuous: they crash, pause and partition nodes, elect and acknowledge,
+    move partitions (to the end: replicas deleted), drain nodes and hand leadership over."""
     results = [Sim(seed, steps=STEPS).run() for seed in range(100)]
+    assert all(r.ok for r in results)
     assert sum(r.crashes for r in results) > 50
     assert sum(r.pauses for r in results) > 20
     assert sum(r.cuts for r in results) > 50
     assert sum(r.acks for r in results) > 500
     assert sum(r.reads for r in results) > 500
     assert {r.settings.durability for r in results} == {"fsync", "replicated"}
+    assert {r.settings.nodes for r in results} == {3, 4, 5}
     assert all(r.elections >= r.settings.partitions for r in results)
+    assert sum(r.reassignments for r in results) > 50
+    assert sum(r.reassigned for r in results) > 20
+    assert sum(r.config_changes for r in results) > 50
+    assert sum(r.removals for r in results) > 30
+    assert sum(r.drains for r in results) > 30
+    assert sum(r.transfers for r in results) > 20
+    assert sum(r.handoffs for r in results) > 30
 
 
 def _granting_any_log(self: Replica, m) -> None:
@@ -110,12 +121,85 @@ def _granting_any_log(self: Replica, m) -> None:
     self._send(m.sender, Vote(self.epoch, self.node_id, granted))
 
 
-def _first_failure(seeds: range):
+def _first_failure(seeds: range, nodes: int = 3):
     for seed in seeds:
-        r = Sim(seed, steps=STEPS).run()
+        r = Sim(seed, nodes=nodes, steps=STEPS).run()
         if not r.ok:
             return r
     return None
+
+
+def _change_config_without_rules(one_voter: bool, wait_for_commit: bool):
+    """A broken maybe_change_config: moves straight to the target (one_voter False), or takes
+    the next one-voter step without waiting for the last one to commit (wait_for_commit False)."""
+
+    def maybe_change_config(self: Replica) -> None:
+        target = self._target
+        if self.role != LEADER or target is None or self._transfer is not None or self.node_id not in self.voters:
+            return
+        hw = self.high_watermark
+        own_start = self.history[-1][1] if self.history and self.history[-1][0] == self.epoch else hw
+        if own_start >= hw or (wait_for_commit and self.config_history[-1][0] >= hw):
+            return
+        voters = set(self.voters)
+        if not one_voter:
+            if set(target) != voters and self.node_id in target:
+                self._append_config(set(target))
+            return
+        add, remove = sorted(set(target) - voters), sorted(voters - set(target) - {self.node_id})
+        if add:
+            self._append_config(voters | {add[0]})
+        elif remove:
+            self._append_config(voters - {remove[0]})
+
+    return maybe_change_config
+
+
+@pytest.mark.parametrize("one_voter, wait_for_commit, invariant", [
+    (False, True, "configuration changed by more than one voter"),
+    (True, False, "configuration changed before the previous one committed"),
+])
+def test_checks_catch_configuration_changes_that_break_the_rules(
+        monkeypatch: pytest.MonkeyPatch, one_voter: bool, wait_for_commit: bool, invariant: str) -> None:
+    monkeypatch.setattr(Replica, "maybe_change_config", _change_config_without_rules(one_voter, wait_for_commit))
+    r = _first_failure(range(100), nodes=5)
+    assert r is not None and r.invariant == invariant, r
+
+
+def test_checks_catch_learners_that_vote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node removed and added again starts empty; if it voted as Raft's servers do, a node that
+    missed its removal could be elected in its old configuration. The simulator finds it."""
+    original = Replica.on_request_vote
+
+    def learners_vote_too(self: Replica, m) -> None:
+        if self.node_id in self.voters:
+            original(self, m)
+            return
+        _raft_vote(self, m)
+
+    monkeypatch.setattr(Replica, "on_request_vote", learners_vote_too)
+    r = _first_failure(range(400), nodes=5)
+    assert r is not None, "a core whose learners vote went unnoticed"
+    assert r.invariant in {"new leader lacks committed entries", "committed entry deleted",
+                           "two different batches at one offset", "acknowledged write lost", "two leaders in one epoch"}
+
+
+def _raft_vote(self: Replica, m) -> None:
+    """Raft's vote rule, with no regard to configurations."""
+    if m.epoch > self.epoch:
+        self.become_follower(m.epoch, None)
+    granted = (m.epoch == self.epoch and self.voted_for in (None, m.sender)
+               and (m.last_epoch, m.last_end) >= (self.last_epoch, self.log_end))
+    if granted and self.voted_for != m.sender:
+        self.voted_for = m.sender
+        self._hard_dirty = self._must_sync = True
+    self._send(m.sender, Vote(self.epoch, self.node_id, granted))
+
+
+def test_checks_catch_removed_replicas_that_are_never_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Replica, "removed", property(lambda self: False))
+    r = _first_failure(range(50), nodes=5)
+    assert r is not None and r.invariant == "no convergence" and r.phase == "liveness", r
 
 
 def test_checks_catch_a_broken_vote_rule(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,8 +229,8 @@ def test_checks_catch_commits_of_older_epoch_entries(monkeypatch: pytest.MonkeyP
     def advance_without_the_epoch_rule(self: Replica) -> None:
         if self.role != "leader":
             return
-        ends = [self.durable_end] + [self._match[p] for p in self.peers]
-        end = quorum.committed_end(ends, len(self.replicas))
+        ends = [self.durable_end if v == self.node_id else self._match.get(v, 0) for v in self.voters]
+        end = quorum.committed_end(ends, len(self.voters))
         if end <= self.high_watermark:
             return
         self._set_high_watermark(end)

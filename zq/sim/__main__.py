@@ -1,7 +1,9 @@
 """Command line of the simulator.
 
-    python -m zq.sim --seed S [--nodes 5] [--steps N] [-v]     replay one seed, print its trace hash
-    python -m zq.sim --seeds N [--start K] [--nodes 5] [-v]    run N seeds from K, with progress and a summary
+    python -m zq.sim --seed S [--nodes 4|5] [--steps N] [-v]     replay one seed, print its trace hash
+    python -m zq.sim --seeds N [--start K] [--nodes 4|5] [-v]    run N seeds from K, with progress and a summary
+
+By default a seed draws its cluster size (3, 4 or 5 nodes); --nodes 4 or 5 fixes it.
 """
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
         _report_failure(r, nodes, steps)
         return 1
     print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.reads} reads, {r.elections} elections, {r.crashes} crashes, "
-          f"{r.pauses} pauses, {r.cuts} partitions, converged {r.converged_ms} ms after healing, trace {r.trace_hash}")
+          f"{r.pauses} pauses, {r.cuts} partitions, {r.reassignments} reassignments ({r.reassigned} reached, "
+          f"{r.config_changes} configuration changes, {r.removals} replicas deleted), {r.drains} drains, "
+          f"{r.transfers} transfers, {r.handoffs} hand-offs, converged {r.converged_ms} ms after healing, "
+          f"trace {r.trace_hash}")
     return 0
 
 
@@ -38,7 +43,9 @@ def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> i
     began = time.monotonic()
     failures: list[Result] = []
     converge_ms_max = 0
-    totals = {"steps": 0, "acks": 0, "reads": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0}
+    totals = {"steps": 0, "acks": 0, "reads": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0,
+              "reassignments": 0, "reassigned": 0, "config_changes": 0, "removals": 0, "drains": 0,
+              "transfers": 0, "handoffs": 0}
     for i, seed in enumerate(range(start, start + count), 1):
         r = Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run()
         for k in totals:
@@ -63,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--seed", type=int, help="replay one seed")
     group.add_argument("--seeds", type=int, help="run this many seeds")
     ap.add_argument("--start", type=int, default=0, help="first seed with --seeds")
-    ap.add_argument("--nodes", type=int, default=3, choices=[3, 5])
+    ap.add_argument("--nodes", type=int, default=3, choices=[3, 4, 5],
+                    help="3 (default): each seed draws 3, 4 or 5 nodes; 4 or 5: that many")
     ap.add_argument("--steps", type=int, default=400, help="events in the safety phase")
     ap.add_argument("-v", "--verbose", action="store_true", help="print roles, faults and phases")
     args = ap.parse_args(argv)

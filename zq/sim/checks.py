@@ -14,7 +14,10 @@ compared with what is there. From that:
   with; every new leader holds the whole committed log; no replica ever deletes an entry of the
   committed log (so no future leader can lack one);
 - an idempotent producer's batch is committed at most once;
-- what a consumer read below a leader's high watermark is committed, and stays in every log.
+- what a consumer read below a leader's high watermark is committed, and stays in every log;
+- a leader appends a configuration only after the one before it in its log is committed (below
+  the high watermark some replica has reported), and only one differing by one voter from it;
+- at the end, every voter of the final configuration holds every acknowledged write.
 """
 from __future__ import annotations
 
@@ -85,6 +88,21 @@ class Checker:
                 raise Violation("new leader lacks committed entries",
                                 f"{node} leads p{p} epoch {epoch} without offset {offset} committed in epoch "
                                 f"{self.commit_epoch[p][offset]}: has {got[:1]}")
+
+    def on_config_appended(self, node: str, p: int, entry: Entry, replica) -> None:
+        """A leader appended configuration `entry` (its high watermark already absorbed)."""
+        before = [(o, v) for o, v in replica.config_history if o < entry.base_offset]
+        if not before:
+            raise Violation("configuration history lost", f"{node} p{p}: none before offset {entry.base_offset}")
+        prev_offset, prev = before[-1]
+        new = entry.config
+        if len(set(prev) ^ set(new)) != 1:
+            raise Violation("configuration changed by more than one voter",
+                            f"{node} p{p} offset {entry.base_offset}: {list(prev)} -> {list(new)}")
+        if prev_offset >= self.committed_end[p]:
+            raise Violation("configuration changed before the previous one committed",
+                            f"{node} p{p} offset {entry.base_offset}: previous at {prev_offset}, "
+                            f"committed to {self.committed_end[p]}")
 
     def before_truncate(self, node: str, p: int, offset: int, store) -> None:
         committed = self.committed[p]

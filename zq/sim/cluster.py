@@ -20,10 +20,21 @@ that mode gives up, and it is not simulated. A crash also loses the in-flight re
 restart builds the cores from the disk alone. A pause stops a node's timers and queues what arrives for it (bounded, as socket
 buffers are), like SIGSTOP.
 
+Replica-set changes. A seed may draw 4 or 5 nodes (partitions keep 3 replicas) and
+reassignments: the simulator's metadata (`targets`) moves a partition to another 3-node set
+differing by 1 or 2 nodes, tells every replica of it (`set_target`), and creates an empty replica,
+knowing no configuration, on a node that has none; a replica whose `removed` turns True is
+deleted with its data (durably, at once), so a node added again later starts empty. A node
+that is down or paused learns the targets when it runs again, as a node reads the metadata
+log. Drains (`set_draining` on every replica of a node for a while) and one-off hand-offs
+(`transfer_leadership` on a leader) are drawn as well.
+
 The safety phase runs `steps` events with faults. The liveness phase then heals everything
-(restarts, resumes, reconnects, no loss) and stops the producers; within `liveness_ms` of
-simulated time every partition must have one leader that every replica follows, with equal log
-ends equal to every high watermark, and every replica must hold every acknowledged write.
+(restarts, resumes, reconnects, no loss, drains ended) and stops the producers; within
+`liveness_ms` of simulated time every partition must have one leader that every replica follows,
+with equal log ends equal to every high watermark; its committed configuration must be its
+target, with replicas on exactly the target's nodes; and every replica must hold every
+acknowledged write.
 """
 from __future__ import annotations
 
@@ -36,7 +47,7 @@ from dataclasses import dataclass, field, fields
 
 from zq.core.replication import Replica
 from zq.core.repl_types import (
-    BACKPRESSURE, COMMITTED, LEADER, NO_PRODUCER, NOT_LEADER, ReplicationConfig,
+    BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, ReplicationConfig, TimeoutNow,
 )
 from zq.errors import ProtocolError
 from zq.hashing import rendezvous
@@ -49,6 +60,7 @@ from zq.sim.workload import (
 )
 
 REPLICATION_FACTOR = 3
+NODES_DRAWN = (3, 3, 4, 5)   # cluster sizes a default (--nodes 3) seed draws from
 DRAIN_ROUNDS_MAX = 16        # Ready rounds per event (each sync may free one more)
 PAUSED_INBOX_MAX = 1_000
 READ_ENTRIES_MAX = 8         # entries one simulated consumer fetch returns     # messages queued for a paused node before the rest are dropped
@@ -78,10 +90,16 @@ class Settings:
     partition: bool = True
     fault_interval_ms_max: int = 300
     fault_duration_ms_max: int = 600
+    reassign: bool = False           # move partitions to other nodes (needs more than 3 nodes)
+    drain: bool = False              # drain a node for a while
+    transfer: bool = False           # one-off leadership hand-offs
+    change_interval_ms_max: int = 1000  # between reassignments, drains and hand-offs
     net: NetworkFaults = field(default_factory=NetworkFaults)
 
     @staticmethod
     def draw(rng: random.Random, nodes: int, steps: int) -> Settings:
+        if nodes == 3:
+            nodes = rng.choice(NODES_DRAWN)
         net = NetworkFaults(
             loss=rng.choice([0.0, 0.0, 0.02, 0.1, 0.3]),
             duplicate=rng.choice([0.0, 0.05, 0.2]),
@@ -97,7 +115,9 @@ class Settings:
             sync_delay_ms_max=rng.choice([0, 3, 20]),
             crash=rng.random() < 0.7, pause=rng.random() < 0.5, partition=rng.random() < 0.6,
             fault_interval_ms_max=rng.choice([200, 500, 1000]),
-            fault_duration_ms_max=rng.choice([200, 600, 1500]), net=net,
+            fault_duration_ms_max=rng.choice([200, 600, 1500]),
+            reassign=nodes > REPLICATION_FACTOR and rng.random() < 0.8, drain=rng.random() < 0.4,
+            transfer=rng.random() < 0.4, change_interval_ms_max=rng.choice([300, 1000, 3000]), net=net,
         )
 
     def describe(self) -> str:
@@ -123,14 +143,24 @@ class Result:
     crashes: int = 0
     pauses: int = 0
     cuts: int = 0
+    reassignments: int = 0           # target changes drawn
+    reassigned: int = 0              # times a partition's committed configuration reached its target
+    config_changes: int = 0          # configuration entries leaders appended
+    removals: int = 0                # replicas deleted once removed
+    drains: int = 0
+    transfers: int = 0               # hand-offs asked for (one-off)
+    handoffs: int = 0                # elections a TimeoutNow started
     converged_ms: int = -1           # simulated time the liveness phase needed to converge
 
 
 class SimNode:
-    def __init__(self, name: str, partitions: dict[int, list[str]]) -> None:
+    def __init__(self, name: str, partitions: dict[int, tuple[str, ...]]) -> None:
         self.name = name
-        self.replica_sets = partitions          # only the partitions this node holds
+        # The partitions this node holds, each with the configuration its replica was created
+        # with: the initial replica set, or () for one created by a reassignment.
+        self.replica_sets = partitions
         self.disk = SimDisk(sorted(partitions))
+        self.draining = False
         self.replicas: dict[int, Replica] = {}
         self.alive = False
         self.paused = False
@@ -159,7 +189,10 @@ class Sim:
         self.net = SimNetwork(self.rng, s.net)
         self.config = dataclasses.replace(SIM_CONFIG, append_entries_max=s.append_entries_max)
         names = [f"n{i + 1}" for i in range(s.nodes)]
-        self.replica_sets = {p: sorted(rendezvous("sim", p, names, REPLICATION_FACTOR)) for p in range(s.partitions)}
+        self.replica_sets = {p: tuple(sorted(rendezvous("sim", p, names, REPLICATION_FACTOR)))
+                             for p in range(s.partitions)}
+        self.targets = dict(self.replica_sets)   # the metadata's desired replica sets
+        self.moving: set[int] = set()            # partitions whose committed set is not their target yet
         self.nodes = {
             n: SimNode(n, {p: rs for p, rs in self.replica_sets.items() if n in rs}) for n in names
         }
@@ -171,7 +204,7 @@ class Sim:
             p = i % s.partitions
             idem = self.rng.random() < s.idempotent_share
             name = f"c{i + 1}"
-            self.producers[name] = Producer(name, p, self.replica_sets[p], 1000 + i if idem else NO_PRODUCER)
+            self.producers[name] = Producer(name, p, sorted(self.nodes), 1000 + i if idem else NO_PRODUCER)
 
     # ---------------------------------------------------------------- scheduling
 
@@ -195,6 +228,8 @@ class Sim:
             self.at(self.rng.randrange(1, 50), "read", i % s.partitions, i)
         if s.crash or s.pause or s.partition:
             self.at(self.rng.randrange(1, s.fault_interval_ms_max), "fault")
+        if s.reassign or s.drain or s.transfer:
+            self.at(self.rng.randrange(1, s.change_interval_ms_max), "change")
         try:
             while self.heap and self.step_no < s.steps:
                 self.one_step()
@@ -207,7 +242,7 @@ class Sim:
                     break
             else:
                 raise Violation("no convergence", self.convergence_report())
-            for p, rs in self.replica_sets.items():
+            for p, rs in self.targets.items():
                 self.checker.check_converged_logs(p, [(n, self.nodes[n].replicas[p]) for n in rs])
         except (Violation, AssertionError) as v:
             if isinstance(v, AssertionError):
@@ -242,17 +277,54 @@ class Sim:
         node.proposals.clear()
         node.sync_pending = False
         for p in sorted(node.replica_sets):
-            store = node.disk.volatile[p]
-            r = Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=self.config,
-                        hard_state=store.hard, log_end=store.log_end)
-            node.replicas[p] = r
-            node.applied_end[p] = store.log_end
-            node.timer_at[p] = -1
-            self.checker.on_restart(node.name, p, r)
-            self.schedule_timer(node, p)
+            self.open_replica(node, p)
         self.net.rejoin(node.name, self.now)
+        self.apply_targets(node)
+
+    def open_replica(self, node: SimNode, p: int) -> None:
+        store = node.disk.volatile[p]
+        r = Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=self.config,
+                    hard_state=store.hard, log_end=store.log_end)
+        r.set_target(self.targets[p])
+        if node.draining:
+            r.set_draining(True)
+        node.replicas[p] = r
+        node.applied_end[p] = store.log_end
+        node.timer_at[p] = -1
+        self.checker.on_restart(node.name, p, r)
+        self.schedule_timer(node, p)
+
+    def apply_targets(self, node: SimNode) -> None:
+        """What a running node does on reading a target change in the metadata: tell its
+        replicas, and create an empty one where the target names it and it has none."""
+        if not node.alive or node.paused:
+            return  # it reads the metadata when it runs again
+        for p in sorted(self.targets):
+            r = node.replicas.get(p)
+            if r is not None:
+                r.tick(self.now)
+                r.set_target(self.targets[p])
+                self.drain(node, p)
+            elif node.name in self.targets[p]:
+                self.log(f"{node.name} p{p}: new replica (a learner)")
+                node.replica_sets[p] = ()
+                node.disk.add_partition(p)
+                self.open_replica(node, p)
+
+    def delete_replica(self, node: SimNode, p: int) -> None:
+        self.log(f"{node.name} p{p}: removed, deleted")
+        self.result.removals += 1
+        del node.replicas[p]
+        del node.replica_sets[p]
+        node.disk.drop_partition(p)
+        node.applied_end.pop(p, None)
+        node.timer_at.pop(p, None)
+        for key in [k for k in node.proposals if k[0] == p]:
+            del node.proposals[key]  # its clients time out and look elsewhere
 
     def schedule_timer(self, node: SimNode, p: int) -> None:
+        if p not in node.replicas:
+            return
         due = max(self.now, node.replicas[p].next_timer_ms())
         if node.timer_at[p] != due:
             node.timer_at[p] = due
@@ -279,6 +351,10 @@ class Sim:
                     self.checker.on_leader(node.name, p, rd.role.epoch, r)
             if rd.high_watermark is not None:
                 self.checker.on_high_watermark(node.name, p, rd.high_watermark, r)
+            for e in rd.entries:
+                if e.config is not None and r.role == LEADER and e.epoch == r.epoch:
+                    self.checker.on_config_appended(node.name, p, e, r)
+                    self.result.config_changes += 1
             for out in rd.messages:
                 self.send(node, p, out.to, out.message)
             for outcome in rd.outcomes:
@@ -292,11 +368,17 @@ class Sim:
                 self.at(self.now + self.rng.randint(0, self.settings.sync_delay_ms_max), "sync",
                         node.name, node.incarnation)
             break
+        if r.role == LEADER and p in self.moving and r.committed_voters() == self.targets[p]:
+            self.moving.discard(p)
+            self.result.reassigned += 1
+        if r.removed:
+            self.delete_replica(node, p)
+            return
         self.schedule_timer(node, p)
 
     def send(self, node: SimNode, p: int, to: str | None, msg: object) -> None:
         broadcast = to is None
-        for dst in (node.replica_sets[p] if broadcast else [to]):
+        for dst in (node.replicas[p].peers if broadcast else [to]):
             if dst == node.name:
                 continue
             for t in self.net.deliveries(self.now, node.name, dst, broadcast):
@@ -315,13 +397,17 @@ class Sim:
     def handle(self, node: SimNode, kind: str, args: tuple) -> None:
         if kind == "deliver":
             _dst, p, msg = args
-            r = node.replicas[p]
+            r = node.replicas.get(p)
+            if r is None:
+                return  # not (or no longer) a replica here: a shell drops it
             r.tick(self.now)  # a shell tells the core the time before each batch of events
             try:
                 r.step(msg)
             except ProtocolError as e:
                 # Every simulated peer is honest: a refused message is a bug in a core.
                 raise Violation("protocol error between honest replicas", f"{node.name} p{p}: {e}") from None
+            if isinstance(msg, TimeoutNow) and r.role != FOLLOWER:
+                self.result.handoffs += 1
             self.drain(node, p)
         else:
             (req,) = args
@@ -353,7 +439,7 @@ class Sim:
 
     def ev_timer(self, name: str, incarnation: int, p: int, due: int) -> None:
         node = self.nodes[name]
-        if not node.alive or node.paused or node.incarnation != incarnation or node.timer_at[p] != due:
+        if not node.alive or node.paused or node.incarnation != incarnation or node.timer_at.get(p) != due:
             return
         node.timer_at[p] = -1
         node.replicas[p].tick(self.now)
@@ -375,9 +461,10 @@ class Sim:
         node.sync_pending = False
         node.disk.sync()
         for p in sorted(node.replicas):
-            node.replicas[p].tick(self.now)
-            node.replicas[p].on_persisted(node.applied_end[p])
-            self.drain(node, p)
+            if p in node.replicas:  # an earlier one's drain may not delete it, but be sure
+                node.replicas[p].tick(self.now)
+                node.replicas[p].on_persisted(node.applied_end[p])
+                self.drain(node, p)
 
     def ev_produce(self, name: str) -> None:
         if self.phase != "safety":
@@ -425,7 +512,7 @@ class Sim:
         replica's high watermark, which must never be taken back."""
         if self.phase != "safety":
             return
-        name = self.rng.choice(self.replica_sets[p])
+        name = self.rng.choice(sorted(self.nodes))
         node = self.nodes[name]
         r = node.replicas.get(p)
         if node.alive and not node.paused and r is not None and r.role == LEADER:
@@ -470,6 +557,66 @@ class Sim:
             self.at(self.now + duration, "heal")
         self.at(self.now + self.rng.randint(10, s.fault_interval_ms_max), "fault")
 
+    # ---------------------------------------------------------------- changes
+
+    def ev_change(self) -> None:
+        if self.phase != "safety":
+            return
+        s = self.settings
+        kinds = [k for k, on in (("reassign", s.reassign), ("drain", s.drain), ("transfer", s.transfer)) if on]
+        kind = self.rng.choice(kinds)
+        if kind == "reassign":
+            p = self.rng.randrange(s.partitions)
+            current = list(self.targets[p])
+            others = sorted(set(self.nodes) - set(current))
+            k = self.rng.randint(1, min(2, len(others)))
+            keep = self.rng.sample(current, len(current) - k)
+            new = tuple(sorted(keep + self.rng.sample(others, k)))
+            self.result.reassignments += 1
+            self.log(f"reassign p{p}: {list(current)} -> {list(new)}")
+            self.targets[p] = new
+            self.moving.add(p)
+            for name in sorted(self.nodes):
+                self.apply_targets(self.nodes[name])
+        elif kind == "drain":
+            name = self.rng.choice(sorted(self.nodes))
+            node = self.nodes[name]
+            if not node.draining:
+                self.result.drains += 1
+                self.log(f"drain {name}")
+                self.set_draining(node, True)
+                self.at(self.now + self.rng.randint(50, s.change_interval_ms_max), "undrain", name)
+        else:
+            p = self.rng.randrange(s.partitions)
+            for name in sorted(self.nodes):
+                node = self.nodes[name]
+                r = node.replicas.get(p)
+                if node.alive and not node.paused and r is not None and r.role == LEADER:
+                    others = [v for v in r.voters if v != name]
+                    to = self.rng.choice([None, *others]) if others else None
+                    self.result.transfers += 1
+                    self.log(f"transfer p{p} from {name} to {to or 'the best voter'}")
+                    r.tick(self.now)
+                    r.transfer_leadership(to)
+                    self.drain(node, p)
+        self.at(self.now + self.rng.randint(10, s.change_interval_ms_max), "change")
+
+    def set_draining(self, node: SimNode, on: bool) -> None:
+        node.draining = on
+        if not node.alive or node.paused:
+            return  # applied when it runs again
+        for p in sorted(node.replicas):
+            if p in node.replicas:
+                node.replicas[p].tick(self.now)
+                node.replicas[p].set_draining(on)
+                self.drain(node, p)
+
+    def ev_undrain(self, name: str) -> None:
+        node = self.nodes[name]
+        if node.draining:
+            self.log(f"undrain {name}")
+            self.set_draining(node, False)
+
     def ev_restart(self, name: str) -> None:
         node = self.nodes[name]
         if not node.alive:
@@ -485,9 +632,12 @@ class Sim:
         self.log(f"resume {node.name}")
         node.paused = False
         for p in sorted(node.replicas):
-            node.timer_at[p] = -1
-            node.replicas[p].tick(self.now)  # the clock jumped while it was stopped
-            self.drain(node, p)
+            if p in node.replicas:
+                node.timer_at[p] = -1
+                node.replicas[p].tick(self.now)  # the clock jumped while it was stopped
+                node.replicas[p].set_draining(node.draining)
+                self.drain(node, p)
+        self.apply_targets(node)
         queued, node.inbox = node.inbox, []
         for kind, args in queued:
             if node.alive and not node.paused:
@@ -507,31 +657,41 @@ class Sim:
         self.net.joined_at_ms.clear()
         for name in sorted(self.nodes):
             node = self.nodes[name]
+            node.draining = False
             if not node.alive:
                 self.start_node(node)
             elif node.paused:
                 self.resume(node)
+            else:
+                self.set_draining(node, False)
 
     def converged(self) -> bool:
-        for p, rs in self.replica_sets.items():
-            replicas = [self.nodes[n].replicas[p] for n in rs]
+        for p, target in self.targets.items():
+            holders = tuple(n for n in sorted(self.nodes) if p in self.nodes[n].replicas)
+            if holders != target:
+                return False  # a removed replica is not gone yet, or a new one not created
+            replicas = [self.nodes[n].replicas[p] for n in target]
             leaders = [r for r in replicas if r.role == LEADER]
             if len(leaders) != 1:
                 return False
             lead = leaders[0]
             for r in replicas:
                 if (r.epoch != lead.epoch or r.leader != lead.node_id or r.log_end != lead.log_end
-                        or r.high_watermark != lead.log_end or r.durable_end != lead.log_end):
+                        or r.high_watermark != lead.log_end or r.durable_end != lead.log_end
+                        or r.committed_voters() != target or r.voters != target):
                     return False
         return True
 
     def convergence_report(self) -> str:
         parts = []
-        for p, rs in self.replica_sets.items():
-            for n in rs:
-                r = self.nodes[n].replicas[p]
-                parts.append(f"p{p} {n}: {r.role} e{r.epoch} leader={r.leader} end={r.log_end} "
-                             f"hw={r.high_watermark} durable={r.durable_end}")
+        for p, target in self.targets.items():
+            parts.append(f"p{p} target {list(target)}")
+            for n in sorted(self.nodes):
+                r = self.nodes[n].replicas.get(p)
+                if r is not None:
+                    parts.append(f"p{p} {n}: {r.role} e{r.epoch} leader={r.leader} end={r.log_end} "
+                                 f"hw={r.high_watermark} durable={r.durable_end} voters={list(r.voters)} "
+                                 f"committed={list(r.committed_voters())} learners={list(r.learners)}")
         return "; ".join(parts)
 
 

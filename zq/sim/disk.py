@@ -75,6 +75,20 @@ class SimDisk:
         self.volatile = {p: PartitionStore() for p in self.partitions}
         self.unsynced: list[tuple[int, int | None, tuple, HardState | None]] = []
 
+    def add_partition(self, partition: int) -> None:
+        """A replica created here (by a reassignment): an empty store."""
+        assert partition not in self.durable, "a replica is created once, after any earlier one was deleted"
+        self.partitions = sorted([*self.partitions, partition])
+        self.durable[partition] = PartitionStore()
+        self.volatile[partition] = PartitionStore()
+
+    def drop_partition(self, partition: int) -> None:
+        """A removed replica's data deleted, durably at once (the shell deletes, then syncs)."""
+        self.partitions = [p for p in self.partitions if p != partition]
+        del self.durable[partition]
+        del self.volatile[partition]
+        self.unsynced = [b for b in self.unsynced if b[0] != partition]
+
     def write(self, partition: int, rd: Ready) -> None:
         batch = (partition, rd.truncate_from, rd.entries, rd.hard_state)
         self.volatile[partition].apply(*batch[1:])
