@@ -21,9 +21,11 @@ for Ping, Ack and PingReq that arrive on its ROUTER), the clock (`tick(now_ms)` 
 pass; it calls the core only when the core's next deadline is due, so a busy loop costs one
 comparison), and hints: zeroconf peers drained from `Discovery` every `DISCOVERY_DRAIN_MS`, and
 seeds, pinged at start and again every `SEED_RETRY_MS` while no live member holds the seed's
-address. Re-pinging seeds is what heals a network partition in a seeded cluster: the two sides
-declared each other dead and SWIM never probes the dead, but a seed's Ack makes our core tell
-the seed it is held dead, and the seed refutes with a higher incarnation.
+address. Re-pinging seeds, and the core's own reconnect pings to DEAD members every
+`reconnect_interval_ms`, heal a network partition: the two sides declared each other dead and
+SWIM never probes the dead, but such a ping carries our record of the node, and a live node
+refutes it with a higher incarnation. A zeroconf record of a node held suspect or dead makes the
+core ping it rather than believe it (a stale record never brings a crashed node back).
 
 `view(name, now_ms)` answers the node's question "what state is node N in, and how long since it
 was heard from?" (`node.set_member_view`), so `zq status` shows the detector's alive, suspect,
