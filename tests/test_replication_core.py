@@ -795,3 +795,30 @@ def test_a_removed_node_that_missed_its_removal_cannot_depose_the_leader() -> No
     d = t.replicas["d"]
     assert d.voters == NAMES and d.removed and (d.epoch, d.leader) == (a.epoch, "a")
     assert a.role == LEADER
+
+
+def test_a_drain_that_cannot_finish_alternates_serving_and_trying() -> None:
+    t = Trio()
+    t.elect("a")
+    _settle(t, "a")
+    a = t.replicas["a"]
+    t.propose("a", b"x")
+    t.deliver(drop=lambda s, dst, m: dst == "b")  # b lags behind; c is caught up
+    t.replicas["c"].set_draining(True)            # and c will not take it
+    a.set_draining(True)
+    t.drain("a")
+    assert a.transferring == "c"
+    t.deliver(drop=lambda s, dst, m: dst == "b")
+    assert a.role == LEADER  # c ignored the TimeoutNow: it is draining
+    refused = t.propose("a", b"refused")
+    assert t.outcomes[refused].status == NOT_LEADER
+    lag = lambda s, dst, m: dst == "b"  # noqa: E731
+    _settle(t, "a", rounds=CFG.election_timeout_ms // CFG.heartbeat_interval_ms, drop=lag)
+    assert a.transferring is None and a.role == LEADER
+    served = t.propose("a", b"served")  # between attempts it serves
+    t.deliver(lag)
+    assert t.outcomes[served].status == COMMITTED
+    _settle(t, "a", rounds=CFG.election_timeout_ms // CFG.heartbeat_interval_ms, drop=lag)
+    assert a.transferring == "b"  # the next attempt picks another voter
+    _settle(t, "a", rounds=2)
+    assert t.replicas["b"].role == LEADER and a.role == FOLLOWER

@@ -150,6 +150,7 @@ class Replica:
         self._learner: str | None = None          # leader: the one node being caught up to join
         self._transfer: tuple[str, int] | None = None  # leader: (hand-off to, give up at ms)
         self._timeout_now_sent = False
+        self._transfer_failed: tuple[str, int] | None = None  # leader: (voter, when) of the last miss
         self._leader_heard_ms: int | None = None  # follower: when the leader was last heard
         # Nodes outside every configuration we know that asked us for votes: a node whose
         # addition was cut from the log, or that missed its removal. A leader sends to them
@@ -282,7 +283,10 @@ class Replica:
                 self.become_follower(self.epoch, None)
                 return
             if self._transfer is not None and self.now_ms >= self._transfer[1]:
-                self._transfer = None  # the hand-off did not happen in time: serve again
+                # The hand-off did not happen in time: serve again (a draining leader tries
+                # again after as long, with another voter if there is one).
+                self._transfer_failed = (self._transfer[0], self.now_ms)
+                self._transfer = None
             if self.now_ms >= self._heartbeat_due_ms:
                 self._broadcast_heartbeat()
                 self._maybe_send_timeout_now(resend=True)
@@ -328,7 +332,7 @@ class Replica:
         self._check_not_handed_out()
         self.draining = on
         if on:
-            self._maybe_start_transfer(None)
+            self._maybe_start_transfer(None, retry=True)
 
     def transfer_leadership(self, to: str | None = None) -> None:
         """Leader: hand leadership to voter `to` (None: the most caught-up one), once; proposals
@@ -380,7 +384,7 @@ class Replica:
         self._check_not_handed_out()
         if self.role == LEADER:
             if self.draining:
-                self._maybe_start_transfer(None)
+                self._maybe_start_transfer(None, retry=True)
             self.maybe_change_config()
             self._maybe_send_timeout_now()
             self._flush_broadcast()
@@ -600,6 +604,7 @@ class Replica:
         self.leader = self.node_id
         self._learner = None
         self._transfer = None
+        self._transfer_failed = None
         self._match = {peer: 0 for peer in self.peers}
         self._contact_ms = {r: self.now_ms for r in self.peers}
         self._broadcast_from = self.log_end
@@ -716,15 +721,21 @@ class Replica:
             if self.node_id in self.voters and not self.draining:
                 self.become_candidate()
 
-    def _best_voter(self) -> str | None:
-        """The voter (not us) with the highest acknowledged end; ties go to the lower name."""
+    def _best_voter(self, avoid: str | None = None) -> str | None:
+        """The voter (not us) with the highest acknowledged end; ties go to the lower name.
+        `avoid` is chosen only if it is the only one."""
         others = [v for v in self.voters if v != self.node_id]
+        if len(others) > 1 and avoid in others:
+            others.remove(avoid)
         return min(others, key=lambda v: (-self._match.get(v, 0), v)) if others else None
 
-    def _maybe_start_transfer(self, to: str | None) -> None:
+    def _maybe_start_transfer(self, to: str | None, retry: bool = False) -> None:
         if self.role != LEADER or self._transfer is not None:
             return
-        to = self._best_voter() if to is None else to
+        failed = self._transfer_failed
+        if retry and failed is not None and self.now_ms - failed[1] < self.config.election_timeout_ms:
+            return  # serve a while between attempts, so a drain that cannot finish still writes
+        to = self._best_voter(failed[0] if retry and failed is not None else None) if to is None else to
         if to is None or to == self.node_id or to not in self.voters:
             return
         self._transfer = (to, self.now_ms + self.config.election_timeout_ms)
