@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from zq.supervisor import DIED, RUNNING, STOPPED, STOPPING, ProcessGroup, SendSignal, SupervisorCore, \
+from zq.supervisor import DIED, LEFT, RUNNING, STOPPED, STOPPING, ProcessGroup, SendSignal, SupervisorCore, \
     SupervisorLimits, ping, process_gone
 from zq.testing import free_port_bases, render_topology
 
@@ -49,6 +49,16 @@ def test_a_child_that_exits_on_its_own_is_a_death_and_makes_exit_code_1():
     core.on_exited("b", 0, 300)
     assert core.children["b"].state == STOPPED
     assert core.exit_code() == 1
+
+
+def test_a_child_that_exits_with_code_0_on_its_own_left_and_is_not_a_death():
+    core = SupervisorCore()
+    core.on_spawned("a", 11, 0)
+    core.on_exited("a", 0, 100)                        # a drained node that left the cluster
+    assert core.children["a"].state == LEFT and core.left() == ["a"] and core.died() == []
+    assert core.done and core.exit_code() == 0
+    core.on_spawned("a", 12, 200)                      # and it may be started again
+    assert core.children["a"].state == RUNNING
 
 
 def test_a_deliberate_kill_is_not_a_death_and_a_restart_reuses_the_name():

@@ -12,6 +12,7 @@ A child is in one of the states
 
     running ──stop asked──▶ stopping ──exited──▶ stopped
     running ──exited, no stop asked──▶ died          (reported; never restarted here)
+    running ──exited with code 0, no stop asked──▶ left   (`zq node drain`: it left the cluster)
 
 Stopping escalates: SIGTERM to every running child at once (so nodes flush and leave in
 parallel), then SIGKILL to whichever is still alive `stop_grace_ms` later. The core is `done`
@@ -44,6 +45,7 @@ RUNNING = "running"
 STOPPING = "stopping"
 STOPPED = "stopped"
 DIED = "died"
+LEFT = "left"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,16 +95,20 @@ class SupervisorCore:
     def on_spawned(self, name: str, pid: int, now_ms: int) -> None:
         # A restart of a stopped child reuses its name; a running one must be stopped first.
         old = self.children.get(name)
-        assert old is None or old.state in (STOPPED, DIED), f"{name} is still {old.state}"
+        assert old is None or old.state in (STOPPED, DIED, LEFT), f"{name} is still {old.state}"
         self.children.pop(name, None)
         self.children[name] = Child(name, pid, RUNNING, now_ms)
 
     def on_exited(self, name: str, returncode: int, now_ms: int) -> None:
         child = self.children[name]
-        if child.state in (STOPPED, DIED):
+        if child.state in (STOPPED, DIED, LEFT):
             return
         child.returncode = returncode
-        child.state = STOPPED if child.state == STOPPING else DIED
+        if child.state == STOPPING:
+            child.state = STOPPED
+        else:
+            # A node ends by itself with code 0 only when it was drained and left; anything else is a death.
+            child.state = LEFT if returncode == 0 else DIED
 
     def on_stop_requested(self, now_ms: int, names: Sequence[str] | None = None) -> list[SendSignal]:
         """Ask every child (or the named ones) to stop; returns the SIGTERMs to send now."""
@@ -147,6 +153,9 @@ class SupervisorCore:
 
     def died(self) -> list[str]:
         return [c.name for c in self.children.values() if c.state == DIED]
+
+    def left(self) -> list[str]:
+        return [c.name for c in self.children.values() if c.state == LEFT]
 
     def exit_code(self) -> int:
         return 1 if self.died() else 0

@@ -193,6 +193,10 @@ class View:
     def _tick(self, watcher: Watcher) -> bool:
         """Reap children and relay the watcher's events; False when every node is gone."""
         self.group.poll()
+        for name in self.group.core.left():
+            if name not in self._reported_dead:
+                self._reported_dead.add(name)
+                self.event(f"node {name} left the cluster (drained) and exited")
         for name in self.group.core.died():
             if name not in self._reported_dead:
                 self._reported_dead.add(name)
