@@ -9,6 +9,7 @@ import pytest
 from zq import batch as B
 from zq import group_protocol as G
 from zq import protocol as P
+from zq.core.grouplead import reset_epoch_floor
 from zq.io.groups import GroupService
 from tests.nodeutil import NodeThread, Raw, start_nodes, wait_until
 
@@ -235,15 +236,18 @@ def test_reset_replays_and_acks_of_the_old_epoch_are_ignored(one):
     gen = join(raw, "m").generation
     _, got = lease(raw, "m", gen)
     assert ack(raw, "m", gen, acked=got).data["committed"] == base + 3
+    before_ms = int(time.time() * 1000)
     reply = raw.rpc(G.ResetGroup(raw.rid(), "g", "t", None, None, None, True, False))[0]
-    assert reply.data["partitions"] == [{"partition": 0, "offset": 0, "epoch": 1}]   # the reset epoch it opened
+    [row] = reply.data["partitions"]
+    epoch = row["epoch"]   # the reset epoch it opened: numbered by the leader's clock and name
+    assert row["offset"] == 0 and epoch >> 10 >= before_ms and epoch == reset_epoch_floor(epoch >> 10, node.config.name)
     r, again = lease(raw, "m", gen)
-    assert r.reset_epoch == 1 and [v for _, v in again.values()] == [b"a", b"b", b"c"]
+    assert r.reset_epoch == epoch and [v for _, v in again.values()] == [b"a", b"b", b"c"]
     stale = ack(raw, "m", gen, acked=list(again), epoch=0)
     assert stale.data["committed"] == base, "acks from before the replay do not count (below base: the epoch marker)"
-    assert ack(raw, "m", gen, acked=list(again), epoch=1).data["committed"] == base + 3
+    assert ack(raw, "m", gen, acked=list(again), epoch=epoch).data["committed"] == base + 3
     reply = raw.rpc(G.ResetGroup(raw.rid(), "g", "t", None, None, middle, False, False))[0]
-    assert reply.data["partitions"][0]["offset"] == base + 2
+    assert reply.data["partitions"][0]["offset"] == base + 2 and reply.data["partitions"][0]["epoch"] > epoch
     _, from_time = lease(raw, "m", gen)
     assert [v for _, v in from_time.values()] == [b"c"]
     assert t0 > 0

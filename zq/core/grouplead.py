@@ -44,12 +44,14 @@ handed out again by a later sweep (at least once).
 Merge and reset. A replica merges a gossiped copy (`merge_from`): the lattice join, after which
 the cursor moves to the committed offset (or, when a newer reset epoch arrived, is recomputed).
 A new leader starts from its merged copy: offsets it never saw leased are leased again, which is
-a redelivery, never a loss. `reset(to_offset)` opens a new reset epoch; dead-letter writes of the
-old epoch that finish later are ignored (their copy exists, but the replay delivers the message
-again).
+a redelivery, never a loss. `reset(to_offset, epoch_floor)` opens a new reset epoch, numbered by the
+leader's clock and name (`reset_epoch_floor`) so that resets at two nodes never share a number;
+dead-letter writes of the old epoch that finish later are ignored (their copy exists, but the
+replay delivers the message again).
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +104,16 @@ def check_member(m: GroupMembership | None, member_id: str, generation: int, tp:
         return Refusal(FENCED, f"{tp[0]}/{tp[1]} is not assigned to member {member_id} in generation "
                                f"{m.generation} of group {group}", m.generation, True)
     return None
+
+
+def reset_epoch_floor(now_ms: int, node: str) -> int:
+    """The least reset epoch a reset at `node` at `now_ms` opens: the time, with 10 bits naming the node.
+
+    Two resets of one partition at two nodes that had not heard of each other's (a leadership
+    change in between, a partition) used to open the same epoch number with different start
+    offsets; merge then mixed them, and the later replay could silently skip messages (found by
+    the groups simulator, seed 22). Numbered by time and node they differ, and the later one wins."""
+    return (max(0, now_ms) << 10) | (zlib.crc32(node.encode()) & 1023)
 
 
 # ---- effects
@@ -163,6 +175,7 @@ class PartitionLead:
 
     @classmethod
     def from_state(cls, state: DeliveryState, dead_lettered: int = 0) -> PartitionLead:
+        state.maybe_advance_committed()
         lead = cls(state, dead_lettered)
         lead.recompute_cursor()
         return lead
@@ -355,6 +368,11 @@ class PartitionLead:
         st = self.state
         before = st.reset_epoch
         st.merge_from(other)
+        # The join may put a done offset at `committed` (one copy acked it, the other had the
+        # offsets below it done): move over them now, or no later ack would, and the partition
+        # stalled with everything acked (found by the groups simulator, seed 19).
+        if st.maybe_advance_committed():
+            self.changed = True
         if st.reset_epoch != before:
             self.dead_letters_in_flight.clear()
             self.recompute_cursor()
@@ -364,8 +382,9 @@ class PartitionLead:
         self.dead_lettered = max(self.dead_lettered, dead_lettered)
         self.dirty = True
 
-    def reset(self, to_offset: int) -> None:
-        self.state.reset(to_offset)
+    def reset(self, to_offset: int, epoch_floor: int = 0) -> None:
+        """Open a new reset epoch at `to_offset`: the next epoch, or `epoch_floor` if that is higher."""
+        self.state.reset(to_offset, max(self.state.reset_epoch + 1, epoch_floor))
         self.cursor = to_offset
         self.maybe_retries = False
         self.dead_letters_in_flight.clear()

@@ -269,11 +269,14 @@ class DeliveryState:
         """The message at `offset` was handled. True if this changed the state.
 
         Any ack counts, whoever sends it and whether or not its lease ran out: the message was
-        handled. An ack from an older reset epoch is ignored, so a replay delivers again."""
+        handled. An ack from an older reset epoch is ignored, so a replay delivers again. So is an
+        ack that comes once the offset is due for the dead-letter topic (a late ack of a lease
+        that ran out as its last delivery): its copy may be on its way already, and a message ends
+        exactly one of acknowledged or dead-lettered (found by the groups simulator)."""
         if self._stale(epoch) or not self._in_window(offset):
             return False
         e = self.offsets.get(offset, EMPTY)
-        if e.acked:
+        if e.acked or e.dead_letter != DLQ_NONE:
             return False
         self.offsets[offset] = e._replace(acked=True)
         return True
@@ -372,11 +375,14 @@ class DeliveryState:
         self.offsets = {o: e for o, e in self.offsets.items() if o >= offset}
         return True
 
-    def reset(self, to_offset: int) -> None:
+    def reset(self, to_offset: int, epoch: int | None = None) -> None:
         """Replay or seek: open a new reset epoch at `to_offset`, which wins over every copy of
-        the older epochs, whether `to_offset` is behind or ahead of `committed`."""
+        the older epochs, whether `to_offset` is behind or ahead of `committed`. `epoch` (default:
+        one more than now) must be newer than the current one; the leader passes one that no other
+        node picks for another reset (see grouplead.reset_epoch_floor)."""
         assert to_offset >= 0
-        self.reset_epoch += 1
+        assert epoch is None or epoch > self.reset_epoch, (epoch, self.reset_epoch)
+        self.reset_epoch = self.reset_epoch + 1 if epoch is None else epoch
         self.committed = to_offset
         self.offsets = {}
 

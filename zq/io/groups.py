@@ -11,8 +11,9 @@ the sweep, dead-letter bookkeeping, merge, reset) around the lattice
 `zq.core.groupstate.DeliveryState`. The groups simulator (zq/sim/groups.py) drives the same cores.
 
 Membership. A consumer joins through any node and heartbeats there. Every node gossips its
-copies of every group to every other node (`GroupGossip`) every `membership_gossip_ms`, and at
-once after a change it made; receivers merge. The assignment is a deterministic function of the
+copies of every group to every other node (`GroupGossip`) every `membership_gossip_ms` (or a
+quarter of the shortest session timeout, if sooner), and at once after a change it made;
+receivers merge. The assignment is a deterministic function of the
 merged copy, so the nodes agree once gossip converges. Every node expires members whose session
 ran out (the expiry is itself a gossiped fact).
 
@@ -49,7 +50,8 @@ leader sends the states it changed to the partition's other replicas every `stat
 (`GroupStateGossip`); they merge and persist, and a new leader starts from its merged copy.
 
 Reset (replay, seek): `ResetGroup` to any node goes on to each partition's leader, which opens a
-new reset epoch at the target offset; the new epoch wins every merge.
+new reset epoch at the target offset; the new epoch wins every merge. Epochs are numbered by the
+leader's clock and name (grouplead.reset_epoch_floor), so two resets at two nodes never share one.
 
 Describe: the node asked gathers rows from every node (each answers for the partitions it
 leads, within `describe_wait_ms`) and adds its own view of the membership.
@@ -66,8 +68,8 @@ import cbor2
 from zq import batch as zbatch
 from zq import protocol as P
 from zq import group_protocol as G
-from zq.core.grouplead import FENCED, DeadLetterWrite, PartitionLead, check_member
-from zq.core.groups import GroupMembership
+from zq.core.grouplead import FENCED, DeadLetterWrite, PartitionLead, check_member, reset_epoch_floor
+from zq.core.groups import GroupMembership, membership_gossip_interval_ms
 from zq.core.groupstate import DeliveryState
 from zq.core.repl_types import COMMITTED
 from zq.core.retry import BackoffPolicy, RetryPolicy
@@ -289,7 +291,8 @@ class GroupService:
             log.warning("dropped group gossip from %s: %s", msg.sender, e)
 
     def _gossip_memberships(self, now_ms: int) -> None:
-        self._next_gossip_ms = now_ms + membership_gossip_ms
+        self._next_gossip_ms = now_ms + membership_gossip_interval_ms(self.memberships.values(), membership_gossip_ms,
+                                                                      membership_gossip_ms_min)
         self._last_gossip_ms = now_ms
         self._gossip_soon = False
         if not self.memberships:
@@ -720,7 +723,7 @@ class GroupService:
             target = min(max(msg.to_offset, log_start), hw)
         key = (msg.group, t.id, p)
         held = self._held_or_new(key, lambda: target)
-        held.reset(target)
+        held.reset(target, reset_epoch_floor(self.node.wall_ms(), self.node.name))
         self.node.counters["group_resets"] += 1
         log.info("group %s: %s/%d reset to offset %d (epoch %d)", msg.group, t.name, p, target, held.state.reset_epoch)
         return target, held.state.reset_epoch

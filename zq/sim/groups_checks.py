@@ -1,0 +1,195 @@
+"""The invariants of consumer groups that the groups simulator checks, after every step and after
+the final drain.
+
+The checker knows the truth the nodes do not: the committed log of every partition, every
+message a consumer's application handled (acked), every dead-letter record in `TOPIC.dlq`, every
+reset and every change of partition leader. Keys are `(group, partition, reset_epoch, offset)`.
+
+- Accounting: whenever a node's delivery state says the group committed past an offset (in a
+  reset epoch, above that epoch's start), that offset was handled by some consumer, or its
+  dead-letter copy is in the dead-letter topic, or it is a control record. So the committed
+  offset is never ahead of what the group processed, and a dead letter is written before its
+  source counts as done. After the drain, every committed message of the last epoch is done on
+  the leader, and is acknowledged or dead-lettered.
+- Attempts never go down: the attempt number a leader hands out for an offset is at least every
+  attempt number handed out for it before by the same leader (the same term: a crash or a move
+  starts a new one), in that reset epoch. Across a leader change it may go down, when the new
+  leader's merged copy lacks the old leader's last updates (gossiped every `state_gossip_ms`,
+  synced to disk later still): a lost update is a redelivery. Those are counted (attempt_drops),
+  and the next check bounds what they cost.
+- Bounded deliveries: in each reset epoch, an offset is delivered at most `max_deliveries` times
+  per leader it had since its first delivery: a poison message is never retried forever. A new
+  leader starts from its merged copy, which may lack the old leader's last leases and failures;
+  usually that costs one redelivery, but when several deliveries of one offset fell within one
+  gossip interval it costs more. Deliveries beyond `max_deliveries` plus one per leader change
+  are counted (deliveries_over) rather than failed.
+- Dead letters: each record in `TOPIC.dlq` names exactly one source (partition, offset), holds
+  that source's value, and was written after `max_deliveries` failed deliveries.
+- Fencing: an Ack from a member that the leader's own membership copy says is not live or does
+  not hold the partition changes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zq.core.groupstate import DeliveryState
+
+Key = tuple[str, int, int, int]   # (group, partition, reset_epoch, offset)
+
+
+class Violation(Exception):
+    def __init__(self, invariant: str, detail: str) -> None:
+        super().__init__(f"{invariant}: {detail}")
+        self.invariant = invariant
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    """What the simulated `TOPIC.dlq` holds: the headers the service writes, and the value."""
+
+    group: str
+    source_partition: int
+    source_offset: int
+    epoch: int           # the reset epoch of the state that asked for it (the sim's own bookkeeping)
+    attempts: int
+    value: bytes
+
+
+class GroupChecker:
+    def __init__(self, max_deliveries: int) -> None:
+        self.max_deliveries = max_deliveries
+        self.values: dict[int, list[bytes]] = {}        # partition -> committed log (None: control record)
+        self.epoch_start: dict[tuple[str, int, int], int] = {}   # (group, p, epoch) -> first offset
+        self.handled: set[Key] = set()
+        self.dead: dict[Key, int] = {}                  # dead-letter copies written
+        self.dead_records: list[DeadLetterRecord] = []
+        self.attempt_max: dict[Key, tuple[int, int]] = {}   # (leader term, highest attempt in it)
+        self.attempt_drops = 0
+        self.deliveries_over = 0    # grants beyond max_deliveries + one per leader change
+        self.applied: set[Key] = set()   # acks a leader applied (the state says acked)
+        self.grants: dict[Key, set[tuple[int, int]]] = {}   # (leader term, attempt) pairs
+        self.first_term: dict[Key, int] = {}
+        self.leader_terms: dict[int, int] = {}          # partition -> leader changes so far
+        self.checked: dict[tuple[str, str, int], tuple[int, int]] = {}   # (node, group, p) -> (epoch, committed)
+        self.fenced_acks = 0
+
+    # ---- facts
+
+    def on_append(self, p: int, value: bytes | None) -> None:
+        self.values.setdefault(p, []).append(value)
+
+    def on_leader_change(self, p: int) -> None:
+        self.leader_terms[p] = self.leader_terms.get(p, 0) + 1
+
+    def on_epoch(self, group: str, p: int, epoch: int, start: int) -> None:
+        key = (group, p, epoch)
+        old = self.epoch_start.get(key)
+        if old is not None and old != start:
+            raise Violation("one start per reset epoch",
+                            f"group {group} partition {p} epoch {epoch} started at {old} and at {start}")
+        self.epoch_start[key] = start
+
+    def on_handled(self, group: str, p: int, epoch: int, offset: int) -> None:
+        self.handled.add((group, p, epoch, offset))
+
+    def on_grant(self, group: str, p: int, epoch: int, offset: int, attempt: int) -> None:
+        k = (group, p, epoch, offset)
+        term = self.leader_terms.get(p, 0)
+        seen_term, seen = self.attempt_max.get(k, (term, 0))
+        if attempt < seen:
+            if seen_term == term:
+                raise Violation("attempts never go down",
+                                f"group {group} {p}/{offset} epoch {epoch}: attempt {attempt} handed out after "
+                                f"{seen} by the same leader")
+            self.attempt_drops += 1   # a new leader whose copy lacked the old leader's last updates
+        self.attempt_max[k] = (term, max(seen, attempt) if seen_term == term else attempt)
+        grants = self.grants.setdefault(k, set())
+        grants.add((term, attempt))
+        first = self.first_term.setdefault(k, term)
+        changes = term - first
+        bound = self.max_deliveries * (1 + changes)
+        if len(grants) > bound:
+            raise Violation("deliveries bounded",
+                            f"group {group} {p}/{offset} epoch {epoch}: {len(grants)} deliveries "
+                            f"{sorted(grants)}, more than max_deliveries {self.max_deliveries} per leader "
+                            f"({changes} leader changes)")
+        if len(grants) > self.max_deliveries + changes:
+            self.deliveries_over += 1   # more than one redelivery per interruption: lost updates
+
+    def on_dead_letter(self, rec: DeadLetterRecord) -> None:
+        log = self.values.get(rec.source_partition, [])
+        if not 0 <= rec.source_offset < len(log) or log[rec.source_offset] is None:
+            raise Violation("dead letter matches one source",
+                            f"{rec} names no committed record")
+        if log[rec.source_offset] != rec.value:
+            raise Violation("dead letter matches one source",
+                            f"{rec} holds another value than its source {log[rec.source_offset]!r}")
+        if rec.attempts < self.max_deliveries:
+            raise Violation("dead letter after max_deliveries",
+                            f"{rec} written after {rec.attempts} < {self.max_deliveries} deliveries")
+        k = (rec.group, rec.source_partition, rec.epoch, rec.source_offset)
+        self.dead[k] = self.dead.get(k, 0) + 1
+        self.dead_records.append(rec)
+
+    def on_ack_applied(self, group: str, p: int, epoch: int, offset: int) -> None:
+        self.applied.add((group, p, epoch, offset))
+
+    def on_fenced_ack(self, before: DeliveryState | None, after: DeliveryState | None, detail: str) -> None:
+        self.fenced_acks += 1
+        if before != after:
+            raise Violation("fenced acks change nothing", f"{detail}: {before} became {after}")
+
+    # ---- state checks
+
+    def _done_ok(self, group: str, p: int, epoch: int, offset: int) -> bool:
+        k = (group, p, epoch, offset)
+        log = self.values.get(p, [])
+        return k in self.handled or k in self.dead or (offset < len(log) and log[offset] is None)
+
+    def check_state(self, node: str, group: str, p: int, st: DeliveryState) -> None:
+        """The committed offset of a node's copy is never ahead of what the group processed."""
+        ck = (node, group, p)
+        epoch, done_to = self.checked.get(ck, (-1, 0))
+        if st.reset_epoch != epoch:
+            start = self.epoch_start.get((group, p, st.reset_epoch))
+            if start is None:
+                raise Violation("known reset epochs", f"{node} holds group {group} {p} in epoch "
+                                f"{st.reset_epoch}, which no reset opened")
+            epoch, done_to = st.reset_epoch, start
+        if st.committed <= done_to:
+            self.checked[ck] = (epoch, done_to)
+            return
+        hw = len(self.values.get(p, []))
+        if st.committed > hw:
+            raise Violation("committed within the log", f"{node}: group {group} {p} committed {st.committed} > "
+                            f"high watermark {hw}")
+        for o in range(done_to, st.committed):
+            if not self._done_ok(group, p, epoch, o):
+                raise Violation("committed never ahead of processed",
+                                f"{node}: group {group} {p} epoch {epoch} committed {st.committed}, but offset {o} "
+                                "was neither acknowledged by a consumer nor dead-lettered")
+        self.checked[ck] = (epoch, st.committed)
+
+    def check_final(self, group: str, p: int, st: DeliveryState) -> dict[str, int]:
+        """After the drain, on the leader: nothing pending, every message of the epoch accounted for."""
+        hw = len(self.values.get(p, []))
+        if st.committed != hw:
+            raise Violation("nothing pending after the drain",
+                            f"group {group} {p}: committed {st.committed}, high watermark {hw}, state {st}")
+        start = self.epoch_start[(group, p, st.reset_epoch)]
+        counts = {"acked": 0, "dead_lettered": 0, "both": 0, "control": 0}
+        for o in range(start, hw):
+            k = (group, p, st.reset_epoch, o)
+            if self.values[p][o] is None:
+                counts["control"] += 1
+            elif k in self.applied and k in self.dead:
+                counts["both"] += 1
+            elif k in self.handled:
+                counts["acked"] += 1
+            elif k in self.dead:
+                counts["dead_lettered"] += 1
+            else:
+                raise Violation("every message acknowledged or dead-lettered",
+                                f"group {group} {p}/{o} epoch {st.reset_epoch} is done but was neither")
+        return counts
