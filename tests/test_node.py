@@ -6,7 +6,7 @@ import time
 import pytest
 import zmq
 
-from tests.nodeutil import Raw, start_nodes, wait_until
+from tests.nodeutil import NodeThread, Raw, start_nodes, wait_until
 from zq import protocol as P
 
 
@@ -143,6 +143,41 @@ def test_retention_deletes_old_batches(tmp_path):
     finally:
         raw.close()
         nodes[0].stop()
+
+
+def test_a_node_restarts_over_logs_whose_start_retention_deleted(tmp_path):
+    """Time retention takes a leader's marker at once (it is stored with append time 0): a partition
+    holding nothing else is empty with log start 1, another starts past its first batches. A restart
+    reads both (it used to stop on an assertion rebuilding the producer table)."""
+    nodes = start_nodes(tmp_path, 1, retention_interval_ms=100)
+    raw = Raw(nodes[0].address)
+    try:
+        raw.create("empty", 1, retention_ms=60_000)
+        raw.create("t", 1, retention_ms=300)
+        raw.produce("t", 0, [b"old1", b"old2"], producer_id=7, seq=0)
+        time.sleep(0.5)
+        raw.produce("t", 0, [b"new"], producer_id=7, seq=2)
+        wait_until(lambda: raw.rpc(P.ListOffsets(raw.rid(), "t", 0, "earliest"))[0].offset == 3, 5,
+                   "retention to move the log start")
+        wait_until(lambda: raw.rpc(P.ListOffsets(raw.rid(), "empty", 0, "earliest"))[0].offset == 1, 5,
+                   "retention to take the marker")
+    finally:
+        raw.close()
+        nodes[0].stop()
+    again = NodeThread(nodes[0].config)
+    raw = Raw(again.address)
+    try:
+        wait_until(lambda: isinstance(raw.rpc(P.ListOffsets(raw.rid(), "t", 0, "earliest"))[0], P.OffsetsReply),
+                   10, "the restarted node to lead again")
+        start = raw.rpc(P.ListOffsets(raw.rid(), "t", 0, "earliest"))[0].offset
+        assert start >= 3, "what retention deleted stays deleted"
+        after = raw.produce("t", 0, [b"after"]).base_offset
+        _, recs = raw.fetch("t", 0, start)
+        assert [r.value for r in recs][-1:] == [b"after"] and recs[-1].offset == after
+        assert raw.produce("empty", 0, [b"first"]).base_offset >= 1
+    finally:
+        raw.close()
+        again.stop()
 
 
 def test_full_disk_refuses_produce_and_keeps_serving_reads(tmp_path):

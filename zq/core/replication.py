@@ -828,7 +828,12 @@ class Replica:
             if e.base_offset <= offset:
                 return e.base_offset
         got = self._reader.read(offset, 0)
-        assert got and got[0].base_offset <= offset < got[0].end_offset, "the reader starts at the holding entry"
+        if not got or got[0].base_offset > offset:
+            # Below the log start: retention deleted the entry holding `offset` (a leader's marker
+            # is stored with append time 0, so time retention takes it at once); the first one
+            # kept, or the log end if none is, is where the log begins.
+            return got[0].base_offset if got else self.log_end
+        assert got[0].base_offset <= offset < got[0].end_offset, "the reader starts at the holding entry"
         return got[0].base_offset
 
     def _read(self, offset: int, max_entries: int, max_bytes: int) -> list[Entry]:
