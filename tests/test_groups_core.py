@@ -213,3 +213,127 @@ def test_a_stale_copy_never_lowers_the_generation_or_revives_a_member():
     gen = n1.generation
     n1.merge_from(stale)
     assert n1.generation == gen == 3 and not n1.is_live("a") and n1.is_live("b")
+
+
+# ---- the leader-side rules (zq/core/grouplead.py)
+
+from zq.core.grouplead import (FENCED, REBALANCING, PartitionLead, check_member,  # noqa: E402
+                               reset_epoch_floor)
+from zq.core.groups import membership_gossip_interval_ms  # noqa: E402
+from zq.core.groupstate import DeliveryState  # noqa: E402
+from zq.core.retry import BackoffPolicy, RetryPolicy  # noqa: E402
+
+POLICY = RetryPolicy(max_deliveries=2, backoff=BackoffPolicy(initial_ms=0, max_ms=0, jitter=0.0))
+
+
+def _settled(*members: str) -> GroupMembership:
+    g = GroupMembership("g", "n1")
+    for m in members:
+        join(g, m)
+    g.maybe_rebalance(PARTS)
+    return g
+
+
+def test_check_member_fences_stale_generations_and_members_without_the_partition():
+    g = _settled("a", "b")
+    tp_a, tp_b = g.assignment_of("a")[0], g.assignment_of("b")[0]
+    assert check_member(g, "a", g.generation, tp_a, strict=True) is None
+    r = check_member(g, "a", g.generation - 1, tp_a, strict=True)
+    assert r.kind == FENCED and r.counted and r.generation == g.generation
+    assert check_member(g, "a", g.generation - 1, tp_a, strict=False) is None   # an ack of work done
+    assert check_member(g, "a", g.generation, tp_b, strict=False).kind == FENCED
+    assert check_member(g, "a", g.generation + 1, tp_b, strict=False).kind == REBALANCING
+    assert check_member(g, "zed", g.generation, tp_a, strict=False).kind == FENCED
+    assert check_member(g, "zed", g.generation + 1, tp_a, strict=False).kind == REBALANCING
+    assert check_member(None, "a", 1, tp_a, strict=True).kind == REBALANCING
+    g.on_leave("a", 1)
+    assert check_member(g, "a", g.generation, tp_a, strict=False).kind == FENCED
+
+
+def test_lease_plan_takes_due_retries_first_then_new_offsets_and_control_records_are_done():
+    lead = PartitionLead.fresh(0)
+    plan = lead.plan_lease(0, 10, 0, 4)
+    assert (plan.retries, plan.start, plan.end) == ([], 0, 4)
+    lead.on_read(0, 1, control=True)                       # a leader's epoch marker
+    lead.on_read(1, 4, control=False)
+    assert lead.state.committed == 1 and lead.cursor == 4
+    assert [(d.offset, d.attempt) for d in lead.grant([1, 2, 3], "a", 1_000, 0)] == [(1, 1), (2, 1), (3, 1)]
+    out = lead.on_ack("a", 0, [1], [[2, 1, 0, "boom"]], [], 10, POLICY, lambda: 0.5)
+    assert (out.acked, out.nacked, out.retries, out.dead_letters_due) == (1, 1, 1, 0)
+    plan = lead.plan_lease(10, 10, 0, 6)
+    assert (plan.retries, plan.start, plan.end) == ([2], 4, 6)
+    assert lead.ready(6, 10) and not PartitionLead.fresh(6).ready(6, 10)
+
+
+def test_sweep_fails_leases_of_departed_members_and_dead_letters_wait_for_their_copy():
+    g = _settled("a")
+    tp = ("orders", 0)
+    lead = PartitionLead.fresh(0)
+    lead.grant([0], "a", 10_000, 0)
+    g.on_leave("a", 5)
+    g.maybe_rebalance(PARTS)
+    out = lead.sweep(10, g, tp, POLICY, lambda: 0.5)
+    assert out.departed == 1 and out.retries == 1 and not out.writes
+    lead.grant([0], "b", 10_000, 20)
+    out = lead.sweep(10_020, g, tp, POLICY, lambda: 0.5)   # b's lease ran out: the second failure
+    assert out.expired == 1 and out.dead_letters_due == 1 and [w.letter.offset for w in out.writes] == [0]
+    assert lead.state.committed == 0, "not done before its copy is acknowledged"
+    assert not lead.sweep(10_021, g, tp, POLICY, lambda: 0.5).writes   # in flight: not started twice
+    assert lead.on_dead_letter_written(out.writes[0], ok=True) and lead.state.committed == 1
+    assert lead.dead_lettered == 1
+
+
+def test_a_dead_letter_write_finishing_after_a_reset_does_not_count_in_the_new_epoch():
+    lead = PartitionLead.fresh(0)
+    lead.grant([0], "a", 100, 0)
+    [write] = lead.sweep(100, None, ("orders", 0), RetryPolicy(1, POLICY.backoff), lambda: 0.5).writes
+    lead.reset(0, 50)
+    lead.grant([0], "a", 100, 100)
+    [again] = lead.sweep(200, None, ("orders", 0), RetryPolicy(1, POLICY.backoff), lambda: 0.5).writes
+    assert not lead.on_dead_letter_written(write, ok=True)   # the old epoch's copy
+    assert lead.state.committed == 0 and lead.on_dead_letter_written(again, ok=True)
+
+
+def test_merge_moves_committed_over_offsets_done_in_either_copy():
+    """Found by the groups simulator (seed 19): one copy had offset 1 acked, the other had offset 0
+    acked; the join had committed 0 with both done, and since no later ack came, the
+    partition stalled with everything acknowledged."""
+    a, b = PartitionLead.fresh(0), PartitionLead.fresh(0)
+    for lead in (a, b):
+        lead.grant([0, 1], "m", 1_000, 0)
+    a.on_ack("m", 0, [1], [], [], 1, None, lambda: 0.5)
+    b.on_ack("m", 0, [0], [], [], 1, None, lambda: 0.5)
+    assert (a.state.committed, b.state.committed) == (0, 1)
+    a.merge_from(b.state.copy(), 0)
+    assert a.state.committed == 2 and not a.state.offsets
+    loaded = PartitionLead.from_state(DeliveryState(0, 0, dict(PartitionLead.fresh(0).state.offsets)))
+    assert loaded.state.committed == 0
+
+
+def test_resets_at_two_nodes_never_share_an_epoch():
+    """Found by the groups simulator (seed 22): a reset at a new leader that had not yet merged an
+    earlier reset opened the same epoch number with another start, and merging mixed the two."""
+    a, b = PartitionLead.fresh(0), PartitionLead.fresh(0)
+    a.reset(4, reset_epoch_floor(1_000, "n1"))
+    b.reset(9, reset_epoch_floor(1_000, "n2"))
+    assert a.state.reset_epoch != b.state.reset_epoch
+    b.reset(2, reset_epoch_floor(1_001, "n2"))
+    a.merge_from(b.state.copy(), 0)
+    assert (a.state.reset_epoch, a.state.committed) == (b.state.reset_epoch, 2), "the later reset wins whole"
+    a.reset(7, reset_epoch_floor(5, "n1"))               # a slow clock still moves the epoch on
+    assert a.state.reset_epoch == b.state.reset_epoch + 1
+
+
+def test_membership_gossip_comes_often_enough_for_the_shortest_session():
+    """Found by the groups simulator (seed 186): with 300 ms sessions and 500 ms gossip, the nodes a
+    member did not heartbeat at expired it between rounds, and the group rebalanced without end."""
+    g = GroupMembership("g", "n1")
+    assert membership_gossip_interval_ms([g], 500, 20) == 500
+    join(g, "a", timeout_ms=300)
+    join(g, "b", timeout_ms=10_000)
+    assert membership_gossip_interval_ms([g], 500, 20) == 75
+    join(g, "c", timeout_ms=40)
+    assert membership_gossip_interval_ms([g], 500, 20) == 20
+    g.on_leave("c", 1)
+    g.on_leave("a", 1)
+    assert membership_gossip_interval_ms([g], 500, 20) == 500

@@ -306,3 +306,27 @@ def test_bad_peer_state_is_a_protocol_error(bad):
 
 def test_dead_lettered_stage_constant_is_done():
     assert OffsetState(dead_letter=DLQ_DONE).done and not OffsetState(dead_letter=DLQ_DUE).done
+
+
+def test_a_late_ack_of_an_offset_due_for_the_dead_letter_topic_changes_nothing():
+    """Found by the groups simulator: the last delivery's lease ran out (the offset became due for
+    the dead-letter topic and its copy started), then the slow consumer's ack came and was
+    applied, so the message ended both acknowledged and dead-lettered."""
+    s = DeliveryState()
+    policy = RetryPolicy(max_deliveries=1, backoff=POLICY.backoff)
+    assert [d.attempt for d in s.lease([0], "m1", 100, 0)] == [1]
+    [dead] = s.expire(100, policy, 0.5)
+    assert isinstance(dead, DeadLetter) and s.offsets[0].dead_letter == DLQ_DUE
+    assert not s.ack(0)                                   # too late: the copy may be on its way
+    assert not s.offsets[0].acked and [d.offset for d in s.pending_dead_letters()] == [0]
+    assert s.on_dead_lettered(0) and s.maybe_advance_committed() and s.committed == 1
+
+
+def test_reset_to_a_given_epoch():
+    s = DeliveryState()
+    s.reset(3, epoch=1_000)
+    assert (s.reset_epoch, s.committed) == (1_000, 3)
+    s.reset(1)
+    assert s.reset_epoch == 1_001
+    with pytest.raises(AssertionError):
+        s.reset(0, epoch=1_001)                           # an epoch never goes back, nor repeats
