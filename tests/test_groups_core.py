@@ -337,3 +337,17 @@ def test_membership_gossip_comes_often_enough_for_the_shortest_session():
     g.on_leave("c", 1)
     g.on_leave("a", 1)
     assert membership_gossip_interval_ms([g], 500, 20) == 500
+
+
+def test_a_member_no_copy_knows_is_fenced_once_the_node_has_caught_up():
+    """Found by the groups simulator (seed 1652): every node that knew a group restarted
+    (memberships are not stored), and its members' heartbeats were answered "retry shortly"
+    for ever. A node that has been up for a few gossip rounds fences them, so they join again."""
+    from zq.core.grouplead import unknown_member
+    g = _settled("a")
+    assert unknown_member(g, "a", 99, caught_up=True, where="n1") is None
+    assert unknown_member(None, "a", 3, caught_up=False, where="n1").kind == REBALANCING
+    assert unknown_member(None, "a", 3, caught_up=True, where="n1").kind == FENCED
+    assert unknown_member(g, "zed", g.generation + 1, caught_up=False, where="n1").kind == REBALANCING
+    assert unknown_member(g, "zed", g.generation + 1, caught_up=True, where="n1").kind == FENCED
+    assert check_member(None, "a", 3, ("orders", 0), strict=True, caught_up=True).kind == FENCED

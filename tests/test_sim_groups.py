@@ -26,6 +26,8 @@ KEPT = {
         "(test_groups_core.py::test_resets_at_two_nodes_never_share_an_epoch)",
     186: "300 ms sessions expired between 500 ms gossip rounds: a rebalance storm "
          "(test_groups_core.py::test_membership_gossip_comes_often_enough_for_the_shortest_session)",
+    1652: "every node that knew a group restarted; its members were told to retry for ever "
+          "(test_groups_core.py::test_a_member_no_copy_knows_is_fenced_once_the_node_has_caught_up)",
     38: "the simulated consumer stopped heartbeating after a rejoin (a simulator bug)",
 }
 

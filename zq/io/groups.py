@@ -68,7 +68,8 @@ import cbor2
 from zq import batch as zbatch
 from zq import protocol as P
 from zq import group_protocol as G
-from zq.core.grouplead import FENCED, DeadLetterWrite, PartitionLead, check_member, reset_epoch_floor
+from zq.core.grouplead import (FENCED, DeadLetterWrite, PartitionLead, check_member, reset_epoch_floor,
+                               unknown_member)
 from zq.core.groups import GroupMembership, membership_gossip_interval_ms
 from zq.core.groupstate import DeliveryState
 from zq.core.repl_types import COMMITTED
@@ -84,6 +85,7 @@ membership_gossip_ms = 500        # every node sends its copies of every group t
 membership_gossip_ms_min = 20     # ... and after a change, but not more often than this
 state_gossip_ms = 200             # a leader sends the delivery states it changed to their replicas
 sweep_ms = 100                    # lease expiry, departed members' leases, dead letters
+caught_up_ms = 3 * membership_gossip_ms   # after this long up, a member no copy here knows is fenced
 describe_wait_ms = 400            # how long `zq groups` waits for other nodes' rows
 reset_wait_ms = 3_000             # how long a forwarded reset waits for a partition leader
 dead_letter_wait_ms = 5_000       # a dead-letter copy sent to another node, unanswered by then, is tried again
@@ -134,6 +136,7 @@ class GroupService:
         self._next_state_gossip_ms = 0
         self._last_gossip_ms = 0
         self._gossip_soon = False
+        self._started_ms = node.now_ms()
         self.handlers: dict[type, Callable[[bytes, Any, list], None]] = {
             G.JoinGroup: self.on_join_group,
             G.GroupHeartbeat: self.on_group_heartbeat,
@@ -244,11 +247,12 @@ class GroupService:
 
     def on_group_heartbeat(self, identity: bytes, msg: G.GroupHeartbeat, payload: list) -> None:
         m = self.memberships.get(msg.group)
-        if m is None or msg.member_id not in m.records:
-            if m is None or m.is_ahead(msg.generation):
-                raise RebalanceInProgress(f"this node has not heard of generation {msg.generation} of group "
-                                          f"{msg.group} yet; retry shortly")
-            raise Fenced(f"member {msg.member_id} is not in group {msg.group}; join again")
+        refusal = unknown_member(m, msg.member_id, msg.generation, self._caught_up(), "this node")
+        if refusal is not None:
+            if refusal.kind == FENCED:
+                raise Fenced(refusal.message)
+            raise RebalanceInProgress(refusal.message)
+        assert m is not None
         if not m.on_heartbeat(msg.member_id, self.node.wall_ms()):
             raise Fenced(f"member {msg.member_id} left group {msg.group} or its session expired; join again")
         self._rebalance(m)
@@ -308,9 +312,13 @@ class GroupService:
 
     # ------------------------------------------------------------------ fencing
 
+    def _caught_up(self) -> bool:
+        """Up long enough to have heard every peer's membership gossip (see grouplead.unknown_member)."""
+        return self.node.now_ms() - self._started_ms >= caught_up_ms
+
     def _check_member(self, group: str, member_id: str, generation: int, tp: tuple[str, int], strict: bool) -> None:
         """Raise unless `member_id` may lease (strict) or settle deliveries of `tp` now (grouplead.check_member)."""
-        refusal = check_member(self.memberships.get(group), member_id, generation, tp, strict)
+        refusal = check_member(self.memberships.get(group), member_id, generation, tp, strict, self._caught_up())
         if refusal is None:
             return
         if refusal.counted:

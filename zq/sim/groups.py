@@ -60,7 +60,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from zq.core.grouplead import FENCED, DeadLetterWrite, PartitionLead, check_member, reset_epoch_floor
+from zq.core.grouplead import (FENCED, DeadLetterWrite, PartitionLead, check_member, reset_epoch_floor,
+                               unknown_member)
 from zq.core.groups import GroupMembership, membership_gossip_interval_ms
 from zq.core.groupstate import EMPTY as _NOT_ACKED, DeliveryState
 from zq.core.retry import BackoffPolicy, RetryPolicy
@@ -74,6 +75,7 @@ SWEEP_MS = 100
 MEMBERSHIP_GOSSIP_MS = 500
 MEMBERSHIP_GOSSIP_MS_MIN = 20
 STATE_GOSSIP_MS = 200
+CAUGHT_UP_MS = 3 * MEMBERSHIP_GOSSIP_MS
 SYNC_MS = 50                  # the store's page cache reaches the disk this often
 LEASE_MESSAGES_MAX = 5_000
 ELECTION_MS_MAX = 300         # a partition has no leader this long after its leader crashed
@@ -222,6 +224,7 @@ class Node:
     next_gossip_ms: int = 0
     last_gossip_ms: int = 0
     gossip_soon: bool = False
+    started_ms: int = 0
 
 
 # ---------------------------------------------------------------------------- consumers
@@ -458,9 +461,10 @@ class GroupSim:
 
     def on_heartbeat(self, node: Node, req: Req) -> None:
         m = node.memberships.get(req.group)
-        if m is None or req.member_id not in m.records:
-            kind = "rebalance_in_progress" if m is None or m.is_ahead(req.generation) else FENCED
-            return self.refuse(node, req, Refused(kind))
+        refusal = unknown_member(m, req.member_id, req.generation, self.caught_up(node), node.name)
+        if refusal is not None:
+            return self.refuse(node, req, Refused(refusal.kind))
+        assert m is not None
         if not m.on_heartbeat(req.member_id, self.wall(node)):
             return self.refuse(node, req, Refused(FENCED))
         self.rebalance(node, m)
@@ -528,6 +532,9 @@ class GroupSim:
             else:
                 held.merge_from(other, dead_lettered)
 
+    def caught_up(self, node: Node) -> bool:
+        return self.now - node.started_ms >= CAUGHT_UP_MS
+
     def leads(self, node: Node, p: int) -> bool:
         return self.leader.get(p) == node.name
 
@@ -547,7 +554,8 @@ class GroupSim:
         p = req.partition
         if not self.leads(node, p):
             return self.refuse(node, req, self.not_leader(node, p))
-        refusal = check_member(node.memberships.get(req.group), req.member_id, req.generation, (TOPIC, p), True)
+        refusal = check_member(node.memberships.get(req.group), req.member_id, req.generation, (TOPIC, p), True,
+                               self.caught_up(node))
         if refusal is not None:
             return self.refuse(node, req, Refused(refusal.kind))
         self.held_or_new(node, (req.group, p), 0)
@@ -594,7 +602,8 @@ class GroupSim:
             if held is None or not self.leads(node, p):
                 self.refuse(node, req, self.not_leader(node, p))
                 continue
-            refusal = check_member(node.memberships.get(req.group), req.member_id, req.generation, (TOPIC, p), True)
+            refusal = check_member(node.memberships.get(req.group), req.member_id, req.generation, (TOPIC, p), True,
+                               self.caught_up(node))
             if refusal is not None:
                 self.refuse(node, req, Refused(refusal.kind))
                 continue
@@ -611,7 +620,7 @@ class GroupSim:
         if not self.leads(node, p):
             return self.refuse(node, req, self.not_leader(node, p))
         m = node.memberships.get(req.group)
-        refusal = check_member(m, req.member_id, req.generation, (TOPIC, p), False)
+        refusal = check_member(m, req.member_id, req.generation, (TOPIC, p), False, self.caught_up(node))
         if "ack_from_fenced" in self.bugs and refusal is not None and refusal.kind == FENCED:
             refusal = None
         key = (req.group, p)
@@ -712,6 +721,7 @@ class GroupSim:
         if node.up:
             return
         node.up = True
+        node.started_ms = self.now
         for key in sorted(node.disk):
             d, _dead = node.disk[key]
             node.held[key] = PartitionLead.from_dict(d)   # the stored form, read back as the service does
