@@ -351,3 +351,16 @@ def test_a_member_no_copy_knows_is_fenced_once_the_node_has_caught_up():
     assert unknown_member(g, "zed", g.generation + 1, caught_up=False, where="n1").kind == REBALANCING
     assert unknown_member(g, "zed", g.generation + 1, caught_up=True, where="n1").kind == FENCED
     assert check_member(None, "a", 3, ("orders", 0), strict=True, caught_up=True).kind == FENCED
+
+
+def test_a_loaded_state_leases_offsets_below_one_acked_out_of_order():
+    """Found by the groups simulator (seed 4309): a new leader got an ack for offset 6 before it
+    leased anything, and after a restart it started leasing past the highest tracked offset, so
+    offsets 0-5 were never delivered and the partition stalled."""
+    lead = PartitionLead.fresh(0)
+    lead.on_ack("m", 0, [6], [], [], 1, None, lambda: 0.5)
+    loaded = PartitionLead.from_dict(cbor2.loads(cbor2.dumps(lead.to_dict())))
+    plan = loaded.plan_lease(10, 100, 0, 10)
+    assert (plan.start, plan.end) == (0, 10)
+    loaded.on_read(0, 10, control=False)
+    assert [d.offset for d in loaded.grant(list(range(10)), "m", 1_000, 10)] == [0, 1, 2, 3, 4, 5, 7, 8, 9]

@@ -28,6 +28,8 @@ KEPT = {
          "(test_groups_core.py::test_membership_gossip_comes_often_enough_for_the_shortest_session)",
     1652: "every node that knew a group restarted; its members were told to retry for ever "
           "(test_groups_core.py::test_a_member_no_copy_knows_is_fenced_once_the_node_has_caught_up)",
+    4309: "after a restart a leader leased from past the highest tracked offset, skipping offsets below "
+          "one acked out of order (test_groups_core.py::test_a_loaded_state_leases_offsets_below_one_acked_out_of_order)",
     38: "the simulated consumer stopped heartbeating after a rejoin (a simulator bug)",
 }
 

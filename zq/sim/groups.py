@@ -195,6 +195,7 @@ class Req:
     acked: tuple = ()
     nacks: tuple = ()
     extends: tuple = ()
+    static: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,8 +452,7 @@ class GroupSim:
     def on_join(self, node: Node, req: Req) -> None:
         m = self.membership(node, req.group)
         before = m.generation
-        static = req.extends == ("static",)
-        m.on_join(req.member_id, topics=[TOPIC], session_timeout_ms=self.s.session_timeout_ms, static=static,
+        m.on_join(req.member_id, topics=[TOPIC], session_timeout_ms=self.s.session_timeout_ms, static=req.static,
                   now_ms=self.wall(node))
         self.rebalance(node, m)
         if m.generation != before:
@@ -875,7 +875,7 @@ class GroupSim:
         if node is not None:
             m.coordinator = node
         self.request(m, NODES[m.coordinator], "join", m.coordinator, REQUEST_TIMEOUT_MS,
-                     extends=("static",) if m.static else ())
+                     static=m.static)
 
     def answer_join(self, m: Member, node: int, reply: Reply | None, error: Refused | None) -> None:
         if error is None and reply is not None:
