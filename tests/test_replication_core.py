@@ -569,14 +569,14 @@ def test_learner_catches_up_then_is_promoted() -> None:
     # While d cannot hear us, it stays a learner: no configuration entry is written.
     _settle(t, "a", drop=lambda s, dst, m: dst == "d")
     assert a.learners == ("d",) and a.voters == NAMES and "d" in a.peers
-    assert _configs_in_log(t, "a") == []
+    assert _configs_in_log(t, "a") == [NAMES]  # restated in a's epoch: d must hold it first
     _settle(t, "a")
     assert a.voters == QUAD and a.learners == ()
     for n in QUAD:
         assert t.replicas[n].voters == QUAD
         assert t.log(n) == t.log("a")
         assert t.replicas[n].high_watermark == a.log_end
-    assert _configs_in_log(t, "a") == [QUAD]
+    assert _configs_in_log(t, "a") == [NAMES, QUAD]
     # Four voters: a commit now needs three of them.
     pid = t.propose("a", b"x")
     t.deliver(drop=lambda s, dst, m: dst in ("c", "d"))
@@ -648,7 +648,7 @@ def test_uncommitted_config_is_reverted_by_truncation() -> None:
     t.elect("a")
     _target(t, QUAD)
     _settle(t, "a", rounds=2, drop=lambda s, dst, m: s == "a" and dst in ("b", "c") and isinstance(m, Append)
-            and any(Entry.from_wire(x).config for x in m.entries))
+            and any("d" in (Entry.from_wire(x).config or ()) for x in m.entries))
     a, d = t.replicas["a"], t.replicas["d"]
     assert a.voters == QUAD and d.voters == QUAD and "d" in d.voters
     assert t.replicas["b"].voters == NAMES  # b and c never got it: it is not committed
@@ -668,11 +668,11 @@ def test_uncommitted_config_is_reverted_by_truncation() -> None:
     assert t.replicas["b"].role == LEADER
     for n in QUAD:
         assert t.replicas[n].voters == NAMES, n
-        assert _configs_in_log(t, n) == []
+        assert _configs_in_log(t, n) == [NAMES]  # the restatement (committed) stays
     assert d.role == FOLLOWER and d.node_id not in d.voters and d.removed
-    assert t.replicas["a"].hard_state().configs == ((-1, NAMES),)
+    assert t.replicas["a"].hard_state().configs == ((-1, NAMES), (1, NAMES))
     truncations = [rd.truncate_from for rd in t.readies["a"] if rd.truncate_from is not None]
-    assert truncations == [1]  # a cut its own uncommitted configuration entry
+    assert truncations == [2]  # a cut its own uncommitted configuration entry
 
 
 def test_restart_restores_the_configuration_from_hard_state() -> None:
@@ -702,14 +702,47 @@ def test_a_replica_created_without_a_configuration_is_a_learner_across_restarts(
     rd = d.ready()
     d.advance()
     assert rd.messages == () and d.epoch == 0  # no vote, not even the epoch
-    _target(t, QUAD)
-    _settle(t, "a", rounds=1, drop=lambda s, dst, m: isinstance(m, Append) and any(
-        Entry.from_wire(x).config for x in m.entries))
-    assert d.log_end > 0 and d.voters == ()
     t.restart("d")
     assert t.replicas["d"].voters == ()
     t.tick("d", 10 * CFG.election_timeout_ms)
     assert t.replicas["d"].role == FOLLOWER
+    _target(t, QUAD)
+    _settle(t, "a")
+    assert t.replicas["d"].voters == QUAD and t.replicas["d"].hard_state().configs[0] == (-1, ())
+
+
+def test_a_node_added_again_starts_past_its_old_epoch_and_ignores_its_old_membership() -> None:
+    t = Trio(names=QUAD)
+    t.elect("a")
+    _settle(t, "a")
+    _target(t, NAMES)
+    _settle(t, "a")
+    old_d = t.replicas.pop("d")
+    assert old_d.removed
+    # The shell deletes d's data, remembering the epoch it had reached, and later adds it again.
+    t.disks["d"] = SimDisk([0])
+    t.initial["d"] = ()
+    join = old_d.epoch + 1
+    t.disks["d"].volatile[0].hard = HardState(epoch=join, join_epoch=join)
+    t.replicas["d"] = t._boot("d")  # noqa: SLF001
+    d = t.replicas["d"]
+    # A leader d had left behind cannot use it: its epoch is refused.
+    d.step(Append(old_d.epoch, "a", 0, 0, 0, 3, [[0, 1, 1, -1, -1, b""]]))
+    rd = d.ready()
+    d.advance()
+    assert [o.message for o in rd.messages] == [AppendAck(join, "d", 0)] and d.log_end == 0
+    # The current leader hears of it, stands again past d's epoch, and brings it in.
+    t.queue.append(("d", "a", rd.messages[0].message))
+    t.deliver()
+    _target(t, QUAD)
+    _settle(t, "a")
+    a = t.replicas["a"]
+    assert a.role == LEADER and a.epoch > join and d.voters == QUAD
+    # d's log holds the entry of its old removal (epoch 1), which it does not count; it counts
+    # the restatement of a's epoch, then its addition.
+    entries = [e for e in d.entries(0, 100, 1 << 20) if e.config is not None]
+    assert [(e.epoch < join, e.config) for e in entries] == [(True, NAMES), (False, NAMES), (False, QUAD)]
+    assert [v for _o, v in d.config_history] == [(), NAMES, QUAD]
 
 
 def test_timeout_now_hands_leadership_over_without_waiting_for_a_timeout() -> None:

@@ -200,13 +200,19 @@ class HardState:
     `configs` is ((offset, (voter, ...)), ...) ascending: offset -1 is the configuration the
     replica was created with (before its log), every other item a configuration entry of the
     log at that offset. Empty (written before replica sets could change): the `replicas` given
-    to the constructor are the configuration."""
+    to the constructor are the configuration.
+
+    `join_epoch` is set by the shell on a replica it creates on a node that held the partition
+    before (and deleted it once removed): the epoch that replica had reached, plus one. The new
+    replica starts in that epoch, so no leader that node had already left behind can use it, and
+    it ignores configuration entries of older epochs (written in its earlier membership). 0: none."""
 
     epoch: int = 0
     voted_for: str | None = None
     epoch_history: tuple = ()  # ((epoch, start_offset), ...) ascending
     high_watermark: int = 0
     configs: tuple = ()        # ((offset, voters), ...) ascending; see above
+    join_epoch: int = 0        # see above
 
 
 # Outcome statuses of a proposal.

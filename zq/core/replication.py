@@ -47,12 +47,22 @@ replica set, or none at all for a replica created by a reassignment (it must not
 membership its node had before its data was deleted). `HardState.configs` keeps them, so a
 restart knows. Quorums (votes, the high watermark, check-quorum) count the voters of the
 current configuration only; a leader counts itself only if it is one. A replica whose node is
-not a voter is a LEARNER: it follows, appends and acknowledges what a leader sends, but never
-stands and never votes (nor takes a candidate's epoch): a node removed and added again starts
-with an empty log, and its vote could elect a node that missed its removal in a configuration
-long gone. The cost is liveness in one narrow case: a voter just added whose configuration
-entry committed without it, whose leader then died before it got the entry, withholds its vote
-until that leader is back.
+not a voter is a LEARNER: it follows, appends and acknowledges what a leader sends, and never
+stands; it votes as Raft says (its log holds what it acknowledged).
+
+Nodes added again. A node removed from a partition deletes its replica; added again later, it
+starts empty, and so has lost what made its old votes and acknowledgements safe (its log and
+its epoch). Two rules make up for it. (1) The shell remembers the epoch the deleted replica had
+reached and creates the new one in a later epoch (`HardState.join_epoch`): a leader that node
+had already left behind (partitioned since, say) cannot use it. The new replica ignores
+configuration entries older than that epoch, which are its old membership. (2) A replica that
+knows no configuration yet neither votes nor takes a candidate's epoch: a node that missed its
+removal and still believes in an old configuration naming both must not win with its vote. Once
+it appends a configuration entry (of its join epoch or later), its log holds everything
+committed before the leader that wrote it, its old removal included, and it is an ordinary
+replica. So that a new voter always knows one, a leader restates the current configuration in
+its own epoch before it adds a node (unless its latest configuration entry is of its epoch
+already), and promotes a learner only once the learner holds that entry.
 
 Changing the replica set. `set_target(voters)` gives the desired voters; only a leader acts,
 one step at a time, and only once its own marker and the latest configuration are committed
@@ -134,6 +144,7 @@ class Replica:
         # was created with. Cut with the log, like the history; never empty.
         configs = tuple((offset, tuple(voters)) for offset, voters in hs.configs if offset < log_end)
         self._configs: tuple = configs or ((-1, tuple(sorted(set(replicas)))),)
+        self.join_epoch: int = hs.join_epoch     # configuration entries of older epochs are not ours
         self._target: tuple[str, ...] | None = None  # desired voters (from __meta), once told
         self.draining = False
         # Volatile state.
@@ -152,6 +163,8 @@ class Replica:
         self._timeout_now_sent = False
         self._transfer_failed: tuple[str, int] | None = None  # leader: (voter, when) of the last miss
         self._leader_heard_ms: int | None = None  # follower: when the leader was last heard
+        self._caught_up = False                   # follower: our log reached the last Append's leader_end
+        self._probe = 0                           # learner without a leader: whom it asked last
         # Nodes outside every configuration we know that asked us for votes: a node whose
         # addition was cut from the log, or that missed its removal. A leader sends to them
         # too, so they learn the configuration (bounded; the oldest is forgotten first).
@@ -224,11 +237,21 @@ class Replica:
 
     @property
     def removed(self) -> bool:
-        """True once this node is in neither the committed configuration nor its target: the
-        shell may close this replica and delete its data."""
-        if self._target is None or self.node_id in self._target or self.role == LEADER:
+        """True once this node is in neither the committed configuration nor its target, and its
+        log has reached the leader's (so no configuration naming it is on the way, which a
+        leader might already count it in): the shell may close it and delete its data."""
+        if self._target is None or self.node_id in self._target or self.role != FOLLOWER or not self._caught_up:
             return False
         return self.node_id not in self.committed_voters() and self.node_id not in self.voters
+
+    def may_stand(self) -> bool:
+        """A voter of the latest configuration stands when it hears no leader; so does one being
+        removed whose removal it has not seen committed (Raft thesis 4.2.2: it may still be
+        needed). A learner being added, a replica that knows no configuration and a draining one
+        never do."""
+        if self.draining or self._configs == ((-1, ()),):
+            return False
+        return self.node_id in self.voters or self.node_id in self.committed_voters()
 
     @property
     def transferring(self) -> str | None:
@@ -265,7 +288,8 @@ class Replica:
         return dict(sorted(out.items()))
 
     def hard_state(self) -> HardState:
-        return HardState(self.epoch, self.voted_for, self.history, self.high_watermark, self._configs)
+        return HardState(self.epoch, self.voted_for, self.history, self.high_watermark, self._configs,
+                         self.join_epoch)
 
     def entries(self, offset: int, max_entries: int, max_bytes: int) -> list[Entry]:
         """Entries of this replica's log from `offset` (a boundary), applied or not."""
@@ -291,13 +315,24 @@ class Replica:
                 self._broadcast_heartbeat()
                 self._maybe_send_timeout_now(resend=True)
         elif self.now_ms >= self._election_deadline_ms:
-            if self.node_id in self.voters and not self.draining:
+            if self.may_stand():
                 self.become_candidate()
             else:
-                # A learner or a draining replica never stands; a learner that hears no leader
-                # asks the one it knows (a removed node learns its removal this way too).
+                # A learner or a draining replica never stands. A learner that hears no leader
+                # asks the one it knows, or else the next of the nodes it knows of (a removed
+                # node learns its removal this way too).
                 self._reset_election_timer()
                 self._fetch_sent_ms = None
+                if self.leader is not None and not self._hears_leader() and self.node_id not in self.voters:
+                    # Its leader went quiet (gone, or no longer sending to us): look around.
+                    self.leader = None
+                    self._role_change = RoleChange(FOLLOWER, self.epoch, None)
+                if self.leader is None and not self.draining:
+                    known = sorted({*self.voters, *(self._target or ())} - {self.node_id})
+                    if known:
+                        self._probe = (self._probe + 1) % len(known)
+                        self._send(known[self._probe], Fetch(self.epoch, self.node_id, self.log_end,
+                                                             self.epoch_at(self.log_end - 1)))
                 self.maybe_fetch()
 
     def step(self, msg: object) -> None:
@@ -429,6 +464,7 @@ class Replica:
             self.become_follower(m.epoch, m.sender)
         self._reset_election_timer()
         self._leader_heard_ms = self.now_ms
+        self._caught_up = False
         self._ack_due = True  # every Append is answered, so the leader's check-quorum sees us
         entries = _checked_entries(m)
         if m.prev_end > self.log_end or self.epoch_at(m.prev_end - 1) != m.prev_epoch:
@@ -450,6 +486,8 @@ class Replica:
         self._maybe_follow_high_watermark(m.high_watermark)
         if end < m.leader_end:
             self.maybe_fetch()
+        else:
+            self._caught_up = True
 
     def on_append_ack(self, m: AppendAck) -> None:
         if m.epoch > self.epoch and self.role == LEADER and m.sender not in self.voters:
@@ -470,6 +508,14 @@ class Replica:
             self.maybe_advance_high_watermark()
 
     def on_fetch(self, m: Fetch) -> None:
+        if m.sender not in self.voters:
+            # A learner, a removed node or a stranger asking: only a leader answers (and takes
+            # no epoch from it: one that started past ours makes it stand again, see above).
+            if self.role != LEADER:
+                return
+            if m.epoch > self.epoch:
+                self._note_stranger(m.sender, m.epoch)
+                return
         if m.epoch > self.epoch:
             self.become_follower(m.epoch, None)
             return
@@ -506,11 +552,12 @@ class Replica:
         self.maybe_fetch()
 
     def on_request_vote(self, m: RequestVote) -> None:
-        if self.node_id not in self.voters:
-            # A learner does not vote: its log may have been deleted and restarted (a node
-            # removed, then added again), so it may lack entries it once acknowledged, and a
-            # removed node that missed its removal could win with its vote in an old
-            # configuration. Nor does it take the epoch, which would fence its leader.
+        if self._configs == ((-1, ()),):
+            # A replica that knows no configuration yet (created by a reassignment) does not
+            # vote: its node may have been a member before, whose log was deleted, and a node
+            # that missed its removal could win in an old configuration with that vote. Nor does
+            # it take the epoch, which would fence its leader. (A learner that knows one votes as
+            # Raft says: its log holds everything committed before the leader that wrote it.)
             return
         if m.sender not in self.voters and (self.role == LEADER or self._hears_leader()):
             # Leader stickiness, for nodes outside our configuration only: a removed node that
@@ -567,6 +614,7 @@ class Replica:
         self._learner = None
         self._transfer = None
         self._leader_heard_ms = None
+        self._caught_up = False
         self.match_end = self.high_watermark  # committed entries are in every leader's log
         self._fetch_sent_ms = None
         self._ack_due = False
@@ -588,7 +636,7 @@ class Replica:
         self._leader_heard_ms = None
         self._reset_election_timer()
         self._role_change = RoleChange(CANDIDATE, self.epoch, None)
-        if quorum.has_majority(self._votes, len(self.voters)):
+        if quorum.has_majority(self._votes & set(self.voters), len(self.voters)):
             self.become_leader()
             return
         ask = RequestVote(self.epoch, self.node_id, self.last_epoch, self.log_end)
@@ -653,12 +701,19 @@ class Replica:
         if self._learner is not None and self._learner not in add:
             self._learner = None  # the target changed under it
         if add:
+            latest = self._configs[-1][0]
+            if latest < 0 or self.epoch_at(latest) != self.epoch:
+                # First restate the configuration in our epoch: a learner holding that entry
+                # knows a configuration it can trust (see "Nodes added again"), so it votes as
+                # soon as it is made a voter, even if the entry that makes it one reaches it late.
+                self._append_config(voters)
+                return
             if self._learner is None:
                 self._learner = add[0]
                 self._match.setdefault(self._learner, 0)
                 self._contact_ms.setdefault(self._learner, self.now_ms)
             held = self._match[self._learner]
-            if held >= hw and self.log_end - held <= self.config.catch_up_records_max:
+            if held > latest and held >= hw and self.log_end - held <= self.config.catch_up_records_max:
                 self._append_config(voters | {self._learner})
                 self._learner = None
             return
@@ -787,7 +842,7 @@ class Replica:
         self._unstable.append(entry)
         self._note_producer(entry)
         voters = entry.config
-        if voters is not None:
+        if voters is not None and entry.epoch >= self.join_epoch:
             # A configuration takes effect on append, committed or not (Raft).
             self._configs = self._configs + ((entry.base_offset, voters),)
             self._hard_dirty = True
@@ -809,6 +864,7 @@ class Replica:
     def _truncate(self, offset: int) -> None:
         assert self.role == FOLLOWER and offset >= self.high_watermark, "committed entries are never cut"
         self.log_end = offset
+        self._caught_up = False
         self.durable_end = min(self.durable_end, offset)
         self.history = truncated(self.history, offset)
         # An uncommitted configuration cut with its entry: the one before it is back.

@@ -24,7 +24,8 @@ Replica-set changes. A seed may draw 4 or 5 nodes (partitions keep 3 replicas) a
 reassignments: the simulator's metadata (`targets`) moves a partition to another 3-node set
 differing by 1 or 2 nodes, tells every replica of it (`set_target`), and creates an empty replica,
 knowing no configuration, on a node that has none; a replica whose `removed` turns True is
-deleted with its data (durably, at once), so a node added again later starts empty. A node
+deleted with its data (durably, at once), so a node added again later starts empty, in the
+epoch after the one its deleted replica had reached (`HardState.join_epoch`). A node
 that is down or paused learns the targets when it runs again, as a node reads the metadata
 log. Drains (`set_draining` on every replica of a node for a while) and one-off hand-offs
 (`transfer_leadership` on a leader) are drawn as well.
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field, fields
 
 from zq.core.replication import Replica
 from zq.core.repl_types import (
-    BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, ReplicationConfig, TimeoutNow,
+    BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, HardState, ReplicationConfig, TimeoutNow,
 )
 from zq.errors import ProtocolError
 from zq.hashing import rendezvous
@@ -161,6 +162,9 @@ class SimNode:
         self.replica_sets = partitions
         self.disk = SimDisk(sorted(partitions))
         self.draining = False
+        # Per partition deleted here, the epoch its replica had reached: kept durably (the shell
+        # keeps it beside the metadata), so a replica created again starts past it.
+        self.tombstones: dict[int, int] = {}
         self.replicas: dict[int, Replica] = {}
         self.alive = False
         self.paused = False
@@ -283,8 +287,12 @@ class Sim:
 
     def open_replica(self, node: SimNode, p: int) -> None:
         store = node.disk.volatile[p]
+        hard = store.hard
+        if hard is None and p in node.tombstones:
+            join = node.tombstones[p] + 1
+            hard = HardState(epoch=join, join_epoch=join)
         r = Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=self.config,
-                    hard_state=store.hard, log_end=store.log_end)
+                    hard_state=hard, log_end=store.log_end)
         r.set_target(self.targets[p])
         if node.draining:
             r.set_draining(True)
@@ -314,6 +322,7 @@ class Sim:
     def delete_replica(self, node: SimNode, p: int) -> None:
         self.log(f"{node.name} p{p}: removed, deleted")
         self.result.removals += 1
+        node.tombstones[p] = node.replicas[p].epoch
         del node.replicas[p]
         del node.replica_sets[p]
         node.disk.drop_partition(p)
