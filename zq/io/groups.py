@@ -137,6 +137,7 @@ class GroupService:
         self._last_gossip_ms = 0
         self._gossip_soon = False
         self._started_ms = node.now_ms()
+        self._is_caught_up = False
         self.handlers: dict[type, Callable[[bytes, Any, list], None]] = {
             G.JoinGroup: self.on_join_group,
             G.GroupHeartbeat: self.on_group_heartbeat,
@@ -314,7 +315,9 @@ class GroupService:
 
     def _caught_up(self) -> bool:
         """Up long enough to have heard every peer's membership gossip (see grouplead.unknown_member)."""
-        return self.node.now_ms() - self._started_ms >= caught_up_ms
+        if not self._is_caught_up:
+            self._is_caught_up = self.node.now_ms() - self._started_ms >= caught_up_ms
+        return self._is_caught_up
 
     def _check_member(self, group: str, member_id: str, generation: int, tp: tuple[str, int], strict: bool) -> None:
         """Raise unless `member_id` may lease (strict) or settle deliveries of `tp` now (grouplead.check_member)."""
