@@ -96,3 +96,23 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--seeds", "3", "--start", "10", "--steps", "300"]) == 0
     assert "3 seeds in" in capsys.readouterr().out
     assert replay_command(7) == "python -m zq.sim.groups --seed 7"
+
+
+def test_a_late_ack_of_a_dead_letter_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule before the simulator found it: an ack counted even once the offset was due for the
+    dead-letter topic, so a message could end both acknowledged and dead-lettered."""
+    from zq.core import groupstate
+
+    def ack_even_when_due(self: groupstate.DeliveryState, offset: int, epoch: int | None = None) -> bool:
+        if self._stale(epoch) or not self._in_window(offset):
+            return False
+        e = self.offsets.get(offset, groupstate.EMPTY)
+        if e.acked:
+            return False
+        self.offsets[offset] = e._replace(acked=True)
+        return True
+
+    assert run_seed(75).ok
+    monkeypatch.setattr(groupstate.DeliveryState, "ack", ack_even_when_due)
+    r = run_seed(75)
+    assert not r.ok and r.invariant == "exactly one of acknowledged or dead-lettered", (r.invariant, r.detail)

@@ -10,7 +10,9 @@ reset and every change of partition leader. Keys are `(group, partition, reset_e
   dead-letter copy is in the dead-letter topic, or it is a control record. So the committed
   offset is never ahead of what the group processed, and a dead letter is written before its
   source counts as done. After the drain, every committed message of the last epoch is done on
-  the leader, and is acknowledged or dead-lettered.
+  the leader, and is acknowledged or dead-lettered: exactly one of the two, unless its partition
+  changed leader since its first delivery (a lost update can make a new leader take a late ack
+  of a message whose copy is written, or write a copy of a message acked; counted, acked_and_dead).
 - Attempts never go down: the attempt number a leader hands out for an offset is at least every
   attempt number handed out for it before by the same leader (the same term: a crash or a move
   starts a new one), in that reset epoch. Across a leader change it may go down, when the new
@@ -184,6 +186,11 @@ class GroupChecker:
             if self.values[p][o] is None:
                 counts["control"] += 1
             elif k in self.applied and k in self.dead:
+                # Only a lost update may do this: a new leader whose copy lacked "due for the
+                # dead-letter topic" took a late ack, or one that lacked the ack wrote the copy.
+                if self.leader_terms.get(p, 0) == self.first_term.get(k, 0):
+                    raise Violation("exactly one of acknowledged or dead-lettered",
+                                    f"group {group} {p}/{o} epoch {st.reset_epoch} was both, with one leader")
                 counts["both"] += 1
             elif k in self.handled:
                 counts["acked"] += 1
