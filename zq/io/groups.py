@@ -47,7 +47,8 @@ That is allowed here, unlike in replication, because of the lattice's argument (
 a lost update is a redelivery, never a loss. A copy of the dead-letter record is acknowledged by
 its own quorum before the source counts as done, so that step never loses a message either. The
 leader sends the states it changed to the partition's other replicas every `state_gossip_ms`
-(`GroupStateGossip`); they merge and persist, and a new leader starts from its merged copy.
+(`GroupStateGossip`), and a state with a failed delivery at once; they merge and persist, and
+a new leader starts from its merged copy.
 
 Reset (replay, seek): `ResetGroup` to any node goes on to each partition's leader, which opens a
 new reset epoch at the target offset; the new epoch wins every merge. Epochs are numbered by the
@@ -136,6 +137,7 @@ class GroupService:
         self._next_state_gossip_ms = 0
         self._last_gossip_ms = 0
         self._gossip_soon = False
+        self._failed: set[Key] = set()   # states with a failed delivery not yet sent to the replicas
         self._started_ms = node.now_ms()
         self._is_caught_up = False
         self.handlers: dict[type, Callable[[bytes, Any, list], None]] = {
@@ -195,7 +197,14 @@ class GroupService:
             self._gossip_memberships(now_ms)
         if now_ms >= self._next_state_gossip_ms:
             self._next_state_gossip_ms = now_ms + state_gossip_ms
-            self._gossip_states()
+            self._failed.clear()
+            self._gossip_states(self.held)
+        elif self._failed:
+            # A failed delivery goes to the replicas at once, not at the next round: a new leader
+            # whose copy has the failure hands out the next attempt again with the same number,
+            # where one without it handed out a lower number (found by the groups simulator).
+            failed, self._failed = self._failed, set()
+            self._gossip_states(failed)
         self._persist()
 
     # ------------------------------------------------------------------ membership
@@ -497,6 +506,8 @@ class GroupService:
             counters["group_nacks"] += out.nacked
             counters["group_retries"] += out.retries
             counters["group_dead_letters_due"] += out.dead_letters_due
+        if out.nacked:
+            self._failed.add(key)
         st = held.state
         self.node.reply(identity, P.OkReply(msg.req_id, {"committed": st.committed, "epoch": st.reset_epoch}))
         if out.dead_letters_due:
@@ -525,6 +536,8 @@ class GroupService:
                 counters["group_retries"] += out.retries
             if out.dead_letters_due:
                 counters["group_dead_letters_due"] += out.dead_letters_due
+            if out.expired or out.departed:
+                self._failed.add(key)
             for write in out.writes:
                 self._write_dead_letter(key, held, write)
 
@@ -595,12 +608,12 @@ class GroupService:
 
     # ------------------------------------------------------------------ replication of states
 
-    def _gossip_states(self) -> None:
+    def _gossip_states(self, keys: Any) -> None:
         node = self.node
         out: dict[str, list[tuple[list, bytes]]] = {}
-        for key in sorted(self.held):
-            held = self.held[key]
-            if not held.changed:
+        for key in sorted(keys):
+            held = self.held.get(key)
+            if held is None or not held.changed:
                 continue
             held.changed = False
             group, topic_id, p = key

@@ -226,6 +226,7 @@ class Node:
     last_gossip_ms: int = 0
     gossip_soon: bool = False
     started_ms: int = 0
+    failed: set = field(default_factory=set)   # states with a failed delivery not yet gossiped
 
 
 # ---------------------------------------------------------------------------- consumers
@@ -408,7 +409,8 @@ class GroupSim:
             self.at(node.next_gossip_ms, "node_timer", name, incarnation, what)
         elif what == "state_gossip":
             self.at(self.now + STATE_GOSSIP_MS, "node_timer", name, incarnation, what)
-            self.gossip_states(node)
+            node.failed.clear()
+            self.gossip_states(node, node.held)
         else:
             self.at(self.now + SYNC_MS, "node_timer", name, incarnation, what)
             node.disk.update(node.cache)
@@ -423,6 +425,9 @@ class GroupSim:
                 held.dirty = False
                 node.cache[key] = (held.to_dict(), held.dead_lettered)
             self.check.check_state(node.name, key[0], key[1], held.state)
+        if node.failed and "no_failure_gossip" not in self.bugs:   # as the service: failures go at once
+            failed, node.failed = node.failed, set()
+            self.gossip_states(node, failed)
         if node.gossip_soon and self.now >= node.last_gossip_ms + MEMBERSHIP_GOSSIP_MS_MIN:
             self.at(self.now + 1, "node_timer", node.name, node.incarnation, "gossip")
 
@@ -506,11 +511,11 @@ class GroupSim:
                 self.rebalance(node, m)
                 self.sweep(node)   # a member may have left: its leases fail now
 
-    def gossip_states(self, node: Node) -> None:
+    def gossip_states(self, node: Node, keys: Any) -> None:
         items = []
-        for key in sorted(node.held):
-            held = node.held[key]
-            if held.changed:
+        for key in sorted(keys):
+            held = node.held.get(key)
+            if held is not None and held.changed:
                 held.changed = False
                 items.append((key, held.state.to_dict(), held.dead_lettered))
         if items:
@@ -635,6 +640,8 @@ class GroupSim:
             out = held.on_ack(req.member_id, req.epoch, list(req.acked), [list(n) for n in req.nacks],
                               [list(e) for e in req.extends], self.wall(node), self.policy, self.rng.random)
             self.result.acked += out.acked
+            if out.nacked:
+                node.failed.add(key)
             if out.acked:
                 for o in fresh:
                     e = st.offsets.get(o)
@@ -658,6 +665,8 @@ class GroupSim:
                 continue
             out = node.held[key].sweep(self.wall(node), node.memberships.get(group), (TOPIC, p), self.policy,
                                        self.rng.random)
+            if out.expired or out.departed:
+                node.failed.add(key)
             for write in out.writes:
                 self.write_dead_letter(node, key, write)
 
@@ -711,6 +720,7 @@ class GroupSim:
         node.memberships.clear()
         node.held.clear()
         node.parked.clear()
+        node.failed.clear()
         self.say(f"crash {node.name}")
         for p in sorted(self.leader):
             if self.leader[p] == node.name:
