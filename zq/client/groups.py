@@ -63,7 +63,9 @@ lease_messages_max = 1_000         # messages one lease asks for
 lease_min_fraction = 4             # with messages queued, no lease below 1/4 of a partition's share
 ack_flush_ms = 20                  # settled messages wait at most this long before their Ack goes
 ack_batch_max = 2_000              # ... or until this many are waiting
-ack_retries_max = 5                # sends of one Ack after NotLeader, timeouts and RebalanceInProgress
+ack_retry_ms_max = 8_000           # an Ack refused for a passing reason (an election, a timeout, NotLeader,
+                                   # RebalanceInProgress) is sent again, with backoff, for this long; under
+                                   # commit_wait_s, so that commit() and close() see how it ended
 retry_backoff_ms = 100
 retry_backoff_ms_max = 2_000
 quick_empty_reply_ms = 5
@@ -444,13 +446,23 @@ class GroupConsumer(ReadyQueue):
         for (p, epoch), items in sorted(pending.items()):
             fut: Future = Future()
             waits.append(fut)
-            self._io_send_ack(p, epoch, items, fut, 0)
+            self._io_send_ack(p, epoch, items, fut, 0, time.monotonic() * 1000.0)
         if done is not None:
             _when_all(waits, done)
 
-    def _io_send_ack(self, p: int, epoch: int, items: _Pending, fut: Future, attempt: int) -> None:
+    def _io_send_ack(self, p: int, epoch: int, items: _Pending, fut: Future, attempt: int, first_ms: float) -> None:
+        """Send one partition's settlements; retried while the refusal is a passing one. An ack
+        given up costs a redelivery after the lease runs out, and until then the unacked offset
+        holds the partition's committed offset back (measured: a 30 s stall of a partition after
+        an election that outlasted 5 quick retries), so it is retried for `ack_retry_ms_max`.
+        Sending the same acks twice is harmless: an ack is a lattice join at the leader."""
         address = self._client._leader_address(self.topic, p)
         if address is None or self._conn.closed:
+            delay = min(retry_backoff_ms_max, retry_backoff_ms * 2 ** min(attempt, 10))
+            if not self._conn.closed and time.monotonic() * 1000.0 + delay - first_ms < ack_retry_ms_max:
+                self._client._io_refresh_metadata()   # an election: the metadata will name the new leader
+                self._conn.io_call_later(delay, lambda: self._io_send_ack(p, epoch, items, fut, attempt + 1, first_ms))
+                return
             fut.set_result(NotLeader(f"no leader known for {self.topic}/{p}; the acks are dropped and the "
                                      "messages will be delivered again"))
             return
@@ -461,15 +473,16 @@ class GroupConsumer(ReadyQueue):
             if error is None:
                 fut.set_result(None)
                 return
-            retry = attempt + 1 < ack_retries_max and (error.retriable or isinstance(error, RebalanceInProgress))
+            delay = min(retry_backoff_ms_max, retry_backoff_ms * 2 ** min(attempt, 10))
+            retry = (time.monotonic() * 1000.0 + delay - first_ms < ack_retry_ms_max
+                     and (error.retriable or isinstance(error, RebalanceInProgress)))
             if isinstance(error, NotLeader) and isinstance(error.data.get("address"), str):
                 self._client._hint_leader(self.topic, p, error.data["address"])
             if isinstance(error, Fenced):
                 self._io_heartbeat_soon()
             if retry and not self._conn.closed:
                 self._client._io_refresh_metadata()
-                self._conn.io_call_later(retry_backoff_ms * (attempt + 1),
-                                         lambda: self._io_send_ack(p, epoch, items, fut, attempt + 1))
+                self._conn.io_call_later(delay, lambda: self._io_send_ack(p, epoch, items, fut, attempt + 1, first_ms))
                 return
             log.info("acks for %s/%s were not applied (%s); those messages will be delivered again",
                      self.topic, p, error.message)
