@@ -161,3 +161,37 @@ def test_replay_to_a_time_delivers_again_from_that_time(boot):
         assert set(replayed) == new, "a replay to a time delivers again from that time, and only that"
     finally:
         member.close()
+
+
+def test_leases_smaller_than_a_stored_batch_deliver_each_record_once_and_in_order(boot):
+    """One stored batch of 3,000 records leased 100 at a time: the consumer decodes the batch once
+    and picks each lease's records out of it (zq.client.groups GroupConsumer._records); every
+    record comes once, with its own key and value, in offset order."""
+    make_topic(boot, "bigbatch", 1)
+    values = [f"v{i}".encode() for i in range(3_000)]
+    with zq.Client(bootstrap=boot) as client:
+        p = client.producer(linger_ms=200)   # one batch
+        futures = [p.send("bigbatch", v, key=v, partition=0) for v in values]
+        p.flush()
+        offsets = [f.result(10).offset for f in futures]
+    assert offsets == list(range(offsets[0], offsets[0] + len(values)))
+    with zq.Client(bootstrap=boot) as client:
+        consumer = client.consumer("bigbatch", group="small-leases", max_in_flight=100, **FAST)
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < len(values) and time.monotonic() < deadline:
+            for msg in consumer.poll(0.2):
+                got.append((msg.offset, msg.key, msg.value, msg.attempt))
+                msg.ack()
+        consumer.close()
+    assert [o for o, _, _, _ in got] == offsets, "each offset once, in order"
+    assert all(k == v == values[o - offsets[0]] for o, k, v, _ in got)
+    assert {a for _, _, _, a in got} == {1}
+
+
+def test_the_group_bench_runs_its_members_as_processes(boot):
+    from zq.cli.bench import run_bench
+    result = run_bench("group", messages=2_000, size=100, partitions=4, replication=3, acks="quorum",
+                       durability="fsync", bootstrap=boot, members=2)
+    assert result["settings"]["members"] == 2 and result["errors"] == 0
+    assert result["msgs_per_s"] > 0 and result["seconds"] > 0

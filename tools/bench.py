@@ -18,7 +18,7 @@ The suite (every run: 100-byte values, durability=fsync, one client process):
     produce-r3       N messages as fast as one producer goes, 6 partitions    -> msg/s, MB/s
     e2e-r3           as e2e                                                    -> produce-to-consume p50/p99/p99.9
     group-1          N/2 messages consumed by one group member acking each    -> msg/s
-    group-3          the same with three members (threads of one process)     -> msg/s
+    group-3          the same with three members (a process each, as deployed) -> msg/s
 
 Each result is printed, then a table puts them beside the issue's targets and the anchors, and
 every result goes as one JSON line (INTERFACE.md's bench shape plus "name", "started_utc" and

@@ -9,6 +9,11 @@
              sends N messages paced at --rate (default 2,000 msg/s). Each value starts with the
              CLOCK_MONOTONIC time taken just before send(); the consumer subtracts it from the
              time it receives the message. Latency = produce to consumer delivery.
+    group    fills a fresh topic with N messages (not timed), then --members consumers of one new
+             group, each a process of its own (as consumers are deployed: threads of one process
+             would share one interpreter lock), join from earliest and ack every message.
+             Throughput = N / (the moment they may join to the N-th ack); their acks are flushed
+             (commit) after, outside the time. Latency: null.
 
 Latencies are nearest-rank percentiles over every message of a paced run, and over every 100th
 message of an unpaced produce run (a callback per message would halve the throughput measured). MB/s is N * size / 10^6 per second
@@ -204,60 +209,95 @@ def _consume(client: Any, topic: str, messages: int, bar: _Progress) -> tuple[fl
     return seconds, 0
 
 
-def _group(bootstrap: str, cluster: str, topic: str, messages: int, members: int, bar: _Progress) -> tuple[float, int]:
-    """`members` consumers of one group (threads of this process, a client each) ack every message
-    they get; the time runs until all `messages` are acked and the acks are flushed."""
-    import threading
-
+def _group_member(bootstrap: str, cluster: str, topic: str, group: str, i: int, acked: Any, ready: Any, start: Any,
+                  stop: Any, conn: Any) -> None:
+    """One member of `group` (a process of its own): joins once `start` is set, acks every message
+    it gets, counting them in `acked[i]`; commits and leaves once `stop` is set."""
     from zq.cli.commands import _client
-    group = f"bench-{random.randrange(1 << 32):08x}"
-    acked = [0] * members
-    stop = threading.Event()
-    errors_seen: list[BaseException] = []
-
-    def member(i: int) -> None:
-        try:
-            with _client(bootstrap, cluster) as client:
-                consumer = client.consumer(topic, group=group, start="earliest")
-                try:
-                    while not stop.is_set():
-                        for msg in consumer.poll(timeout=0.2, max_messages=10_000):
-                            msg.ack()
-                            acked[i] += 1
-                    consumer.commit()
-                finally:
-                    consumer.close()
-        except BaseException as error:  # reported by the caller
-            errors_seen.append(error)
-            stop.set()
-
-    bar.phase(f"consuming in a group of {members}", messages)
-    threads = [threading.Thread(target=member, args=(i,), daemon=True) for i in range(members)]
-    start = last_change = time.perf_counter()
-    last_total = 0
-    for t in threads:
-        t.start()
     try:
+        with _client(bootstrap, cluster) as client:
+            ready.release()
+            start.wait()
+            consumer = client.consumer(topic, group=group, start="earliest")
+            n = 0
+            try:
+                while not stop.is_set():
+                    for msg in consumer.poll(timeout=0.2, max_messages=10_000):
+                        msg.ack()
+                        n += 1
+                    acked[i] = n   # once per poll: a shared value costs a lock per write
+                consumer.commit()
+            finally:
+                consumer.close()
+        conn.send(None)
+    except BaseException as error:  # reported by the parent
+        conn.send(f"{type(error).__name__}: {error}")
+    finally:
+        conn.close()
+
+
+def _group(bootstrap: str, cluster: str, topic: str, messages: int, members: int, bar: _Progress) -> tuple[float, int]:
+    """`members` consumers of one group, each a process of its own with its own client (how
+    consumers are deployed; threads of one process would share one GIL), ack every message they
+    get. The time runs from the moment they may join until `messages` acks were made; the acks
+    are then flushed (commit) before the run ends, outside the time."""
+    ctx = multiprocessing.get_context("spawn")
+    group = f"bench-{random.randrange(1 << 32):08x}"
+    acked = ctx.Array("q", members)
+    ready, start, stop = ctx.Semaphore(0), ctx.Event(), ctx.Event()
+    pipes, procs = [], []
+    for i in range(members):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_group_member, args=(bootstrap, cluster, topic, group, i, acked, ready, start,
+                                                       stop, child), daemon=True)
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        for _ in range(members):
+            if not ready.acquire(timeout=E2E_READY_TIMEOUT_S):
+                raise errors.Timeout("the group member processes did not start in time")
+        bar.phase(f"consuming in a group of {members} processes", messages)
+        start.set()
+        t0 = last_change = time.perf_counter()
+        last_total = 0
         while True:
-            time.sleep(0.05)
-            total = sum(acked)
+            time.sleep(0.01)
+            total = sum(acked[:])
             now = time.perf_counter()
             bar.update(min(total, messages))
-            if total >= messages or errors_seen:
+            failed = [p for p in pipes if p.poll()]
+            if total >= messages or failed:
                 break
             if total != last_total:
                 last_total, last_change = total, now
             elif now - last_change > QUIET_TIMEOUT_S:
                 raise errors.Timeout(f"the group acked {total} of {messages} messages, then nothing for "
                                      f"{QUIET_TIMEOUT_S:g} s")
-        seconds = time.perf_counter() - start
+        seconds = now - t0
+        stop.set()
+        problems = []
+        for p in pipes:
+            if p.poll(QUIET_TIMEOUT_S):
+                outcome = p.recv()
+                if outcome is not None:
+                    problems.append(outcome)
+            else:
+                problems.append("a member did not finish in time")
+        if problems:
+            raise errors.ZqError(f"a group member failed: {problems[0]}")
+        return seconds, 0
     finally:
         stop.set()
-        for t in threads:
-            t.join(timeout=30)
-    if errors_seen:
-        raise errors.ZqError(f"a group member failed: {errors_seen[0]}")
-    return seconds, 0
+        start.set()
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for p in pipes:
+            p.close()
 
 
 def _e2e_consumer(bootstrap: str, cluster: str, topic: str, messages: int, conn: Any) -> None:
