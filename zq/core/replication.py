@@ -47,8 +47,12 @@ replica set, or none at all for a replica created by a reassignment (it must not
 membership its node had before its data was deleted). `HardState.configs` keeps them, so a
 restart knows. Quorums (votes, the high watermark, check-quorum) count the voters of the
 current configuration only; a leader counts itself only if it is one. A replica whose node is
-not a voter is a LEARNER: it follows, appends and acknowledges what a leader sends, and never
-stands; it votes as Raft says (its log holds what it acknowledged).
+not a voter is a LEARNER: it follows, appends and acknowledges what a leader sends, and votes as
+Raft says (its log holds what it acknowledged), but stands only if it is still in the committed
+configuration (one being removed, whose removal it has not seen commit, may still be needed:
+Raft thesis 4.2.2; it then leads a configuration without itself and steps down once that
+commits). A learner that hears no leader for an election timeout asks its last leader again, or
+else the next of the nodes it knows of (voters and target), for what it lacks.
 
 Nodes added again. A node removed from a partition deletes its replica; added again later, it
 starts empty, and so has lost what made its old votes and acknowledgements safe (its log and
@@ -66,14 +70,16 @@ already), and promotes a learner only once the learner holds that entry.
 
 Changing the replica set. `set_target(voters)` gives the desired voters; only a leader acts,
 one step at a time, and only once its own marker and the latest configuration are committed
-(so every configuration differs by one voter from one that is committed: any majority of the
-new one meets any majority of the old). A missing node first becomes the leader's learner (one
+(so every configuration differs by at most one voter from one that is committed: any majority
+of the new one meets any majority of the old). A missing node first becomes the leader's learner (one
 at a time): it is sent Appends and its acknowledgements are tracked, and once it holds the
 high watermark durably and is within `catch_up_records_max` of the log end, the leader appends
 voters + {it}. Otherwise a surplus voter is removed, the leader itself last: it keeps leading
 the new configuration, counting a majority of it without itself, and once that commits it tells
 the most caught-up voter to stand (TimeoutNow) and steps down. `removed` turns True on a node in
-neither the committed configuration nor its target: the shell closes it and deletes its data.
+neither the committed configuration nor its target whose log has caught up with its leader's
+(so no configuration naming it is on the way, in which a leader may count it already): the
+shell closes it and deletes its data.
 
 Telling the removed. A leader also sends to the nodes that the configurations it remembers had
 and the current one has not, so a removed node learns of its removal and, once it is committed
