@@ -13,8 +13,8 @@ and returns what happened as data; it reads no clock, sends nothing and stores n
 Fencing (`check_member`). A request names a member, the generation it believes in and a
 partition. The leader's copy of the membership decides: no copy of the group, or a member it has
 not heard of while the request's generation is ahead of its own, is `RebalanceInProgress` (the
-leader is behind: retry) until the node has been up for a few gossip rounds; a member it has not
-heard of otherwise, or one that left, is `Fenced` (join again). A lease (strict) must be in the leader's current generation and hold the
+leader is behind: retry) unless it has stayed unknown for a few gossip rounds; a member it has
+not heard of otherwise, or one that left, is `Fenced` (join again). A lease (strict) must be in the leader's current generation and hold the
 partition in it. An ack (not strict) must hold the partition in the leader's current view,
 whatever generation it names: a rebalance that did not move the partition does not throw away
 work that was done, and one that did move it fences the old owner, whose acks then change
@@ -81,26 +81,28 @@ class Refusal:
     counted: bool = False
 
 
-def unknown_member(m: GroupMembership | None, member_id: str, generation: int, caught_up: bool,
+def unknown_member(m: GroupMembership | None, member_id: str, generation: int, long_unknown: bool,
                    where: str) -> Refusal | None:
     """A refusal if this node has no record of `member_id`, else None.
 
     A node that has not heard of the member may just be behind (the member joined elsewhere and
-    gossip has not come yet): retry. But once this node has been up for a few gossip rounds
-    (`caught_up`), a member no copy here knows is fenced, so that it joins again: the nodes that
-    knew it may all have restarted (memberships are not stored), and answering "retry" forever
-    left its consumers heartbeating with no end (found by the groups simulator, seed 1652)."""
+    gossip has not come yet): retry. But once the shell has had the member's requests for a few
+    gossip rounds without a record coming (`long_unknown`), it is fenced, so that it joins again:
+    the nodes that knew it may all have restarted (memberships are not stored), and answering
+    "retry" for ever left its consumers heartbeating with no end (found by the groups simulator,
+    seed 1652). Fencing at once instead would drop the first acks of every new member whose
+    partitions another node leads."""
     if m is not None and member_id in m.records:
         return None
-    if not caught_up and (m is None or m.is_ahead(generation)):
+    if not long_unknown and (m is None or m.is_ahead(generation)):
         return Refusal(REBALANCING, f"{where} has not heard of member {member_id} of this group yet; retry shortly")
     return Refusal(FENCED, f"member {member_id} is not in this group; join again")
 
 
 def check_member(m: GroupMembership | None, member_id: str, generation: int, tp: TP,
-                 strict: bool, caught_up: bool = False) -> Refusal | None:
+                 strict: bool, long_unknown: bool = False) -> Refusal | None:
     """None if `member_id` may lease (strict) or settle deliveries of `tp` now."""
-    refusal = unknown_member(m, member_id, generation, caught_up, f"the leader of {tp[0]}/{tp[1]}")
+    refusal = unknown_member(m, member_id, generation, long_unknown, f"the leader of {tp[0]}/{tp[1]}")
     if refusal is not None:
         return refusal
     assert m is not None

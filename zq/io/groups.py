@@ -86,7 +86,8 @@ membership_gossip_ms = 500        # every node sends its copies of every group t
 membership_gossip_ms_min = 20     # ... and after a change, but not more often than this
 state_gossip_ms = 200             # a leader sends the delivery states it changed to their replicas
 sweep_ms = 100                    # lease expiry, departed members' leases, dead letters
-caught_up_ms = 3 * membership_gossip_ms   # after this long up, a member no copy here knows is fenced
+unknown_member_ms = 3 * membership_gossip_ms   # a member no copy here knows for this long is fenced
+unknown_members_max = 10_000      # (group, member) pairs this node tracks as unknown
 describe_wait_ms = 400            # how long `zq groups` waits for other nodes' rows
 reset_wait_ms = 3_000             # how long a forwarded reset waits for a partition leader
 dead_letter_wait_ms = 5_000       # a dead-letter copy sent to another node, unanswered by then, is tried again
@@ -138,8 +139,7 @@ class GroupService:
         self._last_gossip_ms = 0
         self._gossip_soon = False
         self._failed: set[Key] = set()   # states with a failed delivery not yet sent to the replicas
-        self._started_ms = node.now_ms()
-        self._is_caught_up = False
+        self._unknown_since: dict[tuple[str, str], int] = {}   # (group, member) -> first request seen
         self.handlers: dict[type, Callable[[bytes, Any, list], None]] = {
             G.JoinGroup: self.on_join_group,
             G.GroupHeartbeat: self.on_group_heartbeat,
@@ -257,7 +257,8 @@ class GroupService:
 
     def on_group_heartbeat(self, identity: bytes, msg: G.GroupHeartbeat, payload: list) -> None:
         m = self.memberships.get(msg.group)
-        refusal = unknown_member(m, msg.member_id, msg.generation, self._caught_up(), "this node")
+        refusal = unknown_member(m, msg.member_id, msg.generation, self._long_unknown(m, msg.group, msg.member_id),
+                                 "this node")
         if refusal is not None:
             if refusal.kind == FENCED:
                 raise Fenced(refusal.message)
@@ -322,15 +323,26 @@ class GroupService:
 
     # ------------------------------------------------------------------ fencing
 
-    def _caught_up(self) -> bool:
-        """Up long enough to have heard every peer's membership gossip (see grouplead.unknown_member)."""
-        if not self._is_caught_up:
-            self._is_caught_up = self.node.now_ms() - self._started_ms >= caught_up_ms
-        return self._is_caught_up
+    def _long_unknown(self, m: GroupMembership | None, group: str, member_id: str) -> bool:
+        """Has this node had requests of a member it has no record of for `unknown_member_ms`, so that
+        gossip would have brought the record by now if any node had it? (grouplead.unknown_member)"""
+        if m is not None and member_id in m.records:
+            return False   # the common case: no clock read, no table
+        now = self.node.now_ms()
+        key = (group, member_id)
+        since = self._unknown_since.get(key)
+        if since is None:
+            if len(self._unknown_since) >= unknown_members_max:
+                self._unknown_since.clear()   # forgetting only delays a fencing by one period
+            since = self._unknown_since[key] = now
+        elif now - since > 10 * unknown_member_ms:
+            since = self._unknown_since[key] = now   # an old sighting: this is a new episode
+        return now - since >= unknown_member_ms
 
     def _check_member(self, group: str, member_id: str, generation: int, tp: tuple[str, int], strict: bool) -> None:
         """Raise unless `member_id` may lease (strict) or settle deliveries of `tp` now (grouplead.check_member)."""
-        refusal = check_member(self.memberships.get(group), member_id, generation, tp, strict, self._caught_up())
+        m = self.memberships.get(group)
+        refusal = check_member(m, member_id, generation, tp, strict, self._long_unknown(m, group, member_id))
         if refusal is None:
             return
         if refusal.counted:

@@ -75,7 +75,7 @@ SWEEP_MS = 100
 MEMBERSHIP_GOSSIP_MS = 500
 MEMBERSHIP_GOSSIP_MS_MIN = 20
 STATE_GOSSIP_MS = 200
-CAUGHT_UP_MS = 3 * MEMBERSHIP_GOSSIP_MS
+UNKNOWN_MEMBER_MS = 3 * MEMBERSHIP_GOSSIP_MS
 SYNC_MS = 50                  # the store's page cache reaches the disk this often
 LEASE_MESSAGES_MAX = 5_000
 ELECTION_MS_MAX = 300         # a partition has no leader this long after its leader crashed
@@ -225,7 +225,7 @@ class Node:
     next_gossip_ms: int = 0
     last_gossip_ms: int = 0
     gossip_soon: bool = False
-    started_ms: int = 0
+    unknown_since: dict = field(default_factory=dict)   # (group, member) -> first request seen
     failed: set = field(default_factory=set)   # states with a failed delivery not yet gossiped
 
 
@@ -466,7 +466,8 @@ class GroupSim:
 
     def on_heartbeat(self, node: Node, req: Req) -> None:
         m = node.memberships.get(req.group)
-        refusal = unknown_member(m, req.member_id, req.generation, self.caught_up(node), node.name)
+        refusal = unknown_member(m, req.member_id, req.generation, self.long_unknown(node, req.group, req.member_id),
+                                 node.name)
         if refusal is not None:
             return self.refuse(node, req, Refused(refusal.kind))
         assert m is not None
@@ -537,8 +538,16 @@ class GroupSim:
             else:
                 held.merge_from(other, dead_lettered)
 
-    def caught_up(self, node: Node) -> bool:
-        return self.now - node.started_ms >= CAUGHT_UP_MS
+    def long_unknown(self, node: Node, group: str, member_id: str) -> bool:
+        """As the service's _long_unknown."""
+        m = node.memberships.get(group)
+        if (m is not None and member_id in m.records) or "unknown_member_retries_forever" in self.bugs:
+            return False
+        key = (group, member_id)
+        since = node.unknown_since.get(key)
+        if since is None or self.now - since > 10 * UNKNOWN_MEMBER_MS:
+            since = node.unknown_since[key] = self.now
+        return self.now - since >= UNKNOWN_MEMBER_MS
 
     def leads(self, node: Node, p: int) -> bool:
         return self.leader.get(p) == node.name
@@ -560,7 +569,7 @@ class GroupSim:
         if not self.leads(node, p):
             return self.refuse(node, req, self.not_leader(node, p))
         refusal = check_member(node.memberships.get(req.group), req.member_id, req.generation, (TOPIC, p), True,
-                               self.caught_up(node))
+                               self.long_unknown(node, req.group, req.member_id))
         if refusal is not None:
             return self.refuse(node, req, Refused(refusal.kind))
         self.held_or_new(node, (req.group, p), 0)
@@ -608,7 +617,7 @@ class GroupSim:
                 self.refuse(node, req, self.not_leader(node, p))
                 continue
             refusal = check_member(node.memberships.get(req.group), req.member_id, req.generation, (TOPIC, p), True,
-                               self.caught_up(node))
+                               self.long_unknown(node, req.group, req.member_id))
             if refusal is not None:
                 self.refuse(node, req, Refused(refusal.kind))
                 continue
@@ -625,7 +634,8 @@ class GroupSim:
         if not self.leads(node, p):
             return self.refuse(node, req, self.not_leader(node, p))
         m = node.memberships.get(req.group)
-        refusal = check_member(m, req.member_id, req.generation, (TOPIC, p), False, self.caught_up(node))
+        refusal = check_member(m, req.member_id, req.generation, (TOPIC, p), False,
+                               self.long_unknown(node, req.group, req.member_id))
         if "ack_from_fenced" in self.bugs and refusal is not None and refusal.kind == FENCED:
             refusal = None
         key = (req.group, p)
@@ -721,6 +731,7 @@ class GroupSim:
         node.held.clear()
         node.parked.clear()
         node.failed.clear()
+        node.unknown_since.clear()
         self.say(f"crash {node.name}")
         for p in sorted(self.leader):
             if self.leader[p] == node.name:
@@ -731,7 +742,6 @@ class GroupSim:
         if node.up:
             return
         node.up = True
-        node.started_ms = self.now
         for key in sorted(node.disk):
             d, _dead = node.disk[key]
             node.held[key] = PartitionLead.from_dict(d)   # the stored form, read back as the service does
