@@ -855,3 +855,31 @@ def test_a_drain_that_cannot_finish_alternates_serving_and_trying() -> None:
     assert a.transferring == "b"  # the next attempt picks another voter
     _settle(t, "a", rounds=2)
     assert t.replicas["b"].role == LEADER and a.role == FOLLOWER
+
+
+def test_acknowledgements_from_a_nodes_earlier_membership_do_not_promote_it() -> None:
+    """Simulator seed 20819: a leader still held d's acknowledged end from before d was removed
+    and deleted, and made the new, empty d a voter at once on the strength of it."""
+    t = Trio(names=QUAD)
+    t.elect("a")
+    t.propose("a", b"x")
+    t.deliver()
+    _settle(t, "a")
+    _target(t, NAMES)
+    _settle(t, "a")
+    a = t.replicas.pop("d") and t.replicas["a"]
+    assert a.voters == NAMES and a._match["d"] == a.log_end  # noqa: SLF001 -- d's old acknowledgement
+    # d is added again, empty (here even without a join epoch: same epoch as the leader).
+    t.disks["d"] = SimDisk([0])
+    t.initial["d"] = ()
+    t.replicas["d"] = t._boot("d")  # noqa: SLF001
+    _target(t, QUAD)
+    for _ in range(3):
+        a.maybe_change_config()
+        t.drain("a")
+        t.deliver(drop=lambda s, dst, m: "d" in (s, dst))
+        _settle(t, "a", rounds=1, drop=lambda s, dst, m: "d" in (s, dst))
+    assert a.voters == NAMES and a.learners == ("d",)
+    assert _configs_in_log(t, "a")[-1] == NAMES  # the restatement d must hold first
+    _settle(t, "a")
+    assert a.voters == QUAD and t.replicas["d"].voters == QUAD and t.log("d") == t.log("a")

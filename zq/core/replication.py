@@ -65,8 +65,8 @@ removal and still believes in an old configuration naming both must not win with
 it appends a configuration entry (of its join epoch or later), its log holds everything
 committed before the leader that wrote it, its old removal included, and it is an ordinary
 replica. So that a new voter always knows one, a leader restates the current configuration in
-its own epoch before it adds a node (unless its latest configuration entry is of its epoch
-already), and promotes a learner only once the learner holds that entry.
+its own epoch when it takes a learner, and promotes the learner only once it holds that entry
+(which also keeps acknowledgements from the node's earlier membership from counting).
 
 Changing the replica set. `set_target(voters)` gives the desired voters; only a leader acts,
 one step at a time, and only once its own marker and the latest configuration are committed
@@ -707,19 +707,21 @@ class Replica:
         if self._learner is not None and self._learner not in add:
             self._learner = None  # the target changed under it
         if add:
-            latest = self._configs[-1][0]
-            if latest < 0 or self.epoch_at(latest) != self.epoch:
-                # First restate the configuration in our epoch: a learner holding that entry
-                # knows a configuration it can trust (see "Nodes added again"), so it votes as
-                # soon as it is made a voter, even if the entry that makes it one reaches it late.
+            if self._learner is None:
+                # Take a learner, and restate the configuration in our epoch. The learner is
+                # promoted only once it holds that entry: so it knows a configuration it can
+                # trust (see "Nodes added again") and votes as soon as it is made a voter, and
+                # what the node acknowledged before counts for nothing (it may have been a
+                # member before and deleted its data since; old acknowledgements stop short of
+                # this entry).
+                self._learner = add[0]
+                self._match[self._learner] = 0
+                self._contact_ms.setdefault(self._learner, self.now_ms)
                 self._append_config(voters)
                 return
-            if self._learner is None:
-                self._learner = add[0]
-                self._match.setdefault(self._learner, 0)
-                self._contact_ms.setdefault(self._learner, self.now_ms)
             held = self._match[self._learner]
-            if held > latest and held >= hw and self.log_end - held <= self.config.catch_up_records_max:
+            if (held > self._configs[-1][0] and held >= hw
+                    and self.log_end - held <= self.config.catch_up_records_max):
                 self._append_config(voters | {self._learner})
                 self._learner = None
             return
