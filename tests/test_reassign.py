@@ -165,3 +165,32 @@ def test_drain_hands_leadership_away_then_the_node_leaves(tmp_path):
         for n in nodes:
             if n.thread.is_alive():
                 n.stop()
+
+
+def test_a_node_moved_away_and_back_starts_empty_in_a_later_epoch_and_catches_up(tmp_path):
+    nodes = start_nodes(tmp_path, 3)
+    try:
+        with _client(nodes) as client:
+            _create(client, "back", 1)
+            producer = client.producer(acks="quorum", idempotent=True)
+            first = [(f"a-{i}", producer.send("back", f"a-{i}".encode(), partition=0).result(20).offset) for i in range(50)]
+            client.reassign_partition("back", 0, ["n2", "n3"])
+            wait_until(lambda: _moved(client, "back", 0, ["n2", "n3"]), MOVE_TIMEOUT_S, "n1 to be moved away")
+            tp = TopicPartition(client.refresh_metadata().topics["back"]["id"], 0)
+            wait_until(lambda: tp not in nodes[0].node.parts, 10, "n1 to drop its copy")
+            second = [(f"b-{i}", producer.send("back", f"b-{i}".encode(), partition=0).result(20).offset) for i in range(50)]
+            client.reassign_partition("back", 0, ["n1", "n2", "n3"])
+            wait_until(lambda: _moved(client, "back", 0, ["n1", "n2", "n3"]), MOVE_TIMEOUT_S, "n1 to be back")
+            r1 = nodes[0].node.parts[tp].replica
+            assert r1.join_epoch > 0, "the new replica joined past the epochs its node had reached"
+            producer.close()
+        nodes[1].stop()     # n1 and n3 are a majority of the set: n1 must really hold the log
+        with _client([nodes[0], nodes[2]]) as survivor:
+            last = survivor.producer(acks="quorum").send("back", b"c", partition=0).result(30)
+            got = _read_all(survivor, "back", 0, 101)
+        assert set(first + second + [("c", last.offset)]) <= set(got)
+        assert len(got) == len({v for v, _ in got})
+    finally:
+        for n in nodes:
+            if n.thread.is_alive():
+                n.stop()

@@ -55,7 +55,7 @@ import zmq
 from zq import batch as zbatch
 from zq import protocol as P
 from zq.core import metadata as meta
-from zq.core.repl_types import (BACKPRESSURE, COMMITTED, DUPLICATE_SEQUENCE, LEADER, NOT_LEADER, OUT_OF_ORDER,
+from zq.core.repl_types import (BACKPRESSURE, COMMITTED, DUPLICATE_SEQUENCE, LEADER, HardState, NOT_LEADER, OUT_OF_ORDER,
                                 Outcome, ReplicationConfig)  # noqa: F401 (Outcome in annotations)
 from zq.core.replication import Replica
 from zq.errors import (Backpressure, InvalidRequest, LeaderNotAvailable, NotLeader, OffsetOutOfRange, OutOfOrderSequence, UnknownTopic,
@@ -353,6 +353,12 @@ class Node:
         hs = R.load_hard_state(self.store, tp)
         if hs is not None and hw_floor > hs.high_watermark:
             hs = dataclasses.replace(hs, high_watermark=hw_floor)
+        if hs is None:
+            gone = self.store.get_meta(R.removed_key(tp))
+            if gone is not None:
+                # We held this partition before a move took it away: the new replica must not be
+                # usable by any leader of an epoch we had reached (zq.core.replication).
+                hs = HardState(epoch=int(gone) + 1, join_epoch=int(gone) + 1)
         now = mono_ms()
         replica = Replica(self.name, replicas, R.StoreReader(self.store, tp), rng=self.rng, now_ms=now,
                           config=self.config.replication, hard_state=hs, log_end=st.log_end if st else 0)
@@ -1128,6 +1134,7 @@ class Node:
         self.lazy_hard_states.pop(tp, None)
         self._begin().drop_partition(tp)
         self._begin().delete_meta(R.hard_state_key(tp))
+        self._begin().put_meta(R.removed_key(tp), str(max(part.replica.epoch, part.replica.join_epoch)).encode())
         self.sub.setsockopt(zmq.UNSUBSCRIBE, R.tp_bytes(tp))
         gone = self._not_leader(self.leader_of(tp)[0], f"{part.name}/{tp.partition}")
         for callback in [*part.waiters.values(), *(cb for _, cb in part.leader_acks)]:
@@ -1137,6 +1144,7 @@ class Node:
     def _close_topic(self, t: meta.TopicMeta) -> None:
         for p in range(len(t.partitions)):
             tp = TopicPartition(t.id, p)
+            self._begin().delete_meta(R.removed_key(tp))
             part = self.parts.pop(tp, None)
             if part is None:
                 continue

@@ -85,7 +85,7 @@ def hard_state_key(tp: TopicPartition) -> bytes:
 
 def encode_hard_state(hs: HardState) -> bytes:
     return cbor2.dumps([hs.epoch, hs.voted_for, [list(x) for x in hs.epoch_history], hs.high_watermark,
-                        [[offset, list(voters)] for offset, voters in hs.configs]])
+                        [[offset, list(voters)] for offset, voters in hs.configs], hs.join_epoch])
 
 
 def load_hard_state(store: Store, tp: TopicPartition) -> HardState | None:
@@ -95,8 +95,15 @@ def load_hard_state(store: Store, tp: TopicPartition) -> HardState | None:
     fields = cbor2.loads(raw)
     epoch, voted_for, history, hw = fields[:4]
     configs = fields[4] if len(fields) > 4 else []   # written before replica sets could change: none
+    join_epoch = fields[5] if len(fields) > 5 else 0
     return HardState(epoch, voted_for, tuple(tuple(x) for x in history), hw,
-                     tuple((offset, tuple(voters)) for offset, voters in configs))
+                     tuple((offset, tuple(voters)) for offset, voters in configs), join_epoch)
+
+
+def removed_key(tp: TopicPartition) -> bytes:
+    """Meta key of the epoch a replica of `tp` had reached when this node deleted it (a move took
+    it away): a replica made here again joins in a later epoch (HardState.join_epoch)."""
+    return b"rm" + _HS.pack(tp.topic_id, tp.partition)
 
 
 _APPEND_CODE = 20   # zq.protocol registers repl_types.Append under this code
