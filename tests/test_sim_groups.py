@@ -76,7 +76,7 @@ def test_same_seed_same_trace() -> None:
 # Each broken rule, and a seed whose checks catch it.
 BROKEN = [
     ("ack_from_fenced", 3, "fenced acks change nothing"),
-    ("merge_resets_attempts", 67, "attempts never go down"),
+    ("merge_resets_attempts", 513, "attempts never go down"),
     ("done_before_dead_letter", 0, "committed never ahead of processed"),
     ("client_sorted_resume", 107, "drained in bounded time"),
 ]

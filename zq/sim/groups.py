@@ -541,7 +541,7 @@ class GroupSim:
     def long_unknown(self, node: Node, group: str, member_id: str) -> bool:
         """As the service's _long_unknown."""
         m = node.memberships.get(group)
-        if (m is not None and member_id in m.records) or "unknown_member_retries_forever" in self.bugs:
+        if m is not None and member_id in m.records:
             return False
         key = (group, member_id)
         since = node.unknown_since.get(key)
