@@ -37,7 +37,8 @@ outstanding per held partition, sized by `max_in_flight` (its backpressure), fol
 NotLeader hints, backing off on Fenced / RebalanceInProgress (and heartbeating at once on
 Fenced); lease replies of an older reset epoch than seen are dropped; settlements batched per
 (partition, epoch) every `ack_flush_ms`, an Ack refused as Fenced dropped (redelivery follows),
-retried on NotLeader / RebalanceInProgress / timeouts up to `ack_retries_max` sends; messages of a
+retried with backoff on NotLeader / RebalanceInProgress / timeouts / no leader known for up to
+`ack_retry_ms_max`; messages of a
 partition lost in a rebalance kept and settled (their acks are then fenced). The application
 acks, or nacks poison messages (always) and transient failures (sometimes, with or without a
 delay), is sometimes slower than the lease, and extends long work.
@@ -81,7 +82,7 @@ LEASE_MESSAGES_MAX = 5_000
 ELECTION_MS_MAX = 300         # a partition has no leader this long after its leader crashed
 # Consumer timing, as zq/client/groups.py.
 ACK_FLUSH_MS = 20
-ACK_RETRIES_MAX = 5
+ACK_RETRY_MS_MAX = 8_000     # an Ack refused for a passing reason is sent again, with backoff, this long
 RETRY_BACKOFF_MS = 100
 RETRY_BACKOFF_MS_MAX = 2_000
 EMPTY_LEASE_BACKOFF_MS = 20
@@ -646,7 +647,7 @@ class GroupSim:
         if refusal is None:
             held = self.held_or_new(node, key, 0)
             st = held.state
-            fresh = [o for o in req.acked if not st.offsets.get(o, _NOT_ACKED).acked and o >= st.committed]
+            fresh = [o for o in req.acked if o >= st.committed and not st.offsets.get(o, _NOT_ACKED).done]
             out = held.on_ack(req.member_id, req.epoch, list(req.acked), [list(n) for n in req.nacks],
                               [list(e) for e in req.extends], self.wall(node), self.policy, self.rng.random)
             self.result.acked += out.acked
@@ -869,8 +870,8 @@ class GroupSim:
         elif what == "flush":
             self.flush(m)
         elif what == "ack_retry":
-            p, epoch, items, attempt = arg
-            self.send_ack(m, p, epoch, items, attempt)
+            p, epoch, items, attempt, first_ms = arg
+            self.send_ack(m, p, epoch, items, attempt, first_ms)
         elif what == "rejoin":
             self.send_join(m, arg)
         elif what == "handled":
@@ -1081,21 +1082,27 @@ class GroupSim:
         pending, m.pending = m.pending, {}
         m.flush_scheduled = False
         for (p, epoch), items in sorted(pending.items()):
-            self.send_ack(m, p, epoch, items, 0)
+            self.send_ack(m, p, epoch, items, 0, self.now)
 
-    def send_ack(self, m: Member, p: int, epoch: int, items: tuple, attempt: int) -> None:
+    def send_ack(self, m: Member, p: int, epoch: int, items: tuple, attempt: int, first_ms: int) -> None:
         leader = m.leaders.get(p) or self.leader.get(p)
         if leader is None:
-            return   # the acks are dropped: the messages will be delivered again
+            delay = min(RETRY_BACKOFF_MS_MAX, RETRY_BACKOFF_MS * 2 ** min(attempt, 10))
+            if self.now + delay - first_ms < ACK_RETRY_MS_MAX:
+                self.at(self.now + delay, "member_timer", m.endpoint, "ack_retry", (p, epoch, items, attempt + 1,
+                                                                                  first_ms))
+            return   # else the acks are dropped: the messages will be delivered again
         acked, nacks, extends = items
-        self.request(m, leader, "ack", (p, epoch, items, attempt), REQUEST_TIMEOUT_MS, generation=m.generation,
-                     partition=p, epoch=epoch, acked=tuple(acked), nacks=tuple(nacks), extends=tuple(extends))
+        self.request(m, leader, "ack", (p, epoch, items, attempt, first_ms), REQUEST_TIMEOUT_MS,
+                     generation=m.generation, partition=p, epoch=epoch, acked=tuple(acked), nacks=tuple(nacks),
+                     extends=tuple(extends))
 
     def answer_ack(self, m: Member, ctx: tuple, reply: Reply | None, error: Refused | None) -> None:
         if error is None:
             return
-        p, epoch, items, attempt = ctx
-        retry = attempt + 1 < ACK_RETRIES_MAX and error.kind in (
+        p, epoch, items, attempt, first_ms = ctx
+        delay = min(RETRY_BACKOFF_MS_MAX, RETRY_BACKOFF_MS * 2 ** min(attempt, 10))
+        retry = self.now + delay - first_ms < ACK_RETRY_MS_MAX and error.kind in (
             "not_leader", "leader_not_available", "timeout", "rebalance_in_progress")
         if error.kind == "not_leader" and error.hint:
             m.leaders[p] = error.hint
@@ -1104,8 +1111,7 @@ class GroupSim:
         if retry:
             if error.kind != "not_leader":
                 m.leaders.pop(p, None)
-            self.at(self.now + RETRY_BACKOFF_MS * (attempt + 1), "member_timer", m.endpoint, "ack_retry",
-                    (p, epoch, items, attempt + 1))
+            self.at(self.now + delay, "member_timer", m.endpoint, "ack_retry", (p, epoch, items, attempt + 1, first_ms))
 
     # ------------------------------------------------------------------ the drain
 
