@@ -711,7 +711,7 @@ def test_a_replica_created_without_a_configuration_is_a_learner_across_restarts(
     assert t.replicas["d"].voters == QUAD and t.replicas["d"].hard_state().configs[0] == (-1, ())
 
 
-def test_a_node_added_again_starts_past_its_old_epoch_and_ignores_its_old_membership() -> None:
+def test_a_node_added_again_starts_past_its_old_epoch_and_trusts_only_a_log_that_reaches_it() -> None:
     t = Trio(names=QUAD)
     t.elect("a")
     _settle(t, "a")
@@ -738,11 +738,27 @@ def test_a_node_added_again_starts_past_its_old_epoch_and_ignores_its_old_member
     _settle(t, "a")
     a = t.replicas["a"]
     assert a.role == LEADER and a.epoch > join and d.voters == QUAD
-    # d's log holds the entry of its old removal (epoch 1), which it does not count; it counts
-    # the restatement of a's epoch, then its addition.
+    # d's log holds the entry of its old removal (epoch 1), then the restatement of a's epoch,
+    # then its addition.
     entries = [e for e in d.entries(0, 100, 1 << 20) if e.config is not None]
     assert [(e.epoch < join, e.config) for e in entries] == [(True, NAMES), (False, NAMES), (False, QUAD)]
-    assert [v for _o, v in d.config_history] == [(), NAMES, QUAD]
+    assert [v for _o, v in d.config_history] == [(), NAMES, NAMES, QUAD]
+
+
+def test_a_log_prefix_from_before_the_join_epoch_names_no_voters() -> None:
+    """A node added again must not take itself for a voter of its old membership because its
+    log, copied so far, stops inside it."""
+    old_membership = [Entry(0, 1, 1, NO_PRODUCER, NO_PRODUCER, MARKER_PAYLOAD),
+                      Entry(1, 1, 1, NO_PRODUCER, NO_PRODUCER, encode_config(QUAD))]
+    disk = _disk_with(old_membership, epoch=3)
+    disk.volatile[0].hard = disk.durable[0].hard = HardState(3, None, ((1, 0),), 0, ((-1, ()), (1, QUAD)), 3)
+    r = Replica("d", (), disk.volatile[0], rng=random.Random(1), config=CFG,
+                hard_state=disk.volatile[0].hard, log_end=2)
+    assert r.config_history[-1] == (1, QUAD) and r.voters == () and not r.may_stand()
+    r.step(RequestVote(4, "c", 1, 2))
+    rd = r.ready()
+    r.advance()
+    assert rd.messages == () and r.epoch == 3
 
 
 def test_timeout_now_hands_leadership_over_without_waiting_for_a_timeout() -> None:

@@ -58,13 +58,15 @@ Nodes added again. A node removed from a partition deletes its replica; added ag
 starts empty, and so has lost what made its old votes and acknowledgements safe (its log and
 its epoch). Two rules make up for it. (1) The shell remembers the epoch the deleted replica had
 reached and creates the new one in a later epoch (`HardState.join_epoch`): a leader that node
-had already left behind (partitioned since, say) cannot use it. The new replica ignores
-configuration entries older than that epoch, which are its old membership. (2) A replica that
-knows no configuration yet neither votes nor takes a candidate's epoch: a node that missed its
-removal and still believes in an old configuration naming both must not win with its vote. Once
-it appends a configuration entry (of its join epoch or later), its log holds everything
-committed before the leader that wrote it, its old removal included, and it is an ordinary
-replica. So that a new voter always knows one, a leader restates the current configuration in
+had already left behind (partitioned since, say) cannot use it. The new replica knows no
+configuration until its log holds an entry of that epoch or later: a prefix of the log could
+end inside its old membership. (2) A replica that knows no configuration neither votes nor
+takes a candidate's epoch: a node that missed its removal and still believes in an old
+configuration naming both must not win with its vote. Once its log holds such an entry and a
+configuration entry, it holds everything committed before the leader that wrote the former,
+its old removal included, and it is an ordinary replica. (3) A leader counts a voter's
+acknowledgements only once it holds the entry that made it a voter: until then the node may
+not know, and may delete its data when its target changes. So that a new voter always knows one, a leader restates the current configuration in
 its own epoch when it takes a learner, and promotes the learner only once it holds that entry
 (which also keeps acknowledgements from the node's earlier membership from counting).
 
@@ -197,13 +199,20 @@ class Replica:
 
     @property
     def voters(self) -> tuple[str, ...]:
-        """The current configuration: the latest in the log, committed or not (Raft)."""
-        return self._configs[-1][1]
+        """The current configuration: the latest in the log, committed or not (Raft); none while
+        the log cannot be trusted yet (see "Nodes added again")."""
+        return self._configs[-1][1] if self._trusted() else ()
 
     @property
     def replicas(self) -> tuple[str, ...]:
         """The voters (the name the status views use)."""
-        return self._configs[-1][1]
+        return self.voters
+
+    def _trusted(self) -> bool:
+        """A replica created in a join epoch trusts its log's configurations once the log holds
+        an entry of that epoch or later: a leader of such an epoch wrote it, and every entry
+        before it is as that leader had it, the node's old removal included."""
+        return self.join_epoch == 0 or (bool(self.history) and self.history[-1][0] >= self.join_epoch)
 
     @property
     def learners(self) -> tuple[str, ...]:
@@ -236,6 +245,8 @@ class Replica:
 
     def committed_voters(self) -> tuple[str, ...]:
         """The latest configuration below the high watermark (or the initial one)."""
+        if not self._trusted():
+            return ()
         for offset, voters in reversed(self._configs):
             if offset < self.high_watermark:
                 return voters
@@ -255,7 +266,7 @@ class Replica:
         removed whose removal it has not seen committed (Raft thesis 4.2.2: it may still be
         needed). A learner being added, a replica that knows no configuration and a draining one
         never do."""
-        if self.draining or self._configs == ((-1, ()),):
+        if self.draining or not self.voters:
             return False
         return self.node_id in self.voters or self.node_id in self.committed_voters()
 
@@ -540,7 +551,8 @@ class Replica:
             self._send(m.sender, Diverging(self.epoch, self.node_id, diverging_epoch, end))
 
     def on_diverging(self, m: Diverging) -> None:
-        if m.epoch > self.epoch:
+        if m.epoch > self.epoch or (m.epoch == self.epoch and self.role == FOLLOWER and self.leader is None):
+            # Only a leader answers a Fetch: one we asked while knowing no leader is it.
             self.become_follower(m.epoch, m.sender)
         if m.epoch < self.epoch or self.role != FOLLOWER or m.sender != self.leader:
             return
@@ -558,7 +570,7 @@ class Replica:
         self.maybe_fetch()
 
     def on_request_vote(self, m: RequestVote) -> None:
-        if self._configs == ((-1, ()),):
+        if not self.voters:
             # A replica that knows no configuration yet (created by a reassignment) does not
             # vote: its node may have been a member before, whose log was deleted, and a node
             # that missed its removal could win in an old configuration with that vote. Nor does
@@ -674,7 +686,7 @@ class Replica:
         if self.role != LEADER:
             return
         voters = self.voters
-        ends = [self.durable_end if v == self.node_id else self._match.get(v, 0) for v in voters]
+        ends = [self.durable_end if v == self.node_id else self._counted_match(v) for v in voters]
         end = quorum.committed_end(ends, len(voters))
         if end <= self.high_watermark or self.epoch_at(end - 1) != self.epoch:
             return
@@ -688,6 +700,17 @@ class Replica:
             if best is not None and self._match.get(best, 0) == self.log_end:
                 self._send(best, TimeoutNow(self.epoch, self.node_id))
             self.become_follower(self.epoch, None)
+
+    def _counted_match(self, voter: str) -> int:
+        """A voter's acknowledged end, counted only once it holds the entry that made it a voter:
+        until then it may not know it is one, and may delete its data (its target changed)."""
+        added_at = -1
+        for offset, voters in reversed(self._configs):
+            if voter not in voters:
+                break
+            added_at = offset
+        held = self._match.get(voter, 0)
+        return held if held > added_at else 0
 
     def maybe_change_config(self) -> None:
         """Leader: take one step from the voters towards the target, if the last one is done.
@@ -850,7 +873,7 @@ class Replica:
         self._unstable.append(entry)
         self._note_producer(entry)
         voters = entry.config
-        if voters is not None and entry.epoch >= self.join_epoch:
+        if voters is not None:
             # A configuration takes effect on append, committed or not (Raft).
             self._configs = self._configs + ((entry.base_offset, voters),)
             self._hard_dirty = True
