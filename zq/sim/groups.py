@@ -976,9 +976,10 @@ class GroupSim:
                      max_messages=n, generation=m.generation)
 
     def resume_order(self, m: Member) -> list[int]:
-        """Paused partitions, in the order they paused. The client today resumes them sorted by
-        partition, which starves the highest ones when `max_in_flight` is below the number of
-        partitions held (found by this simulator; the bug "client_sorted_resume" models it)."""
+        """Paused partitions, in the order they paused, as the client's `_paused` (an ordered set).
+        The client used to resume them sorted by partition, which starved the highest ones when
+        `max_in_flight` is below the number of partitions held (found by this simulator, seed 107;
+        the bug "client_sorted_resume" brings that rule back)."""
         return sorted(m.paused) if "client_sorted_resume" in self.bugs else list(m.paused)
 
     def lease_retry(self, m: Member, p: int) -> None:
