@@ -26,6 +26,12 @@ base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
                   voter -> candidate, sent only after the vote is durable
     TimeoutNow  = [epoch, sender]
                   leader -> one caught-up voter: "stand for election now" (leadership hand-off)
+    StartAt     = [epoch, sender, offset, prev_epoch, [voter, ...]]
+                  leader -> a follower that fetched below the leader's log start (retention
+                  deleted what it lacks): "my log starts at offset, the entry before it is of
+                  prev_epoch, and these voters were the configuration there" (Kafka's
+                  OffsetOutOfRange reset; Raft's snapshot install with an empty state machine);
+                  voters empty if the leader no longer remembers that configuration
 
 A configuration entry (a replica-set change) is an ordinary one-record entry, `[base_offset, 1,
 epoch, -1, -1, CONFIG_PREFIX + cbor([voter, ...])]`, voters sorted; it travels in Appends like
@@ -180,7 +186,16 @@ class TimeoutNow:
     sender: str
 
 
-MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote, TimeoutNow)
+@dataclass(frozen=True, slots=True)
+class StartAt:
+    epoch: int
+    sender: str
+    offset: int
+    prev_epoch: int
+    voters: list = field(default_factory=list)  # sorted node names; [] if unknown
+
+
+MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote, TimeoutNow, StartAt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,9 +262,11 @@ class RoleChange:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """Effects for the shell, applied in this order: delete entries at or above `truncate_from`,
-    append `entries`, write `hard_state` (one atomic write batch); sync if `must_sync`; then send
-    `messages`, publish `high_watermark`, answer `outcomes`, report `role`. Then `advance()`."""
+    """Effects for the shell, applied in this order: if `reset_to` is set, delete every entry and
+    make the log start and end at that offset (a follower that fell below its leader's log
+    start); delete entries at or above `truncate_from`; append `entries`; write `hard_state`
+    (one atomic write batch); sync if `must_sync`; then send `messages`, publish
+    `high_watermark`, answer `outcomes`, report `role`. Then `advance()`."""
 
     truncate_from: int | None
     entries: tuple
@@ -260,10 +277,12 @@ class Ready:
     outcomes: tuple
     role: RoleChange | None
     log_end: int
+    reset_to: int | None = None
 
     @property
     def has_writes(self) -> bool:
-        return self.truncate_from is not None or bool(self.entries) or self.hard_state is not None
+        return (self.reset_to is not None or self.truncate_from is not None or bool(self.entries)
+                or self.hard_state is not None)
 
     @property
     def empty(self) -> bool:
@@ -276,7 +295,8 @@ class LogReader(Protocol):
 
     def read(self, offset: int, max_bytes: int) -> list[Entry]:
         """Entries in order from the one holding `offset`: at least one if the log reaches
-        `offset`, then more while their payloads total at most max_bytes."""
+        `offset`, then more while their payloads total at most max_bytes. Below the log start
+        (retention deleted the entry holding `offset`), from the first entry kept."""
         ...
 
 

@@ -101,6 +101,23 @@ durably, send it TimeoutNow; the voter, if it still follows that leader in that 
 once and wins (its log is the most up to date). The leader waits at most an election timeout,
 then serves again (a draining one picks again). A draining replica never stands.
 
+Log start. Retention deletes committed entries from the front of a replica's log (the shell
+says so with `on_log_start(offset)`; a restarted replica takes it from the shell or its reader),
+so a follower whose log ends below its leader's log start cannot get what it lacks: a replica
+down for longer than the retention window, or an empty learner of a topic with retention. The
+leader answers its Fetch with `StartAt(offset, prev_epoch, voters)`: the leader's log start (at
+or below its high watermark, so everything below it is committed), the epoch of the entry before
+it and the configuration there (Kafka's OffsetOutOfRange reset; Raft's snapshot install, with an
+empty state machine). The follower, only from its leader in its epoch and only if its own log
+ends below that offset, drops its whole log and restarts it empty at the offset
+(`Ready.reset_to`), its history saying the entry before is of prev_epoch, its configuration the
+one given, and its high watermark and matched prefix the offset. What it drops is committed (its
+own high watermark is below its log end) or a divergent uncommitted tail, so it never removes
+an entry the cluster still holds and it alone would have: the leader held all of it committed and
+deleted it itself. The configuration comes from the leader of an epoch at or past the replica's
+join epoch, so the replica trusts it (see "Nodes added again"); the producer table starts empty,
+as the leader's holds nothing from below its log start either.
+
 Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
 `advance()` says the shell applied it. The shell must call `advance()` before the next event.
 `on_persisted(end)` says every Ready advanced so far is durable, `end` being the log end of
@@ -116,10 +133,10 @@ from collections.abc import Sequence
 from zq.core import quorum
 from zq.core.repl_epochs import appended, end_for_epoch, epoch_at, truncated
 from zq.core.repl_types import (
-    BACKPRESSURE, CANDIDATE, COMMITTED, DEFAULT_CONFIG, DUPLICATE_SEQUENCE, FOLLOWER, LEADER,
+    BACKPRESSURE, CANDIDATE, COMMITTED, CONFIG_VOTERS_MAX, DEFAULT_CONFIG, DUPLICATE_SEQUENCE, FOLLOWER, LEADER,
     MARKER_PAYLOAD, NO_PRODUCER, NOT_LEADER, OUT_OF_ORDER, Append, AppendAck, Diverging, Entry, Fetch,
-    HardState, LogReader, Outbound, Outcome, Ready, ReplicationConfig, RequestVote, RoleChange, TimeoutNow,
-    Vote, encode_config,
+    HardState, LogReader, Outbound, Outcome, Ready, ReplicationConfig, RequestVote, RoleChange, StartAt,
+    TimeoutNow, Vote, encode_config,
 )
 from zq.errors import ProtocolError
 
@@ -132,7 +149,9 @@ class Replica:
 
     def __init__(self, node_id: str, replicas: Sequence[str], reader: LogReader, *,
                  rng: random.Random, now_ms: int = 0, config: ReplicationConfig = DEFAULT_CONFIG,
-                 hard_state: HardState | None = None, log_end: int = 0) -> None:
+                 hard_state: HardState | None = None, log_end: int = 0, log_start: int | None = None) -> None:
+        """`log_start`: the first offset the shell's log still holds (retention deletes the
+        front); None: the first entry the reader returns, or `log_end` if it returns none."""
         hs = hard_state or HardState()
         self.node_id = node_id
         self.config = config
@@ -146,8 +165,13 @@ class Replica:
         # past the log; cutting it here keeps a hand-made or damaged one from misleading us.
         self.history: tuple = truncated(tuple(tuple(item) for item in hs.epoch_history), log_end)
         self.log_end: int = log_end
+        if log_start is None:
+            first = reader.read(0, 0)
+            log_start = first[0].base_offset if first else log_end
+        self.log_start: int = min(log_start, log_end)  # entries below it are deleted (retention, StartAt)
         self.durable_end: int = log_end  # after a restart, all that is on disk is durable
-        self.high_watermark: int = min(hs.high_watermark, log_end)
+        # Only committed entries are ever deleted from the front, so the log start is committed.
+        self.high_watermark: int = max(min(hs.high_watermark, log_end), self.log_start)
         # Configurations: ((offset, voters), ...) ascending, offset -1 being the one this replica
         # was created with. Cut with the log, like the history; never empty.
         configs = tuple((offset, tuple(voters)) for offset, voters in hs.configs if offset < log_end)
@@ -185,6 +209,7 @@ class Replica:
         # Effects not yet handed out, and log changes not yet applied by the shell.
         self._unstable: list[Entry] = []
         self._truncate_from: int | None = None
+        self._reset_to: int | None = None
         self._pending_from: int | None = None
         self._messages: list[Outbound] = []
         self._outcomes: list[Outcome] = []
@@ -429,6 +454,15 @@ class Replica:
         elif self.leader is not None:
             self._ack_due = True
 
+    def on_log_start(self, offset: int) -> None:
+        """The shell deleted the entries below `offset` (retention: an entry boundary, at or below
+        the high watermark). A leader answers a Fetch from below it with StartAt."""
+        self._check_not_handed_out()
+        if offset > self.high_watermark:
+            raise ValueError(f"retention deletes committed entries only: {offset} > high watermark "
+                             f"{self.high_watermark}")
+        self.log_start = max(self.log_start, offset)
+
     # ---------------------------------------------------------------- effects out
 
     def ready(self) -> Ready:
@@ -454,6 +488,7 @@ class Replica:
             outcomes=tuple(self._outcomes),
             role=self._role_change,
             log_end=self.log_end,
+            reset_to=self._reset_to,
         )
         self._messages.clear()
         self._outcomes.clear()
@@ -467,6 +502,7 @@ class Replica:
         self._handed_out = False
         self._unstable.clear()
         self._truncate_from = None
+        self._reset_to = None
         self._pending_from = None
 
     # ---------------------------------------------------------------- handlers
@@ -543,6 +579,15 @@ class Replica:
             return
         if m.sender in self._match:
             self._contact_ms[m.sender] = self.now_ms
+        if m.from_end < self.log_start:
+            # What it lacks is deleted here (retention): it starts at our log start instead.
+            # Everything below our log start is committed, so whatever it holds below is either
+            # the same committed entries or an uncommitted tail that lost.
+            prev_epoch = self.epoch_at(self.log_start - 1)
+            if prev_epoch > 0:  # a history that does not reach there cannot describe it
+                self._send(m.sender, StartAt(self.epoch, self.node_id, self.log_start, prev_epoch,
+                                             list(self._config_at(self.log_start))))
+            return
         if 0 <= m.from_end <= self.log_end and self.epoch_at(m.from_end - 1) == m.last_epoch:
             entries = self._read(m.from_end, self.config.append_entries_max, self.config.append_bytes_max)
             self._send(m.sender, self._append_message(m.from_end, entries))
@@ -566,6 +611,21 @@ class Replica:
             return
         if cut < self.log_end:
             self._truncate(cut)
+        self._fetch_sent_ms = None
+        self.maybe_fetch()
+
+    def on_start_at(self, m: StartAt) -> None:
+        voters = _checked_voters(m.voters)
+        if m.prev_epoch < 1 or m.prev_epoch > m.epoch or m.offset < 1:
+            raise ProtocolError(f"StartAt at offset {m.offset} after epoch {m.prev_epoch} in epoch {m.epoch}")
+        if m.epoch > self.epoch or (m.epoch == self.epoch and self.role == FOLLOWER and self.leader is None):
+            # Only a leader answers a Fetch: one we asked while knowing no leader is it.
+            self.become_follower(m.epoch, m.sender)
+        if m.epoch < self.epoch or self.role != FOLLOWER or m.sender != self.leader:
+            return
+        if m.offset <= self.log_end:
+            return  # a stale duplicate: our log reaches the leader's start, an ordinary Fetch serves it
+        self._reset(m.offset, m.prev_epoch, voters)
         self._fetch_sent_ms = None
         self.maybe_fetch()
 
@@ -907,10 +967,45 @@ class Replica:
         self._pending_from = offset if self._pending_from is None else min(self._pending_from, offset)
         self._rebuild_producers()
 
+    def _reset(self, offset: int, prev_epoch: int, voters: tuple[str, ...]) -> None:
+        """Follower: drop the whole log and restart it empty at `offset`, the leader's log start
+        (see "Log start"). Our log ends below it, so all we drop is below the leader's high
+        watermark: committed entries the leader itself deleted, or an uncommitted tail."""
+        assert self.role == FOLLOWER and offset > self.log_end >= self.high_watermark
+        self.log_start = self.log_end = offset
+        self._caught_up = False
+        self.history = ((prev_epoch, offset - 1),)  # epoch_at(offset - 1) == prev_epoch; nothing below
+        # The configuration in effect at the leader's log start (the entry that made it is gone).
+        self._configs = ((offset - 1, voters),) if voters else ((-1, ()),)
+        # A leader of our epoch, at or past our join epoch, gave us its committed prefix: nothing
+        # in our log comes from an earlier membership of this node any more.
+        self.join_epoch = 0
+        self.match_end = offset
+        self._set_high_watermark(offset)
+        self._hard_dirty = True
+        self._unstable = []
+        self._truncate_from = None
+        self._reset_to = offset
+        self._pending_from = offset
+        self._producers.clear()  # the log is empty; entries from the leader fill it again
+
+    def _config_at(self, offset: int) -> tuple[str, ...]:
+        """The configuration in effect just below `offset`, if we still remember it; else ()."""
+        if not self._trusted():
+            return ()
+        found: tuple[str, ...] = ()
+        for at, voters in self._configs:
+            if at >= offset:
+                break
+            found = voters
+        return found
+
     def _entry_start(self, offset: int) -> int:
         """The base offset of our entry holding `offset` (`offset` itself at the log end)."""
         if offset >= self.log_end:
             return self.log_end
+        if offset <= self.log_start:
+            return self.log_start
         for e in reversed(self._unstable):
             if e.base_offset <= offset:
                 return e.base_offset
@@ -927,7 +1022,7 @@ class Replica:
         out: list[Entry] = []
         size = 0
         stable_end = self.log_end if self._pending_from is None else self._pending_from
-        pos = offset
+        pos = max(offset, self.log_start)  # below the log start: from the first entry kept
         while pos < stable_end and len(out) < max_entries:
             chunk = self._reader.read(pos, max_bytes - size)
             if not chunk:
@@ -1006,6 +1101,8 @@ class Replica:
         self._heartbeat_due_ms = self.now_ms + self.config.heartbeat_interval_ms
 
     def _flush_broadcast(self) -> None:
+        # Retention may have deleted entries not yet broadcast; followers lacking them fetch.
+        self._broadcast_from = max(self._broadcast_from, self.log_start)
         while self._broadcast_from < self.log_end:
             entries = self._read(self._broadcast_from, self.config.append_entries_max, self.config.append_bytes_max)
             assert entries, "the leader's own log is readable"
@@ -1038,7 +1135,15 @@ def _checked_entries(m: Append) -> list[Entry]:
 
 # Field types of the replication messages that are not int; every int field (an offset or an
 # epoch) is >= 0, epoch 0 being "before any entry".
-_FIELD_TYPES = {"sender": str, "entries": list, "granted": bool}
+_FIELD_TYPES = {"sender": str, "entries": list, "granted": bool, "voters": list}
+
+
+def _checked_voters(voters: list) -> tuple[str, ...]:
+    """A StartAt's configuration: empty (unknown), or 1..CONFIG_VOTERS_MAX distinct sorted names."""
+    if (len(voters) > CONFIG_VOTERS_MAX or not all(isinstance(v, str) and v for v in voters)
+            or voters != sorted(set(voters))):
+        raise ProtocolError(f"StartAt names voters {voters!r:.80}: distinct sorted node names expected")
+    return tuple(voters)
 
 _HANDLERS = {  # by name, so a test may replace one handler on the class
     Append: "on_append",
@@ -1048,4 +1153,5 @@ _HANDLERS = {  # by name, so a test may replace one handler on the class
     RequestVote: "on_request_vote",
     Vote: "on_vote",
     TimeoutNow: "on_timeout_now",
+    StartAt: "on_start_at",
 }

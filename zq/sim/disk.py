@@ -1,9 +1,11 @@
 """A simulated disk per node: what a Ready writes, what a sync keeps, what a crash loses.
 
-Each Ready's writes (truncation, entries, hard state) form one atomic write batch, as a RocksDB
+Each Ready's writes (reset, truncation, entries, hard state) form one atomic write batch, as a RocksDB
 WriteBatch does. Batches go to the volatile view at once (reads see them) and to the durable
 view only at `sync`. A crash keeps the durable view plus a random prefix of the batches written
 since the last sync (a write-ahead log that reached the platter partly), never a torn batch.
+Retention (`retain`) deletes entries from the front of a partition whose writes are all synced,
+in both views at once (a deletion that a crash undid would only keep committed data longer).
 """
 from __future__ import annotations
 
@@ -16,25 +18,40 @@ from zq.core.repl_types import Entry, HardState, Ready
 class PartitionStore:
     """One partition's log and hard state. Doubles as the core's `LogReader`."""
 
-    __slots__ = ("entries", "bases", "hard")
+    __slots__ = ("entries", "bases", "hard", "start")
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
         self.bases: list[int] = []
         self.hard: HardState | None = None
+        self.start = 0  # the log start: entries below it were deleted (retention, a reset)
 
     @property
     def log_end(self) -> int:
-        return self.entries[-1].end_offset if self.entries else 0
+        return self.entries[-1].end_offset if self.entries else self.start
 
     def copy(self) -> PartitionStore:
         other = PartitionStore()
         other.entries = list(self.entries)
         other.bases = list(self.bases)
         other.hard = self.hard
+        other.start = self.start
         return other
 
-    def apply(self, truncate_from: int | None, entries: tuple, hard: HardState | None) -> None:
+    def retain(self, offset: int) -> None:
+        """Delete the entries below `offset` (an entry boundary at or below the log end)."""
+        assert offset <= self.log_end and (offset == self.log_end or self.entry_at(offset) is not None)
+        i = bisect_left(self.bases, offset)
+        del self.entries[:i]
+        del self.bases[:i]
+        self.start = max(self.start, offset)
+
+    def apply(self, truncate_from: int | None, entries: tuple, hard: HardState | None,
+              reset_to: int | None = None) -> None:
+        if reset_to is not None:
+            self.entries.clear()
+            self.bases.clear()
+            self.start = reset_to
         if truncate_from is not None:
             i = bisect_left(self.bases, truncate_from)
             del self.entries[i:]
@@ -73,7 +90,7 @@ class SimDisk:
         self.partitions = list(partitions)
         self.durable = {p: PartitionStore() for p in self.partitions}
         self.volatile = {p: PartitionStore() for p in self.partitions}
-        self.unsynced: list[tuple[int, int | None, tuple, HardState | None]] = []
+        self.unsynced: list[tuple[int, int | None, tuple, HardState | None, int | None]] = []
 
     def add_partition(self, partition: int) -> None:
         """A replica created here (by a reassignment): an empty store."""
@@ -90,13 +107,13 @@ class SimDisk:
         self.unsynced = [b for b in self.unsynced if b[0] != partition]
 
     def write(self, partition: int, rd: Ready) -> None:
-        batch = (partition, rd.truncate_from, rd.entries, rd.hard_state)
+        batch = (partition, rd.truncate_from, rd.entries, rd.hard_state, rd.reset_to)
         self.volatile[partition].apply(*batch[1:])
         self.unsynced.append(batch)
 
     def sync(self) -> None:
-        for p, trunc, entries, hard in self.unsynced:
-            self.durable[p].apply(trunc, entries, hard)
+        for p, trunc, entries, hard, reset in self.unsynced:
+            self.durable[p].apply(trunc, entries, hard, reset)
         self.unsynced.clear()
 
     def crash(self, rng: random.Random, power_loss: bool = True) -> int:
@@ -108,8 +125,17 @@ class SimDisk:
             kept = len(self.unsynced)
         else:
             kept = rng.randrange(len(self.unsynced) + 1) if self.unsynced else 0
-        for p, trunc, entries, hard in self.unsynced[:kept]:
-            self.durable[p].apply(trunc, entries, hard)
+        for p, trunc, entries, hard, reset in self.unsynced[:kept]:
+            self.durable[p].apply(trunc, entries, hard, reset)
         self.unsynced.clear()
         self.volatile = {p: self.durable[p].copy() for p in self.partitions}
         return kept
+
+    def has_unsynced(self, partition: int) -> bool:
+        return any(b[0] == partition for b in self.unsynced)
+
+    def retain(self, partition: int, offset: int) -> None:
+        """Retention: delete a partition's entries below `offset`, durably (all its writes synced)."""
+        assert not self.has_unsynced(partition), "retention here runs on a synced partition only"
+        self.durable[partition].retain(offset)
+        self.volatile[partition].retain(offset)
