@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from zq.core import quorum
-from zq.core.repl_types import COMMITTED, LEADER, Outcome, Vote
+from zq.core.repl_types import COMMITTED, LEADER, Outcome, StartAt, Vote
 from zq.core.replication import Replica
 from zq.sim import Sim, replay_command
 from zq.sim.__main__ import main as sim_main
@@ -108,6 +108,43 @@ def test_runs_draw_faults_and_do_work() -> None:
     assert sum(r.drains for r in results) > 30
     assert sum(r.transfers for r in results) > 20
     assert sum(r.handoffs for r in results) > 30
+    assert sum(r.retained for r in results) > 200
+    assert sum(r.start_ats for r in results) > 30
+
+
+def test_checks_catch_a_leader_that_answers_below_its_log_start_from_its_reader(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before StartAt: a follower below the leader's log start got entries from the first one
+    kept, which it could not append (so a reassignment never finished)."""
+    original = Replica.on_fetch
+
+    def on_fetch_without_start_at(self: Replica, m) -> None:
+        kept, self.log_start = self.log_start, 0
+        try:
+            original(self, m)
+        finally:
+            self.log_start = kept
+
+    monkeypatch.setattr(Replica, "on_fetch", on_fetch_without_start_at)
+    r = _first_failure(range(100))
+    assert r is not None and r.invariant in {"protocol error between honest replicas", "no convergence"}, r
+
+
+def test_checks_catch_a_start_at_past_the_log_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leader that tells a follower to start at its log end skips entries nobody deleted."""
+    original = Replica.on_fetch
+
+    def on_fetch_starting_at_the_end(self: Replica, m) -> None:
+        if self.role == LEADER and m.epoch == self.epoch and m.from_end < self.log_start:
+            self._send(m.sender, StartAt(self.epoch, self.node_id, self.log_end, self.last_epoch,
+                                         list(self.voters)))
+            return
+        original(self, m)
+
+    monkeypatch.setattr(Replica, "on_fetch", on_fetch_starting_at_the_end)
+    r = _first_failure(range(100))
+    assert r is not None and r.invariant in {"log restarted above what retention deleted",
+                                             "acknowledged write lost", "replica lacks committed entries"}, r
 
 
 def _granting_any_log(self: Replica, m) -> None:

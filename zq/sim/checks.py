@@ -13,12 +13,21 @@ compared with what is there. From that:
 - an acknowledged write is in the committed log at the offset and epoch it was acknowledged
   with; every new leader holds the whole committed log; no replica ever deletes an entry of the
   committed log (so no future leader can lack one);
-- an idempotent producer's batch is committed at most once;
+- an idempotent producer's batch is committed at most once, unless the replica that committed
+  it again had deleted the first copy by retention (its producer table is built from its log, so
+  a retry older than the log start is written again, as in Kafka once a producer's state
+  expired; counted in `retention_duplicates`);
 - what a consumer read below a leader's high watermark is committed, and stays in every log;
 - a leader appends a configuration only after the one before it in its log is committed (below
   the high watermark some replica has reported), and only one differing by at most one voter
   from it;
-- at the end, every voter of the final configuration holds every acknowledged write.
+- a replica restarts its log at an offset (StartAt) only at or below some replica's log start
+  that retention made, and at or below the committed log;
+- at the end, every voter of the final configuration holds every acknowledged write from its
+  log start on.
+
+Retention deletes the front of logs: everything here looks at a replica's log from its log start
+on (the committed log below it was checked while the replica still held it).
 """
 from __future__ import annotations
 
@@ -59,6 +68,8 @@ class Checker:
         self.acks: dict[int, list[Ack]] = {p: [] for p in partitions}
         self.reads: dict[int, dict[int, Entry]] = {p: {} for p in partitions}
         self.idempotent: dict[tuple[int, int, int], int] = {}  # (partition, producer, seq) -> offset
+        self.retained: dict[int, int] = {p: 0 for p in partitions}  # highest log start retention made
+        self.retention_duplicates = 0
 
     # -- events
 
@@ -73,6 +84,19 @@ class Checker:
         self.hw[(node, p)] = replica.high_watermark
         self._absorb(node, p, 0, replica.high_watermark, replica)
 
+    def on_log_start(self, node: str, p: int, offset: int) -> None:
+        """Retention deleted `node`'s entries of p below `offset` (it checks they were committed)."""
+        if offset > self.hw.get((node, p), 0):
+            raise Violation("retention deleted uncommitted entries", f"{node} p{p} up to {offset}")
+        self.retained[p] = max(self.retained[p], offset)
+
+    def before_reset(self, node: str, p: int, offset: int) -> None:
+        """`node` drops its log of p to restart it at `offset` (StartAt from its leader)."""
+        if offset > self.retained[p] or offset > self.committed_end[p]:
+            raise Violation("log restarted above what retention deleted",
+                            f"{node} p{p} at {offset}: retention reached {self.retained[p]}, "
+                            f"committed to {self.committed_end[p]}")
+
     def on_leader(self, node: str, p: int, epoch: int, replica) -> None:
         other = self.leaders.setdefault((p, epoch), node)
         if other != node:
@@ -82,7 +106,7 @@ class Checker:
         # it can commit nothing.)
         for offset in sorted(self.committed[p]):
             c = self.committed[p][offset]
-            if self.commit_epoch[p][offset] >= epoch:
+            if self.commit_epoch[p][offset] >= epoch or offset < replica.log_start:
                 continue
             got = replica.entries(offset, 1, 0)
             if not got or not _same(got[0], c):
@@ -133,12 +157,16 @@ class Checker:
     def check_converged_logs(self, p: int, replicas: list) -> None:
         """Liveness end: every replica holds the committed log and every acknowledged write."""
         for node, r in replicas:
-            self._compare(node, p, 0, self.committed_end[p], r, "replica lacks committed entries")
+            self._compare(node, p, r.log_start, self.committed_end[p], r, "replica lacks committed entries")
             for ack in self.acks[p]:
+                if ack.base_offset < r.log_start:
+                    continue  # deleted by retention, as it may be
                 got = r.entries(ack.base_offset, 1, 0)
                 if not got or got[0].base_offset != ack.base_offset or got[0].payload != ack.payload:
                     raise Violation("acknowledged write lost", f"{node} p{p} offset {ack.base_offset}")
             for offset, seen in self.reads[p].items():
+                if offset < r.log_start:
+                    continue
                 got = r.entries(offset, 1, 0)
                 if not got or not _same(got[0], seen):
                     raise Violation("entry a consumer saw was taken back", f"{node} p{p} offset {offset}")
@@ -147,7 +175,7 @@ class Checker:
 
     def _absorb(self, node: str, p: int, old: int, new: int, replica) -> None:
         committed = self.committed[p]
-        pos = old
+        pos = max(old, replica.log_start)
         while pos < new:
             chunk = replica.entries(pos, 256, 1 << 30)
             if not chunk or chunk[0].base_offset != pos:
@@ -162,7 +190,7 @@ class Checker:
                     if e.end_offset > new:
                         raise Violation("high watermark inside a batch", f"{node} p{p} hw {new}")
                     committed[e.base_offset] = e
-                    self._note_idempotent(p, e)
+                    self._note_idempotent(p, e, replica)
                 elif not _same(c, e):
                     raise Violation("two different batches at one offset",
                                     f"{node} p{p} offset {e.base_offset}: {c} vs {e}")
@@ -170,12 +198,17 @@ class Checker:
         if new > self.committed_end[p]:
             self.committed_end[p] = new
 
-    def _note_idempotent(self, p: int, e: Entry) -> None:
+    def _note_idempotent(self, p: int, e: Entry, replica) -> None:
         if e.producer_id == NO_PRODUCER:
             return
         key = (p, e.producer_id, e.base_sequence)
         first = self.idempotent.setdefault(key, e.base_offset)
-        if first != e.base_offset:
+        if first != e.base_offset and first < replica.log_start:
+            # The first replica to pass an entry with its high watermark is the leader that wrote
+            # it; its log no longer held the first copy.
+            self.retention_duplicates += 1
+            self.idempotent[key] = e.base_offset
+        elif first != e.base_offset:
             raise Violation("idempotent batch written twice",
                             f"p{p} producer {e.producer_id} seq {e.base_sequence} at {first} and {e.base_offset}")
 

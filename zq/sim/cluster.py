@@ -30,6 +30,12 @@ that is down or paused learns the targets when it runs again, as a node reads th
 log. Drains (`set_draining` on every replica of a node for a while) and one-off hand-offs
 (`transfer_leadership` on a leader) are drawn as well.
 
+Retention. A seed may draw retention: now and then a running replica whose writes are synced
+deletes the front of its log up to an entry boundary at or below its high watermark (durably;
+`on_log_start`), so leaders' logs start past followers that were down, cut off or just created
+by a reassignment, which catch up by StartAt (`Ready.reset_to`). A restarted replica reads only
+from its log start.
+
 The safety phase runs `steps` events with faults. The liveness phase then heals everything
 (restarts, resumes, reconnects, no loss, drains ended) and stops the producers; within
 `liveness_ms` of simulated time every partition must have one leader that every replica follows,
@@ -95,6 +101,8 @@ class Settings:
     drain: bool = False              # drain a node for a while
     transfer: bool = False           # one-off leadership hand-offs
     change_interval_ms_max: int = 1000  # between reassignments, drains and hand-offs
+    retention: bool = False          # delete the front of replicas' logs now and then
+    retention_interval_ms_max: int = 300
     net: NetworkFaults = field(default_factory=NetworkFaults)
 
     @staticmethod
@@ -120,6 +128,12 @@ class Settings:
             reassign=nodes > REPLICATION_FACTOR and rng.random() < 0.8, drain=rng.random() < 0.4,
             transfer=rng.random() < 0.4, change_interval_ms_max=rng.choice([300, 1000, 3000]), net=net,
         )
+
+    def draw_retention(self, rng: random.Random) -> Settings:
+        """Retention is drawn from a random stream of its own, so a seed that draws none replays
+        the history it had before retention was simulated."""
+        return dataclasses.replace(self, retention=rng.random() < 0.6,
+                                   retention_interval_ms_max=rng.choice([50, 200, 1000]))
 
     def describe(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "net"]
@@ -152,6 +166,9 @@ class Result:
     transfers: int = 0               # hand-offs asked for (one-off)
     handoffs: int = 0                # elections a TimeoutNow started
     converged_ms: int = -1           # simulated time the liveness phase needed to converge
+    retained: int = 0                # retention runs that deleted the front of a log
+    start_ats: int = 0               # replicas that restarted their log at their leader's start
+    retention_duplicates: int = 0    # idempotent retries written again, the first copy deleted
 
 
 class SimNode:
@@ -181,7 +198,8 @@ class Sim:
                  verbose: bool = False) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.settings = settings or Settings.draw(self.rng, nodes, steps)
+        self.retention_rng = random.Random(seed * 2 + 1)  # only retention events draw from it
+        self.settings = settings or Settings.draw(self.rng, nodes, steps).draw_retention(self.retention_rng)
         self.verbose = verbose
         self.now = 0
         self.heap: list = []
@@ -234,6 +252,8 @@ class Sim:
             self.at(self.rng.randrange(1, s.fault_interval_ms_max), "fault")
         if s.reassign or s.drain or s.transfer:
             self.at(self.rng.randrange(1, s.change_interval_ms_max), "change")
+        if s.retention:
+            self.at(self.rng.randrange(1, s.retention_interval_ms_max), "retain")
         try:
             while self.heap and self.step_no < s.steps:
                 self.one_step()
@@ -260,6 +280,7 @@ class Sim:
             self.result.phase = self.phase
         self.result.steps = self.step_no
         self.result.acks = sum(len(a) for a in self.checker.acks.values())
+        self.result.retention_duplicates = self.checker.retention_duplicates
         self.result.reads = sum(len(r) for r in self.checker.reads.values())
         self.result.trace_hash = self.trace.hexdigest()
         return self.result
@@ -292,7 +313,7 @@ class Sim:
             join = node.tombstones[p] + 1
             hard = HardState(epoch=join, join_epoch=join)
         r = Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=self.config,
-                    hard_state=hard, log_end=store.log_end)
+                    hard_state=hard, log_end=store.log_end, log_start=store.start)
         r.set_target(self.targets[p])
         if node.draining:
             r.set_draining(True)
@@ -347,6 +368,10 @@ class Sim:
                 r.advance()
                 break
             if rd.has_writes:
+                if rd.reset_to is not None:
+                    self.checker.before_reset(node.name, p, rd.reset_to)
+                    self.result.start_ats += 1
+                    self.log(f"{node.name} p{p}: log restarts at {rd.reset_to} (StartAt)")
                 if rd.truncate_from is not None:
                     self.checker.before_truncate(node.name, p, rd.truncate_from, node.disk.volatile[p])
                 node.disk.write(p, rd)
@@ -651,6 +676,28 @@ class Sim:
         for kind, args in queued:
             if node.alive and not node.paused:
                 self.handle(node, kind, args)
+
+    def ev_retain(self) -> None:
+        """Retention on one replica: delete its log up to an entry boundary it knows committed."""
+        if self.phase != "safety":
+            return
+        name = self.retention_rng.choice(sorted(self.nodes))
+        node = self.nodes[name]
+        p = self.retention_rng.randrange(self.settings.partitions)
+        r = node.replicas.get(p)
+        if node.alive and not node.paused and r is not None and not node.disk.has_unsynced(p):
+            store = node.disk.volatile[p]
+            ends = [e.end_offset for e in store.entries if e.end_offset <= r.high_watermark]
+            if ends:
+                start = self.retention_rng.choice(ends)
+                self.log(f"{name} p{p}: retention deletes [{store.start}, {start})")
+                node.disk.retain(p, start)
+                r.tick(self.now)
+                r.on_log_start(start)
+                self.checker.on_log_start(name, p, start)
+                self.result.retained += 1
+                self.drain(node, p)
+        self.at(self.now + self.retention_rng.randint(10, self.settings.retention_interval_ms_max), "retain")
 
     def ev_heal(self) -> None:
         if self.phase == "safety":
