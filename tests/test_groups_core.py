@@ -250,6 +250,10 @@ def test_check_member_fences_stale_generations_and_members_without_the_partition
     assert check_member(g, "a", g.generation, tp_a, strict=False).kind == FENCED
 
 
+def _held_by_majority(lead: PartitionLead) -> None:
+    assert lead.note_held("n1", lead.version, ["n1"])
+
+
 def test_lease_plan_takes_due_retries_first_then_new_offsets_and_control_records_are_done():
     lead = PartitionLead.fresh(0)
     plan = lead.plan_lease(0, 10, 0, 4)
@@ -260,6 +264,8 @@ def test_lease_plan_takes_due_retries_first_then_new_offsets_and_control_records
     assert [(d.offset, d.attempt) for d in lead.grant([1, 2, 3], "a", 1_000, 0)] == [(1, 1), (2, 1), (3, 1)]
     out = lead.on_ack("a", 0, [1], [[2, 1, 0, "boom"]], [], 10, POLICY, lambda: 0.5)
     assert (out.acked, out.nacked, out.retries, out.dead_letters_due) == (1, 1, 1, 0)
+    assert lead.plan_lease(10, 10, 0, 6).retries == [] and not lead.ready(4, 10)   # no majority holds the failure
+    _held_by_majority(lead)
     plan = lead.plan_lease(10, 10, 0, 6)
     assert (plan.retries, plan.start, plan.end) == ([2], 4, 6)
     assert lead.ready(6, 10) and not PartitionLead.fresh(6).ready(6, 10)
@@ -274,6 +280,7 @@ def test_sweep_fails_leases_of_departed_members_and_dead_letters_wait_for_their_
     g.maybe_rebalance(PARTS)
     out = lead.sweep(10, g, tp, POLICY, lambda: 0.5)
     assert out.departed == 1 and out.retries == 1 and not out.writes
+    _held_by_majority(lead)
     lead.grant([0], "b", 10_000, 20)
     out = lead.sweep(10_020, g, tp, POLICY, lambda: 0.5)   # b's lease ran out: the second failure
     assert out.expired == 1 and out.dead_letters_due == 1 and [w.letter.offset for w in out.writes] == [0]
@@ -366,3 +373,64 @@ def test_a_loaded_state_leases_offsets_below_one_acked_out_of_order():
     assert (plan.start, plan.end) == (0, 10)
     loaded.on_read(0, 10, control=False)
     assert [d.offset for d in loaded.grant(list(range(10)), "m", 1_000, 10)] == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+
+
+# ---- quorum for retries: attempt numbers never go down across leader changes
+
+REPLICAS = ["n1", "n2", "n3"]
+
+
+def _failed_once(lead: PartitionLead) -> None:
+    [d] = lead.grant([0], "a", 1_000, 0)
+    assert d.attempt == 1   # a first delivery waits for nobody
+    lead.on_ack("a", 0, [], [[0, 1, 0, "boom"]], [], 10, POLICY, lambda: 0.5)
+
+
+def test_a_redelivery_waits_until_a_majority_of_the_replicas_holds_its_failure():
+    lead = PartitionLead.fresh(0)
+    _failed_once(lead)
+    v = lead.version
+    assert lead.wants_confirmation()
+    assert lead.grant([0], "a", 1_000, 20) == [] and lead.plan_lease(20, 10, 0, 1).retries == []
+    assert not lead.note_held("n1", v, REPLICAS)          # the leader's own disk: 1 of 3
+    assert not lead.note_held("n9", v, REPLICAS)          # not a replica of this partition
+    assert not lead.note_held("n2", v + 1, REPLICAS)      # a version this copy never had
+    lead.note_held("n2", v - 1, REPLICAS)                 # an older copy, without the failure
+    assert lead.grant([0], "a", 1_000, 20) == []
+    assert lead.note_held("n3", v, REPLICAS)              # 2 of 3 hold a copy with the failure
+    assert not lead.wants_confirmation() and lead.plan_lease(20, 10, 0, 1).retries == [0]
+    assert [(d.offset, d.attempt) for d in lead.grant([0], "a", 1_000, 20)] == [(0, 2)]
+
+
+def test_a_new_leader_hands_out_at_least_the_attempt_any_consumer_saw():
+    """The old leader served attempt 2 only once n2 held the failure of attempt 1; the new leader
+    n3 reads n2's copy (any majority holds one that has it), so it hands out 2 again, never 1."""
+    old = PartitionLead.fresh(0)
+    _failed_once(old)
+    n2 = PartitionLead.from_state(old.state.copy())       # gossip: n2 merged the failure
+    old.note_held("n1", old.version, REPLICAS)
+    old.note_held("n2", old.version, REPLICAS)
+    assert [d.attempt for d in old.grant([0], "a", 100, 20)] == [2]
+    new = PartitionLead.fresh(0)                          # n3 never heard of offset 0
+    new.merge_from(n2.state.copy(), 0)                    # the majority read: its own copy and n2's
+    new.on_taken_over()
+    assert new.grant([0], "b", 100, 200) == [], "the merged copy is not yet held by a majority"
+    new.note_held("n3", new.version, REPLICAS)
+    new.note_held("n2", new.version, REPLICAS)
+    assert [d.attempt for d in new.grant([0], "b", 100, 200)] == [2]
+
+
+def test_a_merge_or_a_load_closes_the_gate_until_a_majority_holds_the_copy():
+    lead = PartitionLead.fresh(0)
+    _failed_once(lead)
+    loaded = PartitionLead.from_dict(cbor2.loads(cbor2.dumps(lead.to_dict())))
+    assert loaded.wants_confirmation() and loaded.grant([0], "a", 1_000, 20) == []
+    loaded.note_held("n1", loaded.version, REPLICAS)
+    loaded.note_held("n2", loaded.version, REPLICAS)
+    assert [d.attempt for d in loaded.grant([0], "a", 1_000, 20)] == [2]
+    loaded.merge_from(DeliveryState(0, 0), 0)
+    assert loaded.wants_confirmation()
+    assert not loaded.retry_ok(0)
+    lone = PartitionLead.fresh(0)                         # one replica: its own disk is a majority
+    _failed_once(lone)
+    assert lone.note_held("n1", lone.version, ["n1"]) and [d.attempt for d in lone.grant([0], "a", 100, 20)] == [2]

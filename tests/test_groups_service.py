@@ -273,7 +273,9 @@ def test_group_state_survives_a_restart(tmp_path):
     try:
         wait_until(lambda: isinstance(_offsets(raw, "t", 0), P.OffsetsReply), 20, "leader after restart")
         gen = join(raw, "m2").generation
-        _, got = lease(raw, "m2", gen, lease_ms=5_000)
+        # A redelivery waits (parked) until a majority of the replicas, here its own disk, holds
+        # the restarted leader's copy (quorum for retries, zq/core/grouplead.py).
+        _, got = lease(raw, "m2", gen, lease_ms=5_000, wait_ms=3_000)
         assert got.get(base + 1) == (2, b"b"), "the nack survived: attempt 2"
         assert base not in got, "the ack survived"
         assert got.get(base + 2, (None,))[0] in (None, 1), "offset base+2's lease may still run"
@@ -292,14 +294,16 @@ def test_leader_gossips_state_to_replicas_and_bad_gossip_is_dropped(tmp_path):
         base = produce(raw, "t", [b"a", b"b"])
         gen = join(raws[0], "m").generation
         wait_until(lambda: isinstance(lease(raw, "m", gen)[0], G.LeaseReply), 5, "gossip of the membership")
-        _, got = lease(raw, "m", gen)
+        # The leader serves once it has merged a majority's copies (a long-poll waits for that).
+        _, got = lease(raw, "m", gen, wait_ms=3_000)
+        assert sorted(got) == [base, base + 1]
         ack(raw, "m", gen, acked=[base, base + 1])
         for i, n in enumerate(nodes):
             if i != leader:
                 wait_until(lambda n=n: any(h.state.committed == base + 2 for h in service(n).held.values()), 5,
                            f"state on replica {n.config.name}")
         before = nodes[0].node.counters["protocol_errors"]
-        raws[0].send(G.GroupStateGossip(0, "evil", [["g", 1, 0, 0]]), cbor2.dumps({"epoch": -1}))
+        raws[0].send(G.GroupStateGossip(0, "evil", 0, [["g", 1, 0, 0, 1]]), cbor2.dumps({"epoch": -1}))
         raws[0].send(G.GroupGossip(0, "evil", ["g"]), b"\xff not cbor")
         wait_until(lambda: nodes[0].node.counters["protocol_errors"] >= before + 2, 5, "bad gossip counted")
         assert raws[0].rpc(P.MetadataRequest(raws[0].rid(), None))[0].cluster, "the node still serves"

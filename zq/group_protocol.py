@@ -10,7 +10,10 @@ batches as payload frames) and settles them in batches (`Ack` -> `OkReply{commit
 `ResetGroup` and `DescribeGroups` go to any node, which asks the partition leaders.
 
 Node and node: `GroupGossip` (memberships) and `GroupStateGossip` (delivery states, one payload
-frame each) are one-way; `LocalGroupsRequest` asks a node for the rows of the partitions it leads.
+frame each) are one-way; a replica answers a `GroupStateGossip` that asks for it with a one-way
+`GroupStateAck` once the merged copy is on its disk; a new partition leader asks the replicas for
+their copies with `GroupStatePull` -> `GroupStatePulled`; `LocalGroupsRequest` asks a node for
+the rows of the partitions it leads.
 """
 from __future__ import annotations
 
@@ -160,10 +163,50 @@ class GroupGossip:
 @dataclass(frozen=True, slots=True)
 class GroupStateGossip:
     """One-way, from a partition's leader to its other replicas: `items` [[group, topic_id,
-    partition, dead_lettered], ...], each item's DeliveryState (CBOR of to_dict) a payload frame."""
+    partition, dead_lettered, version], ...], each item's DeliveryState (CBOR of to_dict) a payload
+    frame. `boot` non-zero: acknowledge each item's version with a `GroupStateAck` naming `boot`
+    once the merged copy is on disk (a redelivery waits for a majority to hold its failure)."""
+    req_id: int
+    sender: str
+    boot: int
+    items: list
+    CODE: ClassVar[int]
+
+
+@message(54)
+@dataclass(frozen=True, slots=True)
+class GroupStateAck:
+    """One-way, from a replica to the partition leader that sent a `GroupStateGossip` with `boot`:
+    `items` [[group, topic_id, partition, version], ...] are held on the replica's disk."""
+    req_id: int
+    sender: str
+    boot: int
+    items: list
+    CODE: ClassVar[int]
+
+
+@message(55)
+@dataclass(frozen=True, slots=True)
+class GroupStatePull:
+    """A new leader of a partition asks a replica for its copies of every group's delivery state
+    of that partition, groups after `after` in name order (None: from the first)."""
+    req_id: int
+    sender: str
+    topic_id: int
+    partition: int
+    after: str | None
+    CODE: ClassVar[int]
+
+
+@message(56)
+@dataclass(frozen=True, slots=True)
+class GroupStatePulled:
+    """The answer to `GroupStatePull`: `items` [[group, dead_lettered], ...] in name order, each
+    DeliveryState a payload frame; `more`: ask again after the last group for the rest."""
     req_id: int
     sender: str
     items: list
+    more: bool
     CODE: ClassVar[int]
 
 

@@ -41,6 +41,21 @@ offsets are handed out as `DeadLetterWrite`s. Only `on_dead_letter_written(write
 when the copy is acknowledged by its quorum, makes the offset done; a failed or lost write is
 handed out again by a later sweep (at least once).
 
+Quorum for retries: attempt numbers never go down across leader changes. A first delivery
+(attempt 1) is served at once: no number is lower. A redelivery (attempt k >= 2) is served only
+once the failure of attempt k - 1 is held on disk by a majority of the partition's replicas
+(counting the leader). Every change bumps `version`; the shell gossips the state with its
+version and tells `note_held(holder, version, replicas)` when a replica (or the leader's own
+store) holds it durably; `confirmed` is the highest version a majority holds. `grant`,
+`due_retries` and `ready` leave out a retry whose failure (`unconfirmed[offset]`) or whose
+whole copy (`gate`: set by every merge and by `on_taken_over`) is above `confirmed`. A new
+leader first merges the copies of a majority of the replicas (the shell gathers them) and calls
+`on_taken_over`, so any failure a majority held before (every failure a redelivery was served
+after) is in its copy; majorities intersect. So it hands out at least the number any consumer
+saw, and the same number again at most once per leader change (the boundary: the old leader
+granted it, the new one had not heard). The cost is one round trip to a replica and a write
+before a redelivery, and nothing on the first delivery, which is the common path.
+
 Merge and reset. A replica merges a gossiped copy (`merge_from`): the lattice join, after which
 the cursor moves to the committed offset (or, when a newer reset epoch arrived, is recomputed).
 A new leader starts from its merged copy: offsets it never saw leased are leased again, which is
@@ -185,6 +200,13 @@ class PartitionLead:
     dead_letters_in_flight: set[int] = field(default_factory=set)
     dirty: bool = False               # changed since the shell last persisted it
     changed: bool = False             # changed since the shell last gossiped it
+    # Quorum for retries (theory of operation).
+    version: int = 0                  # bumped by every change; gossip carries it, acks name it
+    confirmed: int = 0                # the highest version a majority of the replicas hold on disk
+    needed: int = 0                   # the highest version a retry waits for (max of gate, unconfirmed)
+    gate: int = 0                     # every retry waits for this version (a merge, a takeover)
+    unconfirmed: dict[int, int] = field(default_factory=dict)   # offset -> version of its latest failure
+    held_by: dict[str, int] = field(default_factory=dict)       # replica -> highest version it holds on disk
 
     @classmethod
     def fresh(cls, committed: int) -> PartitionLead:
@@ -195,6 +217,7 @@ class PartitionLead:
         state.maybe_advance_committed()
         lead = cls(state, dead_lettered)
         lead.recompute_cursor()
+        lead._close_gate()   # a copy read back or received: not known to be held by a majority
         return lead
 
     def recompute_cursor(self) -> None:
@@ -209,6 +232,58 @@ class PartitionLead:
     def mark(self) -> None:
         self.dirty = True
         self.changed = True
+        self.version += 1
+
+    # ---- quorum for retries
+
+    def _close_gate(self) -> None:
+        """Every retry waits until a majority holds this copy as it is now."""
+        self.version += 1
+        self.gate = self.needed = self.version
+
+    def _failed(self, offsets: list[int]) -> None:
+        """These offsets failed in this version: their retries wait until a majority holds it."""
+        for o in offsets:
+            self.unconfirmed[o] = self.version
+        if offsets:
+            self.needed = self.version
+
+    def retry_ok(self, offset: int) -> bool:
+        """May the next delivery of `offset` (a redelivery) be served now?"""
+        if self.needed <= self.confirmed:
+            return True
+        return max(self.gate, self.unconfirmed.get(offset, 0)) <= self.confirmed
+
+    def wants_confirmation(self) -> bool:
+        """Does a retry wait for replicas to say they hold this copy? (the shell asks for acks)"""
+        return self.needed > self.confirmed
+
+    def note_held(self, holder: str, version: int, replicas: list[str] | tuple[str, ...]) -> bool:
+        """`holder` (a replica, or the leader itself) holds version `version` of this copy on disk.
+        True if that confirmed more: retries may have become servable."""
+        if holder not in replicas or version <= self.held_by.get(holder, 0) or version > self.version:
+            return False
+        self.held_by[holder] = version
+        need = len(replicas) // 2 + 1
+        held = sorted((self.held_by.get(r, 0) for r in replicas), reverse=True)
+        confirmed = held[need - 1]
+        if confirmed <= self.confirmed:
+            return False
+        self.confirmed = confirmed
+        if self.needed <= confirmed:
+            self.unconfirmed.clear()
+        else:
+            committed = self.state.committed
+            self.unconfirmed = {o: v for o, v in self.unconfirmed.items() if v > confirmed and o >= committed}
+        return True
+
+    def on_taken_over(self) -> None:
+        """This node now leads the partition, with the copies of a majority merged into its own:
+        no redelivery until a majority holds the merged copy."""
+        self._close_gate()
+        self.changed = True   # gossiped (asking for acks) ...
+        self.dirty = True     # ... and written, so that the leader's own disk counts too
+        self.recompute_cursor()
 
     # ---- leasing
 
@@ -232,7 +307,7 @@ class PartitionLead:
         for o, e in self.state.offsets.items():
             if e.failures > 0 and not e.in_progress and not e.done and e.dead_letter == DLQ_NONE:
                 any_retrying = True
-                if e.next_visible_ms <= now_ms:
+                if e.next_visible_ms <= now_ms and self.retry_ok(o):
                     out.append(o)
         self.maybe_retries = any_retrying
         out.sort()
@@ -252,6 +327,12 @@ class PartitionLead:
 
     def grant(self, offsets: list[int], owner: str, lease_ms: int, now_ms: int) -> list[Delivery]:
         lease_ms = min(max(lease_ms, lease_ms_min), lease_ms_max)
+        if self.needed > self.confirmed:
+            # A redelivery waits for its failure to be held by a majority (theory of operation).
+            # The range of never-leased offsets may hold retries too (after recompute_cursor).
+            offsets_ = self.state.offsets
+            offsets = [o for o in offsets if not ((e := offsets_.get(o)) is not None and not e.in_progress
+                                                  and e.failures > 0 and not self.retry_ok(o))]
         deliveries = self.state.lease(offsets, owner, now_ms + lease_ms, now_ms)
         if deliveries:
             self.mark()
@@ -264,7 +345,7 @@ class PartitionLead:
             return True
         return self.maybe_retries and any(
             e.failures > 0 and not e.in_progress and not e.done and e.dead_letter == DLQ_NONE
-            and e.next_visible_ms <= now_ms for e in st.offsets.values())
+            and e.next_visible_ms <= now_ms and self.retry_ok(o) for o, e in st.offsets.items())
 
     # ---- acks
 
@@ -279,6 +360,7 @@ class PartitionLead:
                 raise ProtocolError("Ack.acked holds offsets")
             n_acked += st.ack(o, epoch)
         nacked = retries = dead = 0
+        failed: list[int] = []
         for row in nacks:
             if not (isinstance(row, list) and len(row) == 4 and type(row[0]) is int and type(row[1]) is int
                     and (row[2] is None or type(row[2]) is int) and isinstance(row[3], str)):
@@ -288,7 +370,7 @@ class PartitionLead:
                              rnd=rnd(), delay_ms=row[2], attempt=row[1], epoch=epoch)
             if effect is not None:
                 nacked += 1
-                r, d = self._count(effect)
+                r, d = self._count(effect, failed)
                 retries += r
                 dead += d
         for row in extends:
@@ -297,11 +379,13 @@ class PartitionLead:
             st.extend(row[0], member_id, now_ms + min(max(row[1], lease_ms_min), lease_ms_max), now_ms, epoch)
         st.maybe_advance_committed()
         self.mark()
+        self._failed(failed)
         return AckOutcome(n_acked, nacked, retries, dead)
 
-    def _count(self, effect: Retry | DeadLetter | None) -> tuple[int, int]:
+    def _count(self, effect: Retry | DeadLetter | None, failed: list[int]) -> tuple[int, int]:
         if isinstance(effect, Retry):
             self.maybe_retries = True
+            failed.append(effect.offset)
             return 1, 0
         if isinstance(effect, DeadLetter):
             return 0, 1
@@ -313,31 +397,33 @@ class PartitionLead:
               rnd: Callable[[], float]) -> SweepOutcome:
         st = self.state
         retries = dead = 0
+        failed: list[int] = []
         effects = st.expire(now_ms, policy, rnd())
         for effect in effects:
-            r, d = self._count(effect)
+            r, d = self._count(effect, failed)
             retries += r
             dead += d
-        departed, r, d = self._fail_departed(m, tp, now_ms, policy, rnd)
+        departed, r, d = self._fail_departed(m, tp, now_ms, policy, rnd, failed)
         retries += r
         dead += d
         changed = bool(effects or departed)
         if changed:
             st.maybe_advance_committed()
             self.mark()
+            self._failed(failed)
         writes = self.take_dead_letters() if (dead or self.dead_letters_in_flight or any(
             e.dead_letter != DLQ_NONE and not e.done for e in st.offsets.values())) else []
         return SweepOutcome(len(effects), departed, retries, dead, writes, changed)
 
     def _fail_departed(self, m: GroupMembership | None, tp: TP, now_ms: int, policy: RetryPolicy,
-                       rnd: Callable[[], float]) -> tuple[int, int, int]:
+                       rnd: Callable[[], float], failed: list[int]) -> tuple[int, int, int]:
         """Leases held by members known to have left, or that lost the partition in a rebalance,
         fail now: their acks would be fenced anyway, so waiting for the lease deadline would only
         delay the redelivery to the partition's new owner."""
         if m is None or m.assignment is None or m.assignment.generation != m.generation:
             return 0, 0, 0   # no settled view of the group here yet: leave the leases to their deadlines
         st = self.state
-        failed = retries = dead = 0
+        n_failed = retries = dead = 0
         for o, e in list(st.offsets.items()):
             if e.in_progress and e.lease is not None and not e.done:
                 r = m.records.get(e.lease.owner)
@@ -346,11 +432,11 @@ class PartitionLead:
                     effect = st.nack(o, reason=f"member {e.lease.owner} {why}", now_ms=now_ms,
                                      policy=policy, rnd=rnd(), attempt=e.attempts)
                     if effect is not None:
-                        failed += 1
-                        a, b = self._count(effect)
+                        n_failed += 1
+                        a, b = self._count(effect, failed)
                         retries += a
                         dead += b
-        return failed, retries, dead
+        return n_failed, retries, dead
 
     # ---- dead letters
 
@@ -402,6 +488,11 @@ class PartitionLead:
             self.maybe_retries = True
         self.dead_lettered = max(self.dead_lettered, dead_lettered)
         self.dirty = True
+        if st.reset_epoch != before:
+            self.unconfirmed.clear()
+        # What came in may hold failures no majority holds yet: if this node leads (two leaders for
+        # a moment) or comes to, its retries wait until a majority holds the merged copy.
+        self._close_gate()
 
     def reset(self, to_offset: int, epoch_floor: int = 0) -> None:
         """Open a new reset epoch at `to_offset`: the next epoch, or `epoch_floor` if that is higher."""
@@ -409,6 +500,7 @@ class PartitionLead:
         self.cursor = to_offset
         self.maybe_retries = False
         self.dead_letters_in_flight.clear()
+        self.unconfirmed.clear()
         self.mark()
 
     # ---- storage

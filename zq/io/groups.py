@@ -47,8 +47,20 @@ That is allowed here, unlike in replication, because of the lattice's argument (
 a lost update is a redelivery, never a loss. A copy of the dead-letter record is acknowledged by
 its own quorum before the source counts as done, so that step never loses a message either. The
 leader sends the states it changed to the partition's other replicas every `state_gossip_ms`
-(`GroupStateGossip`), and a state with a failed delivery at once; they merge and persist, and
-a new leader starts from its merged copy.
+(`GroupStateGossip`), and a state with a failed delivery at once; they merge and persist.
+
+Quorum for retries (grouplead.py): attempt numbers never go down across leader changes. A
+redelivery is served only once a majority of the partition's replicas (the leader's own store
+counting) hold its failure on disk: while a state waits for that, its gossip asks for
+acknowledgements (`boot`), the replicas merge, write with an fsync, and answer `GroupStateAck`
+after their pass has committed; the leader's own copy counts once its pass committed, fsynced
+too. A replica acknowledges only the node it believes leads the partition, so a deposed leader
+cannot gather a majority the new one did not read. A new leader (a new leader epoch of the
+partition) serves no lease until it has merged the copies of a majority of the replicas, its
+own and `GroupStatePull` answers (each asked again every `gather_wait_ms` until it answers);
+then its merged copy must be held by a majority before its first redelivery. Majorities
+intersect, so every failure a redelivery was served after is in the new leader's copy. First
+deliveries wait for nothing but the majority read at a leader change.
 
 Reset (replay, seek): `ResetGroup` to any node goes on to each partition's leader, which opens a
 new reset epoch at the target offset; the new epoch wins every merge. Epochs are numbered by the
@@ -89,6 +101,7 @@ sweep_ms = 100                    # lease expiry, departed members' leases, dead
 unknown_member_ms = 3 * membership_gossip_ms   # a member no copy here knows for this long is fenced
 unknown_members_max = 10_000      # (group, member) pairs this node tracks as unknown
 describe_wait_ms = 400            # how long `zq groups` waits for other nodes' rows
+gather_wait_ms = 300              # a new leader asks a replica that has not answered its pull again after this
 reset_wait_ms = 3_000             # how long a forwarded reset waits for a partition leader
 dead_letter_wait_ms = 5_000       # a dead-letter copy sent to another node, unanswered by then, is tried again
 # Bounds.
@@ -117,6 +130,15 @@ _Held = PartitionLead   # the leader-side rules of one (group, partition): zq.co
 
 
 @dataclass(slots=True)
+class _Gather:
+    """A new leader's majority read of one partition's group states."""
+    epoch: int                    # the leader epoch it is for
+    replicas: list[str]
+    replied: set[str]
+    asked_ms: int
+
+
+@dataclass(slots=True)
 class _Parked:
     deadline_ms: int
     identity: bytes
@@ -140,6 +162,12 @@ class GroupService:
         self._gossip_soon = False
         self._failed: set[Key] = set()   # states with a failed delivery not yet sent to the replicas
         self._unknown_since: dict[tuple[str, str], int] = {}   # (group, member) -> first request seen
+        # Quorum for retries. `boot` names this start of the node in acks: versions start over.
+        self.boot = random.SystemRandom().getrandbits(62) | 1
+        self._gathered: dict[tuple[int, int], int] = {}   # (topic id, partition) -> leader epoch read
+        self._gathering: dict[tuple[int, int], _Gather] = {}
+        self._own_pending: list[tuple[Key, int]] = []      # own copies written this pass, awaiting commit
+        self._acks_pending: dict[tuple[str, int], list[list]] = {}   # (leader, boot) -> items, after commit
         self.handlers: dict[type, Callable[[bytes, Any, list], None]] = {
             G.JoinGroup: self.on_join_group,
             G.GroupHeartbeat: self.on_group_heartbeat,
@@ -150,6 +178,8 @@ class GroupService:
             G.DescribeGroups: self.on_describe_groups,
             G.GroupGossip: self.on_group_gossip,
             G.GroupStateGossip: self.on_group_state_gossip,
+            G.GroupStateAck: self.on_group_state_ack,
+            G.GroupStatePull: self.on_group_state_pull,
             G.LocalGroupsRequest: self.on_local_groups,
         }
         self._load()
@@ -190,6 +220,7 @@ class GroupService:
         if now_ms >= self._next_sweep_ms:
             self._next_sweep_ms = now_ms + sweep_ms
             self._expire_members()
+            self._retry_gathering(now_ms)
             self._sweep()
         if self.parked:
             self._serve_parked(now_ms)
@@ -402,6 +433,140 @@ class GroupService:
                 held.dirty = False
                 txn = txn or self.node.write()
                 txn.put_meta(state_key(*key), _encode_held(held))
+                if held.wants_confirmation():
+                    self._own_pending.append((key, held.version))
+        if self._own_pending or self._acks_pending:
+            # A redelivery waits for these copies to be on disk (fsynced) at a majority: the
+            # leader's own counts, and replicas' acks go out, only once this pass has committed
+            # (the node runs its timers after it commits).
+            self.node.write_synced()
+            if txn is None:
+                self.node.write()   # an empty write still commits (and syncs) before the timers
+            self.node.at(self.node.now_ms(), self._after_commit)
+
+    def _after_commit(self) -> None:
+        own, self._own_pending = self._own_pending, []
+        acks, self._acks_pending = self._acks_pending, {}
+        confirmed = False
+        for key, version in own:
+            held = self.held.get(key)
+            replicas = self._replicas(key)
+            if held is not None and replicas:
+                confirmed |= held.note_held(self.node.name, version, replicas)
+        for (leader, boot), items in sorted(acks.items()):
+            for start in range(0, len(items), gossip_items_per_message_max):
+                self.node.send_to_peer(leader, G.GroupStateAck(0, self.node.name, boot,
+                                                               items[start:start + gossip_items_per_message_max]))
+        if confirmed and self.parked:
+            self._serve_parked(self.node.now_ms())
+
+    def _replicas(self, key: Key) -> list[str]:
+        t = self.node.meta.topics_by_id.get(key[1])
+        return list(t.partitions[key[2]]) if t is not None and key[2] < len(t.partitions) else []
+
+    # ------------------------------------------------------------------ a new leader's majority read
+
+    def _ready_to_serve(self, t: Any, p: int) -> bool:
+        """Has this node, as the partition's leader in its current epoch, merged a majority's copies?"""
+        tp = (t.id, p)
+        leader, epoch = self.node.leader_of(TopicPartition(t.id, p))
+        if leader != self.node.name:
+            return False
+        if self._gathered.get(tp) == epoch:
+            return True
+        g = self._gathering.get(tp)
+        if g is None or g.epoch != epoch:
+            replicas = list(t.partitions[p])
+            g = self._gathering[tp] = _Gather(epoch, replicas, {self.node.name}, self.node.now_ms())
+            for peer in replicas:
+                if peer != self.node.name:
+                    self._pull(tp, peer, epoch, None)
+        return self._maybe_gathered(tp, g)
+
+    def _maybe_gathered(self, tp: tuple[int, int], g: _Gather) -> bool:
+        if len(g.replied & set(g.replicas)) < len(g.replicas) // 2 + 1:
+            return False
+        del self._gathering[tp]
+        self._gathered[tp] = g.epoch
+        for key in sorted(self.held):
+            if (key[1], key[2]) == tp:
+                self.held[key].on_taken_over()
+                self._failed.add(key)   # to the replicas at once: redeliveries wait for a majority to hold it
+        log.info("topic %d/%d: merged the group states of %s as leader (epoch %d)", tp[0], tp[1],
+                 ", ".join(sorted(g.replied)), g.epoch)
+        return True
+
+    def _pull(self, tp: tuple[int, int], peer: str, epoch: int, after: str | None) -> None:
+        msg = G.GroupStatePull(self.node.next_req_id(), self.node.name, tp[0], tp[1], after)
+        self.node.request_peer(peer, msg, lambda reply, payload: self._on_pulled(tp, peer, epoch, reply, payload),
+                               gather_wait_ms)
+
+    def _on_pulled(self, tp: tuple[int, int], peer: str, epoch: int, reply: Any, payload: list) -> None:
+        g = self._gathering.get(tp)
+        if g is None or g.epoch != epoch or not isinstance(reply, G.GroupStatePulled):
+            return   # done, superseded, or failed: the sweep asks again
+        try:
+            if len(reply.items) != len(payload) or len(payload) > gossip_items_per_message_max:
+                raise ProtocolError("GroupStatePulled carries one payload frame per item, a bounded number")
+            last = None
+            for item, frame in zip(reply.items, payload):
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                        and type(item[1]) is int and item[1] >= 0):
+                    raise ProtocolError("GroupStatePulled items are [group, dead_lettered]")
+                last = item[0]
+                self._merge_state((item[0], tp[0], tp[1]), DeliveryState.from_dict(_loads(frame)), item[1])
+        except ZqError as e:
+            self.node.counters["protocol_errors"] += 1
+            log.warning("dropped group states pulled from %s: %s", peer, e)
+            return
+        if reply.more and last is not None:
+            self._pull(tp, peer, epoch, last)
+            return
+        g.replied.add(peer)
+        if self._maybe_gathered(tp, g) and self.parked:
+            self._serve_parked(self.node.now_ms())
+
+    def _retry_gathering(self, now_ms: int) -> None:
+        for tp, g in sorted(self._gathering.items()):
+            if now_ms < g.asked_ms + gather_wait_ms:
+                continue
+            t = self.node.meta.topics_by_id.get(tp[0])
+            if t is None or self.node.leader_of(TopicPartition(tp[0], tp[1])) != (self.node.name, g.epoch):
+                del self._gathering[tp]   # no longer this node's to read; a lease starts it again
+                continue
+            g.asked_ms = now_ms
+            for peer in g.replicas:
+                if peer not in g.replied:
+                    self._pull(tp, peer, g.epoch, None)
+
+    def on_group_state_pull(self, identity: bytes, msg: G.GroupStatePull, payload: list) -> None:
+        if type(msg.topic_id) is not int or type(msg.partition) is not int or not (
+                msg.after is None or isinstance(msg.after, str)):
+            raise ProtocolError("GroupStatePull names a topic id, a partition and a group or null")
+        keys = [k for k in self.held if k[1] == msg.topic_id and k[2] == msg.partition
+                and (msg.after is None or k[0] > msg.after)]
+        keys.sort()
+        page = keys[:gossip_items_per_message_max]
+        items = [[k[0], self.held[k].dead_lettered] for k in page]
+        frames = [cbor2.dumps(self.held[k].state.to_dict()) for k in page]
+        self.node.reply(identity, G.GroupStatePulled(msg.req_id, self.node.name, items,
+                                                     len(keys) > len(page)), *frames)
+
+    def on_group_state_ack(self, identity: bytes, msg: G.GroupStateAck, payload: list) -> None:
+        if msg.boot != self.boot:
+            return   # an ack of what an earlier start of this node sent: its versions started over
+        confirmed = False
+        for item in msg.items:
+            if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)
+                    and all(type(x) is int and x >= 0 for x in item[1:])):
+                self.node.counters["protocol_errors"] += 1
+                return
+            key = (item[0], item[1], item[2])
+            held = self.held.get(key)
+            if held is not None:
+                confirmed |= held.note_held(msg.sender, item[3], self._replicas(key))
+        if confirmed and self.parked:
+            self._serve_parked(self.node.now_ms())
 
     # ------------------------------------------------------------------ leases
 
@@ -414,10 +579,11 @@ class GroupService:
         self.node.partition_bounds(msg.topic, msg.partition)   # NotLeader, UnknownPartition
         self._check_member(msg.group, msg.member_id, msg.generation, (msg.topic, msg.partition), strict=True)
         key = (msg.group, t.id, msg.partition)
-        self._held_or_new(key, lambda: self._start_offset(msg.topic, t.id, msg.partition, msg.start))
         self.node.counters["group_leases"] += 1
-        if self._serve_lease(identity, msg, key):
-            return
+        if self._ready_to_serve(t, msg.partition):   # else a new leader still reads a majority's copies
+            self._held_or_new(key, lambda: self._start_offset(msg.topic, t.id, msg.partition, msg.start))
+            if self._serve_lease(identity, msg, key):
+                return
         wait_ms = min(msg.max_wait_ms, lease_wait_ms_max)
         if wait_ms <= 0 or len(self.parked) >= parked_leases_max:
             self._reply_empty(identity, msg, key)
@@ -481,16 +647,17 @@ class GroupService:
         wall = self.node.wall_ms()
         for parked in self.parked:
             msg = parked.msg
-            held = self.held.get(parked.key)
             try:
-                if held is None:
-                    raise LeaderNotAvailable(f"the group state of {msg.topic}/{msg.partition} was dropped; retry")
                 hw = self.node.partition_bounds(msg.topic, msg.partition)[1]
                 # The member may have left, or lost the partition, while its lease waited: serving it
                 # then would lease messages to nobody, and their expiry would count as failed attempts.
                 self._check_member(msg.group, msg.member_id, msg.generation, (msg.topic, msg.partition), strict=True)
-                if held.ready(hw, wall) and self._serve_lease(parked.identity, msg, parked.key):
-                    continue
+                t = self.node.meta.topic(msg.topic)
+                if self._ready_to_serve(t, msg.partition):
+                    held = self._held_or_new(parked.key, lambda: self._start_offset(
+                        msg.topic, t.id, msg.partition, msg.start))
+                    if held.ready(hw, wall) and self._serve_lease(parked.identity, msg, parked.key):
+                        continue
             except ZqError as e:   # leadership moved, topic deleted: the member learns where to go
                 self.node.reply_error(parked.identity, msg.req_id, e)
                 continue
@@ -622,51 +789,73 @@ class GroupService:
 
     def _gossip_states(self, keys: Any) -> None:
         node = self.node
-        out: dict[str, list[tuple[list, bytes]]] = {}
+        out: dict[str, list[tuple[list, bytes, bool]]] = {}
         for key in sorted(keys):
             held = self.held.get(key)
-            if held is None or not held.changed:
+            if held is None:
                 continue
-            held.changed = False
             group, topic_id, p = key
             t = node.meta.topics_by_id.get(topic_id)
             if t is None or p >= len(t.partitions):
                 continue
+            # A state a redelivery waits on goes every round until a majority holds it (gossip may be lost).
+            wants = held.wants_confirmation() and node.leads(t.name, p)
+            if not (held.changed or wants):
+                continue
+            held.changed = False
             frame = cbor2.dumps(held.state.to_dict())
             for peer in t.partitions[p]:
                 if peer != node.name:
-                    out.setdefault(peer, []).append(([group, topic_id, p, held.dead_lettered], frame))
+                    item = [group, topic_id, p, held.dead_lettered, held.version]
+                    out.setdefault(peer, []).append((item, frame, wants))
         for peer in sorted(out):
             items = out[peer]
             for start in range(0, len(items), gossip_items_per_message_max):
                 chunk = items[start:start + gossip_items_per_message_max]
-                node.send_to_peer(peer, G.GroupStateGossip(0, node.name, [i for i, _ in chunk]), *[f for _, f in chunk])
+                boot = self.boot if any(w for _, _, w in chunk) else 0
+                node.send_to_peer(peer, G.GroupStateGossip(0, node.name, boot, [i for i, _, _ in chunk]),
+                                  *[f for _, f, _ in chunk])
 
     def on_group_state_gossip(self, identity: bytes, msg: G.GroupStateGossip, payload: list) -> None:
         try:
             if len(msg.items) != len(payload):
                 raise ProtocolError("GroupStateGossip carries one payload frame per item")
+            if type(msg.boot) is not int or msg.boot < 0:
+                raise ProtocolError("GroupStateGossip.boot is an integer >= 0")
+            acks: list[list] = []
             for item, frame in zip(msg.items, payload):
-                if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)
+                if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], str)
                         and all(type(x) is int and x >= 0 for x in item[1:])):
-                    raise ProtocolError("GroupStateGossip items are [group, topic_id, partition, dead_lettered]")
-                group, topic_id, p, dead_lettered = item
+                    raise ProtocolError("GroupStateGossip items are "
+                                        "[group, topic_id, partition, dead_lettered, version]")
+                group, topic_id, p, dead_lettered, version = item
                 t = self.node.meta.topics_by_id.get(topic_id)
                 if t is None or p >= len(t.partitions):
                     continue   # a topic this node has not applied yet: the next round brings it again
-                other = DeliveryState.from_dict(_loads(frame))
                 key = (group, topic_id, p)
-                held = self._held(key)
-                if held is None:
-                    if len(self.held) >= states_max:
-                        continue
-                    held = self.held[key] = _Held.from_state(other, dead_lettered)
-                    held.dirty = True
-                else:
-                    held.merge_from(other, dead_lettered)
+                if not self._merge_state(key, DeliveryState.from_dict(_loads(frame)), dead_lettered):
+                    continue
+                # Acknowledged only to the node this one believes leads: a deposed leader must not
+                # gather a majority that the new leader did not read.
+                if msg.boot and self.node.leader_of(TopicPartition(topic_id, p))[0] == msg.sender:
+                    acks.append([group, topic_id, p, version])
+            if acks:
+                self._acks_pending.setdefault((msg.sender, msg.boot), []).extend(acks)
         except ZqError as e:
             self.node.counters["protocol_errors"] += 1
             log.warning("dropped group state gossip from %s: %s", msg.sender, e)
+
+    def _merge_state(self, key: Key, other: DeliveryState, dead_lettered: int) -> bool:
+        """Merge a copy from another replica into this node's; False if there was no room to keep it."""
+        held = self._held(key)
+        if held is None:
+            if len(self.held) >= states_max:
+                return False
+            held = self.held[key] = _Held.from_state(other, dead_lettered)
+            held.dirty = True
+        else:
+            held.merge_from(other, dead_lettered)
+        return True
 
     # ------------------------------------------------------------------ reset
 

@@ -28,7 +28,12 @@ a restarted node learns them by gossip.
 
 The committed log of each partition is modelled, not replicated: every node sees the same log
 (zq/sim/cluster.py proves the replication core). A leader change appends a control record (the
-new leader's epoch marker) and makes the new leader start from its merged copy.
+new leader's epoch marker); the new leader serves no lease until it has merged its own copy and
+another node's (`state_pull`, asked again every `GATHER_WAIT_MS`). Quorum for retries, as the
+service: a state a redelivery waits on is gossiped asking for acks; a replica acknowledges
+(`state_ack`) only the partition's leader, and only at its next sync (once the merge is on its
+disk); the leader's own copy counts at its own sync. The bugs "no_majority_read" and
+"no_retry_quorum" take away either half, to show that the checks catch a lower attempt number.
 
 Consumers. The client (zq/client/groups.py) is threads and sockets, not a pure core, so its rules
 are modelled here one for one: join through a node, heartbeat every `session_timeout_ms // 4`,
@@ -76,6 +81,7 @@ SWEEP_MS = 100
 MEMBERSHIP_GOSSIP_MS = 500
 MEMBERSHIP_GOSSIP_MS_MIN = 20
 STATE_GOSSIP_MS = 200
+GATHER_WAIT_MS = 300          # a new leader asks the replicas that have not answered again after this
 UNKNOWN_MEMBER_MS = 3 * MEMBERSHIP_GOSSIP_MS
 SYNC_MS = 50                  # the store's page cache reaches the disk this often
 LEASE_MESSAGES_MAX = 5_000
@@ -228,6 +234,9 @@ class Node:
     gossip_soon: bool = False
     unknown_since: dict = field(default_factory=dict)   # (group, member) -> first request seen
     failed: set = field(default_factory=set)   # states with a failed delivery not yet gossiped
+    gathered: dict[int, int] = field(default_factory=dict)    # partition -> leader term its majority read is of
+    gathering: dict[int, tuple[int, set, int]] = field(default_factory=dict)   # p -> (term, replied, last ask)
+    acks_due: list = field(default_factory=list)   # (leader, boot, key, version): acked once on disk
 
 
 # ---------------------------------------------------------------------------- consumers
@@ -292,6 +301,7 @@ class GroupSim:
         for p in range(self.s.partitions):
             self.leader[p] = NODES[p % len(NODES)]
             self.check.on_leader_change(p)
+            self.nodes[self.leader[p]].gathered[p] = self.check.leader_terms[p]   # nothing to read yet
             for g in self.groups:
                 self.check.on_epoch(g, p, 0, 0)
 
@@ -402,6 +412,7 @@ class GroupSim:
         if what == "sweep":
             self.at(self.now + SWEEP_MS, "node_timer", name, incarnation, what)
             self.expire_members(node)
+            self.retry_gathering(node)
             self.sweep(node)
             self.serve_parked(node)
         elif what == "gossip":
@@ -414,9 +425,84 @@ class GroupSim:
             self.gossip_states(node, node.held)
         else:
             self.at(self.now + SYNC_MS, "node_timer", name, incarnation, what)
-            node.disk.update(node.cache)
-            node.cache.clear()
+            self.sync(node)
         self.after_node_step(node)
+
+    def sync(self, node: Node) -> None:
+        """The page cache reaches the disk: the leader's own copies count as held, and the acks
+        that waited for the replica's write go out (quorum for retries, grouplead.py)."""
+        confirmed = False
+        for key, (d, dead, version) in sorted(node.cache.items()):
+            node.disk[key] = (d, dead, version)
+            held = node.held.get(key)
+            if held is not None and self.leads(node, key[1]):
+                confirmed |= held.note_held(node.name, version, NODES)
+        node.cache.clear()
+        acks, node.acks_due = node.acks_due, []
+        by_leader: dict[tuple[str, Any], list] = {}
+        for leader, boot, key, version in acks:
+            by_leader.setdefault((leader, boot), []).append((key, version))
+        for (leader, boot), items in sorted(by_leader.items()):
+            self.send(node.name, leader, "state_ack", node.name, boot, items)
+        if confirmed:
+            self.serve_parked(node)
+
+    def on_state_ack(self, node: Node, sender: str, boot: Any, items: list) -> None:
+        if boot != (node.name, node.incarnation):
+            return   # an ack of a copy an earlier start of this node sent: versions started over since
+        confirmed = False
+        for key, version in items:
+            held = node.held.get(key)
+            if held is not None:
+                confirmed |= held.note_held(sender, version, NODES)
+        if confirmed:
+            self.serve_parked(node)
+
+    # ---- a new leader's majority read
+
+    def start_gathering(self, node: Node, p: int) -> None:
+        term = self.check.leader_terms.get(p, 0)
+        if "no_majority_read" in self.bugs:
+            node.gathered[p] = term
+            return
+        node.gathering[p] = (term, set(), self.now)
+        for peer in NODES:
+            if peer != node.name:
+                self.send(node.name, peer, "state_pull", node.name, p, term)
+
+    def retry_gathering(self, node: Node) -> None:
+        for p, (term, replied, asked) in sorted(node.gathering.items()):
+            if not self.leads(node, p) or term != self.check.leader_terms.get(p, 0):
+                del node.gathering[p]
+            elif self.now >= asked + GATHER_WAIT_MS:
+                node.gathering[p] = (term, replied, self.now)
+                for peer in NODES:
+                    if peer != node.name and peer not in replied:
+                        self.send(node.name, peer, "state_pull", node.name, p, term)
+
+    def on_state_pull(self, node: Node, leader: str, p: int, term: int) -> None:
+        items = [(key, held.state.to_dict(), held.dead_lettered) for key, held in sorted(node.held.items())
+                 if key[1] == p]
+        self.send(node.name, leader, "state_pulled", node.name, p, term, items)
+
+    def on_state_pulled(self, node: Node, sender: str, p: int, term: int, items: list) -> None:
+        entry = node.gathering.get(p)
+        if entry is None or entry[0] != term or not self.leads(node, p):
+            return
+        self.merge_items(node, items)
+        entry[1].add(sender)
+        if 1 + len(entry[1]) >= len(NODES) // 2 + 1:
+            del node.gathering[p]
+            node.gathered[p] = term
+            for key in sorted(node.held):
+                if key[1] == p:
+                    node.held[key].on_taken_over()
+                    node.failed.add(key)   # to the replicas at once: retries wait for a majority to hold it
+            self.say(f"{node.name} gathered the states of {p} (term {term})")
+            self.serve_parked(node)
+
+    def gathered(self, node: Node, p: int) -> bool:
+        return node.gathered.get(p) == self.check.leader_terms.get(p, 0)
 
     def after_node_step(self, node: Node) -> None:
         """What the service's loop pass ends with: persist what changed (to the page cache); and
@@ -424,7 +510,7 @@ class GroupSim:
         for key, held in node.held.items():
             if held.dirty:
                 held.dirty = False
-                node.cache[key] = (held.to_dict(), held.dead_lettered)
+                node.cache[key] = (held.to_dict(), held.dead_lettered, held.version)
             self.check.check_state(node.name, key[0], key[1], held.state)
         if node.failed and "no_failure_gossip" not in self.bugs:   # as the service: failures go at once
             failed, node.failed = node.failed, set()
@@ -515,17 +601,31 @@ class GroupSim:
 
     def gossip_states(self, node: Node, keys: Any) -> None:
         items = []
+        want_ack = False
         for key in sorted(keys):
             held = node.held.get(key)
-            if held is not None and held.changed:
+            if held is None:
+                continue
+            wants = held.wants_confirmation() and self.leads(node, key[1])
+            if held.changed or wants:
                 held.changed = False
-                items.append((key, held.state.to_dict(), held.dead_lettered))
+                want_ack |= wants
+                items.append((key, held.state.to_dict(), held.dead_lettered, held.version))
         if items:
+            boot = (node.name, node.incarnation) if want_ack else None
             for peer in NODES:
                 if peer != node.name:
-                    self.send(node.name, peer, "state_gossip", items)
+                    self.send(node.name, peer, "state_gossip", node.name, boot, items)
 
-    def on_state_gossip(self, node: Node, items: list) -> None:
+    def on_state_gossip(self, node: Node, sender: str, boot: Any, items: list) -> None:
+        self.merge_items(node, [(key, d, dead) for key, d, dead, _v in items])
+        if boot is not None:
+            # Acknowledged once on disk (the next sync), and only to the partition's leader: a
+            # deposed leader's copy must not count towards a majority the new one did not read.
+            node.acks_due.extend((sender, boot, key, version) for key, _d, _dead, version in items
+                                 if self.leader.get(key[1]) == sender)
+
+    def merge_items(self, node: Node, items: list) -> None:
         for key, d, dead_lettered in items:
             other = DeliveryState.from_dict(d)
             held = node.held.get(key)
@@ -573,16 +673,20 @@ class GroupSim:
                                self.long_unknown(node, req.group, req.member_id))
         if refusal is not None:
             return self.refuse(node, req, Refused(refusal.kind))
-        self.held_or_new(node, (req.group, p), 0)
-        if self.serve_lease(node, req):
-            return
+        if self.gathered(node, p):
+            self.held_or_new(node, (req.group, p), 0)
+            if self.serve_lease(node, req):
+                return
         if len(node.parked) >= PARKED_MAX:
-            return self.reply(node, req, epoch=node.held[(req.group, p)].state.reset_epoch)
+            held = node.held.get((req.group, p))
+            return self.reply(node, req, epoch=held.state.reset_epoch if held is not None else 0)
         node.parked.append((self.now + MAX_WAIT_MS, req))
 
     def serve_lease(self, node: Node, req: Req) -> bool:
         p = req.partition
         held = node.held[(req.group, p)]
+        if "no_retry_quorum" in self.bugs:
+            held.confirmed = max(held.confirmed, held.needed)   # redeliveries served before a majority holds them
         now = self.wall(node)
         log = self.log[p]
         plan = held.plan_lease(now, min(req.max_messages, LEASE_MESSAGES_MAX), 0, len(log))
@@ -613,10 +717,17 @@ class GroupSim:
         keep = []
         for deadline, req in node.parked:
             p = req.partition
-            held = node.held.get((req.group, p))
-            if held is None or not self.leads(node, p):
+            if not self.leads(node, p):
                 self.refuse(node, req, self.not_leader(node, p))
                 continue
+            if not self.gathered(node, p):   # a new leader still reading a majority's copies
+                if self.now >= deadline:
+                    held = node.held.get((req.group, p))
+                    self.reply(node, req, epoch=held.state.reset_epoch if held is not None else 0)
+                else:
+                    keep.append((deadline, req))
+                continue
+            held = self.held_or_new(node, (req.group, p), 0)
             refusal = check_member(node.memberships.get(req.group), req.member_id, req.generation, (TOPIC, p), True,
                                self.long_unknown(node, req.group, req.member_id))
             if refusal is not None:
@@ -733,6 +844,9 @@ class GroupSim:
         node.parked.clear()
         node.failed.clear()
         node.unknown_since.clear()
+        node.gathered.clear()
+        node.gathering.clear()
+        node.acks_due.clear()
         self.say(f"crash {node.name}")
         for p in sorted(self.leader):
             if self.leader[p] == node.name:
@@ -744,7 +858,7 @@ class GroupSim:
             return
         node.up = True
         for key in sorted(node.disk):
-            d, _dead = node.disk[key]
+            d, _dead, _version = node.disk[key]
             node.held[key] = PartitionLead.from_dict(d)   # the stored form, read back as the service does
         node.next_gossip_ms = self.now
         self.start_node_timers(node)
@@ -769,7 +883,8 @@ class GroupSim:
         self.say(f"leader of {p}: {old} -> {to}")
         if old is not None and self.nodes[old].up:
             self.serve_parked(self.nodes[old])   # its parked leases learn where to go
-        new = self.nodes[to]   # it starts from its merged copy, as the service does
+        new = self.nodes[to]   # it reads a majority's copies before it serves a lease
+        self.start_gathering(new, p)
         self.serve_parked(new)
         self.after_node_step(new)
 

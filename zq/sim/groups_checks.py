@@ -13,18 +13,18 @@ reset and every change of partition leader. Keys are `(group, partition, reset_e
   the leader, and is acknowledged or dead-lettered: exactly one of the two, unless its partition
   changed leader since its first delivery (a lost update can make a new leader take a late ack
   of a message whose copy is written, or write a copy of a message acked; counted, acked_and_dead).
-- Attempts never go down: the attempt number a leader hands out for an offset is at least every
-  attempt number handed out for it before by the same leader (the same term: a crash or a move
-  starts a new one), in that reset epoch. Across a leader change it may go down, when the new
-  leader's merged copy lacks the old leader's last updates (gossiped every `state_gossip_ms`,
-  synced to disk later still): a lost update is a redelivery. Those are counted (attempt_drops),
-  and the next check bounds what they cost.
+- Attempts never go down: the attempt number handed out for an offset is at least every attempt
+  number handed out for it before in that reset epoch, by any leader (a crash or a move starts a
+  new one): a redelivery is served only once a majority holds the failure before it, and a new
+  leader reads a majority's copies first (grouplead.py, quorum for retries). A drop across a
+  leader change is counted (attempt_drops) and fails the seed like one within a term.
 - Bounded deliveries: in each reset epoch, an offset is delivered at most `max_deliveries` times
-  per leader it had since its first delivery: a poison message is never retried forever. A new
-  leader starts from its merged copy, which may lack the old leader's last leases and failures;
-  usually that costs one redelivery, but when several deliveries of one offset fell within one
-  gossip interval it costs more. Deliveries beyond `max_deliveries` plus one per leader change
-  are counted (deliveries_over) rather than failed.
+  plus one per interruption since its first delivery: a poison message is never retried forever.
+  A consumer that crashed or left, a rebalance that moved the partition and a lease the consumer
+  let run out all end their delivery as a failure, which counts towards `max_deliveries`; what
+  remains is a leader change, after which the new leader may hand out once more the number the
+  old one handed out last. A delivery is a distinct (leader term, attempt) pair: a leader that
+  hands its own live lease out again to the same owner (its reply was lost) delivers nothing new.
 - Dead letters: each record in `TOPIC.dlq` names exactly one source (partition, offset), holds
   that source's value, and was written after `max_deliveries` failed deliveries.
 - Fencing: an Ack from a member that the leader's own membership copy says is not live or does
@@ -68,7 +68,7 @@ class GroupChecker:
         self.dead_records: list[DeadLetterRecord] = []
         self.attempt_max: dict[Key, tuple[int, int]] = {}   # (leader term, highest attempt in it)
         self.attempt_drops = 0
-        self.deliveries_over = 0    # grants beyond max_deliveries + one per leader change
+        self.deliveries_over = 0    # grants beyond max_deliveries + one per leader change (each fails the seed)
         self.applied: set[Key] = set()   # acks a leader applied (the state says acked)
         self.grants: dict[Key, set[tuple[int, int]]] = {}   # (leader term, attempt) pairs
         self.first_term: dict[Key, int] = {}
@@ -100,24 +100,23 @@ class GroupChecker:
         term = self.leader_terms.get(p, 0)
         seen_term, seen = self.attempt_max.get(k, (term, 0))
         if attempt < seen:
-            if seen_term == term:
-                raise Violation("attempts never go down",
-                                f"group {group} {p}/{offset} epoch {epoch}: attempt {attempt} handed out after "
-                                f"{seen} by the same leader")
-            self.attempt_drops += 1   # a new leader whose copy lacked the old leader's last updates
-        self.attempt_max[k] = (term, max(seen, attempt) if seen_term == term else attempt)
+            self.attempt_drops += 1
+            by = "by the same leader" if seen_term == term else f"{term - seen_term} leader changes before"
+            raise Violation("attempts never go down",
+                            f"group {group} {p}/{offset} epoch {epoch}: attempt {attempt} handed out after "
+                            f"{seen} ({by})")
+        if attempt >= seen:
+            self.attempt_max[k] = (term, attempt)
         grants = self.grants.setdefault(k, set())
         grants.add((term, attempt))
         first = self.first_term.setdefault(k, term)
         changes = term - first
-        bound = self.max_deliveries * (1 + changes)
-        if len(grants) > bound:
+        if len(grants) > self.max_deliveries + changes:
+            self.deliveries_over += 1
             raise Violation("deliveries bounded",
                             f"group {group} {p}/{offset} epoch {epoch}: {len(grants)} deliveries "
-                            f"{sorted(grants)}, more than max_deliveries {self.max_deliveries} per leader "
-                            f"({changes} leader changes)")
-        if len(grants) > self.max_deliveries + changes:
-            self.deliveries_over += 1   # more than one redelivery per interruption: lost updates
+                            f"{sorted(grants)}, more than max_deliveries {self.max_deliveries} plus one per "
+                            f"leader change ({changes})")
 
     def on_dead_letter(self, rec: DeadLetterRecord) -> None:
         log = self.values.get(rec.source_partition, [])
