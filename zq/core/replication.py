@@ -116,7 +116,9 @@ own high watermark is below its log end) or a divergent uncommitted tail, so it 
 an entry the cluster still holds and it alone would have: the leader held all of it committed and
 deleted it itself. The configuration comes from the leader of an epoch at or past the replica's
 join epoch, so the replica trusts it (see "Nodes added again"); the producer table starts empty,
-as the leader's holds nothing from below its log start either.
+as the leader's holds nothing from below its log start either. (So an idempotent producer's
+retry of a batch that retention already deleted, a retry older than the retention window, is
+written again, as in Kafka once a producer's state expired.)
 
 Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
 `advance()` says the shell applied it. The shell must call `advance()` before the next event.

@@ -36,9 +36,23 @@ deletes the front of its log up to an entry boundary at or below its high waterm
 by a reassignment, which catch up by StartAt (`Ready.reset_to`). A restarted replica reads only
 from its log start.
 
+Membership and the operator. A seed may also host the SWIM failure detector
+(`zq.sim.members.MembershipLayer`, the real `Membership` cores and their shells) on the same
+simulated network, so the same partitions, loss, pauses, crashes and restarts (each a new
+incarnation) reach it; its invariants (zq/sim/members_checks.py) are checked after each of its
+steps. Its events run from their own heap on the same clock: `one_step` takes the earlier of
+the two (ties to the cluster), and they do not count as steps. The detector runs with the
+node's timing scaled down ten times (`SIM_MEMBERSHIP`), so that pauses and partitions outlive
+its suspicion timeout and cause false deaths within a run. An "operator" (like a script a user
+might run) now and then reads one running node's view and moves every partition with a node
+that view calls DEAD onto nodes it calls ALIVE (`targets`, as a reassignment): false deaths
+then drive real replica-set changes, and a node declared dead that is alive, or that comes back
+in a new incarnation, must not cost an acknowledged write.
+
 The safety phase runs `steps` events with faults. The liveness phase then heals everything
-(restarts, resumes, reconnects, no loss, drains ended) and stops the producers; within
-`liveness_ms` of simulated time every partition must have one leader that every replica follows,
+(restarts, resumes, reconnects, no loss, drains ended) and stops the producers and the
+operator; within `liveness_ms` of simulated time every membership view must hold every node
+ALIVE, and every partition must have one leader that every replica follows,
 with equal log ends equal to every high watermark; its committed configuration must be its
 target, with replicas on exactly the target's nodes; and every replica must hold every
 acknowledged write.
@@ -52,6 +66,7 @@ import random
 import traceback
 from dataclasses import dataclass, field, fields
 
+from zq.core.membership import MembershipConfig, State
 from zq.core.replication import Replica
 from zq.core.repl_types import (
     BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, HardState, ReplicationConfig, TimeoutNow,
@@ -60,6 +75,9 @@ from zq.errors import ProtocolError
 from zq.hashing import rendezvous
 from zq.sim.checks import Ack, Checker, Violation
 from zq.sim.disk import SimDisk
+from zq.sim.members import MembershipLayer, address_of
+from zq.sim.members_checks import MembersChecker
+from zq.sim.members_checks import Violation as MembersViolation
 from zq.sim.network import NetworkFaults, SimNetwork
 from zq.sim.workload import (
     BATCH_RECORDS_MAX, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX, ProduceRequest, ProduceResponse,
@@ -73,6 +91,12 @@ PAUSED_INBOX_MAX = 1_000
 READ_ENTRIES_MAX = 8         # entries one simulated consumer fetch returns     # messages queued for a paused node before the rest are dropped
 SIM_CONFIG = ReplicationConfig(election_timeout_ms=150, heartbeat_interval_ms=40, fetch_retry_ms=60,
                                append_entries_max=16, append_bytes_max=256, pending_proposals_max=64)
+# The node's failure-detector timing (1 s periods, 400 ms ack timeout, 5 s suspicion and
+# reconnect) scaled down ten times, so that faults outlive a suspicion within a run; the ack
+# timeout still exceeds twice the simulated network's largest one-way delay (40 ms) plus the
+# shell's tick latency, so a healed network holds no one suspect.
+SIM_MEMBERSHIP = MembershipConfig(probe_interval_ms=200, ack_timeout_ms=100, suspicion_timeout_ms=500,
+                                  reconnect_interval_ms=500)
 # Small Appends split a leader's marker from the older entries before it, which is what Raft's
 # figure 8 needs; a seed draws one of these.
 APPEND_ENTRIES_CHOICES = (1, 2, 16)
@@ -103,6 +127,8 @@ class Settings:
     change_interval_ms_max: int = 1000  # between reassignments, drains and hand-offs
     retention: bool = False          # delete the front of replicas' logs now and then
     retention_interval_ms_max: int = 300
+    members: bool = False            # run the failure detector (and, with more than 3 nodes, the operator)
+    operator_interval_ms_max: int = 1000  # between the operator's looks at a view
     net: NetworkFaults = field(default_factory=NetworkFaults)
 
     @staticmethod
@@ -134,6 +160,11 @@ class Settings:
         the history it had before retention was simulated."""
         return dataclasses.replace(self, retention=rng.random() < 0.6,
                                    retention_interval_ms_max=rng.choice([50, 200, 1000]))
+
+    def draw_members(self, rng: random.Random) -> Settings:
+        """Membership too, from a stream of its own (see draw_retention)."""
+        return dataclasses.replace(self, members=rng.random() < 0.6,
+                                   operator_interval_ms_max=rng.choice([100, 300, 1000]))
 
     def describe(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "net"]
@@ -169,6 +200,9 @@ class Result:
     retained: int = 0                # retention runs that deleted the front of a log
     start_ats: int = 0               # replicas that restarted their log at their leader's start
     retention_duplicates: int = 0    # idempotent retries written again, the first copy deleted
+    false_deaths: int = 0            # a view declared a node DEAD whose process was running
+    operator_moves: int = 0          # targets the operator changed away from nodes a view called dead
+    operator_false_moves: int = 0    # of those, moves away from a node that was in fact running
 
 
 class SimNode:
@@ -199,7 +233,9 @@ class Sim:
         self.seed = seed
         self.rng = random.Random(seed)
         self.retention_rng = random.Random(seed * 2 + 1)  # only retention events draw from it
-        self.settings = settings or Settings.draw(self.rng, nodes, steps).draw_retention(self.retention_rng)
+        self.members_rng = random.Random(seed * 2 + 2)    # the operator's choices
+        self.settings = settings or (Settings.draw(self.rng, nodes, steps).draw_retention(self.retention_rng)
+                                     .draw_members(self.members_rng))
         self.verbose = verbose
         self.now = 0
         self.heap: list = []
@@ -220,6 +256,15 @@ class Sim:
         }
         self.checker = Checker(list(range(s.partitions)))
         self.result = Result(seed, True, s)
+        self.members: MembershipLayer | None = None
+        self.members_checker: MembersChecker | None = None
+        if s.members:
+            # Every node has every address as a seed (the topology's static seeds), and discovery.
+            seeds = {n: [address_of(x) for x in names] for n in names}
+            self.members = MembershipLayer(names, self.members_rng, self.net, 0, SIM_MEMBERSHIP, seeds)
+            self.members_checker = MembersChecker(self.members)
+            self.members.on_change.append(self._on_member_change)
+            self.members.on_hint.append(self.members_checker.on_hint)
         self.producers: dict[str, Producer] = {}
         self.read_positions: dict[int, int] = {}
         for i in range(s.producers):
@@ -254,6 +299,8 @@ class Sim:
             self.at(self.rng.randrange(1, s.change_interval_ms_max), "change")
         if s.retention:
             self.at(self.rng.randrange(1, s.retention_interval_ms_max), "retain")
+        if self.members is not None and s.nodes > REPLICATION_FACTOR:
+            self.at(self.members_rng.randrange(1, s.operator_interval_ms_max), "operate")
         try:
             while self.heap and self.step_no < s.steps:
                 self.one_step()
@@ -268,7 +315,7 @@ class Sim:
                 raise Violation("no convergence", self.convergence_report())
             for p, rs in self.targets.items():
                 self.checker.check_converged_logs(p, [(n, self.nodes[n].replicas[p]) for n in rs])
-        except (Violation, AssertionError) as v:
+        except (Violation, MembersViolation, AssertionError) as v:
             if isinstance(v, AssertionError):
                 # An assertion guards a core's own invariant: a broken one is a bug like any other.
                 where = traceback.extract_tb(v.__traceback__)[-1]
@@ -282,10 +329,22 @@ class Sim:
         self.result.acks = sum(len(a) for a in self.checker.acks.values())
         self.result.retention_duplicates = self.checker.retention_duplicates
         self.result.reads = sum(len(r) for r in self.checker.reads.values())
+        if self.members is not None:
+            self.trace.update(self.members.trace.digest())
         self.result.trace_hash = self.trace.hexdigest()
         return self.result
 
     def one_step(self) -> None:
+        layer = self.members
+        if layer is not None:
+            due = layer.next_due_ms()
+            if due is not None and due < self.heap[0][0]:
+                # The failure detector's event comes first: it is not one of our steps.
+                self.now = max(self.now, due)
+                for name in sorted(layer.step()):
+                    self.members_checker.check_observer(name)
+                return
+            layer.now = max(layer.now, self.heap[0][0])
         time_ms, _seq, kind, args = heapq.heappop(self.heap)
         self.now = time_ms
         self.step_no += 1
@@ -304,6 +363,8 @@ class Sim:
         for p in sorted(node.replica_sets):
             self.open_replica(node, p)
         self.net.rejoin(node.name, self.now)
+        if self.members is not None:
+            self.members.start(node.name, self.now)  # a new process: a new incarnation
         self.apply_targets(node)
 
     def open_replica(self, node: SimNode, p: int) -> None:
@@ -573,11 +634,15 @@ class Sim:
             kept = node.disk.crash(self.rng, power_loss=self.settings.durability == "fsync")
             node.alive = False
             node.replicas.clear()
+            if self.members is not None:
+                self.members.crash(name, self.now)
             self.result.crashes += 1
             self.log(f"crash {name} (kept {kept} unsynced batches)")
             self.at(self.now + duration, "restart", name)
         elif kind == "pause" and node.alive and not node.paused:
             node.paused = True
+            if self.members is not None:
+                self.members.pause(name, self.now)
             self.result.pauses += 1
             self.log(f"pause {name} for {duration} ms")
             self.at(self.now + duration, "resume", name, node.incarnation)
@@ -665,6 +730,8 @@ class Sim:
     def resume(self, node: SimNode) -> None:
         self.log(f"resume {node.name}")
         node.paused = False
+        if self.members is not None:
+            self.members.resume(node.name, self.now)
         for p in sorted(node.replicas):
             if p in node.replicas:
                 node.timer_at[p] = -1
@@ -698,6 +765,42 @@ class Sim:
                 self.result.retained += 1
                 self.drain(node, p)
         self.at(self.now + self.retention_rng.randint(10, self.settings.retention_interval_ms_max), "retain")
+
+    def _on_member_change(self, now_ms: int, observer: str, change) -> None:
+        if change.state is State.DEAD and self.nodes[change.node].alive:
+            self.result.false_deaths += 1
+            self.log(f"{observer} holds {change.node} dead (its process runs)")
+
+    def ev_operate(self) -> None:
+        """The operator: read one running node's membership view; move every partition with a
+        node it calls DEAD onto nodes it calls ALIVE (itself included), if there are enough."""
+        if self.phase != "safety":
+            return
+        rng = self.members_rng
+        running = [n for n in sorted(self.nodes) if self.nodes[n].alive and not self.nodes[n].paused]
+        if running:
+            observer = rng.choice(running)
+            view = self.members.view(observer)
+            dead = {n for n, v in view.items() if v.state is State.DEAD}
+            alive = sorted({observer} | {n for n, v in view.items() if v.state is State.ALIVE})
+            changed = False
+            for p in sorted(self.targets):
+                current = self.targets[p]
+                gone = [n for n in current if n in dead]
+                spare = [n for n in alive if n not in current]
+                if not gone or len(spare) < len(gone):
+                    continue  # nothing to do, or nowhere to go (a majority may still serve)
+                new = tuple(sorted([n for n in current if n not in dead] + rng.sample(spare, len(gone))))
+                self.log(f"operator ({observer}'s view: dead {sorted(dead)}) moves p{p}: {list(current)} -> {list(new)}")
+                self.targets[p] = new
+                self.moving.add(p)
+                self.result.operator_moves += 1
+                self.result.operator_false_moves += any(self.nodes[n].alive for n in gone)
+                changed = True
+            if changed:
+                for name in sorted(self.nodes):
+                    self.apply_targets(self.nodes[name])
+        self.at(self.now + rng.randint(10, self.settings.operator_interval_ms_max), "operate")
 
     def ev_heal(self) -> None:
         if self.phase == "safety":
@@ -736,10 +839,27 @@ class Sim:
                         or r.high_watermark != lead.log_end or r.durable_end != lead.log_end
                         or r.committed_voters() != target or r.voters != target):
                     return False
+        return self.members_converged()
+
+    def members_converged(self) -> bool:
+        """Every node's membership view holds every other node ALIVE (all run in this phase)."""
+        layer = self.members
+        if layer is None:
+            return True
+        for o in sorted(self.nodes):
+            if layer.nodes[o].core is None:
+                return False
+            view = layer.view(o)
+            if any(n not in view or view[n].state is not State.ALIVE for n in self.nodes if n != o):
+                return False
         return True
 
     def convergence_report(self) -> str:
         parts = []
+        if self.members is not None:
+            for o in self.members.running():
+                rows = " ".join(f"{n}={v.state.value}" for n, v in sorted(self.members.view(o).items()))
+                parts.append(f"{o} view: {rows}")
         for p, target in self.targets.items():
             parts.append(f"p{p} target {list(target)}")
             for n in sorted(self.nodes):
