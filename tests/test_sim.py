@@ -110,6 +110,7 @@ def test_runs_draw_faults_and_do_work() -> None:
     assert sum(r.handoffs for r in results) > 30
     assert sum(r.retained for r in results) > 200
     assert sum(r.start_ats for r in results) > 30
+    assert sum(r.start_ats_moved for r in results) > 5   # `zq topic reassign` onto a node, with retention
     assert sum(r.settings.members for r in results) > 30
     assert sum(r.false_deaths for r in results) > 30
     assert sum(r.operator_moves for r in results) > 5

@@ -199,6 +199,7 @@ class Result:
     converged_ms: int = -1           # simulated time the liveness phase needed to converge
     retained: int = 0                # retention runs that deleted the front of a log
     start_ats: int = 0               # replicas that restarted their log at their leader's start
+    start_ats_moved: int = 0         # of those, replicas a reassignment created
     retention_duplicates: int = 0    # idempotent retries written again, the first copy deleted
     false_deaths: int = 0            # a view declared a node DEAD whose process was running
     operator_moves: int = 0          # targets the operator changed away from nodes a view called dead
@@ -432,6 +433,7 @@ class Sim:
                 if rd.reset_to is not None:
                     self.checker.before_reset(node.name, p, rd.reset_to)
                     self.result.start_ats += 1
+                    self.result.start_ats_moved += node.replica_sets[p] == ()
                     self.log(f"{node.name} p{p}: log restarts at {rd.reset_to} (StartAt)")
                 if rd.truncate_from is not None:
                     self.checker.before_truncate(node.name, p, rd.truncate_from, node.disk.volatile[p])
