@@ -81,11 +81,13 @@ class Background:
         assert not self.thread.is_alive()
 
 
-def _read_all(client: Client, topic: str, partition: int, want: int) -> list[tuple[str, int]]:
+def _read_all(client: Client, topic: str, partition: int, want: int, until: str | None = None) -> list[tuple[str, int]]:
+    """At least `want` messages from the earliest kept, and on to the one whose value is `until`."""
     consumer = client.consumer(topic, start="earliest", partitions=[partition])
     got: list[tuple[str, int]] = []
     deadline = time.monotonic() + 30
-    while len(got) < want and time.monotonic() < deadline:
+    while ((len(got) < want or (until is not None and all(v != until for v, _ in got)))
+           and time.monotonic() < deadline):
         got += [(m.value.decode(), m.offset) for m in consumer.poll(timeout=0.5)]
     consumer.close()
     return got
@@ -192,5 +194,48 @@ def test_a_node_moved_away_and_back_starts_empty_in_a_later_epoch_and_catches_up
         assert len(got) == len({v for v, _ in got})
     finally:
         for n in nodes:
+            if n.thread.is_alive():
+                n.stop()
+
+
+def test_a_new_replica_starts_at_the_leaders_log_start_when_retention_deleted_the_beginning(tmp_path):
+    """Retention deleted the first batches (by size here; time retention takes a leader's epoch
+    marker at once, as its append time is 0): the new replica cannot copy from offset 0, so its
+    leader tells it to start at the log start (StartAt) and it copies the rest; the partition then
+    serves from the new set."""
+    nodes = start_nodes(tmp_path, 3, retention_interval_ms=100)
+    n4 = None
+    try:
+        with _client(nodes) as client:
+            def created() -> bool:
+                try:
+                    client.create_topic("short", partitions=1, replication=3, retention_bytes=3_000)
+                    return True
+                except NotEnoughReplicas:
+                    return False
+            wait_until(created, 20, "three registered nodes")
+            producer = client.producer(acks="quorum")
+            for i in range(40):     # ~270 bytes a batch: most of them go
+                producer.send("short", f"old-{i}-".encode() + b"x" * 200, partition=0).result(20)
+            kept = [(f"new-{i}", producer.send("short", f"new-{i}".encode(), partition=0).result(20).offset)
+                    for i in range(5)]
+            wait_until(lambda: (_row(client, "short", 0)["log_start"] or 0) > 20, 10, "retention to delete old batches")
+            n4 = NodeThread(NodeConfig(name="n4", port=free_port_base(), data_dir=tmp_path / "n4",
+                                       seeds=tuple(n.address for n in nodes), voters=("n1", "n2", "n3"),
+                                       discovery=False, metrics=False, retention_interval_ms=100))
+            wait_until(lambda: any(n["name"] == "n4" and n["state"] == "alive" for n in client.status()["nodes"]),
+                       20, "n4 to join the cluster")
+            client.reassign_partition("short", 0, ["n4", "n2", "n3"])
+            wait_until(lambda: _moved(client, "short", 0, ["n4", "n2", "n3"]), MOVE_TIMEOUT_S, "the move to finish")
+            assert n4.node.counters["log_resets"] == 1
+            producer.close()
+        nodes[1].stop()   # n3 and n4 alone: n4 must hold what is kept
+        with Client(bootstrap=f"{nodes[2].address},{n4.address}") as survivor:
+            last = survivor.producer(acks="quorum").send("short", b"last", partition=0).result(30)
+            got = _read_all(survivor, "short", 0, len(kept) + 1, until="last")
+        assert set(kept) | {("last", last.offset)} <= set(got)
+        assert all(v.startswith(("old-", "new-", "last")) for v, _ in got)
+    finally:
+        for n in [*nodes, *([n4] if n4 else [])]:
             if n.thread.is_alive():
                 n.stop()

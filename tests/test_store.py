@@ -266,6 +266,27 @@ def test_truncate_everything_and_beyond_log_end(store):
     assert store.offset_for_time(TP, 0) is None
 
 
+@pytest.mark.parametrize("held", [[], [(0, 3, 10), (3, 2, 20)]])
+def test_reset_starts_a_partition_again_empty_at_an_offset(store, tmp_path, held):
+    """A replica behind its leader's log start (StartAt): whatever it held goes, the log starts
+    and ends at the offset, and the next batch appends there; the state survives a reopen."""
+    if held:
+        append(store, TP, held)
+    txn = store.begin()
+    txn.reset(TP, 40)
+    store.commit(txn, sync=True)
+    st = store.partition_state(TP)
+    assert (st.log_start, st.log_end, st.size_bytes) == (40, 40, 0)
+    assert store.read(TP, 0, 1 << 20) == [] and store.offset_for_time(TP, 0) is None
+    again = append(store, TP, [(40, 2, 50)])
+    assert store.read(TP, 0, 1 << 20) == again
+    path = store.path
+    store.close()
+    with Store(path) as reopened:
+        st = reopened.partition_state(TP)
+        assert (st.log_start, st.log_end) == (40, 42) and reopened.read(TP, 40, 1 << 20) == again
+
+
 def test_append_then_truncate_in_one_transaction(store):
     stored = append(store, TP, [(0, 3, 10)])
     txn = store.begin()

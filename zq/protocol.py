@@ -361,6 +361,7 @@ message(23)(_rt.Diverging)
 message(24)(_rt.RequestVote)
 message(25)(_rt.Vote)
 message(26)(_rt.TimeoutNow)
+message(27)(_rt.StartAt)
 
 # The membership core's messages (zq.core.membership: SWIM failure detection and gossip), node to node.
 from zq.core import membership as _mb  # noqa: E402

@@ -361,7 +361,8 @@ class Node:
                 hs = HardState(epoch=int(gone) + 1, join_epoch=int(gone) + 1)
         now = mono_ms()
         replica = Replica(self.name, replicas, R.StoreReader(self.store, tp), rng=self.rng, now_ms=now,
-                          config=self.config.replication, hard_state=hs, log_end=st.log_end if st else 0)
+                          config=self.config.replication, hard_state=hs, log_end=st.log_end if st else 0,
+                          log_start=st.log_start if st else None)
         replica.set_target(list(target if target is not None else replicas))
         if self.draining:
             replica.set_draining(True)
@@ -531,7 +532,8 @@ class Node:
             if rd.empty:
                 part.replica.advance()
                 continue
-            if rd.truncate_from is None and not rd.entries and not rd.must_sync and rd.hard_state is not None:
+            if (rd.truncate_from is None and rd.reset_to is None and not rd.entries and not rd.must_sync
+                    and rd.hard_state is not None):
                 # Only the high-watermark hint changed: it need not be on disk before anything is sent
                 # (a restarted replica just serves less until the leader tells it more), so it rides
                 # along with a later write instead of costing a write of its own now.
@@ -544,6 +546,11 @@ class Node:
 
     def _write_ready(self, part: _Part, rd) -> None:
         txn = self._begin()
+        if rd.reset_to is not None:
+            # Our log ended below the leader's log start: it starts again there, empty (StartAt).
+            txn.reset(part.tp, rd.reset_to)
+            part.log_start = rd.reset_to
+            self.counters["log_resets"] += 1
         if rd.truncate_from is not None:
             txn.truncate_from(part.tp, rd.truncate_from)
             self.counters["truncations"] += 1
@@ -1670,6 +1677,10 @@ class Node:
                     self._begin().delete_below(tp, new_start)
                     part.log_start = new_start
                     self.counters["retention_deletes"] += 1
+                    if part.replica is not None:
+                        # A follower asking for what is gone is told to start here (StartAt).
+                        part.replica.on_log_start(new_start)
+                        self.dirty.add(tp)
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
 
     def _refresh_metrics(self) -> None:

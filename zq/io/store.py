@@ -307,6 +307,17 @@ class WriteTxn:
         s.state = replace(st, log_start=new_log_start, size_bytes=st.cum_bytes_end - cum_before_keep,
                           first_append_time_ms=keep.index_time_ms)
 
+    def reset(self, tp: TopicPartition, offset: int) -> None:
+        """Empty the partition and make its log start and end `offset`: a replica whose log ends
+        below its leader's log start (retention deleted the rest) starts again there."""
+        self._check_open()
+        s = self._stage(tp)
+        st = s.state
+        self._delete_all(tp)
+        s.pending.clear(), s.pending_bases.clear()
+        cum = st.cum_bytes_end - st.size_bytes if st is not None else 0
+        s.state = PartitionState(offset, offset, 0, cum, None, None)
+
     def drop_partition(self, tp: TopicPartition) -> None:
         """Delete all data and state of a partition (its topic was deleted)."""
         self._check_open()
