@@ -77,7 +77,6 @@ from zq.sim.checks import Ack, Checker, Violation
 from zq.sim.disk import SimDisk
 from zq.sim.members import MembershipLayer, address_of
 from zq.sim.members_checks import MembersChecker
-from zq.sim.members_checks import Violation as MembersViolation
 from zq.sim.network import NetworkFaults, SimNetwork
 from zq.sim.workload import (
     BATCH_RECORDS_MAX, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX, ProduceRequest, ProduceResponse,
@@ -316,7 +315,7 @@ class Sim:
                 raise Violation("no convergence", self.convergence_report())
             for p, rs in self.targets.items():
                 self.checker.check_converged_logs(p, [(n, self.nodes[n].replicas[p]) for n in rs])
-        except (Violation, MembersViolation, AssertionError) as v:
+        except (Violation, AssertionError) as v:
             if isinstance(v, AssertionError):
                 # An assertion guards a core's own invariant: a broken one is a bug like any other.
                 where = traceback.extract_tb(v.__traceback__)[-1]

@@ -24,18 +24,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from zq.core.membership import MemberView, State
+from zq.sim.checks import Violation  # noqa: F401 (one kind of broken invariant for every simulator)
 
 if TYPE_CHECKING:
     from zq.sim.members import MembershipLayer
 
 _RANK = {State.ALIVE: 0, State.SUSPECT: 1, State.DEAD: 2, State.LEFT: 3}
-
-
-class Violation(Exception):
-    def __init__(self, invariant: str, detail: str) -> None:
-        super().__init__(f"{invariant}: {detail}")
-        self.invariant = invariant
-        self.detail = detail
 
 
 @dataclass(slots=True)
