@@ -102,6 +102,17 @@ def start_node(lan: Lan, i: int, topology: Path, log_dir: Path) -> subprocess.Po
                              "--service", SERVICE], stdout=log, stderr=subprocess.STDOUT)
 
 
+def form_cluster(lan: Lan, tmp_path: Path, cluster: str, discovery: str) -> list[subprocess.Popen]:
+    """n1..n3 on the LAN's first three hosts from one topology file, once all three are alive to n1."""
+    ip = lan.addresses
+    topology = write_topology(tmp_path / "lan.toml", cluster, [(f"n{i + 1}", ip[i]) for i in range(3)],
+                              discovery, tmp_path / "data")
+    procs = [start_node(lan, i, topology, tmp_path) for i in range(3)]
+    want = {"n1": "alive", "n2": "alive", "n3": "alive"}
+    assert reached(watch(lan, 0, f"{ip[0]}:{PORT}", want, FORM_TIMEOUT_S), want), logs(tmp_path)
+    return procs
+
+
 def watch(lan: Lan, host: int, boot: str, want: dict, timeout_s: float) -> list[dict]:
     """State changes seen by client.status() on `boot`, up to the first sample where `want` holds."""
     result = lan.run(host, [PY, "-c", WATCH, boot, str(timeout_s), json.dumps(want)], timeout_s=timeout_s + 30)
@@ -205,11 +216,7 @@ def test_seeds_alone_form_the_cluster_and_a_short_pause_is_not_a_death(root, tmp
 def test_a_killed_node_is_declared_dead_and_its_partitions_keep_serving(root, tmp_path):
     with Lan(hosts=3) as lan:
         ip = lan.addresses
-        topology = write_topology(tmp_path / "lan.toml", "lan-kill", [(f"n{i + 1}", ip[i]) for i in range(3)],
-                                  "off", tmp_path / "data")
-        procs = [start_node(lan, i, topology, tmp_path) for i in range(3)]
-        want = {"n1": "alive", "n2": "alive", "n3": "alive"}
-        assert reached(watch(lan, 0, f"{ip[0]}:{PORT}", want, FORM_TIMEOUT_S), want), logs(tmp_path)
+        procs = form_cluster(lan, tmp_path, "lan-kill", "off")
         boot = ",".join(f"{a}:{PORT}" for a in ip[:2])
         before = produce_and_read(lan, 0, boot, "orders", "before", 30, create=True)
         assert before["partitions"] == [0, 1, 2]
@@ -358,11 +365,7 @@ def test_a_fourth_node_started_later_joins_by_zeroconf_and_takes_a_reassigned_pa
     the partition still takes quorum writes from n3 and n4 and serves every acknowledged message once."""
     with Lan(hosts=4) as lan:
         ip = lan.addresses
-        topology = write_topology(tmp_path / "lan.toml", "lan-grow", [(f"n{i + 1}", ip[i]) for i in range(3)],
-                                  "zeroconf", tmp_path / "data")
-        procs = [start_node(lan, i, topology, tmp_path) for i in range(3)]
-        want = {"n1": "alive", "n2": "alive", "n3": "alive"}
-        assert reached(watch(lan, 0, f"{ip[0]}:{PORT}", want, FORM_TIMEOUT_S), want), logs(tmp_path)
+        procs = form_cluster(lan, tmp_path, "lan-grow", "zeroconf")
         boot = ",".join(f"{a}:{PORT}" for a in ip[:3])
         before = produce_and_read(lan, 0, boot, "orders", "before", 30, create=True)
         assert before["partitions"] == [0, 1, 2]

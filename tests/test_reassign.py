@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 from tests.nodeutil import NodeThread, free_port_base, start_nodes, wait_until
 from zq.client import Client
@@ -25,15 +26,28 @@ PRODUCE_S_MAX = 30.0         # and for at most this long
 MOVE_TIMEOUT_S = 30.0        # bound on a reassignment completing on an idle 2-core machine
 
 
+@contextmanager
+def _cluster(tmp_path, n: int = 3, **overrides):
+    """n in-process nodes; whichever are still running at the end are stopped."""
+    nodes = start_nodes(tmp_path, n, **overrides)
+    extra: list[NodeThread] = []
+    try:
+        yield nodes, extra
+    finally:
+        for node in [*nodes, *extra]:
+            if node.thread.is_alive():
+                node.stop()
+
+
 def _client(nodes) -> Client:
     return Client(bootstrap=",".join(n.address for n in nodes))
 
 
-def _create(client: Client, topic: str, partitions: int) -> None:
+def _create(client: Client, topic: str, partitions: int, **config) -> None:
     """Create once all three nodes have registered (they do within a second of starting)."""
     def created() -> bool:
         try:
-            client.create_topic(topic, partitions=partitions, replication=3)
+            client.create_topic(topic, partitions=partitions, replication=3, **config)
             return True
         except NotEnoughReplicas:
             return False
@@ -93,22 +107,21 @@ def _read_all(client: Client, topic: str, partition: int, want: int, until: str 
     return got
 
 
-def _start_fourth(tmp_path, nodes) -> NodeThread:
+def _start_fourth(tmp_path, nodes, **overrides) -> NodeThread:
     base = free_port_base()
     cfg = NodeConfig(name="n4", port=base, data_dir=tmp_path / "n4", seeds=tuple(n.address for n in nodes),
-                     voters=("n1", "n2", "n3"), discovery=False, metrics=False)
+                     voters=("n1", "n2", "n3"), discovery=False, metrics=False, **overrides)
     return NodeThread(cfg)
 
 
 def test_a_fourth_node_takes_a_reassigned_partition_under_load_with_nothing_lost(tmp_path):
-    nodes = start_nodes(tmp_path, 3)
-    n4 = None
-    try:
+    with _cluster(tmp_path, 3) as (nodes, extra):
         with _client(nodes) as client:
             _create(client, "orders", 2)
             load = Background(client, "orders", 0, "m")
             wait_until(lambda: len(load.acked) >= 100, 20, "the producer to get going")
             n4 = _start_fourth(tmp_path, nodes)
+            extra.append(n4)
             wait_until(lambda: any(n["name"] == "n4" and n["state"] == "alive" for n in client.status()["nodes"]),
                        20, "n4 to join the cluster")
             target = ["n4", "n2", "n3"]      # n1 leaves, n4 joins
@@ -135,15 +148,10 @@ def test_a_fourth_node_takes_a_reassigned_partition_under_load_with_nothing_lost
         assert len(values) == len(set(values)), "every message once"
         assert set(load.acked) <= set(got), "every acknowledged message, at its offset"
         assert ("after-n2", last.offset) in got
-    finally:
-        for n in [*nodes, *([n4] if n4 else [])]:
-            if n.thread.is_alive():
-                n.stop()
 
 
 def test_drain_hands_leadership_away_then_the_node_leaves(tmp_path):
-    nodes = start_nodes(tmp_path, 3)
-    try:
+    with _cluster(tmp_path, 3) as (nodes, extra):
         with _client(nodes) as client:
             _create(client, "jobs", 6)
             wait_until(lambda: all(r["leader"] for r in client.status()["partitions"]), 20, "leaders everywhere")
@@ -163,15 +171,10 @@ def test_drain_hands_leadership_away_then_the_node_leaves(tmp_path):
             assert states[name] in ("left", "dead", "suspect"), states
             meta = client.producer(acks="quorum").send("jobs", b"still here", partition=0).result(20)
             assert meta.offset >= 0
-    finally:
-        for n in nodes:
-            if n.thread.is_alive():
-                n.stop()
 
 
 def test_a_node_moved_away_and_back_starts_empty_in_a_later_epoch_and_catches_up(tmp_path):
-    nodes = start_nodes(tmp_path, 3)
-    try:
+    with _cluster(tmp_path, 3) as (nodes, extra):
         with _client(nodes) as client:
             _create(client, "back", 1)
             producer = client.producer(acks="quorum", idempotent=True)
@@ -192,10 +195,6 @@ def test_a_node_moved_away_and_back_starts_empty_in_a_later_epoch_and_catches_up
             got = _read_all(survivor, "back", 0, 101)
         assert set(first + second + [("c", last.offset)]) <= set(got)
         assert len(got) == len({v for v, _ in got})
-    finally:
-        for n in nodes:
-            if n.thread.is_alive():
-                n.stop()
 
 
 def test_a_new_replica_starts_at_the_leaders_log_start_when_retention_deleted_the_beginning(tmp_path):
@@ -203,26 +202,17 @@ def test_a_new_replica_starts_at_the_leaders_log_start_when_retention_deleted_th
     marker at once, as its append time is 0): the new replica cannot copy from offset 0, so its
     leader tells it to start at the log start (StartAt) and it copies the rest; the partition then
     serves from the new set."""
-    nodes = start_nodes(tmp_path, 3, retention_interval_ms=100)
-    n4 = None
-    try:
+    with _cluster(tmp_path, 3, retention_interval_ms=100) as (nodes, extra):
         with _client(nodes) as client:
-            def created() -> bool:
-                try:
-                    client.create_topic("short", partitions=1, replication=3, retention_bytes=3_000)
-                    return True
-                except NotEnoughReplicas:
-                    return False
-            wait_until(created, 20, "three registered nodes")
+            _create(client, "short", 1, retention_bytes=3_000)
             producer = client.producer(acks="quorum")
             for i in range(40):     # ~270 bytes a batch: most of them go
                 producer.send("short", f"old-{i}-".encode() + b"x" * 200, partition=0).result(20)
             kept = [(f"new-{i}", producer.send("short", f"new-{i}".encode(), partition=0).result(20).offset)
                     for i in range(5)]
             wait_until(lambda: (_row(client, "short", 0)["log_start"] or 0) > 20, 10, "retention to delete old batches")
-            n4 = NodeThread(NodeConfig(name="n4", port=free_port_base(), data_dir=tmp_path / "n4",
-                                       seeds=tuple(n.address for n in nodes), voters=("n1", "n2", "n3"),
-                                       discovery=False, metrics=False, retention_interval_ms=100))
+            n4 = _start_fourth(tmp_path, nodes, retention_interval_ms=100)
+            extra.append(n4)
             wait_until(lambda: any(n["name"] == "n4" and n["state"] == "alive" for n in client.status()["nodes"]),
                        20, "n4 to join the cluster")
             client.reassign_partition("short", 0, ["n4", "n2", "n3"])
@@ -235,7 +225,3 @@ def test_a_new_replica_starts_at_the_leaders_log_start_when_retention_deleted_th
             got = _read_all(survivor, "short", 0, len(kept) + 1, until="last")
         assert set(kept) | {("last", last.offset)} <= set(got)
         assert all(v.startswith(("old-", "new-", "last")) for v, _ in got)
-    finally:
-        for n in [*nodes, *([n4] if n4 else [])]:
-            if n.thread.is_alive():
-                n.stop()
