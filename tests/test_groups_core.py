@@ -434,3 +434,29 @@ def test_a_merge_or_a_load_closes_the_gate_until_a_majority_holds_the_copy():
     lone = PartitionLead.fresh(0)                         # one replica: its own disk is a majority
     _failed_once(lone)
     assert lone.note_held("n1", lone.version, ["n1"]) and [d.attempt for d in lone.grant([0], "a", 100, 20)] == [2]
+
+
+def test_the_sweep_skips_the_offsets_until_a_lease_may_have_run_out_and_still_sees_every_expiry():
+    lead = PartitionLead.fresh(0)
+    lead.grant([0], "a", 10_000, 0)
+    assert lead.sweep(100, None, ("orders", 0), POLICY, lambda: 0.5).expired == 0
+    assert lead.expire_due_ms == 10_000
+    lead.grant([1], "a", 100, 200)                     # a shorter lease after a longer one
+    assert lead.expire_due_ms == 300
+    out = lead.sweep(400, None, ("orders", 0), POLICY, lambda: 0.5)
+    assert out.expired == 1 and lead.state.offsets[1].failures == 1 and lead.state.offsets[0].failures == 0
+    lead.merge_from(DeliveryState(0, 0), 0)            # a merge may bring leases: look again
+    assert lead.expire_due_ms == 0
+
+
+def test_departed_leases_fail_after_every_membership_change_even_though_the_sweep_skips_unchanged_views():
+    g = _settled("a", "b")
+    tp = ("orders", 0)
+    owner = next(m for m in ("a", "b") if tp in g.assignment_of(m))
+    lead = PartitionLead.fresh(0)
+    lead.grant([0, 1], owner, 60_000, 0)
+    for t in range(1, 25):                             # a settled, unchanged view: nothing fails
+        assert lead.sweep(t * 100, g, tp, POLICY, lambda: 0.5).departed == 0
+    g.on_leave(owner, 2_500)
+    g.maybe_rebalance(PARTS)
+    assert lead.sweep(2_600, g, tp, POLICY, lambda: 0.5).departed == 2

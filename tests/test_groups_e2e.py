@@ -108,8 +108,14 @@ KILLED_MEMBER = textwrap.dedent("""
     print("joined", consumer.assignment(), flush=True)
     while True:
         for msg in consumer.poll(0.5):
-            print("got", msg.value.decode(), flush=True)   # never acked: the leases stay out until SIGKILL
+            print("got", msg.value.decode(), msg.partition, flush=True)   # never acked: leases stay out until SIGKILL
 """)
+
+
+def _leaders(boot: str, topic: str, partitions: int) -> list[str | None]:
+    with zq.Client(bootstrap=boot) as client:
+        meta = client.refresh_metadata()
+        return [meta.leaders.get((topic, p)) for p in range(partitions)]
 
 
 def test_a_member_killed_with_sigkill_loses_its_partitions_within_the_session_timeout(boot):
@@ -120,9 +126,11 @@ def test_a_member_killed_with_sigkill_loses_its_partitions_within_the_session_ti
     try:
         line = proc.stdout.readline().decode()
         assert line.startswith("joined"), line + proc.stderr.read().decode()
-        held_by_victim = []
+        leaders_before = _leaders(boot, "crash", 2)
+        held_by_victim: dict[bytes, int] = {}   # value -> partition
         while len(held_by_victim) < 20:
-            held_by_victim.append(proc.stdout.readline().decode().split()[1].encode())
+            _, value, partition = proc.stdout.readline().decode().split()
+            held_by_victim[value.encode()] = int(partition)
         survivor = Member(boot, "crash", "crashers")
         try:
             wait_until(lambda: len(survivor.consumer.assignment()) == 1, 10, "a rebalance to two members")
@@ -133,8 +141,14 @@ def test_a_member_killed_with_sigkill_loses_its_partitions_within_the_session_ti
             moved_s = time.monotonic() - killed_at
             assert moved_s < 1.5 + 1.5, f"partitions moved {moved_s:.1f} s after the kill"
             wait_until(lambda: {v for v, _ in survivor.seen} >= values, 20, "every message, redelivered")
-            again = {v: a for v, a in survivor.seen if v in set(held_by_victim)}
-            assert again and all(a >= 2 for a in again.values()), "the victim's leases come back as attempt 2"
+            again = {v: a for v, a in survivor.seen if v in held_by_victim}
+            assert set(again) == set(held_by_victim), "every lease of the victim comes back"
+            # As attempt 2, unless its partition changed leader meanwhile: a new leader that had
+            # not heard of a plain lease (gossip leaves them out: docs/groups.md) delivers it
+            # again as attempt 1, which is no lower than what a consumer saw (docs/groups.md).
+            moved = {p for p, (a, b) in enumerate(zip(leaders_before, _leaders(boot, "crash", 2))) if a != b}
+            assert all(a >= 2 for v, a in again.items() if held_by_victim[v] not in moved), (
+                "the victim's leases come back as attempt 2", again, moved)
         finally:
             survivor.close()
     finally:

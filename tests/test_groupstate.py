@@ -330,3 +330,14 @@ def test_reset_to_a_given_epoch():
     assert s.reset_epoch == 1_001
     with pytest.raises(AssertionError):
         s.reset(0, epoch=1_001)                           # an epoch never goes back, nor repeats
+
+
+@given(states())
+def test_the_gossip_view_is_below_the_state_and_keeps_every_attempt_above_one_failure_ack_and_dead_letter(a):
+    view = DeliveryState.from_dict(cbor2.loads(cbor2.dumps(a.gossip_dict())), offsets_tracked_max=WINDOW)
+    assert merge(a, view) == a, "the view is a lower state: merging it into the state changes nothing"
+    for o, e in a.offsets.items():
+        kept = o in view.offsets
+        assert kept == bool(e.attempts > 1 or e.failures or e.acked or e.dead_letter), (o, e)
+        if kept:
+            assert view.offsets[o] == e

@@ -415,6 +415,20 @@ class DeliveryState:
         return {"epoch": self.reset_epoch, "committed": self.committed,
                 "offsets": [[o, _entry_to_dict(e)] for o, e in sorted(self.offsets.items())]}
 
+    def gossip_dict(self) -> dict[str, Any]:
+        """`to_dict` without the entries that say only "first delivery in progress" (attempt 1, no
+        failure, not acked): the bulk of a busy partition's state (up to a consumer's
+        `max_in_flight`), and what a replica needs least. A replica that lacks such an entry and
+        comes to lead delivers that offset again as attempt 1: a redelivery with the same number,
+        which a leader change may cost anyway. Every entry that carries an attempt number above 1,
+        a failure, an ack out of order or a dead-letter stage is kept, so the quorum-for-retries
+        argument (grouplead.py) holds on the gossiped view. Dropping entries is a lower state, so
+        this is still a state of the lattice that the full one is above."""
+        kept = sorted((o, e) for o, e in self.offsets.items()
+                      if e.attempts > 1 or e.failures or e.acked or e.dead_letter)
+        return {"epoch": self.reset_epoch, "committed": self.committed,
+                "offsets": [[o, _entry_to_dict(e)] for o, e in kept]}
+
     @classmethod
     def from_dict(cls, d: Any, offsets_tracked_max: int | None = None) -> DeliveryState:
         """The state from `to_dict` output, as stored or gossiped. Raises ProtocolError."""

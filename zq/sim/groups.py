@@ -481,7 +481,7 @@ class GroupSim:
                         self.send(node.name, peer, "state_pull", node.name, p, term)
 
     def on_state_pull(self, node: Node, leader: str, p: int, term: int) -> None:
-        items = [(key, held.state.to_dict(), held.dead_lettered) for key, held in sorted(node.held.items())
+        items = [(key, held.state.gossip_dict(), held.dead_lettered) for key, held in sorted(node.held.items())
                  if key[1] == p]
         self.send(node.name, leader, "state_pulled", node.name, p, term, items)
 
@@ -600,6 +600,7 @@ class GroupSim:
                 self.sweep(node)   # a member may have left: its leases fail now
 
     def gossip_states(self, node: Node, keys: Any) -> None:
+        """As the service: `gossip_dict`, without plain first-delivery leases."""
         items = []
         want_ack = False
         for key in sorted(keys):
@@ -610,7 +611,7 @@ class GroupSim:
             if held.changed or wants:
                 held.changed = False
                 want_ack |= wants
-                items.append((key, held.state.to_dict(), held.dead_lettered, held.version))
+                items.append((key, held.state.gossip_dict(), held.dead_lettered, held.version))
         if items:
             boot = (node.name, node.incarnation) if want_ack else None
             for peer in NODES:
