@@ -222,6 +222,7 @@ class GroupService:
 
     def close(self) -> None:
         self.parked.clear()
+        self._persist()   # states changed since the last timed write go into the node's final commit
 
     def on_high_watermark(self, topic: str, partition: int, high_watermark: int) -> None:
         """New data is visible: leases waiting for it are answered in this pass, not the next."""

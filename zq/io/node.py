@@ -1714,12 +1714,15 @@ class Node:
         self._at(mono_ms() + DISK_CHECK_INTERVAL_MS, self._check_disk)
 
     def close(self) -> None:
-        if self.lazy_hard_states:
-            self._begin()
-            self._commit()
         self.stopping = True
         for service in self.services:
-            service.close()
+            try:
+                service.close()     # may write its last state into the pass's transaction
+            except Exception:
+                log.exception("service %s failed to close", type(service).__name__)
+        if self.lazy_hard_states or self.txn is not None:
+            self._begin()
+            self._commit()
         for peer in self.peers.values():
             peer.close()
         self.router.close(0)
