@@ -81,6 +81,7 @@ TP = tuple[str, int]
 lease_ms_min, lease_ms_max = 100, 12 * 3_600_000
 reason_chars_max = 1_000          # a nack's reason is cut to this
 dead_letter_writes_max = 4        # dead-letter copies in flight per partition
+moved_retry_delay_ms = 0          # a lease failed because its partition moved is delivered again this soon
 
 FENCED, REBALANCING = "fenced", "rebalance_in_progress"
 _NEVER = 1 << 62                  # a time after every deadline
@@ -445,18 +446,25 @@ class PartitionLead:
         self.departed_seen = seen
         st = self.state
         n_failed = retries = dead = 0
-        why_of: dict[str, str | None] = {}   # owner -> why its leases fail (None: they stand)
+        # owner -> why its leases fail (None: they stand) and the retry delay (None: the topic's backoff)
+        why_of: dict[str, tuple[str | None, int | None]] = {}
         for o, e in list(st.offsets.items()):
             if e.in_progress and e.lease is not None and not e.done:
                 owner = e.lease.owner
                 if owner not in why_of:
                     r = m.records.get(owner)
-                    why_of[owner] = None if r is None else "left the group" if r.left else (
-                        None if tp in m.assignment_of(owner) else "lost the partition in a rebalance")
-                why = why_of[owner]
+                    # A partition that moved is no failure of the message: the new owner gets it
+                    # now, not after the topic's backoff (measured: with the backoff, a group of
+                    # three stalled for a second or more per partition, its tracked window full
+                    # behind the leases the first member took before the others joined). A member
+                    # that left may have crashed on the message: that one keeps the backoff.
+                    why_of[owner] = (None, None) if r is None else ("left the group", None) if r.left else (
+                        (None, None) if tp in m.assignment_of(owner)
+                        else ("lost the partition in a rebalance", moved_retry_delay_ms))
+                why, delay_ms = why_of[owner]
                 if why is not None:
                     effect = st.nack(o, reason=f"member {e.lease.owner} {why}", now_ms=now_ms,
-                                     policy=policy, rnd=rnd(), attempt=e.attempts)
+                                     policy=policy, rnd=rnd(), attempt=e.attempts, delay_ms=delay_ms)
                     if effect is not None:
                         n_failed += 1
                         a, b = self._count(effect, failed)

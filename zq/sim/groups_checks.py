@@ -35,15 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zq.core.groupstate import DeliveryState
+from zq.sim.checks import Violation
 
 Key = tuple[str, int, int, int]   # (group, partition, reset_epoch, offset)
-
-
-class Violation(Exception):
-    def __init__(self, invariant: str, detail: str) -> None:
-        super().__init__(f"{invariant}: {detail}")
-        self.invariant = invariant
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
