@@ -115,7 +115,7 @@ def test_a_late_ack_of_a_dead_letter_is_caught(monkeypatch: pytest.MonkeyPatch) 
         self.offsets[offset] = e._replace(acked=True)
         return True
 
-    assert run_seed(43).ok
+    assert run_seed(36).ok
     monkeypatch.setattr(groupstate.DeliveryState, "ack", ack_even_when_due)
-    r = run_seed(43)
+    r = run_seed(36)
     assert not r.ok and r.invariant == "exactly one of acknowledged or dead-lettered", (r.invariant, r.detail)
