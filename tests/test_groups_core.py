@@ -460,3 +460,28 @@ def test_departed_leases_fail_after_every_membership_change_even_though_the_swee
     g.on_leave(owner, 2_500)
     g.maybe_rebalance(PARTS)
     assert lead.sweep(2_600, g, tp, POLICY, lambda: 0.5).departed == 2
+
+
+def test_a_lease_failed_because_its_partition_moved_comes_back_at_once_one_of_a_member_that_left_after_backoff():
+    slow = RetryPolicy(max_deliveries=5, backoff=BackoffPolicy(initial_ms=1_000, max_ms=1_000, jitter=0.0))
+    g = _settled("a")
+    lead = PartitionLead.fresh(0)
+    lead.grant([0, 1], "a", 60_000, 0)
+    join(g, "b", now_ms=10)
+    join(g, "c", now_ms=10)
+    g.maybe_rebalance(PARTS)
+    moved = [t for t in PARTS if t not in g.assignment_of("a")]
+    assert moved, "three members: partitions left a"
+    tp = moved[0]
+    out = lead.sweep(20, g, tp, slow, lambda: 0.5)
+    assert out.departed == 2 and out.retries == 2
+    assert [lead.state.offsets[o].next_visible_ms for o in (0, 1)] == [20, 20]   # no backoff: nothing failed
+    assert lead.state.offsets[0].error.endswith("lost the partition in a rebalance")
+
+    g2 = _settled("a")
+    lead2 = PartitionLead.fresh(0)
+    lead2.grant([0], "a", 60_000, 0)
+    g2.on_leave("a", 5)
+    g2.maybe_rebalance(PARTS)
+    assert lead2.sweep(20, g2, ("orders", 0), slow, lambda: 0.5).departed == 1
+    assert lead2.state.offsets[0].next_visible_ms == 20 + 1_000   # it may have crashed on the message
