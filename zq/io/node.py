@@ -74,6 +74,7 @@ PEER_REQUEST_TIMEOUT_MS = 3_000   # a peer request with no answer by then is giv
 STATUS_WAIT_MS = 400              # how long `zq status` waits for the other nodes' local views
 NODE_HEARTBEAT_MS = 250           # how often a node tells each peer it is alive and what it leads
 NODE_ALIVE_MS = 3_000             # a node heard from within this long counts as alive
+IN_SYNC_LAG_MS = 1_000            # a replica lacking only batches younger than this is in sync
 NODE_DEAD_MS = 10_000             # ... and as dead after this long
 FOUND_WAIT_MS = 3_000             # a node with no voters and no answer by then may found the cluster
 RETENTION_INTERVAL_MS = 5_000     # how often retention runs
@@ -1258,8 +1259,11 @@ class Node:
             if r is None or r.role != LEADER:
                 continue
             progress = r.replica_progress()
+            # In sync (as Kafka's ISR): heard lately, and holding everything but what is younger than
+            # IN_SYNC_LAG_MS; an exact "holds the high watermark" flickers under a steady load.
             in_sync = sorted(name for name, (end, heard_ms) in progress.items()
-                             if name == self.name or (end >= r.high_watermark and now - heard_ms <= NODE_ALIVE_MS))
+                             if name == self.name or (name in r.voters and now - heard_ms <= NODE_ALIVE_MS and (
+                                 end >= r.high_watermark or self._missing_for_ms(tp, end) <= IN_SYNC_LAG_MS)))
             slowest = min((end for end, _ in progress.values()), default=r.log_end)
             out.append({"topic": part.name, "partition": tp.partition, "leader": self.name, "epoch": r.epoch,
                         "replicas": list(r.voters), "learners": list(r.learners), "in_sync": in_sync,
@@ -1268,6 +1272,19 @@ class Node:
                         "replication_lag": r.log_end - slowest,
                         "replication_lag_ms": self._lag_ms(tp, slowest, r.log_end)})
         return out
+
+    def _missing_for_ms(self, tp: TopicPartition, end: int) -> int:
+        """How long ago the first produced batch from `end` on was appended: how long a replica
+        that holds the log up to `end` has lacked data. Control batches (markers, configurations,
+        append time 0) do not count; nothing after `end` on this disk yet is 0."""
+        try:
+            for value in self.store.read(tp, end, 64 * 1024):
+                append_ms = zbatch.unpack_header(value).append_time_ms
+                if append_ms:
+                    return max(0, now_ms() - append_ms)
+        except ZqError:
+            pass
+        return 0
 
     def _lag_ms(self, tp: TopicPartition, slowest_end: int, log_end: int) -> int:
         """How old the oldest batch is that some replica does not hold yet (0 when all hold all)."""
