@@ -92,6 +92,7 @@ ACK_RETRY_MS_MAX = 8_000     # an Ack refused for a passing reason is sent again
 RETRY_BACKOFF_MS = 100
 RETRY_BACKOFF_MS_MAX = 500
 EMPTY_LEASE_BACKOFF_MS = 20
+LEASE_ASK_MAX = 2_500         # messages one lease asks for (the client's lease_messages_max)
 REQUEST_TIMEOUT_MS = 1_000
 MAX_WAIT_MS = 200
 # The run.
@@ -1069,8 +1070,8 @@ class GroupSim:
     def lease_size(self, m: Member) -> int:
         room = self.s.max_in_flight - m.in_flight
         share = max(1, self.s.max_in_flight // max(1, len(m.assigned)))
-        lease_min = max(1, min(share, 1_000) // 4)
-        n = min(room, 1_000, share)
+        lease_min = max(1, min(share, LEASE_ASK_MAX) // 4)
+        n = min(room, LEASE_ASK_MAX, share)
         if n < lease_min and (m.arrived or m.ready):
             return 0
         return n
