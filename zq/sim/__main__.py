@@ -7,11 +7,11 @@ By default a seed draws its cluster size (3, 4 or 5 nodes); --nodes 4 or 5 fixes
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from zq.sim import replay_command
+from zq.sim.cli import seed_parser
 from zq.sim.cluster import Result, Sim
 
 PROGRESS_EVERY = 100
@@ -68,15 +68,10 @@ def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zq.sim", description="deterministic cluster simulator")
-    group = ap.add_mutually_exclusive_group(required=True)
-    group.add_argument("--seed", type=int, help="replay one seed")
-    group.add_argument("--seeds", type=int, help="run this many seeds")
-    ap.add_argument("--start", type=int, default=0, help="first seed with --seeds")
+    ap = seed_parser("python -m zq.sim", "deterministic cluster simulator")
     ap.add_argument("--nodes", type=int, default=3, choices=[3, 4, 5],
                     help="3 (default): each seed draws 3, 4 or 5 nodes; 4 or 5: that many")
     ap.add_argument("--steps", type=int, default=400, help="events in the safety phase")
-    ap.add_argument("-v", "--verbose", action="store_true", help="print roles, faults and phases")
     args = ap.parse_args(argv)
     if args.seed is not None:
         return run_one(args.seed, args.nodes, args.steps, args.verbose)

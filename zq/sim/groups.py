@@ -1302,16 +1302,12 @@ def _report_failure(r: Result, steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import sys
     import time
-    ap = argparse.ArgumentParser(prog="python -m zq.sim.groups", description="deterministic consumer-groups simulator")
-    one = ap.add_mutually_exclusive_group(required=True)
-    one.add_argument("--seed", type=int, help="replay one seed")
-    one.add_argument("--seeds", type=int, help="run this many seeds")
-    ap.add_argument("--start", type=int, default=0, help="first seed with --seeds")
+
+    from zq.sim.cli import seed_parser
+    ap = seed_parser("python -m zq.sim.groups", "deterministic consumer-groups simulator")
     ap.add_argument("--steps", type=int, default=1_500, help="events in the safety phase")
-    ap.add_argument("-v", "--verbose", action="store_true", help="print faults and phases")
     args = ap.parse_args(argv)
     if args.seed is not None:
         sim = GroupSim(args.seed, steps=args.steps, verbose=args.verbose)

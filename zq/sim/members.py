@@ -61,7 +61,6 @@ the layer's events in its own loop with `step()`), so both heaps advance on one 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import heapq
 import random
@@ -925,13 +924,9 @@ def run_many(count: int, start: int, nodes: int | None, verbose: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zq.sim.members", description="membership simulator")
-    group = ap.add_mutually_exclusive_group(required=True)
-    group.add_argument("--seed", type=int, help="replay one seed")
-    group.add_argument("--seeds", type=int, help="run this many seeds")
-    ap.add_argument("--start", type=int, default=0, help="first seed with --seeds")
+    from zq.sim.cli import seed_parser
+    ap = seed_parser("python -m zq.sim.members", "membership simulator")
     ap.add_argument("--nodes", type=int, choices=range(3, 8), help="cluster size (default: drawn, 3..7)")
-    ap.add_argument("-v", "--verbose", action="store_true", help="print faults and phases")
     args = ap.parse_args(argv)
     if args.seed is not None:
         return run_one(args.seed, args.nodes, args.verbose)
