@@ -85,6 +85,7 @@ PENDING_ADMIN_MAX = 1_000         # creates/deletes waiting for every node to ap
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
 READY_ROUNDS_MAX = 4              # write-then-send rounds per loop pass (acks after durability need one more)
 PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands this soon after creation
+REQUESTS_BUDGET_MS = 100          # client requests handled per loop pass, in time (see Node.run)
 SLOW_PASS_MS = 250                # a loop pass longer than this is logged: it delays heartbeats
 PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB drops them (followers fetch the gap)
 
@@ -416,13 +417,18 @@ class Node:
                     polled_peers.add(name)
             ready = dict(poller.poll(self._poll_timeout_ms()))
             pass_start = time.monotonic()
-            if self.router in ready:
-                self._drain(self.router, self._on_router_frames)
+            # Replication and peers' answers first: they are cheap and an election waits on them.
+            # Client requests then, within a time budget: a backlog of leases and acks (each a few
+            # ms of work) must not keep this pass from writing, replicating and heartbeating; what
+            # is left waits in the socket for the next pass.
             if self.sub in ready:
                 self._drain(self.sub, self._on_sub_frames)
             for peer in list(self.peers.values()):
                 if peer.sock in ready:
                     self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames))
+            if self.router in ready:
+                self._drain(self.router, self._on_router_frames, pass_start + REQUESTS_BUDGET_MS / 1000)
+            drained_at = time.monotonic()
             try:
                 self._tick_replicas()
                 for service in self.services:
@@ -431,7 +437,9 @@ class Node:
                     except Exception:
                         self.counters["internal_errors"] += 1
                         log.exception("service %s failed in tick", type(service).__name__)
+                ticked_at = time.monotonic()
                 self._finish_pass()
+                finished_at = time.monotonic()
                 self._run_timers()
             except Exception:
                 # A bug of ours between the cores and the disk: going on could acknowledge what is not
@@ -442,15 +450,22 @@ class Node:
             pass_ms = (time.monotonic() - pass_start) * 1000
             if pass_ms > SLOW_PASS_MS:
                 self.counters["slow_passes"] += 1
-                log.warning("a loop pass took %.0f ms (over %d ms starves heartbeats)", pass_ms, SLOW_PASS_MS)
+                end = time.monotonic()
+                log.warning("a loop pass took %.0f ms (over %d ms starves heartbeats): requests %.0f ms, "
+                            "ticks %.0f ms, write and send %.0f ms, timers %.0f ms", pass_ms, SLOW_PASS_MS,
+                            (drained_at - pass_start) * 1000, (ticked_at - drained_at) * 1000,
+                            (finished_at - ticked_at) * 1000, (end - finished_at) * 1000)
         self.close()
 
     def _poll_timeout_ms(self) -> int:
         due = self.timers[0][0] if self.timers else mono_ms() + 100
         return max(0, min(100, due - mono_ms()))
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list], None]) -> None:
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list], None], until: float | None = None) -> None:
         for _ in range(self.limits.inbox_drain_max):
+            if until is not None and time.monotonic() >= until:
+                self.counters["requests_deferred"] += 1   # the rest is served next pass
+                return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
