@@ -85,7 +85,7 @@ PENDING_ADMIN_MAX = 1_000         # creates/deletes waiting for every node to ap
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
 READY_ROUNDS_MAX = 4              # write-then-send rounds per loop pass (acks after durability need one more)
 PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands this soon after creation
-REQUESTS_BUDGET_MS = 100          # client requests handled per loop pass, in time (see Node.run)
+REQUESTS_BUDGET_MS = 250          # client requests handled per loop pass, in time (see Node.run)
 SLOW_PASS_MS = 250                # a loop pass longer than this is logged: it delays heartbeats
 PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB drops them (followers fetch the gap)
 
