@@ -75,6 +75,9 @@ STATUS_WAIT_MS = 400              # how long `zq status` waits for the other nod
 NODE_HEARTBEAT_MS = 250           # how often a node tells each peer it is alive and what it leads
 NODE_ALIVE_MS = 3_000             # a node heard from within this long counts as alive
 IN_SYNC_LAG_MS = 1_000            # a replica lacking only batches younger than this is in sync
+IN_SYNC_READ_BYTES = 64 * 1024    # read to find the oldest batch a replica lacks (past control batches)
+DRAIN_CHECK_MS = 20               # how often a drain looks whether leadership has moved away
+LEAVE_AFTER_ANSWER_MS = 100       # a drained node stops this long after its answer, so the answer goes out
 NODE_DEAD_MS = 10_000             # ... and as dead after this long
 FOUND_WAIT_MS = 3_000             # a node with no voters and no answer by then may found the cluster
 RETENTION_INTERVAL_MS = 5_000     # how often retention runs
@@ -884,15 +887,16 @@ class Node:
             if part is not None:
                 self._reply_fetch(parked.identity, parked.msg, tp, part)
 
-    def _refuse_parked(self, tp: TopicPartition) -> None:
-        """This node stopped leading `tp`: waiting fetches learn where to go instead."""
+    def _refuse_parked(self, tp: TopicPartition, error: ZqError | None = None) -> None:
+        """This node stopped leading `tp` (or holds it no more): waiting fetches learn where to go
+        instead, or `error`."""
         waiting = self.parked.pop(tp, None)
         for parked in waiting or ():
             if not parked.done:
                 parked.done = True
                 self.parked_count -= 1
-                error = self._not_leader(self.leader_of(tp)[0], f"{parked.msg.topic}/{parked.msg.partition}")
-                self._send(parked.identity, P.encode(P.error_reply(parked.msg.req_id, error)))
+                why = error or self._not_leader(self.leader_of(tp)[0], f"{parked.msg.topic}/{parked.msg.partition}")
+                self._send(parked.identity, P.encode(P.error_reply(parked.msg.req_id, why)))
 
     def _expire_parked(self, parked: _Parked) -> None:
         if parked.done:
@@ -1035,7 +1039,7 @@ class Node:
         req_id, deadline, identity, led_before, leave = self.pending_drain
         still = self._led_elsewhere_possible()
         if still and mono_ms() < deadline:
-            self._at(mono_ms() + 20, self._check_drain)
+            self._at(mono_ms() + DRAIN_CHECK_MS, self._check_drain)
             return
         self.pending_drain = None
         names = [f"{self.parts[tp].name}/{tp.partition}" for tp in still]
@@ -1044,7 +1048,7 @@ class Node:
                                                          "leaving": leave})))
         if leave:
             log.info("node %s: drained (still leading %d); leaving the cluster", self.name, len(still))
-            self._at(mono_ms() + 100, self._request_leave)   # the answer goes out first
+            self._at(mono_ms() + LEAVE_AFTER_ANSWER_MS, self._request_leave)   # the answer goes out first
 
     def _request_leave(self) -> None:
         self.leave_requested = True
@@ -1153,35 +1157,28 @@ class Node:
         tp = part.tp
         log.info("%s/%d: this node is no longer a replica; deleting its copy", part.name, tp.partition)
         self.counters["replicas_removed"] += 1
-        self.parts.pop(tp, None)
-        self.lazy_hard_states.pop(tp, None)
-        self._begin().drop_partition(tp)
-        self._begin().delete_meta(R.hard_state_key(tp))
         self._begin().put_meta(R.removed_key(tp), str(max(part.replica.epoch, part.replica.join_epoch)).encode())
-        self.sub.setsockopt(zmq.UNSUBSCRIBE, R.tp_bytes(tp))
-        gone = self._not_leader(self.leader_of(tp)[0], f"{part.name}/{tp.partition}")
-        for callback in [*part.waiters.values(), *(cb for _, cb in part.leader_acks)]:
-            callback(gone)
-        self._refuse_parked(tp)
+        self._drop_part(part, self._not_leader(self.leader_of(tp)[0], f"{part.name}/{tp.partition}"))
 
     def _close_topic(self, t: meta.TopicMeta) -> None:
         for p in range(len(t.partitions)):
             tp = TopicPartition(t.id, p)
             self._begin().delete_meta(R.removed_key(tp))
-            part = self.parts.pop(tp, None)
-            if part is None:
-                continue
-            self._begin().drop_partition(tp)
-            self._begin().delete_meta(R.hard_state_key(tp))
-            self.sub.setsockopt(zmq.UNSUBSCRIBE, R.tp_bytes(tp))
-            for callback in part.waiters.values():
-                callback(UnknownTopic(f"topic {t.name!r} was deleted"))
-            for parked in self.parked.pop(tp, []):
-                if not parked.done:
-                    parked.done = True
-                    self.parked_count -= 1
-                    self._send(parked.identity, P.encode(P.error_reply(parked.msg.req_id, UnknownTopic(
-                        f"topic {t.name!r} was deleted"))))
+            part = self.parts.get(tp)
+            if part is not None:
+                self._drop_part(part, UnknownTopic(f"topic {t.name!r} was deleted"))
+
+    def _drop_part(self, part: _Part, error: ZqError) -> None:
+        """Our replica of a partition goes, with its data; whoever waits on it is told `error`."""
+        tp = part.tp
+        self.parts.pop(tp, None)
+        self.lazy_hard_states.pop(tp, None)
+        self._begin().drop_partition(tp)
+        self._begin().delete_meta(R.hard_state_key(tp))
+        self.sub.setsockopt(zmq.UNSUBSCRIBE, R.tp_bytes(tp))
+        for callback in [*part.waiters.values(), *(cb for _, cb in part.leader_acks)]:
+            callback(error)
+        self._refuse_parked(tp, error)
 
     def _check_pending_creates(self) -> None:
         """Answer a create or delete once every live node has fetched or replicated past it, or its wait ran out."""
@@ -1293,7 +1290,7 @@ class Node:
         that holds the log up to `end` has lacked data. Control batches (markers, configurations,
         append time 0) do not count; nothing after `end` on this disk yet is 0."""
         try:
-            for value in self.store.read(tp, end, 64 * 1024):
+            for value in self.store.read(tp, end, IN_SYNC_READ_BYTES):
                 append_ms = zbatch.unpack_header(value).append_time_ms
                 if append_ms:
                     return max(0, now_ms() - append_ms)
