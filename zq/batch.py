@@ -272,17 +272,20 @@ def _check_shapes(records: list[Any]) -> None:
     by column, with set(map(type, ...)) in C, not a Python loop per record (~0.25 µs a record)."""
     if set(map(type, records)) != {list} or set(map(len, records)) != {4}:
         raise ProtocolError("a record of the batch is not an array [create_time_ms, key, value, headers]")
+    n = len(records)
     fields = list(chain.from_iterable(records))
-    times, keys, values, headers = fields[0::4], fields[1::4], fields[2::4], fields[3::4]
+    times = fields[0::4]
     if set(map(type, times)) != {int} or min(times) < 0 or max(times) > TIME_MS_MAX:
         raise ProtocolError(f"a record's create time is not an integer from 0 to {TIME_MS_MAX} ms")
-    if not set(map(type, keys)) <= {bytes, _NONE}:
+    keys = fields[1::4]
+    if keys.count(None) != n and not set(map(type, keys)) <= {bytes, _NONE}:   # count(): most keys are null
         raise ProtocolError("a record's key is neither bytes nor null")
-    if set(map(type, values)) != {bytes}:
+    if set(map(type, fields[2::4])) != {bytes}:
         raise ProtocolError("a record's value is not bytes")
-    header_types = set(map(type, headers))
-    if header_types == {_NONE}:
+    headers = fields[3::4]
+    if headers.count(None) == n:
         return
+    header_types = set(map(type, headers))
     if not header_types <= {dict, _NONE}:
         raise ProtocolError("a record's headers are neither a map nor null")
     for h in filter(None, headers):
