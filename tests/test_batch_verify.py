@@ -230,6 +230,10 @@ def test_every_bad_batch_kind_is_refused_and_a_consumer_reads_every_good_message
     # Nothing of a refused batch took an offset: the good batches sit back to back after the marker.
     assert end.base_offset == 1 + len(good) - 1
     assert n.node.counters["produce_batches_refused"] == len(BAD_KINDS)
+    from zq.io.metrics import NodeCollector
+    families = {f.name: f for f in NodeCollector(n.node).collect()}
+    assert {s.labels["where"]: s.value for s in families["zq_bad_batches"].samples} == {
+        "produce_refused": len(BAD_KINDS), "group_lease_skipped": 0}
     with zq.Client(bootstrap=n.address) as client:
         assert read_all(client, "poison", len(good)) == good
 
