@@ -113,6 +113,33 @@ def test_an_undecodable_stored_batch_names_its_offsets():
     assert (e.value.base_offset, e.value.next_offset) == (6, 9)
 
 
+def test_a_verified_stored_batch_is_decoded_and_counted_but_its_shapes_are_trusted():
+    """FLAG_VERIFIED (set by the leader that checked the records) spares readers the shape checks,
+    not the decoding or the count; without it (an older version's batch) every check runs."""
+    odd = cbor2.dumps([[NOW_MS, None, "text value", None]])
+    stored = B.make_stored(B.FLAG_VERIFIED, 3, 1, 1, NOW_MS, 0, 0, B.crc(odd), odd)
+    assert B.decode_stored(stored)[1] == [[NOW_MS, None, "text value", None]]
+    with pytest.raises(ProtocolError, match="value is not bytes"):
+        B.decode_stored(B.make_stored(0, 3, 1, 1, NOW_MS, 0, 0, B.crc(odd), odd))
+    short = B.make_stored(B.FLAG_VERIFIED, 3, 2, 1, NOW_MS, 0, 0, B.crc(odd), odd)
+    with pytest.raises(ProtocolError, match="holds 1 records, its header says 2"):
+        B.decode_stored(short)
+    garbage = b"\xff\xff"
+    with pytest.raises(ProtocolError, match="not valid CBOR"):
+        B.decode_stored(B.make_stored(B.FLAG_VERIFIED, 3, 1, 1, NOW_MS, 0, 0, B.crc(garbage), garbage))
+    # A producer cannot claim it.
+    with pytest.raises(ProtocolError, match="bits other"):
+        verify(cbor2.dumps([[NOW_MS, None, b"a", None]]), 1, B.FLAG_VERIFIED)
+
+
+def test_the_leader_marks_what_it_verified(node):
+    n, raw = node
+    raw.create("marked", 1)
+    raw.produce("marked", 0, [b"a"])
+    frames = raw.rpc(P.Fetch(raw.rid(), "marked", 0, 1, 1 << 20, 0, None))[1]
+    assert [bool(B.unpack_header(f).flags & B.FLAG_VERIFIED) for f in frames] == [True]
+
+
 records_st = st.lists(st.tuples(st.integers(0, 2**63 - 1), st.none() | st.binary(max_size=8), st.binary(max_size=16),
                                 st.none() | st.dictionaries(st.text(max_size=4), st.binary(max_size=4), max_size=2)),
                       min_size=1, max_size=8).map(lambda rs: [list(r) for r in rs])
@@ -255,14 +282,15 @@ def test_a_zlib_bomb_is_refused_without_inflating_it(tmp_path):
 
 def plant_undecodable(data_dir, topic_id: int, base_offset: int) -> None:
     """Replace the stored batch at `base_offset` with one of the same offsets whose checksums hold
-    but whose blob holds one record where the header says its count: what an older node stored."""
+    but whose blob holds one record where the header says its count: what an older node stored
+    (without FLAG_VERIFIED, which this version's leader sets on what it verified)."""
     with Store(data_dir) as store:
         tp = TopicPartition(topic_id, 0)
         value = store.read(tp, base_offset, 1)[0]
         h = B.unpack_header(value)
-        assert h.base_offset == base_offset and h.count == 3
+        assert h.base_offset == base_offset and h.count == 3 and h.flags & B.FLAG_VERIFIED
         blob = cbor2.dumps([[NOW_MS, None, b"poison", None]])
-        bad = B.make_stored(h.flags, h.base_offset, h.count, h.epoch, h.append_time_ms, 0, 0, B.crc(blob), blob)
+        bad = B.make_stored(h.flags & ~B.FLAG_VERIFIED, h.base_offset, h.count, h.epoch, h.append_time_ms, 0, 0, B.crc(blob), blob)
         store._live()[log_key(tp, base_offset)] = bad
 
 

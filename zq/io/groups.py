@@ -714,7 +714,10 @@ class GroupService:
 
     def _undecodable(self, topic: str, topic_id: int, p: int, value: bytes, h: zbatch.BatchHeader) -> bool:
         """True when a stored batch's records do not decode (an older version stored it unchecked):
-        counted each time a group steps over it, logged once per batch (within `undecodable_logged_max`)."""
+        counted each time a group steps over it, logged once per batch (within `undecodable_logged_max`).
+        A batch its leader verified when it accepted it (zq.batch.FLAG_VERIFIED) is not decoded again."""
+        if h.flags & (zbatch.FLAG_VERIFIED | zbatch.FLAG_CONTROL):
+            return False
         try:
             zbatch.stored_records(value, h)
             return False

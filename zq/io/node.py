@@ -806,7 +806,7 @@ class Node:
             self.counters["produce_batches_refused"] += 1
             raise
         append_time = now_ms()
-        placeholder = zbatch.make_stored(msg.flags, 0, msg.count, 0, append_time, msg.producer_id,
+        placeholder = zbatch.make_stored(msg.flags | zbatch.FLAG_VERIFIED, 0, msg.count, 0, append_time, msg.producer_id,
                                          msg.base_sequence, msg.blob_crc, blob)
         self._propose(part, msg.count, msg.producer_id, msg.base_sequence, placeholder,
                       None if msg.acks == 0 else lambda o: self._answer_produce(identity, msg, part, append_time, o),
@@ -1468,7 +1468,7 @@ class Node:
             self.counters["produce_batches_refused"] += 1
             done(e if isinstance(e, ZqError) else InvalidRequest(f"records for {topic}/{partition} cannot be encoded: {e}"))
             return
-        stored = zbatch.make_stored(0, 0, len(records), 0, now_ms(), 0, 0, zbatch.crc(blob), blob)
+        stored = zbatch.make_stored(zbatch.FLAG_VERIFIED, 0, len(records), 0, now_ms(), 0, 0, zbatch.crc(blob), blob)
         self._propose(part, len(records), 0, 0, stored, done, leader_ack=not acks_quorum)
 
     def read_committed(self, topic: str, partition: int, offset: int, max_bytes: int) -> list[bytes]:
