@@ -20,7 +20,7 @@ from tests.nodeutil import NodeThread, Raw, start_nodes, wait_until
 from zq import batch as B
 from zq import protocol as P
 from zq.errors import CorruptData, InvalidRequest, ProtocolError
-from zq.io.store import Store, log_key
+from zq.io.store import Store
 from zq.types import TopicPartition
 
 NOW_MS = 1_764_806_400_000
@@ -208,6 +208,30 @@ def test_a_mutated_batch_with_a_matching_crc_is_well_typed_or_refused(case):
         got = None
     if out is not None and not flags & B.FLAG_CONTROL:
         assert got == out
+    # Marked verified, a reader still decodes and counts it: records or ProtocolError, nothing else.
+    marked = B.make_stored((flags | B.FLAG_VERIFIED) & 0xFFFF, 10, count & 0xFFFFFFFF, 1, NOW_MS, 0, 0, B.crc(blob),
+                           blob)
+    try:
+        got = B.decode_stored(marked)[1]
+    except ProtocolError:
+        return
+    assert got is None if flags & B.FLAG_CONTROL else len(got) == count
+
+
+def test_a_group_member_served_an_undecodable_batch_steps_over_it(caplog):
+    """An older node may still lease an undecodable batch's offsets: the member logs and counts it
+    and treats it as holding nothing (its leased offsets go back as missing), instead of raising."""
+    from zq.client.groups import GroupConsumer
+    member = GroupConsumer.__new__(GroupConsumer)   # only what _records reads
+    member.topic, member._decoded = "t", {}
+    blob = cbor2.dumps([[NOW_MS, None, b"a", None]])
+    bad = B.make_stored(0, 6, 3, 1, NOW_MS, 0, 0, B.crc(blob), blob)
+    caplog.set_level(logging.ERROR)
+    h, records = member._records(0, bad)
+    assert (h.base_offset, records, member.undecodable_batches_skipped) == (6, None, 1)
+    assert "t/0: the stored batch at offsets 6 to 8 is undecodable" in caplog.text
+    good = B.encode_records(GOOD)
+    assert member._records(0, B.make_stored(0, 9, 3, 1, NOW_MS, 0, 0, B.crc(good), good))[1] == GOOD
 
 
 # ---------------------------------------------------------------------------------------------- real node
@@ -286,12 +310,18 @@ def plant_undecodable(data_dir, topic_id: int, base_offset: int) -> None:
     (without FLAG_VERIFIED, which this version's leader sets on what it verified)."""
     with Store(data_dir) as store:
         tp = TopicPartition(topic_id, 0)
-        value = store.read(tp, base_offset, 1)[0]
-        h = B.unpack_header(value)
-        assert h.base_offset == base_offset and h.count == 3 and h.flags & B.FLAG_VERIFIED
+        values = store.read(tp, base_offset, 1 << 20)   # the batch and the ones after it
+        h = B.unpack_header(values[0])
+        assert h.base_offset == base_offset and h.count == 3
         blob = cbor2.dumps([[NOW_MS, None, b"poison", None]])
-        bad = B.make_stored(h.flags & ~B.FLAG_VERIFIED, h.base_offset, h.count, h.epoch, h.append_time_ms, 0, 0, B.crc(blob), blob)
-        store._live()[log_key(tp, base_offset)] = bad
+        # The codec bits only, as an older version stored it.
+        values[0] = B.make_stored(h.flags & 0x7, h.base_offset, h.count, h.epoch, h.append_time_ms, 0, 0, B.crc(blob),
+                                  blob)
+        txn = store.begin()
+        txn.truncate_from(tp, base_offset)
+        for value in values:
+            txn.append(tp, value, B.unpack_header(value))
+        store.commit(txn, sync=True)
 
 
 def test_readers_step_over_an_undecodable_stored_batch(tmp_path, caplog):

@@ -50,8 +50,8 @@ from __future__ import annotations
 
 import struct
 import zlib
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import cbor2
