@@ -19,6 +19,7 @@ class Limits:
     message_bytes_max: int = 1 * MiB        # one record: key + value + headers
     batch_bytes_max: int = 4 * MiB          # one produce batch, as encoded by the producer
     batch_records_max: int = 100_000        # records in one batch
+    batch_decoded_bytes_max: int = 8 * MiB   # one compressed batch once inflated (a producer fills <= batch_bytes_max, uncompressed)
     frames_per_message_max: int = 1024      # frames in one multipart message
     topic_name_chars_max: int = 200
     partitions_per_topic_max: int = 10_000

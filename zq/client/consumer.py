@@ -320,6 +320,20 @@ class Consumer(ReadyQueue):
     def _paused_any(self) -> bool:
         return bool(self._paused)  # called under _lock, which guards _paused
 
+    undecodable_batches_skipped = 0   # stored batches whose records did not decode, stepped over (per consumer)
+
+    def _records_or_skip(self, p: int, frame: bytes, h: zbatch.BatchHeader) -> list | None:
+        """The verified records of a stored batch whose checksums held, or None when they do not
+        decode (a batch an older node stored unchecked): it is counted, logged and stepped over, so
+        the messages after it are still read, rather than stopping the partition at it for good."""
+        try:
+            return zbatch.stored_records(frame, h)
+        except ProtocolError as e:
+            self.undecodable_batches_skipped += 1
+            log.error("%s/%s: %s; stepped over it (%d undecodable batches skipped by this consumer)",
+                      self.topic, p, e.message, self.undecodable_batches_skipped)
+            return None
+
     def _decode(self, chunk: _Chunk) -> None:
         p = chunk.partition
         position = self._positions[p]
@@ -334,10 +348,10 @@ class Consumer(ReadyQueue):
                 # A new leader's epoch marker: no record for the application, only an offset to step over.
                 position = max(position, min(h.next_offset, hw))
                 continue
-            records = zbatch.decode_records(frame[zbatch.HEADER_SIZE:], h.flags)
-            if len(records) != h.count:
-                raise ProtocolError(f"batch at {topic}/{p} offset {h.base_offset} holds {len(records)} records, "
-                                    f"its header says {h.count}")
+            records = self._records_or_skip(p, frame, h)
+            if records is None:   # undecodable: stepped over, like a marker
+                position = max(position, min(h.next_offset, hw))
+                continue
             offset = h.base_offset
             skip = position - offset
             if skip > 0:

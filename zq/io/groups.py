@@ -117,6 +117,7 @@ states_max = 100_000              # delivery states one node keeps in memory
 parked_leases_max = 10_000        # long-poll leases waiting at once
 batch_cache_max = 64              # partitions whose last stored batch read for a lease is kept (~0.5 MiB each)
 lease_read_bytes = 256 * 1024     # stored batches read from the store at a time for a lease
+undecodable_logged_max = 1_000    # undecodable stored batches remembered as logged (one line each)
 lease_messages_max = 5_000        # messages one lease may hand out
 lease_bytes_max = 4 * 1024 * 1024  # stored batches one lease reply carries (one batch always fits)
 lease_wait_ms_max = 30_000
@@ -171,6 +172,7 @@ class GroupService:
         # (topic id, partition) -> (base offset, next offset, stored batch): the batch the last lease
         # ended in, which the next lease starts in (a stored batch holds ~5 leases' worth).
         self._batches: dict[tuple[int, int], tuple[int, int, bytes]] = {}
+        self._undecodable_logged: set[tuple[int, int, int]] = set()   # (topic id, partition, base offset)
         self._last_gossip_ms = 0
         self._gossip_soon = False
         self._failed: set[Key] = set()   # states with a failed delivery not yet sent to the replicas
@@ -643,13 +645,17 @@ class GroupService:
         new: list[int] = []
         start, end = plan.start, plan.end
         if start < end:
-            for f, h in self._read_batches(topic, key[1], p, start, end):
+            for f, h, undecodable in self._read_batches(topic, key[1], p, start, end):
                 lo, hi = max(h.base_offset, start), min(h.next_offset, end)
-                control = bool(h.flags & zbatch.FLAG_CONTROL)
-                if not control:
+                # A control batch's offsets, and an undecodable batch's, are done at once: the committed
+                # offset moves past them and no member is leased what it cannot read.
+                done = undecodable or bool(h.flags & zbatch.FLAG_CONTROL)
+                if not done:
                     frames.setdefault(h.base_offset, f)
                     new.extend(range(lo, hi))
-                held.on_read(lo, hi, control)
+                elif undecodable:
+                    self.node.counters["group_undecodable_offsets_skipped"] += hi - lo
+                held.on_read(lo, hi, done)
         if not retries and not new:
             return False
         deliveries = held.grant(retries + new, msg.member_id, msg.lease_ms, now)
@@ -668,11 +674,12 @@ class GroupService:
         return True
 
     def _read_batches(self, topic: str, topic_id: int, p: int, start: int, end: int) -> Any:
-        """(stored batch, header) from the one holding `start` to the one holding `end - 1`, at most
-        `lease_bytes_max` in all (at least one). Read `lease_read_bytes` at a time, as the lease
-        needs them, and the last one kept: the next lease of the partition starts in it, and
-        reading a ~512 KiB batch again (with its checksum) for each of the ~5 leases it holds cost
-        ~7% of a node's time."""
+        """(stored batch, header, undecodable) from the one holding `start` to the one holding
+        `end - 1`, at most `lease_bytes_max` in all (at least one). Read `lease_read_bytes` at a
+        time, as the lease needs them, and the last one kept: the next lease of the partition
+        starts in it, and reading a ~512 KiB batch again (with its checksum) for each of the ~5
+        leases it holds cost ~7% of a node's time. A batch read from the store has its records
+        verified once, before it is served or kept (see `_undecodable`)."""
         tp = (topic_id, p)
         total = 0
         o = start
@@ -680,8 +687,9 @@ class GroupService:
         try:
             while o < end:
                 cached = self._batches.get(tp)
-                if cached is not None and cached[0] <= o < cached[1]:
-                    frames = [cached[2]]
+                fresh = not (cached is not None and cached[0] <= o < cached[1])
+                if not fresh:
+                    frames = [cached[2]]   # verified when it was read
                 else:
                     frames = self.node.read_committed(topic, p, o, lease_read_bytes)
                     if not frames:
@@ -691,8 +699,10 @@ class GroupService:
                     if h.base_offset >= end or h.next_offset <= o or (total and total + len(f) > lease_bytes_max):
                         return
                     total += len(f)
-                    last = (h.base_offset, h.next_offset, f)
-                    yield f, h
+                    undecodable = fresh and self._undecodable(topic, topic_id, p, f, h)
+                    if not undecodable:
+                        last = (h.base_offset, h.next_offset, f)
+                    yield f, h, undecodable
                     o = h.next_offset
                     if o >= end:
                         return
@@ -701,6 +711,26 @@ class GroupService:
                 if tp not in self._batches and len(self._batches) >= batch_cache_max:
                     self._batches.pop(next(iter(self._batches)))
                 self._batches[tp] = last
+
+    def _undecodable(self, topic: str, topic_id: int, p: int, value: bytes, h: zbatch.BatchHeader) -> bool:
+        """True when a stored batch's records do not decode (an older version stored it unchecked):
+        counted each time a group steps over it, logged once per batch (within `undecodable_logged_max`).
+        A batch its leader verified when it accepted it (zq.batch.FLAG_VERIFIED) is not decoded again."""
+        if h.flags & (zbatch.FLAG_VERIFIED | zbatch.FLAG_CONTROL):
+            return False
+        try:
+            zbatch.stored_records(value, h)
+            return False
+        except ProtocolError as e:
+            self.node.counters["group_undecodable_batches_skipped"] += 1
+            seen = (topic_id, p, h.base_offset)
+            if seen not in self._undecodable_logged:
+                if len(self._undecodable_logged) >= undecodable_logged_max:
+                    self._undecodable_logged.clear()
+                self._undecodable_logged.add(seen)
+                log.error("%s/%d: %s; groups step over its offsets (counted as "
+                          "group_undecodable_offsets_skipped)", topic, p, e.message)
+            return True
 
     def _serve_parked(self, now_ms: int) -> None:
         keep = []
@@ -826,7 +856,12 @@ class GroupService:
 
     def _source_record(self, topic: str, partition: int, offset: int) -> Any:
         for value in self.node.read_committed(topic, partition, offset, 1):
-            for rec in zbatch.iter_records(value, offset):
+            try:
+                records = zbatch.iter_records(value, offset)
+            except ProtocolError as e:   # undecodable: nothing to copy, skipped as a deleted record is
+                log.error("%s/%d offset %d: %s", topic, partition, offset, e.message)
+                return None
+            for rec in records:
                 if rec.offset == offset:
                     return rec
             break

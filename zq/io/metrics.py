@@ -26,6 +26,14 @@ class NodeCollector:
         for kind, value in sorted(dict(node.counters).items()):
             counters.add_metric([node.name, kind], value)
         yield counters
+        # Bad batches (zq.batch.verify_produced): produced ones refused, and undecodable stored ones that
+        # group leases stepped over (each also in zq_events under its own kind).
+        bad = CounterMetricFamily("zq_bad_batches", "Batches refused at produce or stepped over by group leases",
+                                  labels=["node", "where"])
+        for where, kind in (("produce_refused", "produce_batches_refused"),
+                            ("group_lease_skipped", "group_undecodable_batches_skipped")):
+            bad.add_metric([node.name, where], node.counters.get(kind, 0))
+        yield bad
         parked = GaugeMetricFamily("zq_parked_fetches", "Long-poll fetches waiting for data", labels=labels)
         parked.add_metric([node.name], node.parked_count)
         yield parked

@@ -796,9 +796,17 @@ class Node:
             raise StorageFull(f"{self.name} has less than {self.config.disk_free_bytes_min // (1024 * 1024)} MiB "
                               "of disk free; free space or add nodes; nothing was written")
         blob = payload[0]
-        zbatch.check_incoming(blob, msg.blob_crc, msg.count, self.limits.batch_bytes_max, self.limits.batch_records_max)
+        try:
+            # The whole batch, records included, before it is proposed: one stored bad batch would stop
+            # every consumer of the partition at its offset.
+            zbatch.check_incoming(blob, msg.blob_crc, msg.count, self.limits.batch_bytes_max,
+                                  self.limits.batch_records_max, msg.flags, msg.producer_id, msg.base_sequence,
+                                  self.limits.batch_decoded_bytes_max)
+        except ZqError:
+            self.counters["produce_batches_refused"] += 1
+            raise
         append_time = now_ms()
-        placeholder = zbatch.make_stored(msg.flags & 0x7, 0, msg.count, 0, append_time, msg.producer_id,
+        placeholder = zbatch.make_stored(msg.flags | zbatch.FLAG_VERIFIED, 0, msg.count, 0, append_time, msg.producer_id,
                                          msg.base_sequence, msg.blob_crc, blob)
         self._propose(part, msg.count, msg.producer_id, msg.base_sequence, placeholder,
                       None if msg.acks == 0 else lambda o: self._answer_produce(identity, msg, part, append_time, o),
@@ -1452,8 +1460,15 @@ class Node:
         as a producer would; `done(outcome_or_ZqError)` runs when the batch commits (or fails).
         Raises NotLeader if another node leads it: send the records there instead."""
         _, part = self._local_leader(topic, partition)
-        blob = zbatch.encode_records(records)
-        stored = zbatch.make_stored(0, 0, len(records), 0, now_ms(), 0, 0, zbatch.crc(blob), blob)
+        try:
+            blob = zbatch.encode_records(records)
+            zbatch.check_incoming(blob, zbatch.crc(blob), len(records), self.limits.batch_bytes_max,
+                                  self.limits.batch_records_max)
+        except (ZqError, cbor2.CBORError, TypeError, ValueError) as e:   # a service's records are checked as a producer's are
+            self.counters["produce_batches_refused"] += 1
+            done(e if isinstance(e, ZqError) else InvalidRequest(f"records for {topic}/{partition} cannot be encoded: {e}"))
+            return
+        stored = zbatch.make_stored(zbatch.FLAG_VERIFIED, 0, len(records), 0, now_ms(), 0, 0, zbatch.crc(blob), blob)
         self._propose(part, len(records), 0, 0, stored, done, leader_ack=not acks_quorum)
 
     def read_committed(self, topic: str, partition: int, offset: int, max_bytes: int) -> list[bytes]:
