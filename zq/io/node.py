@@ -44,7 +44,7 @@ import random
 import signal
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -91,6 +91,7 @@ PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands thi
 REQUESTS_BUDGET_MS = 250          # client requests handled per loop pass, in time (see Node.run)
 SLOW_PASS_MS = 250                # a loop pass longer than this is logged: it delays heartbeats
 PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB drops them (followers fetch the gap)
+FETCH_PENDING_SWEEP_MS = 1_000    # how often fetch replies written out are struck off their clients' accounts
 
 # Replication timing for real nodes: a Python process under load (GC, fsync, 2 cores) stalls for
 # tens of milliseconds at times, so elections wait a second, not Raft's usual 150-300 ms.
@@ -208,6 +209,12 @@ class Node:
         self.parts: dict[TopicPartition, _Part] = {}
         self.parked: dict[TopicPartition, list[_Parked]] = defaultdict(list)
         self.parked_count = 0
+        self.parked_by_client: dict[tuple[bytes, TopicPartition], _Parked] = {}   # one long-poll per client and partition
+        # Fetch replies handed to ZeroMQ that it has not yet written to the client's TCP socket (their
+        # MessageTracker is not done), per client identity: what a client that does not read makes us hold.
+        self.fetch_pending: dict[bytes, deque] = {}            # identity -> (tracker, bytes), oldest first
+        self.fetch_pending_bytes: dict[bytes, int] = {}
+        self.fetch_pending_total = 0
         self.peers: dict[str, _Peer] = {}
         self.addresses: dict[str, str] = {}                     # node name -> ROUTER address
         self.last_heard: dict[str, int] = {}                    # node name -> mono ms
@@ -855,14 +862,76 @@ class Node:
                 f"offset {msg.offset} is outside the retained range [{part.log_start}, {hw}] of "
                 f"{msg.topic}/{msg.partition}; read from earliest or latest", log_start=part.log_start,
                 high_watermark=hw)
+        self._check_fetch_pending(identity, f"{msg.topic}/{msg.partition}")
+        earlier = self.parked_by_client.get((identity, tp))
+        if earlier is not None:
+            # One long-poll per client and partition: the earlier one is answered now (with what
+            # there is), so a client cannot park fetches without bound.
+            self._unpark(earlier)
+            self._reply_fetch(earlier.identity, earlier.msg, tp, part)
         if msg.offset < hw or msg.max_wait_ms <= 0 or self.parked_count >= self.limits.pending_fetches_max:
             self._reply_fetch(identity, msg, tp, part)
             return
         wait_ms = min(msg.max_wait_ms, self.limits.fetch_wait_ms_max)
         parked = _Parked(mono_ms() + wait_ms, identity, msg, tp)
         self.parked[tp].append(parked)
+        self.parked_by_client[(identity, tp)] = parked
         self.parked_count += 1
         self._at(parked.deadline_ms, lambda: self._expire_parked(parked))
+
+    def _check_fetch_pending(self, identity: bytes, what: str) -> None:
+        """A client whose earlier fetch replies still wait in this node to be written (it does not
+        read them) is slowed down: Backpressure until ZeroMQ has written them out."""
+        self._strike_written(identity)
+        lim = self.limits
+        if (self.fetch_pending_bytes.get(identity, 0) > lim.fetch_client_pending_bytes_max
+                or len(self.fetch_pending.get(identity, ())) > lim.fetch_client_pending_replies_max
+                or self.fetch_pending_total > lim.fetch_pending_bytes_max):
+            self.counters["fetches_backpressured"] += 1
+            raise Backpressure(f"fetch replies to this client are not being read ({what}); "
+                               "read the replies already sent, then fetch again")
+
+    def _strike_written(self, identity: bytes) -> None:
+        """Forget the fetch replies to `identity` that ZeroMQ has written out (in order: one pipe)."""
+        queue = self.fetch_pending.get(identity)
+        if queue is None:
+            return
+        while queue and queue[0][0].done:
+            _, size = queue.popleft()
+            self.fetch_pending_bytes[identity] -= size
+            self.fetch_pending_total -= size
+        if not queue:
+            del self.fetch_pending[identity]
+            del self.fetch_pending_bytes[identity]
+
+    def _sweep_fetch_pending(self) -> None:
+        for identity in list(self.fetch_pending):
+            self._strike_written(identity)
+        self._at(mono_ms() + FETCH_PENDING_SWEEP_MS, self._sweep_fetch_pending)
+
+    def _send_fetch_reply(self, identity: bytes, frames: list[bytes], size: int) -> None:
+        """Send a fetch reply whose last frame is tracked (never copied: libzmq marks it done once
+        it has written it, and so the whole message, to the socket), and charge its bytes to the client."""
+        tail = zmq.Frame(frames[-1], track=True, copy=False)
+        try:
+            self.router.send_multipart([identity, *frames[:-1]], zmq.NOBLOCK | zmq.SNDMORE)
+            tracker = self.router.send(tail, zmq.NOBLOCK, copy=False, track=True)
+        except zmq.ZMQError:
+            self.counters["replies_dropped"] += 1
+            return
+        self.fetch_pending.setdefault(identity, deque()).append((tracker, size))
+        self.fetch_pending_bytes[identity] = self.fetch_pending_bytes.get(identity, 0) + size
+        self.fetch_pending_total += size
+
+    def _unpark(self, parked: _Parked) -> None:
+        parked.done = True
+        self.parked_count -= 1
+        key = (parked.identity, parked.tp)
+        if self.parked_by_client.get(key) is parked:
+            del self.parked_by_client[key]
+        lst = self.parked.get(parked.tp)
+        if lst is not None and parked in lst:
+            lst.remove(parked)
 
     def _reply_fetch(self, identity: bytes, msg: P.Fetch, tp: TopicPartition, part: _Part) -> None:
         values: list[bytes] = []
@@ -872,7 +941,11 @@ class Node:
             values = self.store.read(tp, msg.offset, max_bytes, upto=hw)
             del values[self.limits.frames_per_message_max - 2:]   # a reply must stay decodable
         self.counters["fetched_batches"] += len(values)
-        self._send(identity, P.encode(P.FetchReply(msg.req_id, hw, part.log_start, part.log_end), *values))
+        frames = P.encode(P.FetchReply(msg.req_id, hw, part.log_start, part.log_end), *values)
+        if values:
+            self._send_fetch_reply(identity, frames, sum(len(v) for v in values))
+        else:
+            self._send(identity, frames)
 
     def _serve_parked(self, tp: TopicPartition) -> None:
         waiting = self.parked.pop(tp, None)
@@ -882,8 +955,7 @@ class Node:
         for parked in waiting:
             if parked.done:
                 continue
-            parked.done = True
-            self.parked_count -= 1
+            self._unpark(parked)
             if part is not None:
                 self._reply_fetch(parked.identity, parked.msg, tp, part)
 
@@ -893,19 +965,14 @@ class Node:
         waiting = self.parked.pop(tp, None)
         for parked in waiting or ():
             if not parked.done:
-                parked.done = True
-                self.parked_count -= 1
+                self._unpark(parked)
                 why = error or self._not_leader(self.leader_of(tp)[0], f"{parked.msg.topic}/{parked.msg.partition}")
                 self._send(parked.identity, P.encode(P.error_reply(parked.msg.req_id, why)))
 
     def _expire_parked(self, parked: _Parked) -> None:
         if parked.done:
             return
-        parked.done = True
-        self.parked_count -= 1
-        lst = self.parked.get(parked.tp)
-        if lst is not None:
-            lst.remove(parked)
+        self._unpark(parked)
         part = self.parts.get(parked.tp)
         if part is not None:
             self._reply_fetch(parked.identity, parked.msg, parked.tp, part)
@@ -1538,6 +1605,7 @@ class Node:
         self._at(mono_ms(), self._send_heartbeats)
         self._at(mono_ms(), self._check_disk)
         self._at(mono_ms(), self._refresh_metrics)
+        self._at(mono_ms() + FETCH_PENDING_SWEEP_MS, self._sweep_fetch_pending)
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
         if self.config.seeds:
             self._ask_seeds()
