@@ -40,6 +40,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import os
 import random
 import signal
 import threading
@@ -92,6 +93,10 @@ REQUESTS_BUDGET_MS = 250          # client requests handled per loop pass, in ti
 SLOW_PASS_MS = 250                # a loop pass longer than this is logged: it delays heartbeats
 PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB drops them (followers fetch the gap)
 FETCH_PENDING_SWEEP_MS = 1_000    # how often fetch replies written out are struck off their clients' accounts
+LOG_REPEAT_MS = 10_000            # a repeated warning is logged at most once per this long (the next says how many)
+CLOCK_JUMP_MS = 1_000             # the wall clock moving this far against the monotonic one between reads is a jump
+CLOCK_SKEW_WARN_MS = 10_000       # a leader's clock this far off its replica set's median is logged
+TEST_CLOCK_OFFSET_ENV = "ZQ_TEST_CLOCK_OFFSET_MS"  # tests only: shifts this node's wall clock (README, "Clocks")
 
 # Replication timing for real nodes: a Python process under load (GC, fsync, 2 cores) stalls for
 # tens of milliseconds at times, so elections wait a second, not Raft's usual 150-300 ms.
@@ -100,8 +105,22 @@ DEFAULT_SERVICES = ("zq.io.groups", "zq.io.membership")
 NODE_REPLICATION = ReplicationConfig(election_timeout_ms=1_000, heartbeat_interval_ms=100, fetch_retry_ms=250)
 
 
+def _test_clock_offset_ms() -> int:
+    """For tests only: a wall-clock offset from the environment, read once (a node a day ahead)."""
+    text = os.environ.get(TEST_CLOCK_OFFSET_ENV, "").strip()
+    try:
+        return int(text or 0)
+    except ValueError:
+        raise ZqError(f"{TEST_CLOCK_OFFSET_ENV}={text!r} is not a whole number of milliseconds; "
+                      "unset it (it is for tests)") from None
+
+
+_CLOCK_OFFSET_MS = _test_clock_offset_ms()
+
+
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    """This node's wall clock (the only place that reads it)."""
+    return int(time.time() * 1000) + _CLOCK_OFFSET_MS
 
 
 def mono_ms() -> int:
@@ -129,6 +148,25 @@ class NodeConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class _LimitedLog:
+    """Repeated warnings of the loop, at most one line per kind per LOG_REPEAT_MS; the next line
+    of a kind says how many were left out. Kinds are a fixed set of names (bounded)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}   # kind -> (mono ms logged, left out since)
+
+    def log(self, level: int, kind: str, fmt: str, *args: Any) -> None:
+        now = mono_ms()
+        last = self._last.get(kind)
+        if last is not None and now - last[0] < LOG_REPEAT_MS:
+            self._last[kind] = (last[0], last[1] + 1)
+            return
+        if last is not None and last[1]:
+            fmt, args = fmt + " (and %d more like it in %d s)", (*args, last[1], (now - last[0]) // 1000)
+        self._last[kind] = (now, 0)
+        log.log(level, fmt, *args)
 
 
 @dataclass(slots=True)
@@ -226,6 +264,8 @@ class Node:
         self.meta_applied_by: dict[str, int] = {}               # node -> __meta applied offset (heartbeats)
         self.pending_creates: list[tuple[int, int, bytes, P.OkReply]] = []
         self.disk_full = False
+        self.limited_log = _LimitedLog()
+        self._wall_minus_mono: int | None = None                # to notice the wall clock jumping
         self.dirty: set[TopicPartition] = set()
         self.outbox: dict[str, list] = defaultdict(list)        # peer -> Replicate items of this pass
         self.pub_out: list[tuple[TopicPartition, list]] = []
@@ -461,7 +501,8 @@ class Node:
             if pass_ms > SLOW_PASS_MS:
                 self.counters["slow_passes"] += 1
                 end = time.monotonic()
-                log.warning("a loop pass took %.0f ms (over %d ms starves heartbeats): requests %.0f ms, "
+                self.limited_log.log(logging.WARNING, "slow_pass",
+                            "a loop pass took %.0f ms (over %d ms starves heartbeats): requests %.0f ms, "
                             "ticks %.0f ms, write and send %.0f ms, timers %.0f ms", pass_ms, SLOW_PASS_MS,
                             (drained_at - pass_start) * 1000, (ticked_at - drained_at) * 1000,
                             (finished_at - ticked_at) * 1000, (end - finished_at) * 1000)
@@ -601,7 +642,8 @@ class Node:
         try:
             self.store.commit(txn, sync=sync)
         except StorageFull as e:
-            log.error("write failed, nothing of this pass was stored: %s", e.message)
+            self.limited_log.log(logging.ERROR, "write_failed", "write failed, nothing of this pass was stored: %s",
+                                 e.message)
             self.counters["storage_errors"] += 1
             self.disk_full = True   # refuse produce until the disk check sees room again
             self.storage_error = e
@@ -722,10 +764,10 @@ class Node:
             self._step_items(R.unpack_items(msg.items, payload))
         except ZqError as e:
             self.counters["protocol_errors"] += 1
-            log.warning("dropped a bad replication broadcast: %s", e)
+            self.limited_log.log(logging.WARNING, "bad_broadcast", "dropped a bad replication broadcast: %s", e)
 
     def _step_items(self, items: list) -> None:
-        now = mono_ms()
+        now, wall = mono_ms(), self._wall_clock()
         for item in items:
             try:
                 if not (isinstance(item, list) and len(item) == 3 and type(item[0]) is int and type(item[1]) is int):
@@ -736,19 +778,41 @@ class Node:
                     self.counters["replication_for_unknown_partition"] += 1   # topic not applied here yet
                     continue
                 message = P.from_array(item[2])
-                part.replica.tick(now)
+                part.replica.tick(now, wall)
                 part.replica.step(message)
                 self.dirty.add(tp)
             except ZqError as e:
                 self.counters["protocol_errors"] += 1
-                log.warning("dropped a replication message: %s", e)
+                self.limited_log.log(logging.WARNING, "bad_replication", "dropped a replication message: %s", e)
 
     def _tick_replicas(self) -> None:
-        now = mono_ms()
+        now, wall = mono_ms(), self._wall_clock()
         for tp, part in self.parts.items():
             if part.replica is not None and part.replica.next_timer_ms() <= now:
-                part.replica.tick(now)
+                part.replica.tick(now, wall)
                 self.dirty.add(tp)
+
+    def _wall_clock(self) -> int:
+        """The wall clock for the cores, noticing when it jumps against the monotonic clock (it is
+        still passed on: the leaders' median of their replica sets' clocks outvotes it)."""
+        wall, mono = now_ms(), mono_ms()
+        if self._wall_minus_mono is not None and abs(wall - mono - self._wall_minus_mono) > CLOCK_JUMP_MS:
+            self.counters["clock_jumps"] += 1
+            self.limited_log.log(logging.WARNING, "clock_jump", "the wall clock of %s jumped by %+d ms; partitions "
+                                 "it leads take their time from their replica sets' median clock",
+                                 self.name, wall - mono - self._wall_minus_mono)
+        self._wall_minus_mono = wall - mono
+        return wall
+
+    def _append_time(self, part: _Part) -> int:
+        """The append time of a batch proposed now on a partition we lead (see Replica.append_time_ms)."""
+        part.replica.tick(mono_ms(), self._wall_clock())
+        self.dirty.add(part.tp)
+        stamp = part.replica.append_time_ms()
+        if stamp is None:
+            raise LeaderNotAvailable(f"{part.name}/{part.tp.partition} has a new leader that has not yet heard its "
+                                     "replicas' clocks; retry shortly")
+        return stamp
 
     # ------------------------------------------------------------------ lookups
 
@@ -804,7 +868,7 @@ class Node:
                               "of disk free; free space or add nodes; nothing was written")
         blob = payload[0]
         zbatch.check_incoming(blob, msg.blob_crc, msg.count, self.limits.batch_bytes_max, self.limits.batch_records_max)
-        append_time = now_ms()
+        append_time = self._append_time(part)
         placeholder = zbatch.make_stored(msg.flags & 0x7, 0, msg.count, 0, append_time, msg.producer_id,
                                          msg.base_sequence, msg.blob_crc, blob)
         self._propose(part, msg.count, msg.producer_id, msg.base_sequence, placeholder,
@@ -1520,7 +1584,7 @@ class Node:
         Raises NotLeader if another node leads it: send the records there instead."""
         _, part = self._local_leader(topic, partition)
         blob = zbatch.encode_records(records)
-        stored = zbatch.make_stored(0, 0, len(records), 0, now_ms(), 0, 0, zbatch.crc(blob), blob)
+        stored = zbatch.make_stored(0, 0, len(records), 0, self._append_time(part), 0, 0, zbatch.crc(blob), blob)
         self._propose(part, len(records), 0, 0, stored, done, leader_ack=not acks_quorum)
 
     def read_committed(self, topic: str, partition: int, offset: int, max_bytes: int) -> list[bytes]:
@@ -1758,15 +1822,25 @@ class Node:
             self._finish_pass()
 
     def _retention(self) -> None:
-        now = now_ms()
+        """A leader decides what retention deletes, by its replica set's median clock; a follower
+        deletes only below its leader's log start, once it holds that much committed (see
+        zq/core/replication.py, "Who moves the log start")."""
         for tp, part in list(self.parts.items()):
             t = self.meta.topics_by_id.get(tp.topic_id)
-            if t is None:
+            if t is None or part.replica is None:
                 continue
             r_ms, r_bytes = t.config.get("retention_ms"), t.config.get("retention_bytes")
             if r_ms is None and r_bytes is None:
                 continue
-            new_start = self.store.retention_candidates(tp, now_ms=now, retention_ms=r_ms, retention_bytes=r_bytes)
+            replica = part.replica
+            if replica.role == LEADER:
+                wall = replica.cluster_wall_ms()
+                if wall is None:
+                    continue   # its replicas' clocks are not known yet: the next round decides
+                self._note_skew(part, wall)
+                new_start = self.store.retention_candidates(tp, now_ms=wall, retention_ms=r_ms, retention_bytes=r_bytes)
+            else:
+                new_start = replica.leader_log_start if replica.leader_log_start <= part.high_watermark else None
             if new_start is not None and new_start > part.log_start:
                 # Only committed data goes, so no leader change can need it back.
                 new_start = min(new_start, part.high_watermark)
@@ -1779,6 +1853,14 @@ class Node:
                         part.replica.on_log_start(new_start)
                         self.dirty.add(tp)
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
+
+    def _note_skew(self, part: _Part, cluster_wall: int) -> None:
+        own = now_ms()
+        if abs(own - cluster_wall) > CLOCK_SKEW_WARN_MS:
+            self.counters["clock_skewed"] += 1
+            self.limited_log.log(logging.WARNING, "clock_skew", "the clock of %s is %+d ms off the median of its "
+                                 "replica sets' clocks (e.g. %s/%d); it uses theirs, and its own clock needs fixing",
+                                 self.name, own - cluster_wall, part.name, part.tp.partition)
 
     def _refresh_metrics(self) -> None:
         if self.authenticator is not None:
@@ -1805,9 +1887,15 @@ class Node:
         except OSError:
             full = False
         if full != self.disk_full:
-            log.warning("disk %s: produce %s", "nearly full" if full else "has room again",
-                        "refused" if full else "accepted again")
+            log.warning("disk %s: produce %s%s", "nearly full" if full else "has room again",
+                        "refused" if full else "accepted again",
+                        "; leadership goes to replicas with room" if full else "")
         self.disk_full = full
+        for tp, part in self.parts.items():
+            # Followers say so in their acks; a leader hands off to a voter with room (the core).
+            if part.replica is not None and part.replica.disk_low != full:
+                part.replica.set_disk_low(full)
+                self.dirty.add(tp)
         self._at(mono_ms() + DISK_CHECK_INTERVAL_MS, self._check_disk)
 
     def close(self) -> None:
