@@ -326,6 +326,7 @@ class ReplicationConfig:
                                          # (whose removed nodes the leader still informs)
     append_time_ahead_ms_max: int = 1_000  # an append time runs at most this far ahead of the previous
                                          # one's plus the (monotonic) time elapsed since
+    clock_agreement_ms: int = 2_000      # voters' wall clocks this close agree (a majority must, for a time)
 
 
 DEFAULT_CONFIG = ReplicationConfig()

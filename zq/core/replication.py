@@ -127,15 +127,16 @@ no follower's clock or disk fullness ever deletes anything on its own.
 
 Time. The core reads no clock: `tick(now_ms, wall_ms)` gives it the monotonic time and the
 node's wall clock. Followers put their wall clock in every AppendAck; the leader keeps each
-voter's offset from its own (refreshed within an election timeout). `cluster_wall_ms()` is
-the median of the clocks of at least a majority of the voters (its own included), so a single
-node whose clock runs a day ahead or behind decides neither what retention deletes nor the
-times stamped on batches: with all clocks known it is outvoted; with an even number known it
-is either outvoted or the choice goes the safe way (retention takes the earlier middle clock,
-so deletes later; stamps the later one, so batches look newer and are kept longer). A stamp
+voter's offset from its own (the largest recent sample: delays only lower it, refreshed within
+an election timeout). `cluster_wall_ms()` is the median of the largest group of known clocks
+that agree within `clock_agreement_ms`, and only if that group is a majority of the voters
+(its own clock included). So a single node whose clock runs a day ahead or behind decides
+neither what retention deletes nor the times stamped on batches: it is outvoted, or, with only
+two clocks known that disagree, there is no time at all (None: the shell refuses stamped writes
+for that moment, retention waits). Within an agreeing group of even size, retention takes the
+earlier middle clock (it deletes later) and stamps the later one (batches look newer). A stamp
 (`append_time_ms()`) never goes back and runs at most `append_time_ahead_ms_max` ahead of the
-previous stamp plus the monotonic time since; before the leader knows a majority's clocks
-it has no time (None) and the shell refuses time-stamped writes for that moment.
+previous stamp plus the monotonic time since.
 
 Disk. The shell says when its node is short of disk (`set_disk_low`); followers say so in their
 acks. A leader short of disk hands leadership to a voter that has not said so, as a drain does
@@ -455,9 +456,9 @@ class Replica:
             self._maybe_start_transfer(None, retry=True, roomy_only=True)
 
     def cluster_wall_ms(self, late: bool = False) -> int | None:
-        """Leader: the median wall clock of at least a majority of its voters, its own included;
-        with an even number known, the earlier middle one (`late`: the later). None when not
-        leading or not told enough clocks (see "Time")."""
+        """Leader: the median of the largest group of its voters' clocks (its own included) that
+        agree within `clock_agreement_ms`, if that group is a majority; of an even group, the
+        earlier middle one (`late`: the later). None when not leading or no majority agrees."""
         if self.role != LEADER or self.wall_ms <= 0:
             return None
         voters = self.voters
@@ -465,11 +466,16 @@ class Replica:
         offsets = [0] if self.node_id in voters else []
         offsets += [off for v, (off, _best_at, heard_at) in sorted(self._wall_offsets.items())
                     if v in voters and v != self.node_id and heard_at >= fresh_ms]
-        if len(offsets) < len(voters) // 2 + 1:
-            return None
         offsets.sort()
-        n = len(offsets)
-        middle = offsets[n // 2] if n % 2 or late else offsets[n // 2 - 1]
+        group: list[int] = []
+        for i, low in enumerate(offsets):
+            agreeing = [off for off in offsets[i:] if off - low <= self.config.clock_agreement_ms]
+            if len(agreeing) > len(group):
+                group = agreeing
+        n = len(group)
+        if n < len(voters) // 2 + 1:
+            return None
+        middle = group[n // 2] if n % 2 or late else group[n // 2 - 1]
         return self.wall_ms + middle
 
     def append_time_ms(self) -> int | None:
