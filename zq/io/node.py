@@ -1584,7 +1584,12 @@ class Node:
         Raises NotLeader if another node leads it: send the records there instead."""
         _, part = self._local_leader(topic, partition)
         blob = zbatch.encode_records(records)
-        stored = zbatch.make_stored(0, 0, len(records), 0, self._append_time(part), 0, 0, zbatch.crc(blob), blob)
+        try:
+            stamp = self._append_time(part)
+        except LeaderNotAvailable as e:
+            done(e)   # a leader of a moment ago, still hearing its replicas' clocks: the caller retries
+            return
+        stored = zbatch.make_stored(0, 0, len(records), 0, stamp, 0, 0, zbatch.crc(blob), blob)
         self._propose(part, len(records), 0, 0, stored, done, leader_ack=not acks_quorum)
 
     def read_committed(self, topic: str, partition: int, offset: int, max_bytes: int) -> list[bytes]:
