@@ -77,3 +77,50 @@ def test_a_leader_a_day_ahead_deletes_nothing_young_and_stamps_plausible_times(t
             for raw in raws.values():
                 raw.close()
 
+
+
+# ------------------------------------------------------------------ the simulator's clock checks
+
+SIM_SEEDS = 20
+
+
+def _skewed_settings():
+    from zq.sim import Settings
+    return Settings(nodes=3, partitions=1, producers=3, steps=400, crash=False, pause=False, partition=False,
+                    retention=True, retention_interval_ms_max=50, retention_ms=500, clock_skew_ms=DAY_MS,
+                    skewed_node=0)
+
+
+def test_the_simulator_keeps_young_entries_with_one_clock_a_day_ahead():
+    from zq.sim import Sim
+    results = [Sim(seed, settings=_skewed_settings()).run() for seed in range(SIM_SEEDS)]
+    assert [(r.seed, r.invariant, r.detail) for r in results if not r.ok] == []
+    assert sum(r.retained for r in results) > 0
+
+
+def test_the_simulators_clock_checks_catch_a_leader_that_trusts_its_own_clock(monkeypatch):
+    """Teeth: retention by the leader's own clock (as before issue 12) deletes young entries."""
+    from zq.core.replication import Replica
+    from zq.sim import Sim
+    median = Replica.cluster_wall_ms
+
+    def own_clock_for_retention(self, late=False):
+        if late:
+            return median(self, late)   # stamps stay right: only retention is broken
+        return self.wall_ms if self.role == "leader" and self.wall_ms > 0 else None
+    monkeypatch.setattr(Replica, "cluster_wall_ms", own_clock_for_retention)
+    results = [Sim(seed, settings=_skewed_settings()).run() for seed in range(SIM_SEEDS)]
+    assert any(r.invariant == "retention deleted an entry younger than retention_ms" for r in results)
+
+
+def test_the_simulators_clock_checks_catch_a_leader_that_stamps_by_its_own_clock(monkeypatch):
+    """Teeth: a leader a day behind stamping its own clock makes its batches look a day old."""
+    import dataclasses
+
+    from zq.core.replication import Replica
+    from zq.sim import Sim
+    monkeypatch.setattr(Replica, "cluster_wall_ms",
+                        lambda self, late=False: self.wall_ms if self.role == "leader" and self.wall_ms > 0 else None)
+    settings = dataclasses.replace(_skewed_settings(), clock_skew_ms=-DAY_MS)
+    results = [Sim(seed, settings=settings).run() for seed in range(SIM_SEEDS)]
+    assert any(r.invariant == "an append time behind the true time" for r in results)
