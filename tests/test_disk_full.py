@@ -90,3 +90,20 @@ def test_a_leader_short_of_disk_hands_its_partitions_to_a_replica_with_room(tmp_
             r.close()
         for n in nodes:
             n.stop()
+
+
+def test_a_repeated_warning_is_logged_once_per_period_and_the_next_line_counts_the_rest(caplog, monkeypatch):
+    from zq.io import node as N
+    clock = [1_000_000]
+    monkeypatch.setattr(N, "mono_ms", lambda: clock[0])
+    limited = N._LimitedLog()
+    caplog.set_level(logging.WARNING, logger="zq.node")
+    for i in range(500):                       # 500 failures within one period: one line
+        limited.log(logging.ERROR, "write_failed", "write failed: %s", i)
+        limited.log(logging.WARNING, "other", "another kind %s", i)   # kinds are counted apart
+        clock[0] += 10
+    clock[0] += LOG_REPEAT_MS
+    limited.log(logging.ERROR, "write_failed", "write failed: %s", "again")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("write failed")]
+    assert lines == ["write failed: 0", "write failed: again (and 499 more like it in 15 s)"]
+    assert sum(r.getMessage().startswith("another kind") for r in caplog.records) == 1

@@ -157,7 +157,7 @@ class _LimitedLog:
     def __init__(self) -> None:
         self._last: dict[str, tuple[int, int]] = {}   # kind -> (mono ms logged, left out since)
 
-    def log(self, level: int, kind: str, fmt: str, *args: Any) -> None:
+    def log(self, level: int, kind: str, fmt: str, *args: Any, exc_info: bool = False) -> None:
         now = mono_ms()
         last = self._last.get(kind)
         if last is not None and now - last[0] < LOG_REPEAT_MS:
@@ -166,7 +166,7 @@ class _LimitedLog:
         if last is not None and last[1]:
             fmt, args = fmt + " (and %d more like it in %d s)", (*args, last[1], (now - last[0]) // 1000)
         self._last[kind] = (now, 0)
-        log.log(level, fmt, *args)
+        log.log(level, fmt, *args, exc_info=exc_info)
 
 
 @dataclass(slots=True)
@@ -486,7 +486,8 @@ class Node:
                         service.tick(mono_ms())
                     except Exception:
                         self.counters["internal_errors"] += 1
-                        log.exception("service %s failed in tick", type(service).__name__)
+                        self.limited_log.log(logging.ERROR, "service_tick", "service %s failed in tick",
+                                             type(service).__name__, exc_info=True)
                 ticked_at = time.monotonic()
                 self._finish_pass()
                 finished_at = time.monotonic()
@@ -1821,7 +1822,7 @@ class Node:
             except Exception:
                 # Our bug: log it loudly and keep serving; one broken timer must not stop the node.
                 self.counters["internal_errors"] += 1
-                log.exception("a timer of the node failed")
+                self.limited_log.log(logging.ERROR, "timer_failed", "a timer of the node failed", exc_info=True)
             ran += 1
         if ran:
             self._finish_pass()
