@@ -28,7 +28,8 @@ deleted with its data (durably, at once), so a node added again later starts emp
 epoch after the one its deleted replica had reached (`HardState.join_epoch`). A node
 that is down or paused learns the targets when it runs again, as a node reads the metadata
 log. Drains (`set_draining` on every replica of a node for a while) and one-off hand-offs
-(`transfer_leadership` on a leader) are drawn as well.
+(`transfer_leadership` on a leader) are drawn as well, and so are nodes short of disk for a while
+(`set_disk_low` on every replica of a node: a leader hands off to a voter with room).
 
 Retention. A seed may draw retention, by time, as the node runs it: now and then a running
 replica whose writes are synced applies it. A leader deletes the entries stamped before its
@@ -142,6 +143,7 @@ class Settings:
     retention_ms: int = 1_000        # entries stamped this long before the leader's clock go
     clock_skew_ms: int = 0           # one node's wall clock is this far ahead (or behind)
     skewed_node: int = 0             # ... which one (index)
+    disk_low: bool = False           # nodes short of disk for a while (leaders hand off)
     members: bool = False            # run the failure detector (and, with more than 3 nodes, the operator)
     operator_interval_ms_max: int = 1000  # between the operator's looks at a view
     net: NetworkFaults = field(default_factory=NetworkFaults)
@@ -178,6 +180,10 @@ class Settings:
                                    retention_ms=rng.choice([500, 1000, 2000]),
                                    clock_skew_ms=rng.choice([0, 1_000, -60_000, DAY_MS, DAY_MS, -DAY_MS]),
                                    skewed_node=rng.randrange(self.nodes))
+
+    def draw_disk(self, rng: random.Random) -> Settings:
+        """Nodes short of disk, from a stream of its own (see draw_retention)."""
+        return dataclasses.replace(self, disk_low=rng.random() < 0.3)
 
     def draw_members(self, rng: random.Random) -> Settings:
         """Membership too, from a stream of its own (see draw_retention)."""
@@ -222,6 +228,7 @@ class Result:
     false_deaths: int = 0            # a view declared a node DEAD whose process was running
     operator_moves: int = 0          # targets the operator changed away from nodes a view called dead
     operator_false_moves: int = 0    # of those, moves away from a node that was in fact running
+    disk_lows: int = 0               # times a node ran short of disk
 
 
 class SimNode:
@@ -232,6 +239,7 @@ class SimNode:
         self.replica_sets = partitions
         self.disk = SimDisk(sorted(partitions))
         self.draining = False
+        self.disk_low = False
         # Per partition deleted here, the epoch its replica had reached: kept durably (the shell
         # keeps it beside the metadata), so a replica created again starts past it.
         self.tombstones: dict[int, int] = {}
@@ -253,8 +261,9 @@ class Sim:
         self.rng = random.Random(seed)
         self.retention_rng = random.Random(seed * 2 + 1)  # only retention events draw from it
         self.members_rng = random.Random(seed * 2 + 2)    # the operator's choices
+        self.disk_rng = random.Random(f"disk-{seed}")     # only disk-shortage events draw from it
         self.settings = settings or (Settings.draw(self.rng, nodes, steps).draw_retention(self.retention_rng)
-                                     .draw_members(self.members_rng))
+                                     .draw_members(self.members_rng).draw_disk(self.disk_rng))
         self.verbose = verbose
         self.now = 0
         self.heap: list = []
@@ -326,6 +335,8 @@ class Sim:
             self.at(self.rng.randrange(1, s.change_interval_ms_max), "change")
         if s.retention:
             self.at(self.rng.randrange(1, s.retention_interval_ms_max), "retain")
+        if s.disk_low:
+            self.at(self.disk_rng.randrange(1, 500), "disk")
         if self.members is not None and s.nodes > REPLICATION_FACTOR:
             self.at(self.members_rng.randrange(1, s.operator_interval_ms_max), "operate")
         try:
@@ -405,6 +416,8 @@ class Sim:
         r.set_target(self.targets[p])
         if node.draining:
             r.set_draining(True)
+        if node.disk_low:
+            r.set_disk_low(True)
         node.replicas[p] = r
         node.applied_end[p] = store.log_end
         node.timer_at[p] = -1
@@ -750,6 +763,35 @@ class Sim:
                 node.replicas[p].set_draining(on)
                 self.drain(node, p)
 
+    def ev_disk(self) -> None:
+        """A node runs short of disk for a while (then has room again)."""
+        if self.phase != "safety":
+            return
+        name = self.disk_rng.choice(sorted(self.nodes))
+        node = self.nodes[name]
+        if not node.disk_low:
+            self.log(f"disk low on {name}")
+            self.result.disk_lows += 1
+            self.set_disk_low(node, True)
+            self.at(self.now + self.disk_rng.randint(50, 1000), "disk_ok", name)
+        self.at(self.now + self.disk_rng.randint(50, 1000), "disk")
+
+    def ev_disk_ok(self, name: str) -> None:
+        node = self.nodes[name]
+        if node.disk_low:
+            self.log(f"disk has room again on {name}")
+            self.set_disk_low(node, False)
+
+    def set_disk_low(self, node: SimNode, on: bool) -> None:
+        node.disk_low = on
+        if not node.alive or node.paused:
+            return  # applied when it runs again
+        for p in sorted(node.replicas):
+            if p in node.replicas:
+                node.replicas[p].tick(self.now, self.wall_ms(node))
+                node.replicas[p].set_disk_low(on)
+                self.drain(node, p)
+
     def ev_undrain(self, name: str) -> None:
         node = self.nodes[name]
         if node.draining:
@@ -777,6 +819,7 @@ class Sim:
                 node.timer_at[p] = -1
                 node.replicas[p].tick(self.now, self.wall_ms(node))  # the clock jumped while it was stopped
                 node.replicas[p].set_draining(node.draining)
+                node.replicas[p].set_disk_low(node.disk_low)
                 self.drain(node, p)
         self.apply_targets(node)
         queued, node.inbox = node.inbox, []
@@ -896,12 +939,14 @@ class Sim:
         for name in sorted(self.nodes):
             node = self.nodes[name]
             node.draining = False
+            node.disk_low = False
             if not node.alive:
                 self.start_node(node)
             elif node.paused:
                 self.resume(node)
             else:
                 self.set_draining(node, False)
+                self.set_disk_low(node, False)
 
     def converged(self) -> bool:
         for p, target in self.targets.items():
