@@ -17,7 +17,7 @@ from zq.core.repl_types import (
     NOT_LEADER, OUT_OF_ORDER, Append, AppendAck, Entry, Fetch, HardState, ReplicationConfig, RequestVote,
     TimeoutNow, Vote, encode_config,
 )
-from zq.core.replication import Replica
+from zq.core.replication import WALL_OFFSET_KEPT_TIMEOUTS, Replica
 from zq.errors import ProtocolError
 from zq.sim.disk import SimDisk
 
@@ -899,3 +899,115 @@ def test_acknowledgements_from_a_nodes_earlier_membership_do_not_promote_it() ->
     assert _configs_in_log(t, "a")[-1] == NAMES  # the restatement d must hold first
     _settle(t, "a")
     assert a.voters == QUAD and t.replicas["d"].voters == QUAD and t.log("d") == t.log("a")
+
+
+# ------------------------------------------------------------------ clocks, log start, disk (issue 12)
+
+DAY_MS = 86_400_000
+WALL0 = 1_700_000_000_000
+
+
+def _clock_round(t: Trio, leader: str, skew: dict[str, int], rounds: int = 3) -> None:
+    """Heartbeat rounds in which every replica is told its (skewed) wall clock with the time
+    (monotonic clocks have origins of their own; the true wall time is the leader's `now`)."""
+    for _ in range(rounds):
+        true_ms = t.now[leader] + CFG.heartbeat_interval_ms
+        for n in t.names:
+            t.now[n] += CFG.heartbeat_interval_ms
+            t.replicas[n].tick(t.now[n], WALL0 + true_ms + skew.get(n, 0))
+            t.drain(n)
+        t.deliver()
+        assert t.replicas[leader].role == LEADER
+
+
+@pytest.mark.parametrize("skewed", ["a", "b"])
+@pytest.mark.parametrize("skew_ms", [DAY_MS, -DAY_MS])
+def test_one_node_a_day_off_decides_neither_the_replica_sets_clock_nor_append_times(skewed, skew_ms) -> None:
+    t = Trio()
+    t.elect("a")
+    a = t.replicas["a"]
+    a.tick(t.now["a"], WALL0 + t.now["a"] + (skew_ms if skewed == "a" else 0))
+    assert a.cluster_wall_ms() is None   # no follower's clock heard yet: no time to stamp with
+    assert a.append_time_ms() is None
+    _clock_round(t, "a", {skewed: skew_ms})
+    true_now = WALL0 + t.now["a"]
+    for late in (False, True):
+        assert abs(a.cluster_wall_ms(late=late) - true_now) <= 2 * CFG.heartbeat_interval_ms
+    stamp = a.append_time_ms()
+    assert abs(stamp - true_now) <= 2 * CFG.heartbeat_interval_ms
+
+
+def test_with_two_clocks_known_that_disagree_there_is_no_time_and_with_two_that_agree_there_is() -> None:
+    t = Trio()
+    t.elect("a")
+    _clock_round(t, "a", {"b": DAY_MS}, rounds=1)
+    a = t.replicas["a"]
+    a._wall_offsets.pop("c", None)   # c told no clock (say, an older node): only a's and b's are known
+    assert a.cluster_wall_ms() is None and a.append_time_ms() is None   # which of the two is right?
+    _clock_round(t, "a", {"b": CFG.clock_agreement_ms // 2}, rounds=WALL_OFFSET_KEPT_TIMEOUTS * 6)
+    a._wall_offsets.pop("c", None)
+    early, late = a.cluster_wall_ms(), a.cluster_wall_ms(late=True)
+    assert early is not None and early < late <= early + CFG.clock_agreement_ms
+
+
+def test_append_times_never_go_back_and_run_ahead_by_at_most_the_bound() -> None:
+    t = Trio()
+    t.elect("a")
+    _clock_round(t, "a", {})
+    a = t.replicas["a"]
+    first = a.append_time_ms()
+    # Every clock jumps an hour ahead at once (a majority agrees): stamps catch up by at most the bound.
+    _clock_round(t, "a", {n: 3_600_000 for n in t.names}, rounds=2)
+    second = a.append_time_ms()
+    elapsed = 2 * CFG.heartbeat_interval_ms
+    assert first < second <= first + elapsed + CFG.append_time_ahead_ms_max
+    # ... and back: a stamp never goes back.
+    _clock_round(t, "a", {n: -3_600_000 for n in t.names}, rounds=1)
+    assert a.append_time_ms() >= second
+
+
+def test_a_follower_learns_the_leaders_log_start_and_a_log_start_past_the_high_watermark_is_refused() -> None:
+    t = Trio()
+    t.elect("a")
+    for i in range(3):
+        t.propose("a", b"x%d" % i)
+        t.deliver()
+    t.heartbeat("a")
+    a = t.replicas["a"]
+    start = a.entries(0, 10, 1 << 20)[2].base_offset
+    a.on_log_start(start)
+    t.heartbeat("a")
+    assert t.replicas["b"].leader_log_start == start == t.replicas["c"].leader_log_start
+    bad = Append(a.epoch, "a", a.log_end, a.last_epoch, a.high_watermark, a.log_end, [], a.high_watermark + 1)
+    with pytest.raises(ProtocolError, match="past its high watermark"):
+        t.replicas["b"].step(bad)
+
+
+def test_a_leader_short_of_disk_hands_off_to_a_voter_with_room() -> None:
+    t = Trio()
+    t.elect("a")
+    t.propose("a", b"x")
+    t.deliver()
+    t.replicas["b"].set_disk_low(True)   # b is short too: it says so in its acks
+    t.drain("b")
+    t.heartbeat("a")
+    t.replicas["a"].set_disk_low(True)
+    t.drain("a")
+    t.deliver()
+    for _ in range(5):
+        t.heartbeat("c") if t.replicas["c"].role == LEADER else t.heartbeat("a")
+    assert t.replicas["c"].role == LEADER, {n: r.role for n, r in t.replicas.items()}
+
+
+def test_a_leader_short_of_disk_with_no_voter_with_room_keeps_leading() -> None:
+    t = Trio()
+    t.elect("a")
+    for n in ("b", "c"):
+        t.replicas[n].set_disk_low(True)
+        t.drain(n)
+    t.heartbeat("a")
+    t.replicas["a"].set_disk_low(True)
+    t.drain("a")
+    for _ in range(5):
+        t.heartbeat("a")
+    assert t.replicas["a"].role == LEADER and t.replicas["a"].transferring is None

@@ -29,6 +29,11 @@ class Limits:
     pending_fetches_max: int = 10_000       # long-poll fetches parked at once
     fetch_wait_ms_max: int = 30_000         # longest long-poll a client may ask for
     fetch_bytes_max: int = 16 * MiB         # most bytes one fetch reply carries
+    # Fetch replies handed to ZeroMQ and not yet written to the client's socket (a client that does
+    # not read keeps them queued in the node): over either bound, its fetches get Backpressure.
+    fetch_client_pending_bytes_max: int = 32 * MiB    # per client identity
+    fetch_client_pending_replies_max: int = 1_000     # per client identity (replies carrying batches)
+    fetch_pending_bytes_max: int = 256 * MiB          # all clients together
     router_sndhwm: int = 100_000            # replies queued per peer before ROUTER drops (see transport)
     router_rcvhwm: int = 100_000
     create_wait_ms_max: int = 5_000         # how long create_topic waits for every node to learn it

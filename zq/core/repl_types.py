@@ -10,11 +10,13 @@ the first offset not yet written. Epochs start at 1; epoch 0 means "before any e
 Grammar (one line per message; `entry` is `[base_offset, count, epoch, producer_id,
 base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
 
-    Append      = [epoch, sender, prev_end, prev_epoch, high_watermark, leader_end, [entry, ...]]
-                  leader -> followers (PUB broadcast, or a DEALER reply to Fetch); no entries = heartbeat
-    AppendAck   = [epoch, sender, durable_end]
+    Append      = [epoch, sender, prev_end, prev_epoch, high_watermark, leader_end, [entry, ...], log_start]
+                  leader -> followers (PUB broadcast, or a DEALER reply to Fetch); no entries = heartbeat;
+                  log_start: the leader's (retention's decision), which followers follow
+    AppendAck   = [epoch, sender, durable_end, wall_ms, disk_low]
                   follower -> leader; durable_end = end of the prefix it holds durably and knows
-                  matches this leader's log; also the answer that tells a stale sender the newer epoch
+                  matches this leader's log; also the answer that tells a stale sender the newer epoch;
+                  wall_ms: the follower's wall clock (0: unknown), disk_low: it is short of disk
     Fetch       = [epoch, sender, from_end, last_epoch]
                   follower -> leader: "send entries from from_end; my entry before it has last_epoch"
     Diverging   = [epoch, sender, diverging_epoch, end_offset]
@@ -140,6 +142,7 @@ class Append:
     high_watermark: int
     leader_end: int
     entries: list = field(default_factory=list)  # of Entry.to_wire() lists
+    log_start: int = 0                           # the leader's log start: followers delete below it
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,8 @@ class AppendAck:
     epoch: int
     sender: str
     durable_end: int
+    wall_ms: int = 0           # the sender's wall clock when it sent this (0: unknown)
+    disk_low: bool = False     # the sender is short of disk: a leader hands off to another voter
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +324,9 @@ class ReplicationConfig:
                                          # watermark) is made a voter
     configs_kept: int = 8                # configurations remembered below the latest committed one
                                          # (whose removed nodes the leader still informs)
+    append_time_ahead_ms_max: int = 1_000  # an append time runs at most this far ahead of the previous
+                                         # one's plus the (monotonic) time elapsed since
+    clock_agreement_ms: int = 2_000      # voters' wall clocks this close agree (a majority must, for a time)
 
 
 DEFAULT_CONFIG = ReplicationConfig()

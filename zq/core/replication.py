@@ -120,6 +120,28 @@ as the leader's holds nothing from below its log start either. (So an idempotent
 retry of a batch that retention already deleted, a retry older than the retention window, is
 written again, as in Kafka once a producer's state expired.)
 
+Who moves the log start. Only a leader decides what retention deletes (the shell runs retention
+on the leader, with the replica set's clock below); its Appends carry its log start, and a
+follower deletes below it once its own high watermark has reached it (`leader_log_start`), so
+no follower's clock or disk fullness ever deletes anything on its own.
+
+Time. The core reads no clock: `tick(now_ms, wall_ms)` gives it the monotonic time and the
+node's wall clock. Followers put their wall clock in every AppendAck; the leader keeps each
+voter's offset from its own (the largest recent sample: delays only lower it, refreshed within
+an election timeout). `cluster_wall_ms()` is the median of the largest group of known clocks
+that agree within `clock_agreement_ms`, and only if that group is a majority of the voters
+(its own clock included). So a single node whose clock runs a day ahead or behind decides
+neither what retention deletes nor the times stamped on batches: it is outvoted, or, with only
+two clocks known that disagree, there is no time at all (None: the shell refuses stamped writes
+for that moment, retention waits). Within an agreeing group of even size, retention takes the
+earlier middle clock (it deletes later) and stamps the later one (batches look newer). A stamp
+(`append_time_ms()`) never goes back and runs at most `append_time_ahead_ms_max` ahead of the
+previous stamp plus the monotonic time since.
+
+Disk. The shell says when its node is short of disk (`set_disk_low`); followers say so in their
+acks. A leader short of disk hands leadership to a voter that has not said so, as a drain does
+(and a drain prefers such voters too); with none, it keeps leading.
+
 Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
 `advance()` says the shell applied it. The shell must call `advance()` before the next event.
 `on_persisted(end)` says every Ready advanced so far is durable, `end` being the log end of
@@ -144,6 +166,9 @@ from zq.errors import ProtocolError
 
 _SCAN_BYTES = 1 << 20  # bytes per read while rebuilding the producer table
 STRANGERS_MAX = 8      # nodes outside the configuration a leader keeps sending to
+
+
+WALL_OFFSET_KEPT_TIMEOUTS = 4   # a voter's best clock offset sample is kept this many election timeouts
 
 
 class Replica:
@@ -181,6 +206,9 @@ class Replica:
         self.join_epoch: int = hs.join_epoch     # configuration entries of older epochs are not ours
         self._target: tuple[str, ...] | None = None  # desired voters (from __meta), once told
         self.draining = False
+        self.disk_low = False                     # the shell: this node is short of disk
+        self.wall_ms = 0                          # the shell's wall clock (0: not told), see "Time"
+        self.leader_log_start = 0                 # follower: its leader's log start (retention's decision)
         # Volatile state.
         self.role: str = FOLLOWER
         self.leader: str | None = None
@@ -196,6 +224,9 @@ class Replica:
         self._transfer: tuple[str, int] | None = None  # leader: (hand-off to, give up at ms)
         self._timeout_now_sent = False
         self._transfer_failed: tuple[str, int] | None = None  # leader: (voter, when) of the last miss
+        self._wall_offsets: dict[str, tuple[int, int, int]] = {}  # leader: voter -> (its wall - ours, since, heard)
+        self._disk_low_peers: set[str] = set()    # leader: voters whose last ack said they are short of disk
+        self._last_stamp: tuple[int, int] | None = None  # leader: (append time, now_ms) of its last stamp
         self._leader_heard_ms: int | None = None  # follower: when the leader was last heard
         self._caught_up = False                   # follower: our log reached the last Append's leader_end
         self._probe = 0                           # learner without a leader: whom it asked last
@@ -341,11 +372,14 @@ class Replica:
 
     # ---------------------------------------------------------------- events in
 
-    def tick(self, now_ms: int) -> None:
-        """The clock moved to now_ms: fire whichever timer is due. The shell calls this before
-        each batch of events too (after every poll), since the core reads no clock."""
+    def tick(self, now_ms: int, wall_ms: int | None = None) -> None:
+        """The clock moved to now_ms (monotonic): fire whichever timer is due. The shell calls
+        this before each batch of events too (after every poll), since the core reads no clock.
+        `wall_ms`: the node's wall clock, if the shell tells it (see "Time")."""
         self._check_not_handed_out()
         self.now_ms = max(self.now_ms, now_ms)
+        if wall_ms is not None:
+            self.wall_ms = wall_ms
         if self.role == LEADER:
             if self.config.check_quorum and self._lost_quorum():
                 self.become_follower(self.epoch, None)
@@ -413,6 +447,51 @@ class Replica:
         if on:
             self._maybe_start_transfer(None, retry=True)
 
+    def set_disk_low(self, on: bool) -> None:
+        """This node is (no longer) short of disk: followers say so in their acks; a leader hands
+        leadership to a voter that has room (retried every election timeout while it lasts)."""
+        self._check_not_handed_out()
+        self.disk_low = on
+        if on:
+            self._maybe_start_transfer(None, retry=True, roomy_only=True)
+
+    def cluster_wall_ms(self, late: bool = False) -> int | None:
+        """Leader: the median of the largest group of its voters' clocks (its own included) that
+        agree within `clock_agreement_ms`, if that group is a majority; of an even group, the
+        earlier middle one (`late`: the later). None when not leading or no majority agrees."""
+        if self.role != LEADER or self.wall_ms <= 0:
+            return None
+        voters = self.voters
+        fresh_ms = self.now_ms - self.config.election_timeout_ms
+        offsets = [0] if self.node_id in voters else []
+        offsets += [off for v, (off, _best_at, heard_at) in sorted(self._wall_offsets.items())
+                    if v in voters and v != self.node_id and heard_at >= fresh_ms]
+        offsets.sort()
+        group: list[int] = []
+        for i, low in enumerate(offsets):
+            agreeing = [off for off in offsets[i:] if off - low <= self.config.clock_agreement_ms]
+            if len(agreeing) > len(group):
+                group = agreeing
+        n = len(group)
+        if n < len(voters) // 2 + 1:
+            return None
+        middle = group[n // 2] if n % 2 or late else group[n // 2 - 1]
+        return self.wall_ms + middle
+
+    def append_time_ms(self) -> int | None:
+        """Leader: the time to stamp on a batch proposed now: the replica set's clock, never
+        before the previous stamp and at most `append_time_ahead_ms_max` ahead of it plus the
+        monotonic time since. None: no such clock yet (retry shortly)."""
+        self._check_not_handed_out()
+        t = self.cluster_wall_ms(late=True)
+        if t is None:
+            return None
+        if self._last_stamp is not None:
+            last, at = self._last_stamp
+            t = max(last, min(t, last + (self.now_ms - at) + self.config.append_time_ahead_ms_max))
+        self._last_stamp = (t, self.now_ms)
+        return t
+
     def transfer_leadership(self, to: str | None = None) -> None:
         """Leader: hand leadership to voter `to` (None: the most caught-up one), once; proposals
         are refused meanwhile, for at most an election timeout. Not leading: nothing happens."""
@@ -471,13 +550,14 @@ class Replica:
         """Everything to do now. Call `advance()` once it is applied, before any other event."""
         self._check_not_handed_out()
         if self.role == LEADER:
-            if self.draining:
-                self._maybe_start_transfer(None, retry=True)
+            if self.draining or self.disk_low:
+                self._maybe_start_transfer(None, retry=True, roomy_only=not self.draining)
             self.maybe_change_config()
             self._maybe_send_timeout_now()
             self._flush_broadcast()
         if self._ack_due and self.role == FOLLOWER and self.leader is not None:
-            ack = AppendAck(self.epoch, self.node_id, min(self.durable_end, self.match_end))
+            ack = AppendAck(self.epoch, self.node_id, min(self.durable_end, self.match_end), self.wall_ms,
+                            self.disk_low)
             self._send(self.leader, ack)
         self._ack_due = False
         rd = Ready(
@@ -522,6 +602,10 @@ class Replica:
         self._caught_up = False
         self._ack_due = True  # every Append is answered, so the leader's check-quorum sees us
         entries = _checked_entries(m)
+        if m.log_start > m.high_watermark:
+            raise ProtocolError(f"Append says the log starts at {m.log_start}, past its high watermark "
+                                f"{m.high_watermark}: retention deletes committed entries only")
+        self.leader_log_start = max(self.leader_log_start, m.log_start)
         if m.prev_end > self.log_end or self.epoch_at(m.prev_end - 1) != m.prev_epoch:
             self.maybe_fetch()
             return
@@ -558,6 +642,20 @@ class Replica:
         if m.sender not in self._match:
             return  # not a voter, learner or leaving node of ours: nothing to count
         self._contact_ms[m.sender] = self.now_ms
+        if m.wall_ms > 0 and self.wall_ms > 0:
+            # A sample is the voter's offset less the time the ack spent in transit or queued
+            # (ours, after a stall): the largest one of the last few election timeouts is the best.
+            sample = m.wall_ms - self.wall_ms
+            best = self._wall_offsets.get(m.sender)
+            if (best is None or sample >= best[0]
+                    or self.now_ms - best[1] >= WALL_OFFSET_KEPT_TIMEOUTS * self.config.election_timeout_ms):
+                self._wall_offsets[m.sender] = (sample, self.now_ms, self.now_ms)
+            else:
+                self._wall_offsets[m.sender] = (best[0], best[1], self.now_ms)
+        if m.disk_low:
+            self._disk_low_peers.add(m.sender)
+        else:
+            self._disk_low_peers.discard(m.sender)
         if m.durable_end > self._match[m.sender]:
             self._match[m.sender] = m.durable_end
             self.maybe_advance_high_watermark()
@@ -733,6 +831,9 @@ class Replica:
         self._learner = None
         self._transfer = None
         self._transfer_failed = None
+        self._wall_offsets.clear()
+        self._disk_low_peers.clear()
+        self._last_stamp = None
         self._match = {peer: 0 for peer in self.peers}
         self._contact_ms = {r: self.now_ms for r in self.peers}
         self._broadcast_from = self.log_end
@@ -869,21 +970,26 @@ class Replica:
             if self.node_id in self.voters and not self.draining:
                 self.become_candidate()
 
-    def _best_voter(self, avoid: str | None = None) -> str | None:
+    def _best_voter(self, avoid: str | None = None, roomy_only: bool = False) -> str | None:
         """The voter (not us) with the highest acknowledged end; ties go to the lower name.
-        `avoid` is chosen only if it is the only one."""
+        `avoid` is chosen only if it is the only one. Voters short of disk only if no other is
+        (never, with `roomy_only`)."""
         others = [v for v in self.voters if v != self.node_id]
+        roomy = [v for v in others if v not in self._disk_low_peers]
+        if roomy or roomy_only:
+            others = roomy
         if len(others) > 1 and avoid in others:
             others.remove(avoid)
         return min(others, key=lambda v: (-self._match.get(v, 0), v)) if others else None
 
-    def _maybe_start_transfer(self, to: str | None, retry: bool = False) -> None:
+    def _maybe_start_transfer(self, to: str | None, retry: bool = False, roomy_only: bool = False) -> None:
         if self.role != LEADER or self._transfer is not None:
             return
         failed = self._transfer_failed
         if retry and failed is not None and self.now_ms - failed[1] < self.config.election_timeout_ms:
             return  # serve a while between attempts, so a drain that cannot finish still writes
-        to = self._best_voter(failed[0] if retry and failed is not None else None) if to is None else to
+        if to is None:
+            to = self._best_voter(failed[0] if retry and failed is not None else None, roomy_only)
         if to is None or to == self.node_id or to not in self.voters:
             return
         self._transfer = (to, self.now_ms + self.config.election_timeout_ms)
@@ -1092,7 +1198,7 @@ class Replica:
 
     def _append_message(self, prev_end: int, entries: list[Entry]) -> Append:
         return Append(self.epoch, self.node_id, prev_end, self.epoch_at(prev_end - 1), self.high_watermark,
-                      self.log_end, [e.to_wire() for e in entries])
+                      self.log_end, [e.to_wire() for e in entries], self.log_start)
 
     def _heartbeat(self) -> Append:
         return self._append_message(self.log_end, [])
@@ -1137,7 +1243,7 @@ def _checked_entries(m: Append) -> list[Entry]:
 
 # Field types of the replication messages that are not int; every int field (an offset or an
 # epoch) is >= 0, epoch 0 being "before any entry".
-_FIELD_TYPES = {"sender": str, "entries": list, "granted": bool, "voters": list}
+_FIELD_TYPES = {"sender": str, "entries": list, "granted": bool, "voters": list, "disk_low": bool}
 
 
 def _checked_voters(voters: list) -> tuple[str, ...]:

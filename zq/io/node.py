@@ -40,11 +40,12 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import os
 import random
 import signal
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -91,6 +92,11 @@ PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands thi
 REQUESTS_BUDGET_MS = 250          # client requests handled per loop pass, in time (see Node.run)
 SLOW_PASS_MS = 250                # a loop pass longer than this is logged: it delays heartbeats
 PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB drops them (followers fetch the gap)
+FETCH_PENDING_SWEEP_MS = 1_000    # how often fetch replies written out are struck off their clients' accounts
+LOG_REPEAT_MS = 10_000            # a repeated warning is logged at most once per this long (the next says how many)
+CLOCK_JUMP_MS = 1_000             # the wall clock moving this far against the monotonic one between reads is a jump
+CLOCK_SKEW_WARN_MS = 10_000       # a leader's clock this far off its replica set's median is logged
+TEST_CLOCK_OFFSET_ENV = "ZQ_TEST_CLOCK_OFFSET_MS"  # tests only: shifts this node's wall clock (README, "Clocks")
 
 # Replication timing for real nodes: a Python process under load (GC, fsync, 2 cores) stalls for
 # tens of milliseconds at times, so elections wait a second, not Raft's usual 150-300 ms.
@@ -99,8 +105,22 @@ DEFAULT_SERVICES = ("zq.io.groups", "zq.io.membership")
 NODE_REPLICATION = ReplicationConfig(election_timeout_ms=1_000, heartbeat_interval_ms=100, fetch_retry_ms=250)
 
 
+def _test_clock_offset_ms() -> int:
+    """For tests only: a wall-clock offset from the environment, read once (a node a day ahead)."""
+    text = os.environ.get(TEST_CLOCK_OFFSET_ENV, "").strip()
+    try:
+        return int(text or 0)
+    except ValueError:
+        raise ZqError(f"{TEST_CLOCK_OFFSET_ENV}={text!r} is not a whole number of milliseconds; "
+                      "unset it (it is for tests)") from None
+
+
+_CLOCK_OFFSET_MS = _test_clock_offset_ms()
+
+
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    """This node's wall clock (the only place that reads it)."""
+    return int(time.time() * 1000) + _CLOCK_OFFSET_MS
 
 
 def mono_ms() -> int:
@@ -128,6 +148,25 @@ class NodeConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class _LimitedLog:
+    """Repeated warnings of the loop, at most one line per kind per LOG_REPEAT_MS; the next line
+    of a kind says how many were left out. Kinds are a fixed set of names (bounded)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}   # kind -> (mono ms logged, left out since)
+
+    def log(self, level: int, kind: str, fmt: str, *args: Any, exc_info: bool = False) -> None:
+        now = mono_ms()
+        last = self._last.get(kind)
+        if last is not None and now - last[0] < LOG_REPEAT_MS:
+            self._last[kind] = (last[0], last[1] + 1)
+            return
+        if last is not None and last[1]:
+            fmt, args = fmt + " (and %d more like it in %d s)", (*args, last[1], (now - last[0]) // 1000)
+        self._last[kind] = (now, 0)
+        log.log(level, fmt, *args, exc_info=exc_info)
 
 
 @dataclass(slots=True)
@@ -208,6 +247,12 @@ class Node:
         self.parts: dict[TopicPartition, _Part] = {}
         self.parked: dict[TopicPartition, list[_Parked]] = defaultdict(list)
         self.parked_count = 0
+        self.parked_by_client: dict[tuple[bytes, TopicPartition], _Parked] = {}   # one long-poll per client and partition
+        # Fetch replies handed to ZeroMQ that it has not yet written to the client's TCP socket (their
+        # MessageTracker is not done), per client identity: what a client that does not read makes us hold.
+        self.fetch_pending: dict[bytes, deque] = {}            # identity -> (tracker, bytes), oldest first
+        self.fetch_pending_bytes: dict[bytes, int] = {}
+        self.fetch_pending_total = 0
         self.peers: dict[str, _Peer] = {}
         self.addresses: dict[str, str] = {}                     # node name -> ROUTER address
         self.last_heard: dict[str, int] = {}                    # node name -> mono ms
@@ -219,6 +264,8 @@ class Node:
         self.meta_applied_by: dict[str, int] = {}               # node -> __meta applied offset (heartbeats)
         self.pending_creates: list[tuple[int, int, bytes, P.OkReply]] = []
         self.disk_full = False
+        self.limited_log = _LimitedLog()
+        self._wall_minus_mono: int | None = None                # to notice the wall clock jumping
         self.dirty: set[TopicPartition] = set()
         self.outbox: dict[str, list] = defaultdict(list)        # peer -> Replicate items of this pass
         self.pub_out: list[tuple[TopicPartition, list]] = []
@@ -439,7 +486,8 @@ class Node:
                         service.tick(mono_ms())
                     except Exception:
                         self.counters["internal_errors"] += 1
-                        log.exception("service %s failed in tick", type(service).__name__)
+                        self.limited_log.log(logging.ERROR, "service_tick", "service %s failed in tick",
+                                             type(service).__name__, exc_info=True)
                 ticked_at = time.monotonic()
                 self._finish_pass()
                 finished_at = time.monotonic()
@@ -454,7 +502,8 @@ class Node:
             if pass_ms > SLOW_PASS_MS:
                 self.counters["slow_passes"] += 1
                 end = time.monotonic()
-                log.warning("a loop pass took %.0f ms (over %d ms starves heartbeats): requests %.0f ms, "
+                self.limited_log.log(logging.WARNING, "slow_pass",
+                            "a loop pass took %.0f ms (over %d ms starves heartbeats): requests %.0f ms, "
                             "ticks %.0f ms, write and send %.0f ms, timers %.0f ms", pass_ms, SLOW_PASS_MS,
                             (drained_at - pass_start) * 1000, (ticked_at - drained_at) * 1000,
                             (finished_at - ticked_at) * 1000, (end - finished_at) * 1000)
@@ -594,7 +643,8 @@ class Node:
         try:
             self.store.commit(txn, sync=sync)
         except StorageFull as e:
-            log.error("write failed, nothing of this pass was stored: %s", e.message)
+            self.limited_log.log(logging.ERROR, "write_failed", "write failed, nothing of this pass was stored: %s",
+                                 e.message)
             self.counters["storage_errors"] += 1
             self.disk_full = True   # refuse produce until the disk check sees room again
             self.storage_error = e
@@ -715,10 +765,10 @@ class Node:
             self._step_items(R.unpack_items(msg.items, payload))
         except ZqError as e:
             self.counters["protocol_errors"] += 1
-            log.warning("dropped a bad replication broadcast: %s", e)
+            self.limited_log.log(logging.WARNING, "bad_broadcast", "dropped a bad replication broadcast: %s", e)
 
     def _step_items(self, items: list) -> None:
-        now = mono_ms()
+        now, wall = mono_ms(), self._wall_clock()
         for item in items:
             try:
                 if not (isinstance(item, list) and len(item) == 3 and type(item[0]) is int and type(item[1]) is int):
@@ -729,19 +779,41 @@ class Node:
                     self.counters["replication_for_unknown_partition"] += 1   # topic not applied here yet
                     continue
                 message = P.from_array(item[2])
-                part.replica.tick(now)
+                part.replica.tick(now, wall)
                 part.replica.step(message)
                 self.dirty.add(tp)
             except ZqError as e:
                 self.counters["protocol_errors"] += 1
-                log.warning("dropped a replication message: %s", e)
+                self.limited_log.log(logging.WARNING, "bad_replication", "dropped a replication message: %s", e)
 
     def _tick_replicas(self) -> None:
-        now = mono_ms()
+        now, wall = mono_ms(), self._wall_clock()
         for tp, part in self.parts.items():
             if part.replica is not None and part.replica.next_timer_ms() <= now:
-                part.replica.tick(now)
+                part.replica.tick(now, wall)
                 self.dirty.add(tp)
+
+    def _wall_clock(self) -> int:
+        """The wall clock for the cores, noticing when it jumps against the monotonic clock (it is
+        still passed on: the leaders' median of their replica sets' clocks outvotes it)."""
+        wall, mono = now_ms(), mono_ms()
+        if self._wall_minus_mono is not None and abs(wall - mono - self._wall_minus_mono) > CLOCK_JUMP_MS:
+            self.counters["clock_jumps"] += 1
+            self.limited_log.log(logging.WARNING, "clock_jump", "the wall clock of %s jumped by %+d ms; partitions "
+                                 "it leads take their time from their replica sets' median clock",
+                                 self.name, wall - mono - self._wall_minus_mono)
+        self._wall_minus_mono = wall - mono
+        return wall
+
+    def _append_time(self, part: _Part) -> int:
+        """The append time of a batch proposed now on a partition we lead (see Replica.append_time_ms)."""
+        part.replica.tick(mono_ms(), self._wall_clock())
+        self.dirty.add(part.tp)
+        stamp = part.replica.append_time_ms()
+        if stamp is None:
+            raise LeaderNotAvailable(f"{part.name}/{part.tp.partition} has a new leader that has not yet heard its "
+                                     "replicas' clocks; retry shortly")
+        return stamp
 
     # ------------------------------------------------------------------ lookups
 
@@ -805,7 +877,7 @@ class Node:
         except ZqError:
             self.counters["produce_batches_refused"] += 1
             raise
-        append_time = now_ms()
+        append_time = self._append_time(part)
         placeholder = zbatch.make_stored(msg.flags | zbatch.FLAG_VERIFIED, 0, msg.count, 0, append_time, msg.producer_id,
                                          msg.base_sequence, msg.blob_crc, blob)
         self._propose(part, msg.count, msg.producer_id, msg.base_sequence, placeholder,
@@ -863,14 +935,76 @@ class Node:
                 f"offset {msg.offset} is outside the retained range [{part.log_start}, {hw}] of "
                 f"{msg.topic}/{msg.partition}; read from earliest or latest", log_start=part.log_start,
                 high_watermark=hw)
+        self._check_fetch_pending(identity, f"{msg.topic}/{msg.partition}")
+        earlier = self.parked_by_client.get((identity, tp))
+        if earlier is not None:
+            # One long-poll per client and partition: the earlier one is answered now (with what
+            # there is), so a client cannot park fetches without bound.
+            self._unpark(earlier)
+            self._reply_fetch(earlier.identity, earlier.msg, tp, part)
         if msg.offset < hw or msg.max_wait_ms <= 0 or self.parked_count >= self.limits.pending_fetches_max:
             self._reply_fetch(identity, msg, tp, part)
             return
         wait_ms = min(msg.max_wait_ms, self.limits.fetch_wait_ms_max)
         parked = _Parked(mono_ms() + wait_ms, identity, msg, tp)
         self.parked[tp].append(parked)
+        self.parked_by_client[(identity, tp)] = parked
         self.parked_count += 1
         self._at(parked.deadline_ms, lambda: self._expire_parked(parked))
+
+    def _check_fetch_pending(self, identity: bytes, what: str) -> None:
+        """A client whose earlier fetch replies still wait in this node to be written (it does not
+        read them) is slowed down: Backpressure until ZeroMQ has written them out."""
+        self._strike_written(identity)
+        lim = self.limits
+        if (self.fetch_pending_bytes.get(identity, 0) > lim.fetch_client_pending_bytes_max
+                or len(self.fetch_pending.get(identity, ())) > lim.fetch_client_pending_replies_max
+                or self.fetch_pending_total > lim.fetch_pending_bytes_max):
+            self.counters["fetches_backpressured"] += 1
+            raise Backpressure(f"fetch replies to this client are not being read ({what}); "
+                               "read the replies already sent, then fetch again")
+
+    def _strike_written(self, identity: bytes) -> None:
+        """Forget the fetch replies to `identity` that ZeroMQ has written out (in order: one pipe)."""
+        queue = self.fetch_pending.get(identity)
+        if queue is None:
+            return
+        while queue and queue[0][0].done:
+            _, size = queue.popleft()
+            self.fetch_pending_bytes[identity] -= size
+            self.fetch_pending_total -= size
+        if not queue:
+            del self.fetch_pending[identity]
+            del self.fetch_pending_bytes[identity]
+
+    def _sweep_fetch_pending(self) -> None:
+        for identity in list(self.fetch_pending):
+            self._strike_written(identity)
+        self._at(mono_ms() + FETCH_PENDING_SWEEP_MS, self._sweep_fetch_pending)
+
+    def _send_fetch_reply(self, identity: bytes, frames: list[bytes], size: int) -> None:
+        """Send a fetch reply whose last frame is tracked (never copied: libzmq marks it done once
+        it has written it, and so the whole message, to the socket), and charge its bytes to the client."""
+        tail = zmq.Frame(frames[-1], track=True, copy=False)
+        try:
+            self.router.send_multipart([identity, *frames[:-1]], zmq.NOBLOCK | zmq.SNDMORE)
+            tracker = self.router.send(tail, zmq.NOBLOCK, copy=False, track=True)
+        except zmq.ZMQError:
+            self.counters["replies_dropped"] += 1
+            return
+        self.fetch_pending.setdefault(identity, deque()).append((tracker, size))
+        self.fetch_pending_bytes[identity] = self.fetch_pending_bytes.get(identity, 0) + size
+        self.fetch_pending_total += size
+
+    def _unpark(self, parked: _Parked) -> None:
+        parked.done = True
+        self.parked_count -= 1
+        key = (parked.identity, parked.tp)
+        if self.parked_by_client.get(key) is parked:
+            del self.parked_by_client[key]
+        lst = self.parked.get(parked.tp)
+        if lst is not None and parked in lst:
+            lst.remove(parked)
 
     def _reply_fetch(self, identity: bytes, msg: P.Fetch, tp: TopicPartition, part: _Part) -> None:
         values: list[bytes] = []
@@ -880,7 +1014,11 @@ class Node:
             values = self.store.read(tp, msg.offset, max_bytes, upto=hw)
             del values[self.limits.frames_per_message_max - 2:]   # a reply must stay decodable
         self.counters["fetched_batches"] += len(values)
-        self._send(identity, P.encode(P.FetchReply(msg.req_id, hw, part.log_start, part.log_end), *values))
+        frames = P.encode(P.FetchReply(msg.req_id, hw, part.log_start, part.log_end), *values)
+        if values:
+            self._send_fetch_reply(identity, frames, sum(len(v) for v in values))
+        else:
+            self._send(identity, frames)
 
     def _serve_parked(self, tp: TopicPartition) -> None:
         waiting = self.parked.pop(tp, None)
@@ -890,8 +1028,7 @@ class Node:
         for parked in waiting:
             if parked.done:
                 continue
-            parked.done = True
-            self.parked_count -= 1
+            self._unpark(parked)
             if part is not None:
                 self._reply_fetch(parked.identity, parked.msg, tp, part)
 
@@ -901,19 +1038,14 @@ class Node:
         waiting = self.parked.pop(tp, None)
         for parked in waiting or ():
             if not parked.done:
-                parked.done = True
-                self.parked_count -= 1
+                self._unpark(parked)
                 why = error or self._not_leader(self.leader_of(tp)[0], f"{parked.msg.topic}/{parked.msg.partition}")
                 self._send(parked.identity, P.encode(P.error_reply(parked.msg.req_id, why)))
 
     def _expire_parked(self, parked: _Parked) -> None:
         if parked.done:
             return
-        parked.done = True
-        self.parked_count -= 1
-        lst = self.parked.get(parked.tp)
-        if lst is not None:
-            lst.remove(parked)
+        self._unpark(parked)
         part = self.parts.get(parked.tp)
         if part is not None:
             self._reply_fetch(parked.identity, parked.msg, parked.tp, part)
@@ -1468,7 +1600,12 @@ class Node:
             self.counters["produce_batches_refused"] += 1
             done(e if isinstance(e, ZqError) else InvalidRequest(f"records for {topic}/{partition} cannot be encoded: {e}"))
             return
-        stored = zbatch.make_stored(zbatch.FLAG_VERIFIED, 0, len(records), 0, now_ms(), 0, 0, zbatch.crc(blob), blob)
+        try:
+            stamp = self._append_time(part)
+        except LeaderNotAvailable as e:
+            done(e)   # a leader of a moment ago, still hearing its replicas' clocks: the caller retries
+            return
+        stored = zbatch.make_stored(zbatch.FLAG_VERIFIED, 0, len(records), 0, stamp, 0, 0, zbatch.crc(blob), blob)
         self._propose(part, len(records), 0, 0, stored, done, leader_ack=not acks_quorum)
 
     def read_committed(self, topic: str, partition: int, offset: int, max_bytes: int) -> list[bytes]:
@@ -1553,6 +1690,7 @@ class Node:
         self._at(mono_ms(), self._send_heartbeats)
         self._at(mono_ms(), self._check_disk)
         self._at(mono_ms(), self._refresh_metrics)
+        self._at(mono_ms() + FETCH_PENDING_SWEEP_MS, self._sweep_fetch_pending)
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
         if self.config.seeds:
             self._ask_seeds()
@@ -1699,21 +1837,31 @@ class Node:
             except Exception:
                 # Our bug: log it loudly and keep serving; one broken timer must not stop the node.
                 self.counters["internal_errors"] += 1
-                log.exception("a timer of the node failed")
+                self.limited_log.log(logging.ERROR, "timer_failed", "a timer of the node failed", exc_info=True)
             ran += 1
         if ran:
             self._finish_pass()
 
     def _retention(self) -> None:
-        now = now_ms()
+        """A leader decides what retention deletes, by its replica set's median clock; a follower
+        deletes only below its leader's log start, once it holds that much committed (see
+        zq/core/replication.py, "Who moves the log start")."""
         for tp, part in list(self.parts.items()):
             t = self.meta.topics_by_id.get(tp.topic_id)
-            if t is None:
+            if t is None or part.replica is None:
                 continue
             r_ms, r_bytes = t.config.get("retention_ms"), t.config.get("retention_bytes")
             if r_ms is None and r_bytes is None:
                 continue
-            new_start = self.store.retention_candidates(tp, now_ms=now, retention_ms=r_ms, retention_bytes=r_bytes)
+            replica = part.replica
+            if replica.role == LEADER:
+                wall = replica.cluster_wall_ms()
+                if wall is None:
+                    continue   # its replicas' clocks are not known yet: the next round decides
+                self._note_skew(part, wall)
+                new_start = self.store.retention_candidates(tp, now_ms=wall, retention_ms=r_ms, retention_bytes=r_bytes)
+            else:
+                new_start = replica.leader_log_start if replica.leader_log_start <= part.high_watermark else None
             if new_start is not None and new_start > part.log_start:
                 # Only committed data goes, so no leader change can need it back.
                 new_start = min(new_start, part.high_watermark)
@@ -1726,6 +1874,14 @@ class Node:
                         part.replica.on_log_start(new_start)
                         self.dirty.add(tp)
         self._at(mono_ms() + self.config.retention_interval_ms, self._retention)
+
+    def _note_skew(self, part: _Part, cluster_wall: int) -> None:
+        own = now_ms()
+        if abs(own - cluster_wall) > CLOCK_SKEW_WARN_MS:
+            self.counters["clock_skewed"] += 1
+            self.limited_log.log(logging.WARNING, "clock_skew", "the clock of %s is %+d ms off the median of its "
+                                 "replica sets' clocks (e.g. %s/%d); it uses theirs, and its own clock needs fixing",
+                                 self.name, own - cluster_wall, part.name, part.tp.partition)
 
     def _refresh_metrics(self) -> None:
         if self.authenticator is not None:
@@ -1752,9 +1908,15 @@ class Node:
         except OSError:
             full = False
         if full != self.disk_full:
-            log.warning("disk %s: produce %s", "nearly full" if full else "has room again",
-                        "refused" if full else "accepted again")
+            log.warning("disk %s: produce %s%s", "nearly full" if full else "has room again",
+                        "refused" if full else "accepted again",
+                        "; leadership goes to replicas with room" if full else "")
         self.disk_full = full
+        for tp, part in self.parts.items():
+            # Followers say so in their acks; a leader hands off to a voter with room (the core).
+            if part.replica is not None and part.replica.disk_low != full:
+                part.replica.set_disk_low(full)
+                self.dirty.add(tp)
         self._at(mono_ms() + DISK_CHECK_INTERVAL_MS, self._check_disk)
 
     def close(self) -> None:

@@ -123,7 +123,7 @@ def pack_items(items: list) -> tuple[list, list[bytes]]:
             for e in arr[7]:
                 entries.append([*e[:5], len(frames)])
                 frames.append(e[5])
-            arr = [*arr[:7], entries]
+            arr = [*arr[:7], entries, *arr[8:]]   # fields after the entries (log_start) stay
         out.append([tid, p, arr])
     return out, frames
 
@@ -135,13 +135,13 @@ def unpack_items(items: list, frames: list) -> list:
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[2], list) and item[2]):
             raise ProtocolError("a Replicate item is [topic_id, partition, message]")
         tid, p, arr = item
-        if arr[0] == _APPEND_CODE and len(arr) == 8 and isinstance(arr[7], list) and arr[7]:
+        if arr[0] == _APPEND_CODE and len(arr) >= 8 and isinstance(arr[7], list) and arr[7]:
             entries = []
             for e in arr[7]:
                 if not (isinstance(e, list) and len(e) == 6 and type(e[5]) is int and 0 <= e[5] < len(frames)):
                     raise ProtocolError("a replicated entry names a payload frame that is not there")
                 entries.append([*e[:5], bytes(frames[e[5]])])
-            arr = [*arr[:7], entries]
+            arr = [*arr[:7], entries, *arr[8:]]
         out.append([tid, p, arr])
     return out
 

@@ -33,7 +33,7 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
     print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.reads} reads, {r.elections} elections, {r.crashes} crashes, "
           f"{r.pauses} pauses, {r.cuts} partitions, {r.reassignments} reassignments ({r.reassigned} reached, "
           f"{r.config_changes} configuration changes, {r.removals} replicas deleted), {r.drains} drains, "
-          f"{r.transfers} transfers, {r.handoffs} hand-offs, {r.retained} retention runs, "
+          f"{r.transfers} transfers, {r.handoffs} hand-offs, {r.disk_lows} disks short, {r.retained} retention runs, "
           f"{r.start_ats} logs restarted by StartAt ({r.start_ats_moved} on moved replicas), {r.false_deaths} false deaths, {r.operator_moves} operator "
           f"moves ({r.operator_false_moves} away from running nodes), converged {r.converged_ms} ms after healing, "
           f"trace {r.trace_hash}")
@@ -48,7 +48,8 @@ def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> i
     totals = {"steps": 0, "acks": 0, "reads": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0,
               "reassignments": 0, "reassigned": 0, "config_changes": 0, "removals": 0, "drains": 0,
               "transfers": 0, "handoffs": 0, "retained": 0, "start_ats": 0, "start_ats_moved": 0,
-              "retention_duplicates": 0, "false_deaths": 0, "operator_moves": 0, "operator_false_moves": 0}
+              "retention_duplicates": 0, "false_deaths": 0, "operator_moves": 0, "operator_false_moves": 0,
+              "disk_lows": 0}
     for i, seed in enumerate(range(start, start + count), 1):
         r = Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run()
         for k in totals:

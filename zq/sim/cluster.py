@@ -28,13 +28,22 @@ deleted with its data (durably, at once), so a node added again later starts emp
 epoch after the one its deleted replica had reached (`HardState.join_epoch`). A node
 that is down or paused learns the targets when it runs again, as a node reads the metadata
 log. Drains (`set_draining` on every replica of a node for a while) and one-off hand-offs
-(`transfer_leadership` on a leader) are drawn as well.
+(`transfer_leadership` on a leader) are drawn as well, and so are nodes short of disk for a while
+(`set_disk_low` on every replica of a node: a leader hands off to a voter with room).
 
-Retention. A seed may draw retention: now and then a running replica whose writes are synced
-deletes the front of its log up to an entry boundary at or below its high watermark (durably;
-`on_log_start`), so leaders' logs start past followers that were down, cut off or just created
+Retention. A seed may draw retention, by time, as the node runs it: now and then a running
+replica whose writes are synced applies it. A leader deletes the entries stamped before its
+replica set's clock (`cluster_wall_ms`) minus `retention_ms`, up to its high watermark; a
+follower deletes below its leader's log start (`leader_log_start`) once committed (durably;
+`on_log_start`). So leaders' logs start past followers that were down, cut off or just created
 by a reassignment, which catch up by StartAt (`Ready.reset_to`). A restarted replica reads only
-from its log start.
+from its log start. Such a seed may also set one node's wall clock ahead or behind (up to a
+day, `clock_skew_ms`); every replica is told its node's wall clock with the time, and a leader
+stamps each batch it proposes with `append_time_ms()` (kept beside the entry, as the batch
+header holds it). Two checks: no replica deletes an entry proposed less than `retention_ms`
+(minus `CLOCK_MARGIN_MS`) ago in true time, and no stamp is behind the true time by more than
+`CLOCK_MARGIN_MS`, an election timeout and some transit (a stamp behind makes retention delete
+early; one ahead only keeps longer).
 
 Membership and the operator. A seed may also host the SWIM failure detector
 (`zq.sim.members.MembershipLayer`, the real `Membership` cores and their shells) on the same
@@ -87,9 +96,14 @@ REPLICATION_FACTOR = 3
 NODES_DRAWN = (3, 3, 4, 5)   # cluster sizes a default (--nodes 3) seed draws from
 DRAIN_ROUNDS_MAX = 16        # Ready rounds per event (each sync may free one more)
 PAUSED_INBOX_MAX = 1_000
+WALL_BASE_MS = 1_700_000_000_000   # simulated wall clocks start here (a day of skew keeps them positive)
+DAY_MS = 86_400_000
 READ_ENTRIES_MAX = 8         # entries one simulated consumer fetch returns     # messages queued for a paused node before the rest are dropped
 SIM_CONFIG = ReplicationConfig(election_timeout_ms=150, heartbeat_interval_ms=40, fetch_retry_ms=60,
                                append_entries_max=16, append_bytes_max=256, pending_proposals_max=64)
+# Clock error the retention checks allow (not skew): an ack's transit, or the time a leader
+# stalled with acks queued (less than an election timeout, or it steps down).
+CLOCK_MARGIN_MS = SIM_CONFIG.election_timeout_ms + 50
 # The node's failure-detector timing (1 s periods, 400 ms ack timeout, 5 s suspicion and
 # reconnect) scaled down ten times, so that faults outlive a suspicion within a run; the ack
 # timeout still exceeds twice the simulated network's largest one-way delay (40 ms) plus the
@@ -126,6 +140,10 @@ class Settings:
     change_interval_ms_max: int = 1000  # between reassignments, drains and hand-offs
     retention: bool = False          # delete the front of replicas' logs now and then
     retention_interval_ms_max: int = 300
+    retention_ms: int = 1_000        # entries stamped this long before the leader's clock go
+    clock_skew_ms: int = 0           # one node's wall clock is this far ahead (or behind)
+    skewed_node: int = 0             # ... which one (index)
+    disk_low: bool = False           # nodes short of disk for a while (leaders hand off)
     members: bool = False            # run the failure detector (and, with more than 3 nodes, the operator)
     operator_interval_ms_max: int = 1000  # between the operator's looks at a view
     net: NetworkFaults = field(default_factory=NetworkFaults)
@@ -158,7 +176,14 @@ class Settings:
         """Retention is drawn from a random stream of its own, so a seed that draws none replays
         the history it had before retention was simulated."""
         return dataclasses.replace(self, retention=rng.random() < 0.6,
-                                   retention_interval_ms_max=rng.choice([50, 200, 1000]))
+                                   retention_interval_ms_max=rng.choice([50, 200, 1000]),
+                                   retention_ms=rng.choice([500, 1000, 2000]),
+                                   clock_skew_ms=rng.choice([0, 1_000, -60_000, DAY_MS, DAY_MS, -DAY_MS]),
+                                   skewed_node=rng.randrange(self.nodes))
+
+    def draw_disk(self, rng: random.Random) -> Settings:
+        """Nodes short of disk, from a stream of its own (see draw_retention)."""
+        return dataclasses.replace(self, disk_low=rng.random() < 0.3)
 
     def draw_members(self, rng: random.Random) -> Settings:
         """Membership too, from a stream of its own (see draw_retention)."""
@@ -203,6 +228,7 @@ class Result:
     false_deaths: int = 0            # a view declared a node DEAD whose process was running
     operator_moves: int = 0          # targets the operator changed away from nodes a view called dead
     operator_false_moves: int = 0    # of those, moves away from a node that was in fact running
+    disk_lows: int = 0               # times a node ran short of disk
 
 
 class SimNode:
@@ -213,6 +239,7 @@ class SimNode:
         self.replica_sets = partitions
         self.disk = SimDisk(sorted(partitions))
         self.draining = False
+        self.disk_low = False
         # Per partition deleted here, the epoch its replica had reached: kept durably (the shell
         # keeps it beside the metadata), so a replica created again starts past it.
         self.tombstones: dict[int, int] = {}
@@ -234,8 +261,9 @@ class Sim:
         self.rng = random.Random(seed)
         self.retention_rng = random.Random(seed * 2 + 1)  # only retention events draw from it
         self.members_rng = random.Random(seed * 2 + 2)    # the operator's choices
+        self.disk_rng = random.Random(f"disk-{seed}")     # only disk-shortage events draw from it
         self.settings = settings or (Settings.draw(self.rng, nodes, steps).draw_retention(self.retention_rng)
-                                     .draw_members(self.members_rng))
+                                     .draw_members(self.members_rng).draw_disk(self.disk_rng))
         self.verbose = verbose
         self.now = 0
         self.heap: list = []
@@ -255,6 +283,9 @@ class Sim:
             n: SimNode(n, {p: rs for p, rs in self.replica_sets.items() if n in rs}) for n in names
         }
         self.checker = Checker(list(range(s.partitions)))
+        # (partition, base offset, epoch) -> (stamped append time, true time proposed): what the
+        # stored batch header would hold, beside the simulator's own knowledge of the truth.
+        self.stamps: dict[tuple[int, int, int], tuple[int, int]] = {}
         self.result = Result(seed, True, s)
         self.members: MembershipLayer | None = None
         self.members_checker: MembersChecker | None = None
@@ -274,6 +305,11 @@ class Sim:
             self.producers[name] = Producer(name, p, sorted(self.nodes), 1000 + i if idem else NO_PRODUCER)
 
     # ---------------------------------------------------------------- scheduling
+
+    def wall_ms(self, node: SimNode) -> int:
+        """A node's wall clock: true time, shifted on the skewed node."""
+        skewed = f"n{self.settings.skewed_node + 1}" == node.name
+        return WALL_BASE_MS + self.now + (self.settings.clock_skew_ms if skewed else 0)
 
     def at(self, time_ms: int, kind: str, *args) -> None:
         self.seq += 1
@@ -299,6 +335,8 @@ class Sim:
             self.at(self.rng.randrange(1, s.change_interval_ms_max), "change")
         if s.retention:
             self.at(self.rng.randrange(1, s.retention_interval_ms_max), "retain")
+        if s.disk_low:
+            self.at(self.disk_rng.randrange(1, 500), "disk")
         if self.members is not None and s.nodes > REPLICATION_FACTOR:
             self.at(self.members_rng.randrange(1, s.operator_interval_ms_max), "operate")
         try:
@@ -378,6 +416,8 @@ class Sim:
         r.set_target(self.targets[p])
         if node.draining:
             r.set_draining(True)
+        if node.disk_low:
+            r.set_disk_low(True)
         node.replicas[p] = r
         node.applied_end[p] = store.log_end
         node.timer_at[p] = -1
@@ -392,7 +432,7 @@ class Sim:
         for p in sorted(self.targets):
             r = node.replicas.get(p)
             if r is not None:
-                r.tick(self.now)
+                r.tick(self.now, self.wall_ms(node))
                 r.set_target(self.targets[p])
                 self.drain(node, p)
             elif node.name in self.targets[p]:
@@ -496,7 +536,7 @@ class Sim:
             r = node.replicas.get(p)
             if r is None:
                 return  # not (or no longer) a replica here: a shell drops it
-            r.tick(self.now)  # a shell tells the core the time before each batch of events
+            r.tick(self.now, self.wall_ms(node))  # a shell tells the core the time before each batch of events
             try:
                 r.step(msg)
             except ProtocolError as e:
@@ -511,8 +551,20 @@ class Sim:
             if r is None:
                 self.answer_directly(req, NOT_LEADER)
                 return
-            r.tick(self.now)
+            r.tick(self.now, self.wall_ms(node))
+            stamp = None
+            if self.settings.retention and r.role == LEADER:
+                stamp = r.append_time_ms()
+                if stamp is None:   # its replicas' clocks not known yet: the node says retry
+                    self.answer_directly(req, NOT_LEADER)
+                    return
+                if stamp < WALL_BASE_MS + self.now - CLOCK_MARGIN_MS:
+                    raise Violation("an append time behind the true time",
+                                    f"{node.name} p{req.partition} stamps {stamp - WALL_BASE_MS - self.now:+d} ms")
+            base, epoch = r.log_end, r.epoch
             pid = r.propose(req.count, req.producer_id, req.base_sequence, req.payload)
+            if stamp is not None and r.log_end > base:
+                self.stamps[(req.partition, base, epoch)] = (stamp, self.now)
             node.proposals[(req.partition, pid)] = (req.producer, req.batch_no, req.attempt)
             self.drain(node, req.partition)
 
@@ -538,7 +590,7 @@ class Sim:
         if not node.alive or node.paused or node.incarnation != incarnation or node.timer_at.get(p) != due:
             return
         node.timer_at[p] = -1
-        node.replicas[p].tick(self.now)
+        node.replicas[p].tick(self.now, self.wall_ms(node))
         self.drain(node, p)
 
     def ev_deliver(self, dst: str, p: int, msg: object) -> None:
@@ -558,7 +610,7 @@ class Sim:
         node.disk.sync()
         for p in sorted(node.replicas):
             if p in node.replicas:  # an earlier one's drain may not delete it, but be sure
-                node.replicas[p].tick(self.now)
+                node.replicas[p].tick(self.now, self.wall_ms(node))
                 node.replicas[p].on_persisted(node.applied_end[p])
                 self.drain(node, p)
 
@@ -696,7 +748,7 @@ class Sim:
                     to = self.rng.choice([None, *others]) if others else None
                     self.result.transfers += 1
                     self.log(f"transfer p{p} from {name} to {to or 'the best voter'}")
-                    r.tick(self.now)
+                    r.tick(self.now, self.wall_ms(node))
                     r.transfer_leadership(to)
                     self.drain(node, p)
         self.at(self.now + self.rng.randint(10, s.change_interval_ms_max), "change")
@@ -707,8 +759,37 @@ class Sim:
             return  # applied when it runs again
         for p in sorted(node.replicas):
             if p in node.replicas:
-                node.replicas[p].tick(self.now)
+                node.replicas[p].tick(self.now, self.wall_ms(node))
                 node.replicas[p].set_draining(on)
+                self.drain(node, p)
+
+    def ev_disk(self) -> None:
+        """A node runs short of disk for a while (then has room again)."""
+        if self.phase != "safety":
+            return
+        name = self.disk_rng.choice(sorted(self.nodes))
+        node = self.nodes[name]
+        if not node.disk_low:
+            self.log(f"disk low on {name}")
+            self.result.disk_lows += 1
+            self.set_disk_low(node, True)
+            self.at(self.now + self.disk_rng.randint(50, 1000), "disk_ok", name)
+        self.at(self.now + self.disk_rng.randint(50, 1000), "disk")
+
+    def ev_disk_ok(self, name: str) -> None:
+        node = self.nodes[name]
+        if node.disk_low:
+            self.log(f"disk has room again on {name}")
+            self.set_disk_low(node, False)
+
+    def set_disk_low(self, node: SimNode, on: bool) -> None:
+        node.disk_low = on
+        if not node.alive or node.paused:
+            return  # applied when it runs again
+        for p in sorted(node.replicas):
+            if p in node.replicas:
+                node.replicas[p].tick(self.now, self.wall_ms(node))
+                node.replicas[p].set_disk_low(on)
                 self.drain(node, p)
 
     def ev_undrain(self, name: str) -> None:
@@ -736,8 +817,9 @@ class Sim:
         for p in sorted(node.replicas):
             if p in node.replicas:
                 node.timer_at[p] = -1
-                node.replicas[p].tick(self.now)  # the clock jumped while it was stopped
+                node.replicas[p].tick(self.now, self.wall_ms(node))  # the clock jumped while it was stopped
                 node.replicas[p].set_draining(node.draining)
+                node.replicas[p].set_disk_low(node.disk_low)
                 self.drain(node, p)
         self.apply_targets(node)
         queued, node.inbox = node.inbox, []
@@ -746,26 +828,65 @@ class Sim:
                 self.handle(node, kind, args)
 
     def ev_retain(self) -> None:
-        """Retention on one replica: delete its log up to an entry boundary it knows committed."""
+        """Retention on one replica, as the node runs it: a leader by time, a follower below its leader's start."""
         if self.phase != "safety":
             return
-        name = self.retention_rng.choice(sorted(self.nodes))
-        node = self.nodes[name]
         p = self.retention_rng.randrange(self.settings.partitions)
-        r = node.replicas.get(p)
-        if node.alive and not node.paused and r is not None and not node.disk.has_unsynced(p):
+        for name in sorted(self.nodes):   # each node runs retention on its replicas of p
+            node = self.nodes[name]
+            r = node.replicas.get(p)
+            if not node.alive or node.paused or r is None or node.disk.has_unsynced(p):
+                continue
             store = node.disk.volatile[p]
-            ends = [e.end_offset for e in store.entries if e.end_offset <= r.high_watermark]
-            if ends:
-                start = self.retention_rng.choice(ends)
+            start = self.retention_start(node, p, r)
+            if start is not None and start > store.start:
+                self.check_retained(node, p, start)
                 self.log(f"{name} p{p}: retention deletes [{store.start}, {start})")
                 node.disk.retain(p, start)
-                r.tick(self.now)
+                r.tick(self.now, self.wall_ms(node))
                 r.on_log_start(start)
                 self.checker.on_log_start(name, p, start)
                 self.result.retained += 1
                 self.drain(node, p)
         self.at(self.now + self.retention_rng.randint(10, self.settings.retention_interval_ms_max), "retain")
+
+    def retention_start(self, node: SimNode, p: int, r: Replica) -> int | None:
+        """Where the node's retention would start the log now (as Node._retention decides)."""
+        store = node.disk.volatile[p]
+        if r.role != LEADER:
+            start = r.leader_log_start
+            if not store.start < start <= r.high_watermark:
+                return None
+            if start not in {e.end_offset for e in store.entries}:
+                raise Violation("a leader's log start is not an entry boundary of its follower",
+                                f"{node.name} p{p} at {start}")
+            return start
+        wall = r.cluster_wall_ms()
+        if wall is None:
+            return None
+        cutoff = wall - self.settings.retention_ms
+        start, stamp = None, 0
+        for e in store.entries:
+            if e.end_offset > r.high_watermark:
+                break
+            # A marker or configuration entry has no stamp: the one before it counts (the store's
+            # time index clamps it so).
+            stamp = self.stamps.get((p, e.base_offset, e.epoch), (stamp, 0))[0]
+            if stamp >= cutoff:
+                break
+            start = e.end_offset
+        return start
+
+    def check_retained(self, node: SimNode, p: int, start: int) -> None:
+        """Nothing proposed less than retention_ms ago (true time, less the margin) is deleted."""
+        for e in node.disk.volatile[p].entries:
+            if e.end_offset > start:
+                break
+            stamped = self.stamps.get((p, e.base_offset, e.epoch))
+            if stamped is not None and stamped[1] > self.now - self.settings.retention_ms + CLOCK_MARGIN_MS:
+                raise Violation("retention deleted an entry younger than retention_ms",
+                                f"{node.name} p{p}: offset {e.base_offset} proposed at t={stamped[1]}, "
+                                f"deleted at t={self.now} (retention_ms={self.settings.retention_ms})")
 
     def _on_member_change(self, now_ms: int, observer: str, change) -> None:
         if change.state is State.DEAD and self.nodes[change.node].alive:
@@ -818,12 +939,14 @@ class Sim:
         for name in sorted(self.nodes):
             node = self.nodes[name]
             node.draining = False
+            node.disk_low = False
             if not node.alive:
                 self.start_node(node)
             elif node.paused:
                 self.resume(node)
             else:
                 self.set_draining(node, False)
+                self.set_disk_low(node, False)
 
     def converged(self) -> bool:
         for p, target in self.targets.items():
