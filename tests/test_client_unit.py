@@ -27,7 +27,7 @@ from zq.hashing import partition_for_key
 from zq.limits import Limits
 
 FAST = Limits(request_timeout_ms=400, producer_request_timeout_ms=400, retry_backoff_ms=5, retry_backoff_ms_max=20,
-              producer_max_block_ms=400, create_wait_ms_max=200)
+              producer_max_block_ms=400, create_wait_ms_max=200, api_timeout_ms=1_000)
 
 DROP = object()  # an intercept result: swallow the request, never answer
 
@@ -435,9 +435,10 @@ def test_acks_none_resolves_without_a_reply(cluster, client):
 def test_request_timeout_raises_timeout(cluster, client):
     cluster.intercept = lambda node, msg, payload: DROP if isinstance(msg, (protocol.ListOffsets, protocol.Produce)) else None
     t0 = time.monotonic()
-    with pytest.raises(Timeout):
+    with pytest.raises(Timeout) as e:
         client.list_offsets("t", 0, "earliest")
     assert time.monotonic() - t0 < 5
+    assert "did not succeed in" in str(e.value) and "api_timeout_ms" in str(e.value)  # retried until the deadline
     producer = client.producer(linger_ms=0, retries=0, request_timeout_ms=200)
     with pytest.raises(Timeout) as e:
         producer.send("t", b"lost?", partition=0).result(3)
