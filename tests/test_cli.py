@@ -50,6 +50,7 @@ def assert_one_sentence(err: str) -> None:
     (["topic", "create", "t", "--retention", "7 parsecs"], "--retention"),
     (["topic", "create", "t", "--retention-bytes", "lots"], "--retention-bytes"),
     (["topic", "create", "t", "--durability", "maybe"], "--durability"),
+    (["topic", "create", "t", "--compact"], "key compaction (compact = true) is not built yet"),
     (["node", "start", "--name", "n1", "--seed", "nohost"], "--seed"),
     (["bench", "produce", "--acks", "all-of-them"], "--acks"),
 ])
@@ -58,6 +59,12 @@ def test_usage_errors_are_one_sentence_and_exit_2(capsys, argv, words):
     assert code == 2
     assert_one_sentence(err)
     assert words in err
+
+
+def test_help_does_not_promise_options_nothing_reads(capsys):
+    code, out, err = run(capsys, "topic", "create", "--help")
+    assert code == 0
+    assert "--compact" not in out and "latest message per key" not in out
 
 
 def test_no_arguments_prints_help_and_exits_non_zero(capsys):
