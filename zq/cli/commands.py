@@ -67,8 +67,14 @@ class UsageProblem(errors.ZqError):
 
 
 def _client(bootstrap: str | None, cluster: str):
+    """The commands' client; $ZQ_API_TIMEOUT_MS sets its api_timeout_ms (how long a command waits
+    out an election or an unreachable cluster before it fails; default 60 s)."""
     from zq.client import Client
-    return Client(bootstrap=bootstrap, cluster=cluster)
+    text = os.environ.get("ZQ_API_TIMEOUT_MS")
+    if text is not None and not text.strip().isdigit():
+        raise UsageProblem(f"ZQ_API_TIMEOUT_MS={text!r} is not a whole number of milliseconds; unset it or fix it")
+    api_timeout_ms = int(text) if text is not None else None
+    return Client(bootstrap=bootstrap, cluster=cluster, api_timeout_ms=api_timeout_ms)
 
 
 def _print_json(doc: Any) -> None:
