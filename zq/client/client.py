@@ -11,8 +11,8 @@ NotLeader that names the leader is followed at once through a per-partition *hin
 refresh clears.
 
 Admin requests (create, delete) go to any node; a node that is not the metadata leader answers
-NotLeader with the leader's address, and the request is sent there instead, a bounded number of
-times. Producers and consumers made by a client share its connection and metadata; closing the
+NotLeader with the leader's address, and the request is sent there instead (at most
+`redirects_max` hops per attempt, attempts until `api_timeout_ms`). Producers and consumers made by a client share its connection and metadata; closing the
 client closes them.
 """
 from __future__ import annotations
@@ -300,7 +300,10 @@ class Client:
         return n
 
     def _partitions_of(self, topic: str) -> list[int]:
-        return list(range(self._partition_count(topic, self.limits.request_timeout_ms)))
+        """Caller's thread: the topic's partitions, waiting out an unreachable cluster until
+        `api_timeout_ms` (an unknown topic is raised after `request_timeout_ms`)."""
+        return list(range(self._until_deadline(f"learning the partitions of {topic!r}",
+                                               lambda: self._partition_count(topic, self.limits.request_timeout_ms))))
 
     def _leader_address(self, topic: str, partition: int) -> str | None:
         """Any thread: where to send requests for this partition now."""
