@@ -12,8 +12,8 @@ refresh clears.
 
 Admin requests (create, delete) go to any node; a node that is not the metadata leader answers
 NotLeader with the leader's address, and the request is sent there instead (at most
-`redirects_max` hops per attempt, attempts until `api_timeout_ms`). Producers and consumers made by a client share its connection and metadata; closing the
-client closes them.
+`redirects_max` hops per attempt, attempts until `api_timeout_ms`). Producers and consumers
+made by a client share its connection and metadata; closing the client closes them.
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ class Client:
             limits = dataclasses.replace(limits, api_timeout_ms=api_timeout_ms)
         self.limits = limits
         self._rng = random.Random()  # jitter of retries
-        self._backoff = BackoffPolicy(limits.retry_backoff_ms, max(limits.retry_backoff_ms, limits.retry_backoff_ms_max))
+        self._backoff = BackoffPolicy(limits.retry_backoff_ms,
+                                      max(limits.retry_backoff_ms, limits.retry_backoff_ms_max))
         if security is None and (os.environ.get("ZQ_CLUSTER_KEY") or os.environ.get("ZQ_CLIENT_KEY")):
             from zq.io.security import client_keys_from_env
             security = client_keys_from_env()
@@ -251,7 +252,8 @@ class Client:
         wire_spec = time_spec(spec)
         reply, _ = self._until_deadline(
             f"list_offsets of {topic}/{partition}",
-            lambda: self._leader_call(topic, partition, lambda rid: protocol.ListOffsets(rid, topic, partition, wire_spec)))
+            lambda: self._leader_call(topic, partition,
+                                      lambda rid: protocol.ListOffsets(rid, topic, partition, wire_spec)))
         r = check_reply(reply, protocol.OffsetsReply)
         return Offsets(r.offset, r.log_start, r.high_watermark)
 

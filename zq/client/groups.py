@@ -733,7 +733,8 @@ def _ok(reply: Any) -> dict:
 
 def describe_groups(client: Client, group: str | None = None) -> dict:
     """The `zq groups --json` document: {"groups": [{"group", "generation", "members", "partitions"}]}."""
-    reply, _ = client._until_deadline("describing groups", lambda: client._call_any(lambda rid: G.DescribeGroups(rid, group)))
+    reply, _ = client._until_deadline("describing groups",
+                                      lambda: client._call_any(lambda rid: G.DescribeGroups(rid, group)))
     return {"groups": _ok(reply).get("groups") or []}
 
 
