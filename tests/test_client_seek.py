@@ -148,3 +148,31 @@ def test_a_group_member_seek_delivers_from_the_offset(cluster, client):
                 got.append(m.offset)
     assert got and got[0] in (2, 3) and got == list(range(got[0], cluster.ends[1]))
     consumer.close()
+
+
+def test_the_aio_consumers_offer_position_resets_and_seeks(cluster):
+    # Issue 9: zq.aio's group consumer raised AttributeError for position() and resets.
+    import asyncio
+
+    from zq import aio
+
+    async def main() -> tuple[int, int, int]:
+        async with aio.Client(cluster.bootstrap, cluster=cluster.name) as client:
+            group = await client.consumer("t", group="aio-seekers")
+            assert isinstance(group, aio.GroupConsumer) and list(group.resets) == []
+            await group.seek(0, 1)
+            group_position = group.position(0)
+            await group.close()
+            plain = await client.consumer("t")
+            assert isinstance(plain, aio.Consumer)
+            plain.seek(0, 0)
+            got: list[int] = []
+            deadline = time.monotonic() + READ_WAIT_S_MAX
+            while (not got or got[-1] < cluster.ends[0] - 1) and time.monotonic() < deadline:
+                got += [m.offset for m in await plain.poll(timeout=0.2) if m.partition == 0]
+            await plain.close()
+            return group_position, got[0] if got else -1, plain.position(0)
+
+    group_position, first, position = asyncio.run(main())
+    assert group_position == 1
+    assert first in (0, 1) and position == cluster.ends[0]
