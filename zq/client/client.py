@@ -46,6 +46,16 @@ COMPACT_NOT_BUILT = ("key compaction (compact = true) is not built yet, so a top
                      "leave it out (every message is kept until retention removes it)")
 
 
+def _gave_up(error: ZqError, message: str) -> ZqError:
+    """The same class of error as the last refusal, with the sentence that says how long we waited."""
+    try:
+        return type(error)(message, **error.data)
+    except TypeError:   # a class with its own constructor: keep the error, reword its message
+        error.message = message
+        error.args = (message,)
+        return error
+
+
 class Offsets(NamedTuple):
     """A ListOffsets answer: the offset asked for, and the partition's bounds now."""
 
@@ -404,7 +414,7 @@ class Client:
                 delay = client_rules.retry_delay_ms(failures, started_ms, now, self.limits.api_timeout_ms,
                                                     self._backoff, self._rng.random())
                 if delay is None:
-                    raise type(e)(client_rules.gave_up_message(what, now - started_ms, e.message), **e.data) from e
+                    raise _gave_up(e, client_rules.gave_up_message(what, now - started_ms, e.message)) from e
                 log.info("%s: %s; retrying in %d ms", what, e.code, delay)
                 time.sleep(delay / 1000.0)
 
