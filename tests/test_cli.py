@@ -50,6 +50,7 @@ def assert_one_sentence(err: str) -> None:
     (["topic", "create", "t", "--retention", "7 parsecs"], "--retention"),
     (["topic", "create", "t", "--retention-bytes", "lots"], "--retention-bytes"),
     (["topic", "create", "t", "--durability", "maybe"], "--durability"),
+    (["topic", "create", "t", "--compact"], "key compaction (compact = true) is not built yet"),
     (["node", "start", "--name", "n1", "--seed", "nohost"], "--seed"),
     (["bench", "produce", "--acks", "all-of-them"], "--acks"),
 ])
@@ -58,6 +59,12 @@ def test_usage_errors_are_one_sentence_and_exit_2(capsys, argv, words):
     assert code == 2
     assert_one_sentence(err)
     assert words in err
+
+
+def test_help_does_not_promise_options_nothing_reads(capsys):
+    code, out, err = run(capsys, "topic", "create", "--help")
+    assert code == 0
+    assert "--compact" not in out and "latest message per key" not in out
 
 
 def test_no_arguments_prints_help_and_exits_non_zero(capsys):
@@ -75,11 +82,13 @@ def test_a_real_process_never_shows_a_traceback(tmp_path):
 
 @pytest.fixture
 def short_timeouts(monkeypatch):
-    """The CLI's client with 300 ms request timeouts, so failures that wait for the cluster come fast."""
+    """The CLI's client with 300 ms request timeouts and a 1 s api_timeout_ms, so failures that
+    wait for the cluster come fast."""
+    monkeypatch.setenv("ZQ_API_TIMEOUT_MS", "1000")
     from zq.client import Client
     from zq.limits import Limits
     monkeypatch.setattr("zq.cli.commands._client", lambda bootstrap, cluster: Client(
-        bootstrap=bootstrap, cluster=cluster, limits=Limits(request_timeout_ms=300)))
+        bootstrap=bootstrap, cluster=cluster, limits=Limits(request_timeout_ms=300, api_timeout_ms=1_000)))
 
 
 def test_unreachable_cluster_is_one_sentence_exit_1(capsys, short_timeouts):
@@ -87,6 +96,17 @@ def test_unreachable_cluster_is_one_sentence_exit_1(capsys, short_timeouts):
     code, out, err = run(capsys, "status", "--bootstrap", "127.0.0.1:1")
     assert code == 1
     assert_one_sentence(err)
+    assert "did not succeed in" in err and "api_timeout_ms" in err   # retried until the deadline, then said so
+
+
+def test_the_cli_reads_api_timeout_ms_from_the_environment(monkeypatch):
+    from zq.cli.commands import _client
+    monkeypatch.setenv("ZQ_API_TIMEOUT_MS", "1234")
+    with _client("127.0.0.1:1", "zq") as client:
+        assert client.limits.api_timeout_ms == 1234
+    monkeypatch.setenv("ZQ_API_TIMEOUT_MS", "soon")
+    with pytest.raises(errors.ZqError, match="ZQ_API_TIMEOUT_MS"):
+        _client("127.0.0.1:1", "zq")
 
 
 def test_exit_codes_follow_the_error_class():

@@ -27,7 +27,7 @@ from zq.hashing import partition_for_key
 from zq.limits import Limits
 
 FAST = Limits(request_timeout_ms=400, producer_request_timeout_ms=400, retry_backoff_ms=5, retry_backoff_ms_max=20,
-              producer_max_block_ms=400, create_wait_ms_max=200)
+              producer_max_block_ms=400, create_wait_ms_max=200, api_timeout_ms=1_000)
 
 DROP = object()  # an intercept result: swallow the request, never answer
 
@@ -435,9 +435,10 @@ def test_acks_none_resolves_without_a_reply(cluster, client):
 def test_request_timeout_raises_timeout(cluster, client):
     cluster.intercept = lambda node, msg, payload: DROP if isinstance(msg, (protocol.ListOffsets, protocol.Produce)) else None
     t0 = time.monotonic()
-    with pytest.raises(Timeout):
+    with pytest.raises(Timeout) as e:
         client.list_offsets("t", 0, "earliest")
     assert time.monotonic() - t0 < 5
+    assert "did not succeed in" in str(e.value) and "api_timeout_ms" in str(e.value)  # retried until the deadline
     producer = client.producer(linger_ms=0, retries=0, request_timeout_ms=200)
     with pytest.raises(Timeout) as e:
         producer.send("t", b"lost?", partition=0).result(3)
@@ -671,3 +672,58 @@ def test_aio_client_produces_and_consumes(cluster):
     p = partition_for_key(b"k", 2)
     assert metas == [(i, p) for i in range(5)]
     assert values == [b"m%d" % i for i in range(5)]
+
+
+# ---------------------------------------------------------------------------- retry until api_timeout_ms
+
+
+def refuse_first(kind: type, code: str, n: int):
+    """An intercept that refuses the first `n` requests of `kind` with error `code`."""
+    left = [n]
+
+    def intercept(node, msg, payload):
+        if isinstance(msg, kind) and left[0] > 0:
+            left[0] -= 1
+            return protocol.ErrorReply(msg.req_id, code, f"fake {code}: an election is under way", {}), []
+        return None
+    return intercept, left
+
+
+def test_list_offsets_rides_through_an_election_longer_than_five_attempts(cluster):
+    # Before issue 9 the client gave up after leader_attempts_max = 5 attempts (~0.75 s).
+    cluster.intercept, left = refuse_first(protocol.ListOffsets, "leader_not_available", 12)
+    with zq.Client(cluster.bootstrap, limits=FAST, api_timeout_ms=10_000) as client:
+        assert client.list_offsets("t", 0, "earliest").offset == 0
+        assert left[0] == 0
+        consumer = client.consumer("t", partitions=[1])      # its start is a list_offsets too
+        assert consumer.position(1) == 0
+
+
+def test_a_call_gives_up_at_api_timeout_ms_and_says_how_long_it_waited(cluster):
+    cluster.intercept, _ = refuse_first(protocol.ListOffsets, "leader_not_available", 10**9)
+    with zq.Client(cluster.bootstrap, limits=FAST, api_timeout_ms=300) as client:
+        t0 = time.monotonic()
+        with pytest.raises(zq.errors.LeaderNotAvailable) as e:
+            client.list_offsets("t", 0)
+        assert 0.3 <= time.monotonic() - t0 < 5
+    assert "did not succeed in 0.3 s" in str(e.value) and "api_timeout_ms" in str(e.value)
+
+
+def test_admin_calls_ride_through_a_metadata_election(cluster):
+    cluster.intercept, left = refuse_first(protocol.CreateTopic, "leader_not_available", 8)
+    with zq.Client(cluster.bootstrap, limits=FAST, api_timeout_ms=10_000) as client:
+        client.create_topic("elected", partitions=2)
+        assert left[0] == 0 and "elected" in client.refresh_metadata().topics
+
+
+def test_a_mistake_is_not_retried(cluster):
+    cluster.intercept, left = refuse_first(protocol.ListOffsets, "invalid_request", 3)
+    with zq.Client(cluster.bootstrap, limits=FAST, api_timeout_ms=10_000) as client:
+        with pytest.raises(zq.errors.InvalidRequest):
+            client.list_offsets("t", 0)
+    assert left[0] == 2
+
+
+def test_compact_is_refused_until_it_is_built(client):
+    with pytest.raises(InvalidRequest, match="not built yet"):
+        client.create_topic("compacted", compact=True)

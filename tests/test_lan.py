@@ -435,7 +435,10 @@ def test_a_secured_lan_cluster_serves_a_client_with_a_key_and_refuses_one_withou
 
         for name, env in (("a stranger's key", {**allowed, "ZQ_CLIENT_KEY": str(tmp_path / "strangers" / "eve.key_secret")}),
                           ("no key", {k: v for k, v in os.environ.items() if not k.startswith("ZQ_")})):
-            refused = lan.popen(3, [PY, "-m", "zq", "status", "--bootstrap", boot], env=env)
+            # A refused handshake looks like an unreachable node: the client retries it until its
+            # api_timeout_ms, shortened here so the refusal comes in seconds.
+            refused = lan.popen(3, [PY, "-m", "zq", "status", "--bootstrap", boot],
+                                env={**env, "ZQ_API_TIMEOUT_MS": "2000"})
             stdout, stderr = refused.communicate(timeout=120)
             assert refused.returncode == 1 and "Traceback" not in stderr, (name, stdout, stderr)
             assert stderr.startswith("zq: error:") and stdout == "", (name, stderr)

@@ -308,7 +308,7 @@ def test_a_client_needs_an_allowed_key_to_reach_a_secured_node(ctx, keys, keydir
     from zq.client import Client
     from zq.errors import ConnectionFailed, Timeout
     from zq.limits import DEFAULT
-    limits = dataclasses.replace(DEFAULT, request_timeout_ms=300, retry_backoff_ms=10)
+    limits = dataclasses.replace(DEFAULT, request_timeout_ms=300, retry_backoff_ms=10, api_timeout_ms=1_000)
     node = SecuredStandIn(ctx, keys)
     address = node.endpoint.removeprefix("tcp://")
     try:
@@ -364,7 +364,7 @@ def test_a_secured_cluster_replicates_and_serves_only_allowed_clients(tmp_path, 
             assert all(m.epoch >= 1 for m in metas)
             rows = [r for r in client.status()["partitions"] if r["topic"] == "secret"]
             assert all(len(r["in_sync"]) == 3 for r in rows)       # followers replicate over Curve
-        limits = dataclasses.replace(DEFAULT, request_timeout_ms=300, retry_backoff_ms=10)
+        limits = dataclasses.replace(DEFAULT, request_timeout_ms=300, retry_backoff_ms=10, api_timeout_ms=1_000)
         with Client(bootstrap=bootstrap, limits=limits, security=client_keys(keydir, "others/stranger.key_secret")) as c:
             with pytest.raises((ConnectionFailed, Timeout)):
                 c.status()

@@ -50,6 +50,9 @@ class Limits:
     consumer_prefetch_bytes_max: int = 32 * MiB  # fetched and not yet handed to the application
     # Client requests in general.
     request_timeout_ms: int = 10_000
+    api_timeout_ms: int = 60_000            # a client call retries passing refusals (an election, NotLeader,
+                                            # backpressure, a lost connection) this long before it raises,
+                                            # as Kafka's default.api.timeout.ms; Client(api_timeout_ms=...)
 
 
 DEFAULT = Limits()

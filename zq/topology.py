@@ -1,4 +1,4 @@
-"""The topology file: which nodes a cluster expects, and which topics and groups it starts with.
+"""The topology file: which nodes a cluster expects, and which topics it starts with.
 
 Theory of operation
 -------------------
@@ -57,7 +57,11 @@ DEFAULT_BACKOFF_INITIAL_MS = 1_000
 DEFAULT_BACKOFF_MAX_MS = 60_000
 DEFAULT_RETENTION_MS: int | None = None     # None: keep forever
 DEFAULT_RETENTION_BYTES: int | None = None  # None: no size bound
-DEFAULT_COMPACT = False
+DEFAULT_COMPACT = False                 # compact = true is refused until key compaction is built
+COMPACT_NOT_BUILT = ("key compaction (compact = true) is not built yet; remove the key or write "
+                     "compact = false (every message is kept until retention removes it)")
+GROUPS_NOT_BUILT = ("[[group]] tables (groups declared in the topology) are not built yet; remove them: "
+                    "a group starts when its first member joins (zq consume TOPIC --group NAME)")
 DEFAULT_DURABILITY = "fsync"
 DURABILITIES = ("fsync", "replicated")
 DLQ_SUFFIX = ".dlq"
@@ -71,7 +75,6 @@ NODES_MAX = 1_000
 TOPICS_MAX = 10_000
 GROUPS_MAX = 10_000
 SEEDS_MAX = 1_000
-GROUP_TOPICS_MAX = 1_000
 NAME_CHARS_MAX = 63                     # node, cluster: a directory name and a DNS-SD TXT value
 TOPIC_NAME_CHARS_MAX = LIMITS.topic_name_chars_max
 PARTITIONS_MAX = LIMITS.partitions_per_topic_max
@@ -84,7 +87,6 @@ NODE_KEYS = ("name", "host", "port")
 TOPIC_KEYS = ("name", "partitions", "replication", "retention", "retention_bytes", "max_deliveries",
               "backoff", "compact", "durability")
 BACKOFF_KEYS = ("initial", "max")
-GROUP_KEYS = ("name", "topics")
 # [security] (CurveZMQ, see zq/io/security.py): file paths are relative to the topology's folder.
 SECURITY_KEYS = ("mode", "cluster_secret_key_file", "cluster_public_key_file", "allowed_clients_dir")
 SECURITY_MODES = ("curve",)
@@ -156,12 +158,6 @@ class TopicSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class GroupSpec:
-    name: str
-    topics: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     name: str
     data_dir: Path                  # absolute
@@ -176,7 +172,6 @@ class Topology:
     cluster: ClusterSpec
     nodes: tuple[NodeSpec, ...]
     topics: tuple[TopicSpec, ...] = ()
-    groups: tuple[GroupSpec, ...] = ()
     security: dict | None = None    # the [security] table as written; its keys belong to the security issue
 
     def node(self, name: str) -> NodeSpec:
@@ -644,14 +639,14 @@ class _Checker:
         cluster = self.voters(cluster_table, cluster, nodes)
         nodes = tuple(NodeSpec(n.name, n.host, n.port, voter=n.name in cluster.voters) for n in nodes)
         topics = self.topics(self.array_of_tables(data, "topic", "topic", TOPICS_MAX), len(nodes))
-        groups = self.groups(self.array_of_tables(data, "group", "group", GROUPS_MAX), topics)
+        self.no_groups(self.array_of_tables(data, "group", "group", GROUPS_MAX))
         security = data.get("security")
         if security is not None and not isinstance(security, dict):
             raise self.fail(("", 0), ("security",), "security must be a table; write [security] on its own line, "
                                                    "then its keys below it")
         if security is not None:
             security = self.security(security)
-        return Topology(self.path, cluster, nodes, topics, groups, security)
+        return Topology(self.path, cluster, nodes, topics, security)
 
     def security(self, table: dict) -> dict:
         """The [security] table, keys checked and file paths made absolute. Whether the files exist
@@ -890,8 +885,10 @@ class _Checker:
         max_deliveries = self.int_in(section, table, "max_deliveries", where, 1, MAX_DELIVERIES_MAX,
                                      "max_deliveries = 5", default=DEFAULT_MAX_DELIVERIES)
         initial_ms, max_ms = self.backoff(section, table, where)
-        compact = self.value(section, table, "compact", bool, "true or false", where, "compact = true",
+        compact = self.value(section, table, "compact", bool, "true or false", where, "compact = false",
                              default=DEFAULT_COMPACT)
+        if compact:
+            raise self.fail(section, ("compact",), f"{where}: {COMPACT_NOT_BUILT}")
         durability = self.value(section, table, "durability", str, "a string", where, 'durability = "fsync"',
                                 default=DEFAULT_DURABILITY)
         if durability not in DURABILITIES:
@@ -916,33 +913,10 @@ class _Checker:
                             f"({format_duration_ms(initial_ms)}); make max at least as long as initial")
         return initial_ms, max_ms
 
-    def groups(self, tables: list[dict], topics: tuple[TopicSpec, ...]) -> tuple[GroupSpec, ...]:
-        declared = [t.name for t in topics]
-        readable = set(declared) | {name + DLQ_SUFFIX for name in declared}
-        out: list[GroupSpec] = []
-        seen: dict[str, int] = {}
-        for index, table in enumerate(tables):
-            section = ("group", index)
-            label = f"[[group]] number {index + 1}"
-            name = self.name(section, table, label, TOPIC_NAME, TOPIC_NAME_CHARS_MAX, "billing")
-            where = f"group {_q(name)}"
-            self.known_keys(section, table, GROUP_KEYS, where)
-            if name in seen:
-                raise self.fail(section, ("name",), f"two groups are named {_q(name)} (the other is [[group]] number "
-                                                    f"{seen[name] + 1}); keep one")
-            seen[name] = index
-            group_topics = self.string_list(section, table, "topics", where, 'topics = ["orders"]', GROUP_TOPICS_MAX)
-            if not group_topics:
-                raise self.fail(section, ("topics",) if group_topics is not None else (),
-                                f"{where} reads no topics; add topics = [\"...\"] naming topics of this file")
-            for topic in group_topics:
-                if topic not in readable:
-                    known = ", ".join(declared) or "none"
-                    raise self.fail(section, ("topics",), f"{where} reads topic {_q(topic)}, which is not a [[topic]] "
-                                                          f"in this file (topics here: {known}); add the topic or "
-                                                          f"fix the name")
-            out.append(GroupSpec(name, tuple(group_topics)))
-        return tuple(out)
+    def no_groups(self, tables: list[dict]) -> None:
+        """Declared groups are planned, not built: a [[group]] table is refused, not silently ignored."""
+        if tables:
+            raise self.fail(("group", 0), (), GROUPS_NOT_BUILT)
 
 
 def _same_host(a: str, b: str) -> bool:

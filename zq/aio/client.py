@@ -7,7 +7,8 @@ directly, since it only appends to a batch, unless the producer's buffer is near
 send would block, in which case it too runs in the executor. Futures from the sync producer
 are wrapped with `asyncio.wrap_future`, whose callback hops back to the loop thread-safely.
 
-Names match the sync API; each method that waits is a coroutine.
+Names, parameters and defaults match the sync API, as listed once in `zq.client.api` (checked by
+tests/test_aio_surface.py); each method that waits is a coroutine.
 """
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from typing import Any
 
 from zq.client import client as sync_client
 from zq.client import consumer as sync_consumer
+from zq.client import groups as sync_groups
 from zq.client import producer as sync_producer
 from zq.client.consumer import Message
+from zq.client.metadata import Metadata
 from zq.client.producer import RecordMetadata
+from zq.limits import DEFAULT, Limits
 
 
 async def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -35,8 +39,11 @@ class Client:
     `discovery_timeout_s` when none is given); use `await Client.connect(...)` to do that in
     the executor instead."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.sync = sync_client.Client(*args, **kwargs)
+    def __init__(self, bootstrap: str | list[str] | None = None, cluster: str = "zq", limits: Limits = DEFAULT,
+                 discovery_timeout_s: float = 3.0, interface: str | None = None, security: Any = None,
+                 api_timeout_ms: int | None = None) -> None:
+        self.sync = sync_client.Client(bootstrap, cluster, limits, discovery_timeout_s, interface, security,
+                                       api_timeout_ms)
 
     @classmethod
     async def connect(cls, *args: Any, **kwargs: Any) -> Client:
@@ -53,12 +60,22 @@ class Client:
     async def close(self, timeout: float | None = 5.0) -> None:
         await _run(self.sync.close, timeout)
 
+    @property
+    def metadata(self) -> Metadata:
+        return self.sync.metadata
+
     async def create_topic(self, name: str, partitions: int = 1, replication: int = sync_client.default_replication,
                            **config: Any) -> dict:
         return await _run(self.sync.create_topic, name, partitions, replication, **config)
 
     async def delete_topic(self, name: str) -> dict:
         return await _run(self.sync.delete_topic, name)
+
+    async def reassign_partition(self, topic: str, partition: int, replicas: list[str]) -> dict:
+        return await _run(self.sync.reassign_partition, topic, partition, replicas)
+
+    async def drain_node(self, name: str, wait_s: float = 10.0, leave: bool = False) -> dict:
+        return await _run(self.sync.drain_node, name, wait_s, leave)
 
     async def topics(self) -> list[dict]:
         return await _run(self.sync.topics)
@@ -72,21 +89,27 @@ class Client:
     async def list_offsets(self, topic: str, partition: int, spec: str | int | datetime = "latest") -> sync_client.Offsets:
         return await _run(self.sync.list_offsets, topic, partition, spec)
 
-    async def refresh_metadata(self) -> Any:
+    async def refresh_metadata(self) -> Metadata:
         return await _run(self.sync.refresh_metadata)
 
     def producer(self, acks: Any = "quorum", idempotent: bool = False, linger_ms: float = 5, **options: Any) -> Producer:
         return Producer(self.sync.producer(acks=acks, idempotent=idempotent, linger_ms=linger_ms, **options))
 
-    async def consumer(self, topic: str, group: str | None = None, start: Any = "latest",
-                       partitions: list[int] | None = None, **options: Any) -> Consumer:
+    async def consumer(self, topic: str, group: str | None = None, start: Any = None,
+                       partitions: list[int] | None = None, **options: Any) -> Consumer | GroupConsumer:
+        """As zq.Client.consumer: a Consumer (start default latest), or with `group` a
+        GroupConsumer (start default earliest, for a group with nothing committed)."""
         c = await _run(self.sync.consumer, topic, group=group, start=start, partitions=partitions, **options)
-        return Consumer(c)
+        return GroupConsumer(c) if group is not None else Consumer(c)
 
 
 class Producer:
     def __init__(self, sync: sync_producer.Producer) -> None:
         self.sync = sync
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self.sync.buffered_bytes
 
     async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: dict[str, bytes] | None = None,
                    partition: int | None = None, timestamp_ms: int | None = None) -> asyncio.Future:
@@ -99,8 +122,10 @@ class Producer:
             fut = s.send(*args)
         return asyncio.wrap_future(fut)
 
-    async def send_and_wait(self, topic: str, value: bytes, **kwargs: Any) -> RecordMetadata:
-        return await (await self.send(topic, value, **kwargs))
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None,
+                            headers: dict[str, bytes] | None = None, partition: int | None = None,
+                            timestamp_ms: int | None = None) -> RecordMetadata:
+        return await (await self.send(topic, value, key, headers, partition, timestamp_ms))
 
     async def flush(self, timeout: float | None = None) -> None:
         await _run(self.sync.flush, timeout)
@@ -109,9 +134,10 @@ class Producer:
         await _run(self.sync.close, timeout)
 
 
-class Consumer:
-    def __init__(self, sync: sync_consumer.Consumer) -> None:
-        self.sync = sync
+class _Reader:
+    """What both consumers share: polling without blocking the loop, iteration, the attributes."""
+
+    sync: Any
 
     async def poll(self, timeout: float = 1.0, max_messages: int = 500) -> list[Message]:
         ready = self.sync.poll(timeout=0, max_messages=max_messages)
@@ -119,7 +145,7 @@ class Consumer:
             return ready
         return await _run(self.sync.poll, timeout, max_messages)
 
-    def __aiter__(self) -> Consumer:
+    def __aiter__(self) -> _Reader:
         return self
 
     async def __anext__(self) -> Message:
@@ -130,11 +156,14 @@ class Consumer:
             if self.sync._closed:
                 raise StopAsyncIteration
 
-    def seek(self, partition: int, offset: int) -> None:
-        self.sync.seek(partition, offset)
+    async def __aenter__(self) -> _Reader:
+        return self
 
-    async def seek_to_time(self, when: datetime | int) -> None:
-        await _run(self.sync.seek_to_time, when)
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await _run(self.sync.close)
 
     def assignment(self) -> list[int]:
         return self.sync.assignment()
@@ -146,8 +175,52 @@ class Consumer:
     def resets(self) -> Any:
         return self.sync.resets
 
+    @property
+    def topic(self) -> str:
+        return self.sync.topic
+
+    @property
+    def group(self) -> str | None:
+        return self.sync.group
+
+    @property
+    def generation(self) -> int:
+        return self.sync.generation
+
+    async def seek_to_time(self, when: datetime | int) -> None:
+        await _run(self.sync.seek_to_time, when)
+
+    async def seek_to_beginning(self) -> None:
+        await _run(self.sync.seek_to_beginning)
+
+    async def seek_to_end(self) -> None:
+        await _run(self.sync.seek_to_end)
+
+
+class Consumer(_Reader):
+    def __init__(self, sync: sync_consumer.Consumer) -> None:
+        self.sync = sync
+
+    def seek(self, partition: int, offset: int) -> None:
+        self.sync.seek(partition, offset)   # no network: it only moves the consumer's cursor
+
     async def commit(self) -> None:
         self.sync.commit()
 
-    async def close(self) -> None:
-        self.sync.close()
+
+class GroupConsumer(_Reader):
+    def __init__(self, sync: sync_groups.GroupConsumer) -> None:
+        self.sync = sync
+
+    @property
+    def member_id(self) -> str:
+        return self.sync.member_id
+
+    def caught_up(self) -> bool:
+        return self.sync.caught_up()
+
+    async def seek(self, partition: int, offset: int) -> None:
+        await _run(self.sync.seek, partition, offset)   # a ResetGroup at the cluster
+
+    async def commit(self, timeout: float = sync_groups.commit_wait_s) -> None:
+        await _run(self.sync.commit, timeout)

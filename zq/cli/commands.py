@@ -67,8 +67,14 @@ class UsageProblem(errors.ZqError):
 
 
 def _client(bootstrap: str | None, cluster: str):
+    """The commands' client; $ZQ_API_TIMEOUT_MS sets its api_timeout_ms (how long a command waits
+    out an election or an unreachable cluster before it fails; default 60 s)."""
     from zq.client import Client
-    return Client(bootstrap=bootstrap, cluster=cluster)
+    text = os.environ.get("ZQ_API_TIMEOUT_MS")
+    if text is not None and not text.strip().isdigit():
+        raise UsageProblem(f"ZQ_API_TIMEOUT_MS={text!r} is not a whole number of milliseconds; unset it or fix it")
+    api_timeout_ms = int(text) if text is not None else None
+    return Client(bootstrap=bootstrap, cluster=cluster, api_timeout_ms=api_timeout_ms)
 
 
 def _print_json(doc: Any) -> None:
@@ -195,7 +201,8 @@ def topic_create(
                                                            help="Keep at most this much per partition: 100GB.")] = None,
     max_deliveries: Annotated[Optional[int], typer.Option("--max-deliveries", min=1,
                                                           help="Deliveries before a message is dead-lettered.")] = None,
-    compact: Annotated[bool, typer.Option("--compact", help="Keep only the latest message per key.")] = False,
+    compact: Annotated[bool, typer.Option("--compact", hidden=True,
+                                          help="Not built yet: refused (key compaction is planned).")] = False,
     durability: Annotated[Optional[str], typer.Option("--durability", help="fsync (default) or replicated.")] = None,
     bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False,
 ) -> None:
@@ -212,7 +219,8 @@ def topic_create(
     if max_deliveries is not None:
         config["max_deliveries"] = max_deliveries
     if compact:
-        config["compact"] = True
+        from zq.client.client import COMPACT_NOT_BUILT
+        raise UsageProblem(f"--compact: {COMPACT_NOT_BUILT}")
     if durability is not None:
         if durability not in ("fsync", "replicated"):
             raise UsageProblem(f"--durability {durability!r} is not fsync or replicated")

@@ -11,14 +11,16 @@ NotLeader that names the leader is followed at once through a per-partition *hin
 refresh clears.
 
 Admin requests (create, delete) go to any node; a node that is not the metadata leader answers
-NotLeader with the leader's address, and the request is sent there instead, a bounded number of
-times. Producers and consumers made by a client share its connection and metadata; closing the
-client closes them.
+NotLeader with the leader's address, and the request is sent there instead (at most
+`redirects_max` hops per attempt, attempts until `api_timeout_ms`). Producers and consumers
+made by a client share its connection and metadata; closing the client closes them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import random
 import threading
 import time
 from datetime import datetime
@@ -27,6 +29,8 @@ from typing import Any, NamedTuple
 from zq import protocol
 from zq.client.connection import Connection, check_reply
 from zq.client.metadata import Metadata, parse_metadata, resolve_bootstrap, time_spec
+from zq.core import client_rules
+from zq.core.retry import BackoffPolicy
 from zq.errors import (ConnectionFailed, InvalidRequest, LeaderNotAvailable, NotLeader, ProtocolError, Timeout,
                        UnknownTopic, ZqError)
 from zq.limits import DEFAULT, Limits
@@ -37,8 +41,19 @@ metadata_attempts_max = 6          # addresses tried by one metadata refresh bef
 metadata_attempt_timeout_ms = 2_000  # one metadata request; short, so a dead node costs little
 metadata_refresh_ms_min = 50       # refreshes asked for by the I/O thread are spaced at least this much
 redirects_max = 3                  # NotLeader hops followed by one admin or offsets request
-leader_attempts_max = 5            # attempts of one leader-bound sync request (list_offsets)
 default_replication = 1            # see create_topic
+COMPACT_NOT_BUILT = ("key compaction (compact = true) is not built yet, so a topic cannot ask for it; "
+                     "leave it out (every message is kept until retention removes it)")
+
+
+def _gave_up(error: ZqError, message: str) -> ZqError:
+    """The same class of error as the last refusal, with the sentence that says how long we waited."""
+    try:
+        return type(error)(message, **error.data)
+    except TypeError:   # a class with its own constructor: keep the error, reword its message
+        error.message = message
+        error.args = (message,)
+        return error
 
 
 class Offsets(NamedTuple):
@@ -53,11 +68,23 @@ class Client:
     """A connection to one zq cluster. Use as a context manager, or call close()."""
 
     def __init__(self, bootstrap: str | list[str] | None = None, cluster: str = "zq", limits: Limits = DEFAULT,
-                 discovery_timeout_s: float = 3.0, interface: str | None = None, security: Any = None) -> None:
+                 discovery_timeout_s: float = 3.0, interface: str | None = None, security: Any = None,
+                 api_timeout_ms: int | None = None) -> None:
         """`security`: a zq.io.security.ClientKeys for a cluster with [security] (CurveZMQ); without
-        it, the key files named by $ZQ_CLUSTER_KEY and $ZQ_CLIENT_KEY are used if set."""
+        it, the key files named by $ZQ_CLUSTER_KEY and $ZQ_CLIENT_KEY are used if set.
+
+        `api_timeout_ms` (default `limits.api_timeout_ms`, 60,000): how long one call (creating a
+        consumer, list_offsets, a seek_to_*, an admin call, joining a group) keeps retrying
+        refusals that pass by themselves, such as an election, before it raises."""
         self.cluster = cluster
+        if api_timeout_ms is not None:
+            if type(api_timeout_ms) is not int or api_timeout_ms < 0:
+                raise ValueError("api_timeout_ms is a whole number of milliseconds, 0 or more")
+            limits = dataclasses.replace(limits, api_timeout_ms=api_timeout_ms)
         self.limits = limits
+        self._rng = random.Random()  # jitter of retries
+        self._backoff = BackoffPolicy(limits.retry_backoff_ms,
+                                      max(limits.retry_backoff_ms, limits.retry_backoff_ms_max))
         if security is None and (os.environ.get("ZQ_CLUSTER_KEY") or os.environ.get("ZQ_CLIENT_KEY")):
             from zq.io.security import client_keys_from_env
             security = client_keys_from_env()
@@ -143,12 +170,15 @@ class Client:
             raise ValueError("a topic name is a non-empty string")
         if type(partitions) is not int or partitions < 1 or type(replication) is not int or replication < 1:
             raise ValueError("partitions and replication are positive integers")
-        reply = self._admin(lambda rid: protocol.CreateTopic(rid, name, partitions, replication, dict(config)))
+        if config.get("compact"):
+            raise InvalidRequest(COMPACT_NOT_BUILT)
+        reply = self._admin(lambda rid: protocol.CreateTopic(rid, name, partitions, replication, dict(config)),
+                            f"creating topic {name!r}")
         self._refresh_until(lambda m: name in m.topics, self.limits.request_timeout_ms)
         return dict(reply.data)
 
     def delete_topic(self, name: str) -> dict:
-        reply = self._admin(lambda rid: protocol.DeleteTopic(rid, name))
+        reply = self._admin(lambda rid: protocol.DeleteTopic(rid, name), f"deleting topic {name!r}")
         self._refresh_until(lambda m: name not in m.topics, self.limits.request_timeout_ms)
         return dict(reply.data)
 
@@ -161,7 +191,8 @@ class Client:
             raise ValueError("partition is a non-negative integer")
         if not replicas or not all(isinstance(r, str) and r for r in replicas):
             raise ValueError("replicas is a non-empty list of node names")
-        reply = self._admin(lambda rid: protocol.ReassignPartition(rid, topic, partition, list(replicas)))
+        reply = self._admin(lambda rid: protocol.ReassignPartition(rid, topic, partition, list(replicas)),
+                            f"reassigning {topic}/{partition}")
         return dict(reply.data)
 
     def drain_node(self, name: str, wait_s: float = 10.0, leave: bool = False) -> dict:
@@ -221,14 +252,18 @@ class Client:
 
     def status(self) -> dict:
         """The `zq status --json` document, from the first node that answers."""
-        reply, _ = self._call_any(lambda rid: protocol.StatusRequest(rid))
+        reply, _ = self._until_deadline("asking for the cluster status",
+                                        lambda: self._call_any(lambda rid: protocol.StatusRequest(rid)))
         return check_reply(reply, protocol.StatusReply).status
 
     def list_offsets(self, topic: str, partition: int, spec: str | int | datetime = "latest") -> Offsets:
         """The offset for `spec` ("earliest", "latest", a datetime, or a time in ms: the first offset
         at or after that time, the high watermark when it is past everything)."""
         wire_spec = time_spec(spec)
-        reply, _ = self._leader_call(topic, partition, lambda rid: protocol.ListOffsets(rid, topic, partition, wire_spec))
+        reply, _ = self._until_deadline(
+            f"list_offsets of {topic}/{partition}",
+            lambda: self._leader_call(topic, partition,
+                                      lambda rid: protocol.ListOffsets(rid, topic, partition, wire_spec)))
         r = check_reply(reply, protocol.OffsetsReply)
         return Offsets(r.offset, r.log_start, r.high_watermark)
 
@@ -239,7 +274,11 @@ class Client:
         return self._meta
 
     def refresh_metadata(self) -> Metadata:
-        """Ask the nodes for metadata, trying the known addresses in turn (bounded)."""
+        """Ask the nodes for metadata, trying the known addresses in turn, until `api_timeout_ms`."""
+        return self._until_deadline("fetching the cluster metadata", self._refresh_once)
+
+    def _refresh_once(self) -> Metadata:
+        """One round of metadata requests over the known addresses (bounded by metadata_attempts_max)."""
         reply, address = self._call_any(lambda rid: protocol.MetadataRequest(rid, None),
                                         attempt_timeout_ms=self._metadata_timeout_ms, with_address=True)
         self._set_metadata(parse_metadata(check_reply(reply, protocol.MetadataReply), address))
@@ -256,7 +295,7 @@ class Client:
         deadline = time.monotonic() + wait_ms / 1000.0
         attempt = 0
         while True:
-            meta = self.refresh_metadata()
+            meta = self._refresh_once()
             if ok(meta) or time.monotonic() >= deadline:
                 return meta
             attempt += 1
@@ -273,7 +312,10 @@ class Client:
         return n
 
     def _partitions_of(self, topic: str) -> list[int]:
-        return list(range(self._partition_count(topic, self.limits.request_timeout_ms)))
+        """Caller's thread: the topic's partitions, waiting out an unreachable cluster until
+        `api_timeout_ms` (an unknown topic is raised after `request_timeout_ms`)."""
+        return list(range(self._until_deadline(f"learning the partitions of {topic!r}",
+                                               lambda: self._partition_count(topic, self.limits.request_timeout_ms))))
 
     def _leader_address(self, topic: str, partition: int) -> str | None:
         """Any thread: where to send requests for this partition now."""
@@ -354,61 +396,74 @@ class Client:
         raise ConnectionFailed(f"no node of the cluster answered at {', '.join(addresses)} ({last}); "
                                "are the nodes running, and is the address right?")
 
-    def _admin(self, make: Any) -> Any:
-        """An admin request, following NotLeader to the metadata leader (bounded). Not resent after
-        a Timeout: the node may have acted on it, so the caller sees the Timeout."""
-        address: str | None = None
-        deadline = time.monotonic() + self.limits.request_timeout_ms / 1000.0
-        hop = 0
+    def _until_deadline(self, what: str, attempt: Any, idempotent: bool = True) -> Any:
+        """`attempt()`, tried again after each passing refusal (zq.core.client_rules.is_passing) with
+        a jittered backoff, until `api_timeout_ms` has passed; then the last error, saying how long
+        it waited. `idempotent`: a Timeout (the node may have acted) is retried too."""
+        started_ms = time.monotonic() * 1000.0
+        failures = 0
         while True:
+            try:
+                return attempt()
+            except ZqError as e:
+                if self._conn.closed or not client_rules.is_passing(e.code, e.retriable, isinstance(e, Timeout),
+                                                                     idempotent):
+                    raise
+                failures += 1
+                now = time.monotonic() * 1000.0
+                delay = client_rules.retry_delay_ms(failures, started_ms, now, self.limits.api_timeout_ms,
+                                                    self._backoff, self._rng.random())
+                if delay is None:
+                    raise _gave_up(e, client_rules.gave_up_message(what, now - started_ms, e.message)) from e
+                log.info("%s: %s; retrying in %d ms", what, e.code, delay)
+                time.sleep(delay / 1000.0)
+
+    def _admin(self, make: Any, what: str = "the admin request") -> Any:
+        """An admin request to the metadata leader, retried until `api_timeout_ms` while the
+        cluster has none (an election, nodes starting). Not resent after a Timeout: the node may
+        have acted on it, so the caller sees the Timeout."""
+        return self._until_deadline(what, lambda: self._admin_once(make), idempotent=False)
+
+    def _admin_once(self, make: Any) -> Any:
+        """One admin request through any node, following NotLeader to the leader it names (bounded)."""
+        address: str | None = None
+        for hop in range(redirects_max + 1):
             try:
                 if address is None:
                     reply, address = self._call_any(make, with_address=True, resend_on_timeout=False)
                 else:
                     reply, _ = self._call(address, make(self._conn.new_req_id()))
                 return check_reply(reply, protocol.OkReply)
-            except (NotLeader, LeaderNotAvailable) as e:
-                # Refused before anything was done, so safe to send again: to the leader it names,
-                # or, while there is none (an election, a node starting), to anyone after a pause.
-                hop += 1
+            except NotLeader as e:
                 hint = e.data.get("address")
-                if hop > redirects_max + 1 and time.monotonic() >= deadline:
+                if hop == redirects_max or not isinstance(hint, str) or hint == address:
                     raise
-                if isinstance(e, NotLeader) and isinstance(hint, str) and hint != address and hop <= redirects_max:
-                    address = hint
-                else:
-                    address = None
-                    time.sleep(min(self.limits.retry_backoff_ms * hop, self.limits.retry_backoff_ms_max) / 1000.0)
+                address = hint
+        raise AssertionError("unreachable: the last hop returns or raises")
 
     def _leader_call(self, topic: str, partition: int, make: Any) -> tuple[Any, list]:
-        """A request to the partition's leader: follows NotLeader hints, refreshes on retriable errors."""
-        last: ZqError | None = None
-        for attempt in range(leader_attempts_max):
+        """One request to the partition's leader, following one NotLeader hint; a refusal that
+        passes (no leader now, NotLeader) is raised for `_until_deadline` to retry, after
+        refreshing what this client knows."""
+        address = self._leader_address(topic, partition)
+        if address is None:
+            if self._partition_count(topic, self.limits.request_timeout_ms) <= partition:
+                from zq.errors import UnknownPartition
+                raise UnknownPartition(f"topic {topic!r} has no partition {partition}")
+            self._refresh_once()
             address = self._leader_address(topic, partition)
             if address is None:
-                if self._partition_count(topic, self.limits.request_timeout_ms) <= partition:
-                    from zq.errors import UnknownPartition
-                    raise UnknownPartition(f"topic {topic!r} has no partition {partition}")
-                self.refresh_metadata()
-                address = self._leader_address(topic, partition)
-                if address is None:
-                    last = NotLeader(f"partition {topic}/{partition} has no leader now")
-                    time.sleep(self.limits.retry_backoff_ms * (attempt + 1) / 1000.0)
-                    continue
-            try:
-                return self._call(address, make(self._conn.new_req_id()))
-            except NotLeader as e:
-                last = e
-                hint = e.data.get("address")
-                if isinstance(hint, str):
-                    self._hint_leader(topic, partition, hint)
-                else:
-                    self.refresh_metadata()
-            except ZqError as e:
-                if not e.retriable:
-                    raise
-                last = e
-                time.sleep(min(self.limits.retry_backoff_ms * (attempt + 1), self.limits.retry_backoff_ms_max) / 1000.0)
-                self.refresh_metadata()
-        assert last is not None
-        raise last
+                raise LeaderNotAvailable(f"{topic}/{partition} has no leader right now (an election is under way)")
+        try:
+            return self._call(address, make(self._conn.new_req_id()))
+        except NotLeader as e:
+            hint = e.data.get("address")
+            if not isinstance(hint, str) or hint == address:
+                self._refresh_once()
+                raise
+            self._hint_leader(topic, partition, hint)
+            return self._call(hint, make(self._conn.new_req_id()))
+        except ZqError as e:
+            if e.retriable:
+                self._refresh_once()
+            raise

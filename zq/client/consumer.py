@@ -12,9 +12,12 @@ the last batch, so the network stays busy while the application works. The calle
 offset asked for) and at or above the high watermark (not committed yet), and hands out
 `Message`s.
 
-Each partition has a *seek epoch*: `seek()` bumps it, drops the partition's queued chunks and
-sets both offsets; a reply or chunk from an older epoch is dropped, so nothing from before a seek
-is ever delivered after it. Prefetch is bounded: when `prefetch_bytes` of chunks wait, no new
+Each partition's fetch offset, position and *seek generation* live in a pure
+`zq.core.client_rules.FetchCursors`, called under `_lock`. `seek()` bumps the generation, drops
+the partition's queued chunks and moves both offsets; the next fetch goes at once from the new
+offset even while an older one is parked at the node, and a reply or chunk of an older generation
+is dropped, so after `seek(p, o)` the next message of `p` is the first committed one at or after
+`o`, whatever was in flight. Prefetch is bounded: when `prefetch_bytes` of chunks wait, no new
 fetch starts until `poll` takes some (each fetch asks for at most what is left, and a reply holds
 at least one batch, so the bound is overshot by at most one batch per partition).
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import random
 import threading
 import time
 from datetime import datetime, timezone
@@ -39,6 +43,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from zq import batch as zbatch
 from zq import protocol
 from zq.client.metadata import time_spec
+from zq.core.client_rules import FetchCursors, FetchOrder
+from zq.core.retry import BackoffPolicy
 from zq.errors import CorruptData, InvalidRequest, NotLeader, OffsetOutOfRange, ProtocolError, ZqError
 
 if TYPE_CHECKING:
@@ -207,37 +213,38 @@ class Consumer(ReadyQueue):
                 raise UnknownPartition(f"topic {topic!r} has partitions 0 to {len(all_partitions) - 1}, not {p}")
         self._assigned = chosen
         self.resets: collections.deque[OffsetReset] = collections.deque(maxlen=resets_max)
+        starts = {p: self._start_offset(p, start) for p in chosen}
         # Shared between the caller and the I/O thread, under _lock.
         self._lock = threading.Lock()
         self._arrived_cv = threading.Condition(self._lock)
         self._arrived: collections.deque[_Chunk] = collections.deque()
         self._prefetched_bytes = 0
-        self._epochs: dict[int, int] = {p: 0 for p in chosen}
+        # Fetch offsets and seek generations (zq.core.client_rules): made here, before the I/O
+        # thread starts fetching, so a seek right after creation can never be overtaken by the start.
+        self._cursors = FetchCursors(starts)
         self._closed = False
-        # Caller side only.
-        self._positions: dict[int, int] = {}
+        # Caller side only: the cursors' positions, read and moved by _decode.
+        self._positions: dict[int, int] = self._cursors.positions
         self._ready: collections.deque[Message] = collections.deque()  # decoded, not yet handed out
         # I/O thread only.
-        self._fetch_offsets: dict[int, int] = {}
-        self._fetching: dict[int, int] = {}  # partition -> seek epoch of its outstanding fetch (or retry timer)
         self._paused: set[int] = set()  # waiting for prefetch room; under _lock
-        self._failures: dict[int, int] = {p: 0 for p in chosen}
-        self._stopped: set[int] = set()
-        starts = {p: self._start_offset(p, start) for p in chosen}
-        self._positions.update(starts)
-        self._conn.submit(lambda: self._io_start(starts))
+        self._rng = random.Random()     # jitter of fetch retries
+        self._backoff = BackoffPolicy(self._backoff_ms, max(self._backoff_ms, self._backoff_ms_max))
+        self._conn.submit(lambda: self._io_start(chosen))
 
     # ------------------------------------------------------------------ caller side
 
 
     def seek(self, partition: int, offset: int) -> None:
-        """Deliver `partition` from `offset` next; nothing fetched before the seek is delivered after it."""
-        if partition not in self._epochs:
+        """Deliver `partition` from `offset` next: the next message handed out for it is the first
+        committed one at or after `offset` (control batches skipped); nothing fetched before the
+        seek is delivered after it, whatever the start was and whatever was in flight."""
+        if partition not in self._cursors:
             raise ValueError(f"partition {partition} is not assigned to this consumer ({self._assigned})")
         if type(offset) is not int or offset < 0:
             raise ValueError("an offset is a non-negative integer")
         with self._lock:
-            epoch = self._epochs[partition] = self._epochs[partition] + 1
+            generation = self._cursors.seek(partition, offset)
             kept = collections.deque()
             for c in self._arrived:
                 if c.partition == partition:
@@ -246,8 +253,7 @@ class Consumer(ReadyQueue):
                     kept.append(c)
             self._arrived = kept
         self._ready = collections.deque(m for m in self._ready if m.partition != partition)
-        self._positions[partition] = offset
-        self._conn.submit(lambda: self._io_seek(partition, offset, epoch))
+        self._conn.submit(lambda: self._io_seek(partition, generation))
 
     def seek_to_time(self, when: datetime | int) -> None:
         """Every assigned partition from the first message at or after `when` (datetime or ms)."""
@@ -269,6 +275,8 @@ class Consumer(ReadyQueue):
 
     def position(self, partition: int) -> int:
         """The offset of the next message this consumer will hand out from `partition`."""
+        if partition not in self._cursors:
+            raise ValueError(f"partition {partition} is not assigned to this consumer ({self._assigned})")
         return self._positions[partition]
 
     def commit(self) -> None:
@@ -303,7 +311,7 @@ class Consumer(ReadyQueue):
                 return False
             self._prefetched_bytes -= chunk.size_bytes
             resume = bool(self._paused_any) and self._prefetched_bytes < self.prefetch_bytes
-            current = self._epochs[chunk.partition] == chunk.epoch
+            current = self._cursors.is_current(chunk.partition, chunk.epoch)
         if resume:
             self._conn.submit(self._io_resume)
         if not current:
@@ -372,17 +380,13 @@ class Consumer(ReadyQueue):
 
     # ------------------------------------------------------------------ I/O thread side
 
-    def _io_start(self, starts: dict[int, int]) -> None:
-        for p in sorted(starts):
-            self._fetch_offsets[p] = starts[p]
+    def _io_start(self, partitions: list[int]) -> None:
+        for p in partitions:
             self._io_fetch(p)
 
-    def _io_seek(self, partition: int, offset: int, epoch: int) -> None:
-        if self._epochs[partition] != epoch:
+    def _io_seek(self, partition: int, generation: int) -> None:
+        if not self._cursors.is_current(partition, generation):
             return  # a later seek follows
-        self._fetch_offsets[partition] = offset
-        self._stopped.discard(partition)
-        self._failures[partition] = 0
         self._io_fetch(partition)
         self._io_resume()  # the seek dropped queued chunks: partitions paused for room may go on
 
@@ -394,51 +398,71 @@ class Consumer(ReadyQueue):
             self._io_fetch(p)
 
     def _io_fetch(self, p: int) -> None:
-        if self._closed or self._fetching.get(p) == self._epochs[p] or p in self._stopped:
+        if self._closed:
             return
         with self._lock:  # decided under the lock poll() frees room under, so no resume is missed
             room = self.prefetch_bytes - self._prefetched_bytes
             if room <= 0:
                 self._paused.add(p)
                 return
+            order = self._cursors.next_fetch(p)
+        if order is not None:
+            self._io_send(order, room)
+
+    def _io_send(self, order: FetchOrder, room: int) -> None:
+        p = order.partition
         address = self._client._leader_address(self.topic, p)
         if address is None:
-            self._io_retry(p, NotLeader(f"no leader known for {self.topic}/{p}"))
+            self._io_retry(order, NotLeader(f"no leader known for {self.topic}/{p}"))
             return
-        epoch = self._epochs[p]
-        offset = self._fetch_offsets[p]
         max_bytes = max(fetch_bytes_min, min(self.fetch_bytes, room))
-        msg = protocol.Fetch(self._conn.new_req_id(), self.topic, p, offset, max_bytes, self.max_wait_ms, None)
+        msg = protocol.Fetch(self._conn.new_req_id(), self.topic, p, order.offset, max_bytes, self.max_wait_ms, None)
         sent_ms = time.monotonic() * 1000.0
-        self._fetching[p] = epoch
         self._conn.io_request(address, msg, (), self.max_wait_ms + self._request_timeout_ms,
-                              lambda reply, frames, error: self._io_on_fetch(p, epoch, offset, sent_ms, reply, frames, error))
+                              lambda reply, frames, error: self._io_on_fetch(order, sent_ms, reply, frames, error))
 
-    def _io_on_fetch(self, p: int, epoch: int, offset: int, sent_ms: float, reply: Any, frames: list,
+    def _io_send_later(self, order: FetchOrder) -> None:
+        """A timer sends `order` (held in flight meanwhile), unless a seek replaced it."""
+        if self._closed:
+            return
+        with self._lock:
+            current = self._cursors.is_current(order.partition, order.generation)
+            room = self.prefetch_bytes - self._prefetched_bytes
+        if current:
+            self._io_send(order, max(room, fetch_bytes_min))
+
+    def _io_on_fetch(self, order: FetchOrder, sent_ms: float, reply: Any, frames: list,
                      error: ZqError | None) -> None:
-        if self._fetching.get(p) == epoch:
-            del self._fetching[p]
-        if self._closed or self._epochs[p] != epoch:
+        with self._lock:
+            current = self._cursors.is_current(order.partition, order.generation)
+        if self._closed or not current:
             return  # closed, or a seek happened meanwhile and fetches from the new offset already
         if error is None and not isinstance(reply, protocol.FetchReply):
             error = ProtocolError(f"expected FetchReply, got {type(reply).__name__}")
+        p = order.partition
         if error is None:
-            self._io_on_fetch_reply(p, epoch, offset, sent_ms, reply, frames)
+            self._io_on_fetch_reply(order, sent_ms, reply, frames)
         elif isinstance(error, OffsetOutOfRange):
-            self._io_reset(p, epoch, offset, error)
+            self._io_reset(order, error)
         elif error.retriable:
-            if isinstance(error, NotLeader) and isinstance(error.data.get("address"), str) and self._failures[p] == 0:
-                self._client._hint_leader(self.topic, p, error.data["address"])
-                self._failures[p] += 1
-                self._io_fetch(p)
+            hint = error.data.get("address")
+            if isinstance(error, NotLeader) and isinstance(hint, str) and self._cursors.failures(p) == 0:
+                self._client._hint_leader(self.topic, p, hint)
+                with self._lock:
+                    self._cursors.on_fetch_error(order)
+                    again = self._cursors.on_retry_due(p, order.generation)
+                if again:
+                    self._io_fetch(p)
             else:
-                self._io_retry(p, error)
+                self._io_retry(order, error)
         else:
-            self._stopped.add(p)
-            self._io_deliver(_Chunk(p, epoch, [], 0, 0, error=error))
+            with self._lock:
+                stop = self._cursors.on_fatal(order)
+            if stop:
+                self._io_deliver(_Chunk(p, order.generation, [], 0, 0, error=error))
 
-    def _io_on_fetch_reply(self, p: int, epoch: int, offset: int, sent_ms: float, reply: Any, frames: list) -> None:
-        self._failures[p] = 0
+    def _io_on_fetch_reply(self, order: FetchOrder, sent_ms: float, reply: Any, frames: list) -> None:
+        p, offset = order.partition, order.offset
         next_offset = offset
         size = 0
         try:
@@ -447,52 +471,64 @@ class Consumer(ReadyQueue):
                 next_offset = max(next_offset, h.next_offset)
                 size += len(f)
         except ZqError as e:
-            self._stopped.add(p)
-            self._io_deliver(_Chunk(p, epoch, [], 0, 0, error=e))
+            with self._lock:
+                stop = self._cursors.on_fatal(order)
+            if stop:
+                self._io_deliver(_Chunk(p, order.generation, [], 0, 0, error=e))
             return
         # Records at or above the high watermark are not committed: they are fetched again later.
         next_offset = min(next_offset, max(offset, reply.high_watermark))
-        self._fetch_offsets[p] = next_offset
+        with self._lock:
+            if not self._cursors.on_fetch_reply(order, next_offset):
+                return
         if frames:
-            self._io_deliver(_Chunk(p, epoch, frames, reply.high_watermark, size))
+            self._io_deliver(_Chunk(p, order.generation, frames, reply.high_watermark, size))
         if next_offset == offset and time.monotonic() * 1000.0 - sent_ms < quick_empty_reply_ms:
             # Nothing came back, and at once: the node did not hold the fetch, so do not spin on it.
-            self._fetching[p] = epoch
-            self._conn.io_call_later(empty_fetch_backoff_ms, lambda: self._io_refetch(p, epoch))
+            with self._lock:
+                again = self._cursors.next_fetch(p)
+            if again is not None:
+                self._conn.io_call_later(empty_fetch_backoff_ms, lambda: self._io_send_later(again))
         else:
             self._io_fetch(p)
 
-    def _io_refetch(self, p: int, epoch: int) -> None:
-        if self._fetching.get(p) != epoch:
-            return  # a seek took over this partition's fetching
-        del self._fetching[p]
-        self._io_fetch(p)
+    def _io_retry_due(self, p: int, generation: int) -> None:
+        with self._lock:
+            again = self._cursors.on_retry_due(p, generation)
+        if again:
+            self._io_fetch(p)
 
-    def _io_reset(self, p: int, epoch: int, offset: int, error: ZqError) -> None:
+    def _io_reset(self, order: FetchOrder, error: ZqError) -> None:
         log_start = error.data.get("log_start")
         hw = error.data.get("high_watermark")
         if type(log_start) is not int or type(hw) is not int:
-            self._io_retry(p, error)
+            self._io_retry(order, error)
             return
+        p, offset = order.partition, order.offset
         to = log_start if offset < log_start else hw
+        with self._lock:
+            if not self._cursors.on_reset(order, to):
+                return
         reason = "deleted by retention" if offset < log_start else "past the high watermark"
         log.warning("%s/%s: offset %s is %s; continuing from %s", self.topic, p, offset, reason, to)
         self.resets.append(OffsetReset(p, offset, to, reason))
-        self._fetch_offsets[p] = to
-        self._io_deliver(_Chunk(p, epoch, [], 0, 0, reset_to=to))
+        self._io_deliver(_Chunk(p, order.generation, [], 0, 0, reset_to=to))
         self._io_fetch(p)
 
-    def _io_retry(self, p: int, error: ZqError) -> None:
-        self._failures[p] += 1
-        delay = min(self._backoff_ms_max, self._backoff_ms * 2 ** min(self._failures[p] - 1, 10))
+    def _io_retry(self, order: FetchOrder, error: ZqError) -> None:
+        p = order.partition
+        with self._lock:
+            if not self._cursors.on_fetch_error(order):
+                return
+            failures = self._cursors.failures(p)
+        delay = self._backoff.delay_ms(failures, self._rng.random())
         log.debug("fetch %s/%s: %s; retrying in %s ms", self.topic, p, error.code, delay)
         self._client._io_refresh_metadata()
-        epoch = self._fetching[p] = self._epochs[p]  # the retry timer owns this partition's next fetch
-        self._conn.io_call_later(delay, lambda: self._io_refetch(p, epoch))
+        self._conn.io_call_later(delay, lambda: self._io_retry_due(p, order.generation))
 
     def _io_deliver(self, chunk: _Chunk) -> None:
         with self._lock:
-            if self._closed or self._epochs[chunk.partition] != chunk.epoch:
+            if self._closed or not self._cursors.is_current(chunk.partition, chunk.epoch):
                 return
             self._arrived.append(chunk)
             self._prefetched_bytes += chunk.size_bytes

@@ -185,6 +185,11 @@ class GroupConsumer(ReadyQueue):
         self._lease_min = 1
         # Caller side only.
         self._ready: collections.deque[GroupMessage] = collections.deque()
+        self._positions: dict[int, int] = {}   # partition -> offset after the highest message handed out
+        # A group's offsets are kept by the partition leaders, which step over offsets deleted by
+        # retention themselves: a member makes no client-side resets, so this stays empty. Kept so
+        # code written for a plain Consumer runs.
+        self.resets: collections.deque = collections.deque(maxlen=1)
         self._decoded: dict[int, tuple[bytes, zbatch.BatchHeader, list]] = {}   # partition -> last batch decoded
         # I/O thread only.
         self._coordinator: str | None = None
@@ -205,9 +210,11 @@ class GroupConsumer(ReadyQueue):
 
     def _join(self) -> None:
         """Join through the first node that answers (caller's thread), then heartbeat from the I/O thread."""
-        reply, address = self._client._call_any(
-            lambda rid: G.JoinGroup(rid, self.group, self.member_id, [self.topic], self.session_timeout_ms, self.static),
-            with_address=True)
+        reply, address = self._client._until_deadline(
+            f"joining group {self.group!r}",
+            lambda: self._client._call_any(lambda rid: G.JoinGroup(rid, self.group, self.member_id, [self.topic],
+                                                                   self.session_timeout_ms, self.static),
+                                           with_address=True))
         if not isinstance(reply, G.GroupReply):
             raise ProtocolError(f"expected GroupReply, got {type(reply).__name__}")
         parts = self._parts(reply)
@@ -558,6 +565,8 @@ class GroupConsumer(ReadyQueue):
                 ts, key, value, headers = records[offset - base]
                 out.append(GroupMessage(self, epoch, topic, p, offset, key, value, headers, ts, attempt))
                 i += 1
+        if out:
+            self._positions[p] = max(self._positions.get(p, 0), max(m.offset for m in out) + 1)
         missing = n - len(out)
         if missing:
             log.warning("%s/%s: %d leased messages were not in the reply's batches", topic, p, missing)
@@ -619,7 +628,22 @@ class GroupConsumer(ReadyQueue):
         self._drop_queued(reset_group(self._client, self.topic, self.group, to_time=spec))
 
     def seek_to_beginning(self) -> None:
+        """Move the group, on every partition, to the first message still kept."""
         self._drop_queued(reset_group(self._client, self.topic, self.group, earliest=True))
+
+    def seek_to_end(self) -> None:
+        """Move the group, on every partition, past the last message written now."""
+        for p in self._client._partitions_of(self.topic):
+            end = self._client.list_offsets(self.topic, p, "latest").offset
+            self._drop_queued(reset_group(self._client, self.topic, self.group, partition=p, to_offset=end))
+
+    def position(self, partition: int) -> int:
+        """The offset after the highest message this member handed out from `partition`, or where
+        its last seek moved it (a nacked or expired message may still come again, below it)."""
+        if partition not in self._positions:
+            raise ValueError(f"this member has no position on partition {partition} yet: it handed out nothing "
+                             "from it and did not seek it")
+        return self._positions[partition]
 
     def _drop_arrived(self, partitions: set[int]) -> None:
         """I/O thread: partitions this member lost. Their leased messages not yet handed out are
@@ -635,6 +659,9 @@ class GroupConsumer(ReadyQueue):
         next leases bring the rest. Chunks of the new epoch may have arrived already, before the
         reset's own reply: those stay."""
         epochs = {row["partition"]: row.get("epoch", 0) for row in reset.get("partitions", [])}
+        for row in reset.get("partitions", []):
+            if type(row.get("offset")) is int:
+                self._positions[row["partition"]] = row["offset"]
         with self._lock:
             for p, epoch in epochs.items():
                 self._epochs[p] = max(self._epochs.get(p, 0), epoch)
@@ -710,7 +737,8 @@ def _ok(reply: Any) -> dict:
 
 def describe_groups(client: Client, group: str | None = None) -> dict:
     """The `zq groups --json` document: {"groups": [{"group", "generation", "members", "partitions"}]}."""
-    reply, _ = client._call_any(lambda rid: G.DescribeGroups(rid, group))
+    reply, _ = client._until_deadline("describing groups",
+                                      lambda: client._call_any(lambda rid: G.DescribeGroups(rid, group)))
     return {"groups": _ok(reply).get("groups") or []}
 
 
@@ -729,8 +757,11 @@ def reset_group(client: Client, topic: str, group: str, *, partition: int | None
     if (to_offset is not None) + (time_ms is not None) + bool(earliest) != 1:
         raise ValueError("give exactly one of to_offset, to_time and earliest")
     client._partitions_of(topic)
-    reply, _ = client._call_any(lambda rid: G.ResetGroup(rid, group, topic, partition, to_offset, time_ms,
-                                                         bool(earliest), False), resend_on_timeout=False)
+    reply, _ = client._until_deadline(
+        f"resetting group {group!r} on {topic!r}",
+        lambda: client._call_any(lambda rid: G.ResetGroup(rid, group, topic, partition, to_offset, time_ms,
+                                                          bool(earliest), False), resend_on_timeout=False),
+        idempotent=False)
     return _ok(reply)
 
 

@@ -205,6 +205,12 @@ class Producer:
         self._handoff(b)
         return fut
 
+    def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None,
+                      headers: dict[str, bytes] | None = None, partition: int | None = None,
+                      timestamp_ms: int | None = None) -> RecordMetadata:
+        """Send one record and wait for its acknowledgement (or its error)."""
+        return self.send(topic, value, key, headers, partition, timestamp_ms).result()
+
     def flush(self, timeout: float | None = None) -> None:
         """Send every buffered record now and wait until all have their outcome (Timeout if not in time)."""
         with self._lock:
