@@ -117,10 +117,14 @@ def test_seek_to_beginning_end_and_time(cluster, client):
     consumer = client.consumer("t")
     consumer.seek_to_beginning()
     check(cluster, consumer, {p: 0 for p in range(PARTITIONS)})
+    # An election under load appends a leader marker (one offset, no message), so the end may move
+    # between two look-ups: the position after seek_to_end lies between an end read before and after.
+    before = {p: client.list_offsets("t", p, "latest").offset for p in range(PARTITIONS)}
     consumer.seek_to_end()
     assert consumer.poll(timeout=0.5) == []
-    ends = {p: client.list_offsets("t", p, "latest").offset for p in range(PARTITIONS)}
-    assert {p: consumer.position(p) for p in range(PARTITIONS)} == ends, cluster.ends
+    after = {p: client.list_offsets("t", p, "latest").offset for p in range(PARTITIONS)}
+    for p in range(PARTITIONS):
+        assert before[p] <= consumer.position(p) <= after[p], (p, before, after)
     consumer.seek_to_time(datetime.now(timezone.utc) - timedelta(hours=1))   # before everything
     check(cluster, consumer, {p: 0 for p in range(PARTITIONS)})
 
@@ -175,4 +179,8 @@ def test_the_aio_consumers_offer_position_resets_and_seeks(cluster):
 
     group_position, first, position = asyncio.run(main())
     assert group_position == 1
-    assert first in (0, 1) and position == cluster.ends[0]
+    # cluster.ends[0] was read before this test; a leader marker appended since (an election under
+    # load) moves the position past it without a message.
+    with cluster.client() as client:
+        end_now = client.list_offsets("t", 0, "latest").offset
+    assert first in (0, 1) and cluster.ends[0] <= position <= end_now
