@@ -187,6 +187,10 @@ class _Reader:
     def generation(self) -> int:
         return self.sync.generation
 
+    @property
+    def undecodable_batches_skipped(self) -> int:
+        return self.sync.undecodable_batches_skipped
+
     async def seek_to_time(self, when: datetime | int) -> None:
         await _run(self.sync.seek_to_time, when)
 

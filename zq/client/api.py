@@ -20,12 +20,12 @@ PUBLIC_API: dict[str, dict[str, tuple[str, ...]]] = {
     "Consumer": {
         "methods": ("assignment", "close", "commit", "poll", "position", "seek", "seek_to_beginning", "seek_to_end",
                     "seek_to_time"),
-        "attributes": ("resets", "topic", "group", "generation"),
+        "attributes": ("resets", "topic", "group", "generation", "undecodable_batches_skipped"),
     },
     "GroupConsumer": {
         "methods": ("assignment", "caught_up", "close", "commit", "poll", "position", "seek", "seek_to_beginning",
                     "seek_to_end", "seek_to_time"),
-        "attributes": ("resets", "topic", "group", "generation", "member_id"),
+        "attributes": ("resets", "topic", "group", "generation", "member_id", "undecodable_batches_skipped"),
     },
 }
 
