@@ -192,13 +192,14 @@ class Consumer(ReadyQueue):
                  partitions: list[int] | None = None, max_wait_ms: int = default_max_wait_ms,
                  fetch_bytes: int = default_fetch_bytes, prefetch_bytes: int | None = None) -> None:
         if group is not None:
-            raise InvalidRequest("consumer groups are not available in this version yet; "
-                                 "consume without group= to read every partition")
+            raise InvalidRequest("Consumer reads partitions without a group; for a group use "
+                                 "client.consumer(topic, group=...), which makes a GroupConsumer")
         self._client = client
         self._conn = client._conn
         self.topic = topic
         self.group = None
         self.generation = 0
+        self.undecodable_batches_skipped = 0   # stored batches whose records did not decode, stepped over
         limits = client.limits
         self.max_wait_ms = max(0, min(int(max_wait_ms), limits.fetch_wait_ms_max))
         self.fetch_bytes = max(fetch_bytes_min, min(int(fetch_bytes), limits.fetch_bytes_max))
@@ -328,7 +329,6 @@ class Consumer(ReadyQueue):
     def _paused_any(self) -> bool:
         return bool(self._paused)  # called under _lock, which guards _paused
 
-    undecodable_batches_skipped = 0   # stored batches whose records did not decode, stepped over (per consumer)
 
     def _records_or_skip(self, p: int, frame: bytes, h: zbatch.BatchHeader) -> list | None:
         """The verified records of a stored batch whose checksums held, or None when they do not

@@ -159,6 +159,7 @@ class GroupConsumer(ReadyQueue):
         self._client = client
         self._conn = client._conn
         self.topic = topic
+        self.undecodable_batches_skipped = 0   # stored batches whose records did not decode, stepped over
         self.group = group
         self.static = member_id is not None
         self.member_id = member_id or f"{group}-{uuid.uuid4().hex[:12]}"
@@ -573,7 +574,6 @@ class GroupConsumer(ReadyQueue):
             self._release(missing)
         self._ready.extend(out)
 
-    undecodable_batches_skipped = 0   # stored batches whose records did not decode, stepped over (per member)
 
     def _records(self, p: int, frame: bytes) -> tuple[zbatch.BatchHeader, list | None]:
         """The header and decoded records of one stored batch (None for a control batch, or one
