@@ -223,7 +223,7 @@ def test_a_group_member_served_an_undecodable_batch_steps_over_it(caplog):
     and treats it as holding nothing (its leased offsets go back as missing), instead of raising."""
     from zq.client.groups import GroupConsumer
     member = GroupConsumer.__new__(GroupConsumer)   # only what _records reads
-    member.topic, member._decoded = "t", {}
+    member.topic, member._decoded, member.undecodable_batches_skipped = "t", {}, 0
     blob = cbor2.dumps([[NOW_MS, None, b"a", None]])
     bad = B.make_stored(0, 6, 3, 1, NOW_MS, 0, 0, B.crc(blob), blob)
     caplog.set_level(logging.ERROR)
