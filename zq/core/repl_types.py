@@ -33,6 +33,10 @@ base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
                   OffsetOutOfRange reset; Raft's snapshot install with an empty state machine);
                   voters empty if the leader no longer remembers that configuration
 
+Each message declares `BOUNDS`, the range of every field (zq.core.bounds): `check_message` runs
+them in the node (on decoding) and in the replication core (`Replica.step`), so an epoch that
+would not fit the stored batch header, or an offset past 2**63, never reaches state or disk.
+
 A configuration entry (a replica-set change) is an ordinary one-record entry, `[base_offset, 1,
 epoch, -1, -1, CONFIG_PREFIX + cbor([voter, ...])]`, voters sorted; it travels in Appends like
 any other entry.
@@ -45,6 +49,7 @@ from typing import Protocol
 
 import cbor2
 
+from zq.core import bounds as B
 from zq.errors import ProtocolError
 
 NO_PRODUCER = -1
@@ -124,8 +129,10 @@ class Entry:
             raise ProtocolError("a replicated entry's first five fields are integers")
         if not isinstance(payload, bytes):
             raise ProtocolError("a replicated entry's payload is bytes")
-        if base < 0 or count < 1 or epoch < 1 or pid < NO_PRODUCER or seq < NO_PRODUCER:
-            raise ProtocolError(f"replicated entry out of range: offset {base}, count {count}, epoch {epoch}")
+        if (not 0 <= base <= B.OFFSET_MAX - count or not 1 <= count <= B.COUNT_MAX or not 1 <= epoch <= B.EPOCH_MAX
+                or not NO_PRODUCER <= pid <= B.PRODUCER_ID_MAX or not NO_PRODUCER <= seq <= B.SEQUENCE_MAX):
+            raise ProtocolError(f"replicated entry out of range: offset {base}, count {count}, epoch {epoch}, "
+                                f"producer {pid}, sequence {seq} (see docs/protocol.md for the bounds)")
         if pid == NO_PRODUCER and count == 1:
             decode_config(payload)  # a malformed configuration entry is refused here, not later
         return Entry(base, count, epoch, pid, seq, payload)
@@ -141,12 +148,17 @@ class Append:
     leader_end: int
     entries: list = field(default_factory=list)  # of Entry.to_wire() lists
 
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "prev_end": B.OFFSET, "prev_epoch": B.EPOCH,
+              "high_watermark": B.OFFSET, "leader_end": B.OFFSET, "entries": B.list_of(B.LIST_ITEMS_MAX)}
+
 
 @dataclass(frozen=True, slots=True)
 class AppendAck:
     epoch: int
     sender: str
     durable_end: int
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "durable_end": B.OFFSET}
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +168,8 @@ class Fetch:
     from_end: int
     last_epoch: int
 
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "from_end": B.OFFSET, "last_epoch": B.EPOCH}
+
 
 @dataclass(frozen=True, slots=True)
 class Diverging:
@@ -163,6 +177,8 @@ class Diverging:
     sender: str
     diverging_epoch: int
     end_offset: int
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "diverging_epoch": B.EPOCH, "end_offset": B.OFFSET}
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +188,8 @@ class RequestVote:
     last_epoch: int
     last_end: int
 
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "last_epoch": B.EPOCH, "last_end": B.OFFSET}
+
 
 @dataclass(frozen=True, slots=True)
 class Vote:
@@ -179,11 +197,15 @@ class Vote:
     sender: str
     granted: bool
 
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "granted": B.one_of(True, False)}
+
 
 @dataclass(frozen=True, slots=True)
 class TimeoutNow:
     epoch: int
     sender: str
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +215,9 @@ class StartAt:
     offset: int
     prev_epoch: int
     voters: list = field(default_factory=list)  # sorted node names; [] if unknown
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "offset": B.OFFSET, "prev_epoch": B.EPOCH,
+              "voters": B.list_of(CONFIG_VOTERS_MAX, B.NODE)}
 
 
 MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote, TimeoutNow, StartAt)
