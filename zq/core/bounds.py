@@ -127,6 +127,10 @@ def text(chars_max: int = TEXT_CHARS_MAX) -> Check:
     return lambda v: None if isinstance(v, str) and len(v) <= chars_max else f"must be text of at most {chars_max} characters"
 
 
+def blob(v: Any) -> str | None:
+    return None if isinstance(v, (bytes, bytearray, memoryview)) else f"must be bytes, got {type(v).__name__}"
+
+
 def boolean(v: Any) -> str | None:
     return None if type(v) is bool else f"must be true or false, got {v!r:.40}"
 

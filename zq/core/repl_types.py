@@ -138,6 +138,11 @@ class Entry:
         return Entry(base, count, epoch, pid, seq, payload)
 
 
+ENTRY_BOUNDS = B.tuple_of(B.OFFSET, B.COUNT, B.int_range(1, B.EPOCH_MAX), B.int_range(NO_PRODUCER, B.PRODUCER_ID_MAX),
+                          B.int_range(NO_PRODUCER, B.SEQUENCE_MAX), B.blob)
+"""An entry in an Append, as Entry.from_wire reads it (checked before the Append changes anything)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Append:
     epoch: int
@@ -149,7 +154,7 @@ class Append:
     entries: list = field(default_factory=list)  # of Entry.to_wire() lists
 
     BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "prev_end": B.OFFSET, "prev_epoch": B.EPOCH,
-              "high_watermark": B.OFFSET, "leader_end": B.OFFSET, "entries": B.list_of(B.LIST_ITEMS_MAX)}
+              "high_watermark": B.OFFSET, "leader_end": B.OFFSET, "entries": B.list_of(B.LIST_ITEMS_MAX, ENTRY_BOUNDS)}
 
 
 @dataclass(frozen=True, slots=True)
