@@ -135,7 +135,8 @@ def from_array(arr: Any) -> Any:
         return msg
     except ZqError as e:
         # The error reply repeats the request id when there is a usable one, so the sender can match it.
-        if len(arr) > 1 and type(arr[1]) is int and 0 <= arr[1] <= B.REQ_ID_MAX:
+        if (len(arr) > 1 and _CHECKS[cls] and _CHECKS[cls][0][0] == "req_id" and type(arr[1]) is int
+                and 0 <= arr[1] <= B.REQ_ID_MAX):
             e.req_id = arr[1]
         raise
 
@@ -337,7 +338,7 @@ class RegisterNode:
     incarnation: int
     CODE: ClassVar[int]
     BOUNDS = {"req_id": B.REQ_ID, "name": B.NODE, "host": B.name(B.HOST, "host name or address"),
-              "port": B.int_range(0, 65_535), "incarnation": B.TIME_MS}
+              "port": B.int_range(1, 65_535), "incarnation": B.TIME_MS}
 
 
 @message(16, node_only=True)

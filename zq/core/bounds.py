@@ -52,8 +52,8 @@ NODE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_CHARS_MAX - 1}}}")
 # Group names and member ids: printable, no control characters.
 GROUP_NAME = re.compile(rf"[^\x00-\x1f\x7f]{{1,{GROUP_CHARS_MAX}}}")
 MEMBER_ID = re.compile(rf"[^\x00-\x1f\x7f]{{0,{GROUP_CHARS_MAX}}}")
-HOST = re.compile(r"[A-Za-z0-9._:\[\]%-]{1,253}")
-ADDRESS = re.compile(rf"[A-Za-z0-9._:\[\]%-]{{1,{ADDRESS_CHARS_MAX}}}")
+HOST = re.compile(r"\[[0-9A-Fa-f:.%]{2,64}\]|[A-Za-z0-9._-]{1,253}")   # a name, an IPv4 or a bracketed IPv6
+ADDRESS = re.compile(r"(?:\[[0-9A-Fa-f:.%]{2,64}\]|[A-Za-z0-9._-]{1,253}):(?P<port>[0-9]{1,5})")   # host:port
 
 Check = Callable[[Any], "str | None"]   # a problem, said as the end of a sentence; None: fine
 
@@ -149,7 +149,16 @@ NODE = name(NODE_NAME, f"node name (1-{NAME_CHARS_MAX} of A-Z a-z 0-9 . _ -, a l
 NODES = list_of(DEFAULT.replication_max * 4, NODE)
 GROUP = name(GROUP_NAME, f"group name (1-{GROUP_CHARS_MAX} characters, no control characters)")
 MEMBER = name(MEMBER_ID, f"member id (at most {GROUP_CHARS_MAX} characters, no control characters)")
-ADDRESS_F = name(ADDRESS, "address (host:port)")
+
+
+def _address(v: Any) -> str | None:
+    m = ADDRESS.fullmatch(v) if isinstance(v, str) and len(v) <= ADDRESS_CHARS_MAX else None
+    if m is None or not 1 <= int(m["port"]) <= 65_535:
+        return f"is not an address host:port (port 1-65535): {v!r:.60}"
+    return None
+
+
+ADDRESS_F: Check = _address
 
 
 def check_fields(cls_name: str, bounds: dict[str, Check], values: Any) -> None:
