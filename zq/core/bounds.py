@@ -63,9 +63,9 @@ Check = Callable[[Any], "str | None"]   # a problem, said as the end of a senten
 
 def int_range(lo: int, hi: int) -> Check:
     def check(v: Any) -> str | None:
-        if type(v) is bool or not isinstance(v, int) or not lo <= v <= hi:
-            return f"must be an integer from {lo} to {hi}, got {v!r:.40}"
-        return None
+        if type(v) is int and lo <= v <= hi:   # type(), not isinstance: a bool is no integer here
+            return None
+        return f"must be an integer from {lo} to {hi}, got {v!r:.40}"
     return check
 
 
