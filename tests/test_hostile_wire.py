@@ -187,7 +187,7 @@ def test_bad_fields_from_a_client_get_invalid_request_with_their_request_id(tmp_
         nt.stop()
 
 
-def test_an_internal_error_in_one_partition_fences_it_and_the_others_keep_serving(tmp_path, monkeypatch):
+def test_an_internal_error_in_one_partition_fences_it_and_the_others_keep_serving(tmp_path, monkeypatch, caplog):
     [nt] = start_nodes(tmp_path, 1)
     raw = Raw(nt.address)
     try:
@@ -206,6 +206,7 @@ def test_an_internal_error_in_one_partition_fences_it_and_the_others_keep_servin
         reply = raw.rpc(P.Produce(raw.rid(), "t", 0, 1, 1, ZB.crc(blob), 0, 0, 0), blob)[0]
         assert reply.code == "partition_fenced" and "check that node's log" in reply.message, reply
         assert TopicPartition(tid, 0) in nt.node.fenced and nt.node.counters["partitions_fenced"] == 1
+        assert any("t/0 is fenced" in r.getMessage() and "RuntimeError" in r.getMessage() for r in caplog.records)
         assert raw.produce("t", 0, [b"y"]).code == "partition_fenced"
         assert isinstance(raw.produce("t", 1, [b"z"]), P.ProduceReply)
         assert [r.value for r in raw.fetch("t", 1, 0)[1]] == [b"x", b"z"]

@@ -783,6 +783,7 @@ class Node:
         self.fenced[tp] = f"{doing}: {error.__class__.__name__}: {error}"
         self.counters["partitions_fenced"] += 1
         self.dirty.discard(tp)
+        self.lazy_hard_states.pop(tp, None)   # nothing more of it reaches the disk: a restart starts from what is there
         log.error("%s/%d is fenced: %s failed (%s: %s); its other replicas take over, this node serves its other "
                   "partitions, and a restart recovers this one from disk", part.name, tp.partition, doing,
                   error.__class__.__name__, error, exc_info=error)
