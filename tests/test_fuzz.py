@@ -7,7 +7,8 @@ message whose fields have the declared types but values drawn from edges (0, -1,
 but no message, bytes that are not CBOR, a wrong signature, stray payload frames. Each is sent to
 one in-process node over a DEALER. Checks: the node's loop never stops; every well-framed
 request that expects a reply gets one (its reply or an error) with its request id; and the
-records produced before the fuzzing read back in full afterwards.
+records produced before the fuzzing read back in full afterwards; and no handler, timer or
+service failed on the way (each would be a bug: the node logs its traceback).
 
 Runs ~15 s in the suite; set ZQ_FUZZ_SECONDS for a soak (e.g. ZQ_FUZZ_SECONDS=600).
 
@@ -199,6 +200,9 @@ def test_a_node_survives_random_and_mutated_frames_of_every_message(tmp_path):
         assert nt.thread.is_alive() and not nt.errors, nt.errors
         print(f"fuzz: {stats} in {FUZZ_SECONDS:.0f} s, node counters {dict(nt.node.counters)}")
         assert stats["sent"] > 50 and stats["answered"] > 20, stats
+        # No handler, timer or service failed on what it was sent (each would be a bug in zq: the
+        # node answers it with a generic `error`, and logs the traceback).
+        assert nt.node.counters["internal_errors"] == 0 and nt.node.counters["errors_error"] == 0, dict(nt.node.counters)
         assert isinstance(raw.rpc(P.MetadataRequest(raw.rid(), None))[0], P.MetadataReply)
         reply, records = raw.fetch(KEEP, 0, 0, max_bytes=1 << 20)
         assert [r.value for r in records][:KEEP_RECORDS] == [b"r%d" % i for i in range(KEEP_RECORDS)], reply

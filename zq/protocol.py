@@ -433,9 +433,11 @@ message(27, node_only=True)(_rt.StartAt)
 from zq.core import membership as _mb  # noqa: E402
 
 # Their fields are checked again, against the core's own bounds, by the core (_check).
-_PROBE_BOUNDS = {"seq": B.int_range(0, B.SEQ_MAX), "sender": B.NODE, "sender_address": B.either(B.one_of(""), B.ADDRESS_F),
+# An address the core may send to is always host:port (an empty one broke sends: found by tests/test_fuzz.py).
+_MEMBER_UPDATE = B.tuple_of(B.NODE, B.ADDRESS_F, B.int_range(0, B.SEQ_MAX), B.one_of("alive", "suspect", "dead", "left"))
+_PROBE_BOUNDS = {"seq": B.int_range(0, B.SEQ_MAX), "sender": B.NODE, "sender_address": B.ADDRESS_F,
                  "sender_incarnation": B.int_range(0, B.SEQ_MAX), "target": B.either(B.one_of(""), B.NODE),
-                 "updates": B.list_of(B.LIST_ITEMS_MAX, B.list_of(4))}
+                 "updates": B.list_of(B.LIST_ITEMS_MAX, _MEMBER_UPDATE)}
 message(60, bounds=_PROBE_BOUNDS, node_only=True)(_mb.Ping)
 message(61, bounds=_PROBE_BOUNDS, node_only=True)(_mb.Ack)
 message(62, bounds={**_PROBE_BOUNDS, "target": B.NODE, "target_address": B.ADDRESS_F}, node_only=True)(_mb.PingReq)
