@@ -342,6 +342,7 @@ def test_hostile_peers_are_refused_or_ignored_and_nothing_breaks() -> None:
     assert len(hostile) > 10
     assert sum(r.hostile_refused for r in hostile) > 100
     assert sum(r.hostile_sent - r.hostile_refused for r in hostile) > 50   # in range: the cores saw them
+    assert sum(r.hostile_rejected for r in hostile) > 5                    # ... and refused some (ProtocolError)
     assert sum(r.acks for r in hostile) > 100
 
 

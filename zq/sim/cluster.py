@@ -584,21 +584,20 @@ class Sim:
     def ev_deliver(self, dst: str, p: int, msg: object) -> None:
         self.receive(dst, "deliver", (dst, p, msg))
 
-    def ev_hostile_deliver(self, dst: str, p: int, msg: object) -> None:
-        self.receive(dst, "hostile_deliver", (dst, p, msg))
-
     def ev_hostile(self) -> None:
         """The hostile peer sends one running replica one message no honest peer sends."""
         rng = self.hostile_rng
         if self.phase == "safety":
             self.at(self.now + rng.randrange(1, self.settings.hostile_interval_ms_max), "hostile")
-        running = [n for n in sorted(self.nodes) if self.nodes[n].alive and self.nodes[n].replicas]
+        running = [n for n in sorted(self.nodes)
+                   if self.nodes[n].alive and not self.nodes[n].paused and self.nodes[n].replicas]
         if not running:
             return
         node = self.nodes[rng.choice(running)]
         p = rng.choice(sorted(node.replicas))
-        msg = hostile_message(rng, node.replicas[p].epoch, sorted(self.nodes))
-        self.at(self.now + 1, "hostile_deliver", node.name, p, msg)
+        r = node.replicas[p]
+        # Delivered at once, so the message meets the replica in the state it was drawn for.
+        self.handle(node, "hostile_deliver", (node.name, p, hostile_message(rng, r.epoch, r.leader, sorted(self.nodes))))
 
     def ev_request(self, dst: str, req: ProduceRequest) -> None:
         self.receive(dst, "request", (req,))
@@ -931,8 +930,9 @@ class Sim:
 STRANGER = "evil"   # a name in no configuration
 
 
-def hostile_message(rng: random.Random, epoch: int, names: list[str]) -> object:
-    """One message a hostile peer might send a replica in `epoch` (zq.core.bounds says what is out of range)."""
+def hostile_message(rng: random.Random, epoch: int, leader: str | None, names: list[str]) -> object:
+    """One message a hostile peer might send a replica in `epoch` that follows `leader` (zq.core.bounds
+    says what is out of range)."""
     peer = rng.choice(names)
     # Out of range for an epoch (the stored header's width) and for an offset; a value in range
     # from a forged sender in the current epoch is a leader's word, which only [security] rules out.
@@ -957,6 +957,8 @@ def hostile_message(rng: random.Random, epoch: int, names: list[str]) -> object:
         return Vote(epoch + rng.randint(0, 3), STRANGER, True)
     if kind == 8 and epoch > 1:
         return Append(rng.randint(0, epoch - 1), STRANGER, 0, 0, 2**40, 2**40, [])   # a stranger's stale Append
+    if kind == 9 and leader is not None:
+        return Append(epoch, STRANGER, 0, 0, 0, 0, [])   # claims an epoch another leads: the core refuses it
     return RequestVote(-1, peer, 0, 0)
 
 
