@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from zq.core import bounds as B
+from zq.limits import DEFAULT
 from zq.protocol import message
 
 GENERATION = B.int_range(-1, B.SEQ_MAX)
@@ -136,9 +137,10 @@ class Ack:
     BOUNDS = {"req_id": B.REQ_ID, "group": B.GROUP, "member_id": B.MEMBER, "generation": GENERATION, "topic": B.TOPIC,
               "partition": B.PARTITION, "reset_epoch": B.int_range(0, B.SEQ_MAX),
               "acked": B.list_of(B.LIST_ITEMS_MAX, B.OFFSET),
+              # delays and leases: the node clamps them to its own bounds; a reason is cut to reason_chars_max
               "nacks": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.OFFSET, B.int_range(0, B.U32_MAX),
-                                                            B.optional(B.DURATION_MS), B.text())),
-              "extends": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.OFFSET, B.DURATION_MS))}
+                                                            B.optional(B.TIME_MS), B.text(DEFAULT.header_bytes_max))),
+              "extends": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.OFFSET, B.TIME_MS))}
 
 
 @message(47, node_only="forwarded")
