@@ -31,8 +31,12 @@ nodes. Each voter applies its committed commands; every other node follows it by
 fetching `__meta` from its leader, storing the batches unchanged and applying them. A node learns
 which partitions it holds by applying `create_topic` commands that name it.
 
-Peer input is checked, never asserted: a frame that fails to decode is counted, answered with an
-error where a reply is possible, and dropped; the loop goes on serving everyone else.
+Peer input is checked, never asserted: a frame that fails to decode, or whose fields are out of
+their bounds (zq.core.bounds), is counted, answered with an error where a reply is possible, and
+dropped; under [security] a message only nodes send is refused from a client key; the loop goes
+on serving everyone else. An unexpected error while stepping, writing or acting for one partition
+fences that partition (`_fence`: logged, counted, its requests answered `partition_fenced`) until
+a restart rebuilds it from the disk; every other partition keeps serving.
 """
 from __future__ import annotations
 
