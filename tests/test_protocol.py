@@ -117,3 +117,26 @@ def test_placement_is_deterministic_and_valid(topic, partitions, nodes):
     led = [sum(rs[0] == n for rs in a) for n in nodes]
     assert max(held) - min(held) <= 1
     assert max(led) <= -(-partitions // len(nodes)) + 1
+
+
+def test_every_field_of_every_message_type_has_a_bound() -> None:
+    """The trust boundary covers every field: a new message or field without a declared bound
+    (zq.core.bounds) fails here, not in production."""
+    import zq.group_protocol  # noqa: F401 (registers the group messages)
+    for code, cls in sorted(P._BY_CODE.items()):
+        fields = {name for name, _ in P._CHECKS[cls]}
+        assert set(getattr(cls, "BOUNDS", {})) == fields, f"{code} {cls.__name__}"
+
+
+def test_messages_only_nodes_send_are_marked() -> None:
+    import zq.group_protocol as G
+    from zq.core import membership as MB
+    from zq.core import repl_types as RT
+    for msg in (P.Replicate(1, "n1", []), P.NodeHeartbeat(1, "n1", "h:1", 1, [], 0), P.RegisterNode(1, "n", "h", 1, 1),
+                P.LocalStatusRequest(1), RT.RequestVote(1, "n1", 1, 1), MB.Ping(1, "n1", "h:1", 1, "", []),
+                G.GroupStateGossip(1, "n1", 0, []), G.ResetGroup(1, "g", "t", None, None, None, True, True),
+                P.Fetch(1, "__meta", 0, 0, 1, 0, "n2")):
+        assert P.from_nodes_only(msg), msg
+    for msg in (P.Produce(1, "t", 0, 1, 1, 0, 0, 0, 0), P.Fetch(1, "t", 0, 0, 1, 0, None), P.MetadataRequest(1, None),
+                G.ResetGroup(1, "g", "t", None, None, None, True, False), G.JoinGroup(1, "g", "", ["t"], 1, False)):
+        assert not P.from_nodes_only(msg), msg

@@ -1011,3 +1011,26 @@ def test_a_leader_short_of_disk_with_no_voter_with_room_keeps_leading() -> None:
     for _ in range(5):
         t.heartbeat("a")
     assert t.replicas["a"].role == LEADER and t.replicas["a"].transferring is None
+
+
+def test_votes_from_strangers_are_ignored_even_without_a_leader() -> None:
+    """A candidate outside the configuration (a forged or removed sender) gets no vote and moves
+    no epoch, whether or not the voter hears a leader; a stranger's Vote counts for nothing."""
+    t = Trio()
+    b, c = t.replicas["b"], t.replicas["c"]
+    assert b.leader is None and b.epoch == 0
+    b.step(RequestVote(7, "evil", 7, 10**9))
+    rd = b.ready()
+    b.advance()
+    assert rd.messages == () and rd.hard_state is None and b.epoch == 0 and b.voted_for is None
+    t.tick("c", 2 * CFG.election_timeout_ms)    # c stands in epoch 1 ...
+    assert c.role == "candidate" and c.epoch == 1
+    c.step(Vote(1, "evil", True))               # ... a stranger's grant is no vote
+    c.step(Vote(1, "mallory", True))
+    t.drain("c")
+    assert c.role == "candidate"
+    c.step(Vote(9, "evil", False))              # nor does a stranger's newer epoch depose it
+    t.drain("c")
+    assert c.role == "candidate" and c.epoch == 1
+    t.deliver()                                 # the real voters elect c
+    assert c.role == LEADER and {t.replicas[n].epoch for n in NAMES} == {1}

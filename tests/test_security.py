@@ -371,3 +371,45 @@ def test_a_secured_cluster_replicates_and_serves_only_allowed_clients(tmp_path, 
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_node_to_node_messages_are_refused_from_a_client_key(tmp_path, keydir):
+    """Under [security] only the cluster key speaks as a node: a client key's RegisterNode,
+    Replicate, LocalStatusRequest, group gossip and __meta replica fetch get not_authorised and
+    change nothing; its client requests are served; the cluster key's node messages are too."""
+    from types import SimpleNamespace
+
+    from tests.nodeutil import start_nodes, wait_until
+    from zq import group_protocol as G
+    from zq import protocol as P
+    from zq.core import repl_types as RT
+    topology = SimpleNamespace(path=tmp_path / "t.toml", nodes=(), cluster=SimpleNamespace(discovery="off"), security={
+        "mode": "curve", "cluster_secret_key_file": str(keydir / "cluster.key_secret"),
+        "cluster_public_key_file": str(keydir / "cluster.key"), "allowed_clients_dir": str(keydir / "clients")})
+    [nt] = start_nodes(tmp_path, 1, topology=topology)
+    ctx = zmq.Context.instance()
+    c1 = dealer(ctx, f"tcp://{nt.address}", client_keys(keydir, "clients/c1.key_secret"))
+    as_node = dealer(ctx, f"tcp://{nt.address}", client_keys(keydir, "cluster.key_secret"))
+
+    def rpc(sock, msg):
+        sock.send_multipart(P.encode(msg))
+        assert sock.poll(5_000), f"no answer to {type(msg).__name__}"
+        return P.decode(sock.recv_multipart())[0]
+    try:
+        wait_until(lambda: isinstance(rpc(c1, P.MetadataRequest(1, None)), P.MetadataReply), 20, "the node to serve")
+        refused = [P.RegisterNode(2, "intruder", "127.0.0.1", 9, 1),
+                   P.Replicate(3, "evil", [[1, 0, P.to_array(RT.RequestVote(5, "evil", 5, 5))]]),
+                   P.LocalStatusRequest(4), G.LocalGroupsRequest(5, None),
+                   P.Fetch(6, "__meta", 0, 0, 1024, 0, "n9")]
+        for msg in refused:
+            reply = rpc(c1, msg)
+            assert isinstance(reply, P.ErrorReply) and reply.code == "not_authorised", reply
+            assert reply.req_id == msg.req_id and "cluster's nodes only" in reply.message
+        assert nt.node.counters["not_authorised"] == len(refused)
+        assert "intruder" not in nt.node.meta.nodes
+        assert isinstance(rpc(c1, P.StatusRequest(7)), P.StatusReply)                # a client request
+        assert isinstance(rpc(as_node, P.LocalStatusRequest(8)), P.LocalStatusReply)  # the cluster key is a node
+    finally:
+        c1.close(0)
+        as_node.close(0)
+        nt.stop()

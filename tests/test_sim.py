@@ -330,3 +330,26 @@ def test_cli_many_seeds_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert sim_main(["--seeds", "5", "--start", "40", "--nodes", "5", "--steps", "200"]) == 0
     out = capsys.readouterr().out
     assert "5/5 seeds, 0 failed" in out and "5 seeds in" in out
+
+
+def test_hostile_peers_are_refused_or_ignored_and_nothing_breaks() -> None:
+    """Issue 12: a hostile peer's out-of-range fields are refused by the bounds check the node's
+    decoding runs; strangers' votes and stale Appends reach the cores, which ignore them; every
+    check still holds."""
+    results = [Sim(seed, steps=STEPS).run() for seed in range(START + 70_000, START + 70_040)]
+    assert all(r.ok for r in results), [(r.seed, r.invariant, r.detail) for r in results if not r.ok]
+    hostile = [r for r in results if r.settings.hostile]
+    assert len(hostile) > 10
+    assert sum(r.hostile_refused for r in hostile) > 100
+    assert sum(r.hostile_sent - r.hostile_refused for r in hostile) > 50   # in range: the cores saw them
+    assert sum(r.hostile_rejected for r in hostile) > 5                    # ... and refused some (ProtocolError)
+    assert sum(r.acks for r in hostile) > 100
+
+
+def test_checks_catch_a_node_that_skips_the_bounds_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    import zq.sim.cluster as cluster
+    monkeypatch.setattr(cluster.bounds, "check_message", lambda msg: None)
+    r = _first_failure(range(START + 70_000, START + 70_040))
+    assert r is not None, "out-of-range fields reached the cores and no check noticed"
+    assert r.invariant in {"epoch past the stored width", "log restarted above what retention deleted",
+                           "protocol error between honest replicas"}, r

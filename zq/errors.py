@@ -177,6 +177,14 @@ class Fenced(Rejected):
     code = "fenced"
 
 
+class PartitionFenced(ZqError):
+    """The node set this partition aside after an internal error (its log says which); the
+    partition's other replicas take over its leadership. Retry; restart the node to recover it."""
+
+    code = "partition_fenced"
+    retriable = True
+
+
 class RebalanceInProgress(ZqError):
     """The group's membership is changing and this node has not caught up yet; retry shortly."""
 

@@ -1,7 +1,8 @@
 """Wire messages of consumer groups (codes 40-59), registered with `zq.protocol.message`.
 
 Framing, checking and the error reply are those of `zq.protocol`; each message has one grammar
-line in docs/protocol.md. The first field of every message is its request id.
+line in docs/protocol.md. The first field of every message is its request id. Each declares
+`BOUNDS`, the range of every field (zq.core.bounds), checked on decoding.
 
 Client and node: a member joins through any node (`JoinGroup`), heartbeats there
 (`GroupHeartbeat`), and both are answered with a `GroupReply` (its generation and partitions).
@@ -20,7 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from zq.core import bounds as B
+from zq.limits import DEFAULT
 from zq.protocol import message
+
+GENERATION = B.int_range(-1, B.SEQ_MAX)
+START = B.either(B.one_of("earliest", "latest"), B.TIME_MS)
+GROUP_TP = B.tuple_of(B.GROUP, B.TOPIC_ID, B.PARTITION)
 
 # ---------------------------------------------------------------------------- client <-> node
 
@@ -35,6 +42,8 @@ class JoinGroup:
     session_timeout_ms: int
     static: bool
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "group": B.GROUP, "member_id": B.MEMBER, "topics": B.list_of(1_000, B.TOPIC),
+              "session_timeout_ms": B.DURATION_MS, "static": B.boolean}
 
 
 @message(41)
@@ -45,6 +54,7 @@ class GroupHeartbeat:
     member_id: str
     generation: int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "group": B.GROUP, "member_id": B.MEMBER, "generation": GENERATION}
 
 
 @message(42)
@@ -54,6 +64,7 @@ class LeaveGroup:
     group: str
     member_id: str
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "group": B.GROUP, "member_id": B.MEMBER}
 
 
 @message(43)
@@ -66,6 +77,8 @@ class GroupReply:
     generation: int
     partitions: list
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "group": B.GROUP, "member_id": B.MEMBER, "generation": GENERATION,
+              "partitions": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.TOPIC, B.PARTITION))}
 
 
 @message(44)
@@ -86,6 +99,9 @@ class Lease:
     max_wait_ms: int
     start: str | int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "group": B.GROUP, "member_id": B.MEMBER, "generation": GENERATION, "topic": B.TOPIC,
+              "partition": B.PARTITION, "max_messages": B.int_range(0, B.COUNT_MAX), "lease_ms": B.DURATION_MS,
+              "max_wait_ms": B.DURATION_MS, "start": START}
 
 
 @message(45)
@@ -98,6 +114,8 @@ class LeaseReply:
     deliveries: list
     high_watermark: int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "reset_epoch": B.int_range(0, B.SEQ_MAX), "deliveries": B.list_of(2 * B.LIST_ITEMS_MAX),
+              "high_watermark": B.OFFSET}
 
 
 @message(46)
@@ -116,9 +134,16 @@ class Ack:
     nacks: list
     extends: list
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "group": B.GROUP, "member_id": B.MEMBER, "generation": GENERATION, "topic": B.TOPIC,
+              "partition": B.PARTITION, "reset_epoch": B.int_range(0, B.SEQ_MAX),
+              "acked": B.list_of(B.LIST_ITEMS_MAX, B.OFFSET),
+              # delays and leases: the node clamps them to its own bounds; a reason is cut to reason_chars_max
+              "nacks": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.OFFSET, B.int_range(0, B.U32_MAX),
+                                                            B.optional(B.TIME_MS), B.text(DEFAULT.header_bytes_max))),
+              "extends": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.OFFSET, B.TIME_MS))}
 
 
-@message(47)
+@message(47, node_only="forwarded")
 @dataclass(frozen=True, slots=True)
 class ResetGroup:
     """Move a group to an offset, a time or the earliest offset, on one partition or every one.
@@ -134,6 +159,9 @@ class ResetGroup:
     earliest: bool
     forwarded: bool
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "group": B.GROUP, "topic": B.TOPIC, "partition": B.optional(B.PARTITION),
+              "to_offset": B.optional(B.OFFSET), "to_time_ms": B.optional(B.TIME_MS), "earliest": B.boolean,
+              "forwarded": B.boolean}
 
 
 @message(48)
@@ -143,12 +171,13 @@ class DescribeGroups:
     req_id: int
     group: str | None
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "group": B.optional(B.GROUP)}
 
 
 # ---------------------------------------------------------------------------- node <-> node
 
 
-@message(50)
+@message(50, node_only=True)
 @dataclass(frozen=True, slots=True)
 class GroupGossip:
     """One-way: the sender's copies of group memberships: `groups` [name, ...], each copy
@@ -157,9 +186,10 @@ class GroupGossip:
     sender: str
     groups: list
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "sender": B.NODE, "groups": B.list_of(B.LIST_ITEMS_MAX, B.GROUP)}
 
 
-@message(51)
+@message(51, node_only=True)
 @dataclass(frozen=True, slots=True)
 class GroupStateGossip:
     """One-way, from a partition's leader to its other replicas: `items` [[group, topic_id,
@@ -171,9 +201,12 @@ class GroupStateGossip:
     boot: int
     items: list
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "sender": B.NODE, "boot": B.int_range(0, B.SEQ_MAX),
+              "items": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.GROUP, B.TOPIC_ID, B.PARTITION, B.int_range(0, B.OFFSET_MAX),
+                                                             B.int_range(0, B.SEQ_MAX)))}
 
 
-@message(54)
+@message(54, node_only=True)
 @dataclass(frozen=True, slots=True)
 class GroupStateAck:
     """One-way, from a replica to the partition leader that sent a `GroupStateGossip` with `boot`:
@@ -183,9 +216,11 @@ class GroupStateAck:
     boot: int
     items: list
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "sender": B.NODE, "boot": B.int_range(0, B.SEQ_MAX),
+              "items": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.GROUP, B.TOPIC_ID, B.PARTITION, B.int_range(0, B.SEQ_MAX)))}
 
 
-@message(55)
+@message(55, node_only=True)
 @dataclass(frozen=True, slots=True)
 class GroupStatePull:
     """A new leader of a partition asks a replica for its copies of every group's delivery state
@@ -196,9 +231,11 @@ class GroupStatePull:
     partition: int
     after: str | None
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "sender": B.NODE, "topic_id": B.TOPIC_ID, "partition": B.PARTITION,
+              "after": B.optional(B.GROUP)}
 
 
-@message(56)
+@message(56, node_only=True)
 @dataclass(frozen=True, slots=True)
 class GroupStatePulled:
     """The answer to `GroupStatePull`: `items` [[group, dead_lettered], ...] in name order, each
@@ -208,17 +245,20 @@ class GroupStatePulled:
     items: list
     more: bool
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "sender": B.NODE,
+              "items": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.GROUP, B.int_range(0, B.OFFSET_MAX))), "more": B.boolean}
 
 
-@message(52)
+@message(52, node_only=True)
 @dataclass(frozen=True, slots=True)
 class LocalGroupsRequest:
     req_id: int
     group: str | None
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "group": B.optional(B.GROUP)}
 
 
-@message(53)
+@message(53, node_only=True)
 @dataclass(frozen=True, slots=True)
 class LocalGroupsReply:
     """Rows of the partitions the sender leads: [{"group", "topic", "partition", "committed",
@@ -227,3 +267,4 @@ class LocalGroupsReply:
     node: str
     rows: list
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "node": B.NODE, "rows": B.list_of(B.LIST_ITEMS_MAX)}

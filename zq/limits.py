@@ -22,6 +22,7 @@ class Limits:
     batch_decoded_bytes_max: int = 8 * MiB   # one compressed batch once inflated (a producer fills <= batch_bytes_max, uncompressed)
     frames_per_message_max: int = 1024      # frames in one multipart message
     topic_name_chars_max: int = 200
+    group_name_chars_max: int = 200         # consumer group names and member ids
     partitions_per_topic_max: int = 10_000
     replication_max: int = 7                # replicas of one partition (each is a voter: 7 tolerates 3 failures)
     # Node event loop.

@@ -12,7 +12,12 @@ bytes, never re-encoded (see zq.batch). On a ROUTER socket the peer's routing id
 
 Each type has one grammar line in docs/protocol.md. A message type is a frozen, slotted dataclass
 registered with `@message(code)`; decoding checks the signature, the sizes, the type code, the
-number of fields and each field's type, and raises ProtocolError with a sentence saying which.
+number of fields and each field's type, and raises ProtocolError with a sentence saying which;
+then each field's *value* against the class's `BOUNDS` (zq.core.bounds: epochs that fit the
+stored header, offsets below 2**63, names matched whole, lists of bounded length), and raises
+InvalidRequest naming the field out of range. The node answers either with an error and does
+nothing else. `node_only` marks what only a node may send (`from_nodes_only`): under
+`[security]` the node refuses it from a client key.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from typing import Any, ClassVar
 
 import cbor2
 
-from zq.errors import ProtocolError, UnsupportedVersion
+from zq.core import bounds as B
+from zq.errors import ProtocolError, UnsupportedVersion, ZqError
 from zq.limits import DEFAULT, Limits
 
 PROTOCOL_VERSION = 1
@@ -36,6 +42,7 @@ ACKS_NAMES = {0: "none", 1: "leader", 2: "quorum"}
 
 _BY_CODE: dict[int, type] = {}
 _CHECKS: dict[type, tuple] = {}
+_NODE_ONLY: dict[type, bool | str] = {}   # True: always from a node; a field name: when that field is set
 
 
 def _checker(tp: Any):
@@ -56,15 +63,30 @@ def _checker(tp: Any):
     return lambda v: isinstance(v, base)
 
 
-def message(code: int):
+def message(code: int, *, bounds: dict | None = None, node_only: bool | str = False):
+    """Register a message type under `code`. `bounds` (else the class's own `BOUNDS`) range-checks
+    its fields on decoding; `node_only` (True, or the name of a field that makes it so when set)
+    says only a node may send it."""
     def register(cls):
         assert code not in _BY_CODE, f"duplicate message code {code}"
         cls.CODE = code
+        if bounds is not None:
+            cls.BOUNDS = bounds
         _BY_CODE[code] = cls
         hints = typing.get_type_hints(cls)
         _CHECKS[cls] = tuple((f.name, _checker(hints[f.name])) for f in dataclasses.fields(cls))
+        unknown = set(getattr(cls, "BOUNDS", {})) - {name for name, _ in _CHECKS[cls]}
+        assert not unknown, f"{cls.__name__} bounds name no field: {unknown}"
+        if node_only:
+            _NODE_ONLY[cls] = node_only
         return cls
     return register
+
+
+def from_nodes_only(msg: Any) -> bool:
+    """True if only a node of the cluster may send `msg` (replication, membership, gossip, ...)."""
+    rule = _NODE_ONLY.get(type(msg))
+    return rule is True or (isinstance(rule, str) and bool(getattr(msg, rule)))
 
 
 def encode(msg: Any, *payload: bytes) -> list[bytes]:
@@ -101,13 +123,22 @@ def from_array(arr: Any) -> Any:
     cls = _BY_CODE.get(arr[0])
     if cls is None:
         raise ProtocolError(f"unknown message type {arr[0]}")
-    checks = _CHECKS[cls]
-    if len(arr) - 1 != len(checks):
-        raise ProtocolError(f"{cls.__name__} has {len(checks)} fields, got {len(arr) - 1}")
-    for (name, ok), value in zip(checks, arr[1:]):
-        if not ok(value):
-            raise ProtocolError(f"{cls.__name__}.{name} has the wrong type ({type(value).__name__})")
-    return cls(*arr[1:])
+    try:
+        checks = _CHECKS[cls]
+        if len(arr) - 1 != len(checks):
+            raise ProtocolError(f"{cls.__name__} has {len(checks)} fields, got {len(arr) - 1}")
+        for (name, ok), value in zip(checks, arr[1:]):
+            if not ok(value):
+                raise ProtocolError(f"{cls.__name__}.{name} has the wrong type ({type(value).__name__})")
+        msg = cls(*arr[1:])
+        B.check_message(msg)
+        return msg
+    except ZqError as e:
+        # The error reply repeats the request id when there is a usable one, so the sender can match it.
+        if (len(arr) > 1 and _CHECKS[cls] and _CHECKS[cls][0][0] == "req_id" and type(arr[1]) is int
+                and 0 <= arr[1] <= B.REQ_ID_MAX):
+            e.req_id = arr[1]
+        raise
 
 
 def to_array(msg: Any) -> list:
@@ -124,6 +155,7 @@ class MetadataRequest:
     req_id: int
     topics: list | None  # None: all topics
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "topics": B.optional(B.list_of(B.LIST_ITEMS_MAX, B.TOPIC))}
 
 
 @message(2)
@@ -134,6 +166,8 @@ class MetadataReply:
     nodes: list       # [{"name", "host", "port", "state"}]
     topics: list      # [{"name", "id", "partitions": [{"partition", "leader", "epoch", "replicas"}], "config"}]
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "cluster": B.text(B.NAME_CHARS_MAX), "nodes": B.list_of(B.LIST_ITEMS_MAX),
+              "topics": B.list_of(B.LIST_ITEMS_MAX)}
 
 
 @message(3)
@@ -145,6 +179,8 @@ class CreateTopic:
     replication: int
     config: dict
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "name": B.TOPIC, "partitions": B.int_range(0, B.U32_MAX),
+              "replication": B.int_range(0, B.U32_MAX), "config": B.map_of(64)}
 
 
 @message(4)
@@ -153,6 +189,7 @@ class DeleteTopic:
     req_id: int
     name: str
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "name": B.TOPIC}
 
 
 @message(5)
@@ -161,6 +198,7 @@ class OkReply:
     req_id: int
     data: dict
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "data": B.map_of(B.LIST_ITEMS_MAX)}
 
 
 @message(6)
@@ -171,6 +209,8 @@ class ErrorReply:
     message: str
     data: dict
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "code": B.text(B.NAME_CHARS_MAX), "message": B.text(DEFAULT.header_bytes_max),
+              "data": B.map_of(64)}
 
 
 @message(13)
@@ -178,6 +218,7 @@ class ErrorReply:
 class StatusRequest:
     req_id: int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID}
 
 
 @message(14)
@@ -186,6 +227,7 @@ class StatusReply:
     req_id: int
     status: dict   # the document of `zq status --json`
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "status": B.map_of(B.LIST_ITEMS_MAX)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +248,9 @@ class Produce:
     base_sequence: int
     flags: int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "topic": B.TOPIC, "partition": B.PARTITION, "acks": B.int_range(0, 2),
+              "count": B.COUNT, "blob_crc": B.int_range(0, B.U32_MAX), "producer_id": B.int_range(0, B.PRODUCER_ID_MAX),
+              "base_sequence": B.int_range(0, B.SEQUENCE_MAX), "flags": B.int_range(0, 0xFFFF)}
 
 
 @message(8)
@@ -217,9 +262,11 @@ class ProduceReply:
     append_time_ms: int
     log_start: int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "base_offset": B.int_range(-1, B.OFFSET_MAX), "epoch": B.EPOCH,
+              "append_time_ms": B.TIME_MS, "log_start": B.OFFSET}
 
 
-@message(9)
+@message(9, node_only="replica")
 @dataclass(frozen=True, slots=True)
 class Fetch:
     req_id: int
@@ -230,6 +277,10 @@ class Fetch:
     max_wait_ms: int
     replica: str | None   # the fetching node's name; None for clients
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "topic": B.TOPIC, "partition": B.PARTITION,
+              "offset": B.int_range(-B.OFFSET_MAX - 1, B.OFFSET_MAX),   # below the log start: offset_out_of_range
+              "max_bytes": B.int_range(0, B.SIZE_BYTES_MAX), "max_wait_ms": B.int_range(-1, B.DURATION_MS_MAX),
+              "replica": B.optional(B.NODE)}
 
 
 @message(10)
@@ -241,6 +292,7 @@ class FetchReply:
     log_start: int
     log_end: int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "high_watermark": B.OFFSET, "log_start": B.OFFSET, "log_end": B.OFFSET}
 
 
 @message(11)
@@ -251,6 +303,8 @@ class ListOffsets:
     partition: int
     spec: str | int       # "earliest", "latest", or a timestamp in ms
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "topic": B.TOPIC, "partition": B.PARTITION,
+              "spec": B.either(B.one_of("earliest", "latest"), B.TIME_MS)}
 
 
 @message(12)
@@ -261,6 +315,7 @@ class OffsetsReply:
     log_start: int
     high_watermark: int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "offset": B.OFFSET, "log_start": B.OFFSET, "high_watermark": B.OFFSET}
 
 
 def error_reply(req_id: int, err) -> ErrorReply:
@@ -272,7 +327,7 @@ def error_reply(req_id: int, err) -> ErrorReply:
 # Node <-> node
 
 
-@message(15)
+@message(15, node_only=True)
 @dataclass(frozen=True, slots=True)
 class RegisterNode:
     """A node tells the metadata leader its address, so that it is written into `__meta`."""
@@ -282,16 +337,19 @@ class RegisterNode:
     port: int
     incarnation: int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "name": B.NODE, "host": B.name(B.HOST, "host name or address"),
+              "port": B.int_range(1, 65_535), "incarnation": B.TIME_MS}
 
 
-@message(16)
+@message(16, node_only=True)
 @dataclass(frozen=True, slots=True)
 class LocalStatusRequest:
     req_id: int
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID}
 
 
-@message(17)
+@message(17, node_only=True)
 @dataclass(frozen=True, slots=True)
 class LocalStatusReply:
     """One node's own view: itself and the partitions it holds."""
@@ -299,9 +357,10 @@ class LocalStatusReply:
     node: dict          # {"name", "address", "incarnation", "started_ms"}
     partitions: list    # [{"topic", "partition", "leader", "epoch", "replicas", "in_sync", "log_start", "log_end", "high_watermark", "replication_lag"}]
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "node": B.map_of(64), "partitions": B.list_of(B.LIST_ITEMS_MAX)}
 
 
-@message(18)
+@message(18, node_only=True)
 @dataclass(frozen=True, slots=True)
 class Replicate:
     """Replication messages of many partitions, coalesced per pair of nodes and loop pass.
@@ -312,9 +371,11 @@ class Replicate:
     sender: str
     items: list
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "sender": B.NODE,
+              "items": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.TOPIC_ID, B.PARTITION, B.list_of(16)))}
 
 
-@message(19)
+@message(19, node_only=True)
 @dataclass(frozen=True, slots=True)
 class NodeHeartbeat:
     """Sent to every peer a few times a second: who I am, and which partitions I lead."""
@@ -325,6 +386,9 @@ class NodeHeartbeat:
     leaders: list        # [[topic_id, partition, epoch], ...]
     meta_applied: int    # the sender has applied every __meta command below this offset
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "sender": B.NODE, "address": B.ADDRESS_F, "incarnation": B.TIME_MS,
+              "leaders": B.list_of(B.LIST_ITEMS_MAX, B.tuple_of(B.TOPIC_ID, B.PARTITION, B.EPOCH)),
+              "meta_applied": B.OFFSET}
 
 
 @message(30)
@@ -337,6 +401,7 @@ class ReassignPartition:
     partition: int
     replicas: list       # [node name, ...], preferred leader first
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "topic": B.TOPIC, "partition": B.PARTITION, "replicas": B.NODES}
 
 
 @message(31)
@@ -349,23 +414,30 @@ class DrainNode:
     wait_ms: int
     leave: bool
     CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "wait_ms": B.DURATION_MS, "leave": B.boolean}
 
 
 # The replication core's messages (zq.core.repl_types), registered for the wire.
 from zq.core import repl_types as _rt  # noqa: E402
 
-message(20)(_rt.Append)
-message(21)(_rt.AppendAck)
-message(22)(_rt.Fetch)
-message(23)(_rt.Diverging)
-message(24)(_rt.RequestVote)
-message(25)(_rt.Vote)
-message(26)(_rt.TimeoutNow)
-message(27)(_rt.StartAt)
+message(20, node_only=True)(_rt.Append)
+message(21, node_only=True)(_rt.AppendAck)
+message(22, node_only=True)(_rt.Fetch)
+message(23, node_only=True)(_rt.Diverging)
+message(24, node_only=True)(_rt.RequestVote)
+message(25, node_only=True)(_rt.Vote)
+message(26, node_only=True)(_rt.TimeoutNow)
+message(27, node_only=True)(_rt.StartAt)
 
 # The membership core's messages (zq.core.membership: SWIM failure detection and gossip), node to node.
 from zq.core import membership as _mb  # noqa: E402
 
-message(60)(_mb.Ping)
-message(61)(_mb.Ack)
-message(62)(_mb.PingReq)
+# Their fields are checked again, against the core's own bounds, by the core (_check).
+# An address the core may send to is always host:port (an empty one broke sends: found by tests/test_fuzz.py).
+_MEMBER_UPDATE = B.tuple_of(B.NODE, B.ADDRESS_F, B.int_range(0, B.SEQ_MAX), B.one_of("alive", "suspect", "dead", "left"))
+_PROBE_BOUNDS = {"seq": B.int_range(0, B.SEQ_MAX), "sender": B.NODE, "sender_address": B.ADDRESS_F,
+                 "sender_incarnation": B.int_range(0, B.SEQ_MAX), "target": B.either(B.one_of(""), B.NODE),
+                 "updates": B.list_of(B.LIST_ITEMS_MAX, _MEMBER_UPDATE)}
+message(60, bounds=_PROBE_BOUNDS, node_only=True)(_mb.Ping)
+message(61, bounds=_PROBE_BOUNDS, node_only=True)(_mb.Ack)
+message(62, bounds={**_PROBE_BOUNDS, "target": B.NODE, "target_address": B.ADDRESS_F}, node_only=True)(_mb.PingReq)

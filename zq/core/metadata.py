@@ -34,16 +34,16 @@ configuration at all and learns it from the log (zq.core.replication explains wh
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from zq import hashing
+from zq.core import bounds
 from zq.errors import InvalidRequest, NotEnoughReplicas, TopicExists, UnknownTopic
 from zq.limits import Limits
 from zq.types import META_TOPIC, META_TOPIC_ID
 
-TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+TOPIC_NAME = bounds.TOPIC_NAME   # the one rule, matched whole (zq.core.bounds)
 DLQ_SUFFIX = ".dlq"
 
 # Topic settings a user may set, with their defaults and types.
@@ -152,9 +152,9 @@ def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_topic_name(name: str, limits: Limits, *, internal_ok: bool = False) -> None:
-    if not name or len(name) > limits.topic_name_chars_max or not TOPIC_NAME.match(name):
-        raise InvalidRequest(
-            f"topic name {name!r} is not valid: use 1 to {limits.topic_name_chars_max} of the characters A-Z a-z 0-9 . _ -")
+    problem = bounds.check_topic_name(name, chars_max=limits.topic_name_chars_max)
+    if problem is not None:
+        raise InvalidRequest(problem)
     if name.startswith("__") and not internal_ok:
         raise InvalidRequest(f"topic name {name!r} is reserved: names starting with '__' are zq's own")
 

@@ -35,6 +35,10 @@ base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
                   OffsetOutOfRange reset; Raft's snapshot install with an empty state machine);
                   voters empty if the leader no longer remembers that configuration
 
+Each message declares `BOUNDS`, the range of every field (zq.core.bounds): `check_message` runs
+them in the node (on decoding) and in the replication core (`Replica.step`), so an epoch that
+would not fit the stored batch header, or an offset past 2**63, never reaches state or disk.
+
 A configuration entry (a replica-set change) is an ordinary one-record entry, `[base_offset, 1,
 epoch, -1, -1, CONFIG_PREFIX + cbor([voter, ...])]`, voters sorted; it travels in Appends like
 any other entry.
@@ -47,6 +51,7 @@ from typing import Protocol
 
 import cbor2
 
+from zq.core import bounds as B
 from zq.errors import ProtocolError
 
 NO_PRODUCER = -1
@@ -126,11 +131,18 @@ class Entry:
             raise ProtocolError("a replicated entry's first five fields are integers")
         if not isinstance(payload, bytes):
             raise ProtocolError("a replicated entry's payload is bytes")
-        if base < 0 or count < 1 or epoch < 1 or pid < NO_PRODUCER or seq < NO_PRODUCER:
-            raise ProtocolError(f"replicated entry out of range: offset {base}, count {count}, epoch {epoch}")
+        if (not 0 <= base <= B.OFFSET_MAX - count or not 1 <= count <= B.COUNT_MAX or not 1 <= epoch <= B.EPOCH_MAX
+                or not NO_PRODUCER <= pid <= B.PRODUCER_ID_MAX or not NO_PRODUCER <= seq <= B.SEQUENCE_MAX):
+            raise ProtocolError(f"replicated entry out of range: offset {base}, count {count}, epoch {epoch}, "
+                                f"producer {pid}, sequence {seq} (see docs/protocol.md for the bounds)")
         if pid == NO_PRODUCER and count == 1:
             decode_config(payload)  # a malformed configuration entry is refused here, not later
         return Entry(base, count, epoch, pid, seq, payload)
+
+
+ENTRY_BOUNDS = B.tuple_of(B.OFFSET, B.COUNT, B.int_range(1, B.EPOCH_MAX), B.int_range(NO_PRODUCER, B.PRODUCER_ID_MAX),
+                          B.int_range(NO_PRODUCER, B.SEQUENCE_MAX), B.blob)
+"""An entry in an Append, as Entry.from_wire reads it (checked before the Append changes anything)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +156,10 @@ class Append:
     entries: list = field(default_factory=list)  # of Entry.to_wire() lists
     log_start: int = 0                           # the leader's log start: followers delete below it
 
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "prev_end": B.OFFSET, "prev_epoch": B.EPOCH,
+              "high_watermark": B.OFFSET, "leader_end": B.OFFSET, "entries": B.list_of(B.LIST_ITEMS_MAX, ENTRY_BOUNDS),
+              "log_start": B.OFFSET}
+
 
 @dataclass(frozen=True, slots=True)
 class AppendAck:
@@ -153,6 +169,8 @@ class AppendAck:
     wall_ms: int = 0           # the sender's wall clock when it sent this (0: unknown)
     disk_low: bool = False     # the sender is short of disk: a leader hands off to another voter
 
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "durable_end": B.OFFSET, "wall_ms": B.TIME_MS, "disk_low": B.boolean}
+
 
 @dataclass(frozen=True, slots=True)
 class Fetch:
@@ -160,6 +178,8 @@ class Fetch:
     sender: str
     from_end: int
     last_epoch: int
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "from_end": B.OFFSET, "last_epoch": B.EPOCH}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +189,8 @@ class Diverging:
     diverging_epoch: int
     end_offset: int
 
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "diverging_epoch": B.EPOCH, "end_offset": B.OFFSET}
+
 
 @dataclass(frozen=True, slots=True)
 class RequestVote:
@@ -177,6 +199,8 @@ class RequestVote:
     last_epoch: int
     last_end: int
 
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "last_epoch": B.EPOCH, "last_end": B.OFFSET}
+
 
 @dataclass(frozen=True, slots=True)
 class Vote:
@@ -184,11 +208,15 @@ class Vote:
     sender: str
     granted: bool
 
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "granted": B.one_of(True, False)}
+
 
 @dataclass(frozen=True, slots=True)
 class TimeoutNow:
     epoch: int
     sender: str
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +226,9 @@ class StartAt:
     offset: int
     prev_epoch: int
     voters: list = field(default_factory=list)  # sorted node names; [] if unknown
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "offset": B.OFFSET, "prev_epoch": B.EPOCH,
+              "voters": B.list_of(CONFIG_VOTERS_MAX, B.NODE)}
 
 
 MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote, TimeoutNow, StartAt)

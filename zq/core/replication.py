@@ -737,10 +737,13 @@ class Replica:
             # it take the epoch, which would fence its leader. (A learner that knows one votes as
             # Raft says: its log holds everything committed before the leader that wrote it.)
             return
-        if m.sender not in self.voters and (self.role == LEADER or self._hears_leader()):
-            # Leader stickiness, for nodes outside our configuration only: a removed node that
-            # missed its removal keeps standing, and must not depose a working leader. (A voter's
-            # request is handled as Raft does, so a TimeoutNow hand-off needs no exception.)
+        if m.sender not in self.voters:
+            # A candidate outside our configuration gets no vote and does not move our epoch: a
+            # removed node that missed its removal keeps standing and must not depose a working
+            # leader, and a stranger (or a forged sender) must not push our epoch anywhere.
+            # Refusing a vote is always safe; a voter added in a configuration we have not seen
+            # yet wins with the votes of those that have it. (A voter's request is handled as
+            # Raft does, so a TimeoutNow hand-off needs no exception.)
             if self.role == LEADER:
                 self._note_stranger(m.sender, m.epoch)
             return
@@ -759,6 +762,8 @@ class Replica:
         self._send(m.sender, Vote(self.epoch, self.node_id, granted))
 
     def on_vote(self, m: Vote) -> None:
+        if m.sender not in self.voters:
+            return   # a vote from outside our configuration counts for nothing and moves no epoch
         if m.epoch > self.epoch:
             self.become_follower(m.epoch, None)
             return

@@ -31,8 +31,12 @@ nodes. Each voter applies its committed commands; every other node follows it by
 fetching `__meta` from its leader, storing the batches unchanged and applying them. A node learns
 which partitions it holds by applying `create_topic` commands that name it.
 
-Peer input is checked, never asserted: a frame that fails to decode is counted, answered with an
-error where a reply is possible, and dropped; the loop goes on serving everyone else.
+Peer input is checked, never asserted: a frame that fails to decode, or whose fields are out of
+their bounds (zq.core.bounds), is counted, answered with an error where a reply is possible, and
+dropped; under [security] a message only nodes send is refused from a client key; the loop goes
+on serving everyone else. An unexpected error while stepping, writing or acting for one partition
+fences that partition (`_fence`: logged, counted, its requests answered `partition_fenced`) until
+a restart rebuilds it from the disk; every other partition keeps serving.
 """
 from __future__ import annotations
 
@@ -59,8 +63,8 @@ from zq.core import metadata as meta
 from zq.core.repl_types import (BACKPRESSURE, COMMITTED, DUPLICATE_SEQUENCE, LEADER, HardState, NOT_LEADER, OUT_OF_ORDER,
                                 Outcome, ReplicationConfig)  # noqa: F401 (Outcome in annotations)
 from zq.core.replication import Replica
-from zq.errors import (Backpressure, InvalidRequest, LeaderNotAvailable, NotLeader, OffsetOutOfRange, OutOfOrderSequence, UnknownTopic,
-                       ProtocolError, StorageFull, UnknownPartition, ZqError, from_wire)
+from zq.errors import (Backpressure, InvalidRequest, LeaderNotAvailable, NotAuthorised, NotLeader, OffsetOutOfRange, OutOfOrderSequence,
+                       PartitionFenced, UnknownTopic, ProtocolError, StorageFull, UnknownPartition, ZqError, from_wire)
 from zq.io import replicas as R
 from zq.io import security
 from zq.io.store import Store
@@ -267,6 +271,7 @@ class Node:
         self.limited_log = _LimitedLog()
         self._wall_minus_mono: int | None = None                # to notice the wall clock jumping
         self.dirty: set[TopicPartition] = set()
+        self.fenced: dict[TopicPartition, str] = {}             # set aside after an internal error: why (see _fence)
         self.outbox: dict[str, list] = defaultdict(list)        # peer -> Replicate items of this pass
         self.pub_out: list[tuple[TopicPartition, list]] = []
         self.txn = None
@@ -477,7 +482,9 @@ class Node:
                 if peer.sock in ready:
                     self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames))
             if self.router in ready:
-                self._drain(self.router, self._on_router_frames, pass_start + REQUESTS_BUDGET_MS / 1000)
+                # Under [security] frames are received uncopied, so the CURVE user id ZAP gave them is readable.
+                self._drain(self.router, self._on_router_frames, pass_start + REQUESTS_BUDGET_MS / 1000,
+                            copy=self.keys is None)
             drained_at = time.monotonic()
             try:
                 self._tick_replicas()
@@ -513,27 +520,41 @@ class Node:
         due = self.timers[0][0] if self.timers else mono_ms() + 100
         return max(0, min(100, due - mono_ms()))
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list], None], until: float | None = None) -> None:
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list], None], until: float | None = None,
+               copy: bool = True) -> None:
         for _ in range(self.limits.inbox_drain_max):
             if until is not None and time.monotonic() >= until:
                 self.counters["requests_deferred"] += 1   # the rest is served next pass
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 return
             handle(frames)
 
-    def _on_router_frames(self, frames: list[bytes]) -> None:
+    def _on_router_frames(self, frames: list) -> None:
+        user = None
+        if frames and isinstance(frames[0], zmq.Frame):
+            user = _user_id(frames[-1])
+            frames = [f.bytes for f in frames]
         identity, body = frames[0], frames[1:]
         try:
             msg, payload = P.decode(body, self.limits)
         except ZqError as e:
-            self.counters["protocol_errors"] += 1
+            self.counters["invalid_requests" if isinstance(e, InvalidRequest) else "protocol_errors"] += 1
             log.debug("dropped a bad frame: %s", e)
             # Reply only when it looks like a zq peer (it can read the reply); garbage gets silence.
             if body and bytes(body[0])[:2] == b"ZQ":
-                self._send(identity, P.encode(P.error_reply(0, e)))
+                self._send(identity, P.encode(P.error_reply(getattr(e, "req_id", 0), e)))
+            return
+        if self.keys is not None and user != security.NODE_USER and P.from_nodes_only(msg):
+            # Only a holder of the cluster secret key may speak as a node (ZAP names it NODE_USER).
+            self.counters["not_authorised"] += 1
+            self._warn_limited("not_authorised", "refused a %s from a client key: only nodes of the cluster send it",
+                               type(msg).__name__)
+            if hasattr(msg, "req_id"):
+                self._send(identity, P.encode(P.error_reply(msg.req_id, NotAuthorised(
+                    f"{type(msg).__name__} is sent by the cluster's nodes only, and this connection uses a client key"))))
             return
         handler = self.HANDLERS.get(type(msg))
         if handler is None and type(msg) in self.service_handlers:
@@ -581,7 +602,10 @@ class Node:
                 part.replica.advance()
             for part, rd in readys:
                 if ok or not rd.has_writes:
-                    self._after_durable(part, rd)
+                    try:
+                        self._after_durable(part, rd)
+                    except Exception as e:
+                        self._fence(part, "acting on its durable writes", e)
                 else:
                     self._reopen_after_failed_write(part)
             if not ok:
@@ -594,25 +618,34 @@ class Node:
         dirty, self.dirty = self.dirty, set()
         for tp in sorted(dirty):
             part = self.parts.get(tp)
-            if part is None or part.replica is None:
+            if part is None or part.replica is None or tp in self.fenced:
                 continue
-            rd = part.replica.ready()
-            if rd.empty:
-                part.replica.advance()
+            try:
+                rd = part.replica.ready()
+                if rd.empty:
+                    part.replica.advance()
+                    continue
+                if (rd.truncate_from is None and rd.reset_to is None and not rd.entries and not rd.must_sync
+                        and rd.hard_state is not None):
+                    # Only the high-watermark hint changed: it need not be on disk before anything is sent
+                    # (a restarted replica just serves less until the leader tells it more), so it rides
+                    # along with a later write instead of costing a write of its own now.
+                    self.lazy_hard_states[tp] = rd.hard_state
+                    rd = dataclasses.replace(rd, hard_state=None)
+                if rd.has_writes:
+                    self._write_ready(part, rd)
+            except Exception as e:
+                self._fence(part, "preparing its writes", e)
                 continue
-            if (rd.truncate_from is None and rd.reset_to is None and not rd.entries and not rd.must_sync
-                    and rd.hard_state is not None):
-                # Only the high-watermark hint changed: it need not be on disk before anything is sent
-                # (a restarted replica just serves less until the leader tells it more), so it rides
-                # along with a later write instead of costing a write of its own now.
-                self.lazy_hard_states[tp] = rd.hard_state
-                rd = dataclasses.replace(rd, hard_state=None)
-            if rd.has_writes:
-                self._write_ready(part, rd)
             out.append((part, rd))
         return out
 
     def _write_ready(self, part: _Part, rd) -> None:
+        # Everything that can fail on bad data (restamping and verifying each batch, encoding the
+        # hard state) happens before the first write to the pass's shared batch, so a failure
+        # fences this partition (see _collect_readys) without leaving half its writes in the batch.
+        stored = [R.stored_from_entry(entry) for entry in rd.entries]
+        hard_state = None if rd.hard_state is None else R.encode_hard_state(rd.hard_state)
         txn = self._begin()
         if rd.reset_to is not None:
             # Our log ended below the leader's log start: it starts again there, empty (StartAt).
@@ -622,11 +655,10 @@ class Node:
         if rd.truncate_from is not None:
             txn.truncate_from(part.tp, rd.truncate_from)
             self.counters["truncations"] += 1
-        for entry in rd.entries:
-            value, header = R.stored_from_entry(entry)
+        for value, header in stored:
             txn.append(part.tp, value, header)
-        if rd.hard_state is not None:
-            txn.put_meta(R.hard_state_key(part.tp), R.encode_hard_state(rd.hard_state))
+        if hard_state is not None:
+            txn.put_meta(R.hard_state_key(part.tp), hard_state)
             self.lazy_hard_states.pop(part.tp, None)
         self.sync_needed |= rd.must_sync or (part.sync and bool(rd.entries))
 
@@ -765,31 +797,68 @@ class Node:
             self._step_items(R.unpack_items(msg.items, payload))
         except ZqError as e:
             self.counters["protocol_errors"] += 1
-            self.limited_log.log(logging.WARNING, "bad_broadcast", "dropped a bad replication broadcast: %s", e)
+            self._warn_limited("bad_broadcasts", "dropped a bad replication broadcast: %s", e)
 
     def _step_items(self, items: list) -> None:
         now, wall = mono_ms(), self._wall_clock()
         for item in items:
+            part = None
             try:
                 if not (isinstance(item, list) and len(item) == 3 and type(item[0]) is int and type(item[1]) is int):
                     raise ProtocolError("a Replicate item is [topic_id, partition, message]")
                 tp = TopicPartition(item[0], item[1])
                 part = self.parts.get(tp)
-                if part is None or part.replica is None:
+                if part is None or part.replica is None or tp in self.fenced:
                     self.counters["replication_for_unknown_partition"] += 1   # topic not applied here yet
                     continue
-                message = P.from_array(item[2])
+                message = P.from_array(item[2])   # every field range-checked (zq.core.bounds)
                 part.replica.tick(now, wall)
                 part.replica.step(message)
                 self.dirty.add(tp)
             except ZqError as e:
-                self.counters["protocol_errors"] += 1
-                self.limited_log.log(logging.WARNING, "bad_replication", "dropped a replication message: %s", e)
+                self.counters["replication_dropped"] += 1
+                self._warn_limited("replication_dropped", "dropped a replication message: %s", e)
+            except Exception as e:
+                if part is not None:
+                    self._fence(part, "stepping a replication message", e)
+                else:   # our bug before any partition was involved: this item only is lost
+                    self.counters["internal_errors"] += 1
+                    log.exception("dropped a replication item after an internal error")
+
+    def _fence(self, part: _Part, doing: str, error: Exception) -> None:
+        """Set a partition aside after an unexpected error (our bug, or input no check caught): its
+        core is never stepped, ticked or written again until a restart rebuilds it from the disk,
+        its waiting producers and fetches are told, and every other partition keeps serving."""
+        tp = part.tp
+        if tp in self.fenced:
+            return
+        self.fenced[tp] = f"{doing}: {error.__class__.__name__}: {error}"
+        self.counters["partitions_fenced"] += 1
+        self.dirty.discard(tp)
+        self.lazy_hard_states.pop(tp, None)   # nothing more of it reaches the disk: a restart starts from what is there
+        log.error("%s/%d is fenced: %s failed (%s: %s); its other replicas take over, this node serves its other "
+                  "partitions, and a restart recovers this one from disk", part.name, tp.partition, doing,
+                  error.__class__.__name__, error, exc_info=error)
+        part.replica.advance()   # a Ready handed out is never applied: the core must not wait for it
+        fenced = PartitionFenced(f"{part.name}/{tp.partition} is fenced on node {self.name} after an internal error "
+                                 f"({error.__class__.__name__}); retry, and check that node's log", node=self.name)
+        waiters, part.waiters = part.waiters, {}
+        acks, part.leader_acks = part.leader_acks, []
+        for callback in [*waiters.values(), *(cb for _, cb in acks)]:
+            try:
+                callback(fenced)
+            except Exception:
+                log.exception("telling a producer of %s/%d that it is fenced failed", part.name, tp.partition)
+        self._refuse_parked(tp, fenced)
+
+    def _warn_limited(self, kind: str, text: str, *args: Any) -> None:
+        """Bad peer input: counted by the caller, logged as a warning at most once per LOG_REPEAT_MS per kind."""
+        self.limited_log.log(logging.WARNING, kind, text, *args)
 
     def _tick_replicas(self) -> None:
         now, wall = mono_ms(), self._wall_clock()
         for tp, part in self.parts.items():
-            if part.replica is not None and part.replica.next_timer_ms() <= now:
+            if part.replica is not None and tp not in self.fenced and part.replica.next_timer_ms() <= now:
                 part.replica.tick(now, wall)
                 self.dirty.add(tp)
 
@@ -844,6 +913,9 @@ class Node:
     def _local_leader(self, topic: str, partition: int) -> tuple[TopicPartition, _Part]:
         tp, _ = self._topic_partition(topic, partition)
         part = self.parts.get(tp)
+        if tp in self.fenced:
+            raise PartitionFenced(f"{topic}/{partition} is fenced on node {self.name} after an internal error "
+                                  "(its log says which); retry, and check that node's log", node=self.name)
         if part is not None and part.replica is not None and part.replica.role == LEADER:
             return tp, part
         raise self._not_leader(self.leader_of(tp)[0], f"{topic}/{partition}")
@@ -1941,6 +2013,14 @@ class Node:
             self.authenticator.close()
         self.store.close()
         log.info("node %s stopped", self.name)
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The user id ZAP gave the connection a frame came on (zq.io.security), None if it has none."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
 
 
 def run_node(config: NodeConfig, stop: threading.Event | None = None) -> None:

@@ -49,6 +49,8 @@ from zq.errors import ZqError
 
 log = logging.getLogger("zq.security")
 
+NODE_USER = "node"                # the ZAP user id of a connection with the cluster key (a node)
+CLIENT_USER = "client"            # ... and of one with an allowed client key; the node reads it per message
 ROUTER_DOMAIN = b"zq"              # the node's ROUTER: nodes and allowed clients
 PEER_DOMAIN = b"zq-peer"           # the node's PUB: nodes only
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"   # fixed by RFC 27
@@ -302,7 +304,7 @@ class Authenticator:
             len(credentials[0]) == 32 else None
         if key is not None and self.allowed(domain, key):
             self.counters["allowed"] += 1
-            user = b"node" if key == self.keys.cluster.public else b"client"
+            user = (NODE_USER if key == self.keys.cluster.public else CLIENT_USER).encode()
             return [b"1.0", request_id, b"200", b"OK", user, b""]
         self.counters["refused"] += 1
         self._log_refusal(key, domain, address, mechanism)

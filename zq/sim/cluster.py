@@ -45,6 +45,17 @@ header holds it). Two checks: no replica deletes an entry proposed less than `re
 `CLOCK_MARGIN_MS`, an election timeout and some transit (a stamp behind makes retention delete
 early; one ahead only keeps longer).
 
+Hostile peers. A seed may draw a hostile peer (from a random stream of its own): now and then
+it sends a running replica a message no honest peer sends: fields out of range (an epoch of
+2**40, an offset past 2**63, an entry whose epoch does not fit the stored header, a sender name
+with a newline), votes from a stranger (a candidate or voter outside every configuration), and
+Appends from a stranger in an epoch already over. Every delivered message, honest or not, first
+passes `zq.core.bounds.check_message`, the function the real node's decoding runs; a hostile
+message it refuses is counted and dropped, the rest reach the core, which must ignore or refuse
+them (ProtocolError) without breaking any check. An honest message refused is a bug. (A forged
+Append in the current or a later epoch is, by design, indistinguishable from a leader's: the
+defence against it is `[security]`, which admits only the cluster key to speak as a node.)
+
 Membership and the operator. A seed may also host the SWIM failure detector
 (`zq.sim.members.MembershipLayer`, the real `Membership` cores and their shells) on the same
 simulated network, so the same partitions, loss, pauses, crashes and restarts (each a new
@@ -75,12 +86,14 @@ import random
 import traceback
 from dataclasses import dataclass, field, fields
 
+from zq.core import bounds
 from zq.core.membership import MembershipConfig, State
 from zq.core.replication import Replica
 from zq.core.repl_types import (
-    BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, HardState, ReplicationConfig, TimeoutNow,
+    BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, Append, AppendAck, Fetch, HardState,
+    ReplicationConfig, RequestVote, StartAt, TimeoutNow, Vote,
 )
-from zq.errors import ProtocolError
+from zq.errors import InvalidRequest, ProtocolError
 from zq.hashing import rendezvous
 from zq.sim.checks import Ack, Checker, Violation
 from zq.sim.disk import SimDisk
@@ -145,6 +158,8 @@ class Settings:
     skewed_node: int = 0             # ... which one (index)
     disk_low: bool = False           # nodes short of disk for a while (leaders hand off)
     members: bool = False            # run the failure detector (and, with more than 3 nodes, the operator)
+    hostile: bool = False            # a hostile peer injects out-of-range and stranger messages
+    hostile_interval_ms_max: int = 100
     operator_interval_ms_max: int = 1000  # between the operator's looks at a view
     net: NetworkFaults = field(default_factory=NetworkFaults)
 
@@ -190,6 +205,10 @@ class Settings:
         return dataclasses.replace(self, members=rng.random() < 0.6,
                                    operator_interval_ms_max=rng.choice([100, 300, 1000]))
 
+    def draw_hostile(self, rng: random.Random) -> Settings:
+        """A hostile peer too, from a stream of its own (see draw_retention)."""
+        return dataclasses.replace(self, hostile=rng.random() < 0.6, hostile_interval_ms_max=rng.choice([20, 100, 400]))
+
     def describe(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "net"]
         parts += [f"{f.name}={getattr(self.net, f.name)}" for f in fields(self.net)]
@@ -229,6 +248,9 @@ class Result:
     operator_moves: int = 0          # targets the operator changed away from nodes a view called dead
     operator_false_moves: int = 0    # of those, moves away from a node that was in fact running
     disk_lows: int = 0               # times a node ran short of disk
+    hostile_sent: int = 0            # messages the hostile peer delivered to a running replica
+    hostile_refused: int = 0         # of those, refused by the bounds check (as the node's decoding would)
+    hostile_rejected: int = 0        # ... or by the core (ProtocolError)
 
 
 class SimNode:
@@ -262,8 +284,10 @@ class Sim:
         self.retention_rng = random.Random(seed * 2 + 1)  # only retention events draw from it
         self.members_rng = random.Random(seed * 2 + 2)    # the operator's choices
         self.disk_rng = random.Random(f"disk-{seed}")     # only disk-shortage events draw from it
+        self.hostile_rng = random.Random(f"hostile/{seed}")  # the hostile peer's choices
         self.settings = settings or (Settings.draw(self.rng, nodes, steps).draw_retention(self.retention_rng)
-                                     .draw_members(self.members_rng).draw_disk(self.disk_rng))
+                                     .draw_members(self.members_rng).draw_disk(self.disk_rng)
+                                     .draw_hostile(self.hostile_rng))
         self.verbose = verbose
         self.now = 0
         self.heap: list = []
@@ -339,6 +363,8 @@ class Sim:
             self.at(self.disk_rng.randrange(1, 500), "disk")
         if self.members is not None and s.nodes > REPLICATION_FACTOR:
             self.at(self.members_rng.randrange(1, s.operator_interval_ms_max), "operate")
+        if s.hostile:
+            self.at(self.hostile_rng.randrange(1, s.hostile_interval_ms_max), "hostile")
         try:
             while self.heap and self.step_no < s.steps:
                 self.one_step()
@@ -515,8 +541,8 @@ class Sim:
     def send(self, node: SimNode, p: int, to: str | None, msg: object) -> None:
         broadcast = to is None
         for dst in (node.replicas[p].peers if broadcast else [to]):
-            if dst == node.name:
-                continue
+            if dst == node.name or dst not in self.nodes:
+                continue   # ourselves, or the hostile peer (a leader answers a stranger): nobody listens
             for t in self.net.deliveries(self.now, node.name, dst, broadcast):
                 self.at(t, "deliver", dst, p, msg)
 
@@ -531,17 +557,32 @@ class Sim:
             self.at(t, "response", resp)
 
     def handle(self, node: SimNode, kind: str, args: tuple) -> None:
-        if kind == "deliver":
+        if kind in ("deliver", "hostile_deliver"):
             _dst, p, msg = args
             r = node.replicas.get(p)
             if r is None:
                 return  # not (or no longer) a replica here: a shell drops it
+            hostile = kind == "hostile_deliver"
+            self.result.hostile_sent += hostile
+            try:
+                bounds.check_message(msg)   # what the node's decoding checks (zq.protocol.from_array)
+            except InvalidRequest as e:
+                if not hostile:
+                    raise Violation("an honest replica sent a field out of range", f"{node.name} p{p}: {e}") from None
+                self.result.hostile_refused += 1
+                return
             r.tick(self.now, self.wall_ms(node))  # a shell tells the core the time before each batch of events
             try:
                 r.step(msg)
             except ProtocolError as e:
-                # Every simulated peer is honest: a refused message is a bug in a core.
+                if hostile:
+                    self.result.hostile_rejected += 1
+                    self.drain(node, p)
+                    return
+                # Every other simulated peer is honest: a refused message is a bug in a core.
                 raise Violation("protocol error between honest replicas", f"{node.name} p{p}: {e}") from None
+            if r.epoch > bounds.U32_MAX:
+                raise Violation("epoch past the stored width", f"{node.name} p{p} took epoch {r.epoch} from {msg}")
             if isinstance(msg, TimeoutNow) and r.role != FOLLOWER:
                 self.result.handoffs += 1
             self.drain(node, p)
@@ -595,6 +636,21 @@ class Sim:
 
     def ev_deliver(self, dst: str, p: int, msg: object) -> None:
         self.receive(dst, "deliver", (dst, p, msg))
+
+    def ev_hostile(self) -> None:
+        """The hostile peer sends one running replica one message no honest peer sends."""
+        rng = self.hostile_rng
+        if self.phase == "safety":
+            self.at(self.now + rng.randrange(1, self.settings.hostile_interval_ms_max), "hostile")
+        running = [n for n in sorted(self.nodes)
+                   if self.nodes[n].alive and not self.nodes[n].paused and self.nodes[n].replicas]
+        if not running:
+            return
+        node = self.nodes[rng.choice(running)]
+        p = rng.choice(sorted(node.replicas))
+        r = node.replicas[p]
+        # Delivered at once, so the message meets the replica in the state it was drawn for.
+        self.handle(node, "hostile_deliver", (node.name, p, hostile_message(rng, r.epoch, r.leader, sorted(self.nodes))))
 
     def ev_request(self, dst: str, req: ProduceRequest) -> None:
         self.receive(dst, "request", (req,))
@@ -993,6 +1049,41 @@ class Sim:
                                  f"hw={r.high_watermark} durable={r.durable_end} voters={list(r.voters)} "
                                  f"committed={list(r.committed_voters())} learners={list(r.learners)}")
         return "; ".join(parts)
+
+
+STRANGER = "evil"   # a name in no configuration
+
+
+def hostile_message(rng: random.Random, epoch: int, leader: str | None, names: list[str]) -> object:
+    """One message a hostile peer might send a replica in `epoch` that follows `leader` (zq.core.bounds
+    says what is out of range)."""
+    peer = rng.choice(names)
+    # Out of range for an epoch (the stored header's width) and for an offset; a value in range
+    # from a forged sender in the current epoch is a leader's word, which only [security] rules out.
+    huge = rng.choice([2**31, 2**32, 2**40, 2**63, 2**100])
+    past_offsets = rng.choice([2**63, 2**64, 2**100])
+    kind = rng.randrange(10)
+    if kind == 0:
+        return RequestVote(huge, STRANGER, huge, 2**62)                      # the issue's one message
+    if kind == 1:
+        return Vote(huge, peer, True)
+    if kind == 2:
+        return Append(epoch, peer, 0, 0, 0, 1, [[0, 1, huge, NO_PRODUCER, NO_PRODUCER, b""]])  # entry past the header
+    if kind == 3:
+        return AppendAck(epoch, peer, past_offsets)
+    if kind == 4:
+        return StartAt(epoch, peer, past_offsets, 1, [])
+    if kind == 5:
+        return Fetch(epoch, peer + "\n", 0, 0)                               # a name that is not a name
+    if kind == 6:
+        return RequestVote(epoch + rng.randint(0, 3), STRANGER, epoch + 3, 2**40)   # in range, from a stranger
+    if kind == 7:
+        return Vote(epoch + rng.randint(0, 3), STRANGER, True)
+    if kind == 8 and epoch > 1:
+        return Append(rng.randint(0, epoch - 1), STRANGER, 0, 0, 2**40, 2**40, [])   # a stranger's stale Append
+    if kind == 9 and leader is not None:
+        return Append(epoch, STRANGER, 0, 0, 0, 0, [])   # claims an epoch another leads: the core refuses it
+    return RequestVote(-1, peer, 0, 0)
 
 
 def _trace_args(args: tuple) -> str:
