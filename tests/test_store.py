@@ -731,3 +731,45 @@ def _check(store: Store, m: _Model) -> None:
                     break
             expect = expect if expect > m.log_start else None
         assert store.retention_candidates(TP, now_ms=0, retention_ms=None, retention_bytes=keep) == expect
+
+
+# --- damage on disk (issue 12, finding 3)
+
+
+def flip_sst_block(path, count: int = 16) -> str:
+    """Flip `count` bytes in the middle of the data dir's largest .sst file; return its name."""
+    ssts = sorted(path.glob("*.sst"), key=lambda f: f.stat().st_size)
+    assert ssts, "flush first: there is no .sst to damage"
+    target = ssts[-1]
+    size = target.stat().st_size
+    with open(target, "r+b") as f:
+        f.seek(size // 2)
+        data = f.read(count)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+    return target.name
+
+
+def test_a_damaged_sst_block_raises_corrupt_data_on_read_never_an_empty_or_restarted_read(tmp_path):
+    s = Store(tmp_path / "db")
+    for base in range(0, 3000, 3):
+        append(s, TP, [(base, 3, 1_000)])
+    s._db.flush()
+    s.close()
+    flip_sst_block(tmp_path / "db")
+    s = Store(tmp_path / "db")
+    try:
+        offset, seen = 0, 0
+        with pytest.raises(CorruptData) as info:
+            for _ in range(10_000):  # bounded: 1000 batches in all, so a read that restarts would run out
+                values = s.read(TP, offset, 64 * 1024)
+                assert values, f"read at {offset} came back empty although the log ends at 3000"
+                assert verify_stored(values[0]).base_offset <= offset, "a read went back to the start"
+                offset = verify_stored(values[-1]).next_offset
+                seen += len(values)
+        assert "corrupt" in info.value.message and "topic 7 partition 3" in info.value.message
+        assert info.value.partition == 3
+        with pytest.raises(CorruptData):
+            list(s.scan(b"L"))
+    finally:
+        s.close()

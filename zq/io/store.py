@@ -401,7 +401,7 @@ class Store:
         p = b"S"
         it, _keep = self._iter(_prefix_end(p))
         it.seek(p)
-        while it.valid():
+        while self._valid(it, None, None, what="partition states"):
             key = it.key()
             if len(key) != _PART.size:
                 raise CorruptData(f"data dir {self.path} holds a malformed partition-state key {key.hex()}")
@@ -433,6 +433,7 @@ class Store:
         that version's ReadOptions.set_iterate_lower_bound sets the *upper* bound, so callers that
         step backwards (seek_for_prev) check the key's prefix themselves."""
         ro = rocksdict.ReadOptions()
+        ro.set_verify_checksums(True)  # every block read is checked (RocksDB's default, spelled out: we rely on it)
         ro.set_iterate_upper_bound(upper_bound)  # forward scans end at the partition's last key, not the next one's
         return self._live().iter(ro), ro
 
@@ -443,6 +444,35 @@ class Store:
                               "the next commit tries again")
             raise ZqError(f"the store at {self.path} is closed")
         return self._db
+
+    def _valid(self, it: rocksdict.RdictIter, tp: TopicPartition | None, offset: int | None, *,
+               what: str = "") -> bool:
+        """`it.valid()`, except that an iterator that stopped on an error (a block checksum
+        mismatch, an unreadable file) raises CorruptData instead of looking like the end of the
+        data: RocksDB reports a failed read only through the iterator's status."""
+        if it.valid():
+            return True
+        try:
+            it.status()
+        except Exception as e:  # rocksdict raises plain Exception carrying RocksDB's status text
+            where = what or (f"topic {tp[0]} partition {tp[1]}" + ("" if offset is None else f" near offset {offset}")
+                             if tp is not None else "the store")
+            raise self._read_error(e, where, tp, offset) from e
+        return False
+
+    def _read_error(self, e: Exception, where: str, tp: TopicPartition | None = None,
+                    offset: int | None = None) -> ZqError:
+        text = str(e)
+        fields: dict = {"path": str(self.path)}
+        if tp is not None:
+            fields.update(topic_id=tp[0], partition=tp[1])
+        if offset is not None:
+            fields["offset"] = offset
+        if text.startswith("Corruption") or "checksum" in text.lower():
+            return CorruptData(f"reading {where} in data dir {self.path} met corruption ({text}); restart the "
+                               "node: it sets the damaged store aside and copies its partitions from the other "
+                               "replicas", **fields)
+        return ZqError(f"reading {where} in data dir {self.path} failed: {text}", **fields)
 
     # --- writes
 
@@ -511,12 +541,12 @@ class Store:
         lp = _prefix(b"L", tp)
         it, _keep = self._iter(_prefix_end(lp) if upto is None else log_key(tp, upto))
         it.seek_for_prev(log_key(tp, offset))
-        if not (it.valid() and it.key().startswith(lp)):  # below the first batch: start at the first one
+        if not (self._valid(it, tp, offset) and it.key().startswith(lp)):  # below the first batch: start at the first one
             it.seek(lp)
         out: list[bytes] = []
         total = 0
         first = True
-        while it.valid():
+        while self._valid(it, tp, offset):
             value = it.value()
             header = self._verify(tp, it.key(), value)
             if first and header.next_offset <= offset:   # the batch before `offset` ends before it
@@ -553,7 +583,7 @@ class Store:
         lp = _prefix(b"L", tp)
         it, _keep = self._iter(_prefix_end(lp))
         it.seek_for_prev(log_key(tp, offset))
-        if not (it.valid() and it.key().startswith(lp)):
+        if not (self._valid(it, tp, offset) and it.key().startswith(lp)):
             raise CorruptData(f"topic {tp[0]} partition {tp[1]} has no batch holding offset {offset} in {self.path}",
                               topic_id=tp[0], partition=tp[1], offset=offset)
         value = it.value()
@@ -564,7 +594,7 @@ class Store:
         ti, _keep = self._iter(_prefix_end(_prefix(b"T", tp)))
         ti.seek(time_key(tp, header.append_time_ms, header.base_offset))
         for _ in range(INDEX_SEEK_STEPS_MAX):
-            if not ti.valid():
+            if not self._valid(ti, tp, offset):
                 break
             _, _, _, index_time, base = _TIME.unpack(ti.key())
             if base == header.base_offset:
@@ -589,7 +619,7 @@ class Store:
             return None
         it, _keep = self._iter(_prefix_end(_prefix(b"T", tp)))
         it.seek(time_key(tp, max(time_ms, 0), 0))
-        if not it.valid():
+        if not self._valid(it, tp, None):
             return None
         return max(_TIME.unpack(it.key())[4], st.log_start)
 
@@ -612,7 +642,7 @@ class Store:
         tpfx = _prefix(b"T", tp)
         it, _keep = self._iter(_prefix_end(tpfx))
         it.seek_for_prev(time_key(tp, cutoff_ms - 1, _U64_MAX))
-        return _TIME_VALUE.unpack(it.value())[0] if it.valid() and it.key().startswith(tpfx) else 0
+        return _TIME_VALUE.unpack(it.value())[0] if self._valid(it, tp, None) and it.key().startswith(tpfx) else 0
 
     def _bytes_retention(self, tp: TopicPartition, st: PartitionState, excess_bytes: int) -> int:
         """End of the shortest prefix of whole batches holding at least excess_bytes, walking at most
@@ -623,7 +653,7 @@ class Store:
         it.seek(tpfx)
         candidate = 0
         for _ in range(RETENTION_SCAN_BATCHES_MAX):
-            if not it.valid():
+            if not self._valid(it, tp, None):
                 break
             candidate, cum = _TIME_VALUE.unpack(it.value())
             if cum - cum_before_first >= excess_bytes:
@@ -632,7 +662,10 @@ class Store:
         return candidate
 
     def get_meta(self, name: bytes) -> bytes | None:
-        return self._live().get(meta_key(name))
+        try:
+            return self._live().get(meta_key(name))
+        except Exception as e:  # rocksdict raises plain Exception carrying RocksDB's status text
+            raise self._read_error(e, f"meta key {name!r}") from e
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Raw (key, value) pairs whose key starts with `prefix`, in key order: for offline tools
@@ -640,7 +673,7 @@ class Store:
         with the generator before closing the store."""
         it, _keep = self._iter(_prefix_end(prefix) if prefix.strip(b"\xff") else b"\xff" * 64)
         it.seek(prefix)
-        while it.valid():
+        while self._valid(it, None, None, what=f"keys under prefix {prefix!r}"):
             yield it.key(), it.value()
             it.next()
 
