@@ -55,7 +55,12 @@ Errors
 - Opening a data dir that another process holds raises `ZqError` saying so; other open failures
   raise `ZqError` (or `CorruptData` / `StorageFull`) naming the data dir.
 - A stored batch that fails its checksums, or sits under the wrong key, raises `CorruptData`
-  naming the partition and offset.
+  naming the partition and offset; so does every read whose RocksDB iterator stops on an error (a
+  block checksum mismatch): an iterator's `valid()` turning False is checked against its
+  `status()` (`Store._valid`), so damage is never read as "no more data".
+- A damaged WAL record at open: see `Store._open` (the tail after it is dropped, and reported in
+  `dropped_wal_tail` until the node has recorded the loss; RocksDB's own lines about it are in
+  `recovery_warnings`).
 
 Also: `Store(path, read_only=True)` opens without taking RocksDB's lock, beside a running node
 (tools/inspect_data.py); `Store.scan(prefix)` yields raw pairs for tools and tests.
@@ -84,6 +89,11 @@ from zq.types import TopicPartition
 # Bounds of this module (candidates for zq.limits.Limits).
 RETENTION_SCAN_BATCHES_MAX = 100_000   # batches one retention-by-bytes pass walks; the next pass goes on
 INDEX_SEEK_STEPS_MAX = 1_000_000       # guard on the walk that finds a batch's time-index key
+ROCKSDB_LOG_READ_BYTES_MAX = 1 << 20   # of RocksDB's info LOG read after an open, for its recovery warnings
+ROCKSDB_WARNINGS_MAX = 20              # RocksDB recovery lines passed on to node.log per open
+MARKER_BYTES_MAX = 4096                # text kept in a marker file
+
+WAL_TAIL_MARKER = "ZQ-WAL-TAIL-DROPPED"  # in the data dir: the last open dropped a damaged WAL tail
 
 _U64_MAX = 2**64 - 1
 
@@ -364,16 +374,22 @@ class Store:
         self._write_async = rocksdict.WriteOptions()
         self._write_async.sync = False           # WAL written, not fsynced: the `replicated` durability
         self._write_async.disable_wal = False
+        self.dropped_wal_tail: str | None = None   # RocksDB's error, while the node has not recorded the loss
+        self.wal_damage: str | None = None         # read-only: the WAL holds a damaged record (a node would drop the rest)
+        self.recovery_warnings: list[str] = []     # RocksDB's LOG lines about corruption from the last open
         self._db = self._open()
         self._states = self._load_states()
 
     # --- opening
 
-    def _options(self) -> rocksdict.Options:
+    def _options(self, *, strict_wal: bool = False) -> rocksdict.Options:
         o = rocksdict.Options(raw_mode=True)     # keys and values are raw bytes: no pickling, no type tags
         o.create_if_missing(True)                # a fresh data dir is a new, empty node
         o.set_paranoid_checks(True)              # refuse to open over detected corruption rather than serve it
-        o.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())  # replay the WAL up to a torn tail, no further
+        if strict_wal:  # any damaged WAL record fails the open: how `_open` learns that a tail would be dropped
+            o.set_wal_recovery_mode(rocksdict.DBRecoveryMode.absolute_consistency())
+        else:           # replay the WAL up to the first damaged record, no further (and drop the rest)
+            o.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())
         o.set_write_buffer_size(64 * 1024 * 1024)    # 64 MiB memtables: ~5000 batches of 12 KB before a flush
         o.set_max_write_buffer_number(3)         # one filling, up to two flushing: writes do not stall on a flush
         o.set_max_total_wal_size(512 * 1024 * 1024)  # backstop on WAL size (and replay time after a crash)
@@ -386,15 +402,87 @@ class Store:
         return o
 
     def _open(self) -> rocksdict.Rdict:
+        """Open strictly first (absolute WAL consistency): a WAL that replays cleanly opens as usual.
+        If the strict open finds a damaged WAL record, RocksDB's point-in-time recovery would drop
+        every write after it, silently: the store writes a marker file (fsynced) saying so before
+        it opens that way, and reports it (`dropped_wal_tail`) until the node has recorded what it
+        implies (`clear_dropped_wal_tail`): the hard state of every partition may be gone with the
+        tail, so the node cannot find the loss by comparing with it. The marker comes first
+        because the point-in-time open rewrites the WAL: a crash right after it would otherwise
+        leave no trace. Costs nothing on the write path; one failed open when the WAL is damaged.
+        (A power loss can leave a torn, never-synced last record too: that is reported as well,
+        which costs the node a catch-up of its partitions, never data.)"""
         try:
             if self.read_only:
-                return rocksdict.Rdict(str(self.path), self._options(), access_type=rocksdict.AccessType.read_only())
+                try:
+                    return rocksdict.Rdict(str(self.path), self._options(strict_wal=True),
+                                           access_type=rocksdict.AccessType.read_only())
+                except Exception as e:
+                    if not str(e).startswith("Corruption"):
+                        raise
+                    self.wal_damage = str(e)  # a read-only open cannot drop it: report what a node would do
+                    return rocksdict.Rdict(str(self.path), self._options(), access_type=rocksdict.AccessType.read_only())
             self.path.mkdir(parents=True, exist_ok=True)
-            return rocksdict.Rdict(str(self.path), self._options())
+            try:
+                db = rocksdict.Rdict(str(self.path), self._options(strict_wal=True))
+            except Exception as e:
+                if not str(e).startswith("Corruption"):
+                    raise
+                self._write_marker(WAL_TAIL_MARKER, str(e))
+                db = rocksdict.Rdict(str(self.path), self._options())  # raises if it was not the WAL after all
+            self.dropped_wal_tail = self._read_marker(WAL_TAIL_MARKER)
+            self.recovery_warnings = self._rocksdb_warnings()
+            return db
         except OSError as e:
             raise ZqError(f"cannot open data dir {self.path}: {e.strerror or e}", path=str(self.path)) from e
+        except ZqError:
+            raise
         except Exception as e:  # rocksdict raises plain Exception carrying RocksDB's status text
             raise _open_error(self.path, e) from e
+
+    def _write_marker(self, name: str, text: str) -> None:
+        marker = self.path / name
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write(text[:MARKER_BYTES_MAX] + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the marker's directory entry is durable too
+        finally:
+            os.close(fd)
+
+    def _read_marker(self, name: str) -> str | None:
+        try:
+            with open(self.path / name, encoding="utf-8", errors="replace") as f:
+                return f.read(MARKER_BYTES_MAX).strip() or "damaged WAL"
+        except FileNotFoundError:
+            return None
+
+    def clear_dropped_wal_tail(self) -> None:
+        """The node has durably recorded that every partition here lost its tail: forget it."""
+        try:
+            os.unlink(self.path / WAL_TAIL_MARKER)
+        except FileNotFoundError:
+            pass
+        self.dropped_wal_tail = None
+
+    def _rocksdb_warnings(self) -> list[str]:
+        """RocksDB's own lines about corruption or dropped records from this open (its LOG file),
+        so that the node's log says what RocksDB found; at most ROCKSDB_WARNINGS_MAX lines."""
+        out: list[str] = []
+        try:
+            with open(self.path / "LOG", encoding="utf-8", errors="replace") as f:
+                text = f.read(ROCKSDB_LOG_READ_BYTES_MAX)
+        except OSError:
+            return out
+        for line in text.splitlines():
+            lowered = line.lower()
+            if ("corrupt" in lowered or "dropping" in lowered) and "[" in line and "keydrop" not in lowered:
+                out.append(line.strip())
+                if len(out) >= ROCKSDB_WARNINGS_MAX:
+                    break
+        return out
 
     def _load_states(self) -> dict[TopicPartition, PartitionState]:
         states = {}
