@@ -362,6 +362,8 @@ message(24)(_rt.RequestVote)
 message(25)(_rt.Vote)
 message(26)(_rt.TimeoutNow)
 message(27)(_rt.StartAt)
+message(28)(_rt.RecoveryPoll)
+message(29)(_rt.RecoveryState)
 
 # The membership core's messages (zq.core.membership: SWIM failure detection and gossip), node to node.
 from zq.core import membership as _mb  # noqa: E402

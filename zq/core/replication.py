@@ -120,6 +120,25 @@ as the leader's holds nothing from below its log start either. (So an idempotent
 retry of a batch that retention already deleted, a retry older than the retention window, is
 written again, as in Kafka once a producer's state expired.)
 
+Recovering (protocol-aware recovery, Alagappan et al., FAST'18). Raft's safety rests on a voter
+never forgetting its vote, its epoch or an entry it acknowledged. A replica whose log or hard
+state is gone or damaged (a wiped or corrupt data dir, a WAL whose tail RocksDB dropped) has
+forgotten some of it, and the shell creates it with `HardState.recovering`. Such a replica never
+votes, never stands and, until it has polled, takes no Append (so no leader can count its
+acknowledgement). It sends `RecoveryPoll` to the other voters of its configuration and waits
+for `RecoveryState` (epoch, high watermark) answers from ceil(n/2) of them (n//2+1 for an odd
+n: 2 of RF3, 3 of RF5): every majority it belonged to before the loss has n//2 other members,
+and only that many answers are sure to include one of them. It then takes the largest epoch
+reported (a stale leader of an older epoch can no longer use it) and follows a leader of at
+least that epoch as a learner would, acknowledging only what it holds durably. A leader of
+such an epoch holds every committed entry, those this replica once acknowledged included, so
+the replica becomes a voter again once its durable log, matching that leader's, reaches both
+the largest high watermark reported and the leader's log end as its first Append gave it
+(again with each new leader). Its vote in the epoch it ends in is its leader's: a vote it cast
+there before the loss cannot have gone to anyone else who won. If every answer says
+high watermark 0, nothing was ever committed there (a new cluster or partition): it is a voter
+at once, except in the epoch it took (VOTE_FORGOTTEN). A replica answers polls whatever its own state.
+
 Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
 `advance()` says the shell applied it. The shell must call `advance()` before the next event.
 `on_persisted(end)` says every Ready advanced so far is durable, `end` being the log end of
@@ -137,13 +156,14 @@ from zq.core.repl_epochs import appended, end_for_epoch, epoch_at, truncated
 from zq.core.repl_types import (
     BACKPRESSURE, CANDIDATE, COMMITTED, CONFIG_VOTERS_MAX, DEFAULT_CONFIG, DUPLICATE_SEQUENCE, FOLLOWER, LEADER,
     MARKER_PAYLOAD, NO_PRODUCER, NOT_LEADER, OUT_OF_ORDER, Append, AppendAck, Diverging, Entry, Fetch,
-    HardState, LogReader, Outbound, Outcome, Ready, ReplicationConfig, RequestVote, RoleChange, StartAt,
-    TimeoutNow, Vote, encode_config,
+    HardState, LogReader, Outbound, Outcome, Ready, RecoveryPoll, RecoveryState, ReplicationConfig, RequestVote,
+    RoleChange, StartAt, TimeoutNow, Vote, encode_config,
 )
 from zq.errors import ProtocolError
 
 _SCAN_BYTES = 1 << 20  # bytes per read while rebuilding the producer table
 STRANGERS_MAX = 8      # nodes outside the configuration a leader keeps sending to
+VOTE_FORGOTTEN = ""    # voted_for of an epoch whose vote a recovered replica may have cast and lost: no node's name
 
 
 class Replica:
@@ -220,7 +240,14 @@ class Replica:
         self._hard_dirty = False
         self._must_sync = False
         self._handed_out = False
+        # Recovering (see "Recovering"): durable flag, volatile progress.
+        self.recovering: bool = hs.recovering
+        self._poll_answers: dict[str, tuple[int, int]] = {}  # voter -> (epoch, high watermark)
+        self._polled: tuple[int, int] | None = None   # (largest epoch, largest high watermark) once enough answered
+        self._recover_until: int | None = None        # durable end that ends recovery under the current leader
         self._rebuild_producers()
+        if self.recovering:
+            self._begin_recovery()
 
     # ---------------------------------------------------------------- views
 
@@ -291,9 +318,9 @@ class Replica:
     def may_stand(self) -> bool:
         """A voter of the latest configuration stands when it hears no leader; so does one being
         removed whose removal it has not seen committed (Raft thesis 4.2.2: it may still be
-        needed). A learner being added, a replica that knows no configuration and a draining one
-        never do."""
-        if self.draining or not self.voters:
+        needed). A learner being added, a replica that knows no configuration, a recovering one
+        and a draining one never do."""
+        if self.draining or not self.voters or self.recovering:
             return False
         return self.node_id in self.voters or self.node_id in self.committed_voters()
 
@@ -333,7 +360,7 @@ class Replica:
 
     def hard_state(self) -> HardState:
         return HardState(self.epoch, self.voted_for, self.history, self.high_watermark, self._configs,
-                         self.join_epoch)
+                         self.join_epoch, self.recovering)
 
     def entries(self, offset: int, max_entries: int, max_bytes: int) -> list[Entry]:
         """Entries of this replica's log from `offset` (a boundary), applied or not."""
@@ -359,6 +386,10 @@ class Replica:
                 self._broadcast_heartbeat()
                 self._maybe_send_timeout_now(resend=True)
         elif self.now_ms >= self._election_deadline_ms:
+            if self.recovering and self._polled is None:
+                self._reset_election_timer()
+                self._send_polls()  # answers may have been lost: ask those that have not answered again
+                return
             if self.may_stand():
                 self.become_candidate()
             else:
@@ -404,6 +435,8 @@ class Replica:
         if not target or not all(isinstance(v, str) and v for v in target):
             raise ValueError(f"a target replica set names at least one node: {list(voters)}")
         self._target = target
+        if self.recovering and self._polled is None and not self.voters:
+            self._send_polls()  # it knows whom to ask now
 
     def set_draining(self, on: bool) -> None:
         """Draining: never stand for election, and as leader hand leadership to the best voter
@@ -455,6 +488,7 @@ class Replica:
             self.maybe_advance_high_watermark()
         elif self.leader is not None:
             self._ack_due = True
+            self._maybe_end_recovery()
 
     def on_log_start(self, offset: int) -> None:
         """The shell deleted the entries below `offset` (retention: an entry boundary, at or below
@@ -510,6 +544,8 @@ class Replica:
     # ---------------------------------------------------------------- handlers
 
     def on_append(self, m: Append) -> None:
+        if self.recovering and self._polled is None:
+            return  # it might be a stale leader's: no epoch, no entries, no acknowledgement before the poll
         if m.epoch < self.epoch:
             self._send(m.sender, AppendAck(self.epoch, self.node_id, 0))  # fence the stale leader
             return
@@ -539,10 +575,16 @@ class Replica:
         if entries:
             self._fetch_sent_ms = None  # progress: the next Fetch, if needed, may go at once
         self._maybe_follow_high_watermark(m.high_watermark)
+        if self.recovering and self._recover_until is None:
+            # This leader's epoch is at least the largest polled: its log holds every committed
+            # entry, so its log end (and the largest high watermark polled) is how far we must get.
+            assert self._polled is not None and self.epoch >= self._polled[0]
+            self._recover_until = max(self._polled[1], m.leader_end)
         if end < m.leader_end:
             self.maybe_fetch()
         else:
             self._caught_up = True
+        self._maybe_end_recovery()
 
     def on_append_ack(self, m: AppendAck) -> None:
         if m.epoch > self.epoch and self.role == LEADER and m.sender not in self.voters:
@@ -632,6 +674,8 @@ class Replica:
         self.maybe_fetch()
 
     def on_request_vote(self, m: RequestVote) -> None:
+        if self.recovering:
+            return  # it may have voted in this epoch before it lost its hard state: no vote, no epoch
         if not self.voters:
             # A replica that knows no configuration yet (created by a reassignment) does not
             # vote: its node may have been a member before, whose log was deleted, and a node
@@ -675,8 +719,83 @@ class Replica:
             self.become_follower(m.epoch, m.sender)
             return
         if (m.epoch == self.epoch and self.role == FOLLOWER and self.leader == m.sender
-                and self.node_id in self.voters and not self.draining):
+                and self.node_id in self.voters and not self.draining and not self.recovering):
             self.become_candidate()  # the leader stopped taking writes and we hold its whole log
+
+    def on_recovery_poll(self, m: RecoveryPoll) -> None:
+        # Answered whatever our state: the poller takes the largest of several answers.
+        self._send(m.sender, RecoveryState(self.epoch, self.node_id, self.high_watermark))
+
+    def on_recovery_state(self, m: RecoveryState) -> None:
+        if not self.recovering or self._polled is not None or m.sender not in self._poll_group():
+            return
+        self._poll_answers[m.sender] = (m.epoch, m.high_watermark)
+        self._maybe_finish_poll()
+
+    # ---------------------------------------------------------------- recovering
+
+    def _poll_group(self) -> tuple[str, ...]:
+        """Whom a recovering replica polls: the voters, or, while it knows no configuration (a
+        wiped replica of a partition that was reassigned), its target (the metadata's set)."""
+        return self.voters or (self._target or ())
+
+    def _polls_needed(self) -> int | None:
+        """Answers from other members that are sure to include one member of every majority this
+        replica belonged to: n - (n//2 + 1) + 1 of the n, capped at the others; None while it
+        knows no one to ask."""
+        group = self._poll_group()
+        if not group:
+            return None
+        n = len(group)
+        return min(n - 1 if self.node_id in group else n, n - n // 2)
+
+    def _begin_recovery(self) -> None:
+        self.recovering = True
+        self._hard_dirty = self._must_sync = True  # recovering is durable before anything is sent
+        self._send_polls()
+        self._maybe_finish_poll()
+
+    def _send_polls(self) -> None:
+        for peer in sorted(set(self._poll_group()) - {self.node_id} - set(self._poll_answers)):
+            self._send(peer, RecoveryPoll(self.epoch, self.node_id))
+
+    def _maybe_finish_poll(self) -> None:
+        needed = self._polls_needed()
+        if needed is None or len(self._poll_answers) < needed:
+            return
+        answers = self._poll_answers.values()
+        epoch = max((e for e, _hw in answers), default=0)
+        hw = max((h for _e, h in answers), default=0)
+        self._polled = (epoch, hw)
+        if epoch > self.epoch:
+            self.epoch = epoch
+            self.voted_for = None  # no vote while recovering; see _maybe_end_recovery
+            self._hard_dirty = self._must_sync = True
+        if hw == 0:
+            # Nothing was ever committed among them (a new cluster or partition, where candidates
+            # may have stood): no entry to have forgotten. Its vote in this epoch may have been
+            # cast before the loss, so it casts none here; later epochs are new to everyone.
+            if self.epoch > 0 and self.voted_for is None:
+                self.voted_for = VOTE_FORGOTTEN
+            self._end_recovery()
+        elif self.leader is None:
+            self._fetch_sent_ms = None  # look for the leader at once (as a learner does)
+            self._election_deadline_ms = self.now_ms
+
+    def _maybe_end_recovery(self) -> None:
+        until = self._recover_until
+        if (not self.recovering or until is None or self.role != FOLLOWER or self.leader is None
+                or self.durable_end < until or self.match_end < until):
+            return
+        if self.voted_for is None:
+            self.voted_for = self.leader  # the leader of this epoch won it: no one else can have our old vote
+        self._end_recovery()
+
+    def _end_recovery(self) -> None:
+        self.recovering = False
+        self._poll_answers.clear()
+        self._recover_until = None
+        self._hard_dirty = self._must_sync = True
 
     # ---------------------------------------------------------------- role changes
 
@@ -698,6 +817,8 @@ class Replica:
         self.match_end = self.high_watermark  # committed entries are in every leader's log
         self._fetch_sent_ms = None
         self._ack_due = False
+        if before[1:] != (leader, self.epoch):
+            self._recover_until = None  # a new leader: its own log end is the mark (see "Recovering")
         if before[0] == LEADER:
             # Raft resets the timer only on a vote granted or a leader heard: a follower that
             # reset it on every higher epoch would let a candidate that cannot win (its log is
@@ -1156,4 +1277,6 @@ _HANDLERS = {  # by name, so a test may replace one handler on the class
     Vote: "on_vote",
     TimeoutNow: "on_timeout_now",
     StartAt: "on_start_at",
+    RecoveryPoll: "on_recovery_poll",
+    RecoveryState: "on_recovery_state",
 }
