@@ -969,11 +969,12 @@ def test_a_recovering_replica_stays_recovering_across_a_restart_and_answers_poll
     b.step(RecoveryPoll(0, "c"))
     rd = b.ready()
     b.advance()
-    assert [o.message for o in rd.messages] == [RecoveryState(0, "b", 0)]
+    assert [o.message for o in rd.messages] == [RecoveryState(0, "b", 0, 0)]
     t.replicas["a"].step(RecoveryPoll(0, "b"))
     rd = t.replicas["a"].ready()
     t.replicas["a"].advance()
-    assert [o.message for o in rd.messages] == [RecoveryState(1, "a", t.replicas["a"].high_watermark)]
+    a = t.replicas["a"]
+    assert [o.message for o in rd.messages] == [RecoveryState(1, "a", a.high_watermark, a.log_end)]
 
 
 def test_a_new_cluster_of_recovering_replicas_finds_nobody_ever_elected_and_elects() -> None:

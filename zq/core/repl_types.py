@@ -36,8 +36,9 @@ base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
                   a recovering replica (it lost its log or hard state) -> the other voters:
                   "what are your epoch and high watermark?"; epoch is the poller's, for tracing
                   only: neither side takes an epoch from these two messages
-    RecoveryState = [epoch, sender, high_watermark]
-                  voter -> the recovering replica that polled it: its own epoch and high watermark
+    RecoveryState = [epoch, sender, high_watermark, log_end]
+                  voter -> the recovering replica that polled it: its own epoch, high watermark
+                  and log end
 
 A configuration entry (a replica-set change) is an ordinary one-record entry, `[base_offset, 1,
 epoch, -1, -1, CONFIG_PREFIX + cbor([voter, ...])]`, voters sorted; it travels in Appends like
@@ -212,6 +213,7 @@ class RecoveryState:
     epoch: int
     sender: str
     high_watermark: int
+    log_end: int
 
 
 MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote, TimeoutNow, StartAt, RecoveryPoll,

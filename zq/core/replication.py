@@ -126,7 +126,7 @@ state is gone or damaged (a wiped or corrupt data dir, a WAL whose tail RocksDB 
 forgotten some of it, and the shell creates it with `HardState.recovering`. Such a replica never
 votes, never stands and, until it has polled, takes no Append (so no leader can count its
 acknowledgement). It sends `RecoveryPoll` to the other voters of its configuration and waits
-for `RecoveryState` (epoch, high watermark) answers from ceil(n/2) of them (n//2+1 for an odd
+for `RecoveryState` (epoch, high watermark, log end) answers from ceil(n/2) of them (n//2+1 for an odd
 n: 2 of RF3, 3 of RF5): every majority it belonged to before the loss has n//2 other members,
 and only that many answers are sure to include one of them. It then takes the largest epoch
 reported (a stale leader of an older epoch can no longer use it) and follows a leader of at
@@ -135,9 +135,10 @@ such an epoch holds every committed entry, those this replica once acknowledged 
 the replica becomes a voter again once its durable log, matching that leader's, reaches both
 the largest high watermark reported and the leader's log end as its first Append gave it
 (again with each new leader). Its vote in the epoch it ends in is its leader's: a vote it cast
-there before the loss cannot have gone to anyone else who won. If every answer says
-high watermark 0, nothing was ever committed there (a new cluster or partition): it is a voter
-at once, except in the epoch it took (VOTE_FORGOTTEN). A replica answers polls whatever its own state.
+there before the loss cannot have gone to anyone else who won. If every answer says log end 0,
+nothing was ever committed there (a new cluster or partition; a committed entry is held by a
+majority and never truncated, and the high watermark, a hint written lazily, cannot say so):
+it is a voter at once, except in the epoch it took (VOTE_FORGOTTEN). A replica answers polls whatever its own state.
 
 Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
 `advance()` says the shell applied it. The shell must call `advance()` before the next event.
@@ -242,7 +243,7 @@ class Replica:
         self._handed_out = False
         # Recovering (see "Recovering"): durable flag, volatile progress.
         self.recovering: bool = hs.recovering
-        self._poll_answers: dict[str, tuple[int, int]] = {}  # voter -> (epoch, high watermark)
+        self._poll_answers: dict[str, tuple[int, int, int]] = {}  # voter -> (epoch, high watermark, log end)
         self._polled: tuple[int, int] | None = None   # (largest epoch, largest high watermark) once enough answered
         self._recover_until: int | None = None        # durable end that ends recovery under the current leader
         self._rebuild_producers()
@@ -435,8 +436,9 @@ class Replica:
         if not target or not all(isinstance(v, str) and v for v in target):
             raise ValueError(f"a target replica set names at least one node: {list(voters)}")
         self._target = target
-        if self.recovering and self._polled is None and not self.voters:
-            self._send_polls()  # it knows whom to ask now
+        if self.recovering and self._polled is None:
+            self._send_polls()  # new members to ask, perhaps
+            self._maybe_finish_poll()
 
     def set_draining(self, on: bool) -> None:
         """Draining: never stand for election, and as leader hand leadership to the best voter
@@ -724,30 +726,35 @@ class Replica:
 
     def on_recovery_poll(self, m: RecoveryPoll) -> None:
         # Answered whatever our state: the poller takes the largest of several answers.
-        self._send(m.sender, RecoveryState(self.epoch, self.node_id, self.high_watermark))
+        self._send(m.sender, RecoveryState(self.epoch, self.node_id, self.high_watermark, self.log_end))
 
     def on_recovery_state(self, m: RecoveryState) -> None:
         if not self.recovering or self._polled is not None or m.sender not in self._poll_group():
             return
-        self._poll_answers[m.sender] = (m.epoch, m.high_watermark)
+        self._poll_answers[m.sender] = (m.epoch, m.high_watermark, m.log_end)
         self._maybe_finish_poll()
 
     # ---------------------------------------------------------------- recovering
 
     def _poll_group(self) -> tuple[str, ...]:
-        """Whom a recovering replica polls: the voters, or, while it knows no configuration (a
-        wiped replica of a partition that was reassigned), its target (the metadata's set)."""
-        return self.voters or (self._target or ())
+        """Whom a recovering replica polls: the voters its log (or the shell) gives it and its
+        target (the metadata's set). A replica that lost its log may know only the set the
+        partition was created with, whose removed members no longer answer, while the target is
+        where the cluster's configuration is (or is going)."""
+        return tuple(sorted(set(self.voters) | set(self._target or ())))
 
-    def _polls_needed(self) -> int | None:
-        """Answers from other members that are sure to include one member of every majority this
-        replica belonged to: n - (n//2 + 1) + 1 of the n, capped at the others; None while it
-        knows no one to ask."""
-        group = self._poll_group()
-        if not group:
-            return None
-        n = len(group)
-        return min(n - 1 if self.node_id in group else n, n - n // 2)
+    def _poll_covers(self, answered: set[str]) -> bool:
+        """Enough answers: for each of the voters and the target (a set of n), n - (n//2 + 1) + 1
+        of its members other than us (capped at those there are), so that the answers include
+        one member of every majority of either set that this replica may have belonged to."""
+        if not self.voters and not self._target:
+            return False  # no one to ask yet
+        for group in (self.voters, self._target or ()):
+            others = set(group) - {self.node_id}
+            n = len(group)
+            if len(answered & others) < min(len(others), n - n // 2):
+                return False
+        return True
 
     def _begin_recovery(self) -> None:
         self.recovering = True
@@ -760,18 +767,18 @@ class Replica:
             self._send(peer, RecoveryPoll(self.epoch, self.node_id))
 
     def _maybe_finish_poll(self) -> None:
-        needed = self._polls_needed()
-        if needed is None or len(self._poll_answers) < needed:
+        if not self._poll_covers(set(self._poll_answers)):
             return
         answers = self._poll_answers.values()
-        epoch = max((e for e, _hw in answers), default=0)
-        hw = max((h for _e, h in answers), default=0)
+        epoch = max((a[0] for a in answers), default=0)
+        hw = max((a[1] for a in answers), default=0)
+        log_end = max((a[2] for a in answers), default=0)
         self._polled = (epoch, hw)
         if epoch > self.epoch:
             self.epoch = epoch
             self.voted_for = None  # no vote while recovering; see _maybe_end_recovery
             self._hard_dirty = self._must_sync = True
-        if hw == 0:
+        if log_end == 0:
             # Nothing was ever committed among them (a new cluster or partition, where candidates
             # may have stood): no entry to have forgotten. Its vote in this epoch may have been
             # cast before the loss, so it casts none here; later epochs are new to everyone.
