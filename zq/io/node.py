@@ -37,6 +37,7 @@ error where a reply is possible, and dropped; the loop goes on serving everyone 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import heapq
 import itertools
 import logging
@@ -58,11 +59,11 @@ from zq.core import metadata as meta
 from zq.core.repl_types import (BACKPRESSURE, COMMITTED, DUPLICATE_SEQUENCE, LEADER, HardState, NOT_LEADER, OUT_OF_ORDER,
                                 Outcome, ReplicationConfig)  # noqa: F401 (Outcome in annotations)
 from zq.core.replication import Replica
-from zq.errors import (Backpressure, InvalidRequest, LeaderNotAvailable, NotLeader, OffsetOutOfRange, OutOfOrderSequence, UnknownTopic,
+from zq.errors import (Backpressure, CorruptData, InvalidRequest, LeaderNotAvailable, NotLeader, OffsetOutOfRange, OutOfOrderSequence, UnknownTopic,
                        ProtocolError, StorageFull, UnknownPartition, ZqError, from_wire)
 from zq.io import replicas as R
 from zq.io import security
-from zq.io.store import Store
+from zq.io.store import Store, set_aside
 from zq.limits import DEFAULT, Limits
 from zq.types import META_TOPIC, META_TP, TopicPartition
 
@@ -91,6 +92,7 @@ PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands thi
 REQUESTS_BUDGET_MS = 250          # client requests handled per loop pass, in time (see Node.run)
 SLOW_PASS_MS = 250                # a loop pass longer than this is logged: it delays heartbeats
 PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB drops them (followers fetch the gap)
+BORN_META = b"zq-born"            # meta key: the __meta offset from which this store has held everything it was given
 
 # Replication timing for real nodes: a Python process under load (GC, fsync, 2 cores) stalls for
 # tens of milliseconds at times, so elections wait a second, not Raft's usual 150-300 ms.
@@ -253,6 +255,11 @@ class Node:
         self.member_view: Callable[[str, int], tuple[str, int | None] | None] | None = None
         self.service_handlers: dict[type, Callable[[bytes, Any, list], None]] = {}
         self._seed_addresses_from_topology()
+        self.born: int | None = None                            # see _note_born; None: unknown (a fresh or damaged store)
+        self.created_at: dict[TopicPartition, int] = {}         # __meta offset that created our replica's set
+        self.recovering: dict[TopicPartition, bool] = {}        # replicas opened recovering -> logged as a warning
+        self.wal_tail_lost = False                              # this start found a dropped WAL tail
+        self.wal_marker_pending = False                         # ... not yet recorded durably
         self._load()
         for module in config.services:
             import importlib
@@ -293,7 +300,90 @@ class Node:
                 self.addresses[n.name] = f"{n.host}:{n.port}"
 
     def _load(self) -> None:
-        """Rebuild state from the store: __meta first, then every local partition at its log end."""
+        """Rebuild state from the store: __meta first, then every local partition at its log end.
+        A store found damaged while doing so (a block that fails its checksum) is set aside whole
+        and the node starts from an empty one, every partition it hosts recovering."""
+        self._check_store_at_start()
+        try:
+            self._load_parts()
+            return
+        except CorruptData as e:
+            damage = e.message  # not the exception: its traceback holds RocksDB iterators, which keep the DB open
+        self._set_store_aside(damage)
+        self._load_parts()
+
+    def _check_store_at_start(self) -> None:
+        for line in self.store.recovery_warnings:
+            log.warning("RocksDB recovery: %s", line)
+        raw = self.store.get_meta(BORN_META)
+        self.born = int(raw) if raw is not None else None
+        if self.store.dropped_wal_tail is not None:
+            # RocksDB dropped writes after a damaged WAL record; the hard states may have gone with
+            # them, so every replica here may have forgotten votes or acknowledged entries.
+            log.error("data dir %s: RocksDB dropped the tail of its write-ahead log after a damaged record "
+                      "(%s); every partition of this node rejoins as a learner and votes again once caught up",
+                      self.config.data_dir, self.store.dropped_wal_tail)
+            self.wal_tail_lost = self.wal_marker_pending = True
+            self.born = None
+            self._begin().delete_meta(BORN_META)
+
+    def _set_store_aside(self, damage: str) -> None:
+        """Move the damaged store's files aside (kept for inspection) and start with an empty one."""
+        data_dir = Path(self.config.data_dir)
+        self.parts.clear()
+        gc.collect()  # every RocksDB iterator of the failed load is gone: close() then really closes
+        self.store.close()
+        try:
+            aside = set_aside(data_dir, str(int(time.time() * 1000)))
+        except OSError as err:
+            raise ZqError(f"data dir {data_dir} is damaged ({damage}) and cannot be moved aside ({err}); "
+                          "move its files aside by hand and start the node again") from None
+        log.error("data dir %s is damaged (%s); its files are moved aside to %s and this node copies its "
+                  "partitions from the other replicas (each rejoins as a learner and votes again once caught up)",
+                  data_dir, damage, aside)
+        self.store = Store(data_dir, limits=self.limits)
+        self.parts.clear()
+        self.meta = meta.MetadataState()
+        self.dirty.clear()
+        self.timers.clear()
+        self.lazy_hard_states.clear()
+        self.txn = None
+        self.created_at.clear()
+        self.recovering.clear()
+        self.born = None
+        self.wal_tail_lost = self.wal_marker_pending = False  # the new store has every partition recovering anyway
+
+    def _note_created(self, offset: int, command: dict) -> None:
+        """Remember the __meta offset that made each partition's replica set (see _replica_lost)."""
+        op = command.get("op")
+        if op == "create_topic" and isinstance(command.get("partitions"), list):
+            for p in range(len(command["partitions"])):
+                self.created_at[TopicPartition(command["id"], p)] = offset
+        elif op == "reassign_partition" and type(command.get("partition")) is int:
+            self.created_at[TopicPartition(command["id"], command["partition"])] = offset
+
+    def _note_born(self, offset: int) -> None:
+        """From here on this store holds whatever this node was given: a partition created (or
+        moved here) by a __meta command at or after `offset` that has no state here never had any."""
+        if self.born is None:
+            self.born = offset
+            self._begin().put_meta(BORN_META, str(offset).encode())
+            log.info("this node's store holds everything from __meta offset %d on", offset)
+
+    def _replica_lost(self, tp: TopicPartition, st: Any, hs: HardState | None) -> str | None:
+        """Why this replica may have forgotten votes or acknowledged entries, or None."""
+        if self.wal_tail_lost:
+            return "the data dir lost the tail of its write-ahead log"
+        if st is not None or hs is not None:
+            return None
+        created = -1 if tp == META_TP else self.created_at.get(tp, -1)
+        if self.born is None:
+            return "no state, in a data dir that is new, wiped or was damaged"
+        if created < self.born:
+            return f"no state, although it was made (at __meta offset {created}) before this data dir (offset {self.born})"
+        return None
+
+    def _load_parts(self) -> None:
         if self.name in self.voters:
             self._open_part(META_TP, META_TOPIC, list(self.voters), sync=True)
         else:
@@ -301,7 +391,13 @@ class Node:
             self.parts[META_TP] = _Part(META_TP, META_TOPIC, None, True, st.log_start if st else 0,
                                         st.log_end if st else 0)
         for offset, command in self._read_meta_commands(0, self.parts[META_TP].high_watermark):
+            self._note_created(offset, command)
             self.meta.apply(offset, command)
+        meta_part = self.parts[META_TP]
+        if self.born is None and not self.wal_tail_lost and self.store.partitions():
+            # A store written before this version, intact: it holds everything its __meta log holds.
+            if meta_part.replica is None or not meta_part.replica.recovering:
+                self._note_born(self.store.partition_state(META_TP).log_end if self.store.partition_state(META_TP) else 0)
         for n in self.meta.nodes.values():
             if n.name != self.name:
                 self.addresses.setdefault(n.name, n.address)
@@ -364,6 +460,16 @@ class Node:
                 # We held this partition before a move took it away: the new replica must not be
                 # usable by any leader of an epoch we had reached (zq.core.replication).
                 hs = HardState(epoch=int(gone) + 1, join_epoch=int(gone) + 1)
+        lost = self._replica_lost(tp, st, hs)
+        if lost is not None or (hs is not None and hs.recovering):
+            # A new node's __meta (a new cluster, or a node that lost its disk: it cannot tell) is
+            # worth an info line; any other loss is worth a warning.
+            loud = not (tp == META_TP and st is None and hs is None and not self.wal_tail_lost)
+            log.log(logging.WARNING if loud else logging.INFO,
+                    "%s/%d: %s; this replica asks the others before it votes, rejoins as a learner and votes "
+                    "again once it has caught up", name, tp.partition, lost or "it was recovering")
+            hs = dataclasses.replace(hs or HardState(), recovering=True)
+            self.recovering[tp] = loud
         now = mono_ms()
         replica = Replica(self.name, replicas, R.StoreReader(self.store, tp), rng=self.rng, now_ms=now,
                           config=self.config.replication, hard_state=hs, log_end=st.log_end if st else 0,
@@ -591,6 +697,7 @@ class Node:
             self.lazy_hard_states.clear()
         txn, self.txn = self.txn, None
         sync, self.sync_needed = self.sync_needed, False
+        sync |= self.wal_marker_pending  # the loss is recorded (every replica recovering) before the marker goes
         try:
             self.store.commit(txn, sync=sync)
         except StorageFull as e:
@@ -604,6 +711,9 @@ class Node:
                 st = self.store.partition_state(META_TP)
                 learner.learner_end = st.log_end if st else 0
             return False
+        if self.wal_marker_pending:
+            self.store.clear_dropped_wal_tail()
+            self.wal_marker_pending = False
         return True
 
     def _reopen_after_failed_write(self, part: _Part) -> None:
@@ -641,6 +751,13 @@ class Node:
             callback = part.waiters.pop(outcome.proposal_id, None)
             if callback is not None:
                 callback(outcome)
+        if part.tp in self.recovering and not replica.recovering:
+            loud = self.recovering.pop(part.tp)
+            log.log(logging.WARNING if loud else logging.INFO,
+                    "%s/%d: recovered (caught up with leader %s in epoch %d); it votes again", part.name,
+                    part.tp.partition, replica.leader or "none needed", replica.epoch)
+            if part.tp == META_TP:
+                self._note_born(replica.log_end)
         if rd.role is not None:
             log.info("%s/%d: %s in epoch %d (leader %s)", part.name, part.tp.partition, rd.role.role,
                      rd.role.epoch, rd.role.leader or "unknown")
@@ -1116,6 +1233,7 @@ class Node:
             self._send_heartbeats(again=False)
 
     def _apply_meta_command(self, offset: int, command: dict) -> None:
+        self._note_created(offset, command)
         before = self.meta.topics.get(command.get("name", ""))
         self.meta.apply(offset, command)
         op = command.get("op")

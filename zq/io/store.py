@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -768,6 +769,27 @@ class Store:
     def disk_free_bytes(self) -> int:
         s = os.statvfs(self.path)
         return s.f_bavail * s.f_frsize
+
+
+_ROCKSDB_FILE = re.compile(r"\d+\.(sst|log|blob)|CURRENT|IDENTITY|LOCK|LOG|LOG\.old\.\d+|MANIFEST-\d+|OPTIONS-\d+")
+
+
+def set_aside(path: str | os.PathLike, label: str) -> Path:
+    """Move a closed store's RocksDB files into `path/damaged-<label>` (kept for inspection), so
+    that a store opened at `path` next starts empty. Only RocksDB's files (and the store's marker)
+    move: the data dir may hold others, such as the node's own log."""
+    path = Path(path)
+    aside = path / f"damaged-{label}"
+    aside.mkdir()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (_ROCKSDB_FILE.fullmatch(f.name) or f.name == WAL_TAIL_MARKER):
+            f.rename(aside / f.name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the moves are durable before an empty store is created in their place
+    finally:
+        os.close(fd)
+    return aside
 
 
 def _is_no_space(text: str) -> bool:
