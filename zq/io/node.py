@@ -1771,6 +1771,10 @@ class Node:
             self._at(mono_ms() + META_RETRY_MS, self._follow_meta)
             return
         part = self.parts[META_TP]
+        if self.born is None:
+            # A learner with a new or damaged store: every command it could have acted on before
+            # was committed, so lies below the leader's log end (Raft's leader completeness).
+            self._note_born(reply.log_end)
         for value in payload:
             try:
                 h = zbatch.verify_stored(value)
