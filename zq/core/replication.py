@@ -727,6 +727,10 @@ class Replica:
     def on_recovery_poll(self, m: RecoveryPoll) -> None:
         # Answered whatever our state: the poller takes the largest of several answers.
         self._send(m.sender, RecoveryState(self.epoch, self.node_id, self.high_watermark, self.log_end))
+        if self.role == LEADER and m.sender in self._match:
+            # What it acknowledged before is gone: it is not in sync (status, hand-offs) until it
+            # acknowledges again. (The high watermark never moves back, so nothing commits less.)
+            self._match[m.sender] = 0
 
     def on_recovery_state(self, m: RecoveryState) -> None:
         if not self.recovering or self._polled is not None or m.sender not in self._poll_group():

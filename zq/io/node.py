@@ -393,16 +393,17 @@ class Node:
         for offset, command in self._read_meta_commands(0, self.parts[META_TP].high_watermark):
             self._note_created(offset, command)
             self.meta.apply(offset, command)
-        meta_part = self.parts[META_TP]
-        if self.born is None and not self.wal_tail_lost and self.store.partitions():
+        meta_part, meta_st = self.parts[META_TP], self.store.partition_state(META_TP)
+        if (self.born is None and not self.wal_tail_lost and meta_st is not None
+                and (meta_part.replica is None or not meta_part.replica.recovering)):
             # A store written before this version, intact: it holds everything its __meta log holds.
-            if meta_part.replica is None or not meta_part.replica.recovering:
-                self._note_born(self.store.partition_state(META_TP).log_end if self.store.partition_state(META_TP) else 0)
+            self._note_born(meta_st.log_end)
         for n in self.meta.nodes.values():
             if n.name != self.name:
                 self.addresses.setdefault(n.name, n.address)
         for t in self.meta.topics.values():
             self._open_topic(t)
+        self.wal_tail_lost = False  # every replica here is recovering now (durably so after the first write)
         log.info("node %s loaded: %d topics, %d local partitions, __meta applied to %d",
                  self.name, len(self.meta.topics), len(self.parts) - 1, self.meta.applied)
 
