@@ -402,7 +402,7 @@ class Store:
         o.set_keep_log_file_num(4)               # RocksDB's own info LOG files, bounded
         return o
 
-    def _open(self) -> rocksdict.Rdict:
+    def _open(self, *, strict: bool = True) -> rocksdict.Rdict:
         """Open strictly first (absolute WAL consistency): a WAL that replays cleanly opens as usual.
         If the strict open finds a damaged WAL record, RocksDB's point-in-time recovery would drop
         every write after it, silently: the store writes a marker file (fsynced) saying so before
@@ -425,9 +425,9 @@ class Store:
                     return rocksdict.Rdict(str(self.path), self._options(), access_type=rocksdict.AccessType.read_only())
             self.path.mkdir(parents=True, exist_ok=True)
             try:
-                db = rocksdict.Rdict(str(self.path), self._options(strict_wal=True))
+                db = rocksdict.Rdict(str(self.path), self._options(strict_wal=strict))
             except Exception as e:
-                if not str(e).startswith("Corruption"):
+                if not strict or not str(e).startswith("Corruption"):
                     raise
                 self._write_marker(WAL_TAIL_MARKER, str(e))
                 db = rocksdict.Rdict(str(self.path), self._options())  # raises if it was not the WAL after all
@@ -607,7 +607,9 @@ class Store:
         next commit tries again."""
         self.close()
         try:
-            self._db = self._open()
+            # Not strict: the write that failed may have left a torn last record, which was never
+            # acknowledged (the caller got StorageFull); dropping it loses nothing.
+            self._db = self._open(strict=False)
         except ZqError as e:
             self._db = rocksdict.Rdict(str(self.path), self._options(), access_type=rocksdict.AccessType.read_only())
             self._states = self._load_states()
