@@ -58,6 +58,7 @@ from zq import protocol as P
 from zq.core import metadata as meta
 from zq.core.repl_types import (BACKPRESSURE, COMMITTED, DUPLICATE_SEQUENCE, LEADER, HardState, NOT_LEADER, OUT_OF_ORDER,
                                 Outcome, ReplicationConfig)  # noqa: F401 (Outcome in annotations)
+from zq.core.repl_types import RecoveryPoll, RecoveryState
 from zq.core.replication import Replica
 from zq.errors import (Backpressure, CorruptData, InvalidRequest, LeaderNotAvailable, NotLeader, OffsetOutOfRange, OutOfOrderSequence, UnknownTopic,
                        ProtocolError, StorageFull, UnknownPartition, ZqError, from_wire)
@@ -844,7 +845,8 @@ class Node:
                 tp = TopicPartition(item[0], item[1])
                 part = self.parts.get(tp)
                 if part is None or part.replica is None:
-                    self.counters["replication_for_unknown_partition"] += 1   # topic not applied here yet
+                    if not self._answer_poll_for_removed(tp, item[2]):
+                        self.counters["replication_for_unknown_partition"] += 1   # topic not applied here yet
                     continue
                 message = P.from_array(item[2])
                 part.replica.tick(now)
@@ -853,6 +855,19 @@ class Node:
             except ZqError as e:
                 self.counters["protocol_errors"] += 1
                 log.warning("dropped a replication message: %s", e)
+
+    def _answer_poll_for_removed(self, tp: TopicPartition, arr: Any) -> bool:
+        """A recovering replica polls a node whose copy a move deleted (its log still names it): the
+        node says it holds nothing, in the epoch it had reached, so that the poll can end."""
+        gone = self.store.get_meta(R.removed_key(tp))
+        if gone is None:
+            return False
+        message = P.from_array(arr)
+        if not isinstance(message, RecoveryPoll):
+            return False
+        reply = RecoveryState(int(gone), self.name, 0, 0)
+        self.outbox[message.sender].append([tp.topic_id, tp.partition, P.to_array(reply)])
+        return True
 
     def _tick_replicas(self) -> None:
         now = mono_ms()

@@ -745,13 +745,14 @@ class Sim:
         self.at(self.now + rng.randint(10, s.disk_interval_ms_max), "disk")
 
     def _may_damage(self, name: str, p: int) -> bool:
-        """No other replica of p is damaged, lost or recovering (one fault per replica set)."""
+        """No other replica of p is damaged, lost or recovering, or knows no configuration yet (it
+        cannot vote either: a second one would be two faults in one replica set)."""
         for other in sorted(self.nodes):
             node = self.nodes[other]
             if other == name or p not in node.disk.durable:
                 continue
             r = node.replicas.get(p)
-            if (p in node.disk.lost or node.disk.durable[p].corrupt or (r is not None and r.recovering)
+            if (p in node.disk.lost or node.disk.durable[p].corrupt or (r is not None and (r.recovering or not r.voters))
                     or (not node.alive and (node.disk.durable[p].hard or HardState()).recovering)):
                 return False
         return True
