@@ -125,20 +125,25 @@ never forgetting its vote, its epoch or an entry it acknowledged. A replica whos
 state is gone or damaged (a wiped or corrupt data dir, a WAL whose tail RocksDB dropped) has
 forgotten some of it, and the shell creates it with `HardState.recovering`. Such a replica never
 votes, never stands and, until it has polled, takes no Append (so no leader can count its
-acknowledgement). It sends `RecoveryPoll` to the other voters of its configuration and waits
-for `RecoveryState` (epoch, high watermark, log end) answers from ceil(n/2) of them (n//2+1 for an odd
-n: 2 of RF3, 3 of RF5): every majority it belonged to before the loss has n//2 other members,
-and only that many answers are sure to include one of them. It then takes the largest epoch
-reported (a stale leader of an older epoch can no longer use it) and follows a leader of at
-least that epoch as a learner would, acknowledging only what it holds durably. A leader of
-such an epoch holds every committed entry, those this replica once acknowledged included, so
-the replica becomes a voter again once its durable log, matching that leader's, reaches both
-the largest high watermark reported and the leader's log end as its first Append gave it
-(again with each new leader). Its vote in the epoch it ends in is its leader's: a vote it cast
-there before the loss cannot have gone to anyone else who won. If every answer says log end 0,
-nothing was ever committed there (a new cluster or partition; a committed entry is held by a
-majority and never truncated, and the high watermark, a hint written lazily, cannot say so):
-it is a voter at once, except in the epoch it took (VOTE_FORGOTTEN). A replica answers polls whatever its own state.
+acknowledgement). It sends `RecoveryPoll` to the others of its voters and of its target (a
+wiped replica may know only the set the partition was created with) and waits for
+`RecoveryState` (epoch, high watermark, log end) answers from, in each of the two sets of n,
+n - (n//2 + 1) + 1 of its other members (2 of RF3, 3 of RF5): every majority it belonged to
+before the loss has n//2 other members, and only that many answers are sure to include one of
+them. It then takes the largest epoch reported (a stale leader of an older epoch can no longer
+use it) and follows a leader of at least that epoch as a learner would, acknowledging only what
+it holds durably. A leader of such an epoch holds every committed entry, those this replica once
+acknowledged included, so the replica becomes a voter again once its durable log, matching that
+leader's, reaches both the largest high watermark reported and the leader's log end as its first
+Append gave it (again with each new leader). Its vote in the epoch it ends in is its leader's:
+a vote it cast there before the loss cannot have gone to anyone else who won. If every answer
+says log end 0, nothing was ever committed there (a new cluster or partition; a committed entry
+is held by a majority and never truncated, while the high watermark, a hint written lazily,
+cannot say so): it is a voter at once, except in the epoch it took (VOTE_FORGOTTEN). Every
+replica answers polls whatever its own state; a leader polled forgets what the poller had
+acknowledged (it is not in sync any more). Not covered: a vote or acknowledgement of the
+replica's that was still in flight when it lost its disk, and reaches its peer only after that
+peer answered the poll (the wipe would have to be faster than the network).
 
 Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
 `advance()` says the shell applied it. The shell must call `advance()` before the next event.
