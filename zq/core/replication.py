@@ -393,7 +393,6 @@ class Replica:
                 self._maybe_send_timeout_now(resend=True)
         elif self.now_ms >= self._election_deadline_ms:
             if self.recovering and self._polled is None:
-                self._reset_election_timer()
                 self._send_polls()  # answers may have been lost: ask those that have not answered again
                 return
             if self.may_stand():
@@ -774,6 +773,9 @@ class Replica:
     def _send_polls(self) -> None:
         for peer in sorted(set(self._poll_group()) - {self.node_id} - set(self._poll_answers)):
             self._send(peer, RecoveryPoll(self.epoch, self.node_id))
+        # Asked again as often as a Fetch (it cannot stand meanwhile, so the election timer is free):
+        # at a cluster's start the first polls reach peers that are not up yet.
+        self._election_deadline_ms = self.now_ms + self.config.fetch_retry_ms
 
     def _maybe_finish_poll(self) -> None:
         if not self._poll_covers(set(self._poll_answers)):
