@@ -13,7 +13,7 @@ import pytest
 
 from zq.core.repl_epochs import appended, end_for_epoch, epoch_at, truncated
 from zq.core.repl_types import (
-    BACKPRESSURE, COMMITTED, CONFIG_PREFIX, FOLLOWER, LEADER, MARKER_PAYLOAD, MESSAGE_TYPES, NO_PRODUCER,
+    BACKPRESSURE, CANDIDATE, COMMITTED, CONFIG_PREFIX, FOLLOWER, LEADER, MARKER_PAYLOAD, MESSAGE_TYPES, NO_PRODUCER,
     NOT_LEADER, OUT_OF_ORDER, Append, AppendAck, Entry, Fetch, HardState, ReplicationConfig, RequestVote,
     TimeoutNow, Vote, encode_config,
 )
@@ -1013,16 +1013,13 @@ def test_a_leader_short_of_disk_with_no_voter_with_room_keeps_leading() -> None:
     assert t.replicas["a"].role == LEADER and t.replicas["a"].transferring is None
 
 
-def test_votes_from_strangers_are_ignored_even_without_a_leader() -> None:
-    """A candidate outside the configuration (a forged or removed sender) gets no vote and moves
-    no epoch, whether or not the voter hears a leader; a stranger's Vote counts for nothing."""
+def test_a_strangers_vote_counts_for_nothing_and_its_request_is_ignored_while_a_leader_is_heard() -> None:
+    """A candidate outside the configuration (a forged or removed sender) gets no vote and moves no
+    epoch while the voter hears a leader; a stranger's Vote counts for nothing and deposes no one.
+    (Without a leader its request is plain Raft: a lagging voter may not know the configuration
+    that added it; see test_a_lagging_voter_votes_for_a_candidate_of_a_configuration_it_has_not_seen.)"""
     t = Trio()
     b, c = t.replicas["b"], t.replicas["c"]
-    assert b.leader is None and b.epoch == 0
-    b.step(RequestVote(7, "evil", 7, 10**9))
-    rd = b.ready()
-    b.advance()
-    assert rd.messages == () and rd.hard_state is None and b.epoch == 0 and b.voted_for is None
     t.tick("c", 2 * CFG.election_timeout_ms)    # c stands in epoch 1 ...
     assert c.role == "candidate" and c.epoch == 1
     c.step(Vote(1, "evil", True))               # ... a stranger's grant is no vote
@@ -1034,3 +1031,122 @@ def test_votes_from_strangers_are_ignored_even_without_a_leader() -> None:
     assert c.role == "candidate" and c.epoch == 1
     t.deliver()                                 # the real voters elect c
     assert c.role == LEADER and {t.replicas[n].epoch for n in NAMES} == {1}
+    t.heartbeat("c")
+    b.step(RequestVote(7, "evil", 7, 10**9))    # b hears its leader: the stranger is ignored
+    rd = b.ready()
+    b.advance()
+    assert rd.messages == () and rd.hard_state is None and b.epoch == 1 and b.voted_for == "c"
+
+
+def test_a_lagging_voter_votes_for_a_candidate_of_a_configuration_it_has_not_seen() -> None:
+    """Seed 170's shape: b's log lags and its configuration does not name the candidate; with no
+    leader heard it answers as Raft does, or the partition could never elect again."""
+    t = Trio()
+    b = t.replicas["b"]
+    assert b.leader is None and b.epoch == 0
+    b.step(RequestVote(3, "d", 2, 10))
+    rd = b.ready()
+    b.advance()
+    assert b.epoch == 3 and b.voted_for == "d"
+    assert [m.message for m in rd.messages] == [Vote(3, "b", True)]
+
+# --- recovering replicas (issue 12, finding 5): a replica that lost its disk must not vote as if it had not
+
+
+def _wipe(t: Trio, n: str, recovering: bool = True) -> Replica:
+    """n's disk is lost: it restarts empty, recovering unless the rule is switched off."""
+    t.disks[n] = SimDisk([0])
+    t.disks[n].volatile[0].hard = HardState(recovering=recovering)
+    t.queue = [m for m in t.queue if m[1] != n]
+    t.replicas[n] = t._boot(n)  # noqa: SLF001
+    t.drain(n)
+    return t.replicas[n]
+
+
+@pytest.mark.parametrize("rule", [True, False])
+def test_a_wiped_voter_neither_votes_nor_acknowledges_before_it_has_polled_and_caught_up(rule: bool) -> None:
+    """The issue's scenario: a commits m with b's acknowledgement while c lags; b loses its disk;
+    with a paused, c stands. A b that voted at once would elect c and lose m."""
+    t = Trio()
+    t.elect("a")
+    t.deliver()
+    t.propose("a", b"m")
+    t.deliver(drop=lambda s, d, m: d == "c")
+    assert t.replicas["a"].high_watermark == 2 and t.replicas["c"].log_end < 2
+    b = _wipe(t, "b", recovering=rule)
+    assert b.recovering is rule and b.hard_state().recovering is rule
+    t.tick("c", 4 * CFG.election_timeout_ms)     # a is paused: c hears nobody and stands
+    t.deliver(drop=lambda s, d, m: "a" in (s, d))
+    if not rule:
+        assert t.replicas["c"].role == LEADER, "teeth: without the rule the wiped b elects c, which lacks m"
+        return
+    assert t.replicas["c"].role == CANDIDATE and t.replicas["b"].epoch == 0
+    # b's polls went to a and c; c's answer alone is not enough (RF3: two others).
+    assert b.recovering and b._polled is None  # noqa: SLF001
+    # a (paused) cannot use b either: b takes no Append before its poll.
+    b.step(Append(1, "a", 0, 0, 2, 2, []))
+    rd = b.ready()
+    b.advance()
+    assert rd.messages == () and b.log_end == 0
+    # a resumes: b polls again, learns the largest epoch and catches up from a leader of it.
+    for _ in range(60):
+        for n in NAMES:
+            t.tick(n, CFG.heartbeat_interval_ms)
+        t.deliver()
+    leader = next(n for n in NAMES if t.replicas[n].role == LEADER)
+    assert leader != "b" and [x[3] for x in t.log(leader)].count(b"m") == 1
+    assert not b.recovering and b.epoch == t.replicas[leader].epoch and b.voted_for is not None
+    assert t.log("b")[:2] == t.log(leader)[:2]
+    assert t.disks["b"].durable[0].hard.recovering is False
+
+
+def test_a_recovering_replica_stays_recovering_across_a_restart_and_answers_polls() -> None:
+    t = Trio()
+    t.elect("a")
+    t.deliver()
+    b = _wipe(t, "b")
+    assert t.disks["b"].durable[0].hard.recovering, "recovering is durable before the polls go out"
+    t.queue = [m for m in t.queue if m[0] != "b"]  # its polls are lost
+    t.restart("b")
+    b = t.replicas["b"]
+    assert b.recovering
+    t.drain("b")
+    assert sorted((d, type(m).__name__) for _s, d, m in t.queue if _s == "b") == [
+        ("a", "RecoveryPoll"), ("c", "RecoveryPoll")]
+    # A poll is answered by anyone, recovering or not, with its epoch and high watermark.
+    from zq.core.repl_types import RecoveryPoll, RecoveryState
+    b.step(RecoveryPoll(0, "c"))
+    rd = b.ready()
+    b.advance()
+    assert [o.message for o in rd.messages] == [RecoveryState(0, "b", 0, 0)]
+    t.replicas["a"].step(RecoveryPoll(0, "b"))
+    rd = t.replicas["a"].ready()
+    t.replicas["a"].advance()
+    a = t.replicas["a"]
+    assert [o.message for o in rd.messages] == [RecoveryState(1, "a", a.high_watermark, a.log_end)]
+
+
+def test_a_new_cluster_of_recovering_replicas_finds_nobody_ever_elected_and_elects() -> None:
+    t = Trio(disks={n: SimDisk([0]) for n in NAMES})
+    for n in NAMES:
+        _wipe(t, n)
+    t.deliver()
+    for n in NAMES:  # polls sent before a peer was up are lost: they go again after a timeout
+        t.tick(n, 2 * CFG.election_timeout_ms)
+    t.deliver()
+    assert not any(t.replicas[n].recovering for n in NAMES)
+    t.elect("b")
+    t.propose("b", b"x")
+    t.deliver()
+    t.heartbeat("b")
+    assert t.replicas["c"].high_watermark == t.replicas["b"].log_end and t.log("c")[-1][3] == b"x"
+
+
+def test_a_recovering_replica_does_not_stand_even_when_told_to() -> None:
+    t = Trio()
+    t.elect("a")
+    t.deliver()
+    b = _wipe(t, "b")
+    b.step(TimeoutNow(1, "a"))
+    t.tick("b", 10 * CFG.election_timeout_ms)
+    assert b.role == FOLLOWER and b.recovering

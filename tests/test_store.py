@@ -731,3 +731,123 @@ def _check(store: Store, m: _Model) -> None:
                     break
             expect = expect if expect > m.log_start else None
         assert store.retention_candidates(TP, now_ms=0, retention_ms=None, retention_bytes=keep) == expect
+
+
+# --- damage on disk (issue 12, finding 3)
+
+
+def flip_sst_block(path, count: int = 16) -> str:
+    """Flip `count` bytes in the middle of the data dir's largest .sst file; return its name."""
+    ssts = sorted(path.glob("*.sst"), key=lambda f: f.stat().st_size)
+    assert ssts, "flush first: there is no .sst to damage"
+    target = ssts[-1]
+    size = target.stat().st_size
+    with open(target, "r+b") as f:
+        f.seek(size // 2)
+        data = f.read(count)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+    return target.name
+
+
+def test_a_damaged_sst_block_raises_corrupt_data_on_read_never_an_empty_or_restarted_read(tmp_path):
+    s = Store(tmp_path / "db")
+    for base in range(0, 3000, 3):
+        append(s, TP, [(base, 3, 1_000)])
+    s._db.flush()
+    s.close()
+    flip_sst_block(tmp_path / "db")
+    s = Store(tmp_path / "db")
+    try:
+        offset, seen = 0, 0
+        with pytest.raises(CorruptData) as info:
+            for _ in range(10_000):  # bounded: 1000 batches in all, so a read that restarts would run out
+                values = s.read(TP, offset, 64 * 1024)
+                assert values, f"read at {offset} came back empty although the log ends at 3000"
+                assert verify_stored(values[0]).base_offset <= offset, "a read went back to the start"
+                offset = verify_stored(values[-1]).next_offset
+                seen += len(values)
+        assert "corrupt" in info.value.message and "topic 7 partition 3" in info.value.message
+        assert info.value.partition == 3
+        with pytest.raises(CorruptData):
+            list(s.scan(b"L"))
+    finally:
+        s.close()
+
+
+_WRITER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    from tests.test_store import TP, append
+    from zq.io.store import Store
+    s = Store({path!r})
+    for base in range(0, 4500, 3):
+        append(s, TP, [(base, 3, 1_000)], sync=True)
+    os._exit(0)  # a kill: no close, no flush, the WAL holds every write
+""")
+
+
+def write_then_kill(path) -> None:
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parent.parent)
+    subprocess.run([sys.executable, "-c", _WRITER.format(root=root, path=str(path))], check=True, timeout=120)
+
+
+def flip_wal(path, count: int = 16) -> None:
+    wal = max(path.glob("*.log"), key=lambda f: f.stat().st_size)
+    size = wal.stat().st_size
+    with open(wal, "r+b") as f:
+        f.seek(size // 2)
+        data = f.read(count)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_a_dropped_wal_tail_is_reported_until_the_node_has_recorded_it(tmp_path):
+    path = tmp_path / "db"
+    write_then_kill(path)
+    with Store(path) as s:  # an intact WAL: nothing to report
+        assert s.dropped_wal_tail is None and s.partition_state(TP).log_end == 4500
+    write_then_kill(tmp_path / "db2")
+    path = tmp_path / "db2"
+    flip_wal(path)
+    s = Store(path)
+    try:
+        kept = s.partition_state(TP).log_end
+        assert kept < 4500, "the damage was in the middle: point-in-time recovery drops the rest"
+        assert s.dropped_wal_tail is not None and "Corruption" in s.dropped_wal_tail
+        assert any("dropping" in line for line in s.recovery_warnings), s.recovery_warnings
+    finally:
+        s.close()
+    with Store(path) as s:  # a crash before the node recorded it: still reported
+        assert s.dropped_wal_tail is not None and s.partition_state(TP).log_end == kept
+        s.clear_dropped_wal_tail()
+    with Store(path) as s:
+        assert s.dropped_wal_tail is None
+
+
+def test_inspector_reports_a_damaged_wal_and_a_damaged_block(tmp_path):
+    import json
+    from pathlib import Path
+    tool = Path(__file__).resolve().parent.parent / "tools" / "inspect_data.py"
+    path = tmp_path / "db"
+    write_then_kill(path)
+    flip_wal(path)
+
+    def inspect() -> tuple[int, dict]:
+        out = subprocess.run([sys.executable, str(tool), str(path), "--verify", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        return out.returncode, json.loads(out.stdout)
+
+    code, doc = inspect()
+    assert code == 1 and any("damaged record" in w for w in doc["wal"]), doc["wal"]
+    with Store(path) as s:  # a node's open drops the tail and leaves the marker until it has recovered
+        s._db.flush()
+    code, doc = inspect()
+    assert code == 1 and any("dropped a damaged WAL tail" in w for w in doc["wal"]), doc["wal"]
+    with Store(path) as s:
+        s.clear_dropped_wal_tail()
+    flip_sst_block(path)
+    code, doc = inspect()
+    assert code == 1 and doc["wal"] == []
+    assert any("unreadable" in d and "corrupt" in d for d in doc["verify"][0]["details"]), doc["verify"]

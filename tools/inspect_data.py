@@ -10,7 +10,9 @@ It opens the DB read-only, so it works beside a running node (it then sees the d
 opening). `--verify` checks, per partition: each stored batch's header and blob checksums, that
 each batch sits under its own base offset, that batches are contiguous, that the time index has
 exactly one entry per batch with the right next offset and cumulative size, and that the
-partition-state record agrees with the log. Exit status: 0 when clean, 1 when it found a problem,
+partition-state record agrees with the log; a block that fails RocksDB's own checksum is reported
+for its partition (the scan stops there), a damaged WAL record (whose tail a node's next start
+would drop) and a node's unfinished recovery from a dropped tail are reported for the dir. Exit status: 0 when clean, 1 when it found a problem,
 2 when the data dir cannot be opened.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zq.batch import verify_stored  # noqa: E402
 from zq.errors import CorruptData, ZqError  # noqa: E402
-from zq.io.store import PartitionState, Store  # noqa: E402
+from zq.io.store import WAL_TAIL_MARKER, PartitionState, Store  # noqa: E402
 from zq.types import TopicPartition  # noqa: E402
 
 PROBLEMS_MAX = 100          # problems reported per partition before the rest are only counted
@@ -49,10 +51,13 @@ def state_row(tp: TopicPartition, st: PartitionState) -> dict:
 
 def meta_rows(store: Store) -> list[dict]:
     rows = []
-    for key, value in store.scan(b"M"):
-        name = key[1:]
-        rows.append({"name": name.decode("utf-8", "backslashreplace"), "bytes": len(value),
-                     "preview": value[:META_PREVIEW_BYTES].hex()})
+    try:
+        for key, value in store.scan(b"M"):
+            name = key[1:]
+            rows.append({"name": name.decode("utf-8", "backslashreplace"), "bytes": len(value),
+                         "preview": value[:META_PREVIEW_BYTES].hex()})
+    except CorruptData as e:
+        rows.append({"name": "(unreadable)", "bytes": 0, "preview": e.message})
     return rows
 
 
@@ -84,6 +89,14 @@ def verify_partition(store: Store, tp: TopicPartition, st: PartitionState | None
         if len(problems) < PROBLEMS_MAX:
             problems.append(text)
 
+    try:
+        _verify_scan(store, tp, st, problem)
+    except CorruptData as e:  # RocksDB's block checksum: what lies past the damage cannot be read
+        problem(f"unreadable: {e.message}")
+    return problems, count
+
+
+def _verify_scan(store: Store, tp: TopicPartition, st: PartitionState | None, problem) -> None:
     batches: list[tuple[int, int, int]] = []  # (base, next, size)
     expected_next = None
     for key, value in store.scan(_prefix(b"L", tp)):
@@ -121,7 +134,7 @@ def verify_partition(store: Store, tp: TopicPartition, st: PartitionState | None
     if st is None:
         if batches:
             problem(f"{len(batches)} batches but no partition-state record")
-        return problems, count
+        return
     size = sum(s for _, _, s in batches)
     if size != st.size_bytes:
         problem(f"state says {st.size_bytes} bytes, the log holds {size}")
@@ -132,21 +145,35 @@ def verify_partition(store: Store, tp: TopicPartition, st: PartitionState | None
             problem(f"state says log start {st.log_start}, the first batch covers [{batches[0][0]}, {batches[0][1]})")
     elif st.log_start != st.log_end:
         problem(f"state says [{st.log_start}, {st.log_end}) but the log is empty")
-    return problems, count
 
 
 def orphan_partitions(store: Store, known: set[TopicPartition]) -> list[TopicPartition]:
     """Partitions with log keys but no state record (a topic drop should leave none)."""
     found = []
     seen: set[TopicPartition] = set()
-    for key, _ in store.scan(b"L"):
-        _, topic_id, partition, _ = _LOG_KEY.unpack(key)
-        tp = TopicPartition(topic_id, partition)
-        if tp not in seen:
-            seen.add(tp)
-            if tp not in known:
-                found.append(tp)
+    try:
+        for key, _ in store.scan(b"L"):
+            _, topic_id, partition, _ = _LOG_KEY.unpack(key)
+            tp = TopicPartition(topic_id, partition)
+            if tp not in seen:
+                seen.add(tp)
+                if tp not in known:
+                    found.append(tp)
+    except CorruptData:
+        pass  # the damaged block is reported with its partition; orphans past it cannot be seen
     return found
+
+
+def wal_problems(store: Store, data_dir: Path) -> list[str]:
+    out = []
+    if store.wal_damage is not None:
+        out.append(f"the WAL holds a damaged record ({store.wal_damage}): a node opening this dir drops every "
+                   "write after it, and its partitions then recover from the other replicas")
+    marker = store._read_marker(WAL_TAIL_MARKER)
+    if marker is not None:
+        out.append(f"the node dropped a damaged WAL tail ({marker}) and has not finished recording it; its "
+                   "partitions recover from the other replicas when it starts")
+    return out
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -189,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                      "partitions": [state_row(tp, st) for tp, st in states.items()],
                      "meta": meta_rows(store)}
         bad = False
+        doc["wal"] = wal_problems(store, args.data_dir)
         if args.verify:
+            bad = bad or bool(doc["wal"]) or any(r["name"] == "(unreadable)" for r in doc["meta"])
             report = []
             for tp in [*states, *orphan_partitions(store, set(states))]:
                 problems, count = verify_partition(store, tp, states.get(tp))
@@ -212,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "first_append_time_ms", "last_append_time_ms"])
     print("meta:")
     print_table(doc["meta"], ["name", "bytes", "preview"])
+    if doc["wal"]:
+        print("wal:")
+        for line in doc["wal"]:
+            print(f"  - {line}")
     if "verify" in doc:
         print("verify:")
         for r in doc["verify"]:

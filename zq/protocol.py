@@ -428,6 +428,8 @@ message(24, node_only=True)(_rt.RequestVote)
 message(25, node_only=True)(_rt.Vote)
 message(26, node_only=True)(_rt.TimeoutNow)
 message(27, node_only=True)(_rt.StartAt)
+message(28, node_only=True)(_rt.RecoveryPoll)
+message(29, node_only=True)(_rt.RecoveryState)
 
 # The membership core's messages (zq.core.membership: SWIM failure detection and gossip), node to node.
 from zq.core import membership as _mb  # noqa: E402

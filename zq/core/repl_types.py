@@ -34,6 +34,13 @@ base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
                   prev_epoch, and these voters were the configuration there" (Kafka's
                   OffsetOutOfRange reset; Raft's snapshot install with an empty state machine);
                   voters empty if the leader no longer remembers that configuration
+    RecoveryPoll  = [epoch, sender]
+                  a recovering replica (it lost its log or hard state) -> the other voters:
+                  "what are your epoch and high watermark?"; epoch is the poller's, for tracing
+                  only: neither side takes an epoch from these two messages
+    RecoveryState = [epoch, sender, high_watermark, log_end]
+                  voter -> the recovering replica that polled it: its own epoch, high watermark
+                  and log end
 
 Each message declares `BOUNDS`, the range of every field (zq.core.bounds): `check_message` runs
 them in the node (on decoding) and in the replication core (`Replica.step`), so an epoch that
@@ -231,7 +238,26 @@ class StartAt:
               "voters": B.list_of(CONFIG_VOTERS_MAX, B.NODE)}
 
 
-MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote, TimeoutNow, StartAt)
+@dataclass(frozen=True, slots=True)
+class RecoveryPoll:
+    epoch: int
+    sender: str
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE}
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryState:
+    epoch: int
+    sender: str
+    high_watermark: int
+    log_end: int
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "high_watermark": B.OFFSET, "log_end": B.OFFSET}
+
+
+MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote, TimeoutNow, StartAt, RecoveryPoll,
+                 RecoveryState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +282,12 @@ class HardState:
     `join_epoch` is set by the shell on a replica it creates on a node that held the partition
     before (and deleted it once removed): the epoch that replica had reached, plus one. The new
     replica starts in that epoch, so no leader that node had already left behind can use it, and
-    it ignores configuration entries of older epochs (written in its earlier membership). 0: none."""
+    it ignores configuration entries of older epochs (written in its earlier membership). 0: none.
+
+    `recovering` is set by the shell on a replica whose log or hard state was lost or damaged
+    (a corrupt or wiped data dir, a dropped WAL tail) and cleared by the core once it has
+    recovered (see "Recovering" in zq.core.replication); it is kept so that a crash during
+    recovery leaves the replica recovering."""
 
     epoch: int = 0
     voted_for: str | None = None
@@ -264,6 +295,7 @@ class HardState:
     high_watermark: int = 0
     configs: tuple = ()        # ((offset, voters), ...) ascending; see above
     join_epoch: int = 0        # see above
+    recovering: bool = False   # see above
 
 
 # Outcome statuses of a proposal.

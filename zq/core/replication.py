@@ -142,6 +142,31 @@ Disk. The shell says when its node is short of disk (`set_disk_low`); followers 
 acks. A leader short of disk hands leadership to a voter that has not said so, as a drain does
 (and a drain prefers such voters too); with none, it keeps leading.
 
+Recovering (protocol-aware recovery, Alagappan et al., FAST'18). Raft's safety rests on a voter
+never forgetting its vote, its epoch or an entry it acknowledged. A replica whose log or hard
+state is gone or damaged (a wiped or corrupt data dir, a WAL whose tail RocksDB dropped) has
+forgotten some of it, and the shell creates it with `HardState.recovering`. Such a replica never
+votes, never stands and, until it has polled, takes no Append (so no leader can count its
+acknowledgement). It sends `RecoveryPoll` to the others of its voters and of its target (a
+wiped replica may know only the set the partition was created with) and waits for
+`RecoveryState` (epoch, high watermark, log end) answers from, in each of the two sets of n,
+n - (n//2 + 1) + 1 of its other members (2 of RF3, 3 of RF5): every majority it belonged to
+before the loss has n//2 other members, and only that many answers are sure to include one of
+them. It then takes the largest epoch reported (a stale leader of an older epoch can no longer
+use it) and follows a leader of at least that epoch as a learner would, acknowledging only what
+it holds durably. A leader of such an epoch holds every committed entry, those this replica once
+acknowledged included, so the replica becomes a voter again once its durable log, matching that
+leader's, reaches both the largest high watermark reported and the leader's log end as its first
+Append gave it (again with each new leader). Its vote in the epoch it ends in is its leader's:
+a vote it cast there before the loss cannot have gone to anyone else who won. If every answer
+says log end 0, nothing was ever committed there (a new cluster or partition; a committed entry
+is held by a majority and never truncated, while the high watermark, a hint written lazily,
+cannot say so): it is a voter at once, except in the epoch it took (VOTE_FORGOTTEN). Every
+replica answers polls whatever its own state; a leader polled forgets what the poller had
+acknowledged (it is not in sync any more). Not covered: a vote or acknowledgement of the
+replica's that was still in flight when it lost its disk, and reaches its peer only after that
+peer answered the poll (the wipe would have to be faster than the network).
+
 Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
 `advance()` says the shell applied it. The shell must call `advance()` before the next event.
 `on_persisted(end)` says every Ready advanced so far is durable, `end` being the log end of
@@ -159,13 +184,14 @@ from zq.core.repl_epochs import appended, end_for_epoch, epoch_at, truncated
 from zq.core.repl_types import (
     BACKPRESSURE, CANDIDATE, COMMITTED, CONFIG_VOTERS_MAX, DEFAULT_CONFIG, DUPLICATE_SEQUENCE, FOLLOWER, LEADER,
     MARKER_PAYLOAD, NO_PRODUCER, NOT_LEADER, OUT_OF_ORDER, Append, AppendAck, Diverging, Entry, Fetch,
-    HardState, LogReader, Outbound, Outcome, Ready, ReplicationConfig, RequestVote, RoleChange, StartAt,
-    TimeoutNow, Vote, encode_config,
+    HardState, LogReader, Outbound, Outcome, Ready, RecoveryPoll, RecoveryState, ReplicationConfig, RequestVote,
+    RoleChange, StartAt, TimeoutNow, Vote, encode_config,
 )
 from zq.errors import ProtocolError
 
 _SCAN_BYTES = 1 << 20  # bytes per read while rebuilding the producer table
 STRANGERS_MAX = 8      # nodes outside the configuration a leader keeps sending to
+VOTE_FORGOTTEN = ""    # voted_for of an epoch whose vote a recovered replica may have cast and lost: no node's name
 
 
 WALL_OFFSET_KEPT_TIMEOUTS = 4   # a voter's best clock offset sample is kept this many election timeouts
@@ -251,7 +277,14 @@ class Replica:
         self._hard_dirty = False
         self._must_sync = False
         self._handed_out = False
+        # Recovering (see "Recovering"): durable flag, volatile progress.
+        self.recovering: bool = hs.recovering
+        self._poll_answers: dict[str, tuple[int, int, int]] = {}  # voter -> (epoch, high watermark, log end)
+        self._polled: tuple[int, int] | None = None   # (largest epoch, largest high watermark) once enough answered
+        self._recover_until: int | None = None        # durable end that ends recovery under the current leader
         self._rebuild_producers()
+        if self.recovering:
+            self._begin_recovery()
 
     # ---------------------------------------------------------------- views
 
@@ -322,9 +355,9 @@ class Replica:
     def may_stand(self) -> bool:
         """A voter of the latest configuration stands when it hears no leader; so does one being
         removed whose removal it has not seen committed (Raft thesis 4.2.2: it may still be
-        needed). A learner being added, a replica that knows no configuration and a draining one
-        never do."""
-        if self.draining or not self.voters:
+        needed). A learner being added, a replica that knows no configuration, a recovering one
+        and a draining one never do."""
+        if self.draining or not self.voters or self.recovering:
             return False
         return self.node_id in self.voters or self.node_id in self.committed_voters()
 
@@ -364,7 +397,7 @@ class Replica:
 
     def hard_state(self) -> HardState:
         return HardState(self.epoch, self.voted_for, self.history, self.high_watermark, self._configs,
-                         self.join_epoch)
+                         self.join_epoch, self.recovering)
 
     def entries(self, offset: int, max_entries: int, max_bytes: int) -> list[Entry]:
         """Entries of this replica's log from `offset` (a boundary), applied or not."""
@@ -393,6 +426,9 @@ class Replica:
                 self._broadcast_heartbeat()
                 self._maybe_send_timeout_now(resend=True)
         elif self.now_ms >= self._election_deadline_ms:
+            if self.recovering and self._polled is None:
+                self._send_polls()  # answers may have been lost: ask those that have not answered again
+                return
             if self.may_stand():
                 self.become_candidate()
             else:
@@ -438,6 +474,9 @@ class Replica:
         if not target or not all(isinstance(v, str) and v for v in target):
             raise ValueError(f"a target replica set names at least one node: {list(voters)}")
         self._target = target
+        if self.recovering and self._polled is None:
+            self._send_polls()  # new members to ask, perhaps
+            self._maybe_finish_poll()
 
     def set_draining(self, on: bool) -> None:
         """Draining: never stand for election, and as leader hand leadership to the best voter
@@ -534,6 +573,7 @@ class Replica:
             self.maybe_advance_high_watermark()
         elif self.leader is not None:
             self._ack_due = True
+            self._maybe_end_recovery()
 
     def on_log_start(self, offset: int) -> None:
         """The shell deleted the entries below `offset` (retention: an entry boundary, at or below
@@ -590,6 +630,8 @@ class Replica:
     # ---------------------------------------------------------------- handlers
 
     def on_append(self, m: Append) -> None:
+        if self.recovering and self._polled is None:
+            return  # it might be a stale leader's: no epoch, no entries, no acknowledgement before the poll
         if m.epoch < self.epoch:
             self._send(m.sender, AppendAck(self.epoch, self.node_id, 0))  # fence the stale leader
             return
@@ -623,10 +665,16 @@ class Replica:
         if entries:
             self._fetch_sent_ms = None  # progress: the next Fetch, if needed, may go at once
         self._maybe_follow_high_watermark(m.high_watermark)
+        if self.recovering and self._recover_until is None:
+            # This leader's epoch is at least the largest polled: its log holds every committed
+            # entry, so its log end (and the largest high watermark polled) is how far we must get.
+            assert self._polled is not None and self.epoch >= self._polled[0]
+            self._recover_until = max(self._polled[1], m.leader_end)
         if end < m.leader_end:
             self.maybe_fetch()
         else:
             self._caught_up = True
+        self._maybe_end_recovery()
 
     def on_append_ack(self, m: AppendAck) -> None:
         if m.epoch > self.epoch and self.role == LEADER and m.sender not in self.voters:
@@ -730,6 +778,8 @@ class Replica:
         self.maybe_fetch()
 
     def on_request_vote(self, m: RequestVote) -> None:
+        if self.recovering:
+            return  # it may have voted in this epoch before it lost its hard state: no vote, no epoch
         if not self.voters:
             # A replica that knows no configuration yet (created by a reassignment) does not
             # vote: its node may have been a member before, whose log was deleted, and a node
@@ -737,13 +787,15 @@ class Replica:
             # it take the epoch, which would fence its leader. (A learner that knows one votes as
             # Raft says: its log holds everything committed before the leader that wrote it.)
             return
-        if m.sender not in self.voters:
-            # A candidate outside our configuration gets no vote and does not move our epoch: a
-            # removed node that missed its removal keeps standing and must not depose a working
-            # leader, and a stranger (or a forged sender) must not push our epoch anywhere.
-            # Refusing a vote is always safe; a voter added in a configuration we have not seen
-            # yet wins with the votes of those that have it. (A voter's request is handled as
-            # Raft does, so a TimeoutNow hand-off needs no exception.)
+        if m.sender not in self.voters and (self.role == LEADER or self._hears_leader()):
+            # Leader stickiness, for nodes outside our configuration only: a removed node that
+            # missed its removal keeps standing, and must not depose a working leader. Without a
+            # leader, a stranger's request is handled as Raft does: a voter whose log lags may not
+            # know the configuration that added the candidate, and refusing every stranger left
+            # such a partition without a leader for good (simulator seed 170, --steps 1000). A
+            # forged sender is kept out by the cluster key under [security], and its epoch by the
+            # wire bounds. (A voter's request is handled as Raft does, so a TimeoutNow hand-off
+            # needs no exception.)
             if self.role == LEADER:
                 self._note_stranger(m.sender, m.epoch)
             return
@@ -778,8 +830,95 @@ class Replica:
             self.become_follower(m.epoch, m.sender)
             return
         if (m.epoch == self.epoch and self.role == FOLLOWER and self.leader == m.sender
-                and self.node_id in self.voters and not self.draining):
+                and self.node_id in self.voters and not self.draining and not self.recovering):
             self.become_candidate()  # the leader stopped taking writes and we hold its whole log
+
+    def on_recovery_poll(self, m: RecoveryPoll) -> None:
+        # Answered whatever our state: the poller takes the largest of several answers.
+        self._send(m.sender, RecoveryState(self.epoch, self.node_id, self.high_watermark, self.log_end))
+        if self.role == LEADER and m.sender in self._match:
+            # What it acknowledged before is gone: it is not in sync (status, hand-offs) until it
+            # acknowledges again. (The high watermark never moves back, so nothing commits less.)
+            self._match[m.sender] = 0
+
+    def on_recovery_state(self, m: RecoveryState) -> None:
+        if not self.recovering or self._polled is not None or m.sender not in self._poll_group():
+            return
+        self._poll_answers[m.sender] = (m.epoch, m.high_watermark, m.log_end)
+        self._maybe_finish_poll()
+
+    # ---------------------------------------------------------------- recovering
+
+    def _poll_group(self) -> tuple[str, ...]:
+        """Whom a recovering replica polls: the voters its log (or the shell) gives it and its
+        target (the metadata's set). A replica that lost its log may know only the set the
+        partition was created with, whose removed members no longer answer, while the target is
+        where the cluster's configuration is (or is going)."""
+        return tuple(sorted(set(self.voters) | set(self._target or ())))
+
+    def _poll_covers(self, answered: set[str]) -> bool:
+        """Enough answers: for each of the voters and the target (a set of n), n - (n//2 + 1) + 1
+        of its members other than us (capped at those there are), so that the answers include
+        one member of every majority of either set that this replica may have belonged to."""
+        if not self.voters and not self._target:
+            return False  # no one to ask yet
+        for group in (self.voters, self._target or ()):
+            others = set(group) - {self.node_id}
+            n = len(group)
+            if len(answered & others) < min(len(others), n - n // 2):
+                return False
+        return True
+
+    def _begin_recovery(self) -> None:
+        self.recovering = True
+        self._hard_dirty = self._must_sync = True  # recovering is durable before anything is sent
+        self._send_polls()
+        self._maybe_finish_poll()
+
+    def _send_polls(self) -> None:
+        for peer in sorted(set(self._poll_group()) - {self.node_id} - set(self._poll_answers)):
+            self._send(peer, RecoveryPoll(self.epoch, self.node_id))
+        # Asked again as often as a Fetch (it cannot stand meanwhile, so the election timer is free):
+        # at a cluster's start the first polls reach peers that are not up yet.
+        self._election_deadline_ms = self.now_ms + self.config.fetch_retry_ms
+
+    def _maybe_finish_poll(self) -> None:
+        if not self._poll_covers(set(self._poll_answers)):
+            return
+        answers = self._poll_answers.values()
+        epoch = max((a[0] for a in answers), default=0)
+        hw = max((a[1] for a in answers), default=0)
+        log_end = max((a[2] for a in answers), default=0)
+        self._polled = (epoch, hw)
+        if epoch > self.epoch:
+            self.epoch = epoch
+            self.voted_for = None  # no vote while recovering; see _maybe_end_recovery
+            self._hard_dirty = self._must_sync = True
+        if log_end == 0:
+            # Nothing was ever committed among them (a new cluster or partition, where candidates
+            # may have stood): no entry to have forgotten. Its vote in this epoch may have been
+            # cast before the loss, so it casts none here; later epochs are new to everyone.
+            if self.epoch > 0 and self.voted_for is None:
+                self.voted_for = VOTE_FORGOTTEN
+            self._end_recovery()
+        elif self.leader is None:
+            self._fetch_sent_ms = None  # look for the leader at once (as a learner does)
+            self._election_deadline_ms = self.now_ms
+
+    def _maybe_end_recovery(self) -> None:
+        until = self._recover_until
+        if (not self.recovering or until is None or self.role != FOLLOWER or self.leader is None
+                or self.durable_end < until or self.match_end < until):
+            return
+        if self.voted_for is None:
+            self.voted_for = self.leader  # the leader of this epoch won it: no one else can have our old vote
+        self._end_recovery()
+
+    def _end_recovery(self) -> None:
+        self.recovering = False
+        self._poll_answers.clear()
+        self._recover_until = None
+        self._hard_dirty = self._must_sync = True
 
     # ---------------------------------------------------------------- role changes
 
@@ -801,6 +940,8 @@ class Replica:
         self.match_end = self.high_watermark  # committed entries are in every leader's log
         self._fetch_sent_ms = None
         self._ack_due = False
+        if before[1:] != (leader, self.epoch):
+            self._recover_until = None  # a new leader: its own log end is the mark (see "Recovering")
         if before[0] == LEADER:
             # Raft resets the timer only on a vote granted or a leader heard: a follower that
             # reset it on every higher epoch would let a candidate that cannot win (its log is
@@ -1267,4 +1408,6 @@ _HANDLERS = {  # by name, so a test may replace one handler on the class
     Vote: "on_vote",
     TimeoutNow: "on_timeout_now",
     StartAt: "on_start_at",
+    RecoveryPoll: "on_recovery_poll",
+    RecoveryState: "on_recovery_state",
 }

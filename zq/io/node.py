@@ -41,6 +41,7 @@ a restart rebuilds it from the disk; every other partition keeps serving.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import heapq
 import itertools
 import logging
@@ -62,12 +63,14 @@ from zq import protocol as P
 from zq.core import metadata as meta
 from zq.core.repl_types import (BACKPRESSURE, COMMITTED, DUPLICATE_SEQUENCE, LEADER, HardState, NOT_LEADER, OUT_OF_ORDER,
                                 Outcome, ReplicationConfig)  # noqa: F401 (Outcome in annotations)
+from zq.core.repl_types import RecoveryPoll, RecoveryState
 from zq.core.replication import Replica
-from zq.errors import (Backpressure, InvalidRequest, LeaderNotAvailable, NotAuthorised, NotLeader, OffsetOutOfRange, OutOfOrderSequence,
-                       PartitionFenced, UnknownTopic, ProtocolError, StorageFull, UnknownPartition, ZqError, from_wire)
+from zq.errors import (Backpressure, CorruptData, InvalidRequest, LeaderNotAvailable, NotAuthorised, NotLeader,
+                       OffsetOutOfRange, OutOfOrderSequence, PartitionFenced, UnknownTopic, ProtocolError, StorageFull,
+                       UnknownPartition, ZqError, from_wire)
 from zq.io import replicas as R
 from zq.io import security
-from zq.io.store import Store
+from zq.io.store import Store, set_aside
 from zq.limits import DEFAULT, Limits
 from zq.types import META_TOPIC, META_TP, TopicPartition
 
@@ -101,6 +104,7 @@ LOG_REPEAT_MS = 10_000            # a repeated warning is logged at most once pe
 CLOCK_JUMP_MS = 1_000             # the wall clock moving this far against the monotonic one between reads is a jump
 CLOCK_SKEW_WARN_MS = 10_000       # a leader's clock this far off its replica set's median is logged
 TEST_CLOCK_OFFSET_ENV = "ZQ_TEST_CLOCK_OFFSET_MS"  # tests only: shifts this node's wall clock (README, "Clocks")
+BORN_META = b"zq-born"            # meta key: the __meta offset from which this store has held everything it was given
 
 # Replication timing for real nodes: a Python process under load (GC, fsync, 2 cores) stalls for
 # tens of milliseconds at times, so elections wait a second, not Raft's usual 150-300 ms.
@@ -305,6 +309,11 @@ class Node:
         self.member_view: Callable[[str, int], tuple[str, int | None] | None] | None = None
         self.service_handlers: dict[type, Callable[[bytes, Any, list], None]] = {}
         self._seed_addresses_from_topology()
+        self.born: int | None = None                            # see _note_born; None: unknown (a fresh or damaged store)
+        self.created_at: dict[TopicPartition, int] = {}         # __meta offset that created our replica's set
+        self.recovering: dict[TopicPartition, bool] = {}        # replicas opened recovering -> logged as a warning
+        self.wal_tail_lost = False                              # this start found a dropped WAL tail
+        self.wal_marker_pending = False                         # ... not yet recorded durably
         self._load()
         for module in config.services:
             import importlib
@@ -345,7 +354,90 @@ class Node:
                 self.addresses[n.name] = f"{n.host}:{n.port}"
 
     def _load(self) -> None:
-        """Rebuild state from the store: __meta first, then every local partition at its log end."""
+        """Rebuild state from the store: __meta first, then every local partition at its log end.
+        A store found damaged while doing so (a block that fails its checksum) is set aside whole
+        and the node starts from an empty one, every partition it hosts recovering."""
+        self._check_store_at_start()
+        try:
+            self._load_parts()
+            return
+        except CorruptData as e:
+            damage = e.message  # not the exception: its traceback holds RocksDB iterators, which keep the DB open
+        self._set_store_aside(damage)
+        self._load_parts()
+
+    def _check_store_at_start(self) -> None:
+        for line in self.store.recovery_warnings:
+            log.warning("RocksDB recovery: %s", line)
+        raw = self.store.get_meta(BORN_META)
+        self.born = int(raw) if raw is not None else None
+        if self.store.dropped_wal_tail is not None:
+            # RocksDB dropped writes after a damaged WAL record; the hard states may have gone with
+            # them, so every replica here may have forgotten votes or acknowledged entries.
+            log.error("data dir %s: RocksDB dropped the tail of its write-ahead log after a damaged record "
+                      "(%s); every partition of this node rejoins as a learner and votes again once caught up",
+                      self.config.data_dir, self.store.dropped_wal_tail)
+            self.wal_tail_lost = self.wal_marker_pending = True
+            self.born = None
+            self._begin().delete_meta(BORN_META)
+
+    def _set_store_aside(self, damage: str) -> None:
+        """Move the damaged store's files aside (kept for inspection) and start with an empty one."""
+        data_dir = Path(self.config.data_dir)
+        self.parts.clear()
+        gc.collect()  # every RocksDB iterator of the failed load is gone: close() then really closes
+        self.store.close()
+        try:
+            aside = set_aside(data_dir, str(int(time.time() * 1000)))
+        except OSError as err:
+            raise ZqError(f"data dir {data_dir} is damaged ({damage}) and cannot be moved aside ({err}); "
+                          "move its files aside by hand and start the node again") from None
+        log.error("data dir %s is damaged (%s); its files are moved aside to %s and this node copies its "
+                  "partitions from the other replicas (each rejoins as a learner and votes again once caught up)",
+                  data_dir, damage, aside)
+        self.store = Store(data_dir, limits=self.limits)
+        self.parts.clear()
+        self.meta = meta.MetadataState()
+        self.dirty.clear()
+        self.timers.clear()
+        self.lazy_hard_states.clear()
+        self.txn = None
+        self.created_at.clear()
+        self.recovering.clear()
+        self.born = None
+        self.wal_tail_lost = self.wal_marker_pending = False  # the new store has every partition recovering anyway
+
+    def _note_created(self, offset: int, command: dict) -> None:
+        """Remember the __meta offset that made each partition's replica set (see _replica_lost)."""
+        op = command.get("op")
+        if op == "create_topic" and isinstance(command.get("partitions"), list):
+            for p in range(len(command["partitions"])):
+                self.created_at[TopicPartition(command["id"], p)] = offset
+        elif op == "reassign_partition" and type(command.get("partition")) is int:
+            self.created_at[TopicPartition(command["id"], command["partition"])] = offset
+
+    def _note_born(self, offset: int) -> None:
+        """From here on this store holds whatever this node was given: a partition created (or
+        moved here) by a __meta command at or after `offset` that has no state here never had any."""
+        if self.born is None:
+            self.born = offset
+            self._begin().put_meta(BORN_META, str(offset).encode())
+            log.info("this node's store holds everything from __meta offset %d on", offset)
+
+    def _replica_lost(self, tp: TopicPartition, st: Any, hs: HardState | None) -> str | None:
+        """Why this replica may have forgotten votes or acknowledged entries, or None."""
+        if self.wal_tail_lost:
+            return "the data dir lost the tail of its write-ahead log"
+        if st is not None or hs is not None:
+            return None
+        created = -1 if tp == META_TP else self.created_at.get(tp, -1)
+        if self.born is None:
+            return "no state, in a data dir that is new, wiped or was damaged"
+        if created < self.born:
+            return f"no state, although it was made (at __meta offset {created}) before this data dir (offset {self.born})"
+        return None
+
+    def _load_parts(self) -> None:
         if self.name in self.voters:
             self._open_part(META_TP, META_TOPIC, list(self.voters), sync=True)
         else:
@@ -353,12 +445,19 @@ class Node:
             self.parts[META_TP] = _Part(META_TP, META_TOPIC, None, True, st.log_start if st else 0,
                                         st.log_end if st else 0)
         for offset, command in self._read_meta_commands(0, self.parts[META_TP].high_watermark):
+            self._note_created(offset, command)
             self.meta.apply(offset, command)
+        meta_part, meta_st = self.parts[META_TP], self.store.partition_state(META_TP)
+        if (self.born is None and not self.wal_tail_lost and meta_st is not None
+                and (meta_part.replica is None or not meta_part.replica.recovering)):
+            # A store written before this version, intact: it holds everything its __meta log holds.
+            self._note_born(meta_st.log_end)
         for n in self.meta.nodes.values():
             if n.name != self.name:
                 self.addresses.setdefault(n.name, n.address)
         for t in self.meta.topics.values():
             self._open_topic(t)
+        self.wal_tail_lost = False  # every replica here is recovering now (durably so after the first write)
         log.info("node %s loaded: %d topics, %d local partitions, __meta applied to %d",
                  self.name, len(self.meta.topics), len(self.parts) - 1, self.meta.applied)
 
@@ -416,6 +515,16 @@ class Node:
                 # We held this partition before a move took it away: the new replica must not be
                 # usable by any leader of an epoch we had reached (zq.core.replication).
                 hs = HardState(epoch=int(gone) + 1, join_epoch=int(gone) + 1)
+        lost = self._replica_lost(tp, st, hs)
+        if lost is not None or (hs is not None and hs.recovering):
+            # A new node's __meta (a new cluster, or a node that lost its disk: it cannot tell) is
+            # worth an info line; any other loss is worth a warning.
+            loud = not (tp == META_TP and st is None and hs is None and not self.wal_tail_lost)
+            log.log(logging.WARNING if loud else logging.INFO,
+                    "%s/%d: %s; this replica asks the others before it votes, rejoins as a learner and votes "
+                    "again once it has caught up", name, tp.partition, lost or "it was recovering")
+            hs = dataclasses.replace(hs or HardState(), recovering=True)
+            self.recovering[tp] = loud
         now = mono_ms()
         replica = Replica(self.name, replicas, R.StoreReader(self.store, tp), rng=self.rng, now_ms=now,
                           config=self.config.replication, hard_state=hs, log_end=st.log_end if st else 0,
@@ -672,6 +781,7 @@ class Node:
             self.lazy_hard_states.clear()
         txn, self.txn = self.txn, None
         sync, self.sync_needed = self.sync_needed, False
+        sync |= self.wal_marker_pending  # the loss is recorded (every replica recovering) before the marker goes
         try:
             self.store.commit(txn, sync=sync)
         except StorageFull as e:
@@ -686,6 +796,9 @@ class Node:
                 st = self.store.partition_state(META_TP)
                 learner.learner_end = st.log_end if st else 0
             return False
+        if self.wal_marker_pending:
+            self.store.clear_dropped_wal_tail()
+            self.wal_marker_pending = False
         return True
 
     def _reopen_after_failed_write(self, part: _Part) -> None:
@@ -723,6 +836,13 @@ class Node:
             callback = part.waiters.pop(outcome.proposal_id, None)
             if callback is not None:
                 callback(outcome)
+        if part.tp in self.recovering and not replica.recovering:
+            loud = self.recovering.pop(part.tp)
+            log.log(logging.WARNING if loud else logging.INFO,
+                    "%s/%d: recovered (caught up with leader %s in epoch %d); it votes again", part.name,
+                    part.tp.partition, replica.leader or "none needed", replica.epoch)
+            if part.tp == META_TP:
+                self._note_born(replica.log_end)
         if rd.role is not None:
             log.info("%s/%d: %s in epoch %d (leader %s)", part.name, part.tp.partition, rd.role.role,
                      rd.role.epoch, rd.role.leader or "unknown")
@@ -809,7 +929,8 @@ class Node:
                 tp = TopicPartition(item[0], item[1])
                 part = self.parts.get(tp)
                 if part is None or part.replica is None or tp in self.fenced:
-                    self.counters["replication_for_unknown_partition"] += 1   # topic not applied here yet
+                    if tp in self.fenced or not self._answer_poll_for_removed(tp, item[2]):
+                        self.counters["replication_for_unknown_partition"] += 1   # topic not applied here yet
                     continue
                 message = P.from_array(item[2])   # every field range-checked (zq.core.bounds)
                 part.replica.tick(now, wall)
@@ -854,6 +975,19 @@ class Node:
     def _warn_limited(self, kind: str, text: str, *args: Any) -> None:
         """Bad peer input: counted by the caller, logged as a warning at most once per LOG_REPEAT_MS per kind."""
         self.limited_log.log(logging.WARNING, kind, text, *args)
+
+    def _answer_poll_for_removed(self, tp: TopicPartition, arr: Any) -> bool:
+        """A recovering replica polls a node whose copy a move deleted (its log still names it): the
+        node says it holds nothing, in the epoch it had reached, so that the poll can end."""
+        gone = self.store.get_meta(R.removed_key(tp))
+        if gone is None:
+            return False
+        message = P.from_array(arr)
+        if not isinstance(message, RecoveryPoll):
+            return False
+        reply = RecoveryState(int(gone), self.name, 0, 0)
+        self.outbox[message.sender].append([tp.topic_id, tp.partition, P.to_array(reply)])
+        return True
 
     def _tick_replicas(self) -> None:
         now, wall = mono_ms(), self._wall_clock()
@@ -1328,6 +1462,7 @@ class Node:
             self._send_heartbeats(again=False)
 
     def _apply_meta_command(self, offset: int, command: dict) -> None:
+        self._note_created(offset, command)
         before = self.meta.topics.get(command.get("name", ""))
         self.meta.apply(offset, command)
         op = command.get("op")
@@ -1878,6 +2013,10 @@ class Node:
             self._at(mono_ms() + META_RETRY_MS, self._follow_meta)
             return
         part = self.parts[META_TP]
+        if self.born is None:
+            # A learner with a new or damaged store: every command it could have acted on before
+            # was committed, so lies below the leader's log end (Raft's leader completeness).
+            self._note_born(reply.log_end)
         for value in payload:
             try:
                 h = zbatch.verify_stored(value)

@@ -85,7 +85,7 @@ def hard_state_key(tp: TopicPartition) -> bytes:
 
 def encode_hard_state(hs: HardState) -> bytes:
     return cbor2.dumps([hs.epoch, hs.voted_for, [list(x) for x in hs.epoch_history], hs.high_watermark,
-                        [[offset, list(voters)] for offset, voters in hs.configs], hs.join_epoch])
+                        [[offset, list(voters)] for offset, voters in hs.configs], hs.join_epoch, hs.recovering])
 
 
 def load_hard_state(store: Store, tp: TopicPartition) -> HardState | None:
@@ -96,8 +96,9 @@ def load_hard_state(store: Store, tp: TopicPartition) -> HardState | None:
     epoch, voted_for, history, hw = fields[:4]
     configs = fields[4] if len(fields) > 4 else []   # written before replica sets could change: none
     join_epoch = fields[5] if len(fields) > 5 else 0
+    recovering = bool(fields[6]) if len(fields) > 6 else False  # written before recovery existed: not recovering
     return HardState(epoch, voted_for, tuple(tuple(x) for x in history), hw,
-                     tuple((offset, tuple(voters)) for offset, voters in configs), join_epoch)
+                     tuple((offset, tuple(voters)) for offset, voters in configs), join_epoch, recovering)
 
 
 def removed_key(tp: TopicPartition) -> bytes:

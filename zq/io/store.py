@@ -55,7 +55,12 @@ Errors
 - Opening a data dir that another process holds raises `ZqError` saying so; other open failures
   raise `ZqError` (or `CorruptData` / `StorageFull`) naming the data dir.
 - A stored batch that fails its checksums, or sits under the wrong key, raises `CorruptData`
-  naming the partition and offset.
+  naming the partition and offset; so does every read whose RocksDB iterator stops on an error (a
+  block checksum mismatch): an iterator's `valid()` turning False is checked against its
+  `status()` (`Store._valid`), so damage is never read as "no more data".
+- A damaged WAL record at open: see `Store._open` (the tail after it is dropped, and reported in
+  `dropped_wal_tail` until the node has recorded the loss; RocksDB's own lines about it are in
+  `recovery_warnings`).
 
 Also: `Store(path, read_only=True)` opens without taking RocksDB's lock, beside a running node
 (tools/inspect_data.py); `Store.scan(prefix)` yields raw pairs for tools and tests.
@@ -69,6 +74,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -84,6 +90,11 @@ from zq.types import TopicPartition
 # Bounds of this module (candidates for zq.limits.Limits).
 RETENTION_SCAN_BATCHES_MAX = 100_000   # batches one retention-by-bytes pass walks; the next pass goes on
 INDEX_SEEK_STEPS_MAX = 1_000_000       # guard on the walk that finds a batch's time-index key
+ROCKSDB_LOG_READ_BYTES_MAX = 1 << 20   # of RocksDB's info LOG read after an open, for its recovery warnings
+ROCKSDB_WARNINGS_MAX = 20              # RocksDB recovery lines passed on to node.log per open
+MARKER_BYTES_MAX = 4096                # text kept in a marker file
+
+WAL_TAIL_MARKER = "ZQ-WAL-TAIL-DROPPED"  # in the data dir: the last open dropped a damaged WAL tail
 
 _U64_MAX = 2**64 - 1
 
@@ -364,16 +375,22 @@ class Store:
         self._write_async = rocksdict.WriteOptions()
         self._write_async.sync = False           # WAL written, not fsynced: the `replicated` durability
         self._write_async.disable_wal = False
+        self.dropped_wal_tail: str | None = None   # RocksDB's error, while the node has not recorded the loss
+        self.wal_damage: str | None = None         # read-only: the WAL holds a damaged record (a node would drop the rest)
+        self.recovery_warnings: list[str] = []     # RocksDB's LOG lines about corruption from the last open
         self._db = self._open()
         self._states = self._load_states()
 
     # --- opening
 
-    def _options(self) -> rocksdict.Options:
+    def _options(self, *, strict_wal: bool = False) -> rocksdict.Options:
         o = rocksdict.Options(raw_mode=True)     # keys and values are raw bytes: no pickling, no type tags
         o.create_if_missing(True)                # a fresh data dir is a new, empty node
         o.set_paranoid_checks(True)              # refuse to open over detected corruption rather than serve it
-        o.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())  # replay the WAL up to a torn tail, no further
+        if strict_wal:  # any damaged WAL record fails the open: how `_open` learns that a tail would be dropped
+            o.set_wal_recovery_mode(rocksdict.DBRecoveryMode.absolute_consistency())
+        else:           # replay the WAL up to the first damaged record, no further (and drop the rest)
+            o.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())
         o.set_write_buffer_size(64 * 1024 * 1024)    # 64 MiB memtables: ~5000 batches of 12 KB before a flush
         o.set_max_write_buffer_number(3)         # one filling, up to two flushing: writes do not stall on a flush
         o.set_max_total_wal_size(512 * 1024 * 1024)  # backstop on WAL size (and replay time after a crash)
@@ -385,23 +402,95 @@ class Store:
         o.set_keep_log_file_num(4)               # RocksDB's own info LOG files, bounded
         return o
 
-    def _open(self) -> rocksdict.Rdict:
+    def _open(self, *, strict: bool = True) -> rocksdict.Rdict:
+        """Open strictly first (absolute WAL consistency): a WAL that replays cleanly opens as usual.
+        If the strict open finds a damaged WAL record, RocksDB's point-in-time recovery would drop
+        every write after it, silently: the store writes a marker file (fsynced) saying so before
+        it opens that way, and reports it (`dropped_wal_tail`) until the node has recorded what it
+        implies (`clear_dropped_wal_tail`): the hard state of every partition may be gone with the
+        tail, so the node cannot find the loss by comparing with it. The marker comes first
+        because the point-in-time open rewrites the WAL: a crash right after it would otherwise
+        leave no trace. Costs nothing on the write path; one failed open when the WAL is damaged.
+        (A power loss can leave a torn, never-synced last record too: that is reported as well,
+        which costs the node a catch-up of its partitions, never data.)"""
         try:
             if self.read_only:
-                return rocksdict.Rdict(str(self.path), self._options(), access_type=rocksdict.AccessType.read_only())
+                try:
+                    return rocksdict.Rdict(str(self.path), self._options(strict_wal=True),
+                                           access_type=rocksdict.AccessType.read_only())
+                except Exception as e:
+                    if not str(e).startswith("Corruption"):
+                        raise
+                    self.wal_damage = str(e)  # a read-only open cannot drop it: report what a node would do
+                    return rocksdict.Rdict(str(self.path), self._options(), access_type=rocksdict.AccessType.read_only())
             self.path.mkdir(parents=True, exist_ok=True)
-            return rocksdict.Rdict(str(self.path), self._options())
+            try:
+                db = rocksdict.Rdict(str(self.path), self._options(strict_wal=strict))
+            except Exception as e:
+                if not strict or not str(e).startswith("Corruption"):
+                    raise
+                self._write_marker(WAL_TAIL_MARKER, str(e))
+                db = rocksdict.Rdict(str(self.path), self._options())  # raises if it was not the WAL after all
+            self.dropped_wal_tail = self._read_marker(WAL_TAIL_MARKER)
+            self.recovery_warnings = self._rocksdb_warnings()
+            return db
         except OSError as e:
             raise ZqError(f"cannot open data dir {self.path}: {e.strerror or e}", path=str(self.path)) from e
+        except ZqError:
+            raise
         except Exception as e:  # rocksdict raises plain Exception carrying RocksDB's status text
             raise _open_error(self.path, e) from e
+
+    def _write_marker(self, name: str, text: str) -> None:
+        marker = self.path / name
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write(text[:MARKER_BYTES_MAX] + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the marker's directory entry is durable too
+        finally:
+            os.close(fd)
+
+    def _read_marker(self, name: str) -> str | None:
+        try:
+            with open(self.path / name, encoding="utf-8", errors="replace") as f:
+                return f.read(MARKER_BYTES_MAX).strip() or "damaged WAL"
+        except FileNotFoundError:
+            return None
+
+    def clear_dropped_wal_tail(self) -> None:
+        """The node has durably recorded that every partition here lost its tail: forget it."""
+        try:
+            os.unlink(self.path / WAL_TAIL_MARKER)
+        except FileNotFoundError:
+            pass
+        self.dropped_wal_tail = None
+
+    def _rocksdb_warnings(self) -> list[str]:
+        """RocksDB's own lines about corruption or dropped records from this open (its LOG file),
+        so that the node's log says what RocksDB found; at most ROCKSDB_WARNINGS_MAX lines."""
+        out: list[str] = []
+        try:
+            with open(self.path / "LOG", encoding="utf-8", errors="replace") as f:
+                text = f.read(ROCKSDB_LOG_READ_BYTES_MAX)
+        except OSError:
+            return out
+        for line in text.splitlines():
+            lowered = line.lower()
+            if ("corrupt" in lowered or "dropping" in lowered) and "[" in line and "keydrop" not in lowered:
+                out.append(line.strip())
+                if len(out) >= ROCKSDB_WARNINGS_MAX:
+                    break
+        return out
 
     def _load_states(self) -> dict[TopicPartition, PartitionState]:
         states = {}
         p = b"S"
         it, _keep = self._iter(_prefix_end(p))
         it.seek(p)
-        while it.valid():
+        while self._valid(it, None, None, what="partition states"):
             key = it.key()
             if len(key) != _PART.size:
                 raise CorruptData(f"data dir {self.path} holds a malformed partition-state key {key.hex()}")
@@ -433,6 +522,7 @@ class Store:
         that version's ReadOptions.set_iterate_lower_bound sets the *upper* bound, so callers that
         step backwards (seek_for_prev) check the key's prefix themselves."""
         ro = rocksdict.ReadOptions()
+        ro.set_verify_checksums(True)  # every block read is checked (RocksDB's default, spelled out: we rely on it)
         ro.set_iterate_upper_bound(upper_bound)  # forward scans end at the partition's last key, not the next one's
         return self._live().iter(ro), ro
 
@@ -443,6 +533,35 @@ class Store:
                               "the next commit tries again")
             raise ZqError(f"the store at {self.path} is closed")
         return self._db
+
+    def _valid(self, it: rocksdict.RdictIter, tp: TopicPartition | None, offset: int | None, *,
+               what: str = "") -> bool:
+        """`it.valid()`, except that an iterator that stopped on an error (a block checksum
+        mismatch, an unreadable file) raises CorruptData instead of looking like the end of the
+        data: RocksDB reports a failed read only through the iterator's status."""
+        if it.valid():
+            return True
+        try:
+            it.status()
+        except Exception as e:  # rocksdict raises plain Exception carrying RocksDB's status text
+            where = what or (f"topic {tp[0]} partition {tp[1]}" + ("" if offset is None else f" near offset {offset}")
+                             if tp is not None else "the store")
+            raise self._read_error(e, where, tp, offset) from e
+        return False
+
+    def _read_error(self, e: Exception, where: str, tp: TopicPartition | None = None,
+                    offset: int | None = None) -> ZqError:
+        text = str(e)
+        fields: dict = {"path": str(self.path)}
+        if tp is not None:
+            fields.update(topic_id=tp[0], partition=tp[1])
+        if offset is not None:
+            fields["offset"] = offset
+        if text.startswith("Corruption") or "checksum" in text.lower():
+            return CorruptData(f"reading {where} in data dir {self.path} met corruption ({text}); restart the "
+                               "node: it sets the damaged store aside and copies its partitions from the other "
+                               "replicas", **fields)
+        return ZqError(f"reading {where} in data dir {self.path} failed: {text}", **fields)
 
     # --- writes
 
@@ -488,7 +607,9 @@ class Store:
         next commit tries again."""
         self.close()
         try:
-            self._db = self._open()
+            # Not strict: the write that failed may have left a torn last record, which was never
+            # acknowledged (the caller got StorageFull); dropping it loses nothing.
+            self._db = self._open(strict=False)
         except ZqError as e:
             self._db = rocksdict.Rdict(str(self.path), self._options(), access_type=rocksdict.AccessType.read_only())
             self._states = self._load_states()
@@ -511,12 +632,12 @@ class Store:
         lp = _prefix(b"L", tp)
         it, _keep = self._iter(_prefix_end(lp) if upto is None else log_key(tp, upto))
         it.seek_for_prev(log_key(tp, offset))
-        if not (it.valid() and it.key().startswith(lp)):  # below the first batch: start at the first one
+        if not (self._valid(it, tp, offset) and it.key().startswith(lp)):  # below the first batch: start at the first one
             it.seek(lp)
         out: list[bytes] = []
         total = 0
         first = True
-        while it.valid():
+        while self._valid(it, tp, offset):
             value = it.value()
             header = self._verify(tp, it.key(), value)
             if first and header.next_offset <= offset:   # the batch before `offset` ends before it
@@ -553,7 +674,7 @@ class Store:
         lp = _prefix(b"L", tp)
         it, _keep = self._iter(_prefix_end(lp))
         it.seek_for_prev(log_key(tp, offset))
-        if not (it.valid() and it.key().startswith(lp)):
+        if not (self._valid(it, tp, offset) and it.key().startswith(lp)):
             raise CorruptData(f"topic {tp[0]} partition {tp[1]} has no batch holding offset {offset} in {self.path}",
                               topic_id=tp[0], partition=tp[1], offset=offset)
         value = it.value()
@@ -564,7 +685,7 @@ class Store:
         ti, _keep = self._iter(_prefix_end(_prefix(b"T", tp)))
         ti.seek(time_key(tp, header.append_time_ms, header.base_offset))
         for _ in range(INDEX_SEEK_STEPS_MAX):
-            if not ti.valid():
+            if not self._valid(ti, tp, offset):
                 break
             _, _, _, index_time, base = _TIME.unpack(ti.key())
             if base == header.base_offset:
@@ -589,7 +710,7 @@ class Store:
             return None
         it, _keep = self._iter(_prefix_end(_prefix(b"T", tp)))
         it.seek(time_key(tp, max(time_ms, 0), 0))
-        if not it.valid():
+        if not self._valid(it, tp, None):
             return None
         return max(_TIME.unpack(it.key())[4], st.log_start)
 
@@ -612,7 +733,7 @@ class Store:
         tpfx = _prefix(b"T", tp)
         it, _keep = self._iter(_prefix_end(tpfx))
         it.seek_for_prev(time_key(tp, cutoff_ms - 1, _U64_MAX))
-        return _TIME_VALUE.unpack(it.value())[0] if it.valid() and it.key().startswith(tpfx) else 0
+        return _TIME_VALUE.unpack(it.value())[0] if self._valid(it, tp, None) and it.key().startswith(tpfx) else 0
 
     def _bytes_retention(self, tp: TopicPartition, st: PartitionState, excess_bytes: int) -> int:
         """End of the shortest prefix of whole batches holding at least excess_bytes, walking at most
@@ -623,7 +744,7 @@ class Store:
         it.seek(tpfx)
         candidate = 0
         for _ in range(RETENTION_SCAN_BATCHES_MAX):
-            if not it.valid():
+            if not self._valid(it, tp, None):
                 break
             candidate, cum = _TIME_VALUE.unpack(it.value())
             if cum - cum_before_first >= excess_bytes:
@@ -632,7 +753,10 @@ class Store:
         return candidate
 
     def get_meta(self, name: bytes) -> bytes | None:
-        return self._live().get(meta_key(name))
+        try:
+            return self._live().get(meta_key(name))
+        except Exception as e:  # rocksdict raises plain Exception carrying RocksDB's status text
+            raise self._read_error(e, f"meta key {name!r}") from e
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Raw (key, value) pairs whose key starts with `prefix`, in key order: for offline tools
@@ -640,13 +764,34 @@ class Store:
         with the generator before closing the store."""
         it, _keep = self._iter(_prefix_end(prefix) if prefix.strip(b"\xff") else b"\xff" * 64)
         it.seek(prefix)
-        while it.valid():
+        while self._valid(it, None, None, what=f"keys under prefix {prefix!r}"):
             yield it.key(), it.value()
             it.next()
 
     def disk_free_bytes(self) -> int:
         s = os.statvfs(self.path)
         return s.f_bavail * s.f_frsize
+
+
+_ROCKSDB_FILE = re.compile(r"\d+\.(sst|log|blob)|CURRENT|IDENTITY|LOCK|LOG|LOG\.old\.\d+|MANIFEST-\d+|OPTIONS-\d+")
+
+
+def set_aside(path: str | os.PathLike, label: str) -> Path:
+    """Move a closed store's RocksDB files into `path/damaged-<label>` (kept for inspection), so
+    that a store opened at `path` next starts empty. Only RocksDB's files (and the store's marker)
+    move: the data dir may hold others, such as the node's own log."""
+    path = Path(path)
+    aside = path / f"damaged-{label}"
+    aside.mkdir()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (_ROCKSDB_FILE.fullmatch(f.name) or f.name == WAL_TAIL_MARKER):
+            f.rename(aside / f.name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the moves are durable before an empty store is created in their place
+    finally:
+        os.close(fd)
+    return aside
 
 
 def _is_no_space(text: str) -> bool:

@@ -56,6 +56,14 @@ them (ProtocolError) without breaking any check. An honest message refused is a 
 Append in the current or a later epoch is, by design, indistinguishable from a leader's: the
 defence against it is `[security]`, which admits only the cluster key to speak as a node.)
 
+Disk faults. A seed may draw disk faults (zq/sim/disk.py), each on a node it crashes for the
+purpose: a flipped block under one entry of one partition (found when the restarted replica
+reads its log: the shell sets the partition aside and opens it empty), a dropped tail of synced
+writes (every partition of the node), a wiped replica or a wiped node. A replica found lost
+opens recovering (`HardState.recovering`, zq/core/replication.py), as the node does. At most one
+replica of a partition is damaged or recovering at a time (the guarantee covers a minority);
+crashes, pauses and partitions go on meanwhile.
+
 Membership and the operator. A seed may also host the SWIM failure detector
 (`zq.sim.members.MembershipLayer`, the real `Membership` cores and their shells) on the same
 simulated network, so the same partitions, loss, pauses, crashes and restarts (each a new
@@ -91,9 +99,9 @@ from zq.core.membership import MembershipConfig, State
 from zq.core.replication import Replica
 from zq.core.repl_types import (
     BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, Append, AppendAck, Fetch, HardState,
-    ReplicationConfig, RequestVote, StartAt, TimeoutNow, Vote,
+    RecoveryPoll, RecoveryState, ReplicationConfig, RequestVote, StartAt, TimeoutNow, Vote,
 )
-from zq.errors import InvalidRequest, ProtocolError
+from zq.errors import CorruptData, InvalidRequest, ProtocolError
 from zq.hashing import rendezvous
 from zq.sim.checks import Ack, Checker, Violation
 from zq.sim.disk import SimDisk
@@ -161,6 +169,8 @@ class Settings:
     hostile: bool = False            # a hostile peer injects out-of-range and stranger messages
     hostile_interval_ms_max: int = 100
     operator_interval_ms_max: int = 1000  # between the operator's looks at a view
+    disk: bool = False               # disk faults: flipped blocks, dropped WAL tails, wiped replicas and nodes
+    disk_interval_ms_max: int = 1000
     net: NetworkFaults = field(default_factory=NetworkFaults)
 
     @staticmethod
@@ -196,7 +206,7 @@ class Settings:
                                    clock_skew_ms=rng.choice([0, 1_000, -60_000, DAY_MS, DAY_MS, -DAY_MS]),
                                    skewed_node=rng.randrange(self.nodes))
 
-    def draw_disk(self, rng: random.Random) -> Settings:
+    def draw_disk_low(self, rng: random.Random) -> Settings:
         """Nodes short of disk, from a stream of its own (see draw_retention)."""
         return dataclasses.replace(self, disk_low=rng.random() < 0.3)
 
@@ -208,6 +218,10 @@ class Settings:
     def draw_hostile(self, rng: random.Random) -> Settings:
         """A hostile peer too, from a stream of its own (see draw_retention)."""
         return dataclasses.replace(self, hostile=rng.random() < 0.6, hostile_interval_ms_max=rng.choice([20, 100, 400]))
+
+    def draw_disk(self, rng: random.Random) -> Settings:
+        """Disk faults too, from a stream of their own (see draw_retention)."""
+        return dataclasses.replace(self, disk=rng.random() < 0.5, disk_interval_ms_max=rng.choice([300, 1000, 2000]))
 
     def describe(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "net"]
@@ -251,6 +265,10 @@ class Result:
     hostile_sent: int = 0            # messages the hostile peer delivered to a running replica
     hostile_refused: int = 0         # of those, refused by the bounds check (as the node's decoding would)
     hostile_rejected: int = 0        # ... or by the core (ProtocolError)
+    flips: int = 0                   # flipped blocks found by a restarted replica (set aside)
+    tails_dropped: int = 0           # nodes that lost the tail of their synced writes
+    wipes: int = 0                   # replicas or nodes whose disk was wiped
+    recoveries: int = 0              # replicas opened recovering
 
 
 class SimNode:
@@ -283,11 +301,12 @@ class Sim:
         self.rng = random.Random(seed)
         self.retention_rng = random.Random(seed * 2 + 1)  # only retention events draw from it
         self.members_rng = random.Random(seed * 2 + 2)    # the operator's choices
-        self.disk_rng = random.Random(f"disk-{seed}")     # only disk-shortage events draw from it
+        self.disk_low_rng = random.Random(f"disk-{seed}")  # only disk-shortage events draw from it
+        self.disk_rng = random.Random(seed * 2 + 3)       # disk faults
         self.hostile_rng = random.Random(f"hostile/{seed}")  # the hostile peer's choices
         self.settings = settings or (Settings.draw(self.rng, nodes, steps).draw_retention(self.retention_rng)
-                                     .draw_members(self.members_rng).draw_disk(self.disk_rng)
-                                     .draw_hostile(self.hostile_rng))
+                                     .draw_members(self.members_rng).draw_disk_low(self.disk_low_rng)
+                                     .draw_disk(self.disk_rng).draw_hostile(self.hostile_rng))
         self.verbose = verbose
         self.now = 0
         self.heap: list = []
@@ -306,6 +325,8 @@ class Sim:
         self.nodes = {
             n: SimNode(n, {p: rs for p, rs in self.replica_sets.items() if n in rs}) for n in names
         }
+        for node in self.nodes.values():
+            node.disk.keep_synced_tail = s.disk
         self.checker = Checker(list(range(s.partitions)))
         # (partition, base offset, epoch) -> (stamped append time, true time proposed): what the
         # stored batch header would hold, beside the simulator's own knowledge of the truth.
@@ -360,11 +381,13 @@ class Sim:
         if s.retention:
             self.at(self.rng.randrange(1, s.retention_interval_ms_max), "retain")
         if s.disk_low:
-            self.at(self.disk_rng.randrange(1, 500), "disk")
+            self.at(self.disk_low_rng.randrange(1, 500), "disk_low")
         if self.members is not None and s.nodes > REPLICATION_FACTOR:
             self.at(self.members_rng.randrange(1, s.operator_interval_ms_max), "operate")
         if s.hostile:
             self.at(self.hostile_rng.randrange(1, s.hostile_interval_ms_max), "hostile")
+        if s.disk:
+            self.at(self.disk_rng.randrange(1, s.disk_interval_ms_max), "disk")
         try:
             while self.heap and self.step_no < s.steps:
                 self.one_step()
@@ -432,23 +455,40 @@ class Sim:
         self.apply_targets(node)
 
     def open_replica(self, node: SimNode, p: int) -> None:
-        store = node.disk.volatile[p]
-        hard = store.hard
-        if hard is None and p in node.tombstones:
-            join = node.tombstones[p] + 1
-            hard = HardState(epoch=join, join_epoch=join)
-        r = Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=self.config,
-                    hard_state=hard, log_end=store.log_end, log_start=store.start)
+        try:
+            r = self._new_replica(node, p)
+        except CorruptData as e:
+            # As the node does: the damaged copy is set aside and the replica starts empty, recovering.
+            self.log(f"{node.name} p{p}: {e.message}; set aside")
+            self.result.flips += 1
+            node.disk.set_aside(p)
+            r = self._new_replica(node, p)
         r.set_target(self.targets[p])
         if node.draining:
             r.set_draining(True)
         if node.disk_low:
             r.set_disk_low(True)
         node.replicas[p] = r
-        node.applied_end[p] = store.log_end
+        node.applied_end[p] = node.disk.volatile[p].log_end
         node.timer_at[p] = -1
         self.checker.on_restart(node.name, p, r)
+        if r.recovering:
+            self.drain(node, p)  # recovering is durable before anything else happens
         self.schedule_timer(node, p)
+
+    def _new_replica(self, node: SimNode, p: int) -> Replica:
+        store = node.disk.volatile[p]
+        hard = store.hard
+        if hard is None and p in node.tombstones:
+            join = node.tombstones[p] + 1
+            hard = HardState(epoch=join, join_epoch=join)
+        if p in node.disk.lost:
+            hard = dataclasses.replace(hard or HardState(), recovering=True)
+            node.disk.lost.discard(p)
+            self.result.recoveries += 1
+            self.log(f"{node.name} p{p}: lost, opens recovering")
+        return Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=self.config,
+                       hard_state=hard, log_end=store.log_end, log_start=store.start)
 
     def apply_targets(self, node: SimNode) -> None:
         """What a running node does on reading a target change in the metadata: tell its
@@ -546,6 +586,10 @@ class Sim:
             for t in self.net.deliveries(self.now, node.name, dst, broadcast):
                 self.at(t, "deliver", dst, p, msg)
 
+    def send_from_shell(self, node: SimNode, p: int, to: str, msg: object) -> None:
+        for t in self.net.deliveries(self.now, node.name, to, False):
+            self.at(t, "deliver", to, p, msg)
+
     def answer(self, node: SimNode, p: int, outcome) -> None:
         waiting = node.proposals.pop((p, outcome.proposal_id), None)
         if waiting is None:
@@ -561,6 +605,10 @@ class Sim:
             _dst, p, msg = args
             r = node.replicas.get(p)
             if r is None:
+                if isinstance(msg, RecoveryPoll) and p in node.tombstones:
+                    # Removed and deleted here: the node says it holds nothing (its last epoch), as
+                    # the node's shell does, so a recovering replica that still counts it is answered.
+                    self.send_from_shell(node, p, msg.sender, RecoveryState(node.tombstones[p], node.name, 0, 0))
                 return  # not (or no longer) a replica here: a shell drops it
             hostile = kind == "hostile_deliver"
             self.result.hostile_sent += hostile
@@ -765,6 +813,57 @@ class Sim:
             self.at(self.now + duration, "heal")
         self.at(self.now + self.rng.randint(10, s.fault_interval_ms_max), "fault")
 
+    def ev_disk(self) -> None:
+        """A disk fault on a node, which crashes for it (at most one damaged replica per partition)."""
+        if self.phase != "safety":
+            return
+        rng = self.disk_rng
+        s = self.settings
+        kind = rng.choice(["flip", "tail", "wipe_replica", "wipe_node"])
+        name = rng.choice(sorted(self.nodes))
+        node = self.nodes[name]
+        held = sorted(node.replica_sets)
+        if held and all(self._may_damage(name, p) for p in held):
+            if node.alive:
+                node.disk.crash(rng, power_loss=s.durability == "fsync")
+                node.alive = False
+                node.replicas.clear()
+                if self.members is not None:
+                    self.members.crash(name, self.now)
+                self.at(self.now + rng.randint(20, s.fault_duration_ms_max), "restart", name)
+            p = rng.choice(held)
+            entries = node.disk.durable[p].entries
+            if kind == "flip" and entries:
+                node.disk.flip(p, rng.choice(entries).base_offset)
+                self.log(f"disk {name}: flipped a block of p{p}")
+            elif kind == "tail":
+                k = node.disk.drop_synced_tail(rng)
+                self.result.tails_dropped += k > 0
+                self.log(f"disk {name}: dropped its last {k} synced write batches")
+            elif kind == "wipe_replica":
+                node.disk.wipe([p])
+                self.result.wipes += 1
+                self.log(f"disk {name}: p{p} wiped")
+            elif kind == "wipe_node":
+                node.disk.wipe(held)
+                node.tombstones.clear()  # kept beside the metadata: gone with the disk
+                self.result.wipes += 1
+                self.log(f"disk {name}: wiped")
+        self.at(self.now + rng.randint(10, s.disk_interval_ms_max), "disk")
+
+    def _may_damage(self, name: str, p: int) -> bool:
+        """No other replica of p is damaged, lost or recovering, or knows no configuration yet (it
+        cannot vote either: a second one would be two faults in one replica set)."""
+        for other in sorted(self.nodes):
+            node = self.nodes[other]
+            if other == name or p not in node.disk.durable:
+                continue
+            r = node.replicas.get(p)
+            if (p in node.disk.lost or node.disk.durable[p].corrupt or (r is not None and (r.recovering or not r.voters))
+                    or (not node.alive and (node.disk.durable[p].hard or HardState()).recovering)):
+                return False
+        return True
+
     # ---------------------------------------------------------------- changes
 
     def ev_change(self) -> None:
@@ -819,18 +918,18 @@ class Sim:
                 node.replicas[p].set_draining(on)
                 self.drain(node, p)
 
-    def ev_disk(self) -> None:
+    def ev_disk_low(self) -> None:
         """A node runs short of disk for a while (then has room again)."""
         if self.phase != "safety":
             return
-        name = self.disk_rng.choice(sorted(self.nodes))
+        name = self.disk_low_rng.choice(sorted(self.nodes))
         node = self.nodes[name]
         if not node.disk_low:
             self.log(f"disk low on {name}")
             self.result.disk_lows += 1
             self.set_disk_low(node, True)
-            self.at(self.now + self.disk_rng.randint(50, 1000), "disk_ok", name)
-        self.at(self.now + self.disk_rng.randint(50, 1000), "disk")
+            self.at(self.now + self.disk_low_rng.randint(50, 1000), "disk_ok", name)
+        self.at(self.now + self.disk_low_rng.randint(50, 1000), "disk_low")
 
     def ev_disk_ok(self, name: str) -> None:
         node = self.nodes[name]
@@ -1015,7 +1114,7 @@ class Sim:
                 return False
             lead = leaders[0]
             for r in replicas:
-                if (r.epoch != lead.epoch or r.leader != lead.node_id or r.log_end != lead.log_end
+                if (r.recovering or r.epoch != lead.epoch or r.leader != lead.node_id or r.log_end != lead.log_end
                         or r.high_watermark != lead.log_end or r.durable_end != lead.log_end
                         or r.committed_voters() != target or r.voters != target):
                     return False

@@ -6,6 +6,13 @@ view only at `sync`. A crash keeps the durable view plus a random prefix of the 
 since the last sync (a write-ahead log that reached the platter partly), never a torn batch.
 Retention (`retain`) deletes entries from the front of a partition whose writes are all synced,
 in both views at once (a deletion that a crash undid would only keep committed data longer).
+
+Disk faults (drawn by the simulator while the node is down): a flipped block (`flip`: reading
+that entry raises CorruptData, as the store does on a checksum mismatch), a dropped WAL tail
+(`drop_synced_tail`: the last few *synced* write batches vanish, storage that lied about an
+fsync, as RocksDB's point-in-time recovery drops everything after a damaged record), and a
+wiped replica or node (`wipe`). `lost` names the partitions whose loss the shell has detected
+(as the real node does at open) and not yet recorded as recovering.
 """
 from __future__ import annotations
 
@@ -13,18 +20,22 @@ import random
 from bisect import bisect_left, bisect_right
 
 from zq.core.repl_types import Entry, HardState, Ready
+from zq.errors import CorruptData
+
+SYNCED_TAIL_KEPT = 4   # synced states a dropped WAL tail may fall back to (each a copy of the durable view)
 
 
 class PartitionStore:
     """One partition's log and hard state. Doubles as the core's `LogReader`."""
 
-    __slots__ = ("entries", "bases", "hard", "start")
+    __slots__ = ("entries", "bases", "hard", "start", "corrupt")
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
         self.bases: list[int] = []
         self.hard: HardState | None = None
         self.start = 0  # the log start: entries below it were deleted (retention, a reset)
+        self.corrupt: set[int] = set()  # base offsets of entries on a flipped block: reading them fails
 
     @property
     def log_end(self) -> int:
@@ -36,6 +47,7 @@ class PartitionStore:
         other.bases = list(self.bases)
         other.hard = self.hard
         other.start = self.start
+        other.corrupt = set(self.corrupt)
         return other
 
     def retain(self, offset: int) -> None:
@@ -73,6 +85,8 @@ class PartitionStore:
             e = self.entries[i]
             if out and size + len(e.payload) > max_bytes:
                 break
+            if e.base_offset in self.corrupt:
+                raise CorruptData(f"entry at offset {e.base_offset} fails its checksum", offset=e.base_offset)
             out.append(e)
             size += len(e.payload)
             i += 1
@@ -91,6 +105,9 @@ class SimDisk:
         self.durable = {p: PartitionStore() for p in self.partitions}
         self.volatile = {p: PartitionStore() for p in self.partitions}
         self.unsynced: list[tuple[int, int | None, tuple, HardState | None, int | None]] = []
+        self.lost: set[int] = set()  # partitions found lost or damaged, not yet reopened as recovering
+        self.keep_synced_tail = False  # keep SYNCED_TAIL_KEPT earlier durable views (a dropped tail needs them)
+        self.synced_tail: list[dict[int, PartitionStore]] = []
 
     def add_partition(self, partition: int) -> None:
         """A replica created here (by a reassignment): an empty store."""
@@ -112,6 +129,9 @@ class SimDisk:
         self.unsynced.append(batch)
 
     def sync(self) -> None:
+        if self.keep_synced_tail and self.unsynced:
+            self.synced_tail.append({p: self.durable[p].copy() for p in self.partitions})
+            del self.synced_tail[:-SYNCED_TAIL_KEPT]
         for p, trunc, entries, hard, reset in self.unsynced:
             self.durable[p].apply(trunc, entries, hard, reset)
         self.unsynced.clear()
@@ -139,3 +159,37 @@ class SimDisk:
         assert not self.has_unsynced(partition), "retention here runs on a synced partition only"
         self.durable[partition].retain(offset)
         self.volatile[partition].retain(offset)
+
+    # -- faults (the node is down)
+
+    def flip(self, partition: int, base_offset: int) -> None:
+        """A flipped block under one entry: reading it raises CorruptData."""
+        self.durable[partition].corrupt.add(base_offset)
+        self.volatile[partition].corrupt.add(base_offset)  # the node is down: its next view is the disk's
+
+    def drop_synced_tail(self, rng: random.Random) -> int:
+        """The last 1..SYNCED_TAIL_KEPT synced batches vanish (all partitions: one WAL). Every
+        partition is then lost (its hard state went with the tail). Returns how many syncs."""
+        if not self.synced_tail:
+            return 0
+        k = rng.randint(1, len(self.synced_tail))
+        view = self.synced_tail[-k]
+        del self.synced_tail[-k:]
+        self.durable = {p: view[p].copy() if p in view else PartitionStore() for p in self.partitions}
+        self.volatile = {p: self.durable[p].copy() for p in self.partitions}
+        self.lost.update(self.partitions)
+        return k
+
+    def wipe(self, partitions: list[int]) -> None:
+        for p in partitions:
+            self.durable[p] = PartitionStore()
+            self.volatile[p] = PartitionStore()
+        self.synced_tail.clear()
+        self.lost.update(partitions)
+
+    def set_aside(self, partition: int) -> None:
+        """The shell found the partition corrupt: it starts again empty (and recovering)."""
+        self.durable[partition] = PartitionStore()
+        self.volatile[partition] = PartitionStore()
+        self.unsynced = [b for b in self.unsynced if b[0] != partition]
+        self.lost.add(partition)
