@@ -204,7 +204,8 @@ class FakeNode:
     def answer_fetch(self, ident: bytes, msg: protocol.Fetch, force: bool) -> bool:
         tp = (msg.topic, msg.partition)
         out, size = [], 0
-        for b in self.cluster.logs[tp]:   # as zq.io.store.read: consecutive batches, stopping at the first that does not fit
+        # As zq.io.store.read: consecutive batches, stopping at the first that does not fit.
+        for b in self.cluster.logs[tp]:
             if zbatch.unpack_header(b).next_offset <= msg.offset:
                 continue
             if out and size + len(b) > msg.max_bytes:
