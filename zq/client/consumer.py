@@ -6,7 +6,8 @@ Two threads share the work. The client's I/O thread keeps, for every assigned pa
 Fetch outstanding at that partition's leader, from `fetch_offset`; the node holds it up to
 `max_wait_ms` when there is nothing new (long-poll). Each reply's stored batches go, undecoded,
 onto the *arrived* queue as one chunk, and the next fetch starts at once from the offset after
-the last batch, so the network stays busy while the application works. The caller's thread
+the last batch, so the network stays busy while the application works (a reply is taken only up
+to the first gap between its batches, `contiguous_batches`, so no offset is ever stepped over). The caller's thread
 (`poll`, iteration) takes chunks off the queue, verifies and decodes each batch with one
 `cbor2.loads`, skips records below the partition's `position` (a batch may start below the
 offset asked for) and at or above the high watermark (not committed yet), and hands out
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from zq import batch as zbatch
 from zq import protocol
 from zq.client.metadata import time_spec
-from zq.core.client_rules import FetchCursors, FetchOrder
+from zq.core.client_rules import FetchCursors, FetchOrder, contiguous_batches
 from zq.core.retry import BackoffPolicy
 from zq.errors import CorruptData, InvalidRequest, NotLeader, OffsetOutOfRange, ProtocolError, ZqError
 
@@ -463,19 +464,24 @@ class Consumer(ReadyQueue):
 
     def _io_on_fetch_reply(self, order: FetchOrder, sent_ms: float, reply: Any, frames: list) -> None:
         p, offset = order.partition, order.offset
-        next_offset = offset
-        size = 0
         try:
-            for f in frames:
-                h = zbatch.unpack_header(f)
-                next_offset = max(next_offset, h.next_offset)
-                size += len(f)
+            spans = [(h.base_offset, h.next_offset) for h in map(zbatch.unpack_header, frames)]
         except ZqError as e:
             with self._lock:
                 stop = self._cursors.on_fatal(order)
             if stop:
                 self._io_deliver(_Chunk(p, order.generation, [], 0, 0, error=e))
             return
+        kept = contiguous_batches(spans)
+        if kept < len(frames):
+            # Offsets between two batches were left out: take the reply up to the gap only, so the
+            # position never moves past them; the next fetch starts at the gap.
+            log.warning("%s/%s: a fetch reply from offset %s left out offsets %s to %s between its batches; "
+                        "they are fetched again", self.topic, p, offset, max(n for _, n in spans[:kept]),
+                        spans[kept][0] - 1)
+            frames = frames[:kept]
+        next_offset = max([offset] + [n for _, n in spans[:kept]])
+        size = sum(len(f) for f in frames)
         # Records at or above the high watermark are not committed: they are fetched again later.
         next_offset = min(next_offset, max(offset, reply.high_watermark))
         with self._lock:

@@ -24,6 +24,16 @@ committed records from `o` on, in order (the caller skips records below its posi
 stored batch may begin before the offset asked for, control batches, and records at or above the
 high watermark).
 
+*A reply's extent.* A reply is taken only as far as its batches run without a gap:
+`contiguous_batches` counts the leading batches in which none starts above where the ones before
+it end, and the fetch offset moves to the end of those; the batches after a gap are dropped and
+fetched again by the next fetch, which starts at the gap. A node sends the batches from the one
+holding the offset on, stopping at the first that does not fit, so its replies have no gap; a
+reply that left out a batch which did not fit but kept a smaller one after it would otherwise
+move the position past committed records the application never got. The first batch may start
+above the offset asked (nothing is stored in between), so a gap costs one more fetch, never a
+stall.
+
 *Retry until a deadline.* A call that meets a passing refusal (no leader yet, NotLeader, an
 election, backpressure, a connection lost before anything was sent, a rebalance) is tried again
 after a jittered, capped, exponential backoff until `api_timeout_ms` has passed since it started;
@@ -160,6 +170,18 @@ class FetchCursors:
         c.in_flight = False
         c.stopped = True
         return True
+
+
+def contiguous_batches(spans: list[tuple[int, int]]) -> int:
+    """How many leading batches of a fetch reply to take, given each batch's (base_offset,
+    next_offset) in reply order: all up to the first that starts above the end of those before it.
+    The first batch is always taken."""
+    end = -1
+    for i, (base, next_offset) in enumerate(spans):
+        if i and base > end:
+            return i
+        end = max(end, next_offset)
+    return len(spans)
 
 
 # -------------------------------------------------------------------- retry until a deadline
