@@ -1150,3 +1150,18 @@ def test_a_recovering_replica_does_not_stand_even_when_told_to() -> None:
     b.step(TimeoutNow(1, "a"))
     t.tick("b", 10 * CFG.election_timeout_ms)
     assert b.role == FOLLOWER and b.recovering
+
+
+def test_a_new_leader_knows_its_voters_clocks_from_their_votes_and_stamps_at_once() -> None:
+    """Votes carry the voter's wall clock: a leader just elected stamps batches at once, instead
+    of refusing writes (LeaderNotAvailable) until a round of acks has told it the clocks."""
+    t = Trio()
+    for n in t.names:
+        t.replicas[n].tick(t.now[n], WALL0 + t.now[n])
+    t.tick("a", 2 * CFG.election_timeout_ms)
+    a = t.replicas["a"]
+    a.tick(t.now["a"], WALL0 + t.now["a"])
+    t.deliver(drop=lambda s, d, m: not isinstance(m, (RequestVote, Vote)))   # votes only, no acks yet
+    assert a.role == LEADER
+    stamp = a.append_time_ms()
+    assert stamp is not None and abs(stamp - (WALL0 + t.now["a"])) <= CFG.heartbeat_interval_ms

@@ -24,7 +24,7 @@ base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
                   diverging_epoch and it ends at end_offset" (KIP-101/KIP-279 truncation point)
     RequestVote = [epoch, sender, last_epoch, last_end]
                   candidate -> voters
-    Vote        = [epoch, sender, granted]
+    Vote        = [epoch, sender, granted, wall_ms]
                   voter -> candidate, sent only after the vote is durable
     TimeoutNow  = [epoch, sender]
                   leader -> one caught-up voter: "stand for election now" (leadership hand-off)
@@ -214,8 +214,9 @@ class Vote:
     epoch: int
     sender: str
     granted: bool
+    wall_ms: int = 0   # the voter's wall clock, so a new leader knows a majority's clocks at once (0: unknown)
 
-    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "granted": B.one_of(True, False)}
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "granted": B.one_of(True, False), "wall_ms": B.TIME_MS}
 
 
 @dataclass(frozen=True, slots=True)

@@ -690,16 +690,7 @@ class Replica:
         if m.sender not in self._match:
             return  # not a voter, learner or leaving node of ours: nothing to count
         self._contact_ms[m.sender] = self.now_ms
-        if m.wall_ms > 0 and self.wall_ms > 0:
-            # A sample is the voter's offset less the time the ack spent in transit or queued
-            # (ours, after a stall): the largest one of the last few election timeouts is the best.
-            sample = m.wall_ms - self.wall_ms
-            best = self._wall_offsets.get(m.sender)
-            if (best is None or sample >= best[0]
-                    or self.now_ms - best[1] >= WALL_OFFSET_KEPT_TIMEOUTS * self.config.election_timeout_ms):
-                self._wall_offsets[m.sender] = (sample, self.now_ms, self.now_ms)
-            else:
-                self._wall_offsets[m.sender] = (best[0], best[1], self.now_ms)
+        self._note_wall(m.sender, m.wall_ms)
         if m.disk_low:
             self._disk_low_peers.add(m.sender)
         else:
@@ -811,7 +802,7 @@ class Replica:
                 self.voted_for = m.sender
                 self._hard_dirty = self._must_sync = True  # the vote is durable before the reply
             self._reset_election_timer()
-        self._send(m.sender, Vote(self.epoch, self.node_id, granted))
+        self._send(m.sender, Vote(self.epoch, self.node_id, granted, self.wall_ms))
 
     def on_vote(self, m: Vote) -> None:
         if m.sender not in self.voters:
@@ -821,6 +812,7 @@ class Replica:
             return
         if m.epoch < self.epoch or self.role != CANDIDATE or not m.granted:
             return
+        self._note_wall(m.sender, m.wall_ms)   # a new leader stamps at once, not after a round of acks
         self._votes.add(m.sender)
         if quorum.has_majority(self._votes & set(self.voters), len(self.voters)):
             self.become_leader()
@@ -957,6 +949,7 @@ class Replica:
         self.role = CANDIDATE
         self.leader = None
         self._votes = {self.node_id}
+        self._wall_offsets.clear()   # filled again by the clocks granted Votes carry, for the leader to be
         self._leader_heard_ms = None
         self._reset_election_timer()
         self._role_change = RoleChange(CANDIDATE, self.epoch, None)
@@ -970,6 +963,20 @@ class Replica:
             if peer != self.node_id:
                 self._send(peer, ask)
 
+    def _note_wall(self, voter: str, wall_ms: int) -> None:
+        """A voter's wall clock, from an AppendAck or a granted Vote (see "Time")."""
+        if wall_ms <= 0 or self.wall_ms <= 0:
+            return
+        # A sample is the voter's offset less the time the message spent in transit or queued
+        # (ours, after a stall): the largest one of the last few election timeouts is the best.
+        sample = wall_ms - self.wall_ms
+        best = self._wall_offsets.get(voter)
+        if (best is None or sample >= best[0]
+                or self.now_ms - best[1] >= WALL_OFFSET_KEPT_TIMEOUTS * self.config.election_timeout_ms):
+            self._wall_offsets[voter] = (sample, self.now_ms, self.now_ms)
+        else:
+            self._wall_offsets[voter] = (best[0], best[1], self.now_ms)
+
     def become_leader(self) -> None:
         assert self.role == CANDIDATE
         self.role = LEADER
@@ -977,7 +984,6 @@ class Replica:
         self._learner = None
         self._transfer = None
         self._transfer_failed = None
-        self._wall_offsets.clear()
         self._disk_low_peers.clear()
         self._last_stamp = None
         self._match = {peer: 0 for peer in self.peers}
