@@ -74,7 +74,15 @@ def _client(bootstrap: str | None, cluster: str):
     if text is not None and not text.strip().isdigit():
         raise UsageProblem(f"ZQ_API_TIMEOUT_MS={text!r} is not a whole number of milliseconds; unset it or fix it")
     api_timeout_ms = int(text) if text is not None else None
-    return Client(bootstrap=bootstrap, cluster=cluster, api_timeout_ms=api_timeout_ms)
+    client = Client(bootstrap=bootstrap, cluster=cluster, api_timeout_ms=api_timeout_ms)
+    client.on_waiting = _say_waiting
+    return client
+
+
+def _say_waiting(what: str, refusal: str, left_ms: float) -> None:
+    """One line on stderr when a command has been waiting a while, so a silent wait is never a mystery."""
+    typer.echo(f"zq: still trying {what}: {refusal.rstrip('.')}; waiting up to {left_ms / 1000:.0f} s more "
+               "(Ctrl-C to stop; ZQ_API_TIMEOUT_MS sets the wait)", err=True)
 
 
 def _print_json(doc: Any) -> None:

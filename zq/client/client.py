@@ -24,7 +24,7 @@ import random
 import threading
 import time
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from zq import protocol
 from zq.client.connection import Connection, check_reply
@@ -41,6 +41,7 @@ metadata_attempts_max = 6          # addresses tried by one metadata refresh bef
 metadata_attempt_timeout_ms = 2_000  # one metadata request; short, so a dead node costs little
 metadata_refresh_ms_min = 50       # refreshes asked for by the I/O thread are spaced at least this much
 redirects_max = 3                  # NotLeader hops followed by one admin or offsets request
+retry_notice_ms = 2_000            # a call retrying this long tells `on_waiting` (the CLI says it is waiting)
 default_replication = 1            # see create_topic
 COMPACT_NOT_BUILT = ("key compaction (compact = true) is not built yet, so a topic cannot ask for it; "
                      "leave it out (every message is kept until retention removes it)")
@@ -83,6 +84,9 @@ class Client:
             limits = dataclasses.replace(limits, api_timeout_ms=api_timeout_ms)
         self.limits = limits
         self._rng = random.Random()  # jitter of retries
+        # Told once per call that has been retrying for `retry_notice_ms`: (what, last refusal, ms left).
+        # The CLI prints it, so a command waiting out an election or an unreachable cluster says so.
+        self.on_waiting: Callable[[str, str, float], None] | None = None
         self._backoff = BackoffPolicy(limits.retry_backoff_ms,
                                       max(limits.retry_backoff_ms, limits.retry_backoff_ms_max))
         if security is None and (os.environ.get("ZQ_CLUSTER_KEY") or os.environ.get("ZQ_CLIENT_KEY")):
@@ -402,7 +406,9 @@ class Client:
         it waited. `idempotent`: a Timeout (the node may have acted) is retried too."""
         started_ms = time.monotonic() * 1000.0
         failures = 0
+        noticed = False
         while True:
+            attempt_began_ms = time.monotonic() * 1000.0
             try:
                 return attempt()
             except ZqError as e:
@@ -412,9 +418,12 @@ class Client:
                 failures += 1
                 now = time.monotonic() * 1000.0
                 delay = client_rules.retry_delay_ms(failures, started_ms, now, self.limits.api_timeout_ms,
-                                                    self._backoff, self._rng.random())
+                                                    self._backoff, self._rng.random(), now - attempt_began_ms)
                 if delay is None:
                     raise _gave_up(e, client_rules.gave_up_message(what, now - started_ms, e.message)) from e
+                if self.on_waiting is not None and not noticed and now - started_ms >= retry_notice_ms:
+                    noticed = True
+                    self.on_waiting(what, e.message, started_ms + self.limits.api_timeout_ms - now)
                 log.info("%s: %s; retrying in %d ms", what, e.code, delay)
                 time.sleep(delay / 1000.0)
 
