@@ -910,12 +910,16 @@ class Sim:
 
     def set_draining(self, node: SimNode, on: bool) -> None:
         node.draining = on
+        self._tell_replicas(node, lambda r: r.set_draining(on))
+
+    def _tell_replicas(self, node: SimNode, tell) -> None:
+        """What a running node's shell tells every replica it hosts (a stopped one, when it runs again)."""
         if not node.alive or node.paused:
-            return  # applied when it runs again
+            return
         for p in sorted(node.replicas):
             if p in node.replicas:
                 node.replicas[p].tick(self.now, self.wall_ms(node))
-                node.replicas[p].set_draining(on)
+                tell(node.replicas[p])
                 self.drain(node, p)
 
     def ev_disk_low(self) -> None:
@@ -939,13 +943,7 @@ class Sim:
 
     def set_disk_low(self, node: SimNode, on: bool) -> None:
         node.disk_low = on
-        if not node.alive or node.paused:
-            return  # applied when it runs again
-        for p in sorted(node.replicas):
-            if p in node.replicas:
-                node.replicas[p].tick(self.now, self.wall_ms(node))
-                node.replicas[p].set_disk_low(on)
-                self.drain(node, p)
+        self._tell_replicas(node, lambda r: r.set_disk_low(on))
 
     def ev_undrain(self, name: str) -> None:
         node = self.nodes[name]
