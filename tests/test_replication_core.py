@@ -1118,12 +1118,12 @@ def test_a_recovering_replica_stays_recovering_across_a_restart_and_answers_poll
     b.step(RecoveryPoll(0, "c"))
     rd = b.ready()
     b.advance()
-    assert [o.message for o in rd.messages] == [RecoveryState(0, "b", 0, 0)]
+    assert [o.message for o in rd.messages] == [RecoveryState(0, "b", 0, 0, 0)]
     t.replicas["a"].step(RecoveryPoll(0, "b"))
     rd = t.replicas["a"].ready()
     t.replicas["a"].advance()
     a = t.replicas["a"]
-    assert [o.message for o in rd.messages] == [RecoveryState(1, "a", a.high_watermark, a.log_end)]
+    assert [o.message for o in rd.messages] == [RecoveryState(1, "a", a.high_watermark, a.log_end, a.last_epoch)]
 
 
 def test_a_new_cluster_of_recovering_replicas_finds_nobody_ever_elected_and_elects() -> None:
@@ -1165,3 +1165,78 @@ def test_a_new_leader_knows_its_voters_clocks_from_their_votes_and_stamps_at_onc
     assert a.role == LEADER
     stamp = a.append_time_ms()
     assert stamp is not None and abs(stamp - (WALL0 + t.now["a"])) <= CFG.heartbeat_interval_ms
+
+
+def _recovering(n: str, voters: tuple[str, ...]) -> Replica:
+    """n, its disk wiped, opens recovering with `voters` (the set the partition was created with)."""
+    disk = SimDisk([0])
+    disk.volatile[0].hard = HardState(recovering=True)
+    r = Replica(n, voters, disk.volatile[0], rng=random.Random(1), config=CFG, hard_state=disk.volatile[0].hard)
+    r.ready()
+    r.advance()
+    return r
+
+
+def _feed(r: Replica, msg: object) -> list[object]:
+    """Step r with msg; the messages it sends in return, with the Ready's must_sync first."""
+    r.step(msg)
+    rd = r.ready()
+    r.advance()
+    return [rd.must_sync, *(o.message for o in rd.messages)]
+
+
+def test_a_recovering_replica_votes_after_its_poll_for_a_candidate_as_up_to_date_as_a_later_answer() -> None:
+    """Seed 3371's shape: c (voters a, b, c; target b, d, e: c is leaving) lost its disk and polled
+    in epoch 2; d and e know no configuration; the voters a, b moved on to epoch 50 with log
+    (7, 5). b needs c's vote: a recovering replica that never votes left the partition leaderless."""
+    from zq.core.repl_types import RecoveryPoll, RecoveryState
+    c = _recovering("c", ("a", "b", "c"))
+    c.set_target(["b", "d", "e"])
+    c.ready()
+    c.advance()
+    for sender, state in (("a", (2, 1, 3, 2)), ("b", (2, 1, 3, 2)), ("d", (2, 0, 0, 0))):
+        _feed(c, RecoveryState(state[0], sender, *state[1:]))
+    assert c._polled == (2, 1) and c.recovering and c.epoch == 2  # noqa: SLF001
+    # No vote in the epoch it took, and none on answers older than the poll: it asks again.
+    assert _feed(c, RequestVote(2, "b", 7, 5)) == [False]
+    c.step(RequestVote(50, "b", 7, 5))
+    rd = c.ready()
+    c.advance()
+    assert c.epoch == 2 and [(o.to, o.message) for o in rd.messages] == [
+        (n, RecoveryPoll(2, "c")) for n in ("a", "b", "d", "e")]
+    _feed(c, RecoveryState(2, "a", 4, 5, 2))   # an answer from the poll's epoch does not count
+    assert not any(isinstance(m, Vote) for m in _feed(c, RequestVote(50, "b", 7, 5)))
+    for sender in ("a", "b"):
+        _feed(c, RecoveryState(50, sender, 4, 5, 7))
+    # A candidate less up to date than the best answer is refused (its epoch is taken, as Raft does).
+    assert _feed(c, RequestVote(51, "a", 7, 4))[1:] == [Vote(51, "c", False)]
+    assert _feed(c, RequestVote(51, "a", 6, 9))[1:] == [Vote(51, "c", False)]
+    # One at least as up to date gets the vote, durable before the reply; one vote per epoch.
+    assert _feed(c, RequestVote(51, "b", 7, 5)) == [True, Vote(51, "c", True)]
+    assert c.voted_for == "b" and c.hard_state().voted_for == "b" and c.recovering and not c.may_stand()
+    assert _feed(c, RequestVote(51, "a", 8, 9))[1:] == [Vote(51, "c", False)]
+    assert _feed(c, RequestVote(51, "b", 7, 5))[1:] == [Vote(51, "c", True)]  # a duplicate request
+
+
+def test_a_recovering_replica_does_not_vote_on_answers_given_before_a_peer_acknowledged() -> None:
+    """RF5: a (epoch 5) appends m at offset 9 and e acknowledges it; e loses its disk and polls b, c,
+    d before m reaches them (they say (5, 9)); then b acknowledges m and a commits it with a, b, e.
+    A vote for d (log (5, 9)) in epoch 6 on those answers would elect it without m, with c and d."""
+    from zq.core.repl_types import RecoveryState
+    e = _recovering("e", ("a", "b", "c", "d", "e"))
+    for sender in ("b", "c", "d"):
+        _feed(e, RecoveryState(5, sender, 8, 9, 5))
+    assert e._polled == (5, 8)  # noqa: SLF001
+    assert not any(isinstance(m, Vote) for m in _feed(e, RequestVote(6, "d", 5, 9)))
+    # Answers from epoch 6 come from after their acknowledgements of epoch 5: b's log holds m.
+    for sender, end in (("b", 10), ("c", 9), ("d", 9)):
+        _feed(e, RecoveryState(6, sender, 8, end, 5))
+    assert _feed(e, RequestVote(6, "d", 5, 9))[1:] == [Vote(6, "e", False)]
+    assert _feed(e, RequestVote(6, "b", 5, 10))[1:] == [Vote(6, "e", True)]
+
+
+def test_a_recovery_state_whose_last_entry_is_past_its_epoch_is_refused() -> None:
+    from zq.core.repl_types import RecoveryState
+    c = _recovering("c", NAMES)
+    with pytest.raises(ProtocolError, match="last entry"):
+        c.step(RecoveryState(2, "a", 0, 3, 3))

@@ -38,9 +38,9 @@ base_sequence, payload]`, producer_id -1 for a producer that is not idempotent):
                   a recovering replica (it lost its log or hard state) -> the other voters:
                   "what are your epoch and high watermark?"; epoch is the poller's, for tracing
                   only: neither side takes an epoch from these two messages
-    RecoveryState = [epoch, sender, high_watermark, log_end]
-                  voter -> the recovering replica that polled it: its own epoch, high watermark
-                  and log end
+    RecoveryState = [epoch, sender, high_watermark, log_end, last_epoch]
+                  voter -> the recovering replica that polled it: its own epoch, high watermark,
+                  log end and the epoch of its last entry (0: none)
 
 Each message declares `BOUNDS`, the range of every field (zq.core.bounds): `check_message` runs
 them in the node (on decoding) and in the replication core (`Replica.step`), so an epoch that
@@ -253,8 +253,10 @@ class RecoveryState:
     sender: str
     high_watermark: int
     log_end: int
+    last_epoch: int  # the epoch of its last entry (0: none): how up to date its log is, as in RequestVote
 
-    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "high_watermark": B.OFFSET, "log_end": B.OFFSET}
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "high_watermark": B.OFFSET, "log_end": B.OFFSET,
+              "last_epoch": B.EPOCH}
 
 
 MESSAGE_TYPES = (Append, AppendAck, Fetch, Diverging, RequestVote, Vote, TimeoutNow, StartAt, RecoveryPoll,

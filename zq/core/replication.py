@@ -163,9 +163,27 @@ says log end 0, nothing was ever committed there (a new cluster or partition; a 
 is held by a majority and never truncated, while the high watermark, a hint written lazily,
 cannot say so): it is a voter at once, except in the epoch it took (VOTE_FORGOTTEN). Every
 replica answers polls whatever its own state; a leader polled forgets what the poller had
-acknowledged (it is not in sync any more). Not covered: a vote or acknowledgement of the
-replica's that was still in flight when it lost its disk, and reaches its peer only after that
-peer answered the poll (the wipe would have to be faster than the network).
+acknowledged (it is not in sync any more). A partition may need its vote before any leader can
+exist (seed 3371: a new configuration counting it, and a replica that knows none), so after its
+poll it polls again and votes (never stands) in an epoch past the largest polled, once answers
+from an epoch past that one came from n - n//2 of the others of each of its voters and target
+that has it in it, for a candidate at least as up to date by (last epoch, log end) as that many
+of those answers in each such set (`RecoveryState.last_epoch`); the vote is durable before the
+reply, as every vote. Why: a leader that counts an acknowledgement of ours leads an epoch U at
+most the largest polled (a member of the majority that elected it was in U before our loss, and
+answered); the answers the candidate is as up to date as include one member of any majority
+that counted it, which acknowledged in U before it answered from a later epoch, so that
+answer's log held the entry, and a candidate at least as up to date holds it (Raft's election
+safety, that answer standing in for our lost log). The poll's own answers would not do: a
+member may answer before it acknowledges
+(test_a_recovering_replica_does_not_vote_on_answers_given_before_a_peer_acknowledged). A target
+that has it in it and a replica that knows no configuration (which takes no epoch, so never
+answers from a later one) still leaves it without a vote (seed 41816 --steps 1000). Not
+covered: a vote or acknowledgement of the replica's that was still in flight when it lost its
+disk, and reaches its peer only after that peer answered the poll (the wipe would have to be
+faster than the network); nor a vote it cast before the loss in an epoch past the largest
+polled (the candidate's requests to the others slower than the wipe): it may vote there again,
+as it may once recovered.
 
 Effects. Events change state and queue effects; `ready()` hands them out as one `Ready`, and
 `advance()` says the shell applied it. The shell must call `advance()` before the next event.
@@ -281,6 +299,7 @@ class Replica:
         self.recovering: bool = hs.recovering
         self._poll_answers: dict[str, tuple[int, int, int]] = {}  # voter -> (epoch, high watermark, log end)
         self._polled: tuple[int, int] | None = None   # (largest epoch, largest high watermark) once enough answered
+        self._fresh: dict[str, tuple[int, int]] = {}  # after the poll: voter -> (last epoch, log end), answered in a later epoch
         self._recover_until: int | None = None        # durable end that ends recovery under the current leader
         self._rebuild_producers()
         if self.recovering:
@@ -447,6 +466,8 @@ class Replica:
                         self._probe = (self._probe + 1) % len(known)
                         self._send(known[self._probe], Fetch(self.epoch, self.node_id, self.log_end,
                                                              self.epoch_at(self.log_end - 1)))
+                if self.recovering and self.leader is None and not self._fresh_covers(set(self._fresh)):
+                    self._send_polls()  # so that it may vote, should no leader come (see "Recovering")
                 self.maybe_fetch()
 
     def step(self, msg: object) -> None:
@@ -770,7 +791,13 @@ class Replica:
 
     def on_request_vote(self, m: RequestVote) -> None:
         if self.recovering:
-            return  # it may have voted in this epoch before it lost its hard state: no vote, no epoch
+            # Not before its poll, nor in the epoch it took (it may have voted there before the
+            # loss): no vote, no epoch. Later, only with answers given since (see "Recovering").
+            if self._polled is None or m.epoch <= self._polled[0]:
+                return
+            if not self._fresh_covers(set(self._fresh)):
+                self._send_polls()  # ask for answers from a later epoch; the candidate asks again
+                return
         if not self.voters:
             # A replica that knows no configuration yet (created by a reassignment) does not
             # vote: its node may have been a member before, whose log was deleted, and a node
@@ -796,6 +823,8 @@ class Replica:
             m.epoch == self.epoch
             and self.voted_for in (None, m.sender)
             and (m.last_epoch, m.last_end) >= (self.last_epoch, self.log_end)
+            and (not self.recovering or self._fresh_covers(
+                {peer for peer, log in self._fresh.items() if (m.last_epoch, m.last_end) >= log}))
         )
         if granted:
             if self.voted_for != m.sender:
@@ -827,17 +856,23 @@ class Replica:
 
     def on_recovery_poll(self, m: RecoveryPoll) -> None:
         # Answered whatever our state: the poller takes the largest of several answers.
-        self._send(m.sender, RecoveryState(self.epoch, self.node_id, self.high_watermark, self.log_end))
+        self._send(m.sender, RecoveryState(self.epoch, self.node_id, self.high_watermark, self.log_end,
+                                           self.last_epoch))
         if self.role == LEADER and m.sender in self._match:
             # What it acknowledged before is gone: it is not in sync (status, hand-offs) until it
             # acknowledges again. (The high watermark never moves back, so nothing commits less.)
             self._match[m.sender] = 0
 
     def on_recovery_state(self, m: RecoveryState) -> None:
-        if not self.recovering or self._polled is not None or m.sender not in self._poll_group():
+        if m.last_epoch > m.epoch:
+            raise ProtocolError(f"RecoveryState says its last entry is of epoch {m.last_epoch}, past its epoch {m.epoch}")
+        if not self.recovering or m.sender not in self._poll_group():
             return
-        self._poll_answers[m.sender] = (m.epoch, m.high_watermark, m.log_end)
-        self._maybe_finish_poll()
+        if self._polled is None:
+            self._poll_answers[m.sender] = (m.epoch, m.high_watermark, m.log_end)
+            self._maybe_finish_poll()
+        elif m.epoch > self._polled[0]:
+            self._fresh[m.sender] = (m.last_epoch, m.log_end)  # given after the poll (see "Recovering")
 
     # ---------------------------------------------------------------- recovering
 
@@ -861,6 +896,18 @@ class Replica:
                 return False
         return True
 
+    def _fresh_covers(self, answered: set[str]) -> bool:
+        """After the poll: `answered` (of those that answered from an epoch past the largest
+        polled) holds n - n//2 of the other members of each of the voters and the target (a set
+        of n) that has us in it: one of every majority that counted an acknowledgement of ours."""
+        groups = [group for group in (self.voters, self._target or ()) if self.node_id in group]
+        for group in groups:
+            others = set(group) - {self.node_id}
+            n = len(group)
+            if len(answered & others) < min(len(others), n - n // 2):
+                return False
+        return bool(groups)
+
     def _begin_recovery(self) -> None:
         self.recovering = True
         self._hard_dirty = self._must_sync = True  # recovering is durable before anything is sent
@@ -868,11 +915,14 @@ class Replica:
         self._maybe_finish_poll()
 
     def _send_polls(self) -> None:
-        for peer in sorted(set(self._poll_group()) - {self.node_id} - set(self._poll_answers)):
+        """The poll, to those that have not answered it; after it, to those with no later answer."""
+        answered = self._poll_answers if self._polled is None else self._fresh
+        for peer in sorted(set(self._poll_group()) - {self.node_id} - set(answered)):
             self._send(peer, RecoveryPoll(self.epoch, self.node_id))
-        # Asked again as often as a Fetch (it cannot stand meanwhile, so the election timer is free):
-        # at a cluster's start the first polls reach peers that are not up yet.
-        self._election_deadline_ms = self.now_ms + self.config.fetch_retry_ms
+        if self._polled is None:
+            # Asked again as often as a Fetch (it cannot stand meanwhile, so the election timer is
+            # free): at a cluster's start the first polls reach peers that are not up yet.
+            self._election_deadline_ms = self.now_ms + self.config.fetch_retry_ms
 
     def _maybe_finish_poll(self) -> None:
         if not self._poll_covers(set(self._poll_answers)):
@@ -909,6 +959,7 @@ class Replica:
     def _end_recovery(self) -> None:
         self.recovering = False
         self._poll_answers.clear()
+        self._fresh.clear()
         self._recover_until = None
         self._hard_dirty = self._must_sync = True
 

@@ -985,7 +985,7 @@ class Node:
         message = P.from_array(arr)
         if not isinstance(message, RecoveryPoll):
             return False
-        reply = RecoveryState(int(gone), self.name, 0, 0)
+        reply = RecoveryState(int(gone), self.name, 0, 0, 0)
         self.outbox[message.sender].append([tp.topic_id, tp.partition, P.to_array(reply)])
         return True
 

@@ -608,7 +608,7 @@ class Sim:
                 if isinstance(msg, RecoveryPoll) and p in node.tombstones:
                     # Removed and deleted here: the node says it holds nothing (its last epoch), as
                     # the node's shell does, so a recovering replica that still counts it is answered.
-                    self.send_from_shell(node, p, msg.sender, RecoveryState(node.tombstones[p], node.name, 0, 0))
+                    self.send_from_shell(node, p, msg.sender, RecoveryState(node.tombstones[p], node.name, 0, 0, 0))
                 return  # not (or no longer) a replica here: a shell drops it
             hostile = kind == "hostile_deliver"
             self.result.hostile_sent += hostile
