@@ -210,3 +210,30 @@ def test_retention_above_the_high_watermark_is_refused() -> None:
         a.on_log_start(a.high_watermark + 1)
     assert a.role == LEADER and t.replicas["b"].role == FOLLOWER
     assert CFG.election_timeout_ms > 0
+
+
+def test_entries_below_a_followers_log_start_from_a_new_leader_are_taken_as_held() -> None:
+    """Simulator seed 2525: c started at the leader's log start by StartAt; then b, whose own
+    retention had not yet run, led and sent from offset 0. Those entries are committed, so c holds
+    them as its log start says: it skips them, never "replaces" them below its matched prefix."""
+    from zq.core.repl_types import Append
+    t = Trio()
+    t.elect("a")
+    for i in range(4):
+        t.propose("a", b"m%d" % i, count=2)
+        t.deliver(_no_c)
+    _settle(t, "a", drop=_no_c)
+    a, b, c = (t.replicas[n] for n in NAMES)
+    start = _boundary_at_or_below(t, "a", a.high_watermark - 2)
+    _retain(t, "a", start)
+    t.queue.clear()
+    a.step(Fetch(a.epoch, "c", c.log_end, c.epoch_at(c.log_end - 1)))
+    t.drain("a")
+    t.deliver()
+    _settle(t, "a")
+    assert c.log_start == start and c.log_end == a.log_end and b.log_start == 0
+    held = c.entries(start, 10_000, 1 << 30)
+    every = b.entries(0, 10_000, 1 << 30)          # b's log, from 0: what a new leader b sends
+    c.step(Append(a.epoch + 1, "b", 0, 0, b.high_watermark, b.log_end, [e.to_wire() for e in every], 0))
+    t.drain("c")
+    assert c.entries(start, 10_000, 1 << 30) == held and c.log_start == start and c.leader == "b"

@@ -674,6 +674,12 @@ class Replica:
             return
         end = m.prev_end
         for entry in entries:
+            if entry.end_offset <= self.log_start:
+                # Below our log start: committed (a StartAt or retention moved it, both below a high
+                # watermark), so this leader holds the same entry; a new leader whose own retention
+                # has not yet run sends from further back than we start (simulator seed 2525).
+                end = max(end, entry.end_offset)
+                continue
             if entry.base_offset < self.log_end:
                 if self.epoch_at(entry.base_offset) == entry.epoch:
                     end = entry.end_offset  # already held: same epoch at the same offset
