@@ -408,7 +408,6 @@ class Client:
         failures = 0
         noticed = False
         while True:
-            attempt_began_ms = time.monotonic() * 1000.0
             try:
                 return attempt()
             except ZqError as e:
@@ -418,7 +417,7 @@ class Client:
                 failures += 1
                 now = time.monotonic() * 1000.0
                 delay = client_rules.retry_delay_ms(failures, started_ms, now, self.limits.api_timeout_ms,
-                                                    self._backoff, self._rng.random(), now - attempt_began_ms)
+                                                    self._backoff, self._rng.random())
                 if delay is None:
                     raise _gave_up(e, client_rules.gave_up_message(what, now - started_ms, e.message)) from e
                 if self.on_waiting is not None and not noticed and now - started_ms >= retry_notice_ms:

@@ -196,11 +196,11 @@ def is_passing(code: str, retriable: bool, timeout: bool, idempotent: bool) -> b
 
 
 def retry_delay_ms(attempt: int, started_ms: float, now_ms: float, api_timeout_ms: int,
-                   backoff: BackoffPolicy, rnd: float, attempt_ms: float = 0.0) -> int | None:
+                   backoff: BackoffPolicy, rnd: float) -> int | None:
     """Milliseconds to wait before retry number `attempt` (>= 1), never past the deadline; None
-    when the call must give up: the deadline has passed, or another attempt lasting as long as
-    the last one (`attempt_ms`: a connection that times out takes seconds) would end past it."""
-    left_ms = started_ms + api_timeout_ms - now_ms - attempt_ms
+    when the deadline has passed and the call must give up. (An attempt started before the
+    deadline may end after it, by at most the attempt's own bound.)"""
+    left_ms = started_ms + api_timeout_ms - now_ms
     if left_ms <= 0:
         return None
     return max(0, min(backoff.delay_ms(attempt, rnd), int(left_ms)))

@@ -949,6 +949,10 @@ class Replica:
             if self.epoch > 0 and self.voted_for is None:
                 self.voted_for = VOTE_FORGOTTEN
             self._end_recovery()
+            # A whole new set ends its polls together: a fresh random timeout each, or they would
+            # all stand at the next poll tick and split the vote (the shell's preferred leader
+            # stands first; see Node._stand).
+            self._reset_election_timer()
         elif self.leader is None:
             self._fetch_sent_ms = None  # look for the leader at once (as a learner does)
             self._election_deadline_ms = self.now_ms

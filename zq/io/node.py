@@ -96,6 +96,7 @@ PENDING_ADMIN_MAX = 1_000         # creates/deletes waiting for every node to ap
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
 READY_ROUNDS_MAX = 4              # write-then-send rounds per loop pass (acks after durability need one more)
 PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands this soon after creation
+PREFERRED_STAND_TRIES_MAX = 10    # ... tried again this often while its replica still polls (recovering)
 REQUESTS_BUDGET_MS = 250          # client requests handled per loop pass, in time (see Node.run)
 SLOW_PASS_MS = 250                # a loop pass longer than this is logged: it delays heartbeats
 PUB_SNDHWM = 10_000               # Appends queued per subscriber before PUB drops them (followers fetch the gap)
@@ -515,6 +516,7 @@ class Node:
                 # We held this partition before a move took it away: the new replica must not be
                 # usable by any leader of an epoch we had reached (zq.core.replication).
                 hs = HardState(epoch=int(gone) + 1, join_epoch=int(gone) + 1)
+        never_voted = hs is None   # before recovery marks it: a new set's preferred leader stands soon
         lost = self._replica_lost(tp, st, hs)
         if lost is not None or (hs is not None and hs.recovering):
             # A new node's __meta (a new cluster, or a node that lost its disk: it cannot tell) is
@@ -534,7 +536,7 @@ class Node:
             replica.set_draining(True)
         if replica.voters == (self.name,):
             replica.tick(replica.next_timer_ms())   # alone in its set: lead at once
-        elif hs is None and replicas and replicas[0] == self.name:
+        elif never_voted and replicas and replicas[0] == self.name:
             # The preferred leader of a new partition stands soon rather than after a whole election
             # timeout; "soon" leaves the other replicas time to apply the same create_topic command,
             # or they would drop its vote request for a partition they do not know yet.
@@ -546,8 +548,12 @@ class Node:
                 self._connect_sub(peer)
         self.sub.setsockopt(zmq.SUBSCRIBE, R.tp_bytes(tp))
 
-    def _stand(self, tp: TopicPartition) -> None:
+    def _stand(self, tp: TopicPartition, tries: int = PREFERRED_STAND_TRIES_MAX) -> None:
         part = self.parts.get(tp)
+        if part is not None and part.replica is not None and part.replica.recovering and tries > 0:
+            # A new store polls before it may stand (a founding cluster's __meta): stand once that is done.
+            self._at(mono_ms() + PREFERRED_LEADER_DELAY_MS, lambda: self._stand(tp, tries - 1))
+            return
         if part is not None and part.replica is not None and part.replica.epoch == 0 and part.replica.leader is None:
             part.replica.tick(max(mono_ms(), part.replica.next_timer_ms()))
             self.dirty.add(tp)
