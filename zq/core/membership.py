@@ -105,6 +105,19 @@ class MembershipConfig:
         assert self.reconnect_interval_ms > 0 and self.reconnect_probes_max >= 0
 
 
+# The timing of a real node's membership service, kept here so that the shell (zq.io.membership)
+# and the membership simulator (zq.sim.members) read one set of numbers. The detector's timing:
+# a Python node on a busy 2-core machine stalls for tens of milliseconds at times, so the direct
+# ack wait is generous; suspicion lasts 5 probe periods, long enough for a paused or GC-bound node
+# to refute, short enough to fail over in seconds.
+NODE_MEMBERSHIP = MembershipConfig(probe_interval_ms=1_000, ack_timeout_ms=400, suspicion_timeout_ms=5_000)
+DISCOVERY_DRAIN_MS = 100          # how often zeroconf's queue of found peers is emptied into the core
+SEED_RETRY_MS = 3_000             # a seed no live member answers for is pinged again this often
+SEEDS_PER_PASS_MAX = 64           # seeds pinged per retry
+LEAVE_FLUSH_MS = 150              # on close, time the goodbye gets to leave before the sockets close
+
+
+
 class State(enum.Enum):
     ALIVE = "alive"
     SUSPECT = "suspect"

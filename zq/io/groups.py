@@ -92,6 +92,7 @@ from zq.core.grouplead import (FENCED, DeadLetterWrite, PartitionLead, check_mem
 from zq.core.groups import GroupMembership, membership_gossip_interval_ms
 from zq.core.groupstate import DeliveryState
 from zq.core.repl_types import COMMITTED
+from zq.limits import DEFAULT
 from zq.core.retry import BackoffPolicy, RetryPolicy
 from zq.errors import (Fenced, InvalidRequest, LeaderNotAvailable, NotLeader, ProtocolError, RebalanceInProgress,
                        UnknownPartition, ZqError)
@@ -124,7 +125,6 @@ lease_wait_ms_max = 30_000
 session_timeout_ms_min, session_timeout_ms_max = 200, 30 * 60_000
 ack_items_max = 100_000           # acked + nacks + extends in one Ack
 gossip_items_per_message_max = 256
-name_chars_max = 200              # group and member ids
 
 STATE_KEY_PREFIX = b"group/"      # store meta keys: STATE_KEY_PREFIX + CBOR [group, topic_id, partition]
 
@@ -1171,8 +1171,9 @@ def install(node: Any) -> GroupService:
 
 
 def _check_name(value: Any, what: str) -> None:
-    if not isinstance(value, str) or not value or len(value) > name_chars_max:
-        raise InvalidRequest(f"a {what} is a non-empty string of at most {name_chars_max} characters")
+    chars_max = DEFAULT.group_name_chars_max   # the bound the wire check (zq.core.bounds) also reads
+    if not isinstance(value, str) or not value or len(value) > chars_max:
+        raise InvalidRequest(f"a {what} is a non-empty string of at most {chars_max} characters")
 
 
 def _loads(frame: bytes) -> Any:

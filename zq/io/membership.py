@@ -49,23 +49,15 @@ import threading
 import time
 from typing import Any, Callable
 
-from zq.core.membership import (Ack, MemberChanged, MemberView, Membership, MembershipConfig, Ping, PingReq, Send,
-                                State)
+from zq.core.membership import (DISCOVERY_DRAIN_MS, LEAVE_FLUSH_MS, NODE_MEMBERSHIP, SEED_RETRY_MS,  # noqa: F401
+                                SEEDS_PER_PASS_MAX, Ack, MemberChanged, MemberView, Membership, MembershipConfig, Ping,
+                                PingReq, Send, State)
 from zq.errors import ProtocolError
 
 log = logging.getLogger("zq.membership")
 
-DISCOVERY_DRAIN_MS = 100          # how often zeroconf's queue of found peers is emptied into the core
 DISCOVERED_PER_PASS_MAX = 256     # found peers handed to the core per drain
-SEED_RETRY_MS = 3_000             # a seed no live member answers for is pinged again this often
-SEEDS_PER_PASS_MAX = 64           # seeds pinged per retry
-LEAVE_FLUSH_MS = 150              # on close, time the goodbye gets to leave before the sockets close
 DISCOVERY_JOIN_S = 5.0            # on close, how long to wait for a zeroconf start still under way
-
-# The detector's timing on real nodes. A Python node on a busy 2-core machine stalls for tens of
-# milliseconds at times, so the direct ack wait is generous; suspicion lasts 5 probe periods,
-# long enough for a paused or GC-bound node to refute, short enough to fail over in seconds.
-NODE_MEMBERSHIP = MembershipConfig(probe_interval_ms=1_000, ack_timeout_ms=400, suspicion_timeout_ms=5_000)
 
 
 class MembershipService:

@@ -811,10 +811,7 @@ class Node:
         """The write of this pass failed: the core's view of its log is ahead of the disk, so the
         partition is reopened from what the store holds, and its waiting producers are told."""
         error = self.storage_error
-        waiters, part.waiters = part.waiters, {}
-        acks, part.leader_acks = part.leader_acks, []
-        for callback in [*waiters.values(), *(cb for _, cb in acks)]:
-            callback(error)
+        self._fail_waiters(part, error)
         tp = part.tp
         if self.parts.get(tp) is not part:
             return   # closed (topic deleted) in this pass
@@ -969,14 +966,19 @@ class Node:
         part.replica.advance()   # a Ready handed out is never applied: the core must not wait for it
         fenced = PartitionFenced(f"{part.name}/{tp.partition} is fenced on node {self.name} after an internal error "
                                  f"({error.__class__.__name__}); retry, and check that node's log", node=self.name)
+        self._fail_waiters(part, fenced)
+        self._refuse_parked(tp, fenced)
+
+    def _fail_waiters(self, part: _Part, error: ZqError | None) -> None:
+        """Every producer waiting on this partition (a quorum or a leader ack) is told `error`; a
+        callback that fails is logged, and the others are still told."""
         waiters, part.waiters = part.waiters, {}
         acks, part.leader_acks = part.leader_acks, []
         for callback in [*waiters.values(), *(cb for _, cb in acks)]:
             try:
-                callback(fenced)
+                callback(error)
             except Exception:
-                log.exception("telling a producer of %s/%d that it is fenced failed", part.name, tp.partition)
-        self._refuse_parked(tp, fenced)
+                log.exception("telling a producer of %s/%d failed", part.name, part.tp.partition)
 
     def _warn_limited(self, kind: str, text: str, *args: Any) -> None:
         """Bad peer input: counted by the caller, logged as a warning at most once per LOG_REPEAT_MS per kind."""
@@ -1529,8 +1531,7 @@ class Node:
         self._begin().drop_partition(tp)
         self._begin().delete_meta(R.hard_state_key(tp))
         self.sub.setsockopt(zmq.UNSUBSCRIBE, R.tp_bytes(tp))
-        for callback in [*part.waiters.values(), *(cb for _, cb in part.leader_acks)]:
-            callback(error)
+        self._fail_waiters(part, error)
         self._refuse_parked(tp, error)
 
     def _check_pending_creates(self) -> None:

@@ -72,7 +72,7 @@ from typing import Callable
 from zq.core.membership import (Ack, MemberChanged, MemberView, Membership, MembershipConfig, Ping, PingReq,
                                 Send, State)
 from zq.errors import ProtocolError
-from zq.io.membership import DISCOVERY_DRAIN_MS, LEAVE_FLUSH_MS, NODE_MEMBERSHIP, SEED_RETRY_MS, SEEDS_PER_PASS_MAX
+from zq.core.membership import DISCOVERY_DRAIN_MS, LEAVE_FLUSH_MS, NODE_MEMBERSHIP, SEED_RETRY_MS, SEEDS_PER_PASS_MAX
 from zq.sim.members_checks import MembersChecker, Violation
 from zq.sim.network import NetworkFaults, SimNetwork
 
