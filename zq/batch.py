@@ -54,8 +54,6 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-import cbor2
-
 from zq.errors import CorruptData, InvalidRequest, MessageTooLarge, ProtocolError
 from zq.limits import DEFAULT
 
@@ -99,6 +97,24 @@ class BatchHeader:
         return self.base_offset + self.count
 
 
+# cbor2 is loaded at the first encode or decode, not on import (as in zq.protocol): the first call
+# of each rebinds the module's name to cbor2's own function, so later calls cost what `cbor2.dumps` did.
+def _dumps(obj: Any) -> bytes:
+    _bind_cbor()
+    return _dumps(obj)
+
+
+def _loads(data: bytes, **options: Any) -> Any:
+    _bind_cbor()
+    return _loads(data, **options)
+
+
+def _bind_cbor() -> None:
+    global _dumps, _loads
+    import cbor2
+    _dumps, _loads = cbor2.dumps, cbor2.loads
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     offset: int
@@ -110,7 +126,7 @@ class Record:
 
 def encode_records(records: list[list[Any]], codec: int = CODEC_NONE) -> bytes:
     """Encode `[[create_time_ms, key, value, headers], ...]` into a blob."""
-    blob = cbor2.dumps(records)
+    blob = _dumps(records)
     if codec == CODEC_ZLIB:
         blob = zlib.compress(blob, 1)
     return blob
@@ -122,7 +138,7 @@ def decode_records(blob: bytes, flags: int) -> list[list[Any]]:
         blob = zlib.decompress(blob)
     elif codec != CODEC_NONE:
         raise CorruptData(f"batch uses unknown codec {codec}")
-    records = cbor2.loads(blob)
+    records = _loads(blob)
     if not isinstance(records, list):
         raise CorruptData("batch blob is not a CBOR array")
     return records
@@ -255,7 +271,7 @@ def _verify_records(blob: bytes | memoryview, codec: int, count: int, decoded_by
                     shapes: bool = True) -> list[list[Any]]:
     raw = _decompress(blob, decoded_bytes_max) if codec == CODEC_ZLIB else blob
     try:
-        records = cbor2.loads(raw, max_depth=3, tag_hook=_refuse_tag, semantic_decoders=_NO_SEMANTIC_TAGS,
+        records = _loads(raw, max_depth=3, tag_hook=_refuse_tag, semantic_decoders=_NO_SEMANTIC_TAGS,
                               strict_hashable_types=True)
     except Exception as e:  # cbor2 raises several types for garbage; none of them is our bug
         raise ProtocolError(f"the batch's records are not valid CBOR ({e.__class__.__name__}: {e})"[:300]) from None

@@ -27,8 +27,6 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import cbor2
-
 from zq.core import bounds as B
 from zq.errors import ProtocolError, UnsupportedVersion, ZqError
 from zq.limits import DEFAULT, Limits
@@ -43,6 +41,36 @@ ACKS_NAMES = {0: "none", 1: "leader", 2: "quorum"}
 _BY_CODE: dict[int, type] = {}
 _CHECKS: dict[type, tuple] = {}
 _NODE_ONLY: dict[type, bool | str] = {}   # True: always from a node; a field name: when that field is set
+
+
+# cbor2 is loaded at the first encode or decode, not on import, so that what imports the message
+# classes (the node's sans-IO composition, the simulator's checks) loads only the standard library.
+# The first call of each rebinds the module's name to cbor2's own function: later calls cost what
+# `cbor2.dumps` did (one global look-up, no attribute look-up).
+def _dumps(obj: Any) -> bytes:
+    _bind_cbor()
+    return _dumps(obj)
+
+
+def _loads(data: bytes) -> Any:
+    _bind_cbor()
+    return _loads(data)
+
+
+def _bind_cbor() -> None:
+    global _dumps, _loads
+    import cbor2
+    _dumps, _loads = cbor2.dumps, cbor2.loads
+
+
+def cbor_dumps(obj: Any) -> bytes:
+    """CBOR of `obj` (cbor2, loaded at first use): for the node's own records (e.g. `__meta` commands)."""
+    return _dumps(obj)
+
+
+def cbor_loads(data: bytes) -> Any:
+    """The value CBOR `data` holds (cbor2, loaded at first use). Raises what cbor2 raises on garbage."""
+    return _loads(data)
 
 
 def _checker(tp: Any):
@@ -91,7 +119,7 @@ def from_nodes_only(msg: Any) -> bool:
 
 def encode(msg: Any, *payload: bytes) -> list[bytes]:
     """Frames for `msg` (without any routing id)."""
-    return [SIGNATURE, cbor2.dumps(to_array(msg)), *payload]
+    return [SIGNATURE, _dumps(to_array(msg)), *payload]
 
 
 def decode(frames: list, limits: Limits = DEFAULT) -> tuple[Any, list]:
@@ -110,7 +138,7 @@ def decode(frames: list, limits: Limits = DEFAULT) -> tuple[Any, list]:
     if len(head) > limits.header_bytes_max:
         raise ProtocolError(f"header frame of {len(head)} bytes exceeds {limits.header_bytes_max}")
     try:
-        arr = cbor2.loads(bytes(head))
+        arr = _loads(bytes(head))
     except Exception as e:  # cbor2 raises several types for garbage
         raise ProtocolError(f"header frame is not valid CBOR ({e.__class__.__name__})") from None
     return from_array(arr), frames[2:]

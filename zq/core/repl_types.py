@@ -48,15 +48,14 @@ would not fit the stored batch header, or an offset past 2**63, never reaches st
 
 A configuration entry (a replica-set change) is an ordinary one-record entry, `[base_offset, 1,
 epoch, -1, -1, CONFIG_PREFIX + cbor([voter, ...])]`, voters sorted; it travels in Appends like
-any other entry.
+any other entry. Its CBOR is written and read here by a few lines of the standard library (an
+array of text strings is all it holds), so the core loads no codec package.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
-
-import cbor2
 
 from zq.core import bounds as B
 from zq.errors import ProtocolError
@@ -81,7 +80,14 @@ CONFIG_VOTERS_MAX = 64
 
 def encode_config(voters: Iterable[str]) -> bytes:
     """The payload of a configuration entry naming `voters` (stored sorted, without repeats)."""
-    return CONFIG_PREFIX + cbor2.dumps(sorted(set(voters)))
+    out = bytearray(CONFIG_PREFIX)
+    names = sorted(set(voters))
+    _cbor_head(out, 4, len(names))
+    for name in names:
+        raw = name.encode()
+        _cbor_head(out, 3, len(raw))
+        out += raw
+    return bytes(out)
 
 
 def decode_config(payload: bytes) -> tuple[str, ...] | None:
@@ -89,14 +95,59 @@ def decode_config(payload: bytes) -> tuple[str, ...] | None:
     like one but is malformed raises ProtocolError (it came from a peer)."""
     if not payload.startswith(CONFIG_PREFIX):
         return None
-    try:
-        voters = cbor2.loads(payload[len(CONFIG_PREFIX):])
-    except Exception as e:  # cbor2 raises several types on garbage
-        raise ProtocolError(f"malformed configuration entry: {e}") from None
+    voters = _cbor_text_array(payload, len(CONFIG_PREFIX))
     if (not isinstance(voters, list) or not 1 <= len(voters) <= CONFIG_VOTERS_MAX
             or not all(isinstance(v, str) and v for v in voters) or voters != sorted(set(voters))):
         raise ProtocolError(f"a configuration names 1..{CONFIG_VOTERS_MAX} distinct sorted node names, got {voters!r:.80}")
     return tuple(voters)
+
+
+def _cbor_head(out: bytearray, major: int, n: int) -> None:
+    """Append a CBOR head (RFC 8949 3.1) of `major` type with argument `n`, in its shortest form,
+    as every CBOR encoder (cbor2 included, which wrote these entries before) does."""
+    if n < 24:
+        out.append(major << 5 | n)
+    elif n < 1 << 8:
+        out += bytes((major << 5 | 24, n))
+    elif n < 1 << 16:
+        out.append(major << 5 | 25)
+        out += n.to_bytes(2, "big")
+    else:
+        out.append(major << 5 | 26)
+        out += n.to_bytes(4, "big")
+
+
+def _cbor_read_head(data: bytes, at: int) -> tuple[int, int, int]:
+    """(major type, argument, position after the head) of the CBOR head at `at`. Raises ProtocolError."""
+    if at >= len(data):
+        raise ProtocolError("malformed configuration entry: it ends inside its CBOR")
+    major, info = data[at] >> 5, data[at] & 0x1F
+    if info < 24:
+        return major, info, at + 1
+    width = {24: 1, 25: 2, 26: 4, 27: 8}.get(info)
+    if width is None or at + 1 + width > len(data):
+        raise ProtocolError("malformed configuration entry: a CBOR length is indefinite or cut short")
+    return major, int.from_bytes(data[at + 1:at + 1 + width], "big"), at + 1 + width
+
+
+def _cbor_text_array(data: bytes, at: int) -> list[str]:
+    """The CBOR array of text strings that fills `data` from `at` to its end. Raises ProtocolError."""
+    major, count, at = _cbor_read_head(data, at)
+    if major != 4 or count > CONFIG_VOTERS_MAX:
+        raise ProtocolError(f"malformed configuration entry: not a CBOR array of at most {CONFIG_VOTERS_MAX} names")
+    names = []
+    for _ in range(count):
+        major, size, at = _cbor_read_head(data, at)
+        if major != 3 or at + size > len(data):
+            raise ProtocolError("malformed configuration entry: a voter is not a CBOR text string")
+        try:
+            names.append(data[at:at + size].decode())
+        except UnicodeDecodeError:
+            raise ProtocolError("malformed configuration entry: a voter's name is not UTF-8") from None
+        at += size
+    if at != len(data):
+        raise ProtocolError("malformed configuration entry: bytes follow its voters")
+    return names
 
 
 @dataclass(frozen=True, slots=True)
