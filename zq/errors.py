@@ -5,7 +5,10 @@ refreshing metadata, or after waiting). `Rejected` and its subclasses mean the r
 and nothing was written. `Timeout` and `ConnectionFailed` mean the outcome is unknown.
 
 Each error has a `code`, the string that travels on the wire in an error reply, so that a client
-raises the same class the node meant.
+raises the same class the node meant. What an error says besides its message travels as its `data`
+map (the wire form); the errors that carry such fields read them through typed properties
+(`NotLeader.address`, `OffsetOutOfRange.log_start`, ...), which are None when the field is absent
+or of the wrong type: a reply comes from a peer, so its fields are checked, never trusted.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ class ZqError(Exception):
         super().__init__(message or self.__class__.__doc__ or self.code)
         self.message = message or (self.__class__.__doc__ or self.code).strip()
         self.data = data
+
+    def _field(self, name: str, kind: type) -> Any:
+        """data[name] if it is exactly of `kind` (a bool is no int) and not empty; else None."""
+        value = self.data.get(name)
+        return value if type(value) is kind and value != "" else None
 
     def __getattr__(self, name: str) -> Any:
         data = self.__dict__.get("data", {})
@@ -78,6 +86,16 @@ class OffsetOutOfRange(Rejected):
 
     code = "offset_out_of_range"
 
+    @property
+    def log_start(self) -> int | None:
+        """The partition's first retained offset, as the node said it."""
+        return self._field("log_start", int)
+
+    @property
+    def high_watermark(self) -> int | None:
+        """The partition's high watermark (the offset after its last committed record), as the node said it."""
+        return self._field("high_watermark", int)
+
 
 class NotEnoughReplicas(Rejected):
     """There are fewer live nodes than the replication factor asks for."""
@@ -122,6 +140,21 @@ class NotLeader(ZqError):
 
     code = "not_leader"
     retriable = True
+
+    @property
+    def leader(self) -> str | None:
+        """The name of the node the refusing node believes leads the partition; None: unknown."""
+        return self._field("leader", str)
+
+    @property
+    def address(self) -> str | None:
+        """That leader's client address (host:port); None: unknown."""
+        return self._field("address", str)
+
+    @property
+    def epoch(self) -> int | None:
+        """The leader's epoch, if the node said it."""
+        return self._field("epoch", int)
 
 
 class LeaderNotAvailable(ZqError):
@@ -176,6 +209,11 @@ class Fenced(Rejected):
 
     code = "fenced"
 
+    @property
+    def generation(self) -> int | None:
+        """The group's current generation, if the node said it (join again to reach it)."""
+        return self._field("generation", int)
+
 
 class PartitionFenced(ZqError):
     """The node set this partition aside after an internal error (its log says which); the
@@ -183,6 +221,11 @@ class PartitionFenced(ZqError):
 
     code = "partition_fenced"
     retriable = True
+
+    @property
+    def node(self) -> str | None:
+        """The node that set the partition aside."""
+        return self._field("node", str)
 
 
 class RebalanceInProgress(ZqError):

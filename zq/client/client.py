@@ -443,8 +443,8 @@ class Client:
                     reply, _ = self._call(address, make(self._conn.new_req_id()))
                 return check_reply(reply, protocol.OkReply)
             except NotLeader as e:
-                hint = e.data.get("address")
-                if hop == redirects_max or not isinstance(hint, str) or hint == address:
+                hint = e.address
+                if hop == redirects_max or hint is None or hint == address:
                     raise
                 address = hint
         raise AssertionError("unreachable: the last hop returns or raises")
@@ -465,8 +465,8 @@ class Client:
         try:
             return self._call(address, make(self._conn.new_req_id()))
         except NotLeader as e:
-            hint = e.data.get("address")
-            if not isinstance(hint, str) or hint == address:
+            hint = e.address
+            if hint is None or hint == address:
                 self._refresh_once()
                 raise
             self._hint_leader(topic, partition, hint)

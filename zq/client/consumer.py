@@ -446,8 +446,8 @@ class Consumer(ReadyQueue):
         elif isinstance(error, OffsetOutOfRange):
             self._io_reset(order, error)
         elif error.retriable:
-            hint = error.data.get("address")
-            if isinstance(error, NotLeader) and isinstance(hint, str) and self._cursors.failures(p) == 0:
+            hint = error.address if isinstance(error, NotLeader) else None
+            if hint is not None and self._cursors.failures(p) == 0:
                 self._client._hint_leader(self.topic, p, hint)
                 with self._lock:
                     self._cursors.on_fetch_error(order)
@@ -504,10 +504,9 @@ class Consumer(ReadyQueue):
         if again:
             self._io_fetch(p)
 
-    def _io_reset(self, order: FetchOrder, error: ZqError) -> None:
-        log_start = error.data.get("log_start")
-        hw = error.data.get("high_watermark")
-        if type(log_start) is not int or type(hw) is not int:
+    def _io_reset(self, order: FetchOrder, error: OffsetOutOfRange) -> None:
+        log_start, hw = error.log_start, error.high_watermark
+        if log_start is None or hw is None:
             self._io_retry(order, error)
             return
         p, offset = order.partition, order.offset

@@ -424,8 +424,8 @@ class Producer:
             self._live.discard(b)
             self._complete(b, reply.base_offset, reply.epoch)
         elif error.retriable and b.attempts < self.retries:
-            if isinstance(error, NotLeader) and isinstance(error.data.get("address"), str):
-                self._client._hint_leader(b.topic, b.partition, error.data["address"])
+            if isinstance(error, NotLeader) and error.address is not None:
+                self._client._hint_leader(b.topic, b.partition, error.address)
             else:
                 self._client._io_refresh_metadata()
             self._io_retry_later(b, error, front=True)
