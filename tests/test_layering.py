@@ -163,3 +163,32 @@ def test_the_cores_configuration_entry_codec_writes_and_reads_what_cbor2_does():
                     cbor2.dumps(["a"] * 65)):
         with pytest.raises(ProtocolError):
             decode_config(CONFIG_PREFIX + garbage)
+
+
+def _private_reaches(path: Path, owner_names: tuple[str, ...]) -> list[str]:
+    """`file:line name._attr` for each private attribute read through a name or attribute that is one
+    of `owner_names` (e.g. `client._hint_leader`, `self._client._conn`)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
+            if name in owner_names:
+                out.append(f"{path.name}:{node.lineno} {name}.{node.attr}")
+    return out
+
+
+# zq/client/groups.py joins this list once it reaches the cluster through `client.cluster_view` too.
+CLIENT_PARTS = ("producer.py", "consumer.py")
+
+
+def test_producers_and_consumers_reach_the_cluster_through_the_view_not_the_clients_privates():
+    bad = [r for name in CLIENT_PARTS for r in _private_reaches(ZQ_ROOT / "client" / name, ("client", "_client"))]
+    assert bad == []
+
+
+def test_the_private_reach_check_sees_one(tmp_path):
+    (tmp_path / "m.py").write_text("def f(self, client):\n    client._hint_leader(1)\n"
+                                   "    self._client._conn.call()\n    client.cluster_view.hint_leader(1)\n")
+    assert _private_reaches(tmp_path / "m.py", ("client", "_client")) == ["m.py:2 client._hint_leader",
+                                                                          "m.py:3 _client._conn"]

@@ -2,13 +2,10 @@
 
 Theory of operation
 -------------------
-A Client owns one `Connection` (one I/O thread, one DEALER per node) and one metadata snapshot
-(`zq.client.metadata.Metadata`). It starts from bootstrap addresses (the argument, then
-`$ZQ_BOOTSTRAP`, then zeroconf discovery) and learns every node's address from the first
-MetadataReply. Metadata is refreshed when something says it is stale (NotLeader, UnknownTopic, a
-partition with no leader, a timeout), with bounded attempts over the known addresses; a
-NotLeader that names the leader is followed at once through a per-partition *hint* that the next
-refresh clears.
+A Client owns one `Connection` (one I/O thread, one DEALER per node) and one `ClusterView`
+(zq.client.cluster: the metadata snapshot, leader hints, the known addresses, refreshes and
+retries), through which it and its producers, consumers and group members reach the cluster. It
+starts from bootstrap addresses (the argument, then `$ZQ_BOOTSTRAP`, then zeroconf discovery).
 
 Admin requests (create, delete) go to any node; a node that is not the metadata leader answers
 NotLeader with the leader's address, and the request is sent there instead (at most
@@ -20,41 +17,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import random
 import threading
-import time
 from datetime import datetime
 from typing import Any, Callable, NamedTuple
 
 from zq import protocol
+from zq.client.cluster import ClusterView
 from zq.client.connection import Connection, check_reply
-from zq.client.metadata import Metadata, parse_metadata, resolve_bootstrap, time_spec
-from zq.core import client_rules
-from zq.core.retry import BackoffPolicy
-from zq.errors import (ConnectionFailed, InvalidRequest, LeaderNotAvailable, NotLeader, ProtocolError, Timeout,
-                       UnknownTopic, ZqError)
+from zq.client.metadata import Metadata, resolve_bootstrap, time_spec
+from zq.errors import ConnectionFailed, InvalidRequest, LeaderNotAvailable, NotLeader, UnknownTopic, ZqError
 from zq.limits import DEFAULT, Limits
 
 log = logging.getLogger("zq.client")
 
-metadata_attempts_max = 6          # addresses tried by one metadata refresh before it gives up
-metadata_attempt_timeout_ms = 2_000  # one metadata request; short, so a dead node costs little
-metadata_refresh_ms_min = 50       # refreshes asked for by the I/O thread are spaced at least this much
 redirects_max = 3                  # NotLeader hops followed by one admin or offsets request
-retry_notice_ms = 2_000            # a call retrying this long tells `on_waiting` (the CLI says it is waiting)
 default_replication = 1            # see create_topic
 COMPACT_NOT_BUILT = ("key compaction (compact = true) is not built yet, so a topic cannot ask for it; "
                      "leave it out (every message is kept until retention removes it)")
-
-
-def _gave_up(error: ZqError, message: str) -> ZqError:
-    """The same class of error as the last refusal, with the sentence that says how long we waited."""
-    try:
-        return type(error)(message, **error.data)
-    except TypeError:   # a class with its own constructor: keep the error, reword its message
-        error.message = message
-        error.args = (message,)
-        return error
 
 
 class Offsets(NamedTuple):
@@ -83,28 +62,20 @@ class Client:
                 raise ValueError("api_timeout_ms is a whole number of milliseconds, 0 or more")
             limits = dataclasses.replace(limits, api_timeout_ms=api_timeout_ms)
         self.limits = limits
-        self._rng = random.Random()  # jitter of retries
-        # Told once per call that has been retrying for `retry_notice_ms`: (what, last refusal, ms left).
-        # The CLI prints it, so a command waiting out an election or an unreachable cluster says so.
-        self.on_waiting: Callable[[str, str, float], None] | None = None
-        self._backoff = BackoffPolicy(limits.retry_backoff_ms,
-                                      max(limits.retry_backoff_ms, limits.retry_backoff_ms_max))
         if security is None and (os.environ.get("ZQ_CLUSTER_KEY") or os.environ.get("ZQ_CLIENT_KEY")):
             from zq.io.security import client_keys_from_env
             security = client_keys_from_env()
         self.bootstrap = resolve_bootstrap(bootstrap, cluster, discovery_timeout_s, interface)
         self._conn = Connection(limits, security=security)
-        self._meta = Metadata()
-        self._hints: dict[tuple[str, int], str] = {}
-        self._preferred: str | None = None  # the address that answered last
+        # Told once per call that has been retrying for 2 s: (what, last refusal, ms left). The CLI
+        # prints it, so a command waiting out an election or an unreachable cluster says so.
+        self.on_waiting: Callable[[str, str, float], None] | None = None
+        # What this client knows of the cluster and how it asks (leaders, addresses, refreshes,
+        # retries): its producers, consumers and group members reach the cluster through it.
+        self.cluster_view = self._view = ClusterView(self._conn, limits, cluster, self.bootstrap, self._waiting)
         self._children: list[Any] = []  # producers and consumers, closed with the client
         self._children_lock = threading.Lock()
         self._closed = False
-        self._metadata_timeout_ms = min(metadata_attempt_timeout_ms, limits.request_timeout_ms)
-        # I/O thread only: coalesced background refresh.
-        self._io_refreshing = False
-        self._io_last_refresh_ms = 0.0
-        self._io_refresh_attempt = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -178,12 +149,12 @@ class Client:
             raise InvalidRequest(COMPACT_NOT_BUILT)
         reply = self._admin(lambda rid: protocol.CreateTopic(rid, name, partitions, replication, dict(config)),
                             f"creating topic {name!r}")
-        self._refresh_until(lambda m: name in m.topics, self.limits.request_timeout_ms)
+        self._view.refresh_until(lambda m: name in m.topics, self.limits.request_timeout_ms)
         return dict(reply.data)
 
     def delete_topic(self, name: str) -> dict:
         reply = self._admin(lambda rid: protocol.DeleteTopic(rid, name), f"deleting topic {name!r}")
-        self._refresh_until(lambda m: name not in m.topics, self.limits.request_timeout_ms)
+        self._view.refresh_until(lambda m: name not in m.topics, self.limits.request_timeout_ms)
         return dict(reply.data)
 
     def reassign_partition(self, topic: str, partition: int, replicas: list[str]) -> dict:
@@ -207,7 +178,7 @@ class Client:
         if address is None:
             raise InvalidRequest(f"node {name!r} is not a member of the cluster; `zq status` lists the nodes")
         wait_ms = max(0, int(wait_s * 1000))
-        reply, _ = self._call(address, protocol.DrainNode(self._conn.new_req_id(), wait_ms, leave),
+        reply, _ = self._view.call(address, protocol.DrainNode(self._conn.new_req_id(), wait_ms, leave),
                               timeout_ms=wait_ms + self.limits.request_timeout_ms)
         return dict(check_reply(reply, protocol.OkReply).data)
 
@@ -256,8 +227,8 @@ class Client:
 
     def status(self) -> dict:
         """The `zq status --json` document, from the first node that answers."""
-        reply, _ = self._until_deadline("asking for the cluster status",
-                                        lambda: self._call_any(lambda rid: protocol.StatusRequest(rid)))
+        reply, _ = self._view.until_deadline("asking for the cluster status",
+                                             lambda: self._view.call_any(lambda rid: protocol.StatusRequest(rid)))
         return check_reply(reply, protocol.StatusReply).status
 
     def list_offsets(self, topic: str, partition: int, spec: str | int | datetime = "latest") -> Offsets:
@@ -273,164 +244,49 @@ class Client:
 
     # ------------------------------------------------------------------ metadata
 
+    def _waiting(self, what: str, refusal: str, left_ms: float) -> None:
+        if self.on_waiting is not None:
+            self.on_waiting(what, refusal, left_ms)
+
     @property
     def metadata(self) -> Metadata:
-        return self._meta
+        return self._view.metadata
 
     def refresh_metadata(self) -> Metadata:
         """Ask the nodes for metadata, trying the known addresses in turn, until `api_timeout_ms`."""
-        return self._until_deadline("fetching the cluster metadata", self._refresh_once)
+        return self._view.until_deadline("fetching the cluster metadata", self._view.refresh)
 
-    def _refresh_once(self) -> Metadata:
-        """One round of metadata requests over the known addresses (bounded by metadata_attempts_max)."""
-        reply, address = self._call_any(lambda rid: protocol.MetadataRequest(rid, None),
-                                        attempt_timeout_ms=self._metadata_timeout_ms, with_address=True)
-        self._set_metadata(parse_metadata(check_reply(reply, protocol.MetadataReply), address))
-        return self._meta
-
-    def _set_metadata(self, meta: Metadata) -> None:
-        if meta.cluster and self.cluster and meta.cluster != self.cluster and self._meta.cluster == "":
-            log.warning("nodes say cluster %r, this client was made for %r", meta.cluster, self.cluster)
-        self._meta = meta
-        self._hints = {}
-
-    def _refresh_until(self, ok: Any, wait_ms: float) -> Metadata:
-        """Refresh until `ok(metadata)` or `wait_ms` pass (the metadata may still be spreading)."""
-        deadline = time.monotonic() + wait_ms / 1000.0
-        attempt = 0
-        while True:
-            meta = self._refresh_once()
-            if ok(meta) or time.monotonic() >= deadline:
-                return meta
-            attempt += 1
-            time.sleep(min(self.limits.retry_backoff_ms * attempt, self.limits.retry_backoff_ms_max,
-                           max(0.0, deadline - time.monotonic()) * 1000.0) / 1000.0)
-
-    def _partition_count(self, topic: str, wait_ms: float) -> int:
-        n = self._meta.partition_count(topic)
-        if n is None:
-            n = self._refresh_until(lambda m: topic in m.topics, wait_ms).partition_count(topic)
-        if n is None:
-            raise UnknownTopic(f"topic {topic!r} does not exist; create it with `zq topic create {topic}` "
-                               f"or client.create_topic({topic!r}, partitions=N)")
-        return n
-
-    def _partitions_of(self, topic: str) -> list[int]:
-        """Caller's thread: the topic's partitions, waiting out an unreachable cluster until
-        `api_timeout_ms` (an unknown topic is raised after `request_timeout_ms`)."""
-        return list(range(self._until_deadline(f"learning the partitions of {topic!r}",
-                                               lambda: self._partition_count(topic, self.limits.request_timeout_ms))))
+    # Former private names, still used by zq/client/groups.py and tests/test_client_integration.py:
+    # they are the view's methods (remove once those callers use `cluster_view`).
+    def _hint_leader(self, topic: str, partition: int, address: str) -> None:
+        self._view.hint_leader(topic, partition, address)
 
     def _leader_address(self, topic: str, partition: int) -> str | None:
-        """Any thread: where to send requests for this partition now."""
-        hint = self._hints.get((topic, partition))
-        return hint if hint is not None else self._meta.leader_address(topic, partition)
-
-    def _hint_leader(self, topic: str, partition: int, address: str) -> None:
-        self._hints[(topic, partition)] = address  # one dict store: atomic under the GIL
+        return self._view.leader_address(topic, partition)
 
     def _addresses(self) -> list[str]:
-        out = []
-        for a in ([self._preferred] if self._preferred else []) + self._meta.addresses() + self.bootstrap:
-            if a not in out:
-                out.append(a)
-        return out
+        return self._view.addresses()
 
     def _io_refresh_metadata(self) -> None:
-        """I/O thread: refresh in the background; many asks while one runs make one refresh."""
-        if self._io_refreshing:
-            return
-        self._io_refreshing = True
-        wait = self._io_last_refresh_ms + metadata_refresh_ms_min - time.monotonic() * 1000.0
-        if wait > 0:
-            self._conn.io_call_later(wait, self._io_send_refresh)
-        else:
-            self._io_send_refresh()
+        self._view.refresh_soon()
 
-    def _io_send_refresh(self) -> None:
-        addresses = self._addresses()
-        address = addresses[self._io_refresh_attempt % len(addresses)]
-        self._io_last_refresh_ms = time.monotonic() * 1000.0
-
-        def done(reply: Any, frames: list, error: ZqError | None) -> None:
-            self._io_refreshing = False
-            if error is None:
-                try:
-                    self._set_metadata(parse_metadata(check_reply(reply, protocol.MetadataReply), address))
-                    self._preferred = address
-                    self._io_refresh_attempt = 0
-                    return
-                except ProtocolError as e:
-                    error = e
-            self._io_refresh_attempt += 1  # the next refresh asks the next address
-            log.info("metadata refresh from %s failed: %s", address, error)
-
-        self._conn.io_request(address, protocol.MetadataRequest(self._conn.new_req_id(), None),
-                              (), self._metadata_timeout_ms, done)
-
-    # ------------------------------------------------------------------ request helpers
+    def _partitions_of(self, topic: str) -> list[int]:
+        return self._view.partitions_of(topic)
 
     def _call(self, address: str, msg: Any, timeout_ms: float | None = None) -> tuple[Any, list]:
-        timeout = self.limits.request_timeout_ms if timeout_ms is None else timeout_ms
-        fut = self._conn.call(address, msg, (), timeout)
-        # The connection times the request out itself; the extra second only guards against a stuck I/O thread.
-        return fut.result(timeout / 1000.0 + 1.0)
+        return self._view.call(address, msg, timeout_ms)
 
-    def _call_any(self, make: Any, attempt_timeout_ms: float | None = None, with_address: bool = False,
-                  resend_on_timeout: bool = True) -> Any:
-        """Send to the known nodes in turn until one answers (bounded); errors the node gives are raised.
-
-        ConnectionFailed (nothing was sent) always moves on to the next node; Timeout (the node may
-        have acted) only when `resend_on_timeout`, for requests that are safe to repeat."""
-        last: ZqError | None = None
-        addresses = self._addresses()
-        for attempt in range(metadata_attempts_max):
-            address = addresses[attempt % len(addresses)]
-            try:
-                reply, frames = self._call(address, make(self._conn.new_req_id()), attempt_timeout_ms)
-            except (Timeout, ConnectionFailed) as e:
-                last = e
-                if self._conn.closed or (isinstance(e, Timeout) and not resend_on_timeout):
-                    raise
-                if attempt + 1 >= len(addresses):
-                    time.sleep(min(self.limits.retry_backoff_ms * (attempt + 1), self.limits.retry_backoff_ms_max) / 1000.0)
-                continue
-            self._preferred = address
-            return (reply, address) if with_address else (reply, frames)
-        raise ConnectionFailed(f"no node of the cluster answered at {', '.join(addresses)} ({last}); "
-                               "are the nodes running, and is the address right?")
+    def _call_any(self, make: Any, **options: Any) -> Any:
+        return self._view.call_any(make, **options)
 
     def _until_deadline(self, what: str, attempt: Any, idempotent: bool = True) -> Any:
-        """`attempt()`, tried again after each passing refusal (zq.core.client_rules.is_passing) with
-        a jittered backoff, until `api_timeout_ms` has passed; then the last error, saying how long
-        it waited. `idempotent`: a Timeout (the node may have acted) is retried too."""
-        started_ms = time.monotonic() * 1000.0
-        failures = 0
-        noticed = False
-        while True:
-            try:
-                return attempt()
-            except ZqError as e:
-                if self._conn.closed or not client_rules.is_passing(e.code, e.retriable, isinstance(e, Timeout),
-                                                                     idempotent):
-                    raise
-                failures += 1
-                now = time.monotonic() * 1000.0
-                delay = client_rules.retry_delay_ms(failures, started_ms, now, self.limits.api_timeout_ms,
-                                                    self._backoff, self._rng.random())
-                if delay is None:
-                    raise _gave_up(e, client_rules.gave_up_message(what, now - started_ms, e.message)) from e
-                if self.on_waiting is not None and not noticed and now - started_ms >= retry_notice_ms:
-                    noticed = True
-                    self.on_waiting(what, e.message, started_ms + self.limits.api_timeout_ms - now)
-                log.info("%s: %s; retrying in %d ms", what, e.code, delay)
-                time.sleep(delay / 1000.0)
+        return self._view.until_deadline(what, attempt, idempotent)
 
     def _admin(self, make: Any, what: str = "the admin request") -> Any:
         """An admin request to the metadata leader, retried until `api_timeout_ms` while the
         cluster has none (an election, nodes starting). Not resent after a Timeout: the node may
         have acted on it, so the caller sees the Timeout."""
-        return self._until_deadline(what, lambda: self._admin_once(make), idempotent=False)
+        return self._view.until_deadline(what, lambda: self._admin_once(make), idempotent=False)
 
     def _admin_once(self, make: Any) -> Any:
         """One admin request through any node, following NotLeader to the leader it names (bounded)."""
@@ -438,9 +294,9 @@ class Client:
         for hop in range(redirects_max + 1):
             try:
                 if address is None:
-                    reply, address = self._call_any(make, with_address=True, resend_on_timeout=False)
+                    reply, address = self._view.call_any(make, with_address=True, resend_on_timeout=False)
                 else:
-                    reply, _ = self._call(address, make(self._conn.new_req_id()))
+                    reply, _ = self._view.call(address, make(self._conn.new_req_id()))
                 return check_reply(reply, protocol.OkReply)
             except NotLeader as e:
                 hint = e.address
@@ -453,25 +309,25 @@ class Client:
         """One request to the partition's leader, following one NotLeader hint; a refusal that
         passes (no leader now, NotLeader) is raised for `_until_deadline` to retry, after
         refreshing what this client knows."""
-        address = self._leader_address(topic, partition)
+        address = self._view.leader_address(topic, partition)
         if address is None:
-            if self._partition_count(topic, self.limits.request_timeout_ms) <= partition:
+            if self._view.partition_count(topic, self.limits.request_timeout_ms) <= partition:
                 from zq.errors import UnknownPartition
                 raise UnknownPartition(f"topic {topic!r} has no partition {partition}")
-            self._refresh_once()
-            address = self._leader_address(topic, partition)
+            self._view.refresh()
+            address = self._view.leader_address(topic, partition)
             if address is None:
                 raise LeaderNotAvailable(f"{topic}/{partition} has no leader right now (an election is under way)")
         try:
-            return self._call(address, make(self._conn.new_req_id()))
+            return self._view.call(address, make(self._conn.new_req_id()))
         except NotLeader as e:
             hint = e.address
             if hint is None or hint == address:
-                self._refresh_once()
+                self._view.refresh()
                 raise
-            self._hint_leader(topic, partition, hint)
-            return self._call(hint, make(self._conn.new_req_id()))
+            self._view.hint_leader(topic, partition, hint)
+            return self._view.call(hint, make(self._conn.new_req_id()))
         except ZqError as e:
             if e.retriable:
-                self._refresh_once()
+                self._view.refresh()
             raise

@@ -196,7 +196,8 @@ class Consumer(ReadyQueue):
             raise InvalidRequest("Consumer reads partitions without a group; for a group use "
                                  "client.consumer(topic, group=...), which makes a GroupConsumer")
         self._client = client
-        self._conn = client._conn
+        self._cluster = client.cluster_view
+        self._conn = self._cluster.conn
         self.topic = topic
         self.group = None
         self.generation = 0
@@ -207,7 +208,7 @@ class Consumer(ReadyQueue):
         self.prefetch_bytes = limits.consumer_prefetch_bytes_max if prefetch_bytes is None else int(prefetch_bytes)
         self._request_timeout_ms = limits.request_timeout_ms
         self._backoff_ms, self._backoff_ms_max = limits.retry_backoff_ms, limits.retry_backoff_ms_max
-        all_partitions = client._partitions_of(topic)
+        all_partitions = self._cluster.partitions_of(topic)
         chosen = sorted(set(all_partitions if partitions is None else partitions))
         for p in chosen:
             if p not in all_partitions:
@@ -412,7 +413,7 @@ class Consumer(ReadyQueue):
 
     def _io_send(self, order: FetchOrder, room: int) -> None:
         p = order.partition
-        address = self._client._leader_address(self.topic, p)
+        address = self._cluster.leader_address(self.topic, p)
         if address is None:
             self._io_retry(order, NotLeader(f"no leader known for {self.topic}/{p}"))
             return
@@ -448,7 +449,7 @@ class Consumer(ReadyQueue):
         elif error.retriable:
             hint = error.address if isinstance(error, NotLeader) else None
             if hint is not None and self._cursors.failures(p) == 0:
-                self._client._hint_leader(self.topic, p, hint)
+                self._cluster.hint_leader(self.topic, p, hint)
                 with self._lock:
                     self._cursors.on_fetch_error(order)
                     again = self._cursors.on_retry_due(p, order.generation)
@@ -528,7 +529,7 @@ class Consumer(ReadyQueue):
             failures = self._cursors.failures(p)
         delay = self._backoff.delay_ms(failures, self._rng.random())
         log.debug("fetch %s/%s: %s; retrying in %s ms", self.topic, p, error.code, delay)
-        self._client._io_refresh_metadata()
+        self._cluster.refresh_soon()
         self._conn.io_call_later(delay, lambda: self._io_retry_due(p, order.generation))
 
     def _io_deliver(self, chunk: _Chunk) -> None:

@@ -105,7 +105,8 @@ class Producer:
                  max_in_flight: int = 1) -> None:
         limits = client.limits
         self._client = client
-        self._conn = client._conn
+        self._cluster = client.cluster_view
+        self._conn = self._cluster.conn
         self.acks = acks_level(acks)
         self.idempotent = bool(idempotent)
         if self.idempotent and self.acks == 0:
@@ -248,7 +249,7 @@ class Producer:
         return self._buffered_bytes
 
     def _learn_topic(self, topic: str) -> int:
-        n = self._client._partition_count(topic, wait_ms=self.max_block_ms)
+        n = self._cluster.partition_count(topic, wait_ms=self.max_block_ms)
         self._partitions[topic] = n
         return n
 
@@ -369,7 +370,7 @@ class Producer:
                 b = q[0]
                 if b.retry_at_ms > now:
                     break  # its backoff timer drains again
-                address = self._client._leader_address(b.topic, b.partition)
+                address = self._cluster.leader_address(b.topic, b.partition)
                 if address is None:
                     q.popleft()
                     self._io_retry_later(b, NotLeader(f"no leader known for {b.topic}/{b.partition}"), front=True)
@@ -425,9 +426,9 @@ class Producer:
             self._complete(b, reply.base_offset, reply.epoch)
         elif error.retriable and b.attempts < self.retries:
             if isinstance(error, NotLeader) and error.address is not None:
-                self._client._hint_leader(b.topic, b.partition, error.address)
+                self._cluster.hint_leader(b.topic, b.partition, error.address)
             else:
-                self._client._io_refresh_metadata()
+                self._cluster.refresh_soon()
             self._io_retry_later(b, error, front=True)
         else:
             self._io_fail(b, error)
@@ -441,7 +442,7 @@ class Producer:
         hinted = isinstance(error, NotLeader) and "address" in error.data and b.attempts == 1
         delay = 0 if hinted else backoff_ms(b.attempts, self._backoff_ms, self._backoff_ms_max)
         if not hinted:
-            self._client._io_refresh_metadata()
+            self._cluster.refresh_soon()
         b.retry_at_ms = time.monotonic() * 1000.0 + delay
         q = self._ready.setdefault(b.tp, collections.deque())
         q.appendleft(b) if front else q.append(b)
