@@ -110,7 +110,7 @@ def test_the_cli_reads_api_timeout_ms_from_the_environment(monkeypatch):
 
 
 def test_exit_codes_follow_the_error_class():
-    from zq.cli.commands import exit_code_for
+    from zq.cli.app import exit_code_for
     assert exit_code_for(errors.UnknownTopic("x")) == 2
     assert exit_code_for(errors.TopologyError("x")) == 2
     assert exit_code_for(errors.Timeout("x")) == 1

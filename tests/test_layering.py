@@ -192,3 +192,47 @@ def test_the_private_reach_check_sees_one(tmp_path):
                                    "    self._client._conn.call()\n    client.cluster_view.hint_leader(1)\n")
     assert _private_reaches(tmp_path / "m.py", ("client", "_client")) == ["m.py:2 client._hint_leader",
                                                                           "m.py:3 _client._conn"]
+
+
+def _import_cycle(package: str) -> list[str]:
+    """A cycle among `package`'s modules' module-level imports (as a list of names), or []."""
+    graph = {}
+    for path in _sources(package):
+        tree = ast.parse(path.read_text())
+        deps = set()
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                deps |= {n for n in names if n.startswith(package + ".")}
+        graph[_module_name(path)] = deps
+    seen: dict[str, int] = {}   # 1: on the path, 2: done
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        seen[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            if seen.get(dep) == 1:
+                return path + [module, dep]
+            if dep in graph and dep not in seen:
+                found = visit(dep, path + [module])
+                if found:
+                    return found
+        seen[module] = 2
+        return []
+
+    for module in sorted(graph):
+        if module not in seen:
+            found = visit(module, [])
+            if found:
+                return found
+    return []
+
+
+def test_the_cli_modules_import_one_another_without_a_circle():
+    assert _import_cycle("zq.cli") == []
+
+
+@pytest.mark.parametrize("module", sorted(_module_name(p) for p in _sources("zq.cli")))
+def test_each_cli_module_imports_on_its_own(module):
+    out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -232,7 +232,7 @@ def test_a_malformed_zap_request_is_answered_and_counted(keys):
 
 
 def test_zq_keys_generate_writes_a_pair_and_never_overwrites(tmp_path, capsys):
-    from zq.cli.commands import main
+    from zq.cli.app import main
     with pytest.raises(SystemExit) as done:
         main(["keys", "generate", "--out", str(tmp_path), "--name", "app1", "--json"])
     assert done.value.code == 0

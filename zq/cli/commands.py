@@ -1,4 +1,4 @@
-"""The `zq` typer app: each command reads its options, calls zq.Client (or the node, or the
+"""The `zq` commands: each reads its options, calls zq.Client (or the node, or the
 supervisor) and formats the answer. Decisions about data live in the client and the node; this
 module only translates between a terminal and them.
 
@@ -13,14 +13,12 @@ Exit codes (the same for every command):
 Every error is one sentence on stderr, `zq: error: ...`, never a traceback (set ZQ_DEBUG=1 to see
 the traceback of an unexpected one).
 
-Consumer groups, dead letters and replay (`zq groups`, `zq replay`, `zq dlq`) live in zq.cli.groups,
-registered at the end of this module.
+The commands are plain functions: zq.cli.app makes the typer app and registers them (and those of
+zq.cli.groups and zq.cli.keys); zq.cli.options holds what every command shares.
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
 import sys
 import time
 from collections import deque
@@ -31,78 +29,19 @@ import typer
 
 from zq import errors
 from zq.cli import render
+# _client is looked up here when a command runs: tests patch zq.cli.commands._client, and zq.cli.bench imports it.
+from zq.cli.options import (Bootstrap, Cluster, Json, UsageProblem, _client, _console, _print_json,
+                            _quiet_stdout)
 
 DEFAULT_TOPOLOGY = Path("topologies/local.toml")
 PRODUCE_INFLIGHT_MAX = 10_000     # stdin messages sent and not yet printed; bounds memory on a large pipe
 CONSUME_POLL_MS_MAX = 1_000       # one poll of `zq consume`; bounds how late --timeout and Ctrl-C act
-PIPE_WIDTH_CHARS = 200            # table width when stdout is a pipe or a file, not a terminal
 CONSUME_BATCH_MAX = 500           # messages one poll hands over
-
-app = typer.Typer(name="zq", help="zq: a brokerless distributed message queue.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-topic_app = typer.Typer(help="Create, list, describe and delete topics.", no_args_is_help=True)
-node_app = typer.Typer(help="Run one node in the foreground, or drain one.", no_args_is_help=True)
-bench_app = typer.Typer(help="Throughput and latency benchmarks (msg/s, MB/s, p50/p99/p99.9).", no_args_is_help=True)
-app.add_typer(topic_app, name="topic")
-app.add_typer(node_app, name="node")
-app.add_typer(bench_app, name="bench")
-from zq.cli.keys import keys_app  # noqa: E402 (the sub-app lives in its own module)
-app.add_typer(keys_app, name="keys")
-
-Bootstrap = Annotated[Optional[str], typer.Option(
-    "--bootstrap", envvar="ZQ_BOOTSTRAP", metavar="HOST:PORT[,HOST:PORT...]",
-    help="Nodes to contact first; without it, nodes are found by zeroconf.")]
-Cluster = Annotated[str, typer.Option("--cluster", envvar="ZQ_CLUSTER", help="Cluster name to find by zeroconf.")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
-
-
-class UsageProblem(errors.ZqError):
-    """A command-line mistake found after parsing (exit code 2)."""
-
-    code = "usage"
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-
-
-def _client(bootstrap: str | None, cluster: str):
-    """The commands' client; $ZQ_API_TIMEOUT_MS sets its api_timeout_ms (how long a command waits
-    out an election or an unreachable cluster before it fails; default 60 s)."""
-    from zq.client import Client
-    text = os.environ.get("ZQ_API_TIMEOUT_MS")
-    if text is not None and not text.strip().isdigit():
-        raise UsageProblem(f"ZQ_API_TIMEOUT_MS={text!r} is not a whole number of milliseconds; unset it or fix it")
-    api_timeout_ms = int(text) if text is not None else None
-    client = Client(bootstrap=bootstrap, cluster=cluster, api_timeout_ms=api_timeout_ms)
-    client.on_waiting = _say_waiting
-    return client
-
-
-def _say_waiting(what: str, refusal: str, left_ms: float) -> None:
-    """One line on stderr when a command has been waiting a while, so a silent wait is never a mystery."""
-    typer.echo(f"zq: still trying {what}: {refusal.rstrip('.')}; waiting up to {left_ms / 1000:.0f} s more "
-               "(Ctrl-C to stop; ZQ_API_TIMEOUT_MS sets the wait)", err=True)
-
-
-def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(render.as_dict(doc), ensure_ascii=False) + "\n")
-    sys.stdout.flush()
-
-
-def _console():
-    """Rich console; when stdout is not a terminal, wide enough that tables never truncate names."""
-    from rich.console import Console
-    if sys.stdout.isatty():
-        return Console()
-    return Console(width=PIPE_WIDTH_CHARS)
-
 
 # --------------------------------------------------------------------------------------------
 # zq up, zq node start
 
 
-@app.command("up")
 def up(topology: Annotated[Path, typer.Argument(help="Topology file.")] = DEFAULT_TOPOLOGY,
        json_out: Annotated[bool, typer.Option("--json", help="Print events as JSON lines "
                                                                 "{time_ms, event} instead of the view.")] = False) -> None:
@@ -115,7 +54,6 @@ def up(topology: Annotated[Path, typer.Argument(help="Topology file.")] = DEFAUL
     raise typer.Exit(run_up(topology, json_lines=json_out))
 
 
-@node_app.command("start")
 def node_start(
     name: Annotated[str, typer.Option("--name", help="This node's name (unique in the cluster).")],
     topology: Annotated[Optional[Path], typer.Option("--topology", help="Take address, ports, seeds and data "
@@ -139,7 +77,6 @@ def node_start(
     run_node(config)
 
 
-@node_app.command("drain")
 def node_drain(
     name: Annotated[str, typer.Argument(help="The node to drain.")],
     leave: Annotated[bool, typer.Option("--leave/--stay", help="Then leave the cluster and stop the node.")] = True,
@@ -199,7 +136,6 @@ def _check_address(text: str, option: str) -> None:
 # zq topic
 
 
-@topic_app.command("create")
 def topic_create(
     name: Annotated[str, typer.Argument(help="Topic name: letters, digits, '.', '_' and '-'.")],
     partitions: Annotated[int, typer.Option("--partitions", min=1, help="Number of partitions.")] = 1,
@@ -243,7 +179,6 @@ def topic_create(
               f"replication {replication}")
 
 
-@topic_app.command("list")
 def topic_list(internal: Annotated[bool, typer.Option("--internal", help="Also list the cluster's own "
                                                       "topics (__meta).")] = False,
                bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
@@ -258,7 +193,6 @@ def topic_list(internal: Annotated[bool, typer.Option("--internal", help="Also l
         _console().print(render.topics_table(summaries))
 
 
-@topic_app.command("describe")
 def topic_describe(name: Annotated[str, typer.Argument(help="Topic name.")],
                    bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
     """A topic's settings and partitions: leader, replicas, in-sync replicas, log start, log end, high watermark."""
@@ -276,7 +210,6 @@ def topic_describe(name: Annotated[str, typer.Argument(help="Topic name.")],
     console.print(render.partitions_table(parts))
 
 
-@topic_app.command("delete")
 def topic_delete(name: Annotated[str, typer.Argument(help="Topic name.")],
                  bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
     """Delete a topic and its data."""
@@ -288,7 +221,6 @@ def topic_delete(name: Annotated[str, typer.Argument(help="Topic name.")],
         print(f"deleted topic {name}")
 
 
-@topic_app.command("reassign")
 def topic_reassign(
     name: Annotated[str, typer.Argument(help="Topic name.")],
     replicas: Annotated[str, typer.Option("--replicas", metavar="NODE,NODE,...",
@@ -354,7 +286,6 @@ def _wait_reassigned(client: Any, name: str, chosen: list[int], timeout_s: float
 # zq status
 
 
-@app.command("status")
 def status(bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
     """Nodes (name, address, state, last seen) and partitions (leader, epoch, replicas, in-sync,
     high watermark, replication lag)."""
@@ -372,7 +303,6 @@ def status(bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json 
 # zq produce
 
 
-@app.command("produce")
 def produce(
     topic: Annotated[str, typer.Argument(help="Topic to publish to.")],
     value: Annotated[Optional[str], typer.Argument(help="The message; without it, one message per line of stdin.")] = None,
@@ -464,7 +394,6 @@ def _print_produced(future: Any, topic: str, json_out: bool) -> None:
 # zq consume
 
 
-@app.command("consume")
 def consume(
     topic: Annotated[str, typer.Argument(help="Topic to read.")],
     start: Annotated[Optional[str], typer.Option("--from", metavar="earliest|latest|OFFSET|TIME",
@@ -565,7 +494,6 @@ Nodes = Annotated[int, typer.Option("--nodes", min=1, help="Nodes of the LocalCl
                                     "--bootstrap is not given.")]
 
 
-@bench_app.command("produce")
 def bench_produce(messages: Messages = 200_000, size: Size = 100, partitions: Partitions = 8,
                   replication: Replication = 1, acks: Acks = "leader", durability: Durability = "fsync",
                   rate: Rate = None, nodes: Nodes = 1, bootstrap: Bootstrap = None, cluster: Cluster = "zq",
@@ -575,7 +503,6 @@ def bench_produce(messages: Messages = 200_000, size: Size = 100, partitions: Pa
            json_out)
 
 
-@bench_app.command("consume")
 def bench_consume(messages: Messages = 200_000, size: Size = 100, partitions: Partitions = 8,
                   replication: Replication = 1, acks: Acks = "leader", durability: Durability = "fsync",
                   nodes: Nodes = 1, bootstrap: Bootstrap = None, cluster: Cluster = "zq",
@@ -585,7 +512,6 @@ def bench_consume(messages: Messages = 200_000, size: Size = 100, partitions: Pa
            json_out)
 
 
-@bench_app.command("e2e")
 def bench_e2e(messages: Messages = 20_000, size: Size = 100, partitions: Partitions = 1,
               replication: Replication = 1, acks: Acks = "leader", durability: Durability = "fsync",
               rate: Annotated[float, typer.Option("--rate", min=1, help="Paced send rate, msg/s.")] = 2_000,
@@ -596,7 +522,6 @@ def bench_e2e(messages: Messages = 20_000, size: Size = 100, partitions: Partiti
            json_out)
 
 
-@bench_app.command("group")
 def bench_group(messages: Messages = 200_000, size: Size = 100, partitions: Partitions = 6,
                 replication: Replication = 1, acks: Acks = "leader", durability: Durability = "fsync",
                 members: Annotated[int, typer.Option("--members", min=1, help="Consumers in the group.")] = 1,
@@ -605,95 +530,3 @@ def bench_group(messages: Messages = 200_000, size: Size = 100, partitions: Part
     """Consumer-group throughput: fill a topic, then MEMBERS consumers of one group ack every message."""
     _bench("group", messages, size, partitions, replication, acks, durability, None, nodes, bootstrap, cluster,
            json_out, members=members)
-
-
-# --------------------------------------------------------------------------------------------
-# Entry point: every failure is one sentence and an exit code.
-
-
-def _one_sentence(text: str) -> str:
-    text = " ".join(str(text).split())
-    return text if text.endswith((".", "?", "!")) else text + "."
-
-
-def exit_code_for(error: BaseException) -> int:
-    if isinstance(error, (errors.Rejected, errors.TopologyError, UsageProblem)):
-        return 2
-    return 1
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, errors.ZqError):
-        return error.message
-    if isinstance(error, FileNotFoundError):
-        return f"{error.filename}: no such file"
-    if isinstance(error, OSError):
-        where = f" ({error.filename})" if error.filename else ""
-        return f"{error.strerror or error}{where}"
-    return str(error) or type(error).__name__
-
-
-def _quiet_stdout() -> None:
-    """After EPIPE, point stdout at /dev/null so the interpreter's final flush cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The console script: run the app and turn every failure into one sentence and an exit code."""
-    from typer._click import exceptions as click_exc
-    code = 0
-    try:
-        result = app(args=argv, prog_name="zq", standalone_mode=False)
-        code = result if isinstance(result, int) else 0
-        if code == 130:
-            sys.stderr.write("zq: interrupted.\n")
-    except click_exc.NoArgsIsHelpError as error:
-        sys.stdout.write(error.ctx.get_help() + "\n" if error.ctx else "")
-        code = 2
-    except click_exc.UsageError as error:
-        hint = f" (see: {error.ctx.command_path} --help)" if error.ctx else ""
-        sys.stderr.write(f"zq: error: {_one_sentence(error.format_message())[:-1]}{hint}.\n")
-        code = 2
-    except typer.Abort:
-        sys.stderr.write("zq: interrupted.\n")
-        code = 130
-    except KeyboardInterrupt:
-        sys.stderr.write("zq: interrupted.\n")
-        code = 130
-    except BrokenPipeError:
-        _quiet_stdout()
-        code = 0
-    except (errors.ZqError, OSError) as error:
-        if isinstance(error, OSError) and error.errno == errno.EPIPE:
-            _quiet_stdout()
-            code = 0
-        else:
-            sys.stderr.write(f"zq: error: {_one_sentence(_describe(error))}\n")
-            code = exit_code_for(error)
-    except Exception as error:  # a bug of ours: still one sentence, the traceback on request
-        if os.environ.get("ZQ_DEBUG"):
-            raise
-        if _is_zmq_error(error):
-            sys.stderr.write(f"zq: error: network: {_one_sentence(str(error))}\n")
-        else:
-            sys.stderr.write(f"zq: error: unexpected {type(error).__name__}: {_one_sentence(str(error))} "
-                             "Set ZQ_DEBUG=1 to see the traceback, and please report it.\n")
-        code = 1
-    sys.exit(code)
-
-
-def _is_zmq_error(error: BaseException) -> bool:
-    try:
-        import zmq
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(error, zmq.ZMQError)
-
-
-from zq.cli import groups as _groups  # noqa: E402 (it uses this module's helpers)
-
-_groups.register(app)

@@ -1,7 +1,7 @@
 """`zq groups`, `zq replay`, `zq dlq list` and `zq dlq redrive`: consumer groups at the terminal.
 
 Each command calls zq.client.groups and formats the answer: a table, or one JSON document with
---json. Errors are handled by zq.cli.commands.main (one sentence, an exit code)."""
+--json. Errors are handled by zq.cli.app.main (one sentence, an exit code)."""
 from __future__ import annotations
 
 from typing import Annotated, Any, Optional
@@ -9,9 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from zq.cli import render
-from zq.cli.commands import Bootstrap, Cluster, Json, UsageProblem, _client, _console, _print_json
-
-dlq_app = typer.Typer(help="Dead letters: messages that failed max_deliveries times.", no_args_is_help=True)
+from zq.cli.options import Bootstrap, Cluster, Json, UsageProblem, _client, _console, _print_json
 
 LIST_MAX_DEFAULT = 1_000   # dead letters `zq dlq list` shows unless --max says otherwise
 ERROR_CHARS_MAX = 80       # last error text in a table cell
@@ -97,7 +95,6 @@ def replay(topic: Annotated[str, typer.Argument(help="Topic the group reads.")],
         print(f"group {group} on {topic}/{p['partition']} now starts at offset {p['offset']}")
 
 
-@dlq_app.command("list")
 def dlq_list(topic: Annotated[str, typer.Argument(help="The topic whose dead letters to show (or TOPIC.dlq).")],
              max_messages: Annotated[int, typer.Option("--max", min=1, help="Show at most N.")] = LIST_MAX_DEFAULT,
              bootstrap: Bootstrap = None, cluster: Cluster = "zq", json_out: Json = False) -> None:
@@ -140,7 +137,6 @@ def dead_letter_row(msg: Any) -> dict:
     return row
 
 
-@dlq_app.command("redrive")
 def dlq_redrive(topic: Annotated[str, typer.Argument(help="The topic whose dead letters go back to it.")],
                 max_messages: Annotated[Optional[int], typer.Option("--max", min=1, help="Redrive at most N.")] = None,
                 rate: Annotated[float, typer.Option("--rate", min=1, help="At most this many msg/s.")] = 1_000,
@@ -155,9 +151,3 @@ def dlq_redrive(topic: Annotated[str, typer.Argument(help="The topic whose dead 
         return
     print(f"redrove {len(done)} dead letter{'s' * (len(done) != 1)} to {source}")
 
-
-def register(app: typer.Typer) -> None:
-    """Add the group commands to the zq app."""
-    app.command("groups")(groups)
-    app.command("replay")(replay)
-    app.add_typer(dlq_app, name="dlq")

@@ -15,15 +15,12 @@ from typing import Annotated
 
 import typer
 
-keys_app = typer.Typer(help="Make CurveZMQ key pairs: one for the cluster, one per client.", no_args_is_help=True)
-
 NEXT_STEPS_CLUSTER = ("copy both files to every node and name them in the topology's [security] table "
                       "(cluster_secret_key_file, cluster_public_key_file); give clients {public} only")
 NEXT_STEPS_CLIENT = ("copy {public} into every node's allowed_clients_dir; the client uses "
                      "ZQ_CLIENT_KEY={secret} and ZQ_CLUSTER_KEY=<the cluster's .key file>")
 
 
-@keys_app.command("generate")
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Folder to write NAME.key and NAME.key_secret into.")] = Path("keys"),
     name: Annotated[str, typer.Option("--name", help="Key pair name: 'cluster' for the cluster's pair, "

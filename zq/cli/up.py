@@ -76,7 +76,7 @@ class Watcher(threading.Thread):
     def _step(self) -> None:
         try:
             if self._client is None:
-                from zq.cli.commands import _client
+                from zq.cli.options import _client
                 self._client = _client(",".join(self.addresses.values()), self.topology.cluster.name)
             if not self.snapshot.topics_done:
                 self._create_topics()
