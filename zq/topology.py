@@ -23,28 +23,29 @@ operating system for this machine's addresses.
 
 Sizes and durations
 -------------------
-`parse_duration_ms` takes "500ms", "30s", "5m", "2h", "7d" or "1w" (a bare int is milliseconds).
-`parse_bytes` takes "1024", "10KB", "512MiB", "100GB": KB, MB, GB, TB and PB are powers of 1000
-(as disk makers and the SI count), KiB, MiB, GiB, TiB and PiB powers of 1024. Both accept a
-decimal number ("1.5s", "0.5GB") when the result is a whole number of milliseconds or bytes.
-`format_duration_ms` and `format_bytes` write the shortest exact form back.
+Parsed and written by zq.units (`parse_duration_ms`, `parse_bytes`, `format_duration_ms`,
+`format_bytes`, `InvalidValue`), re-exported here; the line scanner is zq.topology_source.
 """
 from __future__ import annotations
 
 import difflib
 import ipaddress
-import json
 import os
 import re
 import socket
 import tomllib
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Collection
 
 from zq.errors import TopologyError
 from zq.limits import DEFAULT as LIMITS
+from zq.topology_source import KeyPath, Section, SourceMap
+from zq.units import (  # noqa: F401 (re-exported: zq.topology is where callers find them)
+    BYTE_UNITS, DURATION_UNITS_MS, InvalidValue, format_bytes, format_duration_ms, parse_bytes, parse_duration_ms,
+)
+from zq.units import described as _describe
+from zq.units import quoted as _q
 
 # --- Defaults, spelled out so that the file's comments, the docs and the code agree. ---
 DEFAULT_DATA_DIR = "data"               # relative to the topology file's folder
@@ -215,100 +216,6 @@ class Topology:
         return out
 
 
-class InvalidValue(TopologyError, ValueError):
-    """A duration or size that does not parse. A ValueError too, so that option parsers accept it."""
-
-
-# ============================================================================================
-# Durations and sizes
-# ============================================================================================
-
-DURATION_UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-BYTE_UNITS = {
-    "b": 1,
-    "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4, "pb": 1000 ** 5,
-    "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4, "pib": 1024 ** 5,
-}
-_BYTE_UNIT_NAMES = {"b": "B", "kb": "KB", "mb": "MB", "gb": "GB", "tb": "TB", "pb": "PB",
-                    "kib": "KiB", "mib": "MiB", "gib": "GiB", "tib": "TiB", "pib": "PiB"}
-_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
-_TEXT_CHARS_MAX = 64   # a duration or size longer than this is not one; keeps Decimal work bounded
-
-
-def parse_duration_ms(text: str | int) -> int:
-    """Milliseconds in "500ms", "30s", "5m", "2h", "7d", "1w" (or "1.5s"); an int is already ms."""
-    if isinstance(text, bool) or not isinstance(text, (str, int)):
-        raise InvalidValue(f"a duration must be a string like \"30s\" or a whole number of milliseconds, "
-                           f"not {_describe(text)}")
-    if isinstance(text, int):
-        if text < 0:
-            raise InvalidValue(f"a duration cannot be negative, got {text}")
-        return text
-    number, unit = _split_number_unit(text, "duration", 'e.g. "500ms", "30s", "5m", "2h", "7d" or "1w"')
-    if not unit:
-        raise InvalidValue(f"duration {_q(text)} has no unit; add one of ms, s, m, h, d, w, e.g. \"{number}s\"")
-    scale = DURATION_UNITS_MS.get(unit)
-    if scale is None:
-        raise InvalidValue(f"duration {_q(text)} has an unknown unit {_q(unit)}; use one of ms, s, m, h, d, w")
-    return _whole(number * scale, text, "milliseconds")
-
-
-def parse_bytes(text: str | int) -> int:
-    """Bytes in "1024", "10KB" (10 000), "512MiB" (512 * 1024**2), "100GB"; an int is already bytes.
-
-    KB, MB, GB, TB, PB are powers of 1000; KiB, MiB, GiB, TiB, PiB are powers of 1024; units are
-    case-insensitive."""
-    if isinstance(text, bool) or not isinstance(text, (str, int)):
-        raise InvalidValue(f"a size must be a string like \"100GB\" or a whole number of bytes, not {_describe(text)}")
-    if isinstance(text, int):
-        if text < 0:
-            raise InvalidValue(f"a size cannot be negative, got {text}")
-        return text
-    number, unit = _split_number_unit(text, "size", 'e.g. "1024", "10KB", "512MiB" or "100GB"')
-    scale = BYTE_UNITS.get(unit.lower()) if unit else 1
-    if scale is None:
-        raise InvalidValue(f"size {_q(text)} has an unknown unit {_q(unit)}; use B, KB, MB, GB, TB, PB "
-                           f"(powers of 1000) or KiB, MiB, GiB, TiB, PiB (powers of 1024)")
-    return _whole(number * scale, text, "bytes")
-
-
-def format_duration_ms(ms: int) -> str:
-    """The shortest exact text for `ms`: 90_000 -> "90s", 604_800_000 -> "1w", 1500 -> "1500ms"."""
-    if ms < 0:
-        raise ValueError(f"negative duration {ms}")
-    for unit, scale in sorted(DURATION_UNITS_MS.items(), key=lambda item: -item[1]):
-        if ms and ms % scale == 0:
-            return f"{ms // scale}{unit}"
-    return f"{ms}ms"
-
-
-def format_bytes(size: int) -> str:
-    """The shortest exact text for `size`: 100_000_000_000 -> "100GB", 1_048_576 -> "1MiB"."""
-    if size < 0:
-        raise ValueError(f"negative size {size}")
-    candidates = [f"{size}"]
-    for unit, scale in BYTE_UNITS.items():
-        if scale > 1 and size and size % scale == 0:
-            candidates.append(f"{size // scale}{_BYTE_UNIT_NAMES[unit]}")
-    return min(candidates, key=lambda text: (len(text), text.isdigit()))  # on a tie, "1KiB" reads better than "1024"
-
-
-def _split_number_unit(text: str, what: str, example: str) -> tuple[Decimal, str]:
-    match = _NUMBER_UNIT.match(text) if len(text) <= _TEXT_CHARS_MAX else None
-    if match is None:
-        raise InvalidValue(f"{_q(text)} is not a {what}; write a number and a unit, {example}")
-    try:
-        return Decimal(match.group(1)), match.group(2)
-    except InvalidOperation:  # the regex admits only plain decimals; kept for safety
-        raise InvalidValue(f"{_q(text)} is not a {what}; write a number and a unit, {example}") from None
-
-
-def _whole(value: Decimal, text: str, unit: str) -> int:
-    if value != value.to_integral_value():
-        raise InvalidValue(f"{_q(text)} is not a whole number of {unit}; use a smaller unit")
-    return int(value)
-
-
 # ============================================================================================
 # Hosts and addresses
 # ============================================================================================
@@ -389,126 +296,6 @@ def _normalise_ip(text: str) -> str:
 
 
 # ============================================================================================
-# Where things are in the file
-# ============================================================================================
-
-Section = tuple[str, int]   # ("cluster", 0), ("topic", 2): the third [[topic]]
-KeyPath = tuple[str, ...]   # ("backoff", "initial")
-
-_BARE_KEY = r"[A-Za-z0-9_-]+"
-_QUOTED_KEY = r"\"(?:[^\"\\]|\\.)*\"|'[^']*'"
-_KEY_PART = rf"(?:{_BARE_KEY}|{_QUOTED_KEY})"
-_DOTTED_KEY = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
-_KEY_LINE = re.compile(rf"^\s*({_DOTTED_KEY})\s*=")
-_ARRAY_HEADER = re.compile(rf"^\s*\[\[\s*({_DOTTED_KEY})\s*\]\]")
-_TABLE_HEADER = re.compile(rf"^\s*\[\s*({_DOTTED_KEY})\s*\]")
-_KEY_PART_RE = re.compile(_KEY_PART)
-
-
-def _key_parts(text: str) -> KeyPath:
-    parts = []
-    for match in _KEY_PART_RE.finditer(text):
-        part = match.group(0)
-        if part[0] in "\"'":
-            part = part[1:-1]
-        parts.append(part)
-    return tuple(parts)
-
-
-class SourceMap:
-    """Line numbers (1-based) of table headers and keys in a TOML text.
-
-    Only what the topology format uses is tracked: top-level tables and arrays of tables, their
-    sub-tables (`[topic.backoff]` belongs to the latest `[[topic]]`) and their keys, dotted or
-    not. A value that spans lines (a multi-line array or string) is skipped as a whole."""
-
-    def __init__(self, text: str) -> None:
-        self.headers: dict[Section, int] = {}
-        self.keys: dict[tuple[Section, KeyPath], int] = {}
-        self._scan(text)
-
-    def line(self, section: Section, key: KeyPath = ()) -> int:
-        """The line of `key` in `section`, else of its nearest enclosing key, else of the header."""
-        for n in range(len(key), 0, -1):
-            found = self.keys.get((section, key[:n]))
-            if found is not None:
-                return found
-        if section == ("", 0) and key and (key[0], 0) in self.headers:
-            return self.headers[(key[0], 0)]  # a top-level key written as a [table] or [[table]] header
-        if section not in self.headers:
-            # a table written inline at the top level, `node = [{...}]`: the line of its key
-            return self.keys.get((("", 0), (section[0],)), 1)
-        return self.headers[section]
-
-    def _scan(self, text: str) -> None:
-        counts: dict[str, int] = {}
-        section: Section = ("", 0)
-        prefix: KeyPath = ()
-        depth, open_string = 0, None
-        for number, line in enumerate(text.splitlines(), start=1):
-            if depth or open_string:
-                depth, open_string = _scan_value(line, 0, depth, open_string)
-                continue
-            if match := _ARRAY_HEADER.match(line):
-                parts = _key_parts(match.group(1))
-                if len(parts) == 1:
-                    counts[parts[0]] = counts.get(parts[0], -1) + 1
-                    section, prefix = (parts[0], counts[parts[0]]), ()
-                    self.headers.setdefault(section, number)
-                else:
-                    section, prefix = (parts[0], max(counts.get(parts[0], 0), 0)), parts[1:]
-                    self.keys.setdefault((section, prefix), number)
-            elif match := _TABLE_HEADER.match(line):
-                parts = _key_parts(match.group(1))
-                if len(parts) == 1 and parts[0] not in counts:
-                    section, prefix = (parts[0], 0), ()
-                    self.headers.setdefault(section, number)
-                else:
-                    section, prefix = (parts[0], max(counts.get(parts[0], 0), 0)), parts[1:]
-                    self.keys.setdefault((section, prefix), number)
-            elif match := _KEY_LINE.match(line):
-                self.keys.setdefault((section, prefix + _key_parts(match.group(1))), number)
-                depth, open_string = _scan_value(line, match.end(), 0, None)
-
-
-def _scan_value(line: str, start: int, depth: int, open_string: str | None) -> tuple[int, str | None]:
-    """Bracket depth and open multi-line string delimiter after reading `line[start:]`."""
-    i = start
-    while i < len(line):
-        if open_string:
-            end = line.find(open_string, i)
-            if end < 0:
-                return depth, open_string
-            i, open_string = end + 3, None
-            continue
-        char = line[i]
-        if char == "#":
-            break
-        if line.startswith('"""', i) or line.startswith("'''", i):
-            open_string, i = line[i:i + 3], i + 3
-        elif char == '"':
-            i = _string_end(line, i + 1, '"', escapes=True)
-        elif char == "'":
-            i = _string_end(line, i + 1, "'", escapes=False)
-        else:
-            depth += char in "[{"
-            depth -= char in "]}"
-            i += 1
-    return max(depth, 0), open_string
-
-
-def _string_end(line: str, i: int, quote: str, *, escapes: bool) -> int:
-    while i < len(line):
-        if escapes and line[i] == "\\":
-            i += 2
-        elif line[i] == quote:
-            return i + 1
-        else:
-            i += 1
-    return i
-
-
-# ============================================================================================
 # Loading and checking
 # ============================================================================================
 
@@ -585,25 +372,6 @@ def _syntax_error(display: str, text: str, message: str) -> TopologyError:
                          f"https://toml.io)")
 
 
-def _q(text: str) -> str:
-    """Text in double quotes, as TOML writes strings, so a message can be pasted back into the file."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"{'true' if value else 'false'} (true/false)"
-    if isinstance(value, int):
-        return f"the number {value}"
-    if isinstance(value, float):
-        return f"the decimal number {value}"
-    if isinstance(value, str):
-        return f"the string {_q(value)}"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a date/time ({value})"
 
 
 class _Checker:
