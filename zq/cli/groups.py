@@ -83,7 +83,7 @@ def replay(topic: Annotated[str, typer.Argument(help="Topic the group reads.")],
         if not isinstance(when, datetime):
             raise UsageProblem(f"--to-time {to_time!r} is not an ISO-8601 time such as 2026-11-27T10:00:00Z")
     with _client(bootstrap, cluster) as client:
-        if to_offset is not None and partition is None and len(client._partitions_of(topic)) > 1:
+        if to_offset is not None and partition is None and len(client.cluster_view.partitions_of(topic)) > 1:
             raise UsageProblem(f"{topic} has several partitions: give --partition with --to-offset")
         result = reset_group(client, topic, group, partition=partition if partition is not None else
                              (0 if to_offset is not None else None), to_offset=to_offset, to_time=when,
