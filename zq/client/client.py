@@ -179,7 +179,7 @@ class Client:
             raise InvalidRequest(f"node {name!r} is not a member of the cluster; `zq status` lists the nodes")
         wait_ms = max(0, int(wait_s * 1000))
         reply, _ = self._view.call(address, protocol.DrainNode(self._conn.new_req_id(), wait_ms, leave),
-                              timeout_ms=wait_ms + self.limits.request_timeout_ms)
+                                   timeout_ms=wait_ms + self.limits.request_timeout_ms)
         return dict(check_reply(reply, protocol.OkReply).data)
 
     def topics(self) -> list[dict]:
