@@ -135,6 +135,7 @@ class GroupConsumer(ReadyQueue):
         self._arrived_cv = threading.Condition(self._lock)
         self._arrived = self._core.arrived   # the core's queue (changed in place only), read by ReadyQueue
         self._closed = False
+        self.generation = 0   # the core's, copied under _lock whenever a group reply may change it
         # Caller side only.
         self._ready: collections.deque[GroupMessage] = collections.deque()
         self._positions: dict[int, int] = {}   # partition -> offset after the highest message handed out
@@ -149,10 +150,6 @@ class GroupConsumer(ReadyQueue):
         self._pump_again = False
         self._join()
 
-    @property
-    def generation(self) -> int:
-        return self._core.generation
-
     # ------------------------------------------------------------------ the I/O thread
 
     def _join(self) -> None:
@@ -166,6 +163,7 @@ class GroupConsumer(ReadyQueue):
             raise ProtocolError(f"expected GroupReply, got {type(reply).__name__}")
         with self._lock:   # so that assignment() and generation hold the join's answer at once
             self._core.on_joined(address, reply.generation, self._parts(reply), _now_ms())
+            self.generation = self._core.generation
         self._conn.submit(self._pump)
 
     def _parts(self, reply: G.GroupReply) -> set[int]:
@@ -266,6 +264,7 @@ class GroupConsumer(ReadyQueue):
                 self._core.on_heartbeat_reply(order, gen, parts, None if error is None else _refusal(error),
                                               _now_ms(), self._client._addresses())
             after = (self._core.generation, self._core.assigned)
+            self.generation = self._core.generation
         if before != after:
             log.info("group %s: member %s in generation %d holds %s", self.group, self.member_id, after[0],
                      sorted(after[1]))

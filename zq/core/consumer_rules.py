@@ -225,7 +225,11 @@ class GroupConsumerCore:
         # in that order, so that with max_in_flight below the partitions held each gets its turn.
         # Resumed sorted, the highest partitions starved (found by the groups simulator, seed 107).
         self.paused: dict[int, None] = {}
-        self._lease_due: dict[int, tuple[float, int]] = {}   # partition -> (due_ms, order among equals)
+        # partition -> (rank, due_ms, order among equals): when `poll` finds several due, resumed ones
+        # (rank 0) lease first, in the order they paused; then the others (rank 1). A partition
+        # whose lease came back while there was no room would have paused behind them, so it must
+        # not overtake them once room comes back before the driver polls.
+        self._lease_due: dict[int, tuple[int, float, int]] = {}
         self._seq = 0
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.pending_count = 0
@@ -339,19 +343,20 @@ class GroupConsumerCore:
             return 0
         return n
 
-    def _schedule_lease(self, p: int, at_ms: float) -> None:
+    def _schedule_lease(self, p: int, at_ms: float, resumed: bool = False) -> None:
         if p in self.leasing:
             return
         old = self._lease_due.get(p)
-        if old is None or at_ms < old[0]:
-            self._seq += 1
-            self._lease_due[p] = (at_ms, self._seq)
+        self._seq += 1
+        new = (0 if resumed else 1, at_ms, self._seq)
+        if old is None or (new[0], new[1]) < (old[0], old[1]):
+            self._lease_due[p] = new
 
     def resume(self, now_ms: float) -> None:
         """Room came back: the paused partitions lease again, in the order they paused."""
         for p in list(self.paused):
             del self.paused[p]
-            self._schedule_lease(p, now_ms)
+            self._schedule_lease(p, now_ms, resumed=True)
 
     def _lease(self, p: int, now_ms: float, app_queued: int) -> LeaseOrder | None:
         if self.closed or p not in self.assigned or p in self.leasing:
@@ -550,7 +555,7 @@ class GroupConsumerCore:
         if self._hb_once_due is not None and self._hb_once_due <= now_ms:
             self._hb_once_due = None
             out.append(HeartbeatOrder(self.coordinator, self.generation, False, self.config.request_timeout_ms))
-        due = sorted((d, p) for p, d in self._lease_due.items() if d[0] <= now_ms)
+        due = sorted((d, p) for p, d in self._lease_due.items() if d[1] <= now_ms)
         for _, p in due:
             del self._lease_due[p]
             order = self._lease(p, now_ms, app_queued)
@@ -577,7 +582,7 @@ class GroupConsumerCore:
         times = [t for t in (self._join_due, self._hb_once_due, self._flush_due) if t is not None]
         if self._hb_due is not None and self._join_due is None:
             times.append(self._hb_due)
-        times.extend(d for d, _ in self._lease_due.values())
+        times.extend(d for _, d, _ in self._lease_due.values())
         times.extend(b.due_ms for b in self._acks)
         return min(times) if times else None
 
