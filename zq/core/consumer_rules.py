@@ -30,7 +30,7 @@ quarter of a share (`lease_min`): a partition without room *pauses*, and paused 
 in the order they paused when room comes back. An empty reply that came back at once waits
 `empty_lease_backoff_ms`. Refusals: NotLeader with an address is retried at once at that address
 (the first time in a row; then it backs off like any other); Fenced and RebalanceInProgress wait
-a linear backoff (Fenced also heartbeats at once: Fenced drops the partition's queued work);
+a linear backoff (Fenced also heartbeats at once, and that heartbeat, if fenced too, makes the member join again);
 other passing refusals back off exponentially (`lease_backoff`), until `lease_retry_ms_max` of
 failing in a row: then the last refusal is handed to the application as the chunk's error (as a
 refusal that is not passing is at once) and the partition starts over after the longest backoff.
@@ -40,8 +40,10 @@ a flush is due `ack_flush_ms` later, or at once when `ack_batch_max` items wait.
 each (partition, epoch)'s items as Acks of at most `ack_batch_max` items (oldest epoch first);
 items of an epoch older than the newest reset epoch seen for the partition are dropped (the
 leader ignores them). A refused Ack is retried (NotLeader at the hinted address) with
-`ack_backoff` until `ack_retry_ms_max` after its first send; a Fenced one is dropped with the
-partition's other pending settlements, and the member heartbeats at once.
+`ack_backoff` until `ack_retry_ms_max` after its first send; a Fenced one is dropped, and the
+member heartbeats at once. A join after a fence opens a new *session*: every chunk queued from
+the old one is dropped, and a lease sent in it is discarded when it comes back (its leader failed
+the old session's leases, and delivers them again).
 
 *Reset epochs.* `on_reset(epochs)` (after a seek) and every lease reply raise a partition's newest
 epoch; a chunk of an older epoch is dropped by `take_chunk`, and the room it held is free again.
@@ -140,6 +142,7 @@ class LeaseOrder:
     address: str | None    # a NotLeader's hint; None: the leader the driver knows
     sent_ms: float
     timeout_ms: int
+    session: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +213,7 @@ class GroupConsumerCore:
         self.generation = 0
         self.assigned: set[int] = set()
         self.joined = False
+        self.session = 0                   # joins after a fence: a lease sent in an older session is void
         self.closed = False
         self.coordinator: str | None = None
         self.in_flight = 0                 # leased (or being leased) and not yet settled
@@ -259,7 +263,7 @@ class GroupConsumerCore:
         share = self.share()
         self.lease_min = max(1, min(share, lease_messages_max) // lease_min_fraction)
         if lost:
-            self._drop_partitions(lost, settlements=False)   # those may still land while the leader's view lags
+            self._drop_chunks(lost)
             for p in lost:
                 self.paused.pop(p, None)
                 self._lease_due.pop(p, None)
@@ -268,15 +272,14 @@ class GroupConsumerCore:
             self.failing_since.pop(p, None)
             self._schedule_lease(p, now_ms)
 
-    def _drop_partitions(self, parts: set[int], settlements: bool = True) -> None:
-        """Queued chunks (and pending settlements) of `parts` go: this member no longer holds them
-        (or was fenced on them), so the leader fails those leases and delivers them again."""
-        kept = [c for c in self.arrived if c.partition not in parts or c.error is not None]
+    def _drop_chunks(self, parts: set[int] | None) -> None:
+        """Queued chunks of `parts` (None: all) go: this member no longer holds them, or its
+        session ended, so the leaders fail those leases and deliver them again. (Their pending
+        settlements still go: the leader's view may lag, and one it refuses is only dropped.)"""
+        kept = [c for c in self.arrived if c.error is not None or (parts is not None and c.partition not in parts)]
         self.in_flight -= sum(len(c.deliveries) for c in self.arrived) - sum(len(c.deliveries) for c in kept)
         self.arrived.clear()
         self.arrived.extend(kept)
-        for key in [k for k in self.pending if k[0] in parts and settlements]:
-            self.pending_count -= len(self.pending.pop(key))
 
     def on_join_reply(self, order: JoinOrder, generation: int | None, partitions: set[int] | None,
                       error: Refusal | None, now_ms: float) -> None:
@@ -284,6 +287,8 @@ class GroupConsumerCore:
             return
         if error is None and generation is not None and partitions is not None:
             self.coordinator = order.address
+            self.session += 1   # the leases of the session that was fenced are failed by their leaders
+            self._drop_chunks(None)
             self._apply(generation, partitions, now_ms)
             self._hb_due = now_ms + self.config.heartbeat_ms
         else:
@@ -368,7 +373,7 @@ class GroupConsumerCore:
         self.in_flight += n   # reserved until the reply says how many came
         self.leasing.add(p)
         return LeaseOrder(p, n, self.generation, self.leaders.get(p), now_ms,
-                          self.config.max_wait_ms + self.config.request_timeout_ms)
+                          self.config.max_wait_ms + self.config.request_timeout_ms, self.session)
 
     def on_lease_reply(self, order: LeaseOrder, deliveries: dict[int, int] | None, reset_epoch: int,
                        payload: Any, error: Refusal | None, now_ms: float) -> None:
@@ -383,8 +388,10 @@ class GroupConsumerCore:
         if self.closed:
             self.in_flight -= got
             return
-        if p not in self.assigned:
-            self.in_flight -= got   # revoked while the lease was out: the leader redelivers them
+        if p not in self.assigned or order.session != self.session:
+            self.in_flight -= got   # revoked, or fenced, while the lease was out: the leader redelivers them
+            if p in self.assigned:
+                self._schedule_lease(p, now_ms)
             return
         if error is None:
             if got:
@@ -404,7 +411,6 @@ class GroupConsumerCore:
         elif error.code in (FENCED, REBALANCE):
             # Our view of the group is stale, or the leader's is: learn the assignment, then try again.
             if error.code == FENCED:
-                self._drop_partitions({p})
                 self.heartbeat_soon(now_ms)
             self.failures[p] += 1
             self._schedule_lease(p, now_ms + min(retry_backoff_ms * self.failures[p], retry_backoff_ms_max))
@@ -511,8 +517,7 @@ class GroupConsumerCore:
         if error.code == NOT_LEADER and error.address:
             self.leaders[p] = error.address
         if error.code == FENCED:
-            self._drop_partitions({p})
-            self.heartbeat_soon(now_ms)
+            self.heartbeat_soon(now_ms)   # this Ack is dropped (not passing): the leader redelivers
         if not self.closed and (error.retriable or error.code == REBALANCE):
             delay = retry_delay_ms(b.attempt + 1, b.first_ms, now_ms, ack_retry_ms_max, ack_backoff, 0.0)
             if delay is not None:
