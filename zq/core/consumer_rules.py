@@ -212,7 +212,6 @@ class GroupConsumerCore:
         self.config = config
         self.generation = 0
         self.assigned: set[int] = set()
-        self.joined = False
         self.session = 0                   # joins after a fence: a lease sent in an older session is void
         self.closed = False
         self.coordinator: str | None = None
@@ -251,7 +250,6 @@ class GroupConsumerCore:
     def on_joined(self, address: str | None, generation: int, partitions: set[int], now_ms: float) -> None:
         """The first join succeeded through `address`."""
         self.coordinator = address
-        self.joined = True
         self._apply(generation, partitions, now_ms)
         self._hb_due = now_ms + self.config.heartbeat_ms
 
