@@ -292,7 +292,8 @@ def test_an_empty_lease_answered_at_once_waits_before_the_next():
     assert list(leases(c.poll(521))) == [0]
 
 
-@pytest.mark.parametrize("code, moves", [(R.TIMEOUT, True), (R.CONNECTION_FAILED, True), ("leader_not_available", False)])
+@pytest.mark.parametrize("code, moves", [(R.TIMEOUT, True), (R.CONNECTION_FAILED, True),
+                                         ("leader_not_available", False)])
 def test_a_heartbeat_that_fails_moves_on_to_the_next_node_when_the_node_is_gone_or_after_three(code, moves):
     c = core(partitions=(0,))
     (hb,) = of(c.poll(1_000), R.HeartbeatOrder)
