@@ -3,26 +3,15 @@ dead letters).
 
 Theory of operation
 -------------------
-`GroupConsumer` joins its group through any node and then heartbeats there every
-`heartbeat_ms` from the client's I/O thread; each heartbeat's reply carries the generation and
-the partitions this member holds. A heartbeat refused as `Fenced` (the session expired, or the
-node forgot the member) makes it join again; a node that does not answer makes it move to the
-next node.
-
-For every partition it holds, the I/O thread keeps one `Lease` outstanding at the partition's
-leader (long-poll, following NotLeader hints as the plain consumer does). A lease asks for at
-most the room left under `max_in_flight`: messages leased and not yet settled by the
-application. That bound is the member's prefetch and its backpressure: a slow application stops
-leasing, and what it does not lease the group's other members may take after a rebalance. The
-reply's stored batches go, undecoded, onto the arrived queue; the caller's thread decodes them and
-hands out `GroupMessage`s, each with its attempt number.
-
-Settling costs no round trip: `ack`, `nack` and `extend` append to a per-partition list under the
-lock, and the I/O thread sends each partition's list as one `Ack` every `ack_flush_ms` (or at
-once when `ack_batch_max` items wait). An Ack the leader refuses with NotLeader goes to the new
-leader; a Fenced one is dropped (the leader will redeliver, which is the at-least-once contract)
-and the member heartbeats at once to learn its new assignment. `commit()` sends what waits now
-and waits for the answers.
+The member's rules (joining, heartbeats, which partitions to lease and how much, retries and
+their backoff, ack batching, reset epochs, Fenced and NotLeader handling) are the pure core
+`zq.core.consumer_rules.GroupConsumerCore`, whose docstring tells them; this module is its I/O
+shell. Every core call is made under `_lock`. The client's I/O thread runs `_pump`: it takes the
+core's due effects (`poll`), sends the requests, hands each answer back to the core, and sleeps
+until the core's next due time. The caller's thread settles messages (`ack`/`nack`/`extend` only
+queue them in the core: no round trip) and takes the leased chunks from the core's queue,
+decoding their stored batches itself into `GroupMessage`s, each with its attempt number.
+`commit()` flushes what waits now and waits for the answers.
 
 `seek` and `seek_to_time` send `ResetGroup` for the partitions this member holds: the leaders
 open a new reset epoch, acks of the older epoch are ignored, and messages of the older epoch
@@ -34,6 +23,7 @@ One thread at a time may call poll/iterate/seek/commit; ack/nack/extend may come
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -47,8 +37,8 @@ from zq import group_protocol as G
 from zq import protocol
 from zq.client.consumer import Message, ReadyQueue
 from zq.client.metadata import time_spec
-from zq.errors import (ConnectionFailed, Fenced, InvalidRequest, NotLeader, ProtocolError, RebalanceInProgress,
-                       Timeout, ZqError)
+from zq.core import consumer_rules as R
+from zq.errors import InvalidRequest, NotLeader, ProtocolError, ZqError
 
 if TYPE_CHECKING:
     from zq.client.client import Client
@@ -59,22 +49,6 @@ default_session_timeout_ms = 10_000
 default_lease_ms = 30_000
 default_max_in_flight = 5_000      # messages leased and not yet settled, per consumer
 default_max_wait_ms = 500
-lease_messages_max = 2_500         # messages one lease asks for (with max_in_flight, a fair share per partition
-                                   # bounds it: 833 for one member of six partitions, 2,500 for one of three
-                                   # members. Each reply carries its whole stored batches (up to 512 KiB): at
-                                   # 1,000, three members' leases cost the nodes ~20% more CPU per message)
-lease_min_fraction = 4             # with messages queued, no lease below 1/4 of a partition's share
-ack_flush_ms = 20                  # settled messages wait at most this long before their Ack goes
-ack_batch_max = 2_000              # ... or until this many are waiting
-ack_retry_ms_max = 8_000           # an Ack refused for a passing reason (an election, a timeout, NotLeader,
-                                   # RebalanceInProgress) is sent again, with backoff, for this long; under
-                                   # commit_wait_s, so that commit() and close() see how it ended
-retry_backoff_ms = 100
-retry_backoff_ms_max = 500         # a lease or Ack refused for a passing reason waits at most this long: an
-                                   # election ends within ~1 s, and a 2 s cap left partitions idle for seconds
-                                   # after it (measured: bench group-3 stalled 1.5-2 s at LeaderNotAvailable)
-quick_empty_reply_ms = 5
-empty_lease_backoff_ms = 20
 commit_wait_s = 10.0
 close_leave_timeout_ms = 2_000
 
@@ -95,7 +69,7 @@ class GroupMessage(Message):
         """The message was handled: it will not be delivered again (acks are sent in batches)."""
         if not self._settled:
             self._settled = True
-            self._consumer._settle(self, "ack", None)
+            self._consumer._settle(self, "ack", self.offset)
 
     def nack(self, delay: float | None = None, reason: str = "") -> None:
         """Handling failed: deliver it again after `delay` seconds (default: the topic's backoff).
@@ -111,30 +85,13 @@ class GroupMessage(Message):
             self._consumer._settle(self, "extend", [self.offset, max(1, int(seconds * 1000))])
 
 
-class _Pending:
-    """Settlements of one partition and reset epoch waiting to be sent."""
-
-    __slots__ = ("acked", "nacks", "extends")
-
-    def __init__(self) -> None:
-        self.acked: list[int] = []
-        self.nacks: list[list] = []
-        self.extends: list[list] = []
-
-    def __len__(self) -> int:
-        return len(self.acked) + len(self.nacks) + len(self.extends)
+def _now_ms() -> float:
+    return time.monotonic() * 1000.0
 
 
-class _Chunk:
-    __slots__ = ("partition", "epoch", "deliveries", "frames", "error")
-
-    def __init__(self, partition: int, epoch: int, deliveries: dict[int, int], frames: list,
-                 error: ZqError | None = None) -> None:
-        self.partition = partition
-        self.epoch = epoch
-        self.deliveries = deliveries
-        self.frames = frames
-        self.error = error
+def _refusal(error: ZqError) -> R.Refusal:
+    address = error.data.get("address") if isinstance(error, NotLeader) else None
+    return R.Refusal(error.code, error.retriable, address if isinstance(address, str) else None, error)
 
 
 class GroupConsumer(ReadyQueue):
@@ -168,22 +125,17 @@ class GroupConsumer(ReadyQueue):
         self.lease_ms = int(lease_ms)
         self.max_in_flight = max(1, int(max_in_flight))
         self.max_wait_ms = max(0, int(max_wait_ms))
-        self._request_timeout_ms = client.limits.request_timeout_ms
         client._partitions_of(topic)   # UnknownTopic now rather than at the first lease
-        # Shared between threads, under _lock.
+        # The rules, shared between threads under _lock.
+        self._core = R.GroupConsumerCore(R.ConsumerConfig(
+            group, topic, self.member_id, self.static, self.session_timeout_ms, self.heartbeat_ms, self.lease_ms,
+            self.max_in_flight, self.max_wait_ms, client.limits.request_timeout_ms, client.limits.api_timeout_ms,
+            self._start))
         self._lock = threading.Lock()
         self._arrived_cv = threading.Condition(self._lock)
-        self._arrived: collections.deque[_Chunk] = collections.deque()
-        self._in_flight = 0            # leased (or being leased) and not yet settled
-        self._pending: dict[tuple[int, int], _Pending] = {}
-        self._pending_count = 0
-        self._flush_scheduled = False
-        self._resume_asked = False
-        self._epochs: dict[int, int] = {}   # partition -> newest reset epoch seen; older chunks are dropped
+        self._arrived = self._core.arrived   # the core's queue (changed in place only), read by ReadyQueue
         self._closed = False
-        self.generation = 0
-        self._assigned: set[int] = set()
-        self._lease_min = 1
+        self.generation = 0   # the core's, copied under _lock whenever a group reply may change it
         # Caller side only.
         self._ready: collections.deque[GroupMessage] = collections.deque()
         self._positions: dict[int, int] = {}   # partition -> offset after the highest message handed out
@@ -193,21 +145,12 @@ class GroupConsumer(ReadyQueue):
         self.resets: collections.deque = collections.deque(maxlen=1)
         self._decoded: dict[int, tuple[bytes, zbatch.BatchHeader, list]] = {}   # partition -> last batch decoded
         # I/O thread only.
-        self._coordinator: str | None = None
-        self._leasing: set[int] = set()
-        # Partitions waiting for room, in the order they paused (a dict as an ordered set): resumed
-        # in that order, so that with max_in_flight below the partitions held each gets its turn.
-        # Resumed sorted, the highest partitions starved (found by the groups simulator, seed 107).
-        self._paused: dict[int, None] = {}
-        self._failures: dict[int, int] = collections.defaultdict(int)
-        self._caught_up: dict[int, bool] = {}
-        self._hb_failures = 0
-        self._joined = threading.Event()
-        self._join_error: ZqError | None = None
-        self._unflushed: list[Future] = []
+        self._wake_at: float | None = None
+        self._pumping = False
+        self._pump_again = False
         self._join()
 
-    # ------------------------------------------------------------------ membership
+    # ------------------------------------------------------------------ the I/O thread
 
     def _join(self) -> None:
         """Join through the first node that answers (caller's thread), then heartbeat from the I/O thread."""
@@ -218,293 +161,156 @@ class GroupConsumer(ReadyQueue):
                                            with_address=True))
         if not isinstance(reply, G.GroupReply):
             raise ProtocolError(f"expected GroupReply, got {type(reply).__name__}")
-        parts = self._parts(reply)
         with self._lock:   # so that assignment() and generation hold the join's answer at once
-            self.generation = reply.generation
-            self._set_assigned(parts)
-        self._conn.submit(lambda: self._io_joined(address, parts))
-
-    def _io_joined(self, address: str, parts: set[int]) -> None:
-        self._coordinator = address
-        for p in sorted(parts):
-            self._io_lease(p)
-        self._conn.io_call_later(self.heartbeat_ms, self._io_heartbeat)
+            self._core.on_joined(address, reply.generation, self._parts(reply), _now_ms())
+            self.generation = self._core.generation
+        self._conn.submit(self._pump)
 
     def _parts(self, reply: G.GroupReply) -> set[int]:
         return {p for t, p in (tuple(x) for x in reply.partitions if isinstance(x, list) and len(x) == 2)
                 if t == self.topic and type(p) is int}
 
-    def _io_apply(self, reply: G.GroupReply) -> None:
-        parts = self._parts(reply)
-        added = parts - self._assigned
-        if reply.generation != self.generation or parts != self._assigned:
-            log.info("group %s: member %s in generation %d holds %s", self.group, self.member_id,
-                     reply.generation, sorted(parts))
-        with self._lock:
-            self.generation = reply.generation
-            self._set_assigned(parts)
-        for p in sorted(added):
-            self._failures[p] = 0
-            self._io_lease(p)
+    def _wake(self) -> None:
+        """Ask the I/O thread to poll the core now (from any thread)."""
+        if not self._conn.closed:
+            self._conn.submit(self._pump)
 
-    def _io_heartbeat(self) -> None:
-        if self._closed:
+    def _pump(self) -> None:
+        """Send what the core says is due, and sleep until its next due time. Not re-entered: a
+        request failing at once calls back into here, which runs the loop once more instead."""
+        if self._pumping:
+            self._pump_again = True
             return
-        address = self._coordinator or self._client._addresses()[0]
-        msg = G.GroupHeartbeat(self._conn.new_req_id(), self.group, self.member_id, self.generation)
-        self._conn.io_request(address, msg, (), self.heartbeat_ms + 1_000,
-                              lambda reply, frames, error: self._io_on_heartbeat(address, reply, error))
+        self._pumping = True
+        try:
+            self._pump_again = True
+            while self._pump_again:
+                self._pump_again = False
+                with self._lock:
+                    now = _now_ms()
+                    effects = self._core.poll(now, len(self._ready))
+                refreshed = False
+                for e in effects:
+                    if isinstance(e, R.RefreshMetadata):
+                        if not refreshed:
+                            refreshed = True
+                            self._client._io_refresh_metadata()
+                    elif isinstance(e, R.CommitDone):
+                        e.waiter.set_result(e.errors)
+                    else:
+                        self._send(e)
+            with self._lock:
+                due = self._core.due_ms()
+            if due is not None and (self._wake_at is None or due < self._wake_at):
+                self._wake_at = due
+                self._conn.io_call_later(max(0.0, due - _now_ms()), lambda: self._on_wake(due))
+        finally:
+            self._pumping = False
 
-    def _io_on_heartbeat(self, address: str, reply: Any, error: ZqError | None) -> None:
-        if self._closed:
-            return
-        delay = self.heartbeat_ms
-        if error is None and isinstance(reply, G.GroupReply):
-            self._hb_failures = 0
-            self._io_apply(reply)
-        elif isinstance(error, Fenced):
-            self._io_rejoin(address)
-            return
-        else:
-            # No answer, or the node is behind: after a few misses, try the next node.
-            self._hb_failures += 1
-            if isinstance(error, (Timeout, ConnectionFailed)) or self._hb_failures >= 3:
-                addresses = self._client._addresses()
-                i = addresses.index(address) if address in addresses else -1
-                self._coordinator = addresses[(i + 1) % len(addresses)]
-            delay = min(self.heartbeat_ms, retry_backoff_ms * self._hb_failures)
-        self._conn.io_call_later(delay, self._io_heartbeat)
+    def _on_wake(self, due: float) -> None:
+        if self._wake_at == due:
+            self._wake_at = None
+        self._pump()
 
-    def _io_rejoin(self, address: str) -> None:
-        msg = G.JoinGroup(self._conn.new_req_id(), self.group, self.member_id, [self.topic], self.session_timeout_ms,
-                          self.static)
-
-        def done(reply: Any, frames: list, error: ZqError | None) -> None:
-            if self._closed:
-                return
-            if error is None and isinstance(reply, G.GroupReply):
-                self._coordinator = address
-                self._io_apply(reply)
-                self._conn.io_call_later(self.heartbeat_ms, self._io_heartbeat)
+    def _send(self, order: Any) -> None:
+        rid = self._conn.new_req_id()
+        if isinstance(order, (R.JoinOrder, R.HeartbeatOrder)):
+            order = dataclasses.replace(order, address=order.address or self._client._addresses()[0])
+            if isinstance(order, R.JoinOrder):
+                msg: Any = G.JoinGroup(rid, self.group, self.member_id, [self.topic], self.session_timeout_ms,
+                                       self.static)
             else:
-                log.info("group %s: joining again failed (%s); retrying", self.group, error)
-                self._conn.io_call_later(retry_backoff_ms, lambda: self._io_rejoin(address))
-        self._conn.io_request(address, msg, (), self._request_timeout_ms, done)
-
-    def _io_heartbeat_soon(self) -> None:
-        self._conn.io_call_later(0, self._io_heartbeat_once)
-
-    def _io_heartbeat_once(self) -> None:
-        """An extra heartbeat to learn a new assignment now; the regular ones go on as they were."""
-        if self._closed:
+                msg = G.GroupHeartbeat(rid, self.group, self.member_id, order.generation)
+            self._conn.io_request(order.address, msg, (), order.timeout_ms,
+                                  lambda reply, frames, error: self._on_group_reply(order, reply, error))
             return
-        address = self._coordinator or self._client._addresses()[0]
-        msg = G.GroupHeartbeat(self._conn.new_req_id(), self.group, self.member_id, self.generation)
-
-        def done(reply: Any, frames: list, error: ZqError | None) -> None:
-            if not self._closed and error is None and isinstance(reply, G.GroupReply):
-                self._io_apply(reply)
-        self._conn.io_request(address, msg, (), self._request_timeout_ms, done)
-
-    # ------------------------------------------------------------------ leasing
-
-    def _io_lease(self, p: int) -> None:
-        if self._closed or p not in self._assigned or p in self._leasing:
-            return
-        with self._lock:
-            n = self._lease_size()
-            if n <= 0:
-                self._paused[p] = None
+        p = order.partition
+        address = order.address or self._client._leader_address(self.topic, p)
+        if isinstance(order, R.LeaseOrder):
+            if address is None:
+                self._on_lease(order, None, [], NotLeader(f"no leader known for {self.topic}/{p}"))
                 return
-            self._in_flight += n   # reserved until the reply says how many came
-        address = self._client._leader_address(self.topic, p)
-        if address is None:
-            self._unreserve(n)
-            self._io_retry(p, NotLeader(f"no leader known for {self.topic}/{p}"))
+            msg = G.Lease(rid, self.group, self.member_id, order.generation, self.topic, p, order.max_messages,
+                          self.lease_ms, self.max_wait_ms, self._start)
+            self._conn.io_request(address, msg, (), order.timeout_ms,
+                                  lambda reply, frames, error: self._on_lease(order, reply, frames, error))
             return
-        self._leasing.add(p)
-        msg = G.Lease(self._conn.new_req_id(), self.group, self.member_id, self.generation, self.topic, p, n,
-                      self.lease_ms, self.max_wait_ms, self._start)
-        sent_ms = time.monotonic() * 1000.0
-        self._conn.io_request(address, msg, (), self.max_wait_ms + self._request_timeout_ms,
-                              lambda reply, frames, error: self._io_on_lease(p, n, sent_ms, reply, frames, error))
+        if address is None or self._conn.closed:
+            error = NotLeader(f"no leader known for {self.topic}/{p}; the acks are dropped and the messages will "
+                              "be delivered again")
+            self._on_ack(order, R.Refusal(error.code, not self._conn.closed, None, error))
+            return
+        msg = G.Ack(rid, self.group, self.member_id, order.generation, self.topic, p, order.epoch, order.acked,
+                    order.nacks, order.extends)
+        self._conn.io_request(address, msg, (), order.timeout_ms,
+                              lambda reply, frames, error: self._on_ack(order, None if error is None else
+                                                                        self._hinted(p, error)))
 
-    def _lease_size(self) -> int:
-        """How many messages the next lease asks for; 0: wait for room. Under `_lock`.
+    def _hinted(self, p: int, error: ZqError) -> R.Refusal:
+        refusal = _refusal(error)
+        if refusal.address is not None:
+            self._client._hint_leader(self.topic, p, refusal.address)
+        return refusal
 
-        A fair share per partition: a long-poll on an idle partition must not hold the room that
-        busy partitions need. And no lease smaller than `_lease_min` while the application still
-        has messages queued to take: each lease costs the leader a pass over its state and
-        carries whole stored batches, so leasing a few messages as each one is acked (what room
-        freed one at a time gives) cost more than waiting a moment. With nothing queued here the
-        room left is leased whatever its size, so an application that holds messages while it
-        waits for more is never stalled by this."""
-        room = self.max_in_flight - self._in_flight
-        share = max(1, self.max_in_flight // max(1, len(self._assigned)))
-        n = min(room, lease_messages_max, share)
-        if n < self._lease_min and (self._arrived or self._ready):
-            return 0
-        return n
-
-    def _set_assigned(self, parts: set[int]) -> None:
-        """Under `_lock`."""
-        self._assigned = parts
-        share = max(1, self.max_in_flight // max(1, len(parts)))
-        self._lease_min = max(1, min(share, lease_messages_max) // lease_min_fraction)
-
-    def _unreserve(self, n: int) -> None:
+    def _on_group_reply(self, order: Any, reply: Any, error: ZqError | None) -> None:
+        if error is None and not isinstance(reply, G.GroupReply):
+            error = ProtocolError(f"expected GroupReply, got {type(reply).__name__}")
+        gen, parts = (reply.generation, self._parts(reply)) if error is None else (None, None)
         with self._lock:
-            self._in_flight -= n
+            before = (self._core.generation, set(self._core.assigned))
+            if isinstance(order, R.JoinOrder):
+                self._core.on_join_reply(order, gen, parts, None if error is None else _refusal(error), _now_ms())
+            else:
+                self._core.on_heartbeat_reply(order, gen, parts, None if error is None else _refusal(error),
+                                              _now_ms(), self._client._addresses())
+            after = (self._core.generation, self._core.assigned)
+            self.generation = self._core.generation
+        if before != after:
+            log.info("group %s: member %s in generation %d holds %s", self.group, self.member_id, after[0],
+                     sorted(after[1]))
+        elif error is not None and isinstance(order, R.JoinOrder):
+            log.info("group %s: joining again failed (%s); retrying", self.group, error)
+        self._pump()
 
-    def _io_on_lease(self, p: int, n: int, sent_ms: float, reply: Any, frames: list, error: ZqError | None) -> None:
-        self._leasing.discard(p)
+    def _on_lease(self, order: R.LeaseOrder, reply: Any, frames: list, error: ZqError | None) -> None:
+        deliveries: dict[int, int] | None = None
         if error is None and not isinstance(reply, G.LeaseReply):
             error = ProtocolError(f"expected LeaseReply, got {type(reply).__name__}")
-        got = 0
         if error is None:
-            deliveries = reply.deliveries
-            if len(deliveries) % 2 or not all(type(x) is int for x in deliveries):
+            flat = reply.deliveries
+            if len(flat) % 2 or not all(type(x) is int for x in flat):
                 error = ProtocolError("LeaseReply.deliveries is a flat list of [offset, attempt] pairs")
             else:
-                got = len(deliveries) // 2
+                deliveries = dict(zip(flat[::2], flat[1::2]))
+        if error is not None:
+            log.debug("lease %s/%s: %s", self.topic, order.partition, error.code)
         with self._lock:
-            self._in_flight -= n - got
-            paused = list(self._paused) if n > got else []
-            for q in paused:
-                del self._paused[q]
-            if error is None and got:
-                epoch = max(self._epochs.get(p, 0), reply.reset_epoch)
-                self._epochs[p] = epoch
-                self._arrived.append(_Chunk(p, reply.reset_epoch, dict(zip(deliveries[::2], deliveries[1::2])),
-                                            frames))
+            self._core.on_lease_reply(order, deliveries, reply.reset_epoch if error is None else 0, frames,
+                                      None if error is None else self._hinted(order.partition, error), _now_ms())
+            if self._arrived:
                 self._arrived_cv.notify()
-        if self._closed:
-            return
-        for q in paused:   # room came back: partitions that waited for it go first
-            self._io_lease(q)
-        if error is None:
-            self._failures[p] = 0
-            self._caught_up[p] = got == 0
-            if got == 0 and time.monotonic() * 1000.0 - sent_ms < quick_empty_reply_ms:
-                self._conn.io_call_later(empty_lease_backoff_ms, lambda: self._io_lease(p))
-            else:
-                self._io_lease(p)
-        elif isinstance(error, NotLeader) and isinstance(error.data.get("address"), str) and self._failures[p] == 0:
-            self._client._hint_leader(self.topic, p, error.data["address"])
-            self._failures[p] += 1
-            self._io_lease(p)
-        elif isinstance(error, (Fenced, RebalanceInProgress)):
-            # Our view of the group is stale, or the leader's is: learn the assignment, then try again.
-            if isinstance(error, Fenced):
-                self._io_heartbeat_soon()
-            self._failures[p] += 1
-            self._conn.io_call_later(min(retry_backoff_ms * self._failures[p], retry_backoff_ms_max),
-                                     lambda: self._io_lease(p))
-        elif error.retriable:
-            self._io_retry(p, error)
-        else:
-            with self._lock:
-                self._arrived.append(_Chunk(p, -1, {}, [], error=error))
-                self._arrived_cv.notify()
+        self._pump()
 
-    def _io_retry(self, p: int, error: ZqError) -> None:
-        self._failures[p] += 1
-        delay = min(retry_backoff_ms_max, retry_backoff_ms * 2 ** min(self._failures[p] - 1, 10))
-        log.debug("lease %s/%s: %s; retrying in %s ms", self.topic, p, error.code, delay)
-        self._client._io_refresh_metadata()
-        self._conn.io_call_later(delay, lambda: self._io_lease(p))
-
-    def _io_resume(self) -> None:
+    def _on_ack(self, order: R.AckOrder, refusal: R.Refusal | None) -> None:
         with self._lock:
-            self._resume_asked = False
-            paused = list(self._paused)
-            self._paused.clear()
-        for p in paused:
-            self._io_lease(p)
+            retrying = self._core.on_ack_reply(order, refusal, _now_ms())
+        if refusal is not None and not retrying:
+            log.info("acks for %s/%s were not applied (%s); those messages will be delivered again",
+                     self.topic, order.partition, refusal.cause.message)
+        self._pump()
 
     # ------------------------------------------------------------------ settling
 
     def _settle(self, msg: GroupMessage, kind: str, item: Any) -> None:
-        submit_flush = submit_resume = False
         with self._lock:
-            pending = self._pending.get((msg.partition, msg._epoch))
-            if pending is None:
-                pending = self._pending[(msg.partition, msg._epoch)] = _Pending()
-            if kind == "ack":
-                pending.acked.append(msg.offset)
-            elif kind == "nack":
-                pending.nacks.append(item)
-            else:
-                pending.extends.append(item)
-            self._pending_count += 1
-            if kind != "extend":
-                self._in_flight -= 1
-                if self._paused and not self._resume_asked and (
-                        self.max_in_flight - self._in_flight >= self._lease_min or not self._ready):
-                    self._resume_asked = submit_resume = True
-            if not self._flush_scheduled:
-                self._flush_scheduled = submit_flush = True
-            elif self._pending_count >= ack_batch_max:
-                submit_flush = True
-        if submit_flush and not self._conn.closed:
-            if self._pending_count >= ack_batch_max:
-                self._conn.submit(self._io_flush)
-            else:
-                self._conn.call_later(ack_flush_ms, self._io_flush)
-        if submit_resume and not self._conn.closed:
-            self._conn.submit(self._io_resume)
+            wake = self._core.settle(msg.partition, msg._epoch, kind, item, _now_ms(), len(self._ready))
+        if wake:
+            self._wake()
 
-    def _io_flush(self, done: Future | None = None) -> None:
+    def _io_flush(self, done: Future) -> None:
         with self._lock:
-            pending, self._pending = self._pending, {}
-            self._pending_count = 0
-            self._flush_scheduled = False
-        waits: list[Future] = []
-        for (p, epoch), items in sorted(pending.items()):
-            fut: Future = Future()
-            waits.append(fut)
-            self._io_send_ack(p, epoch, items, fut, 0, time.monotonic() * 1000.0)
-        if done is not None:
-            _when_all(waits, done)
-
-    def _io_send_ack(self, p: int, epoch: int, items: _Pending, fut: Future, attempt: int, first_ms: float) -> None:
-        """Send one partition's settlements; retried while the refusal is a passing one. An ack
-        given up costs a redelivery after the lease runs out, and until then the unacked offset
-        holds the partition's committed offset back (measured: a 30 s stall of a partition after
-        an election that outlasted 5 quick retries), so it is retried for `ack_retry_ms_max`.
-        Sending the same acks twice is harmless: an ack is a lattice join at the leader."""
-        address = self._client._leader_address(self.topic, p)
-        if address is None or self._conn.closed:
-            delay = min(retry_backoff_ms_max, retry_backoff_ms * 2 ** min(attempt, 10))
-            if not self._conn.closed and time.monotonic() * 1000.0 + delay - first_ms < ack_retry_ms_max:
-                self._client._io_refresh_metadata()   # an election: the metadata will name the new leader
-                self._conn.io_call_later(delay, lambda: self._io_send_ack(p, epoch, items, fut, attempt + 1, first_ms))
-                return
-            fut.set_result(NotLeader(f"no leader known for {self.topic}/{p}; the acks are dropped and the "
-                                     "messages will be delivered again"))
-            return
-        msg = G.Ack(self._conn.new_req_id(), self.group, self.member_id, self.generation, self.topic, p, epoch,
-                    items.acked, items.nacks, items.extends)
-
-        def done(reply: Any, frames: list, error: ZqError | None) -> None:
-            if error is None:
-                fut.set_result(None)
-                return
-            delay = min(retry_backoff_ms_max, retry_backoff_ms * 2 ** min(attempt, 10))
-            retry = (time.monotonic() * 1000.0 + delay - first_ms < ack_retry_ms_max
-                     and (error.retriable or isinstance(error, RebalanceInProgress)))
-            if isinstance(error, NotLeader) and isinstance(error.data.get("address"), str):
-                self._client._hint_leader(self.topic, p, error.data["address"])
-            if isinstance(error, Fenced):
-                self._io_heartbeat_soon()
-            if retry and not self._conn.closed:
-                self._client._io_refresh_metadata()
-                self._conn.io_call_later(delay, lambda: self._io_send_ack(p, epoch, items, fut, attempt + 1, first_ms))
-                return
-            log.info("acks for %s/%s were not applied (%s); those messages will be delivered again",
-                     self.topic, p, error.message)
-            fut.set_result(error)
-        self._conn.io_request(address, msg, (), self._request_timeout_ms, done)
+            self._core.flush(_now_ms(), done)
+        self._pump()
 
     def commit(self, timeout: float = commit_wait_s) -> None:
         """Send every settled message's ack now and wait for the leaders' answers. Raises the first
@@ -519,41 +325,37 @@ class GroupConsumer(ReadyQueue):
 
     def _take_chunk(self, deadline: float) -> bool:
         with self._lock:
-            # Nothing queued: partitions that waited for a larger room may lease what there is.
-            resume = not self._arrived and bool(self._paused) and not self._resume_asked
-            self._resume_asked |= resume
-        if resume:
-            self._conn.submit(self._io_resume)
-        with self._lock:
-            chunk = self._next_arrived(deadline)
-            if chunk is None:
-                return False
-            current = chunk.error is not None or chunk.epoch >= self._epochs.get(chunk.partition, 0)
+            while True:
+                now = _now_ms()
+                chunk = self._core.take_chunk(now)
+                due = self._core.due_ms()
+                if due is not None and due <= now:
+                    self._wake()   # e.g. nothing queued: partitions that waited for a larger room may lease
+                if chunk is not None:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return False
+                self._arrived_cv.wait(remaining)
         if chunk.error is not None:
             raise chunk.error
-        if not current:
-            self._release(len(chunk.deliveries))
-            return True
         self._decode(chunk)
         return True
 
     def _release(self, n: int) -> None:
-        """Leased messages dropped here (a seek made them stale): their room is free again."""
+        """Leased messages dropped here (stale, or missing from a reply): their room is free again."""
         with self._lock:
-            self._in_flight -= n
-            resume = bool(self._paused) and not self._resume_asked
-            self._resume_asked |= resume
-        if resume:
-            self._conn.submit(self._io_resume)
+            self._core.release(n, _now_ms())
+        self._wake()
 
-    def _decode(self, chunk: _Chunk) -> None:
+    def _decode(self, chunk: R.Chunk) -> None:
         p = chunk.partition
         # The leased offsets in order; the stored batches are walked once, beside them.
         wanted = sorted(chunk.deliveries.items())
         topic, epoch = self.topic, chunk.epoch
         out: list[GroupMessage] = []
         i, n = 0, len(wanted)
-        frames = sorted(((zbatch.unpack_header(f).base_offset, f) for f in chunk.frames), key=lambda x: x[0])
+        frames = sorted(((zbatch.unpack_header(f).base_offset, f) for f in chunk.payload), key=lambda x: x[0])
         for _, frame in frames:
             h, records = self._records(p, frame)
             if records is None:
@@ -605,12 +407,12 @@ class GroupConsumer(ReadyQueue):
     def assignment(self) -> list[int]:
         """Partitions this member holds now."""
         with self._lock:
-            return sorted(self._assigned)
+            return sorted(self._core.assigned)
 
     def caught_up(self) -> bool:
         """True when the last lease of every held partition came back empty (nothing to deliver now)."""
         parts = self.assignment()
-        return bool(parts) and all(self._caught_up.get(p, False) for p in parts) and not self._ready \
+        return bool(parts) and all(self._core.caught_up.get(p, False) for p in parts) and not self._ready \
             and not self._arrived
 
     def seek(self, partition: int, offset: int) -> None:
@@ -645,15 +447,6 @@ class GroupConsumer(ReadyQueue):
                              "from it and did not seek it")
         return self._positions[partition]
 
-    def _drop_arrived(self, partitions: set[int]) -> None:
-        """I/O thread: partitions this member lost. Their leased messages not yet handed out are
-        dropped here: the leader fails those leases and delivers them to the new owner."""
-        with self._lock:
-            kept = collections.deque(c for c in self._arrived if c.partition not in partitions or c.error)
-            dropped = sum(len(c.deliveries) for c in self._arrived) - sum(len(c.deliveries) for c in kept)
-            self._arrived = kept
-            self._in_flight -= dropped
-
     def _drop_queued(self, reset: dict) -> None:
         """After a reset, what is queued here from before it (an older reset epoch) is dropped; the
         next leases bring the rest. Chunks of the new epoch may have arrived already, before the
@@ -663,21 +456,13 @@ class GroupConsumer(ReadyQueue):
             if type(row.get("offset")) is int:
                 self._positions[row["partition"]] = row["offset"]
         with self._lock:
-            for p, epoch in epochs.items():
-                self._epochs[p] = max(self._epochs.get(p, 0), epoch)
-            keep: collections.deque[_Chunk] = collections.deque()
-            dropped = 0
-            for c in self._arrived:
-                if c.partition in epochs and c.epoch < epochs[c.partition]:
-                    dropped += len(c.deliveries)
-                else:
-                    keep.append(c)
-            self._arrived = keep
+            self._core.on_reset(epochs, _now_ms())
         kept = collections.deque(m for m in self._ready if m.partition not in epochs or m._epoch >= epochs[m.partition])
-        dropped += len(self._ready) - len(kept)
+        dropped = len(self._ready) - len(kept)
         self._ready = kept
         if dropped:
             self._release(dropped)
+        self._wake()
 
     def close(self) -> None:
         """Send the acks that wait, leave the group (its partitions move at once), stop."""
@@ -690,11 +475,11 @@ class GroupConsumer(ReadyQueue):
             log.info("group %s: acks at close failed (%s)", self.group, e)
         with self._lock:
             self._closed = True
-            self._arrived.clear()
+            self._core.close()
             self._arrived_cv.notify_all()
         self._ready.clear()
         if not self._conn.closed:
-            address = self._coordinator or self._client._addresses()[0]
+            address = self._core.coordinator or self._client._addresses()[0]
             try:
                 self._client._call(address, G.LeaveGroup(self._conn.new_req_id(), self.group, self.member_id),
                                    close_leave_timeout_ms)
@@ -706,24 +491,6 @@ class GroupConsumer(ReadyQueue):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _when_all(futures: list[Future], done: Future) -> None:
-    """Resolve `done` with the list of errors once every future has resolved."""
-    if not futures:
-        done.set_result([])
-        return
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def one(_f: Future) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            done.set_result([f.result() for f in futures if f.result() is not None])
-    for f in futures:
-        f.add_done_callback(one)
 
 
 # ---------------------------------------------------------------------------- admin calls
