@@ -1774,6 +1774,21 @@ class Node:
     def wall_ms(self) -> int:
         return now_ms()
 
+    def random_bits(self, bits: int) -> int:
+        """Randomness for a service (the simulator's host draws it from its seed)."""
+        return random.SystemRandom().getrandbits(bits)
+
+    def get_meta(self, name: bytes) -> bytes | None:
+        return self.store.get_meta(name)
+
+    def scan_meta(self, prefix: bytes) -> Any:
+        """(key, value) of the meta keys starting with `prefix`: at start-up only, not for the loop."""
+        for key, value in self.store.scan(b"M" + prefix):
+            yield key[1:], value
+
+    def offset_for_time(self, tp: TopicPartition, time_ms: int) -> int | None:
+        return self.store.offset_for_time(tp, time_ms)
+
     def alive(self, name: str) -> bool:
         return self._alive(name)
 
