@@ -41,7 +41,11 @@ once the leases of members known to have left (so their partitions move within t
 timeout, not the lease time), and starts dead-letter copies: the source record, with its key,
 value and headers plus the zq-* dead-letter headers, is produced to `TOPIC.dlq` (same partition
 index) with acks=quorum, on this node if it leads that partition, else at its leader; only when
-the copy is acknowledged does `on_dead_lettered` mark the offset done. At most
+the copy is acknowledged does `on_dead_lettered` mark the offset done. The write is idempotent:
+its producer id is derived from the group and the source message (`dead_letter_producer_id`),
+sequence 0, so a retry whose first answer was lost, or a second leader of the source partition
+that had not heard the offset was done, gets "duplicate" from the dead-letter partition, and the
+copy is there once. At most
 `dead_letter_writes_max` copies per partition are in flight.
 
 Persistence and replication. Changed states are written every `persist_ms` (not fsynced), and
@@ -80,6 +84,7 @@ leads, within `describe_wait_ms`) and adds its own view of the membership.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -88,6 +93,7 @@ from typing import Any, Callable
 from zq import batch as zbatch
 from zq import protocol as P
 from zq import group_protocol as G
+from zq.core.bounds import PRODUCER_ID_MAX
 from zq.core.grouplead import (FENCED, DeadLetterWrite, PartitionLead, check_member, reset_epoch_floor,
                                unknown_member)
 from zq.core.groups import GroupMembership, membership_gossip_interval_ms
@@ -841,18 +847,24 @@ class GroupService:
         })
         record = [node.wall_ms(), source.key, source.value, headers]
         dp = p % len(dlq.partitions)
+        # Idempotent across retries and leader changes: one producer id per source message, sequence 0,
+        # so a copy written whose answer was lost, or written by an earlier leader of the source
+        # partition, is answered as a duplicate instead of written again (a hostile test once found
+        # one poison message twice in its TOPIC.dlq).
+        producer_id = dead_letter_producer_id(group, topic_id, p, d.offset)
         if node.leads(dlq.name, dp):
             def local_done(outcome: Any) -> None:
                 ok = not isinstance(outcome, ZqError) and getattr(outcome, "status", None) == COMMITTED
                 self._on_dead_letter_written(key, write, ok)
-            node.produce_local(dlq.name, dp, [record], local_done, acks_quorum=True)
+            node.produce_local(dlq.name, dp, [record], local_done, acks_quorum=True, producer_id=producer_id,
+                               base_sequence=0)
             return
         leader = node.leader_address(dlq.name, dp)[0]
         if leader is None:
             held.abandon_dead_letter(write)   # the next sweep tries again
             return
         blob = zbatch.encode_records([record])
-        request = P.Produce(node.next_req_id(), dlq.name, dp, 2, 1, zbatch.crc(blob), 0, 0, 0)
+        request = P.Produce(node.next_req_id(), dlq.name, dp, 2, 1, zbatch.crc(blob), producer_id, 0, 0)
         self._request_with_frames(leader, request, [blob], lambda reply, _: self._on_dead_letter_written(
             key, write, isinstance(reply, P.ProduceReply)))
 
@@ -1163,6 +1175,14 @@ class GroupService:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def dead_letter_producer_id(group: str, topic_id: int, partition: int, offset: int) -> int:
+    """The idempotent producer id of the dead-letter copy of one source message: derived from the
+    group and the source's topic id, partition and offset, so every writer of that copy (a retry,
+    a later leader of the source partition) uses the same one; 63 bits, never 0 (not idempotent)."""
+    digest = hashlib.blake2b(f"zq-dlq|{group}|{topic_id}|{partition}|{offset}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") & PRODUCER_ID_MAX) or 1
 
 
 def _check_name(value: Any, what: str) -> None:
