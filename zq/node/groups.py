@@ -98,6 +98,7 @@ from zq.core.grouplead import (FENCED, DeadLetterWrite, PartitionLead, check_mem
                                unknown_member)
 from zq.core.groups import GroupMembership, membership_gossip_interval_ms
 from zq.core.groupstate import DeliveryState
+from zq.core.quorum import has_majority
 from zq.core.repl_types import COMMITTED
 from zq.limits import DEFAULT
 from zq.core.retry import BackoffPolicy, RetryPolicy
@@ -513,7 +514,7 @@ class GroupService:
         return self._maybe_gathered(tp, g)
 
     def _maybe_gathered(self, tp: tuple[int, int], g: _Gather) -> bool:
-        if len(g.replied & set(g.replicas)) < len(g.replicas) // 2 + 1:
+        if not has_majority(g.replied & set(g.replicas), len(g.replicas)):
             return False
         del self._gathering[tp]
         self._gathered[tp] = g.epoch
