@@ -414,7 +414,7 @@ class GroupSim:
 
     def on_node_reply(self, host: SimServiceHost, endpoint: str, msg: Any, frames: tuple) -> None:
         """A node answers: a lease's deliveries are grants (checked when they are handed out)."""
-        ask = self.lease_asks.pop((endpoint, getattr(msg, "req_id", -1)), None)
+        ask = self.lease_asks.get((endpoint, getattr(msg, "req_id", -1)))   # get: a duplicated Lease is answered twice
         if ask is not None and isinstance(msg, G.LeaseReply) and msg.deliveries:
             group, p = ask
             pairs = list(zip(msg.deliveries[::2], msg.deliveries[1::2]))
