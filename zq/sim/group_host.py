@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from zq.node.groups import GroupService
     from zq.sim.groups import GroupSim
 
+TOPIC, TOPIC_ID, DLQ_ID = "t", 1, 2      # the simulated cluster's topic; t.dlq has the next id
+NODES = ("n1", "n2", "n3")
 SYNC_MS = 50                  # the store's page cache reaches the disk this often
 PEER_REQUEST_TIMEOUT_MS = 2_000
 
