@@ -69,6 +69,7 @@ from zq import protocol as P
 from zq.core.metadata import MetadataState
 from zq.core.repl_types import COMMITTED, Outcome
 from zq.errors import LeaderNotAvailable, OutOfOrderSequence, ProtocolError, ZqError, from_wire
+from zq.limits import DEFAULT
 from zq.node.groups import GroupService
 from zq.sim.group_consumer import ConsumerModel, Member
 from zq.sim.group_host import DLQ_ID, NODES, SYNC_MS, TOPIC, TOPIC_ID, SimServiceHost
@@ -496,8 +497,8 @@ class GroupSim(ConsumerModel):
         tp = host._must_lead(msg.topic, msg.partition)
         if len(frames) != 1:
             raise ProtocolError("Produce carries one payload frame (the batch)")
-        records = zbatch.check_incoming(frames[0], msg.blob_crc, msg.count, 1 << 20, 1_000, msg.flags,
-                                        msg.producer_id, msg.base_sequence)
+        records = zbatch.check_incoming(frames[0], msg.blob_crc, msg.count, DEFAULT.batch_bytes_max,
+                                        DEFAULT.batch_records_max, msg.flags, msg.producer_id, msg.base_sequence)
         tag = self.produce_tags.get((src, msg.req_id), -1)   # get: the network may deliver it twice
 
         def answer(outcome: Any) -> None:
