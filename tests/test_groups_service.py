@@ -10,7 +10,7 @@ from zq import batch as B
 from zq import group_protocol as G
 from zq import protocol as P
 from zq.core.grouplead import reset_epoch_floor
-from zq.io.groups import GroupService
+from zq.node.groups import GroupService
 from tests.nodeutil import NodeThread, Raw, start_nodes, wait_until
 
 SERVICES = ("zq.io.groups",)
@@ -370,3 +370,17 @@ def test_consumer_lag_and_replication_lag_are_prometheus_metrics(tmp_path):
     finally:
         raw.close()
         nodes[0].stop()
+
+
+def test_the_real_node_is_a_service_host(one):
+    """zq.node.services.ServiceHost names exactly what a service may use; the real node has all of it
+    (the simulator's host is checked the same way in tests/test_sim_groups.py)."""
+    from zq.node.services import ServiceHost
+    node, _raw = one
+    wait_until(lambda: node.node is not None, 10, "the node")
+    names = {n for n in ServiceHost.__dict__ if not n.startswith("_")} | set(ServiceHost.__annotations__)
+    assert {"reply", "request_peer", "write", "scan_meta", "get_meta", "offset_for_time", "random_bits",
+            "produce_local", "meta", "counters", "name"} <= names
+    missing = [n for n in sorted(names) if not hasattr(node.node, n)]
+    assert not missing, missing
+    assert node.node.random_bits(62) != node.node.random_bits(62)

@@ -6,8 +6,8 @@ A partition's leader keeps one `PartitionLead` per group that reads the partitio
 lattice `DeliveryState` (groupstate.py) with what only the leader needs: a cursor (offsets from
 `cursor` up were never leased by this node in this epoch), whether some offset may be waiting to
 retry, which dead-letter copies are being written, and how many were written. The node's groups
-service (zq/io/groups.py) and the groups simulator (zq/sim/groups.py) both drive it; neither
-decides a delivery rule of its own. Every method takes the time and the random numbers it needs
+service (zq/node/groups.py) drives it, in a real node and in the groups simulator (zq/sim/groups.py)
+alike; it decides no delivery rule of its own. Every method takes the time and the random numbers it needs
 and returns what happened as data; it reads no clock, sends nothing and stores nothing.
 
 Fencing (`check_member`). A request names a member, the generation it believes in and a

@@ -1774,6 +1774,21 @@ class Node:
     def wall_ms(self) -> int:
         return now_ms()
 
+    def random_bits(self, bits: int) -> int:
+        """Randomness for a service (the simulator's host draws it from its seed)."""
+        return random.SystemRandom().getrandbits(bits)
+
+    def get_meta(self, name: bytes) -> bytes | None:
+        return self.store.get_meta(name)
+
+    def scan_meta(self, prefix: bytes) -> Any:
+        """(key, value) of the meta keys starting with `prefix`: at start-up only, not for the loop."""
+        for key, value in self.store.scan(b"M" + prefix):
+            yield key[1:], value
+
+    def offset_for_time(self, tp: TopicPartition, time_ms: int) -> int | None:
+        return self.store.offset_for_time(tp, time_ms)
+
     def alive(self, name: str) -> bool:
         return self._alive(name)
 
@@ -1801,7 +1816,7 @@ class Node:
         return part.log_start, part.high_watermark
 
     def produce_local(self, topic: str, partition: int, records: list[list], done: Callable[[Any], None],
-                      acks_quorum: bool = True) -> None:
+                      acks_quorum: bool = True, producer_id: int = 0, base_sequence: int = 0) -> None:
         """Append records (`[create_time_ms, key, value, headers]`) to a partition this node leads,
         as a producer would; `done(outcome_or_ZqError)` runs when the batch commits (or fails).
         Raises NotLeader if another node leads it: send the records there instead."""
@@ -1819,8 +1834,10 @@ class Node:
         except LeaderNotAvailable as e:
             done(e)   # a leader of a moment ago, still hearing its replicas' clocks: the caller retries
             return
-        stored = zbatch.make_stored(zbatch.FLAG_VERIFIED, 0, len(records), 0, stamp, 0, 0, zbatch.crc(blob), blob)
-        self._propose(part, len(records), 0, 0, stored, done, leader_ack=not acks_quorum)
+        # producer_id 0: not idempotent; else deduplicated as a producer's batch is (a retry is a duplicate)
+        stored = zbatch.make_stored(zbatch.FLAG_VERIFIED, 0, len(records), 0, stamp, producer_id, base_sequence,
+                                    zbatch.crc(blob), blob)
+        self._propose(part, len(records), producer_id, base_sequence, stored, done, leader_ack=not acks_quorum)
 
     def read_committed(self, topic: str, partition: int, offset: int, max_bytes: int) -> list[bytes]:
         """Stored batches of a partition this node leads, from `offset`, below the high watermark."""

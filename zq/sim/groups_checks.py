@@ -26,7 +26,10 @@ reset and every change of partition leader. Keys are `(group, partition, reset_e
   old one handed out last. A delivery is a distinct (leader term, attempt) pair: a leader that
   hands its own live lease out again to the same owner (its reply was lost) delivers nothing new.
 - Dead letters: each record in `TOPIC.dlq` names exactly one source (partition, offset), holds
-  that source's value, and was written after `max_deliveries` failed deliveries.
+  that source's value, and was written after `max_deliveries` failed deliveries; and there is at
+  most one record per source message and group, across retries of its write, leader changes of
+  the source and of the dead-letter partition, crashes and resets (a write answered "duplicate"
+  by the dead-letter partition's idempotent-producer table counts as that copy).
 - Fencing: an Ack from a member that the leader's own membership copy says is not live or does
   not hold the partition changes nothing.
 """
@@ -60,6 +63,7 @@ class GroupChecker:
         self.handled: set[Key] = set()
         self.dead: dict[Key, int] = {}                  # dead-letter copies written
         self.dead_records: list[DeadLetterRecord] = []
+        self.dead_sources: dict[tuple[str, int, int], DeadLetterRecord] = {}   # (group, p, offset) -> its copy
         self.attempt_max: dict[Key, tuple[int, int]] = {}   # (leader term, highest attempt in it)
         self.attempt_drops = 0
         self.deliveries_over = 0    # grants beyond max_deliveries + one per leader change (each fails the seed)
@@ -123,9 +127,24 @@ class GroupChecker:
         if rec.attempts < self.max_deliveries:
             raise Violation("dead letter after max_deliveries",
                             f"{rec} written after {rec.attempts} < {self.max_deliveries} deliveries")
+        source = (rec.group, rec.source_partition, rec.source_offset)
+        if source in self.dead_sources:
+            raise Violation("at most one dead letter per source message",
+                            f"group {rec.group} {rec.source_partition}/{rec.source_offset} is in the dead-letter "
+                            f"topic twice: {self.dead_sources[source]} and {rec}")
+        self.dead_sources[source] = rec
         k = (rec.group, rec.source_partition, rec.epoch, rec.source_offset)
         self.dead[k] = self.dead.get(k, 0) + 1
         self.dead_records.append(rec)
+
+    def on_dead_letter_duplicate(self, rec: DeadLetterRecord) -> None:
+        """A dead-letter write answered as a duplicate of the copy already there (idempotent producer):
+        the copy exists for the epoch that asked too."""
+        first = self.dead_sources.get((rec.group, rec.source_partition, rec.source_offset))
+        if first is None or first.value != rec.value:
+            raise Violation("dead letter matches one source", f"{rec} was answered as a duplicate of {first}")
+        k = (rec.group, rec.source_partition, rec.epoch, rec.source_offset)
+        self.dead[k] = self.dead.get(k, 0) + 1
 
     def on_ack_applied(self, group: str, p: int, epoch: int, offset: int) -> None:
         self.applied.add((group, p, epoch, offset))
