@@ -359,7 +359,7 @@ def _js_rows(port: int, replicas: int, system: str, messages: int, rate: float, 
 
 
 def jetstream_r1_rows(messages: int, rate: float, warm: int) -> list[dict]:
-    binary = _need("nats-server", "nats", "NATS JetStream")
+    binary = _need("nats-server", "nats", "JetStream R1")
     with Servers() as servers:
         port = _free_ports(1)[0]
         servers.start([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(servers.dir / "js"),
@@ -368,7 +368,7 @@ def jetstream_r1_rows(messages: int, rate: float, warm: int) -> list[dict]:
 
 
 def jetstream_r3_rows(messages: int, rate: float, warm: int) -> list[dict]:
-    binary = _need("nats-server", "nats", "NATS JetStream")
+    binary = _need("nats-server", "nats", "JetStream R3")
     with Servers() as servers:
         ports = _free_ports(6)
         client_ports, cluster_ports = ports[:3], ports[3:]
