@@ -6,14 +6,20 @@ bounded in count). Two faults, one after the other:
 
 1. a follower is SIGSTOPped for `PAUSE_S`: a majority is still up, so every partition must go on
    acknowledging while it is paused (asserted), and
-2. the leader of partition 0 is SIGKILLed, and restarted once a new leader acknowledges.
+2. the leader of partition 0 is SIGKILLed, and restarted once a new leader acknowledges;
+3. the leader of partition 0 is SIGSTOPped for `PAUSE_S`, under a producer of default settings
+   (the load above times a request out after 2 s; the default waits 30 s). Its gap shows what a
+   user's producer sees: measured, it is the whole pause, not an election (issue 11's 4.7-6.0 s
+   gaps under 5 s pauses): a batch in flight to the paused leader waits for its answer, which
+   comes only when the old leader wakes and refuses it, although a new leader was elected after
+   1-2 s.
 
 For each fault the longest gap between acknowledged writes of each partition is measured and
 printed (a figure, never asserted: performance is not asserted by a timed test; the issue's aim
 is one election timeout plus a little). What is asserted is liveness: no node's log reports a loop
 pass over `LOOP_PASS_MS_MAX`, a pass during which a node served nothing of what it leads.
 
-One pass over that bound is expected and is not a stall: the paused node's own pass that was
+One pass over that bound per pause is expected and is not a stall: the paused node's own pass that was
 frozen by SIGSTOP. Its loop measures a pass with the monotonic clock, which runs on while the
 process is stopped, so on SIGCONT it logs "a loop pass took <the pause> ms", in whatever phase
 the signal caught it (usually "write and send", where the fsync is). The node logs carry no
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 
@@ -33,7 +38,7 @@ from tests.test_faults import (CATCHUP_WAIT_S, FAILOVER_WAIT_S, Load, set_up, st
 
 pytestmark = pytest.mark.slow
 
-PAUSE_S = 3.0                # a follower's pause: past the longest election timeout (2 s)
+PAUSE_S = 3.0                # each pause: past the longest election timeout (2 s), so a new leader is elected
 LOOP_PASS_MS_MAX = 2_000     # a longer pass on a running node is a stall (an election timeout is 1-2 s)
 RESUME_LOG_S = 2.0           # the paused node logs its frozen pass within this long after SIGCONT
 ACKS_BETWEEN_FAULTS = 100    # acknowledgements awaited before each fault and after recovery
@@ -62,7 +67,25 @@ def slow_passes(text: str) -> list[tuple[int, str]]:
     return [(int(m.group(1)), m.group(0)) for m in SLOW_PASS.finditer(text)]
 
 
-def test_writes_go_on_and_no_loop_stalls_while_a_follower_is_paused_and_a_leader_killed(zq_cluster):
+def pause(cluster, name: str, load: Load, frozen: list) -> tuple[float, float]:
+    """SIGSTOP `name` for PAUSE_S while `load` runs; (pause, resume) times. Appends to `frozen`
+    what the node logged from the pause to RESUME_LOG_S after it, with the pause's length."""
+    log = cluster.log_path(name)
+    log_at_pause = log.stat().st_size
+    pause_s = time.monotonic()
+    cluster.pause(name)
+    try:
+        load.wait(lambda l: time.monotonic() - pause_s >= PAUSE_S, PAUSE_S + FAILOVER_WAIT_S, f"{PAUSE_S:g} s of pause")
+    finally:
+        cluster.resume(name)
+    resume_s = time.monotonic()
+    load.wait_more_acks(ACKS_BETWEEN_FAULTS)
+    time.sleep(max(0.0, resume_s + RESUME_LOG_S - time.monotonic()))
+    frozen.append((name, log.read_bytes()[log_at_pause:].decode(errors="replace"), (resume_s - pause_s) * 1000))
+    return pause_s, resume_s
+
+
+def test_writes_go_on_and_no_loop_stalls_while_a_follower_is_paused_and_a_leader_killed_or_paused(zq_cluster):
     cluster = zq_cluster
     admin, status, _ = set_up(cluster)
     rows = status_rows(status)
@@ -71,29 +94,18 @@ def test_writes_go_on_and_no_loop_stalls_while_a_follower_is_paused_and_a_leader
     victim = next((n for n in cluster.names if n not in leaders), None)
     if victim is None:
         victim = next(n for n in cluster.names if n != rows[("faults", 0)]["leader"])
-    logs: dict[str, Path] = cluster.logs
     figures: dict[str, dict[int, float]] = {}
+    frozen: list[tuple[str, str, float]] = []
     load = Load(admin).start()
     try:
         load.wait_more_acks(ACKS_BETWEEN_FAULTS)
 
         # 1. A follower paused.
-        log_at_pause = logs[victim].stat().st_size
-        pause_s = time.monotonic()
-        cluster.pause(victim)
-        try:
-            load.wait(lambda l: time.monotonic() - pause_s >= PAUSE_S, PAUSE_S + FAILOVER_WAIT_S,
-                      f"{PAUSE_S:g} s of pause")
-        finally:
-            cluster.resume(victim)
-        resume_s = time.monotonic()
+        pause_s, resume_s = pause(cluster, victim, load, frozen)
         for p in range(load.partitions):
             assert acks_between(load, p, pause_s + 1.0, resume_s) > 0, \
                 f"partition {p} acknowledged nothing while only a follower ({victim}) was paused"
         figures["follower SIGSTOP"] = longest_gaps(load, pause_s, resume_s)
-        load.wait_more_acks(ACKS_BETWEEN_FAULTS)
-        time.sleep(max(0.0, resume_s + RESUME_LOG_S - time.monotonic()))
-        frozen_text = logs[victim].read_bytes()[log_at_pause:].decode(errors="replace")
 
         # 2. The leader of partition 0 killed, then restarted.
         leader = wait_until(lambda: status_rows(status)[("faults", 0)]["leader"], FAILOVER_WAIT_S,
@@ -112,19 +124,31 @@ def test_writes_go_on_and_no_loop_stalls_while_a_follower_is_paused_and_a_leader
     finally:
         load.finish(5)
 
+    # 3. The leader of partition 0 paused, under a producer of default settings.
+    load = Load(admin, tag="d")
+    load.producer.close(0)
+    load.producer = admin.producer(acks="quorum", idempotent=True, linger_ms=5)
+    load.start()
+    try:
+        load.wait_more_acks(ACKS_BETWEEN_FAULTS)
+        leader = wait_until(lambda: status_rows(status)[("faults", 0)]["leader"], FAILOVER_WAIT_S,
+                            "a leader of partition 0")
+        pause_s, resume_s = pause(cluster, leader, load, frozen)
+        figures["leader SIGSTOP, default producer"] = longest_gaps(load, pause_s, resume_s)
+    finally:
+        load.finish(5)
+
     for fault, gaps in figures.items():
         print(f"\n[figure] longest gap between acknowledged writes, {fault}: "
               + ", ".join(f"partition {p} {g:.3f} s" for p, g in sorted(gaps.items())))
 
-    # The paused node's frozen pass: at most one, no longer than the pause, right after the resume.
-    frozen = [(ms, line) for ms, line in slow_passes(frozen_text) if ms > LOOP_PASS_MS_MAX]
-    pause_ms = (resume_s - pause_s) * 1000
-    assert len(frozen) <= 1 and all(ms <= pause_ms + 500 for ms, _ in frozen), \
-        f"{victim} stalled around its pause of {pause_ms:.0f} ms: {frozen}"
-    stalls = []
-    for name, path in sorted(logs.items()):
-        text = path.read_text(errors="replace")
-        if name == victim:
-            text = text.replace(frozen_text, "")
-        stalls += [f"{name}: {line}" for ms, line in slow_passes(text) if ms > LOOP_PASS_MS_MAX]
+    # Each paused node's frozen pass: at most one per pause, no longer than the pause, right after it.
+    texts = {name: path.read_text(errors="replace") for name, path in cluster.logs.items()}
+    for name, text, pause_ms in frozen:
+        long = [(ms, line) for ms, line in slow_passes(text) if ms > LOOP_PASS_MS_MAX]
+        assert len(long) <= 1 and all(ms <= pause_ms + 500 for ms, _ in long), \
+            f"{name} stalled around its pause of {pause_ms:.0f} ms: {long}"
+        texts[name] = texts[name].replace(text, "")
+    stalls = [f"{name}: {line}" for name, text in sorted(texts.items())
+              for ms, line in slow_passes(text) if ms > LOOP_PASS_MS_MAX]
     assert not stalls, "a node's loop stalled under the faults:\n" + "\n".join(stalls)
