@@ -27,7 +27,8 @@ partition, before the timed run (run_bench's `warm`), so no election of a new pa
 leader is measured (issue 11). Durability is fsync throughout.
 
 `--compare` runs the latency rows against Redis Streams and NATS JetStream as well, in the same
-run (tools/bench_compare.py; needs `pip install -e '.[bench]'` and redis-server, nats-server).
+run (tools/bench_compare.py; needs `pip install -e '.[bench]'` and redis-server, nats-server);
+`--compare --repeat 3` runs three interleaved rounds and shows each figure's median.
 
 Each result is printed, then a table puts them beside the issue's targets and the anchors, and
 every result goes as one JSON line (INTERFACE.md's bench shape plus "name", "started_utc" and
@@ -186,12 +187,14 @@ def latency_line(system: str, row: str, result: dict) -> dict:
             "rate": result.get("rate_achieved"), "errors": result.get("errors", 0)}
 
 
-def print_latency_table(lines: list[dict], paced_messages: int) -> None:
+def print_latency_table(lines: list[dict], paced_messages: int, repeats: int = 1) -> None:
     """One table of the latency rows: zq's and, with --compare, the other systems' side by side."""
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"latency at {PACED_RATE:,} msg/s paced, one message per request, {paced_messages:,} "
-                        f"messages per row, warm topic, fsync (load average {os.getloadavg()[0]:.2f} on "
+                        f"messages per row, warm topic, fsync"
+                        + (f", medians of {repeats} interleaved rounds" if repeats > 1 else "")
+                        + f" (load average {os.getloadavg()[0]:.2f} on "
                         f"{os.cpu_count()} CPUs)", title_justify="left")
     for column in ("row", "system", "p50", "p99", "p99.9", "achieved msg/s"):
         table.add_column(column, justify="left" if column in ("row", "system") else "right")
@@ -219,6 +222,8 @@ def main() -> int:
     parser.add_argument("--only", choices=[n for n in TARGETS], action="append", help="run only these tests")
     parser.add_argument("--compare", action="store_true",
                         help="the latency rows only, for zq and for Redis Streams and NATS JetStream side by side")
+    parser.add_argument("--repeat", type=int, default=1, choices=range(1, 10), metavar="N",
+                        help="with --compare: N interleaved rounds, the table shows each figure's median")
     args = parser.parse_args()
     messages = 50_000 if args.quick else args.messages
     paced = PACED_RATE * (2 if args.quick else PACED_SECONDS)
@@ -228,10 +233,41 @@ def main() -> int:
     print(f"zq bench suite: {messages} messages per throughput run, {paced} paced at {PACED_RATE} msg/s; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
 
-    from contextlib import ExitStack
-    rows: list[tuple[str, dict]] = []
     only = args.only or (list(LATENCY_ROWS) if args.compare else None)
     wanted = [(n, nodes, spec) for n, nodes, spec in suite(messages, paced) if not only or n in only]
+    rows: list[tuple[str, dict]] = []
+    lines: list[dict] = []
+    skipped: list[str] = []
+    repeats = args.repeat if args.compare else 1
+    for rep in range(repeats):
+        if repeats > 1:
+            print(f"-- round {rep + 1} of {repeats} (zq, then each other system: interleaved)", flush=True)
+        got = run_zq(wanted, args, started, out_path)
+        rows += got
+        lines += [latency_line("zq", name, result) for name, result in got if name in LATENCY_ROWS]
+        if args.compare:
+            from bench_compare import run_compare
+            other_lines, skipped = run_compare(paced, PACED_RATE, WARM_PER_PARTITION, progress=True)
+            lines += other_lines
+            with open(out_path, "a") as f:
+                for line in other_lines:
+                    f.write(json.dumps({"name": line["row"], "started_utc": started.isoformat(),
+                                        "machine": machine(), **line}) + "\n")
+    print()
+    if rows and not args.compare:
+        print_table(rows)
+    if lines:
+        print_latency_table(median_lines(lines), paced, repeats)
+    for reason in skipped:
+        print(f"skipped: {reason}")
+    print(f"results: {out_path}")
+    return 0 if len(rows) == len(wanted) * repeats else 1
+
+
+def run_zq(wanted: list, args: argparse.Namespace, started: datetime, out_path: Path) -> list[tuple[str, dict]]:
+    """Run the wanted rows, on LocalClusters of the sizes they name (or on --bootstrap); (name, result)."""
+    from contextlib import ExitStack
+    rows: list[tuple[str, dict]] = []
     for cluster_nodes in sorted({nodes for _, nodes, _ in wanted}):
         with ExitStack() as stack:
             bootstrap, cluster = args.bootstrap, args.cluster
@@ -257,25 +293,21 @@ def main() -> int:
                 with open(out_path, "a") as f:
                     f.write(json.dumps({"name": name, "started_utc": started.isoformat(), "machine": machine(),
                                         **result}) + "\n")
-    lines = [latency_line("zq", name, result) for name, result in rows if name in LATENCY_ROWS]
-    skipped: list[str] = []
-    if args.compare:
-        from bench_compare import run_compare
-        other_lines, skipped = run_compare(paced, PACED_RATE, WARM_PER_PARTITION, progress=True)
-        lines += other_lines
-        with open(out_path, "a") as f:
-            for line in other_lines:
-                f.write(json.dumps({"name": line["row"], "started_utc": started.isoformat(), "machine": machine(),
-                                    **line}) + "\n")
-    print()
-    if rows and not args.compare:
-        print_table(rows)
-    if lines:
-        print_latency_table(lines, paced)
-    for reason in skipped:
-        print(f"skipped: {reason}")
-    print(f"results: {out_path}")
-    return 0 if len(rows) == len(wanted) else 1
+    return rows
+
+
+def median_lines(lines: list[dict]) -> list[dict]:
+    """One line per (system, row): the median of each figure over the rounds (as the issue's table)."""
+    import statistics
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for line in lines:
+        groups.setdefault((line["system"], line["row"]), []).append(line)
+    out = []
+    for (system, row), group in groups.items():
+        med = {k: (statistics.median(vals) if (vals := [l[k] for l in group if l[k] is not None]) else None)
+               for k in ("p50", "p99", "p999", "rate")}
+        out.append({"system": system, "row": row, **med, "errors": sum(l["errors"] for l in group)})
+    return out
 
 
 if __name__ == "__main__":
