@@ -439,6 +439,24 @@ def test_bench_suite_verdicts():
     assert tool.verdict("produce-latency", fast).endswith(": met")
     assert tool.verdict("produce-latency", slow).endswith("NOT met")
     assert [(name, nodes) for name, nodes, _ in tool.suite(10, 10)] == [
-        ("produce", 1), ("produce-latency", 1), ("consume", 1), ("e2e", 1),
-        ("produce-r3", 3), ("e2e-r3", 3), ("group-1", 3), ("group-3", 3)]
+        ("produce", 1), ("produce-latency", 1), ("consume", 1), ("e2e", 1), ("e2e-p64", 1),
+        ("produce-r3", 3), ("produce-latency-r3", 3), ("e2e-r3", 3), ("group-1", 3), ("group-3", 3)]
     assert tool.verdict("produce-r3", fast).endswith(": met") and tool.verdict("group-1", slow).endswith("NOT met")
+    # Every latency row runs on a warm topic (no election of a new partition's leader is timed).
+    assert all(spec.get("warm", 0) > 0 for name, _, spec in tool.suite(10, 10) if name in tool.LATENCY_ROWS)
+
+
+def test_bench_compare_skips_a_missing_server_with_one_sentence(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+    tools = Path(__file__).parent.parent / "tools"
+    spec = importlib.util.spec_from_file_location("bench_compare", tools / "bench_compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    monkeypatch.setattr(compare.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compare.os.path, "exists", lambda path: False)
+    lines, skipped = compare.run_compare(10, 2_000, 1, progress=False)
+    assert lines == [] and len(skipped) == 3
+    assert "redis-server is not installed" in skipped[0] and "apt-get install -y redis-server" in skipped[0]
+    assert all("nats-server is not installed" in s and "apt-get install -y nats-server" in s for s in skipped[1:])
+    assert all("\n" not in s for s in skipped)   # one sentence each, no traceback

@@ -14,11 +14,21 @@ The suite (every run: 100-byte values, durability=fsync, one client process):
                                                                                -> send-to-durable-ack p50/p99/p99.9
     consume          N messages read from earliest by one consumer, 8 partitions -> msg/s, MB/s
     e2e              2,000 msg/s paced for 10 s, consumer in a second process  -> produce-to-consume p50/p99/p99.9
+    e2e-p64          as e2e, on a topic of 64 partitions (issue 11: cost per partition)
   on a 3-node cluster, replication 3, acks=quorum (issues 3 and 4):
     produce-r3       N messages as fast as one producer goes, 6 partitions    -> msg/s, MB/s
+    produce-latency-r3  as produce-latency                                     -> send-to-quorum-durable-ack
     e2e-r3           as e2e                                                    -> produce-to-consume p50/p99/p99.9
     group-1          N messages consumed by one group member acking each      -> msg/s
     group-3          the same with three members (a process each, as deployed) -> msg/s
+
+Every latency row (produce-latency*, e2e*) runs on a warm topic: created and written to, each
+partition, before the timed run (run_bench's `warm`), so no election of a new partition's first
+leader is measured (issue 11). Durability is fsync throughout.
+
+`--compare` runs the latency rows against Redis Streams and NATS JetStream as well, in the same
+run (tools/bench_compare.py; needs `pip install -e '.[bench]'` and redis-server, nats-server);
+`--compare --repeat 3` runs three interleaved rounds and shows each figure's median.
 
 Each result is printed, then a table puts them beside the issue's targets and the anchors, and
 every result goes as one JSON line (INTERFACE.md's bench shape plus "name", "started_utc" and
@@ -89,11 +99,15 @@ TARGETS = {
     "e2e": None,
     "produce-r3": ("msgs_per_s", ">=", 100_000, "≥ 100 k msg/s"),
     "e2e-r3": ("p99", "<=", 2.0, "p50 ≤ 1 ms, p99 ≤ 2 ms @2000 msg/s"),
+    "produce-latency-r3": ("p99", "<=", 5.0, "p99 ≤ 5 ms @2000 msg/s (issue 11)"),
+    "e2e-p64": None,
     "group-1": ("msgs_per_s", ">=", 150_000, "≥ 150 k msg/s"),
     "group-3": None,
 }
 PACED_RATE = 2_000        # msg/s, as the anchors' latency runs
 PACED_SECONDS = 10        # as the anchors' latency runs
+WARM_PER_PARTITION = 20   # messages written to each partition of a latency row's topic before it is timed
+LATENCY_ROWS = ("produce-latency", "e2e", "e2e-p64", "produce-latency-r3", "e2e-r3")
 
 
 def suite(messages: int, paced_messages: int) -> list[tuple[str, int, dict]]:
@@ -107,12 +121,18 @@ def suite(messages: int, paced_messages: int) -> list[tuple[str, int, dict]]:
         # Issue 2: one node holding the partitions.
         ("produce", 1, {"test": "produce", "messages": messages, "partitions": 8, **one}),
         ("produce-latency", 1, {"test": "produce", "messages": paced_messages, "partitions": 1,
-                                "rate": PACED_RATE, **one}),
+                                "rate": PACED_RATE, "warm": WARM_PER_PARTITION, **one}),
         ("consume", 1, {"test": "consume", "messages": messages, "partitions": 8, **one}),
-        ("e2e", 1, {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE, **one}),
+        ("e2e", 1, {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE,
+                    "warm": WARM_PER_PARTITION, **one}),
+        ("e2e-p64", 1, {"test": "e2e", "messages": paced_messages, "partitions": 64, "rate": PACED_RATE,
+                        "warm": WARM_PER_PARTITION, **one}),
         # Issue 3: three nodes, replication 3, acks=quorum.
         ("produce-r3", 3, {"test": "produce", "messages": messages, "partitions": 6, **three}),
-        ("e2e-r3", 3, {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE, **three}),
+        ("produce-latency-r3", 3, {"test": "produce", "messages": paced_messages, "partitions": 1,
+                                   "rate": PACED_RATE, "warm": WARM_PER_PARTITION, **three}),
+        ("e2e-r3", 3, {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE,
+                       "warm": WARM_PER_PARTITION, **three}),
         # Issue 4: consumer groups acking every message, on the same three nodes.
         ("group-1", 3, {"test": "group", "messages": group_messages, "partitions": 6, "members": 1, **three}),
         ("group-3", 3, {"test": "group", "messages": group_messages, "partitions": 6, "members": 3, **three}),
@@ -133,7 +153,7 @@ def verdict(name: str, result: dict) -> str:
 
 def summary(name: str, result: dict) -> str:
     lat = result["latency_ms"]
-    if name in ("produce-latency", "e2e", "e2e-r3"):
+    if name in LATENCY_ROWS:
         return (f"p50 {fmt_ms(lat['p50'])}, p99 {fmt_ms(lat['p99'])}, p99.9 {fmt_ms(lat['p999'])} "
                 f"(achieved {fmt_rate(result['rate_achieved'])} msg/s)")
     return f"{fmt_rate(result['msgs_per_s'])} msg/s, {result['mb_per_s']:.1f} MB/s"
@@ -152,6 +172,41 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
     Console(width=max(160, Console().width)).print(table)
 
 
+ROW_TITLES = {
+    "produce-latency": "produce -> durable ack, 1 node, RF1, 1 partition",
+    "e2e": "e2e, 1 node, RF1, 1 partition",
+    "e2e-p64": "e2e, 1 node, RF1, 64 partitions",
+    "produce-latency-r3": "produce -> quorum durable ack, 3 nodes, RF3, 1 partition",
+    "e2e-r3": "e2e, 3 nodes, RF3 quorum, 1 partition",
+}
+
+
+def latency_line(system: str, row: str, result: dict) -> dict:
+    lat = result["latency_ms"]
+    return {"system": system, "row": row, "p50": lat["p50"], "p99": lat["p99"], "p999": lat["p999"],
+            "rate": result.get("rate_achieved"), "errors": result.get("errors", 0)}
+
+
+def print_latency_table(lines: list[dict], paced_messages: int, repeats: int = 1) -> None:
+    """One table of the latency rows: zq's and, with --compare, the other systems' side by side."""
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"latency at {PACED_RATE:,} msg/s paced, one message per request, {paced_messages:,} "
+                        f"messages per row, warm topic, fsync"
+                        + (f", medians of {repeats} interleaved rounds" if repeats > 1 else "")
+                        + f" (load average {os.getloadavg()[0]:.2f} on "
+                        f"{os.cpu_count()} CPUs)", title_justify="left")
+    for column in ("row", "system", "p50", "p99", "p99.9", "achieved msg/s"):
+        table.add_column(column, justify="left" if column in ("row", "system") else "right")
+    order = {name: i for i, name in enumerate(LATENCY_ROWS)}
+    for line in sorted(lines, key=lambda l: order.get(l["row"], len(order))):
+        table.add_row(ROW_TITLES.get(line["row"], line["row"]), line["system"],
+                      *(fmt_ms(line[k]) for k in ("p50", "p99", "p999")),
+                      "-" if line["rate"] is None else f"{line['rate']:,.0f}"
+                      + (f" ({line['errors']} failed)" if line["errors"] else ""))
+    Console(width=max(120, Console().width)).print(table)
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
             "platform": platform.platform()}
@@ -165,6 +220,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="50,000-message throughput runs and 2 s paced runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="folder for the JSON lines")
     parser.add_argument("--only", choices=[n for n in TARGETS], action="append", help="run only these tests")
+    parser.add_argument("--compare", action="store_true",
+                        help="the latency rows only, for zq and for Redis Streams and NATS JetStream side by side")
+    parser.add_argument("--repeat", type=int, default=1, choices=range(1, 10), metavar="N",
+                        help="with --compare: N interleaved rounds, the table shows each figure's median")
     args = parser.parse_args()
     messages = 50_000 if args.quick else args.messages
     paced = PACED_RATE * (2 if args.quick else PACED_SECONDS)
@@ -174,9 +233,41 @@ def main() -> int:
     print(f"zq bench suite: {messages} messages per throughput run, {paced} paced at {PACED_RATE} msg/s; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
 
+    only = args.only or (list(LATENCY_ROWS) if args.compare else None)
+    wanted = [(n, nodes, spec) for n, nodes, spec in suite(messages, paced) if not only or n in only]
+    rows: list[tuple[str, dict]] = []
+    lines: list[dict] = []
+    skipped: list[str] = []
+    repeats = args.repeat if args.compare else 1
+    for rep in range(repeats):
+        if repeats > 1:
+            print(f"-- round {rep + 1} of {repeats} (zq, then each other system: interleaved)", flush=True)
+        got = run_zq(wanted, args, started, out_path)
+        rows += got
+        lines += [latency_line("zq", name, result) for name, result in got if name in LATENCY_ROWS]
+        if args.compare:
+            from bench_compare import run_compare
+            other_lines, skipped = run_compare(paced, PACED_RATE, WARM_PER_PARTITION, progress=True)
+            lines += other_lines
+            with open(out_path, "a") as f:
+                for line in other_lines:
+                    f.write(json.dumps({"name": line["row"], "started_utc": started.isoformat(),
+                                        "machine": machine(), **line}) + "\n")
+    print()
+    if rows and not args.compare:
+        print_table(rows)
+    if lines:
+        print_latency_table(median_lines(lines), paced, repeats)
+    for reason in skipped:
+        print(f"skipped: {reason}")
+    print(f"results: {out_path}")
+    return 0 if len(rows) == len(wanted) * repeats else 1
+
+
+def run_zq(wanted: list, args: argparse.Namespace, started: datetime, out_path: Path) -> list[tuple[str, dict]]:
+    """Run the wanted rows, on LocalClusters of the sizes they name (or on --bootstrap); (name, result)."""
     from contextlib import ExitStack
     rows: list[tuple[str, dict]] = []
-    wanted = [(n, nodes, spec) for n, nodes, spec in suite(messages, paced) if not args.only or n in args.only]
     for cluster_nodes in sorted({nodes for _, nodes, _ in wanted}):
         with ExitStack() as stack:
             bootstrap, cluster = args.bootstrap, args.cluster
@@ -202,10 +293,21 @@ def main() -> int:
                 with open(out_path, "a") as f:
                     f.write(json.dumps({"name": name, "started_utc": started.isoformat(), "machine": machine(),
                                         **result}) + "\n")
-    print()
-    print_table(rows)
-    print(f"results: {out_path}")
-    return 0 if len(rows) == len(wanted) else 1
+    return rows
+
+
+def median_lines(lines: list[dict]) -> list[dict]:
+    """One line per (system, row): the median of each figure over the rounds (as the issue's table)."""
+    import statistics
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for line in lines:
+        groups.setdefault((line["system"], line["row"]), []).append(line)
+    out = []
+    for (system, row), group in groups.items():
+        med = {k: (statistics.median(vals) if (vals := [l[k] for l in group if l[k] is not None]) else None)
+               for k in ("p50", "p99", "p999", "rate")}
+        out.append({"system": system, "row": row, **med, "errors": sum(l["errors"] for l in group)})
+    return out
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@
              sends N messages paced at --rate (default 2,000 msg/s). Each value starts with the
              CLOCK_MONOTONIC time taken just before send(); the consumer subtracts it from the
              time it receives the message. Latency = produce to consumer delivery.
+
+With `warm` (messages per partition, run_bench's keyword; tools/bench.py's latency rows use it)
+the topic is written to, every partition, and every write acknowledged, before anything is timed:
+the partitions' first leaders are elected and the producer knows them, so a latency row measures
+the steady state, not an election. Warm-up values carry the stamp 0, which the e2e consumer skips.
     group    fills a fresh topic with N messages (not timed), then --members consumers of one new
              group, each a process of its own (as consumers are deployed: threads of one process
              would share one interpreter lock), join from earliest and ack every message.
@@ -45,6 +50,8 @@ E2E_READY_TIMEOUT_S = 30.0        # the consumer process must be polling within 
 PRODUCE_LINGER_MS = 5             # throughput runs batch; paced runs send each message alone (linger 0)
 LATENCY_SAMPLE_EVERY = 100        # throughput runs time one message in this many (see _produce)
 PACED_IN_FLIGHT = 64              # requests a paced producer may have outstanding per partition
+WARM_WAIT_S = 30.0                # the warm-up's writes must all be acknowledged within this
+WARM_ROUNDS_MAX = 20              # ... tried this many times (a new partition may refuse until it has a leader)
 TS = struct.Struct(">Q")
 
 
@@ -88,7 +95,7 @@ class _Progress:
 
 def run_bench(test: str, *, messages: int, size: int, partitions: int, replication: int, acks: str,
               durability: str, rate: float | None = None, nodes: int = 1, bootstrap: str | None = None,
-              cluster: str = "zq", progress: bool = False, members: int = 1) -> dict[str, Any]:
+              cluster: str = "zq", progress: bool = False, members: int = 1, warm: int = 0) -> dict[str, Any]:
     if test not in ("produce", "consume", "e2e", "group"):
         raise errors.InvalidRequest(f"unknown bench test {test!r}: produce, consume, e2e or group")
     if test == "e2e" and rate is None:
@@ -104,6 +111,8 @@ def run_bench(test: str, *, messages: int, size: int, partitions: int, replicati
         topic = f"bench-{test}-{random.randrange(1 << 32):08x}"
         client.create_topic(topic, partitions=partitions, replication=replication, durability=durability)
         bar = stack.enter_context(_Progress(progress))
+        if warm:
+            _warm(client, topic, partitions, warm, acks, bar)
         if test == "produce":
             seconds, latencies, failed = _produce(client, topic, messages, size, acks, rate, bar)
         elif test == "consume":
@@ -129,8 +138,36 @@ def run_bench(test: str, *, messages: int, size: int, partitions: int, replicati
         "settings": {"partitions": partitions, "replication": replication, "acks": acks, "durability": durability,
                      **({"members": members} if test == "group" else {})},
         "rate_offered": rate, "rate_achieved": round(per_s, 1) if per_s else None,
-        "errors": failed, "nodes": nodes if own_cluster else None,
+        "errors": failed, "nodes": nodes if own_cluster else None, "warm_per_partition": warm,
     }
+
+
+def _warm(client: Any, topic: str, partitions: int, per_partition: int, acks: str, bar: _Progress) -> None:
+    """Write `per_partition` messages (stamped 0) to every partition and wait until each is
+    acknowledged, retrying the refused ones (a partition still electing its first leader refuses)."""
+    producer = client.producer(acks=acks, linger_ms=0, max_in_flight=PACED_IN_FLIGHT)
+    value = TS.pack(0) + bytes(92)
+    todo = [p for p in range(partitions) for _ in range(per_partition)]
+    bar.phase("warming the topic (not timed)", len(todo))
+    deadline = time.monotonic() + WARM_WAIT_S
+    try:
+        for _ in range(WARM_ROUNDS_MAX):
+            futures = [(p, producer.send(topic, value, partition=p)) for p in todo]
+            todo = []
+            for p, future in futures:
+                try:
+                    future.result(timeout=max(0.1, deadline - time.monotonic()))
+                except (errors.ZqError, TimeoutError):
+                    todo.append(p)
+            bar.update(partitions * per_partition - len(todo))
+            if not todo or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        producer.close()
+    if todo:
+        raise errors.Timeout(f"warming {topic}: {len(todo)} of {partitions * per_partition} writes were not "
+                             f"acknowledged within {WARM_WAIT_S:g} s; is every node of the cluster up?")
 
 
 def _pace(rate: float | None, start: float, i: int) -> None:
@@ -314,7 +351,9 @@ def _e2e_consumer(bootstrap: str, cluster: str, topic: str, messages: int, conn:
                 batch = consumer.poll(timeout=1.0, max_messages=10_000)
                 now_ns = time.monotonic_ns()
                 for msg in batch:
-                    latencies.append(now_ns - TS.unpack_from(msg.value)[0])
+                    stamp = TS.unpack_from(msg.value)[0]
+                    if stamp:    # 0: a warm-up message, not timed
+                        latencies.append(now_ns - stamp)
                 if batch:
                     last = time.monotonic()
                 elif time.monotonic() - last > QUIET_TIMEOUT_S:
