@@ -172,12 +172,12 @@ def test_three_nodes_redirects(tmp_path):
             addresses = sorted(meta.nodes.values())
             for p in range(6):
                 right = meta.leader_address("spread", p)
-                client._hint_leader("spread", p, next(a for a in addresses if a != right))
+                client.cluster_view.hint_leader("spread", p, next(a for a in addresses if a != right))
             producer = client.producer(linger_ms=0, retries=3)
             metas = [producer.send("spread", b"v%d" % i, partition=i % 6).result(10) for i in range(12)]
             assert [m.offset - metas[m.partition].offset for m in metas] == [0] * 6 + [1] * 6
             # a sync call meets NotLeader too, and follows it
-            client._hint_leader("spread", 0, next(a for a in addresses if a != meta.leader_address("spread", 0)))
+            client.cluster_view.hint_leader("spread", 0, next(a for a in addresses if a != meta.leader_address("spread", 0)))
             assert client.list_offsets("spread", 0, "latest").offset == metas[0].offset + 2
             got = read_all(client.consumer("spread", start="earliest"), 12)
             assert sorted(m.value for m in got) == sorted(b"v%d" % i for i in range(12))
@@ -185,7 +185,7 @@ def test_three_nodes_redirects(tmp_path):
             assert [p["high_watermark"] for p in d["partitions"]] == [metas[p].offset + 2 for p in range(6)]
             with pytest.raises(NotLeader):  # a produce that keeps meeting NotLeader gives up, bounded
                 stubborn = client.producer(linger_ms=0, retries=0)
-                client._hint_leader("spread", 1, next(a for a in addresses if a != meta.leader_address("spread", 1)))
+                client.cluster_view.hint_leader("spread", 1, next(a for a in addresses if a != meta.leader_address("spread", 1)))
                 stubborn.send("spread", b"x", partition=1).result(10)
     finally:
         for n in nodes:

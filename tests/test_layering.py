@@ -179,7 +179,7 @@ def _private_reaches(path: Path, owner_names: tuple[str, ...]) -> list[str]:
 
 
 # zq/client/groups.py joins this list once it reaches the cluster through `client.cluster_view` too.
-CLIENT_PARTS = ("producer.py", "consumer.py")
+CLIENT_PARTS = ("producer.py", "consumer.py", "groups.py")
 
 
 def test_producers_and_consumers_reach_the_cluster_through_the_view_not_the_clients_privates():

@@ -235,7 +235,7 @@ class Client:
         """The offset for `spec` ("earliest", "latest", a datetime, or a time in ms: the first offset
         at or after that time, the high watermark when it is past everything)."""
         wire_spec = time_spec(spec)
-        reply, _ = self._until_deadline(
+        reply, _ = self._view.until_deadline(
             f"list_offsets of {topic}/{partition}",
             lambda: self._leader_call(topic, partition,
                                       lambda rid: protocol.ListOffsets(rid, topic, partition, wire_spec)))
@@ -255,32 +255,6 @@ class Client:
     def refresh_metadata(self) -> Metadata:
         """Ask the nodes for metadata, trying the known addresses in turn, until `api_timeout_ms`."""
         return self._view.until_deadline("fetching the cluster metadata", self._view.refresh)
-
-    # Former private names, still used by zq/client/groups.py and tests/test_client_integration.py:
-    # they are the view's methods (remove once those callers use `cluster_view`).
-    def _hint_leader(self, topic: str, partition: int, address: str) -> None:
-        self._view.hint_leader(topic, partition, address)
-
-    def _leader_address(self, topic: str, partition: int) -> str | None:
-        return self._view.leader_address(topic, partition)
-
-    def _addresses(self) -> list[str]:
-        return self._view.addresses()
-
-    def _io_refresh_metadata(self) -> None:
-        self._view.refresh_soon()
-
-    def _partitions_of(self, topic: str) -> list[int]:
-        return self._view.partitions_of(topic)
-
-    def _call(self, address: str, msg: Any, timeout_ms: float | None = None) -> tuple[Any, list]:
-        return self._view.call(address, msg, timeout_ms)
-
-    def _call_any(self, make: Any, **options: Any) -> Any:
-        return self._view.call_any(make, **options)
-
-    def _until_deadline(self, what: str, attempt: Any, idempotent: bool = True) -> Any:
-        return self._view.until_deadline(what, attempt, idempotent)
 
     def _admin(self, make: Any, what: str = "the admin request") -> Any:
         """An admin request to the metadata leader, retried until `api_timeout_ms` while the

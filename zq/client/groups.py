@@ -90,7 +90,7 @@ def _now_ms() -> float:
 
 
 def _refusal(error: ZqError) -> R.Refusal:
-    address = error.data.get("address") if isinstance(error, NotLeader) else None
+    address = error.address if isinstance(error, NotLeader) else None
     return R.Refusal(error.code, error.retriable, address if isinstance(address, str) else None, error)
 
 
@@ -114,7 +114,7 @@ class GroupConsumer(ReadyQueue):
                              "use seek(partition, offset) to move it to an offset")
         self._start = time_spec(start)
         self._client = client
-        self._conn = client._conn
+        self._conn = client.cluster_view.conn
         self.topic = topic
         self.undecodable_batches_skipped = 0   # stored batches whose records did not decode, stepped over
         self.group = group
@@ -125,7 +125,7 @@ class GroupConsumer(ReadyQueue):
         self.lease_ms = int(lease_ms)
         self.max_in_flight = max(1, int(max_in_flight))
         self.max_wait_ms = max(0, int(max_wait_ms))
-        client._partitions_of(topic)   # UnknownTopic now rather than at the first lease
+        client.cluster_view.partitions_of(topic)   # UnknownTopic now rather than at the first lease
         # The rules, shared between threads under _lock.
         self._core = R.GroupConsumerCore(R.ConsumerConfig(
             group, topic, self.member_id, self.static, self.session_timeout_ms, self.heartbeat_ms, self.lease_ms,
@@ -154,9 +154,9 @@ class GroupConsumer(ReadyQueue):
 
     def _join(self) -> None:
         """Join through the first node that answers (caller's thread), then heartbeat from the I/O thread."""
-        reply, address = self._client._until_deadline(
+        reply, address = self._client.cluster_view.until_deadline(
             f"joining group {self.group!r}",
-            lambda: self._client._call_any(lambda rid: G.JoinGroup(rid, self.group, self.member_id, [self.topic],
+            lambda: self._client.cluster_view.call_any(lambda rid: G.JoinGroup(rid, self.group, self.member_id, [self.topic],
                                                                    self.session_timeout_ms, self.static),
                                            with_address=True))
         if not isinstance(reply, G.GroupReply):
@@ -194,7 +194,7 @@ class GroupConsumer(ReadyQueue):
                     if isinstance(e, R.RefreshMetadata):
                         if not refreshed:
                             refreshed = True
-                            self._client._io_refresh_metadata()
+                            self._client.cluster_view.refresh_soon()
                     elif isinstance(e, R.CommitDone):
                         e.waiter.set_result(e.errors)
                     else:
@@ -215,7 +215,7 @@ class GroupConsumer(ReadyQueue):
     def _send(self, order: Any) -> None:
         rid = self._conn.new_req_id()
         if isinstance(order, (R.JoinOrder, R.HeartbeatOrder)):
-            order = dataclasses.replace(order, address=order.address or self._client._addresses()[0])
+            order = dataclasses.replace(order, address=order.address or self._client.cluster_view.addresses()[0])
             if isinstance(order, R.JoinOrder):
                 msg: Any = G.JoinGroup(rid, self.group, self.member_id, [self.topic], self.session_timeout_ms,
                                        self.static)
@@ -225,7 +225,7 @@ class GroupConsumer(ReadyQueue):
                                   lambda reply, frames, error: self._on_group_reply(order, reply, error))
             return
         p = order.partition
-        address = order.address or self._client._leader_address(self.topic, p)
+        address = order.address or self._client.cluster_view.leader_address(self.topic, p)
         if isinstance(order, R.LeaseOrder):
             if address is None:
                 self._on_lease(order, None, [], NotLeader(f"no leader known for {self.topic}/{p}"))
@@ -249,7 +249,7 @@ class GroupConsumer(ReadyQueue):
     def _hinted(self, p: int, error: ZqError) -> R.Refusal:
         refusal = _refusal(error)
         if refusal.address is not None:
-            self._client._hint_leader(self.topic, p, refusal.address)
+            self._client.cluster_view.hint_leader(self.topic, p, refusal.address)
         return refusal
 
     def _on_group_reply(self, order: Any, reply: Any, error: ZqError | None) -> None:
@@ -262,7 +262,7 @@ class GroupConsumer(ReadyQueue):
                 self._core.on_join_reply(order, gen, parts, None if error is None else _refusal(error), _now_ms())
             else:
                 self._core.on_heartbeat_reply(order, gen, parts, None if error is None else _refusal(error),
-                                              _now_ms(), self._client._addresses())
+                                              _now_ms(), self._client.cluster_view.addresses())
             after = (self._core.generation, self._core.assigned)
             self.generation = self._core.generation
         if before != after:
@@ -435,7 +435,7 @@ class GroupConsumer(ReadyQueue):
 
     def seek_to_end(self) -> None:
         """Move the group, on every partition, past the last message written now."""
-        for p in self._client._partitions_of(self.topic):
+        for p in self._client.cluster_view.partitions_of(self.topic):
             end = self._client.list_offsets(self.topic, p, "latest").offset
             self._drop_queued(reset_group(self._client, self.topic, self.group, partition=p, to_offset=end))
 
@@ -479,9 +479,9 @@ class GroupConsumer(ReadyQueue):
             self._arrived_cv.notify_all()
         self._ready.clear()
         if not self._conn.closed:
-            address = self._core.coordinator or self._client._addresses()[0]
+            address = self._core.coordinator or self._client.cluster_view.addresses()[0]
             try:
-                self._client._call(address, G.LeaveGroup(self._conn.new_req_id(), self.group, self.member_id),
+                self._client.cluster_view.call(address, G.LeaveGroup(self._conn.new_req_id(), self.group, self.member_id),
                                    close_leave_timeout_ms)
             except ZqError as e:
                 log.info("group %s: leaving failed (%s); the session will expire instead", self.group, e)
@@ -504,8 +504,8 @@ def _ok(reply: Any) -> dict:
 
 def describe_groups(client: Client, group: str | None = None) -> dict:
     """The `zq groups --json` document: {"groups": [{"group", "generation", "members", "partitions"}]}."""
-    reply, _ = client._until_deadline("describing groups",
-                                      lambda: client._call_any(lambda rid: G.DescribeGroups(rid, group)))
+    reply, _ = client.cluster_view.until_deadline("describing groups",
+                                      lambda: client.cluster_view.call_any(lambda rid: G.DescribeGroups(rid, group)))
     return {"groups": _ok(reply).get("groups") or []}
 
 
@@ -523,10 +523,10 @@ def reset_group(client: Client, topic: str, group: str, *, partition: int | None
         time_ms = spec
     if (to_offset is not None) + (time_ms is not None) + bool(earliest) != 1:
         raise ValueError("give exactly one of to_offset, to_time and earliest")
-    client._partitions_of(topic)
-    reply, _ = client._until_deadline(
+    client.cluster_view.partitions_of(topic)
+    reply, _ = client.cluster_view.until_deadline(
         f"resetting group {group!r} on {topic!r}",
-        lambda: client._call_any(lambda rid: G.ResetGroup(rid, group, topic, partition, to_offset, time_ms,
+        lambda: client.cluster_view.call_any(lambda rid: G.ResetGroup(rid, group, topic, partition, to_offset, time_ms,
                                                           bool(earliest), False), resend_on_timeout=False),
         idempotent=False)
     return _ok(reply)
@@ -535,7 +535,7 @@ def reset_group(client: Client, topic: str, group: str, *, partition: int | None
 def dead_letters(client: Client, topic: str, max_messages: int | None = None, wait_s: float = 5.0) -> list[Message]:
     """The messages in TOPIC.dlq now (up to `max_messages`), oldest first per partition."""
     dlq = topic if topic.endswith(".dlq") else topic + ".dlq"
-    parts = client._partitions_of(dlq)
+    parts = client.cluster_view.partitions_of(dlq)
     ends = {p: client.list_offsets(dlq, p, "latest").offset for p in parts}
     starts = {p: client.list_offsets(dlq, p, "earliest").offset for p in parts}
     todo = {p for p in parts if ends[p] > starts[p]}

@@ -1193,14 +1193,12 @@ def _check_name(value: Any, what: str) -> None:
 
 
 def _dumps(value: Any) -> bytes:
-    import cbor2   # loaded on first use: importing zq.node loads only the standard library
-    return cbor2.dumps(value)
+    return P.cbor_dumps(value)   # the codec stays in zq.protocol (cbor2, loaded at first use)
 
 
 def _loads(frame: bytes) -> Any:
-    import cbor2
     try:
-        return cbor2.loads(bytes(frame))
+        return P.cbor_loads(bytes(frame))
     except Exception as e:   # cbor2 raises several types for garbage
         raise ProtocolError(f"a group frame is not valid CBOR ({e.__class__.__name__})") from None
 
