@@ -71,6 +71,7 @@ from zq.errors import (Backpressure, CorruptData, InvalidRequest, LeaderNotAvail
 from zq.io import replicas as R
 from zq.io import security
 from zq.io.store import Store, set_aside
+from zq.node.replicas import READY_ROUNDS_MAX, Part as _Part, ReplicaSet  # noqa: F401 (READY_ROUNDS_MAX: tests)
 from zq.limits import DEFAULT, Limits
 from zq.types import META_TOPIC, META_TP, TopicPartition
 
@@ -94,7 +95,6 @@ DISK_CHECK_INTERVAL_MS = 1_000    # how often free disk space is read
 DISK_FREE_BYTES_MIN = 64 * 1024 * 1024  # below this, produce is refused with StorageFull
 PENDING_ADMIN_MAX = 1_000         # creates/deletes waiting for every node to apply them before the reply
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
-READY_ROUNDS_MAX = 4              # write-then-send rounds per loop pass (acks after durability need one more)
 PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands this soon after creation
 PREFERRED_STAND_TRIES_MAX = 10    # ... tried again this often while its replica still polls (recovering)
 REQUESTS_BUDGET_MS = 250          # client requests handled per loop pass, in time (see Node.run)
@@ -188,31 +188,6 @@ class _Parked:
     done: bool = False
 
 
-@dataclass(slots=True)
-class _Part:
-    """A partition this node holds a replica of."""
-    tp: TopicPartition
-    name: str
-    replica: Replica | None       # None: a learner's copy of __meta (no vote, no acks)
-    sync: bool                    # durability = fsync
-    log_start: int = 0
-    learner_end: int = 0          # learner only: its log end (= its high watermark)
-    waiters: dict[int, Callable[[Any], None]] = field(default_factory=dict)
-    leader_acks: list[tuple[int, Callable[[Any], None]]] = field(default_factory=list)  # (end, callback): acks=leader
-
-    @property
-    def high_watermark(self) -> int:
-        return self.replica.high_watermark if self.replica else self.learner_end
-
-    @property
-    def log_end(self) -> int:
-        return self.replica.log_end if self.replica else self.learner_end
-
-    @property
-    def epoch(self) -> int:
-        return self.replica.epoch if self.replica else 0
-
-
 class _Peer:
     """One DEALER to another node's ROUTER, with the requests sent on it that await an answer."""
 
@@ -239,7 +214,67 @@ def _pub_address(address: str) -> str:
     return f"{host}:{int(port) + 1}"
 
 
+class _StoreStorage:
+    """The real host's storage for the pass (zq.node.host.Storage): RocksDB through zq.io.store."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def begin(self) -> Any:
+        return self.node.store.begin()
+
+    def write_ready(self, txn: Any, key: TopicPartition, reset_to: int | None, truncate_from: int | None,
+                    entries: Any, hard_state: HardState | None) -> None:
+        # Everything that can fail on bad data (restamping and verifying each batch, encoding the
+        # hard state) happens before the first write to the pass's shared batch.
+        stored = [R.stored_from_entry(entry) for entry in entries]
+        encoded = None if hard_state is None else R.encode_hard_state(hard_state)
+        if reset_to is not None:
+            txn.reset(key, reset_to)
+        if truncate_from is not None:
+            txn.truncate_from(key, truncate_from)
+        for value, header in stored:
+            txn.append(key, value, header)
+        if encoded is not None:
+            txn.put_meta(R.hard_state_key(key), encoded)
+
+    def put_hard_state(self, txn: Any, key: TopicPartition, hard_state: HardState) -> None:
+        txn.put_meta(R.hard_state_key(key), R.encode_hard_state(hard_state))
+
+    def commit(self, txn: Any, sync: bool) -> bool:
+        return self.node._commit_store(txn, sync)
+
+
+class _NodeReplicaEvents:
+    """The node's reactions to the pass's durable effects (zq.node.host.ReplicaEvents)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def route(self, part: _Part, out: Any) -> None:
+        self.node._route(part, out)
+
+    def after_durable(self, part: _Part, rd: Any) -> None:
+        self.node._after_durable(part, rd)
+
+    def after_round(self) -> None:
+        self.node._apply_learned_meta()
+
+    def write_failed(self, part: _Part) -> None:
+        self.node._reopen_after_failed_write(part)
+
+    def fence(self, part: _Part, doing: str, error: Exception) -> None:
+        self.node._fence(part, doing, error)
+
+
 class Node:
+    # The replicas and the pass's state live in zq.node.replicas.ReplicaSet; these names stay for
+    # the code and tests that read them.
+    parts = property(lambda self: self.replica_set.parts)
+    dirty = property(lambda self: self.replica_set.dirty)
+    fenced = property(lambda self: self.replica_set.fenced)
+    lazy_hard_states = property(lambda self: self.replica_set.lazy_hard_states)
+
     def __init__(self, config: NodeConfig):
         self.config = config
         self.limits = config.limits
@@ -253,7 +288,6 @@ class Node:
         # Without voters from a topology, a node learns them from a seed or a discovered peer; if it
         # finds no cluster within FOUND_WAIT_MS, the lowest-named of the waiting nodes founds one.
         self.voters: tuple[str, ...] = config.voters or (() if config.seeds or config.discovery else (config.name,))
-        self.parts: dict[TopicPartition, _Part] = {}
         self.parked: dict[TopicPartition, list[_Parked]] = defaultdict(list)
         self.parked_count = 0
         self.parked_by_client: dict[tuple[bytes, TopicPartition], _Parked] = {}   # one long-poll per client and partition
@@ -270,18 +304,16 @@ class Node:
         self._timer_seq = itertools.count()
         self._req_ids = itertools.count(1)
         self.counters: dict[str, int] = defaultdict(int)
+        # The replicas this node hosts and the persist-then-send pass (zq.node.replicas), shared with the simulator.
+        self.replica_set = ReplicaSet(_StoreStorage(self), _NodeReplicaEvents(self), self.counters)
+        self.storage_error: ZqError | None = None               # why the last failed write failed
         self.meta_applied_by: dict[str, int] = {}               # node -> __meta applied offset (heartbeats)
         self.pending_creates: list[tuple[int, int, bytes, P.OkReply]] = []
         self.disk_full = False
         self.limited_log = _LimitedLog()
         self._wall_minus_mono: int | None = None                # to notice the wall clock jumping
-        self.dirty: set[TopicPartition] = set()
-        self.fenced: dict[TopicPartition, str] = {}             # set aside after an internal error: why (see _fence)
         self.outbox: dict[str, list] = defaultdict(list)        # peer -> Replicate items of this pass
         self.pub_out: list[tuple[TopicPartition, list]] = []
-        self.txn = None
-        self.sync_needed = False
-        self.lazy_hard_states: dict[TopicPartition, Any] = {}   # high-watermark hints awaiting the next write
         self.meta_learned: list[tuple[int, dict]] = []          # learner: fetched commands awaiting durability
         self.stopping = False
         self.draining = False                                   # `zq node drain`: never stand, hand leadership away
@@ -397,12 +429,9 @@ class Node:
                   "partitions from the other replicas (each rejoins as a learner and votes again once caught up)",
                   data_dir, damage, aside)
         self.store = Store(data_dir, limits=self.limits)
-        self.parts.clear()
+        self.replica_set.clear()
         self.meta = meta.MetadataState()
-        self.dirty.clear()
         self.timers.clear()
-        self.lazy_hard_states.clear()
-        self.txn = None
         self.created_at.clear()
         self.recovering.clear()
         self.born = None
@@ -702,91 +731,20 @@ class Node:
     # ------------------------------------------------------------------ persist, then send
 
     def _begin(self):
-        if self.txn is None:
-            self.txn = self.store.begin()
-        return self.txn
+        """The pass's write transaction (zq.io.store.WriteTxn), committed once at the pass's end."""
+        return self.replica_set.begin()
 
     def _finish_pass(self) -> None:
-        """Write what the cores and handlers produced as one batch, then send what waited for it."""
-        for _ in range(READY_ROUNDS_MAX):
-            readys = self._collect_readys()
-            if self.txn is None and not readys:
-                break
-            ok = self._commit()
-            for part, rd in readys:
-                part.replica.advance()
-            for part, rd in readys:
-                if ok or not rd.has_writes:
-                    try:
-                        self._after_durable(part, rd)
-                    except Exception as e:
-                        self._fence(part, "acting on its durable writes", e)
-                else:
-                    self._reopen_after_failed_write(part)
-            if not ok:
-                break
-            self._apply_learned_meta()
+        """Write what the cores and handlers produced as one batch, then send what waited for it
+        (zq.node.replicas: the same pass the simulator runs); then the peers' coalesced messages go."""
+        self.replica_set.finish_pass()
         self._flush_outbox()
 
-    def _collect_readys(self) -> list:
-        out = []
-        dirty, self.dirty = self.dirty, set()
-        for tp in sorted(dirty):
-            part = self.parts.get(tp)
-            if part is None or part.replica is None or tp in self.fenced:
-                continue
-            try:
-                rd = part.replica.ready()
-                if rd.empty:
-                    part.replica.advance()
-                    continue
-                if (rd.truncate_from is None and rd.reset_to is None and not rd.entries and not rd.must_sync
-                        and rd.hard_state is not None):
-                    # Only the high-watermark hint changed: it need not be on disk before anything is sent
-                    # (a restarted replica just serves less until the leader tells it more), so it rides
-                    # along with a later write instead of costing a write of its own now.
-                    self.lazy_hard_states[tp] = rd.hard_state
-                    rd = dataclasses.replace(rd, hard_state=None)
-                if rd.has_writes:
-                    self._write_ready(part, rd)
-            except Exception as e:
-                self._fence(part, "preparing its writes", e)
-                continue
-            out.append((part, rd))
-        return out
-
-    def _write_ready(self, part: _Part, rd) -> None:
-        # Everything that can fail on bad data (restamping and verifying each batch, encoding the
-        # hard state) happens before the first write to the pass's shared batch, so a failure
-        # fences this partition (see _collect_readys) without leaving half its writes in the batch.
-        stored = [R.stored_from_entry(entry) for entry in rd.entries]
-        hard_state = None if rd.hard_state is None else R.encode_hard_state(rd.hard_state)
-        txn = self._begin()
-        if rd.reset_to is not None:
-            # Our log ended below the leader's log start: it starts again there, empty (StartAt).
-            txn.reset(part.tp, rd.reset_to)
-            part.log_start = rd.reset_to
-            self.counters["log_resets"] += 1
-        if rd.truncate_from is not None:
-            txn.truncate_from(part.tp, rd.truncate_from)
-            self.counters["truncations"] += 1
-        for value, header in stored:
-            txn.append(part.tp, value, header)
-        if hard_state is not None:
-            txn.put_meta(R.hard_state_key(part.tp), hard_state)
-            self.lazy_hard_states.pop(part.tp, None)
-        self.sync_needed |= rd.must_sync or (part.sync and bool(rd.entries))
-
     def _commit(self) -> bool:
-        if self.txn is None:
-            return True
-        if self.lazy_hard_states:
-            for tp, hs in self.lazy_hard_states.items():
-                if tp in self.parts:
-                    self.txn.put_meta(R.hard_state_key(tp), R.encode_hard_state(hs))
-            self.lazy_hard_states.clear()
-        txn, self.txn = self.txn, None
-        sync, self.sync_needed = self.sync_needed, False
+        return self.replica_set.commit()
+
+    def _commit_store(self, txn: Any, sync: bool) -> bool:
+        """The real host's commit (see _StoreStorage): RocksDB, fsynced if asked."""
         sync |= self.wal_marker_pending  # the loss is recorded (every replica recovering) before the marker goes
         try:
             self.store.commit(txn, sync=sync)
@@ -827,18 +785,8 @@ class Node:
                             hw_floor=part.replica.high_watermark, target=t.partitions[tp.partition])
 
     def _after_durable(self, part: _Part, rd) -> None:
+        """A durable Ready's effects beyond sends and answers (zq.node.replicas did those)."""
         replica = part.replica
-        if rd.has_writes:
-            replica.on_persisted(rd.log_end)
-            self.dirty.add(part.tp)          # acks and commits that durability allows come next round
-            while part.leader_acks and part.leader_acks[0][0] <= rd.log_end:
-                part.leader_acks.pop(0)[1](None)
-        for out in rd.messages:
-            self._route(part, out)
-        for outcome in rd.outcomes:
-            callback = part.waiters.pop(outcome.proposal_id, None)
-            if callback is not None:
-                callback(outcome)
         if part.tp in self.recovering and not replica.recovering:
             loud = self.recovering.pop(part.tp)
             log.log(logging.WARNING if loud else logging.INFO,
@@ -954,16 +902,11 @@ class Node:
         core is never stepped, ticked or written again until a restart rebuilds it from the disk,
         its waiting producers and fetches are told, and every other partition keeps serving."""
         tp = part.tp
-        if tp in self.fenced:
+        if not self.replica_set.fence(part, doing, error):
             return
-        self.fenced[tp] = f"{doing}: {error.__class__.__name__}: {error}"
-        self.counters["partitions_fenced"] += 1
-        self.dirty.discard(tp)
-        self.lazy_hard_states.pop(tp, None)   # nothing more of it reaches the disk: a restart starts from what is there
         log.error("%s/%d is fenced: %s failed (%s: %s); its other replicas take over, this node serves its other "
                   "partitions, and a restart recovers this one from disk", part.name, tp.partition, doing,
                   error.__class__.__name__, error, exc_info=error)
-        part.replica.advance()   # a Ready handed out is never applied: the core must not wait for it
         fenced = PartitionFenced(f"{part.name}/{tp.partition} is fenced on node {self.name} after an internal error "
                                  f"({error.__class__.__name__}); retry, and check that node's log", node=self.name)
         self._fail_waiters(part, fenced)
@@ -1526,8 +1469,7 @@ class Node:
     def _drop_part(self, part: _Part, error: ZqError) -> None:
         """Our replica of a partition goes, with its data; whoever waits on it is told `error`."""
         tp = part.tp
-        self.parts.pop(tp, None)
-        self.lazy_hard_states.pop(tp, None)
+        self.replica_set.forget(tp)
         self._begin().drop_partition(tp)
         self._begin().delete_meta(R.hard_state_key(tp))
         self.sub.setsockopt(zmq.UNSUBSCRIBE, R.tp_bytes(tp))
@@ -1762,7 +1704,7 @@ class Node:
 
     def write_synced(self) -> None:
         """Ask for this pass's write to be fsynced."""
-        self.sync_needed = True
+        self.replica_set.sync_needed = True
 
     def at(self, when_ms: int, fn: Callable[[], None]) -> None:
         """Run `fn` on the loop at monotonic time `when_ms` (or soon after)."""
@@ -2033,7 +1975,7 @@ class Node:
             if h.base_offset != part.learner_end:
                 continue   # already held, or a gap: the next fetch starts from our log end
             self._begin().append(META_TP, value, h)
-            self.sync_needed = True
+            self.replica_set.sync_needed = True
             part.learner_end = h.next_offset
             for rec in zbatch.iter_records(value, h.base_offset, verify=False):
                 self.meta_learned.append((rec.offset, cbor2.loads(rec.value)))
@@ -2144,7 +2086,7 @@ class Node:
                 service.close()     # may write its last state into the pass's transaction
             except Exception:
                 log.exception("service %s failed to close", type(service).__name__)
-        if self.lazy_hard_states or self.txn is not None:
+        if self.lazy_hard_states or self.replica_set.txn is not None:
             self._begin()
             self._commit()
         for peer in self.peers.values():
