@@ -71,6 +71,7 @@ from zq.errors import (Backpressure, CorruptData, InvalidRequest, LeaderNotAvail
 from zq.io import replicas as R
 from zq.io import security
 from zq.io.store import Store, set_aside
+from zq.node.founding import FOUND_WAIT_MS, decide_founding
 from zq.node.replicas import READY_ROUNDS_MAX, Part as _Part, ReplicaSet  # noqa: F401 (READY_ROUNDS_MAX: tests)
 from zq.limits import DEFAULT, Limits
 from zq.types import META_TOPIC, META_TP, TopicPartition
@@ -88,7 +89,6 @@ IN_SYNC_READ_BYTES = 64 * 1024    # read to find the oldest batch a replica lack
 DRAIN_CHECK_MS = 20               # how often a drain looks whether leadership has moved away
 LEAVE_AFTER_ANSWER_MS = 100       # a drained node stops this long after its answer, so the answer goes out
 NODE_DEAD_MS = 10_000             # ... and as dead after this long
-FOUND_WAIT_MS = 3_000             # a node with no voters and no answer by then may found the cluster
 RETENTION_INTERVAL_MS = 5_000     # how often retention runs
 METRICS_REFRESH_MS = 1_000        # how often the /metrics snapshot of partitions is taken
 DISK_CHECK_INTERVAL_MS = 1_000    # how often free disk space is read
@@ -1859,21 +1859,20 @@ class Node:
 
     def _maybe_found_cluster(self) -> None:
         """No cluster answered: the lowest-named node among those waiting founds one; the others
-        keep asking, and learn it from the founder."""
-        if self.voters or self.stopping:
-            return
-        waiting = sorted({self.name} | {n for n in self.addresses if self._alive(n)})
-        if waiting[0] == self.name:
+        keep asking, and learn it from the founder (the decision: zq.node.founding)."""
+        decision = decide_founding(self.name, self.voters, [n for n in self.addresses if self._alive(n)],
+                                   self.stopping)
+        if decision.found:
             log.info("no cluster %r found: founding it, with this node holding its metadata", self.config.cluster)
             self.voters = (self.name,)
             del self.parts[META_TP]
             self._open_part(META_TP, META_TOPIC, [self.name], sync=True)
             self._register_self()
             return
-        for name in waiting:
-            if name != self.name:
-                self._ask(self.addresses[name])
-        self._at(mono_ms() + FOUND_WAIT_MS // 2, self._maybe_found_cluster)
+        for name in decision.ask:
+            self._ask(self.addresses[name])
+        if decision.retry_ms:
+            self._at(mono_ms() + decision.retry_ms, self._maybe_found_cluster)
 
     def _ask(self, address: str) -> None:
         if address != self.config.address:

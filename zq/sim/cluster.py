@@ -92,6 +92,7 @@ import hashlib
 import heapq
 import random
 import traceback
+from collections import defaultdict
 from dataclasses import dataclass, field, fields
 
 from zq.core import bounds
@@ -103,6 +104,7 @@ from zq.core.repl_types import (
 )
 from zq.errors import CorruptData, InvalidRequest, ProtocolError
 from zq.hashing import rendezvous
+from zq.node.replicas import Part, ReplicaSet
 from zq.sim.checks import Ack, Checker, Violation
 from zq.sim.disk import SimDisk
 from zq.sim.members import MembershipLayer, address_of
@@ -115,7 +117,6 @@ from zq.sim.workload import (
 
 REPLICATION_FACTOR = 3
 NODES_DRAWN = (3, 3, 4, 5)   # cluster sizes a default (--nodes 3) seed draws from
-DRAIN_ROUNDS_MAX = 16        # Ready rounds per event (each sync may free one more)
 PAUSED_INBOX_MAX = 1_000
 WALL_BASE_MS = 1_700_000_000_000   # simulated wall clocks start here (a day of skew keeps them positive)
 DAY_MS = 86_400_000
@@ -149,7 +150,7 @@ class Settings:
     append_entries_max: int = 16
     durability: str = "fsync"        # or "replicated" (see the module docstring)
     readers: int = 1                 # consumers reading committed entries from leaders
-    sync_delay_ms_max: int = 3       # group commit: a sync follows writes within this
+    sync_delay_ms_max: int = 3       # a pass's fsync takes up to this; its sends leave after it
     crash: bool = True
     pause: bool = True
     partition: bool = True
@@ -284,14 +285,87 @@ class SimNode:
         # keeps it beside the metadata), so a replica created again starts past it.
         self.tombstones: dict[int, int] = {}
         self.replicas: dict[int, Replica] = {}
+        # The node's replica hosting and persist-then-send pass: the shipped one (zq.node.replicas),
+        # a new one per incarnation; its parts are `replicas`, keyed alike.
+        self.pass_: ReplicaSet | None = None
+        self.send_delay_ms = 0       # the time this pass's fsync took: its sends leave that much later
         self.alive = False
         self.paused = False
         self.inbox: list[tuple[str, tuple]] = []
-        self.applied_end: dict[int, int] = {}
-        self.proposals: dict[tuple[int, int], tuple[str, int, int]] = {}
         self.timer_at: dict[int, int] = {}
-        self.sync_pending = False
         self.incarnation = 0
+
+
+class SimStorage:
+    """The simulated host's storage (zq.node.host.Storage): a node's SimDisk. A Ready's writes
+    are one write batch (volatile at once); a synced commit makes every batch so far durable and
+    takes up to `sync_delay_ms_max` (the pass's sends leave after it)."""
+
+    def __init__(self, sim: Sim, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+
+    def begin(self) -> SimDisk:
+        return self.node.disk
+
+    def write_ready(self, txn: SimDisk, p: int, reset_to: int | None, truncate_from: int | None, entries: tuple,
+                    hard_state: HardState | None) -> None:
+        sim, node = self.sim, self.node
+        if reset_to is not None:
+            sim.checker.before_reset(node.name, p, reset_to)
+            sim.result.start_ats += 1
+            sim.result.start_ats_moved += node.replica_sets[p] == ()
+            sim.log(f"{node.name} p{p}: log restarts at {reset_to} (StartAt)")
+        if truncate_from is not None:
+            sim.checker.before_truncate(node.name, p, truncate_from, txn.volatile[p])
+        txn.write(p, truncate_from, entries, hard_state, reset_to)
+
+    def put_hard_state(self, txn: SimDisk, p: int, hard_state: HardState) -> None:
+        txn.write(p, None, (), hard_state, None)
+
+    def commit(self, txn: SimDisk, sync: bool) -> bool:
+        if sync:
+            txn.sync()
+            self.node.send_delay_ms = max(self.node.send_delay_ms,
+                                          self.sim.rng.randint(0, self.sim.settings.sync_delay_ms_max))
+        return True
+
+
+class SimReplicaEvents:
+    """The simulated node's reactions to a durable Ready (zq.node.host.ReplicaEvents): sends on
+    the simulated network, and the checker's hooks."""
+
+    def __init__(self, sim: Sim, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+
+    def route(self, part: Part, out) -> None:
+        self.sim.send(self.node, part.tp, out.to, out.message)
+
+    def after_durable(self, part: Part, rd) -> None:
+        sim, node, p, r = self.sim, self.node, part.tp, part.replica
+        if rd.role is not None:
+            sim.log(f"{node.name} p{p} {rd.role.role} epoch {rd.role.epoch} leader {rd.role.leader}")
+            if rd.role.role == LEADER:
+                sim.result.elections += 1
+                sim.checker.on_leader(node.name, p, rd.role.epoch, r)
+        if rd.high_watermark is not None:
+            sim.checker.on_high_watermark(node.name, p, rd.high_watermark, r)
+        for e in rd.entries:
+            if e.config is not None and r.role == LEADER and e.epoch == r.epoch:
+                sim.checker.on_config_appended(node.name, p, e, r)
+                sim.result.config_changes += 1
+        if r.removed and node.replicas.get(p) is r:
+            sim.delete_replica(node, p)
+
+    def after_round(self) -> None:
+        pass
+
+    def write_failed(self, part: Part) -> None:
+        raise AssertionError("a simulated disk does not fail a commit")
+
+    def fence(self, part: Part, doing: str, error: Exception) -> None:
+        raise error   # every error in the simulator is a finding
 
 
 class Sim:
@@ -445,8 +519,8 @@ class Sim:
         node.paused = False
         node.incarnation += 1
         node.inbox.clear()
-        node.proposals.clear()
-        node.sync_pending = False
+        node.replicas.clear()
+        node.pass_ = ReplicaSet(SimStorage(self, node), SimReplicaEvents(self, node), defaultdict(int))
         for p in sorted(node.replica_sets):
             self.open_replica(node, p)
         self.net.rejoin(node.name, self.now)
@@ -469,12 +543,13 @@ class Sim:
         if node.disk_low:
             r.set_disk_low(True)
         node.replicas[p] = r
-        node.applied_end[p] = node.disk.volatile[p].log_end
+        node.pass_.parts[p] = Part(p, f"p{p}", r, sync=self.settings.durability == "fsync")
         node.timer_at[p] = -1
         self.checker.on_restart(node.name, p, r)
         if r.recovering:
             self.drain(node, p)  # recovering is durable before anything else happens
-        self.schedule_timer(node, p)
+        else:
+            self.schedule_timer(node, p)
 
     def _new_replica(self, node: SimNode, p: int) -> Replica:
         store = node.disk.volatile[p]
@@ -500,24 +575,23 @@ class Sim:
             if r is not None:
                 r.tick(self.now, self.wall_ms(node))
                 r.set_target(self.targets[p])
-                self.drain(node, p)
+                node.pass_.dirty.add(p)
             elif node.name in self.targets[p]:
                 self.log(f"{node.name} p{p}: new replica (a learner)")
                 node.replica_sets[p] = ()
                 node.disk.add_partition(p)
                 self.open_replica(node, p)
+        self.run_pass(node)
 
     def delete_replica(self, node: SimNode, p: int) -> None:
         self.log(f"{node.name} p{p}: removed, deleted")
         self.result.removals += 1
         node.tombstones[p] = node.replicas[p].epoch
         del node.replicas[p]
+        node.pass_.forget(p)   # with its waiting producers: they time out and look elsewhere
         del node.replica_sets[p]
         node.disk.drop_partition(p)
-        node.applied_end.pop(p, None)
         node.timer_at.pop(p, None)
-        for key in [k for k in node.proposals if k[0] == p]:
-            del node.proposals[key]  # its clients time out and look elsewhere
 
     def schedule_timer(self, node: SimNode, p: int) -> None:
         if p not in node.replicas:
@@ -528,76 +602,41 @@ class Sim:
             self.at(due, "timer", node.name, node.incarnation, p, due)
 
     def drain(self, node: SimNode, p: int) -> None:
-        r = node.replicas[p]
-        for _ in range(DRAIN_ROUNDS_MAX):
-            rd = r.ready()
-            if rd.empty:
-                r.advance()
-                break
-            if rd.has_writes:
-                if rd.reset_to is not None:
-                    self.checker.before_reset(node.name, p, rd.reset_to)
-                    self.result.start_ats += 1
-                    self.result.start_ats_moved += node.replica_sets[p] == ()
-                    self.log(f"{node.name} p{p}: log restarts at {rd.reset_to} (StartAt)")
-                if rd.truncate_from is not None:
-                    self.checker.before_truncate(node.name, p, rd.truncate_from, node.disk.volatile[p])
-                node.disk.write(p, rd)
-            if rd.must_sync:
-                node.disk.sync()
-            node.applied_end[p] = rd.log_end
-            if rd.role is not None:
-                self.log(f"{node.name} p{p} {rd.role.role} epoch {rd.role.epoch} leader {rd.role.leader}")
-                if rd.role.role == LEADER:
-                    self.result.elections += 1
-                    self.checker.on_leader(node.name, p, rd.role.epoch, r)
-            if rd.high_watermark is not None:
-                self.checker.on_high_watermark(node.name, p, rd.high_watermark, r)
-            for e in rd.entries:
-                if e.config is not None and r.role == LEADER and e.epoch == r.epoch:
-                    self.checker.on_config_appended(node.name, p, e, r)
-                    self.result.config_changes += 1
-            for out in rd.messages:
-                self.send(node, p, out.to, out.message)
-            for outcome in rd.outcomes:
-                self.answer(node, p, outcome)
-            r.advance()
-            if rd.must_sync or (rd.has_writes and self.settings.durability == "replicated"):
-                r.on_persisted(rd.log_end)
-                continue
-            if rd.has_writes and not node.sync_pending:
-                node.sync_pending = True
-                self.at(self.now + self.rng.randint(0, self.settings.sync_delay_ms_max), "sync",
-                        node.name, node.incarnation)
-            break
-        if r.role == LEADER and p in self.moving and r.committed_voters() == self.targets[p]:
-            self.moving.discard(p)
-            self.result.reassigned += 1
-        if r.removed:
-            self.delete_replica(node, p)
-            return
-        self.schedule_timer(node, p)
+        """A replica was stepped, ticked or told something: the node's pass runs."""
+        node.pass_.dirty.add(p)
+        self.run_pass(node)
+
+    def run_pass(self, node: SimNode) -> None:
+        """The end of a node's loop pass: the shipped persist-then-send pass (zq.node.replicas),
+        then the node's timers are set again. What the pass's rounds left is done by the next."""
+        node.send_delay_ms = 0
+        node.pass_.finish_pass()
+        for p in sorted(node.replicas):
+            r = node.replicas[p]
+            if r.role == LEADER and p in self.moving and r.committed_voters() == self.targets[p]:
+                self.moving.discard(p)
+                self.result.reassigned += 1
+            self.schedule_timer(node, p)
+        if node.pass_.dirty:
+            self.at(self.now, "pass", node.name, node.incarnation)
 
     def send(self, node: SimNode, p: int, to: str | None, msg: object) -> None:
         broadcast = to is None
         for dst in (node.replicas[p].peers if broadcast else [to]):
             if dst == node.name or dst not in self.nodes:
                 continue   # ourselves, or the hostile peer (a leader answers a stranger): nobody listens
-            for t in self.net.deliveries(self.now, node.name, dst, broadcast):
+            for t in self.net.deliveries(self.now + node.send_delay_ms, node.name, dst, broadcast):
                 self.at(t, "deliver", dst, p, msg)
 
     def send_from_shell(self, node: SimNode, p: int, to: str, msg: object) -> None:
         for t in self.net.deliveries(self.now, node.name, to, False):
             self.at(t, "deliver", to, p, msg)
 
-    def answer(self, node: SimNode, p: int, outcome) -> None:
-        waiting = node.proposals.pop((p, outcome.proposal_id), None)
-        if waiting is None:
-            return
-        producer, batch_no, attempt = waiting
-        resp = ProduceResponse(producer, batch_no, attempt, outcome.status, outcome.base_offset, outcome.epoch,
-                               outcome.leader_hint)
-        for t in self.net.client_deliveries(self.now):
+    def answer(self, node: SimNode, req: ProduceRequest, outcome) -> None:
+        """A producer's batch has its outcome (a waiter the pass calls once it is durable)."""
+        resp = ProduceResponse(req.producer, req.batch_no, req.attempt, outcome.status, outcome.base_offset,
+                               outcome.epoch, outcome.leader_hint)
+        for t in self.net.client_deliveries(self.now + node.send_delay_ms):
             self.at(t, "response", resp)
 
     def handle(self, node: SimNode, kind: str, args: tuple) -> None:
@@ -654,7 +693,8 @@ class Sim:
             pid = r.propose(req.count, req.producer_id, req.base_sequence, req.payload)
             if stamp is not None and r.log_end > base:
                 self.stamps[(req.partition, base, epoch)] = (stamp, self.now)
-            node.proposals[(req.partition, pid)] = (req.producer, req.batch_no, req.attempt)
+            node.pass_.parts[req.partition].waiters[pid] = lambda outcome, node=node, req=req: self.answer(
+                node, req, outcome)
             self.drain(node, req.partition)
 
     def answer_directly(self, req: ProduceRequest, status: str) -> None:
@@ -703,20 +743,11 @@ class Sim:
     def ev_request(self, dst: str, req: ProduceRequest) -> None:
         self.receive(dst, "request", (req,))
 
-    def ev_sync(self, name: str, incarnation: int) -> None:
+    def ev_pass(self, name: str, incarnation: int) -> None:
+        """A node's next loop pass, for what the last one's rounds left."""
         node = self.nodes[name]
-        if not node.alive or node.incarnation != incarnation:
-            return
-        if node.paused:
-            self.at(self.now + 10, "sync", name, incarnation)  # the process syncs when it runs again
-            return
-        node.sync_pending = False
-        node.disk.sync()
-        for p in sorted(node.replicas):
-            if p in node.replicas:  # an earlier one's drain may not delete it, but be sure
-                node.replicas[p].tick(self.now, self.wall_ms(node))
-                node.replicas[p].on_persisted(node.applied_end[p])
-                self.drain(node, p)
+        if node.alive and not node.paused and node.incarnation == incarnation:
+            self.run_pass(node)
 
     def ev_produce(self, name: str) -> None:
         if self.phase != "safety":
@@ -791,6 +822,7 @@ class Sim:
             kept = node.disk.crash(self.rng, power_loss=self.settings.durability == "fsync")
             node.alive = False
             node.replicas.clear()
+            node.pass_ = None
             if self.members is not None:
                 self.members.crash(name, self.now)
             self.result.crashes += 1
@@ -823,11 +855,15 @@ class Sim:
         name = rng.choice(sorted(self.nodes))
         node = self.nodes[name]
         held = sorted(node.replica_sets)
-        if held and all(self._may_damage(name, p) for p in held):
+        # A wiped node also forgets the replicas a move deleted here (their tombstones answer a
+        # recovering replica's poll): a second fault in those replica sets too.
+        touched = sorted({*held, *node.tombstones}) if kind == "wipe_node" else held
+        if held and all(self._may_damage(name, p) for p in touched):
             if node.alive:
                 node.disk.crash(rng, power_loss=s.durability == "fsync")
                 node.alive = False
                 node.replicas.clear()
+                node.pass_ = None
                 if self.members is not None:
                     self.members.crash(name, self.now)
                 self.at(self.now + rng.randint(20, s.fault_duration_ms_max), "restart", name)
@@ -917,10 +953,10 @@ class Sim:
         if not node.alive or node.paused:
             return
         for p in sorted(node.replicas):
-            if p in node.replicas:
-                node.replicas[p].tick(self.now, self.wall_ms(node))
-                tell(node.replicas[p])
-                self.drain(node, p)
+            node.replicas[p].tick(self.now, self.wall_ms(node))
+            tell(node.replicas[p])
+            node.pass_.dirty.add(p)
+        self.run_pass(node)
 
     def ev_disk_low(self) -> None:
         """A node runs short of disk for a while (then has room again)."""
@@ -968,12 +1004,12 @@ class Sim:
         if self.members is not None:
             self.members.resume(node.name, self.now)
         for p in sorted(node.replicas):
-            if p in node.replicas:
-                node.timer_at[p] = -1
-                node.replicas[p].tick(self.now, self.wall_ms(node))  # the clock jumped while it was stopped
-                node.replicas[p].set_draining(node.draining)
-                node.replicas[p].set_disk_low(node.disk_low)
-                self.drain(node, p)
+            node.timer_at[p] = -1
+            node.replicas[p].tick(self.now, self.wall_ms(node))  # the clock jumped while it was stopped
+            node.replicas[p].set_draining(node.draining)
+            node.replicas[p].set_disk_low(node.disk_low)
+            node.pass_.dirty.add(p)
+        self.run_pass(node)
         self.apply_targets(node)
         queued, node.inbox = node.inbox, []
         for kind, args in queued:
