@@ -318,10 +318,10 @@ class SimStorage:
             sim.log(f"{node.name} p{p}: log restarts at {reset_to} (StartAt)")
         if truncate_from is not None:
             sim.checker.before_truncate(node.name, p, truncate_from, txn.volatile[p])
-        txn.write(p, truncate_from, entries, hard_state, reset_to)
+        txn.write_batch(p, truncate_from, entries, hard_state, reset_to)
 
     def put_hard_state(self, txn: SimDisk, p: int, hard_state: HardState) -> None:
-        txn.write(p, None, (), hard_state, None)
+        txn.write_batch(p, None, (), hard_state, None)
 
     def commit(self, txn: SimDisk, sync: bool) -> bool:
         if sync:

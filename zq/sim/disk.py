@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_left, bisect_right
 
-from zq.core.repl_types import Entry, HardState
+from zq.core.repl_types import Entry, HardState, Ready
 from zq.errors import CorruptData
 
 SYNCED_TAIL_KEPT = 4   # synced states a dropped WAL tail may fall back to (each a copy of the durable view)
@@ -124,8 +124,12 @@ class SimDisk:
         del self.volatile[partition]
         self.unsynced = [b for b in self.unsynced if b[0] != partition]
 
-    def write(self, partition: int, truncate_from: int | None, entries: tuple, hard: HardState | None,
-              reset_to: int | None) -> None:
+    def write(self, partition: int, rd: Ready) -> None:
+        """A Ready's writes as one batch."""
+        self.write_batch(partition, rd.truncate_from, rd.entries, rd.hard_state, rd.reset_to)
+
+    def write_batch(self, partition: int, truncate_from: int | None, entries: tuple, hard: HardState | None,
+                    reset_to: int | None) -> None:
         """One write batch of a partition (a Ready's writes, or a high-watermark hint alone)."""
         batch = (partition, truncate_from, tuple(entries), hard, reset_to)
         self.volatile[partition].apply(*batch[1:])
