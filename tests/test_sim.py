@@ -223,8 +223,10 @@ def test_checks_catch_configuration_changes_that_break_the_rules(
 
 # Seeds (5 nodes) on which the weakening below was found by searching 2,500 seeds (2 minutes);
 # replaying only those keeps this test cheap. If the simulator's event order changes, these seeds
-# replay other histories: search again and replace them.
-FRESH_VOTE_SEEDS = (392, 735, 752, 1048, 2252, 2358)
+# replay other histories: search again and replace them. (Searched again when the simulator came
+# to run the shipped persist-then-send pass, zq.node.replicas: each of these passes without the
+# weakening.)
+FRESH_VOTE_SEEDS = (20, 119, 1249, 1326, 1472, 2330)
 
 
 def test_checks_catch_a_replica_knowing_no_configuration_that_votes(monkeypatch: pytest.MonkeyPatch) -> None:
