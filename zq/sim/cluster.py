@@ -10,15 +10,20 @@ message arriving, a disk sync (group commit), a client request or answer, or a f
 restart, pause, resume, network partition, heal). After each step the checker's invariants
 hold or the run stops with the invariant, the step and the replay command.
 
-The node shell here does what the real node does with a Ready: write (one atomic batch),
-sync when asked (persist, then send), send, answer producers, `advance()`, and report
-durability with `on_persisted` after each sync. With durability=fsync a crash is a power loss:
-it loses unsynced writes (a random prefix may survive). With durability=replicated a write
-counts as durable once written (RocksDB's log, no fsync, as Kafka does) and a crash is a
-process kill, which the page cache survives; losing power on a majority at once is the case
-that mode gives up, and it is not simulated. A crash also loses the in-flight requests; a
-restart builds the cores from the disk alone. A pause stops a node's timers and queues what arrives for it (bounded, as socket
-buffers are), like SIGSTOP.
+A node runs the shipped replica hosting and persist-then-send pass (zq.node.replicas.ReplicaSet,
+as zq/io/node.py does) through a simulated host (zq/sim/simnode.py): each event that steps, ticks
+or tells a replica ends with the node's pass, which writes every dirty replica's Ready into the
+node's disk (one batch per Ready), commits (a sync when any of it must be: a vote, or entries with
+durability=fsync; the sync takes up to `sync_delay_ms_max`, and the pass's sends leave after it),
+`advance()`s, reports durability with `on_persisted`, then sends, answers producers and lets the
+checker see roles, high watermarks and configurations. What the pass's rounds leave is done by a
+next pass at once. High-watermark hints alone ride along with a later write, as on a node. With
+durability=fsync a crash is a power loss: it loses unsynced writes (a random prefix may survive).
+With durability=replicated a write counts as durable once written (RocksDB's log, no fsync, as
+Kafka does) and a crash is a process kill, which the page cache survives; losing power on a
+majority at once is the case that mode gives up, and it is not simulated. A crash also loses the
+in-flight requests; a restart builds the cores from the disk alone. A pause stops a node's
+timers and queues what arrives for it (bounded, as socket buffers are), like SIGSTOP.
 
 Replica-set changes. A seed may draw 4 or 5 nodes (partitions keep 3 replicas) and
 reassignments: the simulator's metadata (`targets`) moves a partition to another 3-node set
