@@ -308,3 +308,15 @@ def test_deleting_a_replicated_topic_under_traffic_leaves_every_node_serving(tmp
             r.close()
         for n in nodes:
             n.stop()
+
+
+def test_founding_decision_lowest_named_waiting_node_founds() -> None:
+    """zq.node.founding: the lowest-named of the waiting nodes founds; the others ask it again;
+    a node that learnt voters (or stops) decides nothing."""
+    from zq.node.founding import FOUND_WAIT_MS, decide_founding
+    assert decide_founding("n1", (), ["n3", "n2"]).found
+    later = decide_founding("n2", (), ["n3", "n1"])
+    assert not later.found and later.ask == ("n1", "n3") and later.retry_ms == FOUND_WAIT_MS // 2
+    assert decide_founding("n2", (), []).found                       # alone: it founds
+    assert decide_founding("n1", ("n9",), ["n2"]) == decide_founding("n1", (), [], stopping=True)
+    assert not decide_founding("n1", ("n9",), ["n2"]).found and not decide_founding("n1", ("n9",), []).retry_ms

@@ -1240,3 +1240,23 @@ def test_a_recovery_state_whose_last_entry_is_past_its_epoch_is_refused() -> Non
     c = _recovering("c", NAMES)
     with pytest.raises(ProtocolError, match="last entry"):
         c.step(RecoveryState(2, "a", 0, 3, 3))
+
+
+def test_a_replica_made_again_knowing_no_configuration_leaves_a_recovery_poll_unanswered() -> None:
+    """A replica made again after a move deleted its earlier one (join epoch past 0) that no
+    leader has told a configuration yet: its empty log hides that it was a member once, so it
+    must not tell a recovering replica that nothing was ever committed (simulator seed 1233: a
+    wiped replica ended its poll on such an answer and a stale voter's, and that voter was then
+    elected without the committed entries). A new replica never a member still answers."""
+    from zq.core.repl_types import RecoveryPoll
+
+    def answers(join_epoch: int) -> list[str]:
+        hs = HardState(epoch=join_epoch, join_epoch=join_epoch) if join_epoch else None
+        r = Replica("d", (), SimDisk([0]).volatile[0], rng=random.Random(1), config=CFG, hard_state=hs)
+        r.step(RecoveryPoll(3, "b"))
+        rd = r.ready()
+        r.advance()
+        return [type(o.message).__name__ for o in rd.messages]
+
+    assert answers(join_epoch=2) == []
+    assert answers(join_epoch=0) == ["RecoveryState"]

@@ -223,8 +223,10 @@ def test_checks_catch_configuration_changes_that_break_the_rules(
 
 # Seeds (5 nodes) on which the weakening below was found by searching 2,500 seeds (2 minutes);
 # replaying only those keeps this test cheap. If the simulator's event order changes, these seeds
-# replay other histories: search again and replace them.
-FRESH_VOTE_SEEDS = (392, 735, 752, 1048, 2252, 2358)
+# replay other histories: search again and replace them. (Searched again when the simulator came
+# to run the shipped persist-then-send pass, zq.node.replicas: each of these passes without the
+# weakening.)
+FRESH_VOTE_SEEDS = (20, 119, 1249, 1326, 1472, 2330)
 
 
 def test_checks_catch_a_replica_knowing_no_configuration_that_votes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -278,17 +280,11 @@ def test_checks_catch_a_broken_vote_rule(monkeypatch: pytest.MonkeyPatch) -> Non
                            "acknowledged write lost", "two different batches at one offset"}
 
 
-def test_checks_catch_acks_of_writes_not_yet_durable(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = Replica.ready
-
-    def ready_counting_unsynced_writes(self: Replica):
-        self.durable_end = self.log_end  # as if every write were on disk the moment it is made
-        return original(self)
-
-    monkeypatch.setattr(Replica, "ready", ready_counting_unsynced_writes)
-    monkeypatch.setattr(Settings, "draw_members", lambda self, rng: self)  # histories as found (faster)
-    r = _first_failure(range(3_000))
-    assert r is not None, "a core that counts unsynced writes as durable went unnoticed"
+# (A core that counts its writes durable the moment it makes them was caught here while the
+# simulator had a node shell of its own that sent before a delayed group-commit sync. The simulator
+# now runs the shipped pass (zq.node.replicas), which commits, fsynced where needed, before anything
+# of the pass leaves, so that core bug cannot show; the durability rule lives in the pass, and
+# tests/test_node_teeth.py breaks it there: a follower acking, or a leader counting, before the fsync.)
 
 
 def test_checks_catch_commits_of_older_epoch_entries(monkeypatch: pytest.MonkeyPatch) -> None:

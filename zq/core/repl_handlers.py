@@ -228,6 +228,11 @@ class Handlers:
             self.become_candidate()  # the leader stopped taking writes and we hold its whole log
 
     def on_recovery_poll(self, m: RecoveryPoll) -> None:
+        if self.join_epoch > 0 and self._configs == ((-1, ()),):
+            # Made again after a move deleted our earlier replica, and told no configuration yet:
+            # our empty log hides that we were a member once (and that our removal was committed),
+            # so it must not tell a poller that nothing was ever committed (simulator seed 1233).
+            return
         # Answered whatever our state: the poller takes the largest of several answers.
         self._send(m.sender, RecoveryState(self.epoch, self.node_id, self.high_watermark, self.log_end,
                                            self.last_epoch))

@@ -10,15 +10,20 @@ message arriving, a disk sync (group commit), a client request or answer, or a f
 restart, pause, resume, network partition, heal). After each step the checker's invariants
 hold or the run stops with the invariant, the step and the replay command.
 
-The node shell here does what the real node does with a Ready: write (one atomic batch),
-sync when asked (persist, then send), send, answer producers, `advance()`, and report
-durability with `on_persisted` after each sync. With durability=fsync a crash is a power loss:
-it loses unsynced writes (a random prefix may survive). With durability=replicated a write
-counts as durable once written (RocksDB's log, no fsync, as Kafka does) and a crash is a
-process kill, which the page cache survives; losing power on a majority at once is the case
-that mode gives up, and it is not simulated. A crash also loses the in-flight requests; a
-restart builds the cores from the disk alone. A pause stops a node's timers and queues what arrives for it (bounded, as socket
-buffers are), like SIGSTOP.
+A node runs the shipped replica hosting and persist-then-send pass (zq.node.replicas.ReplicaSet,
+as zq/io/node.py does) through a simulated host (zq/sim/simnode.py): each event that steps, ticks
+or tells a replica ends with the node's pass, which writes every dirty replica's Ready into the
+node's disk (one batch per Ready), commits (a sync when any of it must be: a vote, or entries with
+durability=fsync; the sync takes up to `sync_delay_ms_max`, and the pass's sends leave after it),
+`advance()`s, reports durability with `on_persisted`, then sends, answers producers and lets the
+checker see roles, high watermarks and configurations. What the pass's rounds leave is done by a
+next pass at once. High-watermark hints alone ride along with a later write, as on a node. With
+durability=fsync a crash is a power loss: it loses unsynced writes (a random prefix may survive).
+With durability=replicated a write counts as durable once written (RocksDB's log, no fsync, as
+Kafka does) and a crash is a process kill, which the page cache survives; losing power on a
+majority at once is the case that mode gives up, and it is not simulated. A crash also loses the
+in-flight requests; a restart builds the cores from the disk alone. A pause stops a node's
+timers and queues what arrives for it (bounded, as socket buffers are), like SIGSTOP.
 
 Replica-set changes. A seed may draw 4 or 5 nodes (partitions keep 3 replicas) and
 reassignments: the simulator's metadata (`targets`) moves a partition to another 3-node set
@@ -92,209 +97,29 @@ import hashlib
 import heapq
 import random
 import traceback
-from dataclasses import dataclass, field, fields
+from collections import defaultdict
 
 from zq.core import bounds
-from zq.core.membership import MembershipConfig, State
+from zq.core.membership import State
+from zq.core.repl_types import (BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, HardState,
+                                RecoveryPoll, RecoveryState, TimeoutNow)
 from zq.core.replication import Replica
-from zq.core.repl_types import (
-    BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, Append, AppendAck, Fetch, HardState,
-    RecoveryPoll, RecoveryState, ReplicationConfig, RequestVote, StartAt, TimeoutNow, Vote,
-)
 from zq.errors import CorruptData, InvalidRequest, ProtocolError
 from zq.hashing import rendezvous
+from zq.node.replicas import Part, ReplicaSet
 from zq.sim.checks import Ack, Checker, Violation
-from zq.sim.disk import SimDisk
+from zq.sim.faults import FaultsMixin, hostile_message
 from zq.sim.members import MembershipLayer, address_of
 from zq.sim.members_checks import MembersChecker
 from zq.sim.network import NetworkFaults, SimNetwork
-from zq.sim.workload import (
-    BATCH_RECORDS_MAX, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX, ProduceRequest, ProduceResponse,
-    Producer,
-)
-
-REPLICATION_FACTOR = 3
-NODES_DRAWN = (3, 3, 4, 5)   # cluster sizes a default (--nodes 3) seed draws from
-DRAIN_ROUNDS_MAX = 16        # Ready rounds per event (each sync may free one more)
-PAUSED_INBOX_MAX = 1_000
-WALL_BASE_MS = 1_700_000_000_000   # simulated wall clocks start here (a day of skew keeps them positive)
-DAY_MS = 86_400_000
-READ_ENTRIES_MAX = 8         # entries one simulated consumer fetch returns     # messages queued for a paused node before the rest are dropped
-SIM_CONFIG = ReplicationConfig(election_timeout_ms=150, heartbeat_interval_ms=40, fetch_retry_ms=60,
-                               append_entries_max=16, append_bytes_max=256, pending_proposals_max=64)
-# Clock error the retention checks allow (not skew): an ack's transit, or the time a leader
-# stalled with acks queued (less than an election timeout, or it steps down).
-CLOCK_MARGIN_MS = SIM_CONFIG.election_timeout_ms + 50
-# The node's failure-detector timing (1 s periods, 400 ms ack timeout, 5 s suspicion and
-# reconnect) scaled down ten times, so that faults outlive a suspicion within a run; the ack
-# timeout still exceeds twice the simulated network's largest one-way delay (40 ms) plus the
-# shell's tick latency, so a healed network holds no one suspect.
-SIM_MEMBERSHIP = MembershipConfig(probe_interval_ms=200, ack_timeout_ms=100, suspicion_timeout_ms=500,
-                                  reconnect_interval_ms=500)
-# Small Appends split a leader's marker from the older entries before it, which is what Raft's
-# figure 8 needs; a seed draws one of these.
-APPEND_ENTRIES_CHOICES = (1, 2, 16)
+from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, READ_ENTRIES_MAX, REPLICATION_FACTOR, Result,
+                             SIM_CONFIG, SIM_MEMBERSHIP, Settings, WALL_BASE_MS)
+from zq.sim.simnode import SimNode, SimReplicaEvents, SimStorage
+from zq.sim.workload import (BATCH_RECORDS_MAX, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX, ProduceRequest,
+                             ProduceResponse, Producer)
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything a run draws from its seed, printed first so a run explains itself."""
-
-    nodes: int = 3
-    partitions: int = 2
-    producers: int = 3
-    idempotent_share: float = 0.5
-    steps: int = 400                 # events in the safety phase
-    liveness_ms: int = 10_000        # simulated time allowed to converge after healing
-    append_entries_max: int = 16
-    durability: str = "fsync"        # or "replicated" (see the module docstring)
-    readers: int = 1                 # consumers reading committed entries from leaders
-    sync_delay_ms_max: int = 3       # group commit: a sync follows writes within this
-    crash: bool = True
-    pause: bool = True
-    partition: bool = True
-    fault_interval_ms_max: int = 300
-    fault_duration_ms_max: int = 600
-    reassign: bool = False           # move partitions to other nodes (needs more than 3 nodes)
-    drain: bool = False              # drain a node for a while
-    transfer: bool = False           # one-off leadership hand-offs
-    change_interval_ms_max: int = 1000  # between reassignments, drains and hand-offs
-    retention: bool = False          # delete the front of replicas' logs now and then
-    retention_interval_ms_max: int = 300
-    retention_ms: int = 1_000        # entries stamped this long before the leader's clock go
-    clock_skew_ms: int = 0           # one node's wall clock is this far ahead (or behind)
-    skewed_node: int = 0             # ... which one (index)
-    disk_low: bool = False           # nodes short of disk for a while (leaders hand off)
-    members: bool = False            # run the failure detector (and, with more than 3 nodes, the operator)
-    hostile: bool = False            # a hostile peer injects out-of-range and stranger messages
-    hostile_interval_ms_max: int = 100
-    operator_interval_ms_max: int = 1000  # between the operator's looks at a view
-    disk: bool = False               # disk faults: flipped blocks, dropped WAL tails, wiped replicas and nodes
-    disk_interval_ms_max: int = 1000
-    net: NetworkFaults = field(default_factory=NetworkFaults)
-
-    @staticmethod
-    def draw(rng: random.Random, nodes: int, steps: int) -> Settings:
-        if nodes == 3:
-            nodes = rng.choice(NODES_DRAWN)
-        net = NetworkFaults(
-            loss=rng.choice([0.0, 0.0, 0.02, 0.1, 0.3]),
-            duplicate=rng.choice([0.0, 0.05, 0.2]),
-            delay_ms_max=rng.choice([1, 3, 10, 40]),
-            pub_drop=rng.choice([0.0, 0.1, 0.4]),
-            slow_joiner_ms_max=rng.choice([0, 100, 300]),
-        )
-        return Settings(
-            nodes=nodes, partitions=rng.choice([1, 2, 3]), producers=rng.choice([2, 3, 4]),
-            append_entries_max=rng.choice(APPEND_ENTRIES_CHOICES),
-            durability=rng.choice(["fsync", "fsync", "fsync", "replicated"]), readers=rng.choice([0, 1, 2]),
-            idempotent_share=rng.choice([0.0, 0.5, 1.0]), steps=steps,
-            sync_delay_ms_max=rng.choice([0, 3, 20]),
-            crash=rng.random() < 0.7, pause=rng.random() < 0.5, partition=rng.random() < 0.6,
-            fault_interval_ms_max=rng.choice([200, 500, 1000]),
-            fault_duration_ms_max=rng.choice([200, 600, 1500]),
-            reassign=nodes > REPLICATION_FACTOR and rng.random() < 0.8, drain=rng.random() < 0.4,
-            transfer=rng.random() < 0.4, change_interval_ms_max=rng.choice([300, 1000, 3000]), net=net,
-        )
-
-    def draw_retention(self, rng: random.Random) -> Settings:
-        """Retention is drawn from a random stream of its own, so a seed that draws none replays
-        the history it had before retention was simulated."""
-        return dataclasses.replace(self, retention=rng.random() < 0.6,
-                                   retention_interval_ms_max=rng.choice([50, 200, 1000]),
-                                   retention_ms=rng.choice([500, 1000, 2000]),
-                                   clock_skew_ms=rng.choice([0, 1_000, -60_000, DAY_MS, DAY_MS, -DAY_MS]),
-                                   skewed_node=rng.randrange(self.nodes))
-
-    def draw_disk_low(self, rng: random.Random) -> Settings:
-        """Nodes short of disk, from a stream of its own (see draw_retention)."""
-        return dataclasses.replace(self, disk_low=rng.random() < 0.3)
-
-    def draw_members(self, rng: random.Random) -> Settings:
-        """Membership too, from a stream of its own (see draw_retention)."""
-        return dataclasses.replace(self, members=rng.random() < 0.6,
-                                   operator_interval_ms_max=rng.choice([100, 300, 1000]))
-
-    def draw_hostile(self, rng: random.Random) -> Settings:
-        """A hostile peer too, from a stream of its own (see draw_retention)."""
-        return dataclasses.replace(self, hostile=rng.random() < 0.6, hostile_interval_ms_max=rng.choice([20, 100, 400]))
-
-    def draw_disk(self, rng: random.Random) -> Settings:
-        """Disk faults too, from a stream of their own (see draw_retention)."""
-        return dataclasses.replace(self, disk=rng.random() < 0.5, disk_interval_ms_max=rng.choice([300, 1000, 2000]))
-
-    def describe(self) -> str:
-        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "net"]
-        parts += [f"{f.name}={getattr(self.net, f.name)}" for f in fields(self.net)]
-        return " ".join(parts)
-
-
-@dataclass(slots=True)
-class Result:
-    seed: int
-    ok: bool
-    settings: Settings
-    steps: int = 0
-    trace_hash: str = ""
-    invariant: str = ""
-    detail: str = ""
-    failed_step: int = -1
-    phase: str = "safety"
-    acks: int = 0
-    reads: int = 0                   # committed entries consumers read
-    elections: int = 0
-    crashes: int = 0
-    pauses: int = 0
-    cuts: int = 0
-    reassignments: int = 0           # target changes drawn
-    reassigned: int = 0              # times a partition's committed configuration reached its target
-    config_changes: int = 0          # configuration entries leaders appended
-    removals: int = 0                # replicas deleted once removed
-    drains: int = 0
-    transfers: int = 0               # hand-offs asked for (one-off)
-    handoffs: int = 0                # elections a TimeoutNow started
-    converged_ms: int = -1           # simulated time the liveness phase needed to converge
-    retained: int = 0                # retention runs that deleted the front of a log
-    start_ats: int = 0               # replicas that restarted their log at their leader's start
-    start_ats_moved: int = 0         # of those, replicas a reassignment created
-    retention_duplicates: int = 0    # idempotent retries written again, the first copy deleted
-    false_deaths: int = 0            # a view declared a node DEAD whose process was running
-    operator_moves: int = 0          # targets the operator changed away from nodes a view called dead
-    operator_false_moves: int = 0    # of those, moves away from a node that was in fact running
-    disk_lows: int = 0               # times a node ran short of disk
-    hostile_sent: int = 0            # messages the hostile peer delivered to a running replica
-    hostile_refused: int = 0         # of those, refused by the bounds check (as the node's decoding would)
-    hostile_rejected: int = 0        # ... or by the core (ProtocolError)
-    flips: int = 0                   # flipped blocks found by a restarted replica (set aside)
-    tails_dropped: int = 0           # nodes that lost the tail of their synced writes
-    wipes: int = 0                   # replicas or nodes whose disk was wiped
-    recoveries: int = 0              # replicas opened recovering
-
-
-class SimNode:
-    def __init__(self, name: str, partitions: dict[int, tuple[str, ...]]) -> None:
-        self.name = name
-        # The partitions this node holds, each with the configuration its replica was created
-        # with: the initial replica set, or () for one created by a reassignment.
-        self.replica_sets = partitions
-        self.disk = SimDisk(sorted(partitions))
-        self.draining = False
-        self.disk_low = False
-        # Per partition deleted here, the epoch its replica had reached: kept durably (the shell
-        # keeps it beside the metadata), so a replica created again starts past it.
-        self.tombstones: dict[int, int] = {}
-        self.replicas: dict[int, Replica] = {}
-        self.alive = False
-        self.paused = False
-        self.inbox: list[tuple[str, tuple]] = []
-        self.applied_end: dict[int, int] = {}
-        self.proposals: dict[tuple[int, int], tuple[str, int, int]] = {}
-        self.timer_at: dict[int, int] = {}
-        self.sync_pending = False
-        self.incarnation = 0
-
-
-class Sim:
+class Sim(FaultsMixin):
     def __init__(self, seed: int, nodes: int = 3, steps: int = 400, settings: Settings | None = None,
                  verbose: bool = False) -> None:
         self.seed = seed
@@ -445,8 +270,8 @@ class Sim:
         node.paused = False
         node.incarnation += 1
         node.inbox.clear()
-        node.proposals.clear()
-        node.sync_pending = False
+        node.replicas.clear()
+        node.pass_ = ReplicaSet(SimStorage(self, node), SimReplicaEvents(self, node), defaultdict(int))
         for p in sorted(node.replica_sets):
             self.open_replica(node, p)
         self.net.rejoin(node.name, self.now)
@@ -469,12 +294,13 @@ class Sim:
         if node.disk_low:
             r.set_disk_low(True)
         node.replicas[p] = r
-        node.applied_end[p] = node.disk.volatile[p].log_end
+        node.pass_.parts[p] = Part(p, f"p{p}", r, sync=self.settings.durability == "fsync")
         node.timer_at[p] = -1
         self.checker.on_restart(node.name, p, r)
         if r.recovering:
             self.drain(node, p)  # recovering is durable before anything else happens
-        self.schedule_timer(node, p)
+        else:
+            self.schedule_timer(node, p)
 
     def _new_replica(self, node: SimNode, p: int) -> Replica:
         store = node.disk.volatile[p]
@@ -500,24 +326,23 @@ class Sim:
             if r is not None:
                 r.tick(self.now, self.wall_ms(node))
                 r.set_target(self.targets[p])
-                self.drain(node, p)
+                node.pass_.dirty.add(p)
             elif node.name in self.targets[p]:
                 self.log(f"{node.name} p{p}: new replica (a learner)")
                 node.replica_sets[p] = ()
                 node.disk.add_partition(p)
                 self.open_replica(node, p)
+        self.run_pass(node)
 
     def delete_replica(self, node: SimNode, p: int) -> None:
         self.log(f"{node.name} p{p}: removed, deleted")
         self.result.removals += 1
         node.tombstones[p] = node.replicas[p].epoch
         del node.replicas[p]
+        node.pass_.forget(p)   # with its waiting producers: they time out and look elsewhere
         del node.replica_sets[p]
         node.disk.drop_partition(p)
-        node.applied_end.pop(p, None)
         node.timer_at.pop(p, None)
-        for key in [k for k in node.proposals if k[0] == p]:
-            del node.proposals[key]  # its clients time out and look elsewhere
 
     def schedule_timer(self, node: SimNode, p: int) -> None:
         if p not in node.replicas:
@@ -528,76 +353,41 @@ class Sim:
             self.at(due, "timer", node.name, node.incarnation, p, due)
 
     def drain(self, node: SimNode, p: int) -> None:
-        r = node.replicas[p]
-        for _ in range(DRAIN_ROUNDS_MAX):
-            rd = r.ready()
-            if rd.empty:
-                r.advance()
-                break
-            if rd.has_writes:
-                if rd.reset_to is not None:
-                    self.checker.before_reset(node.name, p, rd.reset_to)
-                    self.result.start_ats += 1
-                    self.result.start_ats_moved += node.replica_sets[p] == ()
-                    self.log(f"{node.name} p{p}: log restarts at {rd.reset_to} (StartAt)")
-                if rd.truncate_from is not None:
-                    self.checker.before_truncate(node.name, p, rd.truncate_from, node.disk.volatile[p])
-                node.disk.write(p, rd)
-            if rd.must_sync:
-                node.disk.sync()
-            node.applied_end[p] = rd.log_end
-            if rd.role is not None:
-                self.log(f"{node.name} p{p} {rd.role.role} epoch {rd.role.epoch} leader {rd.role.leader}")
-                if rd.role.role == LEADER:
-                    self.result.elections += 1
-                    self.checker.on_leader(node.name, p, rd.role.epoch, r)
-            if rd.high_watermark is not None:
-                self.checker.on_high_watermark(node.name, p, rd.high_watermark, r)
-            for e in rd.entries:
-                if e.config is not None and r.role == LEADER and e.epoch == r.epoch:
-                    self.checker.on_config_appended(node.name, p, e, r)
-                    self.result.config_changes += 1
-            for out in rd.messages:
-                self.send(node, p, out.to, out.message)
-            for outcome in rd.outcomes:
-                self.answer(node, p, outcome)
-            r.advance()
-            if rd.must_sync or (rd.has_writes and self.settings.durability == "replicated"):
-                r.on_persisted(rd.log_end)
-                continue
-            if rd.has_writes and not node.sync_pending:
-                node.sync_pending = True
-                self.at(self.now + self.rng.randint(0, self.settings.sync_delay_ms_max), "sync",
-                        node.name, node.incarnation)
-            break
-        if r.role == LEADER and p in self.moving and r.committed_voters() == self.targets[p]:
-            self.moving.discard(p)
-            self.result.reassigned += 1
-        if r.removed:
-            self.delete_replica(node, p)
-            return
-        self.schedule_timer(node, p)
+        """A replica was stepped, ticked or told something: the node's pass runs."""
+        node.pass_.dirty.add(p)
+        self.run_pass(node)
+
+    def run_pass(self, node: SimNode) -> None:
+        """The end of a node's loop pass: the shipped persist-then-send pass (zq.node.replicas),
+        then the node's timers are set again. What the pass's rounds left is done by the next."""
+        node.send_delay_ms = 0
+        node.pass_.finish_pass()
+        for p in sorted(node.replicas):
+            r = node.replicas[p]
+            if r.role == LEADER and p in self.moving and r.committed_voters() == self.targets[p]:
+                self.moving.discard(p)
+                self.result.reassigned += 1
+            self.schedule_timer(node, p)
+        if node.pass_.dirty:
+            self.at(self.now, "pass", node.name, node.incarnation)
 
     def send(self, node: SimNode, p: int, to: str | None, msg: object) -> None:
         broadcast = to is None
         for dst in (node.replicas[p].peers if broadcast else [to]):
             if dst == node.name or dst not in self.nodes:
                 continue   # ourselves, or the hostile peer (a leader answers a stranger): nobody listens
-            for t in self.net.deliveries(self.now, node.name, dst, broadcast):
+            for t in self.net.deliveries(self.now + node.send_delay_ms, node.name, dst, broadcast):
                 self.at(t, "deliver", dst, p, msg)
 
     def send_from_shell(self, node: SimNode, p: int, to: str, msg: object) -> None:
         for t in self.net.deliveries(self.now, node.name, to, False):
             self.at(t, "deliver", to, p, msg)
 
-    def answer(self, node: SimNode, p: int, outcome) -> None:
-        waiting = node.proposals.pop((p, outcome.proposal_id), None)
-        if waiting is None:
-            return
-        producer, batch_no, attempt = waiting
-        resp = ProduceResponse(producer, batch_no, attempt, outcome.status, outcome.base_offset, outcome.epoch,
-                               outcome.leader_hint)
-        for t in self.net.client_deliveries(self.now):
+    def answer(self, node: SimNode, req: ProduceRequest, outcome) -> None:
+        """A producer's batch has its outcome (a waiter the pass calls once it is durable)."""
+        resp = ProduceResponse(req.producer, req.batch_no, req.attempt, outcome.status, outcome.base_offset,
+                               outcome.epoch, outcome.leader_hint)
+        for t in self.net.client_deliveries(self.now + node.send_delay_ms):
             self.at(t, "response", resp)
 
     def handle(self, node: SimNode, kind: str, args: tuple) -> None:
@@ -654,7 +444,8 @@ class Sim:
             pid = r.propose(req.count, req.producer_id, req.base_sequence, req.payload)
             if stamp is not None and r.log_end > base:
                 self.stamps[(req.partition, base, epoch)] = (stamp, self.now)
-            node.proposals[(req.partition, pid)] = (req.producer, req.batch_no, req.attempt)
+            node.pass_.parts[req.partition].waiters[pid] = lambda outcome, node=node, req=req: self.answer(
+                node, req, outcome)
             self.drain(node, req.partition)
 
     def answer_directly(self, req: ProduceRequest, status: str) -> None:
@@ -703,20 +494,11 @@ class Sim:
     def ev_request(self, dst: str, req: ProduceRequest) -> None:
         self.receive(dst, "request", (req,))
 
-    def ev_sync(self, name: str, incarnation: int) -> None:
+    def ev_pass(self, name: str, incarnation: int) -> None:
+        """A node's next loop pass, for what the last one's rounds left."""
         node = self.nodes[name]
-        if not node.alive or node.incarnation != incarnation:
-            return
-        if node.paused:
-            self.at(self.now + 10, "sync", name, incarnation)  # the process syncs when it runs again
-            return
-        node.sync_pending = False
-        node.disk.sync()
-        for p in sorted(node.replicas):
-            if p in node.replicas:  # an earlier one's drain may not delete it, but be sure
-                node.replicas[p].tick(self.now, self.wall_ms(node))
-                node.replicas[p].on_persisted(node.applied_end[p])
-                self.drain(node, p)
+        if node.alive and not node.paused and node.incarnation == incarnation:
+            self.run_pass(node)
 
     def ev_produce(self, name: str) -> None:
         if self.phase != "safety":
@@ -775,210 +557,6 @@ class Sim:
                 self.checker.on_read(name, p, e)
                 self.read_positions[reader] = e.end_offset
         self.at(self.now + self.rng.randint(5, 40), "read", p, reader)
-
-    # ---------------------------------------------------------------- faults
-
-    def ev_fault(self) -> None:
-        if self.phase != "safety":
-            return
-        s = self.settings
-        kinds = [k for k, on in (("crash", s.crash), ("pause", s.pause), ("partition", s.partition)) if on]
-        kind = self.rng.choice(kinds)
-        name = self.rng.choice(sorted(self.nodes))
-        node = self.nodes[name]
-        duration = self.rng.randint(20, s.fault_duration_ms_max)
-        if kind == "crash" and node.alive:
-            kept = node.disk.crash(self.rng, power_loss=self.settings.durability == "fsync")
-            node.alive = False
-            node.replicas.clear()
-            if self.members is not None:
-                self.members.crash(name, self.now)
-            self.result.crashes += 1
-            self.log(f"crash {name} (kept {kept} unsynced batches)")
-            self.at(self.now + duration, "restart", name)
-        elif kind == "pause" and node.alive and not node.paused:
-            node.paused = True
-            if self.members is not None:
-                self.members.pause(name, self.now)
-            self.result.pauses += 1
-            self.log(f"pause {name} for {duration} ms")
-            self.at(self.now + duration, "resume", name, node.incarnation)
-        elif kind == "partition":
-            names = sorted(self.nodes)
-            self.rng.shuffle(names)
-            cut = self.rng.randint(1, len(names) // 2)
-            self.net.cut(sorted(names[:cut]), sorted(names[cut:]))
-            self.result.cuts += 1
-            self.log(f"partition {sorted(names[:cut])} | {sorted(names[cut:])} for {duration} ms")
-            self.at(self.now + duration, "heal")
-        self.at(self.now + self.rng.randint(10, s.fault_interval_ms_max), "fault")
-
-    def ev_disk(self) -> None:
-        """A disk fault on a node, which crashes for it (at most one damaged replica per partition)."""
-        if self.phase != "safety":
-            return
-        rng = self.disk_rng
-        s = self.settings
-        kind = rng.choice(["flip", "tail", "wipe_replica", "wipe_node"])
-        name = rng.choice(sorted(self.nodes))
-        node = self.nodes[name]
-        held = sorted(node.replica_sets)
-        if held and all(self._may_damage(name, p) for p in held):
-            if node.alive:
-                node.disk.crash(rng, power_loss=s.durability == "fsync")
-                node.alive = False
-                node.replicas.clear()
-                if self.members is not None:
-                    self.members.crash(name, self.now)
-                self.at(self.now + rng.randint(20, s.fault_duration_ms_max), "restart", name)
-            p = rng.choice(held)
-            entries = node.disk.durable[p].entries
-            if kind == "flip" and entries:
-                node.disk.flip(p, rng.choice(entries).base_offset)
-                self.log(f"disk {name}: flipped a block of p{p}")
-            elif kind == "tail":
-                k = node.disk.drop_synced_tail(rng)
-                self.result.tails_dropped += k > 0
-                self.log(f"disk {name}: dropped its last {k} synced write batches")
-            elif kind == "wipe_replica":
-                node.disk.wipe([p])
-                self.result.wipes += 1
-                self.log(f"disk {name}: p{p} wiped")
-            elif kind == "wipe_node":
-                node.disk.wipe(held)
-                node.tombstones.clear()  # kept beside the metadata: gone with the disk
-                self.result.wipes += 1
-                self.log(f"disk {name}: wiped")
-        self.at(self.now + rng.randint(10, s.disk_interval_ms_max), "disk")
-
-    def _may_damage(self, name: str, p: int) -> bool:
-        """No other replica of p is damaged, lost or recovering, or knows no configuration yet (it
-        cannot vote either: a second one would be two faults in one replica set)."""
-        for other in sorted(self.nodes):
-            node = self.nodes[other]
-            if other == name or p not in node.disk.durable:
-                continue
-            r = node.replicas.get(p)
-            if (p in node.disk.lost or node.disk.durable[p].corrupt or (r is not None and (r.recovering or not r.voters))
-                    or (not node.alive and (node.disk.durable[p].hard or HardState()).recovering)):
-                return False
-        return True
-
-    # ---------------------------------------------------------------- changes
-
-    def ev_change(self) -> None:
-        if self.phase != "safety":
-            return
-        s = self.settings
-        kinds = [k for k, on in (("reassign", s.reassign), ("drain", s.drain), ("transfer", s.transfer)) if on]
-        kind = self.rng.choice(kinds)
-        if kind == "reassign":
-            p = self.rng.randrange(s.partitions)
-            current = list(self.targets[p])
-            others = sorted(set(self.nodes) - set(current))
-            k = self.rng.randint(1, min(2, len(others)))
-            keep = self.rng.sample(current, len(current) - k)
-            new = tuple(sorted(keep + self.rng.sample(others, k)))
-            self.result.reassignments += 1
-            self.log(f"reassign p{p}: {list(current)} -> {list(new)}")
-            self.targets[p] = new
-            self.moving.add(p)
-            for name in sorted(self.nodes):
-                self.apply_targets(self.nodes[name])
-        elif kind == "drain":
-            name = self.rng.choice(sorted(self.nodes))
-            node = self.nodes[name]
-            if not node.draining:
-                self.result.drains += 1
-                self.log(f"drain {name}")
-                self.set_draining(node, True)
-                self.at(self.now + self.rng.randint(50, s.change_interval_ms_max), "undrain", name)
-        else:
-            p = self.rng.randrange(s.partitions)
-            for name in sorted(self.nodes):
-                node = self.nodes[name]
-                r = node.replicas.get(p)
-                if node.alive and not node.paused and r is not None and r.role == LEADER:
-                    others = [v for v in r.voters if v != name]
-                    to = self.rng.choice([None, *others]) if others else None
-                    self.result.transfers += 1
-                    self.log(f"transfer p{p} from {name} to {to or 'the best voter'}")
-                    r.tick(self.now, self.wall_ms(node))
-                    r.transfer_leadership(to)
-                    self.drain(node, p)
-        self.at(self.now + self.rng.randint(10, s.change_interval_ms_max), "change")
-
-    def set_draining(self, node: SimNode, on: bool) -> None:
-        node.draining = on
-        self._tell_replicas(node, lambda r: r.set_draining(on))
-
-    def _tell_replicas(self, node: SimNode, tell) -> None:
-        """What a running node's shell tells every replica it hosts (a stopped one, when it runs again)."""
-        if not node.alive or node.paused:
-            return
-        for p in sorted(node.replicas):
-            if p in node.replicas:
-                node.replicas[p].tick(self.now, self.wall_ms(node))
-                tell(node.replicas[p])
-                self.drain(node, p)
-
-    def ev_disk_low(self) -> None:
-        """A node runs short of disk for a while (then has room again)."""
-        if self.phase != "safety":
-            return
-        name = self.disk_low_rng.choice(sorted(self.nodes))
-        node = self.nodes[name]
-        if not node.disk_low:
-            self.log(f"disk low on {name}")
-            self.result.disk_lows += 1
-            self.set_disk_low(node, True)
-            self.at(self.now + self.disk_low_rng.randint(50, 1000), "disk_ok", name)
-        self.at(self.now + self.disk_low_rng.randint(50, 1000), "disk_low")
-
-    def ev_disk_ok(self, name: str) -> None:
-        node = self.nodes[name]
-        if node.disk_low:
-            self.log(f"disk has room again on {name}")
-            self.set_disk_low(node, False)
-
-    def set_disk_low(self, node: SimNode, on: bool) -> None:
-        node.disk_low = on
-        self._tell_replicas(node, lambda r: r.set_disk_low(on))
-
-    def ev_undrain(self, name: str) -> None:
-        node = self.nodes[name]
-        if node.draining:
-            self.log(f"undrain {name}")
-            self.set_draining(node, False)
-
-    def ev_restart(self, name: str) -> None:
-        node = self.nodes[name]
-        if not node.alive:
-            self.log(f"restart {name}")
-            self.start_node(node)
-
-    def ev_resume(self, name: str, incarnation: int) -> None:
-        node = self.nodes[name]
-        if node.alive and node.paused and node.incarnation == incarnation:
-            self.resume(node)
-
-    def resume(self, node: SimNode) -> None:
-        self.log(f"resume {node.name}")
-        node.paused = False
-        if self.members is not None:
-            self.members.resume(node.name, self.now)
-        for p in sorted(node.replicas):
-            if p in node.replicas:
-                node.timer_at[p] = -1
-                node.replicas[p].tick(self.now, self.wall_ms(node))  # the clock jumped while it was stopped
-                node.replicas[p].set_draining(node.draining)
-                node.replicas[p].set_disk_low(node.disk_low)
-                self.drain(node, p)
-        self.apply_targets(node)
-        queued, node.inbox = node.inbox, []
-        for kind, args in queued:
-            if node.alive and not node.paused:
-                self.handle(node, kind, args)
 
     def ev_retain(self) -> None:
         """Retention on one replica, as the node runs it: a leader by time, a follower below its leader's start."""
@@ -1146,41 +724,6 @@ class Sim:
                                  f"hw={r.high_watermark} durable={r.durable_end} voters={list(r.voters)} "
                                  f"committed={list(r.committed_voters())} learners={list(r.learners)}")
         return "; ".join(parts)
-
-
-STRANGER = "evil"   # a name in no configuration
-
-
-def hostile_message(rng: random.Random, epoch: int, leader: str | None, names: list[str]) -> object:
-    """One message a hostile peer might send a replica in `epoch` that follows `leader` (zq.core.bounds
-    says what is out of range)."""
-    peer = rng.choice(names)
-    # Out of range for an epoch (the stored header's width) and for an offset; a value in range
-    # from a forged sender in the current epoch is a leader's word, which only [security] rules out.
-    huge = rng.choice([2**31, 2**32, 2**40, 2**63, 2**100])
-    past_offsets = rng.choice([2**63, 2**64, 2**100])
-    kind = rng.randrange(10)
-    if kind == 0:
-        return RequestVote(huge, STRANGER, huge, 2**62)                      # the issue's one message
-    if kind == 1:
-        return Vote(huge, peer, True)
-    if kind == 2:
-        return Append(epoch, peer, 0, 0, 0, 1, [[0, 1, huge, NO_PRODUCER, NO_PRODUCER, b""]])  # entry past the header
-    if kind == 3:
-        return AppendAck(epoch, peer, past_offsets)
-    if kind == 4:
-        return StartAt(epoch, peer, past_offsets, 1, [])
-    if kind == 5:
-        return Fetch(epoch, peer + "\n", 0, 0)                               # a name that is not a name
-    if kind == 6:
-        return RequestVote(epoch + rng.randint(0, 3), STRANGER, epoch + 3, 2**40)   # in range, from a stranger
-    if kind == 7:
-        return Vote(epoch + rng.randint(0, 3), STRANGER, True)
-    if kind == 8 and epoch > 1:
-        return Append(rng.randint(0, epoch - 1), STRANGER, 0, 0, 2**40, 2**40, [])   # a stranger's stale Append
-    if kind == 9 and leader is not None:
-        return Append(epoch, STRANGER, 0, 0, 0, 0, [])   # claims an epoch another leads: the core refuses it
-    return RequestVote(-1, peer, 0, 0)
 
 
 def _trace_args(args: tuple) -> str:

@@ -1,6 +1,7 @@
 """A simulated disk per node: what a Ready writes, what a sync keeps, what a crash loses.
 
-Each Ready's writes (reset, truncation, entries, hard state) form one atomic write batch, as a RocksDB
+Each Ready's writes (reset, truncation, entries, hard state) form one atomic write batch (zq.node.replicas
+hands them over through zq.sim.cluster.SimStorage), as a RocksDB
 WriteBatch does. Batches go to the volatile view at once (reads see them) and to the durable
 view only at `sync`. A crash keeps the durable view plus a random prefix of the batches written
 since the last sync (a write-ahead log that reached the platter partly), never a torn batch.
@@ -124,7 +125,13 @@ class SimDisk:
         self.unsynced = [b for b in self.unsynced if b[0] != partition]
 
     def write(self, partition: int, rd: Ready) -> None:
-        batch = (partition, rd.truncate_from, rd.entries, rd.hard_state, rd.reset_to)
+        """A Ready's writes as one batch."""
+        self.write_batch(partition, rd.truncate_from, rd.entries, rd.hard_state, rd.reset_to)
+
+    def write_batch(self, partition: int, truncate_from: int | None, entries: tuple, hard: HardState | None,
+                    reset_to: int | None) -> None:
+        """One write batch of a partition (a Ready's writes, or a high-watermark hint alone)."""
+        batch = (partition, truncate_from, tuple(entries), hard, reset_to)
         self.volatile[partition].apply(*batch[1:])
         self.unsynced.append(batch)
 

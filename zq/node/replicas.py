@@ -1,0 +1,224 @@
+"""Replica hosting and the persist-then-send pipeline: one implementation, run by the real node
+(zq/io/node.py, through RocksDB) and by the cluster simulator (zq/sim/cluster.py, through its
+simulated disk and network).
+
+A pass of a node's loop steps its replicas' cores (`zq.core.replication.Replica`) with what
+arrived and marks them dirty; `ReplicaSet.finish_pass` then, for up to `READY_ROUNDS_MAX` rounds:
+
+1. collects every dirty core's `Ready` and writes its effects (reset, truncation, entries, hard
+   state) into the pass's ONE storage transaction, asking for an fsync when any of it must be
+   (`needs_sync`: a vote or an epoch, or entries of a topic with durability = fsync);
+2. commits the transaction (the host makes it durable before `commit` returns), then
+   `advance()`s every core that handed out a Ready;
+3. only then, per core: reports durability (`on_persisted`), which frees acks and commits for the
+   next round, sends its messages, answers the producers whose batches committed (`waiters`) or
+   were written (`leader_acks`), and hands the rest (role, high watermark, removal) to the
+   composition (`ReplicaEvents.after_durable`).
+
+Nothing is sent or answered before the write it depends on is durable: a follower's ack and a
+leader's answer to a producer are effects of a round after the one whose commit made the entries
+durable. A failed commit (disk full) acts on no core's writes: those cores are reopened from the
+disk (`ReplicaEvents.write_failed`). An unexpected error on one core fences that one replica.
+
+A Ready that only moves the high-watermark hint need not be on disk before anything is sent (a
+restarted replica just serves less until its leader tells it more): it waits in
+`lazy_hard_states` and rides along with the next write.
+
+Standard library only; the host's store and the composition's reactions come in as Protocols
+(zq/node/host.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Hashable
+
+from zq.node.host import Counters, ReplicaEvents, Storage
+
+if TYPE_CHECKING:
+    from zq.core.replication import Replica
+
+READY_ROUNDS_MAX = 4   # write-then-send rounds per pass (acks after durability need one more)
+
+
+@dataclass(slots=True)
+class Part:
+    """A partition this node holds a replica of."""
+    tp: Hashable                  # the node's TopicPartition; the simulator's partition number
+    name: str
+    replica: Replica | None       # None: a learner's copy of __meta (no vote, no acks)
+    sync: bool                    # durability = fsync
+    log_start: int = 0
+    learner_end: int = 0          # learner only: its log end (= its high watermark)
+    waiters: dict[int, Callable[[Any], None]] = field(default_factory=dict)   # proposal id -> callback
+    leader_acks: list[tuple[int, Callable[[Any], None]]] = field(default_factory=list)  # (end, callback): acks=leader
+
+    @property
+    def high_watermark(self) -> int:
+        return self.replica.high_watermark if self.replica else self.learner_end
+
+    @property
+    def log_end(self) -> int:
+        return self.replica.log_end if self.replica else self.learner_end
+
+    @property
+    def epoch(self) -> int:
+        return self.replica.epoch if self.replica else 0
+
+
+def needs_sync(part: Part, rd: Any) -> bool:
+    """Whether a Ready's writes must be fsynced before anything depending on them goes out: the
+    core asks (a vote, a new epoch), or it appends entries of a topic with durability = fsync.
+    (With durability = replicated a write counts once written: the operating system keeps it
+    through a process crash, and only a majority losing power at once loses it.)"""
+    return rd.must_sync or (part.sync and bool(rd.entries))
+
+
+def hint_only(rd: Any) -> bool:
+    """A Ready whose only write is the hard state's high-watermark hint (see the module doc)."""
+    return (rd.truncate_from is None and rd.reset_to is None and not rd.entries and not rd.must_sync
+            and rd.hard_state is not None)
+
+
+class ReplicaSet:
+    """The replicas a node hosts and the pass that persists their effects, then sends them."""
+
+    def __init__(self, storage: Storage, events: ReplicaEvents, counters: Counters,
+                 rounds_max: int = READY_ROUNDS_MAX) -> None:
+        self.storage = storage
+        self.events = events
+        self.counters = counters
+        self.rounds_max = rounds_max
+        self.parts: dict[Hashable, Part] = {}
+        self.dirty: set[Hashable] = set()                    # replicas to ask for a Ready this pass
+        self.fenced: dict[Hashable, str] = {}                # set aside after an internal error: why
+        self.lazy_hard_states: dict[Hashable, Any] = {}      # high-watermark hints awaiting the next write
+        self.txn: Any = None                                 # this pass's transaction, once anything wrote
+        self.sync_needed = False
+
+    # ---------------------------------------------------------------- the pass's transaction
+
+    def begin(self) -> Any:
+        """The pass's write transaction (one per pass; the composition and services write into it too)."""
+        if self.txn is None:
+            self.txn = self.storage.begin()
+        return self.txn
+
+    def clear(self) -> None:
+        """Forget every replica and the pass's writes (the store was set aside)."""
+        self.parts.clear()
+        self.dirty.clear()
+        self.lazy_hard_states.clear()
+        self.txn = None
+        self.sync_needed = False
+
+    def forget(self, tp: Hashable) -> Part | None:
+        """Stop hosting a replica (its data is the caller's to delete); nothing more of it is written."""
+        self.lazy_hard_states.pop(tp, None)
+        self.dirty.discard(tp)
+        return self.parts.pop(tp, None)
+
+    # ---------------------------------------------------------------- persist, then send
+
+    def finish_pass(self) -> None:
+        """Write what the cores (and the composition) produced as one transaction, then act on it."""
+        for _ in range(self.rounds_max):
+            readys = self.collect_readys()
+            if self.txn is None and not readys:
+                break
+            ok = self.commit()
+            for part, rd in readys:
+                part.replica.advance()
+            for part, rd in readys:
+                if ok or not rd.has_writes:
+                    try:
+                        self.after_durable(part, rd)
+                    except Exception as e:
+                        self.events.fence(part, "acting on its durable writes", e)
+                else:
+                    self.events.write_failed(part)
+            if not ok:
+                break
+            self.events.after_round()
+
+    def collect_readys(self) -> list[tuple[Part, Any]]:
+        out = []
+        dirty = sorted(self.dirty)
+        self.dirty.clear()
+        for tp in dirty:
+            part = self.parts.get(tp)
+            if part is None or part.replica is None or tp in self.fenced:
+                continue
+            try:
+                rd = part.replica.ready()
+                if rd.empty:
+                    part.replica.advance()
+                    continue
+                if hint_only(rd):
+                    self.lazy_hard_states[tp] = rd.hard_state
+                    rd = dataclasses.replace(rd, hard_state=None)
+                if rd.has_writes:
+                    self.write_ready(part, rd)
+            except Exception as e:
+                self.events.fence(part, "preparing its writes", e)
+                continue
+            out.append((part, rd))
+        return out
+
+    def write_ready(self, part: Part, rd: Any) -> None:
+        # The host prepares (restamps, verifies, encodes) before its first write into the shared
+        # transaction, so a failure fences this replica without half its writes in the pass.
+        self.storage.write_ready(self.begin(), part.tp, rd.reset_to, rd.truncate_from, rd.entries, rd.hard_state)
+        if rd.reset_to is not None:
+            # Our log ended below the leader's log start: it starts again there, empty (StartAt).
+            part.log_start = rd.reset_to
+            self.counters["log_resets"] += 1
+        if rd.truncate_from is not None:
+            self.counters["truncations"] += 1
+        if rd.hard_state is not None:
+            self.lazy_hard_states.pop(part.tp, None)
+        self.sync_needed |= needs_sync(part, rd)
+
+    def commit(self) -> bool:
+        """Commit the pass's transaction (with the waiting hints); False: nothing of it was stored."""
+        if self.txn is None:
+            return True
+        if self.lazy_hard_states:
+            for tp, hs in self.lazy_hard_states.items():
+                if tp in self.parts:
+                    self.storage.put_hard_state(self.txn, tp, hs)
+            self.lazy_hard_states.clear()
+        txn, self.txn = self.txn, None
+        sync, self.sync_needed = self.sync_needed, False
+        return self.storage.commit(txn, sync)
+
+    def after_durable(self, part: Part, rd: Any) -> None:
+        """The Ready's writes are durable: report it, send, answer, and let the composition react."""
+        replica = part.replica
+        if rd.has_writes:
+            replica.on_persisted(rd.log_end)
+            self.dirty.add(part.tp)          # acks and commits that durability allows come next round
+            while part.leader_acks and part.leader_acks[0][0] <= rd.log_end:
+                part.leader_acks.pop(0)[1](None)
+        for out in rd.messages:
+            self.events.route(part, out)
+        for outcome in rd.outcomes:
+            callback = part.waiters.pop(outcome.proposal_id, None)
+            if callback is not None:
+                callback(outcome)
+        self.events.after_durable(part, rd)
+
+    # ---------------------------------------------------------------- failures
+
+    def fence(self, part: Part, doing: str, error: Exception) -> bool:
+        """Set a replica aside after an unexpected error: its core is never stepped, ticked or
+        written again (until a restart rebuilds it from the disk). False if it already was."""
+        tp = part.tp
+        if tp in self.fenced:
+            return False
+        self.fenced[tp] = f"{doing}: {error.__class__.__name__}: {error}"
+        self.counters["partitions_fenced"] += 1
+        self.dirty.discard(tp)
+        self.lazy_hard_states.pop(tp, None)   # nothing more of it reaches the disk
+        part.replica.advance()   # a Ready handed out is never applied: the core must not wait for it
+        return True

@@ -1,0 +1,110 @@
+"""A simulated node: its disk, its replicas, and the simulated host through which it runs the
+shipped persist-then-send pass (zq.node.replicas): `SimStorage` (zq.node.host.Storage) and
+`SimReplicaEvents` (zq.node.host.ReplicaEvents)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zq.core.repl_types import LEADER, HardState
+from zq.core.replication import Replica
+from zq.node.replicas import Part, ReplicaSet
+from zq.sim.disk import SimDisk
+
+if TYPE_CHECKING:
+    from zq.sim.cluster import Sim
+
+
+class SimNode:
+    def __init__(self, name: str, partitions: dict[int, tuple[str, ...]]) -> None:
+        self.name = name
+        # The partitions this node holds, each with the configuration its replica was created
+        # with: the initial replica set, or () for one created by a reassignment.
+        self.replica_sets = partitions
+        self.disk = SimDisk(sorted(partitions))
+        self.draining = False
+        self.disk_low = False
+        # Per partition deleted here, the epoch its replica had reached: kept durably (the shell
+        # keeps it beside the metadata), so a replica created again starts past it.
+        self.tombstones: dict[int, int] = {}
+        self.replicas: dict[int, Replica] = {}
+        # The node's replica hosting and persist-then-send pass: the shipped one (zq.node.replicas),
+        # a new one per incarnation; its parts are `replicas`, keyed alike.
+        self.pass_: ReplicaSet | None = None
+        self.send_delay_ms = 0       # the time this pass's fsync took: its sends leave that much later
+        self.alive = False
+        self.paused = False
+        self.inbox: list[tuple[str, tuple]] = []
+        self.timer_at: dict[int, int] = {}
+        self.incarnation = 0
+
+
+class SimStorage:
+    """The simulated host's storage (zq.node.host.Storage): a node's SimDisk. A Ready's writes
+    are one write batch (volatile at once); a synced commit makes every batch so far durable and
+    takes up to `sync_delay_ms_max` (the pass's sends leave after it)."""
+
+    def __init__(self, sim: Sim, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+
+    def begin(self) -> SimDisk:
+        return self.node.disk
+
+    def write_ready(self, txn: SimDisk, p: int, reset_to: int | None, truncate_from: int | None, entries: tuple,
+                    hard_state: HardState | None) -> None:
+        sim, node = self.sim, self.node
+        if reset_to is not None:
+            sim.checker.before_reset(node.name, p, reset_to)
+            sim.result.start_ats += 1
+            sim.result.start_ats_moved += node.replica_sets[p] == ()
+            sim.log(f"{node.name} p{p}: log restarts at {reset_to} (StartAt)")
+        if truncate_from is not None:
+            sim.checker.before_truncate(node.name, p, truncate_from, txn.volatile[p])
+        txn.write_batch(p, truncate_from, entries, hard_state, reset_to)
+
+    def put_hard_state(self, txn: SimDisk, p: int, hard_state: HardState) -> None:
+        txn.write_batch(p, None, (), hard_state, None)
+
+    def commit(self, txn: SimDisk, sync: bool) -> bool:
+        if sync:
+            txn.sync()
+            self.node.send_delay_ms = max(self.node.send_delay_ms,
+                                          self.sim.rng.randint(0, self.sim.settings.sync_delay_ms_max))
+        return True
+
+
+class SimReplicaEvents:
+    """The simulated node's reactions to a durable Ready (zq.node.host.ReplicaEvents): sends on
+    the simulated network, and the checker's hooks."""
+
+    def __init__(self, sim: Sim, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+
+    def route(self, part: Part, out) -> None:
+        self.sim.send(self.node, part.tp, out.to, out.message)
+
+    def after_durable(self, part: Part, rd) -> None:
+        sim, node, p, r = self.sim, self.node, part.tp, part.replica
+        if rd.role is not None:
+            sim.log(f"{node.name} p{p} {rd.role.role} epoch {rd.role.epoch} leader {rd.role.leader}")
+            if rd.role.role == LEADER:
+                sim.result.elections += 1
+                sim.checker.on_leader(node.name, p, rd.role.epoch, r)
+        if rd.high_watermark is not None:
+            sim.checker.on_high_watermark(node.name, p, rd.high_watermark, r)
+        for e in rd.entries:
+            if e.config is not None and r.role == LEADER and e.epoch == r.epoch:
+                sim.checker.on_config_appended(node.name, p, e, r)
+                sim.result.config_changes += 1
+        if r.removed and node.replicas.get(p) is r:
+            sim.delete_replica(node, p)
+
+    def after_round(self) -> None:
+        pass
+
+    def write_failed(self, part: Part) -> None:
+        raise AssertionError("a simulated disk does not fail a commit")
+
+    def fence(self, part: Part, doing: str, error: Exception) -> None:
+        raise error   # every error in the simulator is a finding
