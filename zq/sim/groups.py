@@ -31,19 +31,14 @@ with sequence 0 is answered as a duplicate of the one there; nothing else is ded
 dead-letter write is slow, fails, or fails after its copy committed (drawn per seed), and a
 remote one is a real Produce to that partition's leader, whose answer the network may lose.
 
-Consumers. The client (zq/client/groups.py) is threads and sockets, not a pure core, so its rules
-are modelled one for one in zq/sim/group_consumer.py (speaking the real group_protocol messages to the real service;
-the client's rules as a pure core are another piece of work): join through a node, heartbeat every `session_timeout_ms // 4`,
-rejoin when Fenced, move to the next node after 3 missed heartbeats; one long-poll lease
-outstanding per held partition, sized by `max_in_flight` (its backpressure), following
-NotLeader hints, backing off on Fenced / RebalanceInProgress (and heartbeating at once on
-Fenced); lease replies of an older reset epoch than seen are dropped; settlements batched per
-(partition, epoch) every `ack_flush_ms`, an Ack refused as Fenced dropped (redelivery follows),
-retried with backoff on NotLeader / RebalanceInProgress / timeouts / no leader known for up to
-`ack_retry_ms_max`; messages of a
-partition lost in a rebalance kept and settled (their acks are then fenced). The application
+Consumers. Each simulated member drives the shipped consumer's rules, the pure core
+`zq.core.consumer_rules.GroupConsumerCore`, as the client's I/O shell (zq/client/groups.py) does
+(zq/sim/group_consumer.py: the first join through the nodes in turn, then the core's orders sent as
+real group_protocol requests with timeouts, their answers and refusals fed back, a wake-up at the
+core's next due time); no consumer rule is copied here. The application takes the core's chunks,
 acks, or nacks poison messages (always) and transient failures (sometimes, with or without a
-delay), is sometimes slower than the lease, and extends long work.
+delay), is sometimes slower than the lease, extends long work, and leaves as `close()` does
+(flush, wait for the acks' answers, LeaveGroup).
 
 Faults, drawn per seed: message loss, delay, duplication; network partitions (a node from the
 others and from some consumers); node crashes and restarts; leadership moving (of source and
@@ -160,14 +155,12 @@ class Result:
 
 
 class GroupSim(ConsumerModel):
-    def __init__(self, seed: int, steps: int = 1_500, verbose: bool = False, settings: Settings | None = None,
-                 bugs: frozenset[str] = frozenset()) -> None:
+    def __init__(self, seed: int, steps: int = 1_500, verbose: bool = False, settings: Settings | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.s = settings or Settings.draw(self.rng)
         self.steps = steps
         self.verbose = verbose
-        self.bugs = bugs              # the simulated consumer's rules only ("client_sorted_resume")
         self.now = 0
         self.seq = 0
         self.heap: list = []
@@ -672,10 +665,10 @@ class GroupSim(ConsumerModel):
                 held = self.nodes[leader].service.held.get((g, TOPIC_ID, p)) if leader is not None else None
                 rows.append(f"{g}/{p} leader {leader} hw {len(self.log[p])} state "
                             f"{held.state if held is not None else None}")
-        live = [f"{m.endpoint}={m.member_id} gen {m.generation} holds {sorted(m.assigned)} in flight {m.in_flight} "
-                f"leasing {sorted(m.leasing)} paused {sorted(m.paused)} queued {len(m.arrived)}+{len(m.ready)} "
-                f"epochs {m.epochs} busy {m.busy} leaders {m.leaders}"
-                for m in self.members.values() if m.alive]
+        live = [f"{m.endpoint}={m.member_id} gen {c.generation} holds {sorted(c.assigned)} in flight {c.in_flight} "
+                f"leasing {sorted(c.leasing)} paused {list(c.paused)} queued {len(c.arrived)}+{len(m.ready)} "
+                f"epochs {c.epochs} busy {m.busy} leaders {c.leaders} due {c.due_ms()}"
+                for m in self.members.values() if m.alive for c in (m.core,)]
         live += [f"{n}: {sorted((g, mm.generation, sorted(mm.live_members())) for g, mm in (self.nodes[n].service.memberships if self.nodes[n].up else {}).items())}"
                  for n in NODES]
         return "; ".join(rows) + f"; consumers: {', '.join(live)}"
@@ -692,8 +685,8 @@ def replay_command(seed: int, steps: int = 1_500) -> str:
     return f"python -m zq.sim.groups --seed {seed}" + (f" --steps {steps}" if steps != 1_500 else "")
 
 
-def run_seed(seed: int, steps: int = 1_500, verbose: bool = False, bugs: frozenset[str] = frozenset()) -> Result:
-    return GroupSim(seed, steps=steps, verbose=verbose, bugs=bugs).run()
+def run_seed(seed: int, steps: int = 1_500, verbose: bool = False) -> Result:
+    return GroupSim(seed, steps=steps, verbose=verbose).run()
 
 
 def _report_failure(r: Result, steps: int) -> None:
