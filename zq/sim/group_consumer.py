@@ -71,7 +71,6 @@ class Member:
     closing: bool = False   # close() flushed; waiting for its CommitDone
     ready: deque = field(default_factory=deque)        # (p, epoch, offset, attempt): decoded, not yet handed out
     busy: bool = False
-    errors: int = 0         # refusals handed to the application as a chunk's error
     requests: dict[int, tuple[str, Any]] = field(default_factory=dict)   # req id -> (kind, order)
     wake_at: int | None = None
     pumping: bool = False
@@ -284,7 +283,6 @@ class ConsumerModel:
             if chunk is None:
                 return
             if chunk.error is not None:   # what the client's poll raises: the application goes on
-                m.errors += 1
                 self.say(f"{m.endpoint}: poll raised {chunk.error}")
                 continue
             m.ready.extend((chunk.partition, chunk.epoch, o, a) for o, a in sorted(chunk.deliveries.items()))
