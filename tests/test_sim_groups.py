@@ -1,6 +1,7 @@
 """The consumer-groups simulator, which runs the shipped group service (zq/node/groups.py) and
-the shipped consumer core (zq/core/consumer_rules.py): many seeds, kept seeds, determinism, and proof that the checks catch a broken rule (more in
-tests/test_groups_teeth.py, on the production modules).
+the shipped consumer core (zq/core/consumer_rules.py): many seeds, kept seeds, determinism, and
+proof that the checks catch a broken rule (more in tests/test_groups_teeth.py, on the production
+modules).
 
 Sizing (measured on this 2-core machine while other work ran): a seed of 1,000 safety steps plus
 its drain takes about 40 ms, so SEEDS of them take about 20 s. `python -m zq.sim.groups
