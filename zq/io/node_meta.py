@@ -303,10 +303,10 @@ class MetaMixin:
         if isinstance(reply, P.OkReply):
             self._registered = True
             return
-        if isinstance(reply, NotLeader) and reply.data.get("leader"):
-            self.leader_view[META_TP] = (reply.data["leader"], self.leader_view.get(META_TP, ("", 0))[1])
-            if reply.data.get("address"):
-                self.addresses.setdefault(reply.data["leader"], reply.data["address"])
+        if isinstance(reply, NotLeader) and reply.leader:
+            self.leader_view[META_TP] = (reply.leader, self.leader_view.get(META_TP, ("", 0))[1])
+            if reply.address:
+                self.addresses.setdefault(reply.leader, reply.address)
         self._at(mono_ms() + META_RETRY_MS, self._register_self)
 
     def _follow_meta(self) -> None:
@@ -331,8 +331,8 @@ class MetaMixin:
 
     def _on_meta_fetched(self, reply: Any, payload: list) -> None:
         if not isinstance(reply, P.FetchReply):
-            if isinstance(reply, NotLeader) and reply.data.get("leader"):
-                self.leader_view[META_TP] = (reply.data["leader"], self.leader_view.get(META_TP, ("", 0))[1])
+            if isinstance(reply, NotLeader) and reply.leader:
+                self.leader_view[META_TP] = (reply.leader, self.leader_view.get(META_TP, ("", 0))[1])
             elif isinstance(reply, ZqError):
                 log.debug("fetching %s failed: %s", META_TOPIC, reply.message)
             self._at(mono_ms() + META_RETRY_MS, self._follow_meta)
