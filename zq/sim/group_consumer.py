@@ -167,7 +167,7 @@ class ConsumerModel:
         if isinstance(msg, P.ErrorReply):
             return self.on_answer(m, kind, order, None, frames, refusal(from_wire(msg.code, msg.message, msg.data)))
         expected = {"join": G.GroupReply, "first_join": G.GroupReply, "heartbeat": G.GroupReply,
-                    "lease": G.LeaseReply, "ack": P.OkReply, "leave": P.OkReply}[kind]
+                    "lease": G.LeaseReply, "ack": P.OkReply, "leave": P.OkReply, "seek": P.OkReply}[kind]
         if not isinstance(msg, expected):
             raise Violation("answers of the right kind", f"{kind} answered with {msg}")
         if isinstance(msg, G.LeaseReply):
@@ -183,6 +183,8 @@ class ConsumerModel:
             return self.first_join_answer(m, order, msg, error)
         if kind == "leave":
             return
+        if kind == "seek":
+            return self.seek_answer(m, msg, error)
         if kind in ("join", "heartbeat"):
             gen, parts = (msg.generation, partitions_of(msg)) if error is None else (None, None)
             if kind == "join":
@@ -271,6 +273,31 @@ class ConsumerModel:
         self.request(m, address, "ack", order, order.timeout_ms, msg)
 
     # ------------------------------------------------------------------ the application
+
+    def seek_sent(self, m: Member, msg: G.ResetGroup) -> str:
+        """The member's application seeks (the client's `seek`: a ResetGroup, then `_drop_queued`):
+        `msg` is this member's request, the simulator hands it to the leader; returns the endpoint
+        its answer goes to."""
+        m.requests[msg.req_id] = ("seek", msg.partition)
+        self.at(self.now + REQUEST_TIMEOUT_MS, "member_timer", m.endpoint, "timeout", msg.req_id)
+        return m.endpoint
+
+    def seek_answer(self, m: Member, msg: Any, error: R.Refusal | None) -> None:
+        """The reset's answer: the core drops what it queued of older reset epochs, and so does the
+        application's own queue (the client's `_drop_queued`). A refused or lost answer is the
+        error `seek` raises: the core learns the new epoch from its next lease reply instead."""
+        if error is not None:
+            return
+        rows = [r for r in msg.data.get("partitions", []) if isinstance(r, dict)]
+        epochs = {r["partition"]: r.get("epoch", 0) for r in rows}
+        m.core.on_reset(epochs, self.now)
+        kept = deque(x for x in m.ready if x[0] not in epochs or x[1] >= epochs[x[0]])
+        dropped = len(m.ready) - len(kept)
+        m.ready = kept
+        if dropped:
+            m.core.release(dropped, self.now)
+        self.pump(m)
+        self.maybe_handle(m)
 
     def maybe_handle(self, m: Member) -> None:
         if m.busy or not m.alive or m.leaving:

@@ -502,7 +502,8 @@ class GroupSim(ConsumerModel):
         self.produce(host, tp, records, msg.producer_id, msg.base_sequence, answer, tag)
 
     def reset(self, group: str, p: int) -> None:
-        """A replay, through a node's ResetGroup handler (forwarded to the leader if it is not one)."""
+        """A replay, through the leader's ResetGroup handler, asked by an operator or by a member of
+        the group (whose core hears the new reset epoch from the answer)."""
         host = self.nodes[self.rng.choice(NODES)]
         tp = TopicPartition(TOPIC_ID, p)
         if not host.up or self.leader[tp] is None:
@@ -515,9 +516,14 @@ class GroupSim(ConsumerModel):
         epoch_before = held.state.reset_epoch if held is not None else None
         self.next_req += 1
         msg = G.ResetGroup(self.next_req, group, TOPIC, p, target, None, False, False)
+        seekers = [e for e, m in sorted(self.members.items())
+                   if m.alive and m.joined and not m.leaving and m.group == group]
+        src = "operator"
+        if seekers and self.rng.random() < 0.5:   # a member's seek(p, target): its answer reaches that member
+            src = self.seek_sent(self.members[self.rng.choice(seekers)], msg)
 
         def work() -> None:
-            self.node_receives(leader, "request", "operator", msg, [])
+            self.node_receives(leader, "request", src, msg, [])
             held = leader.service.held.get((group, TOPIC_ID, p))
             if held is not None and held.state.reset_epoch != epoch_before:
                 self.check.on_epoch(group, p, held.state.reset_epoch, min(target, len(self.log[p])))
