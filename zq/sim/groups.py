@@ -44,7 +44,9 @@ Faults, drawn per seed: message loss, delay, duplication; network partitions (a 
 others and from some consumers); node crashes and restarts; leadership moving (of source and
 dead-letter partitions); consumers
 joining, leaving, crashing and coming back (a static id sometimes); resets (replay) to a random
-offset, through a node's ResetGroup handler; dead-letter writes failing, slow, or unanswered. The safety phase runs `steps` events.
+offset, through the leader's ResetGroup handler, by an operator or by a member's seek (its core
+hears the new epoch from the answer); dead-letter writes failing, slow, or unanswered. The safety
+phase runs `steps` events.
 The drain then heals everything, restarts every node, brings back a consumer for every group,
 stops producing and faults, and runs until every (group, partition) has nothing pending (bounded
 by `drain_ms_max` of simulated time); the final checks then run.
