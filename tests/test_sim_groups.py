@@ -72,7 +72,7 @@ def test_runs_do_real_work() -> None:
         r = run_seed(seed, STEPS)
         assert r.ok, (seed, r.invariant, r.detail)
         for k in ("deliveries", "acked", "nacks", "dead_letters", "node_crashes", "member_crashes", "leader_moves",
-                  "resets", "fenced_acks"):
+                  "resets", "seeks", "fenced_acks"):
             totals[k] = totals.get(k, 0) + getattr(r, k)
     assert all(v > 0 for v in totals.values()), totals
     assert totals["deliveries"] > 1_000 and totals["dead_letters"] > 50, totals

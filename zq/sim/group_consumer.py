@@ -291,6 +291,7 @@ class ConsumerModel:
         rows = [r for r in msg.data.get("partitions", []) if isinstance(r, dict)]
         epochs = {r["partition"]: r.get("epoch", 0) for r in rows}
         m.core.on_reset(epochs, self.now)
+        self.result.seeks += 1
         kept = deque(x for x in m.ready if x[0] not in epochs or x[1] >= epochs[x[0]])
         dropped = len(m.ready) - len(kept)
         m.ready = kept

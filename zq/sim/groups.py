@@ -149,6 +149,7 @@ class Result:
     member_crashes: int = 0
     leader_moves: int = 0
     resets: int = 0
+    seeks: int = 0          # resets a member asked for whose answer reached its core (on_reset)
     fenced_acks: int = 0
     attempt_drops: int = 0
     deliveries_over: int = 0
@@ -720,13 +721,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"ok seed {r.seed}: {r.steps} steps, {r.deliveries} deliveries, {r.acked} acks, {r.nacks} nacks, "
               f"{r.dead_letters} dead letters, {r.node_crashes} node crashes, {r.member_crashes} consumer crashes, "
-              f"{r.leader_moves} leader moves, {r.resets} resets, {r.fenced_acks} fenced acks, drained "
+              f"{r.leader_moves} leader moves, {r.resets} resets ({r.seeks} by a member), {r.fenced_acks} fenced acks, drained "
               f"{r.drained_ms} ms after healing, trace {r.trace_hash}")
         return 0
     began = time.monotonic()
     failures: list[Result] = []
     totals = {k: 0 for k in ("steps", "deliveries", "acked", "nacks", "dead_letters", "acked_and_dead", "node_crashes",
-                             "member_crashes", "leader_moves", "resets", "fenced_acks", "attempt_drops", "deliveries_over")}
+                             "member_crashes", "leader_moves", "resets", "seeks", "fenced_acks", "attempt_drops",
+                             "deliveries_over")}
     drained_max = 0
     for i, seed in enumerate(range(args.start, args.start + args.seeds), 1):
         r = run_seed(seed, args.steps)
