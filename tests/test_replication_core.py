@@ -1260,3 +1260,35 @@ def test_a_replica_made_again_knowing_no_configuration_leaves_a_recovery_poll_un
 
     assert answers(join_epoch=2) == []
     assert answers(join_epoch=0) == ["RecoveryState"]
+
+
+def test_a_start_at_from_before_a_replicas_join_epoch_leaves_it_knowing_no_configuration() -> None:
+    """A replica made again after a move (join epoch 5) that its leader starts at the leader's log
+    start: the configuration StartAt gives is the one in effect there, which may be that of the
+    node's earlier membership (naming it). Trusted, it let the replica stand and win in that old
+    configuration with the vote of a voter whose log was empty (simulator seed 392, --nodes 5
+    --steps 1000). It knows no configuration (neither stands nor votes) until its leader sends an
+    entry of its join epoch or later; a StartAt whose prefix reaches the join epoch is trusted."""
+    from zq.core.repl_types import RequestVote, StartAt
+
+    def after_start_at(prev_epoch: int) -> Replica:
+        hs = HardState(epoch=5, join_epoch=5)
+        r = Replica("d", (), SimDisk([0]).volatile[0], rng=random.Random(1), config=CFG, hard_state=hs)
+        r.step(StartAt(6, "a", 2, prev_epoch, ["b", "c", "d"]))
+        r.ready()
+        r.advance()
+        r.on_persisted(r.log_end)
+        return r
+
+    old = after_start_at(prev_epoch=1)
+    assert old.voters == ()
+    old.step(RequestVote(7, "c", 1, 2))
+    rd = old.ready()
+    old.advance()
+    assert not [o for o in rd.messages if type(o.message).__name__ == "Vote"]
+    assert old.epoch == 6   # nor does it take the candidate's epoch (it would fence its leader)
+    for _ in range(50):     # and it never stands
+        old.tick(old.now_ms + CFG.election_timeout_ms)
+    assert old.role != "candidate" and old.role != "leader"
+
+    assert after_start_at(prev_epoch=5).voters == ("b", "c", "d")

@@ -63,6 +63,9 @@ class _NodeReplicaEvents:
     def route(self, part: _Part, out: Any) -> None:
         self.node._route(part, out)
 
+    def send_now(self) -> None:
+        self.node._flush_outbox()
+
     def after_durable(self, part: _Part, rd: Any) -> None:
         self.node._after_durable(part, rd)
 

@@ -91,6 +91,10 @@ class ReplicaEvents(Protocol):
         """Send one core message (`Outbound`: to a peer, or to every peer when `to` is None)."""
         ...
 
+    def send_now(self) -> None:
+        """Send what `route` queued so far, before the pass's commit (a leader's Appends)."""
+        ...
+
     def after_durable(self, part: Any, rd: Any) -> None:
         """React to a durable Ready: its role change, high watermark, recovery, removal."""
         ...

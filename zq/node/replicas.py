@@ -7,7 +7,8 @@ arrived and marks them dirty; `ReplicaSet.finish_pass` then, for up to `READY_RO
 
 1. collects every dirty core's `Ready` and writes its effects (reset, truncation, entries, hard
    state) into the pass's ONE storage transaction, asking for an fsync when any of it must be
-   (`needs_sync`: a vote or an epoch, or entries of a topic with durability = fsync);
+   (`needs_sync`: a vote or an epoch, or entries of a topic with durability = fsync); a leader's
+   Appends go out at once, before the commit (`early_messages`, below);
 2. commits the transaction (the host makes it durable before `commit` returns), then
    `advance()`s every core that handed out a Ready;
 3. only then, per core: reports durability (`on_persisted`), which frees acks and commits for the
@@ -17,7 +18,14 @@ arrived and marks them dirty; `ReplicaSet.finish_pass` then, for up to `READY_RO
 
 Nothing is sent or answered before the write it depends on is durable: a follower's ack and a
 leader's answer to a producer are effects of a round after the one whose commit made the entries
-durable. A failed commit (disk full) acts on no core's writes: those cores are reopened from the
+durable. The one exception is the Raft thesis' section 10.2.1 (etcd's raft does the same): a
+leader sends its Appends while its own write of those entries is still being made durable, so
+its fsync runs in parallel with the followers'. That is safe because an Append promises nothing
+about the leader's disk: the core counts the leader towards a commit only from `on_persisted`
+(its `durable_end`), like any follower's ack, and a leader that crashes before its fsync restarts
+as a follower of a later epoch (the simulator crashes leaders inside that fsync:
+`Settings.crash_in_sync`). Only a leader's Appends of a Ready that changes neither its role nor
+anything that must be synced before it acts (a vote, an epoch) go early; everything else waits. A failed commit (disk full) acts on no core's writes: those cores are reopened from the
 disk (`ReplicaEvents.write_failed`). An unexpected error on one core fences that one replica.
 
 A Ready that only moves the high-watermark hint need not be on disk before anything is sent (a
@@ -33,6 +41,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
+from zq.core.repl_types import LEADER, Append
 from zq.node.host import Counters, ReplicaEvents, Storage
 
 if TYPE_CHECKING:
@@ -72,6 +81,19 @@ def needs_sync(part: Part, rd: Any) -> bool:
     (With durability = replicated a write counts once written: the operating system keeps it
     through a process crash, and only a majority losing power at once loses it.)"""
     return rd.must_sync or (part.sync and bool(rd.entries))
+
+
+def early_messages(part: Part, rd: Any) -> tuple[tuple, tuple]:
+    """(messages that may go before the pass's commit, the rest): a leader's Appends, when the
+    Ready neither changes its role nor writes anything that must be durable before it acts."""
+    replica = part.replica
+    if (replica is None or replica.role != LEADER or rd.role is not None or rd.must_sync
+            or rd.truncate_from is not None or rd.reset_to is not None):
+        return (), rd.messages
+    early = tuple(out for out in rd.messages if type(out.message) is Append)
+    if not early:
+        return (), rd.messages
+    return early, tuple(out for out in rd.messages if type(out.message) is not Append)
 
 
 def hint_only(rd: Any) -> bool:
@@ -143,6 +165,7 @@ class ReplicaSet:
 
     def collect_readys(self) -> list[tuple[Part, Any]]:
         out = []
+        sent_early = False
         dirty = sorted(self.dirty)
         self.dirty.clear()
         for tp in dirty:
@@ -159,10 +182,18 @@ class ReplicaSet:
                     rd = dataclasses.replace(rd, hard_state=None)
                 if rd.has_writes:
                     self.write_ready(part, rd)
+                early, rest = early_messages(part, rd)
+                if early:
+                    for message in early:
+                        self.events.route(part, message)
+                    rd = dataclasses.replace(rd, messages=rest)
+                    sent_early = True
             except Exception as e:
                 self.events.fence(part, "preparing its writes", e)
                 continue
             out.append((part, rd))
+        if sent_early:
+            self.events.send_now()   # the leaders' Appends leave while the commit below is made durable
         return out
 
     def write_ready(self, part: Part, rd: Any) -> None:

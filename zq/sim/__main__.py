@@ -53,7 +53,7 @@ def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> i
               "retention_duplicates": 0, "false_deaths": 0, "operator_moves": 0, "operator_false_moves": 0,
               "disk_lows": 0,
               "hostile_sent": 0, "hostile_refused": 0, "hostile_rejected": 0,
-              "flips": 0, "tails_dropped": 0, "wipes": 0, "recoveries": 0}
+              "flips": 0, "tails_dropped": 0, "wipes": 0, "recoveries": 0, "crashes_in_sync": 0}
     for i, seed in enumerate(range(start, start + count), 1):
         r = Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run()
         for k in totals:

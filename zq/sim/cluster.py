@@ -114,9 +114,12 @@ from zq.sim.members_checks import MembersChecker
 from zq.sim.network import NetworkFaults, SimNetwork
 from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, READ_ENTRIES_MAX, REPLICATION_FACTOR, Result,
                              SIM_CONFIG, SIM_MEMBERSHIP, Settings, WALL_BASE_MS)
-from zq.sim.simnode import SimNode, SimReplicaEvents, SimStorage
+from zq.sim.simnode import CrashedInSync, SimNode, SimReplicaEvents, SimStorage
 from zq.sim.workload import (BATCH_RECORDS_MAX, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX, ProduceRequest,
                              ProduceResponse, Producer)
+
+
+NODE_EVENTS = frozenset({"deliver", "timer", "pass", "request"})   # events one node handles alone
 
 
 class Sim(FaultsMixin):
@@ -129,15 +132,18 @@ class Sim(FaultsMixin):
         self.disk_low_rng = random.Random(f"disk-{seed}")  # only disk-shortage events draw from it
         self.disk_rng = random.Random(seed * 2 + 3)       # disk faults
         self.hostile_rng = random.Random(f"hostile/{seed}")  # the hostile peer's choices
+        self.sync_rng = random.Random(f"sync/{seed}")      # crashes inside a pass's fsync
         self.settings = settings or (Settings.draw(self.rng, nodes, steps).draw_retention(self.retention_rng)
                                      .draw_members(self.members_rng).draw_disk_low(self.disk_low_rng)
-                                     .draw_disk(self.disk_rng).draw_hostile(self.hostile_rng))
+                                     .draw_disk(self.disk_rng).draw_hostile(self.hostile_rng)
+                                     .draw_sync_crash(self.sync_rng))
         self.verbose = verbose
         self.now = 0
         self.heap: list = []
         self.seq = 0
         self.step_no = 0
         self.phase = "safety"
+        self.crashable = False   # set while one node handles an event of its own (see one_step)
         self.trace = hashlib.blake2b(digest_size=16)
         s = self.settings
         self.net = SimNetwork(self.rng, s.net)
@@ -261,7 +267,15 @@ class Sim(FaultsMixin):
         self.now = time_ms
         self.step_no += 1
         self.trace.update(f"{time_ms}|{kind}|{_trace_args(args)};".encode())
-        getattr(self, "ev_" + kind)(*args)
+        # A node may crash inside the fsync of a pass it runs for one of its own events (a message,
+        # a timer, a request): the rest of that event is not handled, as the process is gone.
+        self.crashable = kind in NODE_EVENTS
+        try:
+            getattr(self, "ev_" + kind)(*args)
+        except CrashedInSync:
+            pass
+        finally:
+            self.crashable = False
 
     # ---------------------------------------------------------------- node shell
 

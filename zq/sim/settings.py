@@ -62,6 +62,7 @@ class Settings:
     skewed_node: int = 0             # ... which one (index)
     disk_low: bool = False           # nodes short of disk for a while (leaders hand off)
     members: bool = False            # run the failure detector (and, with more than 3 nodes, the operator)
+    crash_in_sync: bool = False      # a node may crash inside a pass's fsync, after a leader's early Appends left
     hostile: bool = False            # a hostile peer injects out-of-range and stranger messages
     hostile_interval_ms_max: int = 100
     operator_interval_ms_max: int = 1000  # between the operator's looks at a view
@@ -115,6 +116,10 @@ class Settings:
         """A hostile peer too, from a stream of its own (see draw_retention)."""
         return dataclasses.replace(self, hostile=rng.random() < 0.6, hostile_interval_ms_max=rng.choice([20, 100, 400]))
 
+    def draw_sync_crash(self, rng: random.Random) -> Settings:
+        """Crashes inside a pass's fsync too, from a stream of their own (see draw_retention)."""
+        return dataclasses.replace(self, crash_in_sync=self.crash and rng.random() < 0.5)
+
     def draw_disk(self, rng: random.Random) -> Settings:
         """Disk faults too, from a stream of their own (see draw_retention)."""
         return dataclasses.replace(self, disk=rng.random() < 0.5, disk_interval_ms_max=rng.choice([300, 1000, 2000]))
@@ -140,6 +145,7 @@ class Result:
     reads: int = 0                   # committed entries consumers read
     elections: int = 0
     crashes: int = 0
+    crashes_in_sync: int = 0         # of those, inside a pass's fsync (after a leader's Appends left early)
     pauses: int = 0
     cuts: int = 0
     reassignments: int = 0           # target changes drawn

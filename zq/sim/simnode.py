@@ -38,6 +38,13 @@ class SimNode:
         self.incarnation = 0
 
 
+CRASH_IN_SYNC_P = 0.01   # with Settings.crash_in_sync: the chance that a synced commit is a crash instead
+
+
+class CrashedInSync(Exception):
+    """The simulated node crashed inside its pass's fsync (raised out of the pass, caught by Sim.run_pass)."""
+
+
 class SimStorage:
     """The simulated host's storage (zq.node.host.Storage): a node's SimDisk. A Ready's writes
     are one write batch (volatile at once); a synced commit makes every batch so far durable and
@@ -66,6 +73,22 @@ class SimStorage:
         txn.write_batch(p, None, (), hard_state, None)
 
     def commit(self, txn: SimDisk, sync: bool) -> bool:
+        sim, node = self.sim, self.node
+        if (sync and sim.settings.crash_in_sync and sim.phase == "safety" and sim.crashable
+                and sim.sync_rng.random() < CRASH_IN_SYNC_P):
+            # Power fails while this pass's fsync runs: what the pass wrote is not durable, but
+            # whatever it sent before the commit (a leader's Appends) is on the wire.
+            kept = txn.crash(sim.sync_rng, power_loss=sim.settings.durability == "fsync")
+            node.alive = False
+            node.replicas.clear()
+            node.pass_ = None
+            if sim.members is not None:
+                sim.members.crash(node.name, sim.now)
+            sim.result.crashes += 1
+            sim.result.crashes_in_sync += 1
+            sim.log(f"crash {node.name} inside a pass's fsync (kept {kept} unsynced batches)")
+            sim.at(sim.now + sim.sync_rng.randint(20, sim.settings.fault_duration_ms_max), "restart", node.name)
+            raise CrashedInSync(node.name)
         if sync:
             txn.sync()
             self.node.send_delay_ms = max(self.node.send_delay_ms,
@@ -83,6 +106,9 @@ class SimReplicaEvents:
 
     def route(self, part: Part, out) -> None:
         self.sim.send(self.node, part.tp, out.to, out.message)
+
+    def send_now(self) -> None:
+        pass   # route() put them on the simulated network already, leaving before this pass's fsync delay
 
     def after_durable(self, part: Part, rd) -> None:
         sim, node, p, r = self.sim, self.node, part.tp, part.replica
