@@ -721,8 +721,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"ok seed {r.seed}: {r.steps} steps, {r.deliveries} deliveries, {r.acked} acks, {r.nacks} nacks, "
               f"{r.dead_letters} dead letters, {r.node_crashes} node crashes, {r.member_crashes} consumer crashes, "
-              f"{r.leader_moves} leader moves, {r.resets} resets ({r.seeks} by a member), {r.fenced_acks} fenced acks, drained "
-              f"{r.drained_ms} ms after healing, trace {r.trace_hash}")
+              f"{r.leader_moves} leader moves, {r.resets} resets ({r.seeks} by a member), {r.fenced_acks} fenced acks, "
+              f"drained {r.drained_ms} ms after healing, trace {r.trace_hash}")
         return 0
     began = time.monotonic()
     failures: list[Result] = []
