@@ -31,25 +31,22 @@ with sequence 0 is answered as a duplicate of the one there; nothing else is ded
 dead-letter write is slow, fails, or fails after its copy committed (drawn per seed), and a
 remote one is a real Produce to that partition's leader, whose answer the network may lose.
 
-Consumers. The client (zq/client/groups.py) is threads and sockets, not a pure core, so its rules
-are modelled one for one in zq/sim/group_consumer.py (speaking the real group_protocol messages to the real service;
-the client's rules as a pure core are another piece of work): join through a node, heartbeat every `session_timeout_ms // 4`,
-rejoin when Fenced, move to the next node after 3 missed heartbeats; one long-poll lease
-outstanding per held partition, sized by `max_in_flight` (its backpressure), following
-NotLeader hints, backing off on Fenced / RebalanceInProgress (and heartbeating at once on
-Fenced); lease replies of an older reset epoch than seen are dropped; settlements batched per
-(partition, epoch) every `ack_flush_ms`, an Ack refused as Fenced dropped (redelivery follows),
-retried with backoff on NotLeader / RebalanceInProgress / timeouts / no leader known for up to
-`ack_retry_ms_max`; messages of a
-partition lost in a rebalance kept and settled (their acks are then fenced). The application
+Consumers. Each simulated member drives the shipped consumer's rules, the pure core
+`zq.core.consumer_rules.GroupConsumerCore`, as the client's I/O shell (zq/client/groups.py) does
+(zq/sim/group_consumer.py: the first join through the nodes in turn, then the core's orders sent as
+real group_protocol requests with timeouts, their answers and refusals fed back, a wake-up at the
+core's next due time); no consumer rule is copied here. The application takes the core's chunks,
 acks, or nacks poison messages (always) and transient failures (sometimes, with or without a
-delay), is sometimes slower than the lease, and extends long work.
+delay), is sometimes slower than the lease, extends long work, and leaves as `close()` does
+(flush, wait for the acks' answers, LeaveGroup).
 
 Faults, drawn per seed: message loss, delay, duplication; network partitions (a node from the
 others and from some consumers); node crashes and restarts; leadership moving (of source and
 dead-letter partitions); consumers
 joining, leaving, crashing and coming back (a static id sometimes); resets (replay) to a random
-offset, through a node's ResetGroup handler; dead-letter writes failing, slow, or unanswered. The safety phase runs `steps` events.
+offset, through the leader's ResetGroup handler, by an operator or by a member's seek (its core
+hears the new epoch from the answer); dead-letter writes failing, slow, or unanswered. The safety
+phase runs `steps` events.
 The drain then heals everything, restarts every node, brings back a consumer for every group,
 stops producing and faults, and runs until every (group, partition) has nothing pending (bounded
 by `drain_ms_max` of simulated time); the final checks then run.
@@ -152,6 +149,7 @@ class Result:
     member_crashes: int = 0
     leader_moves: int = 0
     resets: int = 0
+    seeks: int = 0          # resets a member asked for whose answer reached its core (on_reset)
     fenced_acks: int = 0
     attempt_drops: int = 0
     deliveries_over: int = 0
@@ -160,14 +158,12 @@ class Result:
 
 
 class GroupSim(ConsumerModel):
-    def __init__(self, seed: int, steps: int = 1_500, verbose: bool = False, settings: Settings | None = None,
-                 bugs: frozenset[str] = frozenset()) -> None:
+    def __init__(self, seed: int, steps: int = 1_500, verbose: bool = False, settings: Settings | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.s = settings or Settings.draw(self.rng)
         self.steps = steps
         self.verbose = verbose
-        self.bugs = bugs              # the simulated consumer's rules only ("client_sorted_resume")
         self.now = 0
         self.seq = 0
         self.heap: list = []
@@ -509,7 +505,8 @@ class GroupSim(ConsumerModel):
         self.produce(host, tp, records, msg.producer_id, msg.base_sequence, answer, tag)
 
     def reset(self, group: str, p: int) -> None:
-        """A replay, through a node's ResetGroup handler (forwarded to the leader if it is not one)."""
+        """A replay, through the leader's ResetGroup handler, asked by an operator or by a member of
+        the group (whose core hears the new reset epoch from the answer)."""
         host = self.nodes[self.rng.choice(NODES)]
         tp = TopicPartition(TOPIC_ID, p)
         if not host.up or self.leader[tp] is None:
@@ -522,9 +519,14 @@ class GroupSim(ConsumerModel):
         epoch_before = held.state.reset_epoch if held is not None else None
         self.next_req += 1
         msg = G.ResetGroup(self.next_req, group, TOPIC, p, target, None, False, False)
+        seekers = [e for e, m in sorted(self.members.items())
+                   if m.alive and m.joined and not m.leaving and m.group == group]
+        src = "operator"
+        if seekers and self.rng.random() < 0.5:   # a member's seek(p, target): its answer reaches that member
+            src = self.seek_sent(self.members[self.rng.choice(seekers)], msg)
 
         def work() -> None:
-            self.node_receives(leader, "request", "operator", msg, [])
+            self.node_receives(leader, "request", src, msg, [])
             held = leader.service.held.get((group, TOPIC_ID, p))
             if held is not None and held.state.reset_epoch != epoch_before:
                 self.check.on_epoch(group, p, held.state.reset_epoch, min(target, len(self.log[p])))
@@ -672,10 +674,10 @@ class GroupSim(ConsumerModel):
                 held = self.nodes[leader].service.held.get((g, TOPIC_ID, p)) if leader is not None else None
                 rows.append(f"{g}/{p} leader {leader} hw {len(self.log[p])} state "
                             f"{held.state if held is not None else None}")
-        live = [f"{m.endpoint}={m.member_id} gen {m.generation} holds {sorted(m.assigned)} in flight {m.in_flight} "
-                f"leasing {sorted(m.leasing)} paused {sorted(m.paused)} queued {len(m.arrived)}+{len(m.ready)} "
-                f"epochs {m.epochs} busy {m.busy} leaders {m.leaders}"
-                for m in self.members.values() if m.alive]
+        live = [f"{m.endpoint}={m.member_id} gen {c.generation} holds {sorted(c.assigned)} in flight {c.in_flight} "
+                f"leasing {sorted(c.leasing)} paused {list(c.paused)} queued {len(c.arrived)}+{len(m.ready)} "
+                f"epochs {c.epochs} busy {m.busy} leaders {c.leaders} due {c.due_ms()}"
+                for m in self.members.values() if m.alive for c in (m.core,)]
         live += [f"{n}: {sorted((g, mm.generation, sorted(mm.live_members())) for g, mm in (self.nodes[n].service.memberships if self.nodes[n].up else {}).items())}"
                  for n in NODES]
         return "; ".join(rows) + f"; consumers: {', '.join(live)}"
@@ -692,8 +694,8 @@ def replay_command(seed: int, steps: int = 1_500) -> str:
     return f"python -m zq.sim.groups --seed {seed}" + (f" --steps {steps}" if steps != 1_500 else "")
 
 
-def run_seed(seed: int, steps: int = 1_500, verbose: bool = False, bugs: frozenset[str] = frozenset()) -> Result:
-    return GroupSim(seed, steps=steps, verbose=verbose, bugs=bugs).run()
+def run_seed(seed: int, steps: int = 1_500, verbose: bool = False) -> Result:
+    return GroupSim(seed, steps=steps, verbose=verbose).run()
 
 
 def _report_failure(r: Result, steps: int) -> None:
@@ -719,13 +721,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"ok seed {r.seed}: {r.steps} steps, {r.deliveries} deliveries, {r.acked} acks, {r.nacks} nacks, "
               f"{r.dead_letters} dead letters, {r.node_crashes} node crashes, {r.member_crashes} consumer crashes, "
-              f"{r.leader_moves} leader moves, {r.resets} resets, {r.fenced_acks} fenced acks, drained "
-              f"{r.drained_ms} ms after healing, trace {r.trace_hash}")
+              f"{r.leader_moves} leader moves, {r.resets} resets ({r.seeks} by a member), {r.fenced_acks} fenced acks, "
+              f"drained {r.drained_ms} ms after healing, trace {r.trace_hash}")
         return 0
     began = time.monotonic()
     failures: list[Result] = []
     totals = {k: 0 for k in ("steps", "deliveries", "acked", "nacks", "dead_letters", "acked_and_dead", "node_crashes",
-                             "member_crashes", "leader_moves", "resets", "fenced_acks", "attempt_drops", "deliveries_over")}
+                             "member_crashes", "leader_moves", "resets", "seeks", "fenced_acks", "attempt_drops",
+                             "deliveries_over")}
     drained_max = 0
     for i, seed in enumerate(range(args.start, args.start + args.seeds), 1):
         r = run_seed(seed, args.steps)
