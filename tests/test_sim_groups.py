@@ -91,9 +91,9 @@ def test_the_shipped_dead_letter_write_was_not_idempotent(monkeypatch: pytest.Mo
     """The hostile tester's finding (a poison message twice in jobs.dlq), reproduced on the shipped
     service: with producer id 0, as it wrote dead letters before, seed 8 writes one twice; with the
     derived producer id the dead-letter partition answers the retry as a duplicate."""
-    import zq.node.groups as NG
+    import zq.node.group_dead_letters as dead_letters   # where the service calls it
     assert run_seed(8).ok
-    monkeypatch.setattr(NG, "dead_letter_producer_id", lambda group, topic_id, partition, offset: 0)
+    monkeypatch.setattr(dead_letters, "dead_letter_producer_id", lambda group, topic_id, partition, offset: 0)
     r = run_seed(8)
     assert not r.ok and r.invariant == "at most one dead letter per source message", (r.invariant, r.detail)
 
