@@ -19,12 +19,12 @@ printed (a figure, never asserted: performance is not asserted by a timed test; 
 is one election timeout plus a little). What is asserted is liveness: no node's log reports a loop
 pass over `LOOP_PASS_MS_MAX`, a pass during which a node served nothing of what it leads.
 
-One pass over that bound per pause is expected and is not a stall: the paused node's own pass that was
-frozen by SIGSTOP. Its loop measures a pass with the monotonic clock, which runs on while the
-process is stopped, so on SIGCONT it logs "a loop pass took <the pause> ms", in whatever phase
-the signal caught it (usually "write and send", where the fsync is). The node logs carry no
-timestamps, so that one line is recognised by where it is (written to the paused node's log
-between the pause and `RESUME_LOG_S` after the resume) and by its length (at most the pause).
+A pass during which the node itself was stopped (SIGSTOP) is not a stall: the monotonic clock runs
+on while the process is stopped. The node notes SIGCONT and logs such a pass as "the process was
+stopped during this ... loop pass", not as a slow pass. The check still allows one slow-pass line
+per pause in the paused node's own log (written between the pause and `RESUME_LOG_S` after the
+resume, no longer than the pause), in case a signal lands between the pass and its check; the
+node logs carry no timestamps, so that line is recognised by where it is and by its length.
 """
 from __future__ import annotations
 

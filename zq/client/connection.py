@@ -52,6 +52,11 @@ recv_drain_max = 1_000         # replies handled from one socket per loop pass, 
 reconnect_ivl_ms = 100
 connect_timeout_ms = 3_000     # a request that could not even be sent by then fails (ConnectionFailed, safe to retry)
 reconnect_ivl_ms_max = 2_000
+# ZMTP heartbeats (answered by libzmq's I/O thread, so a busy node still answers): a node that
+# stopped answering (SIGSTOP, a hung host) is disconnected after heartbeat_timeout_ms, which fails
+# the requests in flight on it at once (retriable), instead of leaving them to the request timeout.
+heartbeat_ivl_ms = 500
+heartbeat_timeout_ms = 1_500
 
 
 def now_ms() -> float:
@@ -214,6 +219,8 @@ class Connection:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_ivl_ms_max)  # ...without hammering a dead one
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.frame_bytes_max)  # a broken peer cannot make us buffer gigabytes
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)  # notice a peer whose host vanished without a FIN
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
         if self.security is not None:
             from zq.io.security import client_socket
             client_socket(sock, self.security)  # encrypted, and our key must be one the nodes allow

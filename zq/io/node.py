@@ -161,6 +161,7 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
         # The replicas this node hosts and the persist-then-send pass (zq.node.replicas), shared with the simulator.
         self.replica_set = ReplicaSet(_StoreStorage(self), _NodeReplicaEvents(self), self.counters)
         self.storage_error: ZqError | None = None               # why the last failed write failed
+        self.continued = 0   # SIGCONTs received: a pass during which the process was stopped is not a stall
         self.meta_applied_by: dict[str, int] = {}               # node -> __meta applied offset (heartbeats)
         self.pending_creates: list[tuple[int, int, bytes, P.OkReply]] = []
         self.disk_full = False
@@ -516,6 +517,10 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
     def wall_ms(self) -> int:
         return now_ms()
 
+    def note_continued(self) -> None:
+        """SIGCONT (signal handler, main thread): the process was stopped and now runs again."""
+        self.continued += 1
+
     def random_bits(self, bits: int) -> int:
         """Randomness for a service (the simulator's host draws it from its seed)."""
         return random.SystemRandom().getrandbits(bits)
@@ -635,4 +640,6 @@ def run_node(config: NodeConfig, stop: threading.Event | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     node = Node(config)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCONT, lambda *_: node.note_continued())
     node.run(stop)

@@ -51,6 +51,7 @@ class LoopMixin:
                     polled_peers.add(name)
             ready = dict(poller.poll(self._poll_timeout_ms()))
             pass_start = time.monotonic()
+            continued = self.continued
             # Replication and peers' answers first: they are cheap and an election waits on them.
             # Client requests then, within a time budget: a backlog of leases and acks (each a few
             # ms of work) must not keep this pass from writing, replicating and heartbeating; what
@@ -85,7 +86,13 @@ class LoopMixin:
                              exc_info=True)
                 raise
             pass_ms = (time.monotonic() - pass_start) * 1000
-            if pass_ms > SLOW_PASS_MS:
+            if pass_ms > SLOW_PASS_MS and self.continued != continued:
+                # The process was stopped (SIGSTOP, a debugger) during the pass: the monotonic clock
+                # ran on while nothing did. Not a stall of the loop, so not counted as one.
+                self.counters["stopped_passes"] += 1
+                log.info("the process was stopped during this %.0f ms loop pass (SIGSTOP/SIGCONT); "
+                         "not a stall of the loop", pass_ms)
+            elif pass_ms > SLOW_PASS_MS:
                 self.counters["slow_passes"] += 1
                 end = time.monotonic()
                 self.limited_log.log(logging.WARNING, "slow_pass",
