@@ -93,7 +93,7 @@ def test_a_leader_short_of_disk_hands_its_partitions_to_a_replica_with_room(tmp_
 
 
 def test_a_repeated_warning_is_logged_once_per_period_and_the_next_line_counts_the_rest(caplog, monkeypatch):
-    from zq.io import node as N
+    from zq.io import node_common as N   # where the node's rate-limited log and its clock live
     clock = [1_000_000]
     monkeypatch.setattr(N, "mono_ms", lambda: clock[0])
     limited = N._LimitedLog()

@@ -76,9 +76,14 @@ class LogKeeping:
         self.history = ((prev_epoch, offset - 1),)  # epoch_at(offset - 1) == prev_epoch; nothing below
         # The configuration in effect at the leader's log start (the entry that made it is gone).
         self._configs = ((offset - 1, voters),) if voters else ((-1, ()),)
-        # A leader of our epoch, at or past our join epoch, gave us its committed prefix: nothing
-        # in our log comes from an earlier membership of this node any more.
-        self.join_epoch = 0
+        # The configuration given is the one in effect at the leader's log start, which may end
+        # inside this node's earlier membership (removed, its replica deleted, added again): the
+        # StartAt's prefix is trusted as the join epoch's rule says (an entry of that epoch or
+        # later), so a prefix from before the join leaves this replica knowing no configuration
+        # until its leader sends it one (seed 392, --nodes 5 --steps 1000: a replica made again,
+        # told the configuration of its old membership, stood and won with an empty-logged voter).
+        if prev_epoch >= self.join_epoch:
+            self.join_epoch = 0
         self.match_end = offset
         self._set_high_watermark(offset)
         self._hard_dirty = True
