@@ -89,9 +89,9 @@ def test_the_shipped_dead_letter_write_was_not_idempotent(monkeypatch: pytest.Mo
     service: with producer id 0, as it wrote dead letters before, seed 4 writes one twice (seed 8
     did, before the consumers drove the shipped core); with the derived producer id the
     dead-letter partition answers the retry as a duplicate."""
-    import zq.node.groups as NG
+    import zq.node.group_dead_letters as dead_letters   # where the service calls it
     assert run_seed(4).ok
-    monkeypatch.setattr(NG, "dead_letter_producer_id", lambda group, topic_id, partition, offset: 0)
+    monkeypatch.setattr(dead_letters, "dead_letter_producer_id", lambda group, topic_id, partition, offset: 0)
     r = run_seed(4)
     assert not r.ok and r.invariant == "at most one dead letter per source message", (r.invariant, r.detail)
 

@@ -62,6 +62,10 @@ Errors
   `dropped_wal_tail` until the node has recorded the loss; RocksDB's own lines about it are in
   `recovery_warnings`).
 
+Opening, the WAL-damage recovery at open and `set_aside` (a damaged store moved out of the way) are
+in zq/io/store_recovery.py (`StoreOpening`, which `Store` opens through); their names are
+importable from here too.
+
 Also: `Store(path, read_only=True)` opens without taking RocksDB's lock, beside a running node
 (tools/inspect_data.py); `Store.scan(prefix)` yields raw pairs for tools and tests.
 
@@ -74,7 +78,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -84,17 +87,16 @@ import rocksdict
 
 from zq.batch import HEADER_SIZE, BatchHeader, verify_stored
 from zq.errors import CorruptData, StorageFull, ZqError
+from zq.io.store_recovery import StoreOpening, _is_no_space
+# Re-exported: the node, tools/inspect_data.py and the tests import these from zq.io.store.
+from zq.io.store_recovery import (MARKER_BYTES_MAX, ROCKSDB_LOG_READ_BYTES_MAX, ROCKSDB_WARNINGS_MAX,  # noqa: F401
+                                  WAL_TAIL_MARKER, set_aside)
 from zq.limits import DEFAULT, Limits
 from zq.types import TopicPartition
 
 # Bounds of this module (candidates for zq.limits.Limits).
 RETENTION_SCAN_BATCHES_MAX = 100_000   # batches one retention-by-bytes pass walks; the next pass goes on
 INDEX_SEEK_STEPS_MAX = 1_000_000       # guard on the walk that finds a batch's time-index key
-ROCKSDB_LOG_READ_BYTES_MAX = 1 << 20   # of RocksDB's info LOG read after an open, for its recovery warnings
-ROCKSDB_WARNINGS_MAX = 20              # RocksDB recovery lines passed on to node.log per open
-MARKER_BYTES_MAX = 4096                # text kept in a marker file
-
-WAL_TAIL_MARKER = "ZQ-WAL-TAIL-DROPPED"  # in the data dir: the last open dropped a damaged WAL tail
 
 _U64_MAX = 2**64 - 1
 
@@ -360,7 +362,7 @@ class WriteTxn:
         return self._wb, states
 
 
-class Store:
+class Store(StoreOpening):
     """A node's RocksDB: partition logs, their state and time index, and node metadata."""
 
     def __init__(self, path: str | os.PathLike, *, limits: Limits = DEFAULT, read_only: bool = False) -> None:
@@ -381,109 +383,7 @@ class Store:
         self._db = self._open()
         self._states = self._load_states()
 
-    # --- opening
-
-    def _options(self, *, strict_wal: bool = False) -> rocksdict.Options:
-        o = rocksdict.Options(raw_mode=True)     # keys and values are raw bytes: no pickling, no type tags
-        o.create_if_missing(True)                # a fresh data dir is a new, empty node
-        o.set_paranoid_checks(True)              # refuse to open over detected corruption rather than serve it
-        if strict_wal:  # any damaged WAL record fails the open: how `_open` learns that a tail would be dropped
-            o.set_wal_recovery_mode(rocksdict.DBRecoveryMode.absolute_consistency())
-        else:           # replay the WAL up to the first damaged record, no further (and drop the rest)
-            o.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())
-        o.set_write_buffer_size(64 * 1024 * 1024)    # 64 MiB memtables: ~5000 batches of 12 KB before a flush
-        o.set_max_write_buffer_number(3)         # one filling, up to two flushing: writes do not stall on a flush
-        o.set_max_total_wal_size(512 * 1024 * 1024)  # backstop on WAL size (and replay time after a crash)
-        o.set_max_background_jobs(2)             # the node's machines are small; compaction must not starve the loop
-        o.set_bytes_per_sync(1024 * 1024)        # write SSTs out steadily instead of in one burst at close
-        o.set_level_compaction_dynamic_level_bytes(True)  # steadier space use when retention deletes old ranges
-        o.set_compression_type(rocksdict.DBCompressionType.lz4())  # cheap; skips blocks that do not compress
-        o.set_max_open_files(1024)               # bound file descriptors; the node also holds sockets
-        o.set_keep_log_file_num(4)               # RocksDB's own info LOG files, bounded
-        return o
-
-    def _open(self, *, strict: bool = True) -> rocksdict.Rdict:
-        """Open strictly first (absolute WAL consistency): a WAL that replays cleanly opens as usual.
-        If the strict open finds a damaged WAL record, RocksDB's point-in-time recovery would drop
-        every write after it, silently: the store writes a marker file (fsynced) saying so before
-        it opens that way, and reports it (`dropped_wal_tail`) until the node has recorded what it
-        implies (`clear_dropped_wal_tail`): the hard state of every partition may be gone with the
-        tail, so the node cannot find the loss by comparing with it. The marker comes first
-        because the point-in-time open rewrites the WAL: a crash right after it would otherwise
-        leave no trace. Costs nothing on the write path; one failed open when the WAL is damaged.
-        (A power loss can leave a torn, never-synced last record too: that is reported as well,
-        which costs the node a catch-up of its partitions, never data.)"""
-        try:
-            if self.read_only:
-                try:
-                    return rocksdict.Rdict(str(self.path), self._options(strict_wal=True),
-                                           access_type=rocksdict.AccessType.read_only())
-                except Exception as e:
-                    if not str(e).startswith("Corruption"):
-                        raise
-                    self.wal_damage = str(e)  # a read-only open cannot drop it: report what a node would do
-                    return rocksdict.Rdict(str(self.path), self._options(), access_type=rocksdict.AccessType.read_only())
-            self.path.mkdir(parents=True, exist_ok=True)
-            try:
-                db = rocksdict.Rdict(str(self.path), self._options(strict_wal=strict))
-            except Exception as e:
-                if not strict or not str(e).startswith("Corruption"):
-                    raise
-                self._write_marker(WAL_TAIL_MARKER, str(e))
-                db = rocksdict.Rdict(str(self.path), self._options())  # raises if it was not the WAL after all
-            self.dropped_wal_tail = self._read_marker(WAL_TAIL_MARKER)
-            self.recovery_warnings = self._rocksdb_warnings()
-            return db
-        except OSError as e:
-            raise ZqError(f"cannot open data dir {self.path}: {e.strerror or e}", path=str(self.path)) from e
-        except ZqError:
-            raise
-        except Exception as e:  # rocksdict raises plain Exception carrying RocksDB's status text
-            raise _open_error(self.path, e) from e
-
-    def _write_marker(self, name: str, text: str) -> None:
-        marker = self.path / name
-        with open(marker, "w", encoding="utf-8") as f:
-            f.write(text[:MARKER_BYTES_MAX] + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the marker's directory entry is durable too
-        finally:
-            os.close(fd)
-
-    def _read_marker(self, name: str) -> str | None:
-        try:
-            with open(self.path / name, encoding="utf-8", errors="replace") as f:
-                return f.read(MARKER_BYTES_MAX).strip() or "damaged WAL"
-        except FileNotFoundError:
-            return None
-
-    def clear_dropped_wal_tail(self) -> None:
-        """The node has durably recorded that every partition here lost its tail: forget it."""
-        try:
-            os.unlink(self.path / WAL_TAIL_MARKER)
-        except FileNotFoundError:
-            pass
-        self.dropped_wal_tail = None
-
-    def _rocksdb_warnings(self) -> list[str]:
-        """RocksDB's own lines about corruption or dropped records from this open (its LOG file),
-        so that the node's log says what RocksDB found; at most ROCKSDB_WARNINGS_MAX lines."""
-        out: list[str] = []
-        try:
-            with open(self.path / "LOG", encoding="utf-8", errors="replace") as f:
-                text = f.read(ROCKSDB_LOG_READ_BYTES_MAX)
-        except OSError:
-            return out
-        for line in text.splitlines():
-            lowered = line.lower()
-            if ("corrupt" in lowered or "dropping" in lowered) and "[" in line and "keydrop" not in lowered:
-                out.append(line.strip())
-                if len(out) >= ROCKSDB_WARNINGS_MAX:
-                    break
-        return out
+    # --- opening (RocksDB's open and its recovery: StoreOpening, zq/io/store_recovery.py)
 
     def _load_states(self) -> dict[TopicPartition, PartitionState]:
         states = {}
@@ -771,43 +671,3 @@ class Store:
     def disk_free_bytes(self) -> int:
         s = os.statvfs(self.path)
         return s.f_bavail * s.f_frsize
-
-
-_ROCKSDB_FILE = re.compile(r"\d+\.(sst|log|blob)|CURRENT|IDENTITY|LOCK|LOG|LOG\.old\.\d+|MANIFEST-\d+|OPTIONS-\d+")
-
-
-def set_aside(path: str | os.PathLike, label: str) -> Path:
-    """Move a closed store's RocksDB files into `path/damaged-<label>` (kept for inspection), so
-    that a store opened at `path` next starts empty. Only RocksDB's files (and the store's marker)
-    move: the data dir may hold others, such as the node's own log."""
-    path = Path(path)
-    aside = path / f"damaged-{label}"
-    aside.mkdir()
-    for f in sorted(path.iterdir()):
-        if f.is_file() and (_ROCKSDB_FILE.fullmatch(f.name) or f.name == WAL_TAIL_MARKER):
-            f.rename(aside / f.name)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the moves are durable before an empty store is created in their place
-    finally:
-        os.close(fd)
-    return aside
-
-
-def _is_no_space(text: str) -> bool:
-    lowered = text.lower()
-    return "no space" in lowered or "enospc" in lowered or "quota exceeded" in lowered
-
-
-def _open_error(path: Path, e: Exception) -> ZqError:
-    text = str(e)
-    if "LOCK" in text or "lock hold" in text:
-        return ZqError(f"data dir {path} is in use by another zq node (RocksDB lock); stop it or pick another "
-                       "--data-dir", path=str(path))
-    if _is_no_space(text):
-        return StorageFull(f"the disk of data dir {path} is full ({text}); free space to start the node",
-                           path=str(path))
-    if text.startswith("Corruption"):
-        return CorruptData(f"data dir {path} is corrupt ({text}); restore it or move it aside and let the node "
-                           "copy its partitions from the other replicas", path=str(path))
-    return ZqError(f"cannot open data dir {path}: {text}", path=str(path))

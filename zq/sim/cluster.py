@@ -70,7 +70,7 @@ replica of a partition is damaged or recovering at a time (the guarantee covers 
 crashes, pauses and partitions go on meanwhile.
 
 Membership and the operator. A seed may also host the SWIM failure detector
-(`zq.sim.members.MembershipLayer`, the real `Membership` cores and their shells) on the same
+(`zq.sim.members_layer.MembershipLayer`, the real `Membership` cores and their shells) on the same
 simulated network, so the same partitions, loss, pauses, crashes and restarts (each a new
 incarnation) reach it; its invariants (zq/sim/members_checks.py) are checked after each of its
 steps. Its events run from their own heap on the same clock: `one_step` takes the earlier of
@@ -109,7 +109,7 @@ from zq.hashing import rendezvous
 from zq.node.replicas import Part, ReplicaSet
 from zq.sim.checks import Ack, Checker, Violation
 from zq.sim.faults import FaultsMixin, hostile_message
-from zq.sim.members import MembershipLayer, address_of
+from zq.sim.members_layer import MembershipLayer, address_of
 from zq.sim.members_checks import MembersChecker
 from zq.sim.network import NetworkFaults, SimNetwork
 from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, READ_ENTRIES_MAX, REPLICATION_FACTOR, Result,

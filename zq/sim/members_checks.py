@@ -27,7 +27,7 @@ from zq.core.membership import MemberView, State
 from zq.sim.checks import Violation  # noqa: F401 (one kind of broken invariant for every simulator)
 
 if TYPE_CHECKING:
-    from zq.sim.members import MembershipLayer
+    from zq.sim.members_layer import MembershipLayer
 
 _RANK = {State.ALIVE: 0, State.SUSPECT: 1, State.DEAD: 2, State.LEFT: 3}
 
