@@ -25,6 +25,7 @@ from zq import protocol
 from zq.client.cluster import ClusterView
 from zq.client.connection import Connection, check_reply
 from zq.client.metadata import Metadata, resolve_bootstrap, time_spec
+from zq.core.metadata import COMPACT_NOT_BUILT  # one sentence, said by the client and the node
 from zq.errors import ConnectionFailed, InvalidRequest, LeaderNotAvailable, NotLeader, UnknownTopic, ZqError
 from zq.limits import DEFAULT, Limits
 
@@ -32,8 +33,6 @@ log = logging.getLogger("zq.client")
 
 redirects_max = 3                  # NotLeader hops followed by one admin or offsets request
 default_replication = 1            # see create_topic
-COMPACT_NOT_BUILT = ("key compaction (compact = true) is not built yet, so a topic cannot ask for it; "
-                     "leave it out (every message is kept until retention removes it)")
 
 
 class Offsets(NamedTuple):

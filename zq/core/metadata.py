@@ -132,6 +132,10 @@ class MetadataState:
         return t
 
 
+COMPACT_NOT_BUILT = ("key compaction (compact = true) is not built yet, so a topic cannot ask for it; "
+                     "leave it out (every message is kept until retention removes it)")
+
+
 def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
     """Defaults filled in and every value checked; raises InvalidRequest naming the setting."""
     unknown = sorted(set(config) - set(CONFIG_DEFAULTS))
@@ -148,6 +152,10 @@ def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest(f"durability must be one of {', '.join(DURABILITIES)}, got {out['durability']!r}")
     if type(out["compact"]) is not bool:
         raise InvalidRequest(f"compact must be true or false, got {out['compact']!r}")
+    if out["compact"]:
+        # Refused here, where every client's CreateTopic is planned (not only zq's own client):
+        # a stored "compact": true would promise a compaction no node carries out.
+        raise InvalidRequest(COMPACT_NOT_BUILT)
     return out
 
 
