@@ -74,6 +74,7 @@ from zq.io import replicas as R
 from zq.io import security
 from zq.io.store import Store, set_aside
 from zq.node.replicas import Part as _Part, ReplicaSet
+from zq.node.services import Service
 from zq.limits import DEFAULT, Limits
 from zq.types import META_TOPIC, META_TP, TopicPartition
 from zq.io.node_common import (  # noqa: F401 (re-exported: tests and tools import them from here)
@@ -193,7 +194,7 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
         self.metrics_server = None
         self.metrics_rows: list[dict] = []                      # partitions view for /metrics, refreshed each second
         self.group_metrics_rows: list[dict] = []                # consumer groups' rows for /metrics, likewise
-        self.services: list[Any] = []                           # see add_service
+        self.services: list[Service] = []                       # see add_service
         self.member_view: Callable[[str, int], tuple[str, int | None] | None] | None = None
         self.service_handlers: dict[type, Callable[[bytes, Any, list], None]] = {}
         self._seed_addresses_from_topology()
@@ -449,7 +450,7 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
     # optionally `on_high_watermark(topic, partition, high_watermark)` (data became visible). It talks to the rest of the node only through the methods below, so that the
     # loop's rules (persist, then send; bounded everything) hold for it too.
 
-    def add_service(self, service: Any) -> None:
+    def add_service(self, service: Service) -> None:
         for kind in service.handlers:
             if kind in self.HANDLERS or kind in self.service_handlers:
                 raise ValueError(f"{type(service).__name__} wants {kind.__name__}, which is served already")
