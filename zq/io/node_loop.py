@@ -22,6 +22,9 @@ from zq.io.node_common import (CLOCK_SKEW_WARN_MS, DISK_CHECK_INTERVAL_MS, REQUE
                                mono_ms, now_ms)
 
 
+POLL_TIMEOUT_MS_MAX = 100   # the loop wakes at least this often (services' ticks, SIGTERM)
+
+
 def _user_id(frame: zmq.Frame) -> str | None:
     """The user id ZAP gave the connection a frame came on (zq.io.security), None if it has none."""
     try:
@@ -103,8 +106,19 @@ class LoopMixin:
         self.close()
 
     def _poll_timeout_ms(self) -> int:
-        due = self.timers[0][0] if self.timers else mono_ms() + 100
-        return max(0, min(100, due - mono_ms()))
+        """How long the next poll may wait: not at all while a replica is still dirty (the pass's
+        rounds ran out: what is left goes on now, not after a poll timeout), else until the next
+        node timer or replica timer (zq.node.replicas keeps their deadlines), at most 100 ms."""
+        if self.dirty:
+            return 0
+        now = mono_ms()
+        due = now + POLL_TIMEOUT_MS_MAX
+        if self.timers:
+            due = min(due, self.timers[0][0])
+        replica_due = self.replica_set.next_deadline()
+        if replica_due is not None:
+            due = min(due, replica_due)
+        return max(0, min(POLL_TIMEOUT_MS_MAX, due - now))
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list], None], until: float | None = None,
                copy: bool = True) -> None:

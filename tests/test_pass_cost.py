@@ -1,0 +1,152 @@
+"""A loop pass costs what changed, not how many partitions the node hosts (issue 11).
+
+The shipped pass (zq.node.replicas.ReplicaSet, run by the node and by the simulator) with real
+replication cores, counted through a spy on the core's class: a pass over 1,000 idle replicas
+asks none of them anything; a replica whose timer is due is still ticked (and only it); a replica
+stepped in a pass has its deadline read again, so a timer a message moved is kept.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+
+import pytest
+
+from zq.core.repl_types import Append, ReplicationConfig
+from zq.core.replication import Replica
+from zq.node.replicas import Part, ReplicaSet
+from zq.sim.disk import SimDisk
+
+PARTITIONS = 1000
+CONFIG = ReplicationConfig(election_timeout_ms=1_000, heartbeat_interval_ms=100)
+
+
+class _Storage:
+    """zq.node.host.Storage on a simulated disk."""
+
+    def __init__(self, disk: SimDisk) -> None:
+        self.disk = disk
+
+    def begin(self):
+        return self.disk
+
+    def write_ready(self, txn, key, reset_to, truncate_from, entries, hard_state) -> None:
+        txn.write_batch(key, truncate_from, entries, hard_state, reset_to)
+
+    def put_hard_state(self, txn, key, hard_state) -> None:
+        txn.write_batch(key, None, (), hard_state, None)
+
+    def commit(self, txn, sync: bool) -> bool:
+        if sync:
+            txn.sync()
+        return True
+
+
+class _Events:
+    """zq.node.host.ReplicaEvents that records what went out."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def route(self, part, out) -> None:
+        self.sent.append((part.tp, out.message))
+
+    def send_now(self) -> None:
+        pass
+
+    def after_durable(self, part, rd) -> None:
+        pass
+
+    def after_round(self) -> None:
+        pass
+
+    def write_failed(self, part) -> None:
+        raise AssertionError("no write fails here")
+
+    def fence(self, part, doing, error) -> None:
+        raise error
+
+
+@pytest.fixture
+def hosted():
+    """1,000 follower replicas (of three-node sets, no leader yet), opened and through their first pass."""
+    disk = SimDisk(list(range(PARTITIONS)))
+    rs = ReplicaSet(_Storage(disk), _Events(), defaultdict(int))
+    rng = random.Random(7)
+    for p in range(PARTITIONS):
+        r = Replica("n1", ["n1", "n2", "n3"], disk.volatile[p], rng=rng, now_ms=0, config=CONFIG)
+        rs.parts[p] = Part(p, f"p{p}", r, sync=True)
+        rs.dirty.add(p)
+    rs.finish_pass()
+    return rs
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Every call of the core's methods a pass could make, counted by name."""
+    counted: Counter = Counter()
+    for name in ("tick", "ready", "advance", "step", "next_timer_ms", "on_persisted"):
+        right = getattr(Replica, name)
+
+        def spy(self, *args, _name=name, _right=right, **kwargs):
+            counted[_name] += 1
+            counted[(_name, self)] += 1
+            return _right(self, *args, **kwargs)
+        monkeypatch.setattr(Replica, name, spy)
+    return counted
+
+
+def test_every_replica_has_a_deadline_after_its_first_pass(hosted: ReplicaSet) -> None:
+    assert len(hosted.deadlines) == PARTITIONS
+    assert hosted.next_deadline() == min(hosted.deadlines.values())
+    assert all(CONFIG.election_timeout_ms <= d < 2 * CONFIG.election_timeout_ms for d in hosted.deadlines.values())
+
+
+def test_a_pass_with_idle_replicas_asks_none_of_them_anything(hosted: ReplicaSet, calls: Counter) -> None:
+    now = hosted.next_deadline() - 1
+    for _ in range(10):   # ten passes, nothing arrives and no timer is due
+        assert hosted.tick_due(now) == 0
+        hosted.finish_pass()
+    assert sum(n for k, n in calls.items() if isinstance(k, str)) == 0, dict(calls)
+
+
+def test_a_due_timer_is_still_run_and_only_its_replica_is_asked(hosted: ReplicaSet, calls: Counter) -> None:
+    first = hosted.next_deadline()
+    due = sorted(tp for tp, d in hosted.deadlines.items() if d <= first)
+    assert due
+    assert hosted.tick_due(first) == len(due)
+    hosted.finish_pass()
+    ticked = {hosted.parts[tp].replica for tp in due}
+    assert calls["tick"] == len(due)
+    assert {k[1] for k in calls if isinstance(k, tuple) and k[0] == "ready"} == ticked
+    for tp in due:
+        r = hosted.parts[tp].replica
+        assert r.role == "candidate"                      # its election timer fired
+        assert hosted.deadlines[tp] == r.next_timer_ms() > first   # and its next one is kept
+    assert any(type(m).__name__ == "RequestVote" for _, m in hosted.events.sent)
+    assert hosted.next_deadline() > first
+
+
+def test_a_stepped_replica_keeps_the_timer_the_message_moved(hosted: ReplicaSet, calls: Counter) -> None:
+    tp = min(hosted.deadlines, key=hosted.deadlines.get)
+    old = hosted.deadlines[tp]
+    r = hosted.parts[tp].replica
+    r.tick(old - 10)
+    r.step(Append(1, "n2", 0, 0, 0, 0))   # a leader's heartbeat: the election timer starts again
+    hosted.dirty.add(tp)
+    hosted.finish_pass()
+    assert hosted.deadlines[tp] == r.next_timer_ms() > old
+    calls.clear()
+    hosted.tick_due(old)   # its old deadline: the replica is not ticked
+    assert calls[("tick", r)] == 0
+
+
+def test_forgotten_and_fenced_replicas_have_no_timer(hosted: ReplicaSet) -> None:
+    gone, fenced = sorted(hosted.deadlines, key=hosted.deadlines.get)[:2]
+    hosted.forget(gone)
+    hosted.fence(hosted.parts[fenced], "testing", RuntimeError("x"))
+    assert gone not in hosted.deadlines and fenced not in hosted.deadlines
+    assert hosted.next_deadline() not in (None,)
+    ticked_before = hosted.parts[fenced].replica.now_ms
+    hosted.tick_due(10_000)
+    assert hosted.parts[fenced].replica.now_ms == ticked_before
