@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from zq.core.repl_types import Append, ReplicationConfig
+from zq.core.repl_types import Append, AppendAck, ReplicationConfig
 from zq.core.replication import Replica
 from zq.node.replicas import Part, ReplicaSet
 from zq.sim.disk import SimDisk
@@ -49,7 +49,7 @@ class _Events:
         self.sent: list = []
 
     def route(self, part, out) -> None:
-        self.sent.append((part.tp, out.message))
+        self.sent.append((part.tp, out.to, out.message))
 
     def send_now(self) -> None:
         pass
@@ -123,7 +123,7 @@ def test_a_due_timer_is_still_run_and_only_its_replica_is_asked(hosted: ReplicaS
         r = hosted.parts[tp].replica
         assert r.role == "candidate"                      # its election timer fired
         assert hosted.deadlines[tp] == r.next_timer_ms() > first   # and its next one is kept
-    assert any(type(m).__name__ == "RequestVote" for _, m in hosted.events.sent)
+    assert any(type(m).__name__ == "RequestVote" for _, _, m in hosted.events.sent)
     assert hosted.next_deadline() > first
 
 
@@ -150,3 +150,98 @@ def test_forgotten_and_fenced_replicas_have_no_timer(hosted: ReplicaSet) -> None
     ticked_before = hosted.parts[fenced].replica.now_ms
     hosted.tick_due(10_000)
     assert hosted.parts[fenced].replica.now_ms == ticked_before
+
+
+# ---------------------------------------------------------------- passes per message (issue 11)
+#
+# Three nodes, each a shipped ReplicaSet with one replica of a three-node partition, wired by
+# hand: a test delivers what one pass routed and counts the passes a message takes.
+
+class _Wired:
+    def __init__(self) -> None:
+        self.now = 0
+        self.rng = random.Random(3)
+        self.names = ("n1", "n2", "n3")
+        self.sets: dict[str, ReplicaSet] = {}
+        self.events: dict[str, _Events] = {}
+        self.high_watermarks: dict[str, list[int]] = {n: [] for n in self.names}
+        for name in self.names:
+            disk = SimDisk([0])
+            events = _Events()
+            events.after_durable = (lambda part, rd, name=name: rd.high_watermark is not None
+                                    and self.high_watermarks[name].append(rd.high_watermark))
+            rs = ReplicaSet(_Storage(disk), events, defaultdict(int))
+            r = Replica(name, list(self.names), disk.volatile[0], rng=self.rng, now_ms=0, config=CONFIG)
+            rs.parts[0] = Part(0, "p0", r, sync=True)
+            rs.dirty.add(0)
+            rs.finish_pass()
+            self.sets[name], self.events[name] = rs, events
+
+    def replica(self, name: str) -> Replica:
+        return self.sets[name].parts[0].replica
+
+    def taken(self, name: str) -> list:
+        """What `name`'s passes routed since last asked, as (to, message)."""
+        out, self.events[name].sent = self.events[name].sent, []
+        return [(to, message) for _, to, message in out]
+
+    def deliver(self, to: str, message) -> None:
+        r = self.replica(to)
+        r.tick(self.now)
+        r.step(message)
+        self.sets[to].dirty.add(0)
+
+    def settle(self, rounds: int = 20) -> None:
+        """Run passes and deliver everything until nothing moves."""
+        for _ in range(rounds):
+            moved = False
+            for name in self.names:
+                self.sets[name].finish_pass()
+                for to, message in self.taken(name):
+                    for dst in ([to] if to else [n for n in self.names if n != name]):
+                        self.deliver(dst, message)
+                        moved = True
+            if not moved:
+                return
+
+
+@pytest.fixture
+def wired() -> _Wired:
+    w = _Wired()
+    w.now = w.sets["n1"].next_deadline()
+    w.sets["n1"].tick_due(w.now)   # n1 stands first and wins
+    w.settle()
+    assert w.replica("n1").role == "leader"
+    return w
+
+
+def test_follower_acks_in_the_pass_that_made_its_write_durable(wired: _Wired) -> None:
+    leader = wired.replica("n1")
+    leader.propose(1, 0, 0, b"x")
+    wired.sets["n1"].dirty.add(0)
+    wired.sets["n1"].finish_pass()
+    appends = [m for to, m in wired.taken("n1") if type(m).__name__ == "Append" and m.entries]
+    assert appends, "the leader's pass sends its Append"
+    wired.deliver("n2", appends[0])
+    wired.sets["n2"].finish_pass()   # ONE pass: write, fsync, then the ack
+    acks = [m for to, m in wired.taken("n2") if isinstance(m, AppendAck)]
+    assert acks and max(a.durable_end for a in acks) == leader.log_end
+    assert wired.replica("n2").durable_end == leader.log_end
+
+
+def test_leader_answers_and_publishes_in_the_pass_the_quorum_ack_arrives(wired: _Wired) -> None:
+    leader, outcomes = wired.replica("n1"), []
+    pid = leader.propose(1, 0, 0, b"x")
+    wired.sets["n1"].parts[0].waiters[pid] = outcomes.append
+    wired.sets["n1"].dirty.add(0)
+    wired.sets["n1"].finish_pass()
+    append = next(m for _, m in wired.taken("n1") if type(m).__name__ == "Append" and m.entries)
+    wired.deliver("n2", append)
+    wired.sets["n2"].finish_pass()
+    ack = max((m for _, m in wired.taken("n2") if isinstance(m, AppendAck)), key=lambda a: a.durable_end)
+    assert not outcomes
+    wired.high_watermarks["n1"].clear()
+    wired.deliver("n1", ack)
+    wired.sets["n1"].finish_pass()   # ONE pass: the producer is answered, the high watermark published
+    assert [o.status for o in outcomes] == ["committed"]
+    assert wired.high_watermarks["n1"] == [leader.log_end]   # the node serves its parked fetches here
