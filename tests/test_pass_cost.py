@@ -245,3 +245,54 @@ def test_leader_answers_and_publishes_in_the_pass_the_quorum_ack_arrives(wired: 
     wired.sets["n1"].finish_pass()   # ONE pass: the producer is answered, the high watermark published
     assert [o.status for o in outcomes] == ["committed"]
     assert wired.high_watermarks["n1"] == [leader.log_end]   # the node serves its parked fetches here
+
+
+# ---------------------------------------------------------------- the node's loop: bounded, and no idle wait
+
+class _Endless:
+    """A socket with always another message waiting (a peer that never stops sending)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def recv_multipart(self, flags=0, copy=True):
+        self.received += 1
+        return [b"frame"]
+
+
+class _Loop:
+    """The state LoopMixin's drain and poll timeout read, without sockets or a store."""
+
+    def __init__(self, replica_set: ReplicaSet | None = None) -> None:
+        from zq.limits import Limits
+        self.limits = Limits(inbox_drain_max=50)
+        self.counters: Counter = Counter()
+        self.timers: list = []
+        self.replica_set = replica_set or ReplicaSet(None, None, Counter())
+        self.dirty = self.replica_set.dirty
+
+
+def test_a_drain_is_bounded_by_count_and_time_whatever_a_peer_sends() -> None:
+    import time
+
+    from zq.io.node_loop import LoopMixin
+    loop, sock, handled = _Loop(), _Endless(), []
+    LoopMixin._drain(loop, sock, handled.append, until=time.monotonic() + 3600)
+    assert len(handled) == sock.received == 50                       # the count
+    handled.clear()
+    LoopMixin._drain(loop, sock, handled.append, until=time.monotonic() - 1)
+    assert len(handled) == 1 and loop.counters["requests_deferred"] == 1   # the time: one, then the next pass
+
+
+def test_the_loop_does_not_wait_while_a_replica_is_dirty_and_wakes_for_a_replica_timer(hosted: ReplicaSet) -> None:
+    from zq.io import node_loop
+    loop = _Loop(hosted)
+    hosted.deadlines.clear()
+    hosted._deadline_heap.clear()
+    assert node_loop.LoopMixin._poll_timeout_ms(loop) == node_loop.POLL_TIMEOUT_MS_MAX
+    hosted._read_deadline(0)   # replica 0's timer, due long ago in the node's clock
+    assert node_loop.LoopMixin._poll_timeout_ms(loop) == 0
+    hosted.deadlines.clear()
+    hosted._deadline_heap.clear()
+    hosted.dirty.add(0)
+    assert node_loop.LoopMixin._poll_timeout_ms(loop) == 0

@@ -23,6 +23,7 @@ from zq.io.node_common import (CLOCK_SKEW_WARN_MS, DISK_CHECK_INTERVAL_MS, REQUE
 
 
 POLL_TIMEOUT_MS_MAX = 100   # the loop wakes at least this often (services' ticks, SIGTERM)
+REPLICA_TIMER_SLACK_MS = 5  # a replica's timer may run this late (heartbeats every 100 ms, elections after 1 s)
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
@@ -56,18 +57,20 @@ class LoopMixin:
             pass_start = time.monotonic()
             continued = self.continued
             # Replication and peers' answers first: they are cheap and an election waits on them.
-            # Client requests then, within a time budget: a backlog of leases and acks (each a few
-            # ms of work) must not keep this pass from writing, replicating and heartbeating; what
-            # is left waits in the socket for the next pass.
+            # Client requests then. Every socket is drained within a count (inbox_drain_max) and
+            # the pass's one time budget, whatever peers and clients send: a backlog of leases and
+            # acks (each a few ms of work) or a flood of replication must not keep this pass from
+            # writing, replicating and heartbeating; what is left waits in its socket for the next
+            # pass (each socket still gets one message per pass, so none starves).
+            until = pass_start + REQUESTS_BUDGET_MS / 1000
             if self.sub in ready:
-                self._drain(self.sub, self._on_sub_frames)
+                self._drain(self.sub, self._on_sub_frames, until)
             for peer in list(self.peers.values()):
                 if peer.sock in ready:
-                    self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames))
+                    self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames), until)
             if self.router in ready:
                 # Under [security] frames are received uncopied, so the CURVE user id ZAP gave them is readable.
-                self._drain(self.router, self._on_router_frames, pass_start + REQUESTS_BUDGET_MS / 1000,
-                            copy=self.keys is None)
+                self._drain(self.router, self._on_router_frames, until, copy=self.keys is None)
             drained_at = time.monotonic()
             try:
                 self._tick_replicas()
@@ -117,13 +120,17 @@ class LoopMixin:
             due = min(due, self.timers[0][0])
         replica_due = self.replica_set.next_deadline()
         if replica_due is not None:
-            due = min(due, replica_due)
+            # A little late, so that one wake-up runs the timers due close together (64 idle
+            # leaders' heartbeats wake the loop at most 1000 / REPLICA_TIMER_SLACK_MS times a second).
+            due = min(due, replica_due + REPLICA_TIMER_SLACK_MS)
         return max(0, min(POLL_TIMEOUT_MS_MAX, due - now))
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list], None], until: float | None = None,
                copy: bool = True) -> None:
-        for _ in range(self.limits.inbox_drain_max):
-            if until is not None and time.monotonic() >= until:
+        """Handle what waits on `sock`: at most inbox_drain_max messages, and none after `until`
+        (monotonic s) but the first."""
+        for i in range(self.limits.inbox_drain_max):
+            if i and until is not None and time.monotonic() >= until:
                 self.counters["requests_deferred"] += 1   # the rest is served next pass
                 return
             try:
