@@ -1,6 +1,9 @@
-"""The event loop: poll the sockets, hand each message to its handler (bounded per pass and in
-time), tick the replicas and services, finish the pass (persist, then send), run due timers;
-and the housekeeping timers (retention, disk space).
+"""The event loop: poll the sockets (until a message, a node timer or the earliest replica timer;
+not at all while a replica is still dirty), hand each message to its handler (every socket
+bounded per pass in count and in time), tick the replicas whose timer is due (zq.node.replicas
+keeps their deadlines: a pass costs what changed, not how many partitions the node holds) and
+the services, finish the pass (persist, then send), run due timers; and the housekeeping timers
+(retention, disk space).
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Theory of operation
 -------------------
 A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler; the sequence
 number breaks ties in insertion order, so one seed gives one order of events and one trace
-hash. Each event is one step: a replica's timer (scheduled at the core's `next_timer_ms`), a
+hash. Each event is one step: a node's timer (one per node, at its replicas' earliest deadline
+as the shipped pass keeps them; the pass ticks the replicas due then, and only those), a
 message arriving, a disk sync (group commit), a client request or answer, or a fault (crash,
 restart, pause, resume, network partition, heal). After each step the checker's invariants
 hold or the run stops with the invariant, the step and the replay command.
