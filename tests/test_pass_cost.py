@@ -296,3 +296,31 @@ def test_the_loop_does_not_wait_while_a_replica_is_dirty_and_wakes_for_a_replica
     hosted._deadline_heap.clear()
     hosted.dirty.add(0)
     assert node_loop.LoopMixin._poll_timeout_ms(loop) == 0
+
+
+def test_a_quorum_ack_is_answered_before_the_fsync_of_other_writes_in_its_pass(wired: _Wired) -> None:
+    leader, order = wired.replica("n1"), []
+    pid = leader.propose(1, 0, 0, b"a")
+    wired.sets["n1"].parts[0].waiters[pid] = lambda outcome: order.append(("answered", outcome.status))
+    wired.sets["n1"].dirty.add(0)
+    wired.sets["n1"].finish_pass()
+    append = next(m for _, m in wired.taken("n1") if type(m).__name__ == "Append" and m.entries)
+    wired.deliver("n2", append)
+    wired.sets["n2"].finish_pass()
+    ack = max((m for _, m in wired.taken("n2") if isinstance(m, AppendAck)), key=lambda a: a.durable_end)
+    storage = wired.sets["n1"].storage
+    right = storage.commit
+    storage.commit = lambda txn, sync: order.append(("commit", sync)) or right(txn, sync)
+    events = wired.events["n1"]
+    events.after_durable = lambda part, rd: rd.high_watermark is not None and order.append(("published",))
+    disk = storage.disk
+    disk.add_partition(1)
+    other = Replica("n1", ["n1"], disk.volatile[1], rng=random.Random(1), now_ms=0, config=CONFIG)
+    other.tick(other.next_timer_ms())   # a one-node partition n1 leads
+    wired.sets["n1"].parts[1] = Part(1, "p1", other, sync=True)
+    # One pass of n1: the quorum ack for "a" arrives, and the other partition writes (fsynced).
+    wired.deliver("n1", ack)
+    other.propose(1, 0, 0, b"b")
+    wired.sets["n1"].dirty.add(1)
+    wired.sets["n1"].finish_pass()
+    assert order[:3] == [("answered", "committed"), ("published",), ("commit", True)], order
