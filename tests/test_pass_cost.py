@@ -229,16 +229,21 @@ def test_follower_acks_in_the_pass_that_made_its_write_durable(wired: _Wired) ->
     assert wired.replica("n2").durable_end == leader.log_end
 
 
-def test_leader_answers_and_publishes_in_the_pass_the_quorum_ack_arrives(wired: _Wired) -> None:
-    leader, outcomes = wired.replica("n1"), []
-    pid = leader.propose(1, 0, 0, b"x")
-    wired.sets["n1"].parts[0].waiters[pid] = outcomes.append
+def _follower_ack(wired: _Wired, answer) -> AppendAck:
+    """The leader n1 proposes a batch (`answer` is its producer) and n2 writes it: n2's ack, not yet delivered."""
+    pid = wired.replica("n1").propose(1, 0, 0, b"x")
+    wired.sets["n1"].parts[0].waiters[pid] = answer
     wired.sets["n1"].dirty.add(0)
     wired.sets["n1"].finish_pass()
     append = next(m for _, m in wired.taken("n1") if type(m).__name__ == "Append" and m.entries)
     wired.deliver("n2", append)
     wired.sets["n2"].finish_pass()
-    ack = max((m for _, m in wired.taken("n2") if isinstance(m, AppendAck)), key=lambda a: a.durable_end)
+    return max((m for _, m in wired.taken("n2") if isinstance(m, AppendAck)), key=lambda a: a.durable_end)
+
+
+def test_leader_answers_and_publishes_in_the_pass_the_quorum_ack_arrives(wired: _Wired) -> None:
+    leader, outcomes = wired.replica("n1"), []
+    ack = _follower_ack(wired, outcomes.append)
     assert not outcomes
     wired.high_watermarks["n1"].clear()
     wired.deliver("n1", ack)
@@ -299,15 +304,8 @@ def test_the_loop_does_not_wait_while_a_replica_is_dirty_and_wakes_for_a_replica
 
 
 def test_a_quorum_ack_is_answered_before_the_fsync_of_other_writes_in_its_pass(wired: _Wired) -> None:
-    leader, order = wired.replica("n1"), []
-    pid = leader.propose(1, 0, 0, b"a")
-    wired.sets["n1"].parts[0].waiters[pid] = lambda outcome: order.append(("answered", outcome.status))
-    wired.sets["n1"].dirty.add(0)
-    wired.sets["n1"].finish_pass()
-    append = next(m for _, m in wired.taken("n1") if type(m).__name__ == "Append" and m.entries)
-    wired.deliver("n2", append)
-    wired.sets["n2"].finish_pass()
-    ack = max((m for _, m in wired.taken("n2") if isinstance(m, AppendAck)), key=lambda a: a.durable_end)
+    order: list = []
+    ack = _follower_ack(wired, lambda outcome: order.append(("answered", outcome.status)))
     storage = wired.sets["n1"].storage
     right = storage.commit
     storage.commit = lambda txn, sync: order.append(("commit", sync)) or right(txn, sync)
