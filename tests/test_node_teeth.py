@@ -73,6 +73,20 @@ def _entries_acted_on_but_not_written(mp) -> None:
 BUGS["follower acts on entries it never wrote"] = _entries_acted_on_but_not_written
 
 
+def _timer_read_only_when_it_fired(mp) -> None:
+    """The pass reads a replica's next deadline again only after its timer fired, not after a
+    message moved it (a new leader's heartbeats, a vote's election timer): timers come late."""
+    right = replicas.ReplicaSet._read_deadline
+
+    def read_deadline(self, tp) -> None:
+        if tp not in self.deadlines:
+            right(self, tp)
+    mp.setattr(replicas.ReplicaSet, "_read_deadline", read_deadline)
+
+
+BUGS["a moved timer is not read again"] = _timer_read_only_when_it_fired
+
+
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_simulator_catches_a_bug_in_the_shipped_pass(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
     BUGS[bug](monkeypatch)

@@ -1,6 +1,9 @@
-"""The event loop: poll the sockets, hand each message to its handler (bounded per pass and in
-time), tick the replicas and services, finish the pass (persist, then send), run due timers;
-and the housekeeping timers (retention, disk space).
+"""The event loop: poll the sockets (until a message, a node timer or the earliest replica timer;
+not at all while a replica is still dirty), hand each message to its handler (every socket
+bounded per pass in count and in time), tick the replicas whose timer is due (zq.node.replicas
+keeps their deadlines: a pass costs what changed, not how many partitions the node holds) and
+the services, finish the pass (persist, then send), run due timers; and the housekeeping timers
+(retention, disk space).
 """
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ from zq.io import security
 from zq.node.replicas import Part as _Part
 from zq.io.node_common import (CLOCK_SKEW_WARN_MS, DISK_CHECK_INTERVAL_MS, REQUESTS_BUDGET_MS, SLOW_PASS_MS, log,
                                mono_ms, now_ms)
+
+
+POLL_TIMEOUT_MS_MAX = 100   # the loop wakes at least this often (services' ticks, SIGTERM)
+REPLICA_TIMER_SLACK_MS = 5  # a replica's timer may run this late (heartbeats every 100 ms, elections after 1 s)
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
@@ -53,18 +60,20 @@ class LoopMixin:
             pass_start = time.monotonic()
             continued = self.continued
             # Replication and peers' answers first: they are cheap and an election waits on them.
-            # Client requests then, within a time budget: a backlog of leases and acks (each a few
-            # ms of work) must not keep this pass from writing, replicating and heartbeating; what
-            # is left waits in the socket for the next pass.
+            # Client requests then. Every socket is drained within a count (inbox_drain_max) and
+            # the pass's one time budget, whatever peers and clients send: a backlog of leases and
+            # acks (each a few ms of work) or a flood of replication must not keep this pass from
+            # writing, replicating and heartbeating; what is left waits in its socket for the next
+            # pass (each socket still gets one message per pass, so none starves).
+            until = pass_start + REQUESTS_BUDGET_MS / 1000
             if self.sub in ready:
-                self._drain(self.sub, self._on_sub_frames)
+                self._drain(self.sub, self._on_sub_frames, until)
             for peer in list(self.peers.values()):
                 if peer.sock in ready:
-                    self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames))
+                    self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames), until)
             if self.router in ready:
                 # Under [security] frames are received uncopied, so the CURVE user id ZAP gave them is readable.
-                self._drain(self.router, self._on_router_frames, pass_start + REQUESTS_BUDGET_MS / 1000,
-                            copy=self.keys is None)
+                self._drain(self.router, self._on_router_frames, until, copy=self.keys is None)
             drained_at = time.monotonic()
             try:
                 self._tick_replicas()
@@ -103,13 +112,28 @@ class LoopMixin:
         self.close()
 
     def _poll_timeout_ms(self) -> int:
-        due = self.timers[0][0] if self.timers else mono_ms() + 100
-        return max(0, min(100, due - mono_ms()))
+        """How long the next poll may wait: not at all while a replica is still dirty (the pass's
+        rounds ran out: what is left goes on now, not after a poll timeout), else until the next
+        node timer or replica timer (zq.node.replicas keeps their deadlines), at most 100 ms."""
+        if self.dirty:
+            return 0
+        now = mono_ms()
+        due = now + POLL_TIMEOUT_MS_MAX
+        if self.timers:
+            due = min(due, self.timers[0][0])
+        replica_due = self.replica_set.next_deadline()
+        if replica_due is not None:
+            # A little late, so that one wake-up runs the timers due close together (64 idle
+            # leaders' heartbeats wake the loop at most 1000 / REPLICA_TIMER_SLACK_MS times a second).
+            due = min(due, replica_due + REPLICA_TIMER_SLACK_MS)
+        return max(0, min(POLL_TIMEOUT_MS_MAX, due - now))
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list], None], until: float | None = None,
                copy: bool = True) -> None:
-        for _ in range(self.limits.inbox_drain_max):
-            if until is not None and time.monotonic() >= until:
+        """Handle what waits on `sock`: at most inbox_drain_max messages, and none after `until`
+        (monotonic s) but the first."""
+        for i in range(self.limits.inbox_drain_max):
+            if i and until is not None and time.monotonic() >= until:
                 self.counters["requests_deferred"] += 1   # the rest is served next pass
                 return
             try:

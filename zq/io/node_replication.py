@@ -291,11 +291,8 @@ class ReplicationMixin:
         return True
 
     def _tick_replicas(self) -> None:
-        now, wall = mono_ms(), self._wall_clock()
-        for tp, part in self.parts.items():
-            if part.replica is not None and tp not in self.fenced and part.replica.next_timer_ms() <= now:
-                part.replica.tick(now, wall)
-                self.dirty.add(tp)
+        """Tick the replicas whose timer is due, and only those (zq.node.replicas keeps their deadlines)."""
+        self.replica_set.tick_due(mono_ms(), self._wall_clock())
 
     def _wall_clock(self) -> int:
         """The wall clock for the cores, noticing when it jumps against the monotonic clock (it is

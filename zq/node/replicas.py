@@ -16,6 +16,12 @@ arrived and marks them dirty; `ReplicaSet.finish_pass` then, for up to `READY_RO
    were written (`leader_acks`), and hands the rest (role, high watermark, removal) to the
    composition (`ReplicaEvents.after_durable`).
 
+A Ready that writes nothing depends on nothing the pass writes (what it says rests on writes an
+earlier commit made durable: a commit the quorum's acks made, an ack of durable entries, a high
+watermark), so it is acted on at once in step 1, before the commit: a producer whose quorum ack
+arrives is answered, and the fetches parked on the partition are served, without waiting for the
+fsync of other partitions' writes in the same pass.
+
 Nothing is sent or answered before the write it depends on is durable: a follower's ack and a
 leader's answer to a producer are effects of a round after the one whose commit made the entries
 durable. The one exception is the Raft thesis' section 10.2.1 (etcd's raft does the same): a
@@ -32,12 +38,22 @@ A Ready that only moves the high-watermark hint need not be on disk before anyth
 restarted replica just serves less until its leader tells it more): it waits in
 `lazy_hard_states` and rides along with the next write.
 
+A pass costs what changed, not how many replicas the node hosts. Only dirty replicas (stepped,
+ticked or told something this pass) are asked for a Ready; and timers are kept per replica as a
+heap of deadlines (`deadlines`): a replica's `next_timer_ms` is read again each time it went
+through a pass's Ready (every event that can move a core's timer dirties it first), and
+`tick_due` ticks only the replicas whose deadline has come, so a node with 1,000 idle
+partitions touches none of them in a pass. `next_deadline` is when the host must run a pass
+even if nothing arrives (the node's poll timeout; the simulator's one timer event per node).
+
 Standard library only; the host's store and the composition's reactions come in as Protocols
 (zq/node/host.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
@@ -117,6 +133,12 @@ class ReplicaSet:
         self.lazy_hard_states: dict[Hashable, Any] = {}      # high-watermark hints awaiting the next write
         self.txn: Any = None                                 # this pass's transaction, once anything wrote
         self.sync_needed = False
+        # Timers: each replica's next_timer_ms as last read, and a heap of (deadline, seq, tp) whose
+        # entries are current only while they match `deadlines` (the others are skipped, lazily).
+        self.deadlines: dict[Hashable, int] = {}
+        self._deadline_heap: list[tuple[int, int, Hashable]] = []
+        self._deadline_seq = itertools.count()
+        self._readied: set[Hashable] = set()                 # asked for a Ready this pass: timers read again
 
     # ---------------------------------------------------------------- the pass's transaction
 
@@ -133,26 +155,83 @@ class ReplicaSet:
         self.lazy_hard_states.clear()
         self.txn = None
         self.sync_needed = False
+        self.deadlines.clear()
+        self._deadline_heap.clear()
+        self._readied.clear()
 
     def forget(self, tp: Hashable) -> Part | None:
         """Stop hosting a replica (its data is the caller's to delete); nothing more of it is written."""
         self.lazy_hard_states.pop(tp, None)
         self.dirty.discard(tp)
+        self.deadlines.pop(tp, None)
+        self._readied.discard(tp)
         return self.parts.pop(tp, None)
+
+    # ---------------------------------------------------------------- timers
+
+    def tick_due(self, now_ms: int, wall_ms: int | None = None) -> int:
+        """Tick the replicas whose timer is due at `now_ms`, and only those (marked dirty, so their
+        Ready is taken and their next deadline read); returns how many were ticked."""
+        heap, ticked = self._deadline_heap, 0
+        while heap and heap[0][0] <= now_ms:
+            due, _, tp = heapq.heappop(heap)
+            if self.deadlines.get(tp) != due:
+                continue   # read again since: a later entry is the current one
+            del self.deadlines[tp]
+            part = self.parts.get(tp)
+            if part is None or part.replica is None or tp in self.fenced:
+                continue
+            if part.replica.next_timer_ms() <= now_ms:
+                part.replica.tick(now_ms, wall_ms)
+                ticked += 1
+            self.dirty.add(tp)
+        return ticked
+
+    def next_deadline(self) -> int | None:
+        """The earliest replica timer (monotonic ms), None if no replica has one."""
+        heap = self._deadline_heap
+        while heap and self.deadlines.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _read_deadline(self, tp: Hashable) -> None:
+        part = self.parts.get(tp)
+        if part is None or part.replica is None or tp in self.fenced:
+            self.deadlines.pop(tp, None)
+            return
+        due = part.replica.next_timer_ms()
+        if self.deadlines.get(tp) == due:
+            return
+        self.deadlines[tp] = due
+        heap = self._deadline_heap
+        if len(heap) > 2 * len(self.deadlines) + 64:
+            # Mostly superseded entries: rebuild from the current ones (amortised over as many reads).
+            heap[:] = [(d, next(self._deadline_seq), t) for t, d in self.deadlines.items() if t != tp]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (due, next(self._deadline_seq), tp))
 
     # ---------------------------------------------------------------- persist, then send
 
     def finish_pass(self) -> None:
-        """Write what the cores (and the composition) produced as one transaction, then act on it."""
+        """Write what the cores (and the composition) produced as one transaction, then act on it;
+        then read the timers of the replicas that went through it again."""
+        try:
+            self._rounds()
+        finally:
+            readied, self._readied = self._readied, set()
+            for tp in readied:
+                self._read_deadline(tp)
+
+    def _rounds(self) -> None:
         for _ in range(self.rounds_max):
-            readys = self.collect_readys()
-            if self.txn is None and not readys:
+            readys, acted = self.collect_readys()
+            if self.txn is None and not readys and not acted:
                 break
             ok = self.commit()
             for part, rd in readys:
                 part.replica.advance()
             for part, rd in readys:
-                if ok or not rd.has_writes:
+                if ok:
                     try:
                         self.after_durable(part, rd)
                     except Exception as e:
@@ -163,8 +242,10 @@ class ReplicaSet:
                 break
             self.events.after_round()
 
-    def collect_readys(self) -> list[tuple[Part, Any]]:
-        out = []
+    def collect_readys(self) -> tuple[list[tuple[Part, Any]], int]:
+        """(the Readys that write, to be acted on once the commit is durable; how many Readys that
+        write nothing were acted on at once)."""
+        out, at_once = [], []
         sent_early = False
         dirty = sorted(self.dirty)
         self.dirty.clear()
@@ -172,6 +253,7 @@ class ReplicaSet:
             part = self.parts.get(tp)
             if part is None or part.replica is None or tp in self.fenced:
                 continue
+            self._readied.add(tp)
             try:
                 rd = part.replica.ready()
                 if rd.empty:
@@ -191,10 +273,19 @@ class ReplicaSet:
             except Exception as e:
                 self.events.fence(part, "preparing its writes", e)
                 continue
-            out.append((part, rd))
-        if sent_early:
+            (out if rd.has_writes else at_once).append((part, rd))
+        for part, rd in at_once:
+            # It writes nothing, so it depends on nothing this pass writes: what it says (a commit
+            # the quorum's acks made, an ack of entries already durable, a high watermark) goes
+            # now, not after the fsync of other replicas' writes in this commit.
+            part.replica.advance()
+            try:
+                self.after_durable(part, rd)
+            except Exception as e:
+                self.events.fence(part, "acting on its durable writes", e)
+        if sent_early or at_once:
             self.events.send_now()   # the leaders' Appends leave while the commit below is made durable
-        return out
+        return out, len(at_once)
 
     def write_ready(self, part: Part, rd: Any) -> None:
         # The host prepares (restamps, verifies, encodes) before its first write into the shared
@@ -250,6 +341,7 @@ class ReplicaSet:
         self.fenced[tp] = f"{doing}: {error.__class__.__name__}: {error}"
         self.counters["partitions_fenced"] += 1
         self.dirty.discard(tp)
+        self.deadlines.pop(tp, None)          # never ticked again
         self.lazy_hard_states.pop(tp, None)   # nothing more of it reaches the disk
         part.replica.advance()   # a Ready handed out is never applied: the core must not wait for it
         return True

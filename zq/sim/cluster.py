@@ -5,7 +5,8 @@ Theory of operation
 -------------------
 A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler; the sequence
 number breaks ties in insertion order, so one seed gives one order of events and one trace
-hash. Each event is one step: a replica's timer (scheduled at the core's `next_timer_ms`), a
+hash. Each event is one step: a node's timer (one per node, at its replicas' earliest deadline
+as the shipped pass keeps them; the pass ticks the replicas due then, and only those), a
 message arriving, a disk sync (group commit), a client request or answer, or a fault (crash,
 restart, pause, resume, network partition, heal). After each step the checker's invariants
 hold or the run stops with the invariant, the step and the replay command.
@@ -283,6 +284,7 @@ class Sim(FaultsMixin):
         node.alive = True
         node.paused = False
         node.incarnation += 1
+        node.timer_at = -1
         node.inbox.clear()
         node.replicas.clear()
         node.pass_ = ReplicaSet(SimStorage(self, node), SimReplicaEvents(self, node), defaultdict(int))
@@ -309,12 +311,10 @@ class Sim(FaultsMixin):
             r.set_disk_low(True)
         node.replicas[p] = r
         node.pass_.parts[p] = Part(p, f"p{p}", r, sync=self.settings.durability == "fsync")
-        node.timer_at[p] = -1
+        node.pass_.dirty.add(p)   # its first Ready and its timer come with the node's next pass
         self.checker.on_restart(node.name, p, r)
         if r.recovering:
             self.drain(node, p)  # recovering is durable before anything else happens
-        else:
-            self.schedule_timer(node, p)
 
     def _new_replica(self, node: SimNode, p: int) -> Replica:
         store = node.disk.volatile[p]
@@ -356,15 +356,17 @@ class Sim(FaultsMixin):
         node.pass_.forget(p)   # with its waiting producers: they time out and look elsewhere
         del node.replica_sets[p]
         node.disk.drop_partition(p)
-        node.timer_at.pop(p, None)
 
-    def schedule_timer(self, node: SimNode, p: int) -> None:
-        if p not in node.replicas:
+    def schedule_timer(self, node: SimNode) -> None:
+        """The node's one timer event, at its replicas' earliest deadline (the shipped pass keeps
+        them: zq.node.replicas.ReplicaSet.next_deadline); when it comes, the pass ticks the due ones."""
+        due = node.pass_.next_deadline()
+        if due is None:
             return
-        due = max(self.now, node.replicas[p].next_timer_ms())
-        if node.timer_at[p] != due:
-            node.timer_at[p] = due
-            self.at(due, "timer", node.name, node.incarnation, p, due)
+        due = max(self.now, due)
+        if node.timer_at != due:
+            node.timer_at = due
+            self.at(due, "timer", node.name, node.incarnation, due)
 
     def drain(self, node: SimNode, p: int) -> None:
         """A replica was stepped, ticked or told something: the node's pass runs."""
@@ -381,7 +383,7 @@ class Sim(FaultsMixin):
             if r.role == LEADER and p in self.moving and r.committed_voters() == self.targets[p]:
                 self.moving.discard(p)
                 self.result.reassigned += 1
-            self.schedule_timer(node, p)
+        self.schedule_timer(node)
         if node.pass_.dirty:
             self.at(self.now, "pass", node.name, node.incarnation)
 
@@ -479,13 +481,13 @@ class Sim(FaultsMixin):
 
     # ---------------------------------------------------------------- events
 
-    def ev_timer(self, name: str, incarnation: int, p: int, due: int) -> None:
+    def ev_timer(self, name: str, incarnation: int, due: int) -> None:
         node = self.nodes[name]
-        if not node.alive or node.paused or node.incarnation != incarnation or node.timer_at.get(p) != due:
+        if not node.alive or node.paused or node.incarnation != incarnation or node.timer_at != due:
             return
-        node.timer_at[p] = -1
-        node.replicas[p].tick(self.now, self.wall_ms(node))
-        self.drain(node, p)
+        node.timer_at = -1
+        node.pass_.tick_due(self.now, self.wall_ms(node))   # the shipped pass ticks the due replicas only
+        self.run_pass(node)
 
     def ev_deliver(self, dst: str, p: int, msg: object) -> None:
         self.receive(dst, "deliver", (dst, p, msg))

@@ -203,8 +203,8 @@ class FaultsMixin:
         node.paused = False
         if self.members is not None:
             self.members.resume(node.name, self.now)
+        node.timer_at = -1
         for p in sorted(node.replicas):
-            node.timer_at[p] = -1
             node.replicas[p].tick(self.now, self.wall_ms(node))  # the clock jumped while it was stopped
             node.replicas[p].set_draining(node.draining)
             node.replicas[p].set_disk_low(node.disk_low)

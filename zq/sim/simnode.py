@@ -34,7 +34,7 @@ class SimNode:
         self.alive = False
         self.paused = False
         self.inbox: list[tuple[str, tuple]] = []
-        self.timer_at: dict[int, int] = {}
+        self.timer_at = -1           # when its one timer event is due (-1: none outstanding)
         self.incarnation = 0
 
 
