@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Hashable, Protocol
+from typing import Any, Hashable
 
 from zq.core.metadata import MetadataState, TopicMeta
+from zq.node.host import LearnerLog
 from zq.types import META_TOPIC, TopicPartition
 
 META_FETCH_WAIT_MS = 1_000        # long-poll of a learner on __meta
@@ -42,12 +43,6 @@ META_RETRY_MS = 200               # pause before a failed __meta fetch or regist
 SELF_REGISTER_CHECK_MS = META_RETRY_MS * 5   # the __meta leader looks again whether its own registration committed
 PENDING_ADMIN_MAX = 1_000         # creates/deletes waiting for every node to apply them before the reply
 PENDING_CHECK_MS = 20             # how often those waiting answers are looked at again
-
-
-class LearnerLog(Protocol):
-    """The node's copy of `__meta` (zq.node.replicas.Part): for a node that does not vote, its
-    log end on disk, which is also how far it has fetched."""
-    learner_end: int
 
 
 # ---------------------------------------------------------------- effects

@@ -22,10 +22,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from zq.core.repl_types import LEADER, ReplicationConfig
+from zq.core.repl_types import ReplicationConfig
 from zq.core.replication import Replica
 from zq.node import drain as D
 from zq.node.replicas import Part
+from zq.sim.checks import Violation
 from zq.sim.cli import seed_parser
 from zq.sim.disk import SimDisk
 from zq.types import TopicPartition
@@ -34,13 +35,6 @@ CFG = ReplicationConfig(election_timeout_ms=100, heartbeat_interval_ms=20, fetch
 STEP_MS = 10                      # the simulated loop's pass
 RUN_MS = 3_000
 TOPIC_ID = 1
-
-
-class Violation(Exception):
-    def __init__(self, invariant: str, detail: str) -> None:
-        super().__init__(f"{invariant}: {detail}")
-        self.invariant = invariant
-        self.detail = detail
 
 
 @dataclass

@@ -47,6 +47,7 @@ from typing import Any
 
 from zq.core.metadata import MetadataState
 from zq.node import meta as M
+from zq.sim.checks import Violation
 from zq.sim.cli import seed_parser
 from zq.types import TopicPartition
 
@@ -57,13 +58,6 @@ QUIET_MS = 10_000                 # then no faults: everything must settle withi
 REQUEST_TIMEOUT_MS = 3_000        # the model's peer request timeout (past a fetch's long poll)
 HEARTBEAT_MS = 250                # how often the leader's heartbeat may tell a follower who leads
 EVENTS_MAX = 200_000              # a run that does not end by then is a livelock (a failure)
-
-
-class Violation(Exception):
-    def __init__(self, invariant: str, detail: str) -> None:
-        super().__init__(f"{invariant}: {detail}")
-        self.invariant = invariant
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
