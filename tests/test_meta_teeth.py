@@ -3,7 +3,7 @@ rooms (zq.node.meta, zq.node.drain, which the real node runs), each caught by th
 runs that very code (zq/sim/meta.py, zq/sim/drain.py) within the seeds tests/test_meta_follower.py
 runs. Each bug is monkeypatched into the shipped module (never a simulator switch); the test
 runs seeds from 0 until the first failure and prints where (at the time of writing: seeds 8, 0,
-40 and 0). The correct code passes those seeds (tests/test_meta_follower.py)."""
+40, 0 and, for the drain, 0). The correct code passes those seeds (tests/test_meta_follower.py)."""
 from __future__ import annotations
 
 import pytest
@@ -50,6 +50,15 @@ def _fetches_from_applied(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(M.MetaFollower, "follow_step", follow_step)
 
 
+def _moved_partition_not_opened(mp: pytest.MonkeyPatch) -> None:
+    """A partition reassigned onto this node is not opened here (only a held replica is retargeted)."""
+    right = M.MetaFollower._reassigned
+
+    def reassigned(self, command, holds):
+        return (e for e in right(self, command, holds) if not isinstance(e, M.OpenMoved))
+    mp.setattr(M.MetaFollower, "_reassigned", reassigned)
+
+
 def _answers_with_one_left(mp: pytest.MonkeyPatch) -> None:
     """A drain counts itself done when one partition is left to hand off."""
     right = D.check_drain
@@ -65,6 +74,7 @@ META_BUGS = {
     "a duplicate reply's batch is taken again": _takes_held_batches,
     "registered by name, not by address": _registered_by_name,
     "fetches from the applied offset after a restart": _fetches_from_applied,
+    "a partition moved here is not opened": _moved_partition_not_opened,
 }
 
 

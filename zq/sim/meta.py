@@ -28,7 +28,9 @@ falling back to a stale hint on a restart.
 
 Checks (a `Violation` stops the run): every command is applied once, in log order, none skipped,
 none above the high watermark and none that was not committed; the stored copy of `__meta` is
-always a prefix of the committed log, written in place. After the faults stop and a quiet
+always a prefix of the committed log, written in place; after each applying pass, the follower's
+effects have opened a replica of every partition its metadata places on it and closed those of
+deleted topics. After the faults stop and a quiet
 period: every follower is registered at its current address, stores and has applied the whole
 committed log.
 
@@ -414,7 +416,7 @@ class MetaSim:
             for offset, command in batch.records:
                 meta.apply(offset, command)
         f.pos = f.stored_end
-        f.held = set()
+        f.held = {tp for tp, target in self._targets(meta) if name in target}   # the start-up opens these
         f.follower = M.MetaFollower(name, ("127.0.0.1", f.port), f.incarnation, meta, _Log(f.stored_end))
         self.say(f"{name} starts (incarnation {f.incarnation}, port {f.port}) from stored offset {f.stored_end}")
         self.at(self.now, "follow", name, f.incarnation)
@@ -499,6 +501,7 @@ class MetaSim:
             return True
         f.durable = list(f.volatile)
         self._applied(f.name, f.follower.apply_learned(lambda tp: tp in f.held), f, None)
+        self._check_held(f)
         return True
 
     def _crash_now(self, f: Follower) -> None:
@@ -600,6 +603,19 @@ class MetaSim:
             f.held -= {TopicPartition(effect.topic.id, p) for p in range(len(effect.topic.partitions))}
         elif isinstance(effect, M.OpenMoved):
             f.held.add(TopicPartition(effect.topic.id, effect.partition))
+
+    @staticmethod
+    def _targets(meta: MetadataState) -> list[tuple[TopicPartition, list[str]]]:
+        return [(TopicPartition(t.id, p), target) for t in meta.topics.values() for p, target in enumerate(t.partitions)]
+
+    def _check_held(self, f: Follower) -> None:
+        """The replicas the follower's effects opened: every partition its metadata places on it,
+        and none of a deleted topic."""
+        meta = f.follower.meta
+        missing = sorted(tp for tp, target in self._targets(meta) if f.name in target and tp not in f.held)
+        stale = sorted(tp for tp in f.held if tp.topic_id not in meta.topics_by_id)
+        if missing or stale:
+            raise Violation("opens and closes what __meta says", f"{f.name}: not opened {missing}, not closed {stale}")
 
     def _next_command(self, pos: int) -> int | None:
         i = bisect_left(self.command_offsets, pos)
