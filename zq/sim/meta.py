@@ -189,6 +189,7 @@ class MetaSim:
         self.v_hw = 0
         self.v_pos = 0
         self.v_follower = M.MetaFollower(APPLIER, ("127.0.0.1", 7100), 1, MetadataState(), _Log(0))
+        self.v_register_at = 0                                 # when the voter looks at its registration again
 
     # ------------------------------------------------------------ the event heap
 
@@ -549,12 +550,32 @@ class MetaSim:
             self.v_follower = M.MetaFollower(APPLIER, ("127.0.0.1", 7100), self.v_follower.incarnation + 1, meta,
                                              _Log(0))
             self.v_hw = self.v_pos = hint
+            self.v_register_at = self.now
             return
         if self.v_hw < self.hw:
             self.v_hw = self.rng.choice(self.batch_ends[bisect_right(self.batch_ends, self.v_hw):])
         upto = self.v_hw
         self._applied(APPLIER, self.v_follower.apply_committed(upto, self._read_voter_log, lambda tp: False),
                       None, upto)
+        if self.now >= self.v_register_at:
+            self._voter_registers()
+
+    def _voter_registers(self) -> None:
+        """The voter's registration, as a node's `_register_self`: appended by itself when it
+        leads, else sent to the leader (whose answer it does not need: it applies the command)."""
+        leader = self.leader if APPLIER not in self.cut else None
+        step = self.v_follower.register_step(False, self.leader == APPLIER, leader, leader is not None)
+        if isinstance(step, M.AppendRegistration):
+            self._append((step.command,))
+            self.v_register_at = self.now + step.recheck_ms
+        elif isinstance(step, M.SendRegistration):
+            if self._send(APPLIER, step.leader) is not None and self._send(step.leader, APPLIER) is not None:
+                known = self.leader_meta.nodes.get(APPLIER)
+                if known is None or (known.host, known.port) != (self.v_follower.host, self.v_follower.port):
+                    self._append((self.v_follower.registration_command(),))
+            self.v_register_at = self.now + REQUEST_TIMEOUT_MS
+        elif isinstance(step, M.Wait):
+            self.v_register_at = self.now + step.delay_ms
 
     def _read_voter_log(self, start: int, upto: int) -> list[tuple[int, dict]]:
         """The voter's stored log from the batch holding `start` on (uncommitted entries included:
@@ -622,6 +643,9 @@ class MetaSim:
         return self.command_offsets[i] if i < len(self.command_offsets) else None
 
     def _check_settled(self) -> None:
+        if not self.v_follower.is_registered():
+            raise Violation("registered once the leader is reachable", f"{APPLIER} is in __meta as "
+                            f"{self.v_follower.meta.nodes.get(APPLIER)}")
         for f in self.followers.values():
             meta = f.follower.meta
             known = meta.nodes.get(f.name)
