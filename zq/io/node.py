@@ -20,9 +20,10 @@ Rooms. `Node` holds the node's state and its start-up (this module) and the surf
 each other job is a room of its own, mixed into `Node`: the loop and timers (node_loop), peers and
 heartbeats (node_peers), the node's side of the persist-then-send pass (node_replication; the pass
 itself is zq.node.replicas, which the simulator runs too), produce/fetch and parked fetches
-(node_clients), `__meta` with founding and registration (node_meta; the founding decision is
-zq.node.founding), drain and leave (node_drain), status and metrics (node_status); shared
-constants and clocks in node_common.
+(node_clients), `__meta` with founding and registration (node_meta, the shell of the follower in
+zq.node.meta, which the simulator zq/sim/meta.py runs too; the founding decision is
+zq.node.founding), drain and leave (node_drain; its decisions in zq.node.drain), status and
+metrics (node_status; the views in zq.node.status); shared constants and clocks in node_common.
 
 Replication transport. A leader's Append that carries entries goes out on the node's PUB socket
 with the partition as the topic frame; followers subscribe to the partitions they hold. PUB/SUB
@@ -73,6 +74,8 @@ from zq.errors import CorruptData, InvalidRequest, LeaderNotAvailable, ZqError
 from zq.io import replicas as R
 from zq.io import security
 from zq.io.store import Store, set_aside
+from zq.node.drain import PendingDrain
+from zq.node.meta import MetaFollower, PendingChanges
 from zq.node.replicas import Part as _Part, ReplicaSet
 from zq.node.services import Service
 from zq.limits import DEFAULT, Limits
@@ -164,18 +167,20 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
         self.storage_error: ZqError | None = None               # why the last failed write failed
         self.continued = 0   # SIGCONTs received: a pass during which the process was stopped is not a stall
         self.meta_applied_by: dict[str, int] = {}               # node -> __meta applied offset (heartbeats)
-        self.pending_creates: list[tuple[int, int, bytes, P.OkReply]] = []
+        self.pending_creates = PendingChanges()                # create/delete answers awaiting every live node
         self.disk_full = False
         self.limited_log = _LimitedLog()
         self._wall_minus_mono: int | None = None                # to notice the wall clock jumping
         self.outbox: dict[str, list] = defaultdict(list)        # peer -> Replicate items of this pass
         self.pub_out: list[tuple[TopicPartition, list]] = []
-        self.meta_learned: list[tuple[int, dict]] = []          # learner: fetched commands awaiting durability
         self.stopping = False
         self.draining = False                                   # `zq node drain`: never stand, hand leadership away
-        self.pending_drain: tuple[int, int, bytes, int, bool] | None = None  # (req_id, deadline, identity, led, leave)
+        self.pending_drain: PendingDrain | None = None          # the drain being carried out (zq.node.drain)
         self.leave_requested = False                            # set by a drain with leave: the loop ends
-        self._registered = False
+        # The __meta follower (zq.node.meta): registration, fetching, applying; bound to the
+        # metadata and the copy of __meta that _load_parts makes.
+        self.meta_follower = MetaFollower(self.name, (config.host, config.port), self.incarnation, self.meta,
+                                          _Part(META_TP, META_TOPIC, None, True))
         self.sub_connected: dict[str, str] = {}                 # peer -> address its PUB is subscribed at
         self.ctx = zmq.Context.instance()
         self.keys = security.node_keys_from_topology(config.topology)
@@ -333,6 +338,7 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
         for offset, command in self._read_meta_commands(0, self.parts[META_TP].high_watermark):
             self._note_created(offset, command)
             self.meta.apply(offset, command)
+        self.meta_follower.meta, self.meta_follower.log = self.meta, self.parts[META_TP]
         meta_part, meta_st = self.parts[META_TP], self.store.partition_state(META_TP)
         if (self.born is None and not self.wal_tail_lost and meta_st is not None
                 and (meta_part.replica is None or not meta_part.replica.recovering)):

@@ -15,22 +15,15 @@ from zq.types import TopicPartition
 
 log = logging.getLogger("zq.node")
 
-META_FETCH_WAIT_MS = 1_000        # long-poll of a learner on __meta
-META_RETRY_MS = 200               # pause before a failed __meta fetch or registration is sent again
 PEER_REQUEST_TIMEOUT_MS = 3_000   # a peer request with no answer by then is given up
-STATUS_WAIT_MS = 400              # how long `zq status` waits for the other nodes' local views
 NODE_HEARTBEAT_MS = 250           # how often a node tells each peer it is alive and what it leads
 NODE_ALIVE_MS = 3_000             # a node heard from within this long counts as alive
-IN_SYNC_LAG_MS = 1_000            # a replica lacking only batches younger than this is in sync
 IN_SYNC_READ_BYTES = 64 * 1024    # read to find the oldest batch a replica lacks (past control batches)
-DRAIN_CHECK_MS = 20               # how often a drain looks whether leadership has moved away
-LEAVE_AFTER_ANSWER_MS = 100       # a drained node stops this long after its answer, so the answer goes out
 NODE_DEAD_MS = 10_000             # ... and as dead after this long
 RETENTION_INTERVAL_MS = 5_000     # how often retention runs
 METRICS_REFRESH_MS = 1_000        # how often the /metrics snapshot of partitions is taken
 DISK_CHECK_INTERVAL_MS = 1_000    # how often free disk space is read
 DISK_FREE_BYTES_MIN = 64 * 1024 * 1024  # below this, produce is refused with StorageFull
-PENDING_ADMIN_MAX = 1_000         # creates/deletes waiting for every node to apply them before the reply
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
 PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands this soon after creation
 PREFERRED_STAND_TRIES_MAX = 10    # ... tried again this often while its replica still polls (recovering)

@@ -1,14 +1,13 @@
-"""`zq node drain`: hand every led partition away (never stand again), answer once leadership
-moved, and, with leave, stop the node.
+"""`zq node drain`, the real host's side: set every replica draining, look every DRAIN_CHECK_MS
+whether the drain is done, answer, and with leave stop the loop. What a drain hands off and when
+it is done is zq.node.drain (pure).
 """
 from __future__ import annotations
 
-
 from zq import protocol as P
-from zq.core.repl_types import LEADER
 from zq.errors import InvalidRequest
-from zq.types import TopicPartition
-from zq.io.node_common import DRAIN_CHECK_MS, LEAVE_AFTER_ANSWER_MS, log, mono_ms
+from zq.node import drain as D
+from zq.io.node_common import log, mono_ms
 
 
 class DrainMixin:
@@ -21,37 +20,29 @@ class DrainMixin:
         if self.pending_drain is not None:
             raise InvalidRequest(f"node {self.name} is being drained already; wait for that drain to answer")
         self.draining = True
-        for tp, part in self.parts.items():
-            if part.replica is not None:
-                part.replica.set_draining(True)
-                self.dirty.add(tp)
-        wait_ms = max(0, min(msg.wait_ms, self.limits.drain_wait_ms_max))
-        log.info("node %s: draining (hand leadership away within %d ms%s)", self.name, wait_ms,
+        now = mono_ms()
+        drain, hand_off = D.start_drain(self.parts, msg.req_id, identity, msg.wait_ms, self.limits.drain_wait_ms_max,
+                                        msg.leave, now)
+        for tp in hand_off:
+            self.parts[tp].replica.set_draining(True)
+            self.dirty.add(tp)
+        log.info("node %s: draining (hand leadership away within %d ms%s)", self.name, drain.deadline_ms - now,
                  ", then leave" if msg.leave else "")
-        self.pending_drain = (msg.req_id, mono_ms() + wait_ms, identity, len(self._led_elsewhere_possible()), msg.leave)
+        self.pending_drain = drain
         self._check_drain()
-
-    def _led_elsewhere_possible(self) -> list[TopicPartition]:
-        """Partitions we lead that another voter could lead instead."""
-        return [tp for tp, part in self.parts.items()
-                if part.replica is not None and part.replica.role == LEADER and len(part.replica.voters) > 1]
 
     def _check_drain(self) -> None:
         if self.pending_drain is None:
             return
-        req_id, deadline, identity, led_before, leave = self.pending_drain
-        still = self._led_elsewhere_possible()
-        if still and mono_ms() < deadline:
-            self._at(mono_ms() + DRAIN_CHECK_MS, self._check_drain)
+        verdict = D.check_drain(self.pending_drain, self.name, self.parts, mono_ms())
+        if not verdict.done:
+            self._at(verdict.next_check_ms, self._check_drain)
             return
-        self.pending_drain = None
-        names = [f"{self.parts[tp].name}/{tp.partition}" for tp in still]
-        self._send(identity, P.encode(P.OkReply(req_id, {"node": self.name, "led_before": led_before,
-                                                         "led_after": len(still), "still_leading": names,
-                                                         "leaving": leave})))
-        if leave:
-            log.info("node %s: drained (still leading %d); leaving the cluster", self.name, len(still))
-            self._at(mono_ms() + LEAVE_AFTER_ANSWER_MS, self._request_leave)   # the answer goes out first
+        drain, self.pending_drain = self.pending_drain, None
+        self._send(drain.answer_to, P.encode(P.OkReply(drain.req_id, verdict.answer)))
+        if verdict.leave_at_ms is not None:
+            log.info("node %s: drained (still leading %d); leaving the cluster", self.name, verdict.answer["led_after"])
+            self._at(verdict.leave_at_ms, self._request_leave)   # the answer goes out first
 
     def _request_leave(self) -> None:
         self.leave_requested = True

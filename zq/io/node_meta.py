@@ -1,6 +1,7 @@
-"""The `__meta` partition as the node uses it: metadata requests, topic changes, applying committed
-commands, and, on a node that does not vote, following `__meta` by long-poll fetch; founding a
-cluster (the decision: zq.node.founding) and registering this node.
+"""The `__meta` partition as the real node uses it: metadata requests, topic changes, and the
+shell of the `__meta` follower (zq.node.meta.MetaFollower decides: registration, which offset to
+fetch, what to write, what to apply and what to open or close), founding (the decision:
+zq.node.founding) and seeds. This room sends, writes, and carries out the follower's effects.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from zq.core import metadata as meta
 from zq.core.repl_types import COMMITTED, LEADER
 from zq.errors import NotLeader, UnknownTopic, ZqError
 from zq.io import replicas as R
+from zq.node import meta as M
+from zq.node import status as S
 from zq.node.founding import FOUND_WAIT_MS, decide_founding
 from zq.node.replicas import Part as _Part
 from zq.types import META_TOPIC, META_TP, TopicPartition
-from zq.io.node_common import (FETCH_PENDING_SWEEP_MS, META_FETCH_WAIT_MS, META_RETRY_MS, PEER_REQUEST_TIMEOUT_MS,
-                               PENDING_ADMIN_MAX, log, mono_ms, now_ms)
+from zq.io.node_common import FETCH_PENDING_SWEEP_MS, PEER_REQUEST_TIMEOUT_MS, log, mono_ms, now_ms
 
 
 class MetaMixin:
@@ -30,33 +32,12 @@ class MetaMixin:
                                                       self._topics_view(msg.topics))))
 
     def _topics_view(self, names: list | None) -> list[dict]:
-        leader, epoch = self.leader_of(META_TP)
-        out = [{"name": META_TOPIC, "id": 0, "config": {},
-                "partitions": [{"partition": 0, "leader": leader, "epoch": epoch, "replicas": list(self.voters)}]}]
-        for t in sorted(self.meta.topics.values(), key=lambda t: t.name):
-            if names is not None and t.name not in names:
-                continue
-            parts = []
-            for p, r in enumerate(t.partitions):
-                leader, epoch = self.leader_of(TopicPartition(t.id, p))
-                parts.append({"partition": p, "leader": leader, "epoch": epoch, "replicas": r})
-            out.append({"name": t.name, "id": t.id, "config": t.config, "partitions": parts})
-        return out
+        return S.topics_view(self.meta, names, self.voters, self.leader_of)
 
     def _nodes_view(self) -> list[dict]:
-        out = []
         now = mono_ms()
-        for name in sorted(set(self.meta.nodes) | set(self.addresses) | {self.name}):
-            if name == self.name:
-                host, port = self.config.host, self.config.port
-            else:
-                host, port = self.addresses.get(name, "?:0").rsplit(":", 1)
-            state = self._node_state(name, now)
-            if name not in self.meta.nodes and name != self.name and state == "alive":
-                state = "joining"   # heard from, not yet in __meta: cannot be given partitions yet
-            out.append({"name": name, "host": host, "port": int(port), "state": state,
-                        "last_seen_ms": self._last_seen_ago_ms(name, now)})
-        return out
+        return S.nodes_view(self.name, self.config.host, self.config.port, self.meta.nodes, self.addresses,
+                            lambda name: self._node_state(name, now), lambda name: self._last_seen_ago_ms(name, now))
 
     def on_create_topic(self, identity: bytes, msg: P.CreateTopic, payload: list[bytes]) -> None:
         self._require_meta_leader()
@@ -82,10 +63,9 @@ class MetaMixin:
         if error is not None:
             self._send(identity, P.encode(P.error_reply(req_id, error)))
             return
-        if len(self.pending_creates) >= PENDING_ADMIN_MAX:
+        if not self.pending_creates.add(end, mono_ms() + self.limits.create_wait_ms_max, (identity, reply)):
             self._send(identity, P.encode(reply))   # committed already; only the courtesy wait is skipped
             return
-        self.pending_creates.append((end, mono_ms() + self.limits.create_wait_ms_max, identity, reply))
         self._check_pending_creates()
         self._at(mono_ms() + self.limits.create_wait_ms_max, self._check_pending_creates)
 
@@ -121,60 +101,50 @@ class MetaMixin:
                 done(0, self._outcome_error(part, outcome))
         self._propose(part, len(commands), 0, 0, stored, on_outcome)
 
+    @property
+    def meta_learned(self) -> list[tuple[int, dict]]:
+        """Fetched `__meta` commands awaiting the durability of their write (the follower's)."""
+        return self.meta_follower.learned
+
+    def _holds(self, tp: TopicPartition) -> bool:
+        part = self.parts.get(tp)
+        return part is not None and part.replica is not None
+
     def _apply_committed_meta(self) -> None:
         part = self.parts[META_TP]
-        hw = part.high_watermark
-        if self.meta.applied >= hw:
-            return
-        for offset, command in self._read_meta_commands(self.meta.applied, hw):
-            self._apply_meta_command(offset, command)
-        self.meta.skip_to(hw)
-        self._send_heartbeats(again=False)   # tells the metadata leader at once that we have it
+        self._act_on_meta(self.meta_follower.apply_committed(part.high_watermark, self._read_meta_commands,
+                                                             self._holds))
 
     def _apply_learned_meta(self) -> None:
-        learned, self.meta_learned = self.meta_learned, []
-        for offset, command in learned:
-            self._apply_meta_command(offset, command)
-        if learned:
-            self.meta.skip_to(self.parts[META_TP].learner_end)
-            self._send_heartbeats(again=False)
+        self._act_on_meta(self.meta_follower.apply_learned(self._holds))
 
-    def _apply_meta_command(self, offset: int, command: dict) -> None:
-        self._note_created(offset, command)
-        before = self.meta.topics.get(command.get("name", ""))
-        self.meta.apply(offset, command)
-        op = command.get("op")
-        if op == "create_topic":
-            self._open_topic(self.meta.topics[command["name"]])
-        elif op == "delete_topic" and before is not None:
-            self._close_topic(before)
-        elif op == "reassign_partition":
-            self._on_reassigned(command)
-        elif op == "register_node" and command["name"] != self.name:
-            n = self.meta.nodes[command["name"]]
-            if self.addresses.get(n.name) != n.address:
-                self.addresses[n.name] = n.address
-                self._forget_peer(n.name)
-
-    def _on_reassigned(self, command: dict) -> None:
-        """A partition has a new target replica set: tell our replica (its leader carries the move
-        out in the partition's log), or open a learner replica here if we are new to it."""
-        t = self.meta.topics_by_id.get(command["id"])
-        p = command["partition"]
-        if t is None or not 0 <= p < len(t.partitions):
-            return
-        tp = TopicPartition(t.id, p)
-        target = t.partitions[p]
-        log.info("%s/%d: reassigned to %s", t.name, p, ", ".join(target))
-        part = self.parts.get(tp)
-        if part is not None and part.replica is not None:
-            part.replica.set_target(list(target))
-            for peer in target:
-                if peer != self.name:
+    def _act_on_meta(self, effects: Any) -> None:
+        """Carry out the follower's effects, each as it is yielded (in log order)."""
+        for effect in effects:
+            kind = type(effect)
+            if kind is M.Noted:
+                self._note_created(effect.offset, effect.command)
+            elif kind is M.OpenTopic:
+                self._open_topic(effect.topic)
+            elif kind is M.CloseTopic:
+                self._close_topic(effect.topic)
+            elif kind is M.Retarget:
+                log.info("%s/%d: reassigned to %s", effect.topic.name, effect.partition, ", ".join(effect.target))
+                tp = TopicPartition(effect.topic.id, effect.partition)
+                self.parts[tp].replica.set_target(list(effect.target))
+                for peer in effect.peers:
                     self._connect_sub(peer)
-            self.dirty.add(tp)
-        elif self.name in target:
-            self._open_topic_part(t, p)
+                self.dirty.add(tp)
+            elif kind is M.OpenMoved:
+                log.info("%s/%d: reassigned to %s", effect.topic.name, effect.partition,
+                         ", ".join(effect.topic.partitions[effect.partition]))
+                self._open_topic_part(effect.topic, effect.partition)
+            elif kind is M.PeerAddress:
+                if self.addresses.get(effect.name) != effect.address:
+                    self.addresses[effect.name] = effect.address
+                    self._forget_peer(effect.name)
+            elif kind is M.Applied:
+                self._send_heartbeats(again=False)   # tells the metadata leader at once that we have it
 
     def _remove_part(self, part: _Part) -> None:
         """The partition's committed configuration no longer names this node, and neither does
@@ -207,17 +177,12 @@ class MetaMixin:
         """Answer a create or delete once every live node has fetched or replicated past it, or its wait ran out."""
         if not self.pending_creates:
             return
-        now = mono_ms()
         positions = [self.meta.applied] + [pos for name, pos in self.meta_applied_by.items() if self._alive(name)]
-        keep = []
-        for end, deadline, identity, reply in self.pending_creates:
-            if all(pos >= end for pos in positions) or now >= deadline:
-                self._send(identity, P.encode(reply))
-            else:
-                keep.append((end, deadline, identity, reply))
-        self.pending_creates = keep
-        if keep:
-            self._at(now + 20, self._check_pending_creates)
+        answers, again = self.pending_creates.due(mono_ms(), positions)
+        for identity, reply in answers:
+            self._send(identity, P.encode(reply))
+        if again is not None:
+            self._at(again, self._check_pending_creates)
 
     def _start_background(self) -> None:
         self._at(mono_ms(), self._send_heartbeats)
@@ -244,6 +209,7 @@ class MetaMixin:
             self.voters = (self.name,)
             del self.parts[META_TP]
             self._open_part(META_TP, META_TOPIC, [self.name], sync=True)
+            self.meta_follower.log = self.parts[META_TP]
             self._register_self()
             return
         for name in decision.ask:
@@ -264,70 +230,61 @@ class MetaMixin:
     def _on_seed_metadata(self, reply: Any, payload: list) -> None:
         if not isinstance(reply, P.MetadataReply):
             return
-        if reply.cluster != self.config.cluster:
+        news = M.read_seed_reply(self.name, self.config.cluster, reply.cluster, reply.nodes, reply.topics,
+                                 self.addresses, bool(self.voters))
+        if news.foreign:
             log.warning("a seed belongs to cluster %r, not %r: ignored", reply.cluster, self.config.cluster)
             return
-        for n in reply.nodes:
-            if n["name"] != self.name and n["name"] not in self.addresses and n.get("host") not in (None, "?"):
-                self.addresses[n["name"]] = f"{n['host']}:{n['port']}"
-                self._forget_peer(n["name"])
-        if not self.voters:
-            for t in reply.topics:
-                if t["name"] == META_TOPIC and t["partitions"][0]["replicas"]:
-                    self.voters = tuple(t["partitions"][0]["replicas"])
-                    log.info("metadata voters are %s (learnt from a seed)", ", ".join(self.voters))
+        for name, address in news.addresses:
+            self.addresses[name] = address
+            self._forget_peer(name)
+        if news.voters:
+            self.voters = news.voters
+            log.info("metadata voters are %s (learnt from a seed)", ", ".join(self.voters))
+
+    def _leads_meta(self) -> bool:
+        part = self.parts.get(META_TP)
+        return part is not None and part.replica is not None and part.replica.role == LEADER
 
     def _register_self(self) -> None:
-        """Voters and learners alike make sure `__meta` holds their address."""
-        if self.stopping:
-            return
-        known = self.meta.nodes.get(self.name)
-        if known is not None and (known.host, known.port) == (self.config.host, self.config.port):
-            self._registered = True
-            return
-        part = self.parts.get(META_TP)
-        if part is not None and part.replica is not None and part.replica.role == LEADER:
-            command = {"op": "register_node", "name": self.name, "host": self.config.host,
-                       "port": self.config.port, "incarnation": self.incarnation}
-            self._append_meta([command], lambda end, err: None)
-            self._at(mono_ms() + META_RETRY_MS * 5, self._register_self)
-            return
+        """Voters and learners alike make sure `__meta` holds their address (zq.node.meta decides how)."""
         leader = self.leader_of(META_TP)[0]
-        if leader is None or leader == self.name or self._peer(leader) is None:
-            self._at(mono_ms() + META_RETRY_MS, self._register_self)
-            return
-        self._request(leader, P.RegisterNode(next(self._req_ids), self.name, self.config.host, self.config.port,
-                                             self.incarnation), self._on_registered)
+        step = self.meta_follower.register_step(self.stopping, self._leads_meta(), leader,
+                                                leader is not None and self._peer(leader) is not None)
+        kind = type(step)
+        if kind is M.AppendRegistration:
+            self._append_meta([step.command], lambda end, err: None)
+            self._at(mono_ms() + step.recheck_ms, self._register_self)
+        elif kind is M.Wait:
+            self._at(mono_ms() + step.delay_ms, self._register_self)
+        elif kind is M.SendRegistration:
+            self._request(step.leader, P.RegisterNode(next(self._req_ids), self.name, self.config.host,
+                                                      self.config.port, self.incarnation), self._on_registered)
 
     def _on_registered(self, reply: Any, payload: list) -> None:
-        if isinstance(reply, P.OkReply):
-            self._registered = True
-            return
         if isinstance(reply, NotLeader) and reply.leader:
             self.leader_view[META_TP] = (reply.leader, self.leader_view.get(META_TP, ("", 0))[1])
             if reply.address:
                 self.addresses.setdefault(reply.leader, reply.address)
-        self._at(mono_ms() + META_RETRY_MS, self._register_self)
+        step = self.meta_follower.on_register_reply(isinstance(reply, P.OkReply))
+        if type(step) is M.Wait:
+            self._at(mono_ms() + step.delay_ms, self._register_self)
 
     def _follow_meta(self) -> None:
-        """A learner's loop: register, then long-poll fetch __meta from its leader, forever."""
-        if self.stopping or self.name in self.voters:
-            return
-        if not self.voters:
-            self._at(mono_ms() + META_RETRY_MS, self._follow_meta)   # still waiting for a seed to answer
-            return
-        if not self._registered:
-            self._register_self()
-            self._at(mono_ms() + META_RETRY_MS, self._follow_meta)
-            return
+        """A learner's loop: register, then long-poll fetch __meta from its leader, forever (zq.node.meta decides)."""
         leader = self.leader_of(META_TP)[0]
-        if leader is None or self._peer(leader) is None:
-            self._at(mono_ms() + META_RETRY_MS, self._follow_meta)
-            return
-        part = self.parts[META_TP]
-        self._request(leader, P.Fetch(next(self._req_ids), META_TOPIC, 0, part.learner_end, 4 * 1024 * 1024,
-                                      META_FETCH_WAIT_MS, self.name),
-                      self._on_meta_fetched, timeout_ms=META_FETCH_WAIT_MS + PEER_REQUEST_TIMEOUT_MS)
+        step = self.meta_follower.follow_step(self.stopping, self.voters, leader,
+                                              leader is not None and self._peer(leader) is not None)
+        kind = type(step)
+        if kind is M.Wait:
+            self._at(mono_ms() + step.delay_ms, self._follow_meta)
+        elif kind is M.RegisterFirst:
+            self._register_self()
+            self._at(mono_ms() + step.delay_ms, self._follow_meta)
+        elif kind is M.Fetch:
+            self._request(step.leader, P.Fetch(next(self._req_ids), META_TOPIC, 0, step.offset, step.max_bytes,
+                                               step.wait_ms, self.name),
+                          self._on_meta_fetched, timeout_ms=step.wait_ms + PEER_REQUEST_TIMEOUT_MS)
 
     def _on_meta_fetched(self, reply: Any, payload: list) -> None:
         if not isinstance(reply, P.FetchReply):
@@ -335,25 +292,29 @@ class MetaMixin:
                 self.leader_view[META_TP] = (reply.leader, self.leader_view.get(META_TP, ("", 0))[1])
             elif isinstance(reply, ZqError):
                 log.debug("fetching %s failed: %s", META_TOPIC, reply.message)
-            self._at(mono_ms() + META_RETRY_MS, self._follow_meta)
+            self._at(mono_ms() + self.meta_follower.on_fetch_failed().delay_ms, self._follow_meta)
             return
-        part = self.parts[META_TP]
         if self.born is None:
             # A learner with a new or damaged store: every command it could have acted on before
             # was committed, so lies below the leader's log end (Raft's leader completeness).
             self._note_born(reply.log_end)
+        for batch in self.meta_follower.on_fetched(self._meta_batches(payload)):
+            value, header = batch.value
+            self._begin().append(META_TP, value, header)
+            self.replica_set.sync_needed = True
+        # The next fetch goes out after this pass's write, so the leader counts only what we hold.
+        self._at(mono_ms(), self._follow_meta)
+
+    @staticmethod
+    def _meta_batches(payload: list) -> Any:
+        """A fetch reply's stored batches as the follower takes them (up to the first failing its checksum)."""
         for value in payload:
             try:
                 h = zbatch.verify_stored(value)
             except ZqError as e:
                 log.warning("a %s batch failed its checksum (%s); fetching it again", META_TOPIC, e.message)
-                break
-            if h.base_offset != part.learner_end:
-                continue   # already held, or a gap: the next fetch starts from our log end
-            self._begin().append(META_TP, value, h)
-            self.replica_set.sync_needed = True
-            part.learner_end = h.next_offset
-            for rec in zbatch.iter_records(value, h.base_offset, verify=False):
-                self.meta_learned.append((rec.offset, cbor2.loads(rec.value)))
-        # The next fetch goes out after this pass's write, so the leader counts only what we hold.
-        self._at(mono_ms(), self._follow_meta)
+                yield M.BAD_BATCH
+                return
+            yield M.FetchedBatch(h.base_offset, h.next_offset, (value, h),
+                                 lambda v=value, base=h.base_offset: [(rec.offset, cbor2.loads(rec.value))
+                                                                      for rec in zbatch.iter_records(v, base, verify=False)])

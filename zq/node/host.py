@@ -112,4 +112,12 @@ class ReplicaEvents(Protocol):
         ...
 
 
+class LearnerLog(Protocol):
+    """A node's copy of `__meta` when it does not vote (zq.node.replicas.Part is one): its log
+    end on disk, which is also how far it has fetched (zq.node.meta.MetaFollower reads and moves
+    it; the host's failed write sets it back to what is stored)."""
+
+    learner_end: int
+
+
 Parts = MutableMapping[Hashable, Any]
