@@ -106,11 +106,11 @@ class ReplicationMixin:
             self.counters["storage_errors"] += 1
             self.disk_full = True   # refuse produce until the disk check sees room again
             self.storage_error = e
-            self.meta_learned.clear()
-            learner = self.parts[META_TP]
-            if learner.replica is None:
+            if self.parts[META_TP].replica is None:   # a learner's fetched __meta batches were in this write
                 st = self.store.partition_state(META_TP)
-                learner.learner_end = st.log_end if st else 0
+                self.meta_follower.write_failed(st.log_end if st else 0)
+            else:
+                self.meta_learned.clear()
             return False
         if self.wal_marker_pending:
             self.store.clear_dropped_wal_tail()
