@@ -171,7 +171,6 @@ class Sim(FaultsMixin):
             self.members = MembershipLayer(names, self.members_rng, self.net, 0, SIM_MEMBERSHIP, seeds)
             self.members_checker = MembersChecker(self.members)
             self.members.on_change.append(self._on_member_change)
-            self.members.on_hint.append(self.members_checker.on_hint)
         self.producers: dict[str, Producer] = {}
         self.read_positions: dict[int, int] = {}
         for i in range(s.producers):

@@ -171,7 +171,6 @@ class MembersSim:
         self.layer = MembershipLayer(names, self.rng, self.net, 0, config, seeds, s.discovery)
         self.checker = MembersChecker(self.layer)
         self.layer.on_change.append(self._on_change)
-        self.layer.on_hint.append(self.checker.on_hint)
         self.result = MembersResult(seed, True, s, bound_ms=liveness_bound_ms(s.nodes, config))
         self.faults: list = []       # the host's own timed events: (time, seq, kind, args)
         self.fseq = 0
@@ -472,6 +471,12 @@ class MembersSim:
             for n in down:
                 if n in view and view[n].state not in (State.DEAD, State.LEFT):
                     return False
+        if self.settings.discovery:
+            # What zeroconf says of a running node is what the node says of itself (a refutation is
+            # re-announced), so a browser learns it as it is.
+            for n in running:
+                if self.layer.records.get(n) != (self.layer.nodes[n].address, self.layer.nodes[n].core.incarnation):
+                    return False
         for n in down:
             # Anti-entropy spreads tombstones: if one view knows a node is gone, every view learns it
             # (even a late joiner); a node no running view ever heard of may stay unknown.
@@ -485,7 +490,9 @@ class MembersSim:
         for o in self.layer.running():
             rows = " ".join(f"{n}={v.state.value}@{v.incarnation - EPOCH_MS}" for n, v in sorted(self.layer.view(o).items()))
             parts.append(f"{o}(@{self.layer.nodes[o].core.incarnation - EPOCH_MS}): {rows}")
-        return "; ".join(parts) + f"; down: {[n for n in self.names if self.layer.nodes[n].core is None]}"
+        records = " ".join(f"{n}@{inc - EPOCH_MS}" for n, (_, inc) in sorted(self.layer.records.items()))
+        return ("; ".join(parts) + f"; down: {[n for n in self.names if self.layer.nodes[n].core is None]}"
+                + (f"; zeroconf records: {records}" if self.settings.discovery else ""))
 
 
 def replay_command(seed: int, nodes: int | None = None) -> str:
