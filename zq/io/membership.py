@@ -31,9 +31,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from zq.core.membership import (DISCOVERY_DRAIN_MS, LEAVE_FLUSH_MS, NODE_MEMBERSHIP, SEED_RETRY_MS,  # noqa: F401
-                                SEEDS_PER_PASS_MAX, MemberChanged, MemberView, MembershipConfig, State)
-from zq.node.membership import DISCOVERED_PER_PASS_MAX, MembershipService as _Service  # noqa: F401
+from zq.core.membership import NODE_MEMBERSHIP, MemberChanged, MembershipConfig, State
+from zq.node.membership import MembershipService as _Service
 
 log = logging.getLogger("zq.membership")
 
@@ -48,7 +47,6 @@ class MembershipService:
         self.node = node
         self.service = _Service(node, node.config.address, node.incarnation, node.config.seeds,
                                 rng or random.Random(), config, events=self)
-        self.core = self.service.core
         self.handlers = self.service.handlers
         self.tick = self.service.tick
         self.view = self.service.view
@@ -78,7 +76,7 @@ class MembershipService:
 
         config = self.node.config
         factory = self._discovery_factory or Discovery
-        self.discovery = factory(config.cluster, config.name, config.host, config.port, self.core.incarnation,
+        self.discovery = factory(config.cluster, config.name, config.host, config.port, self.service.core.incarnation,
                                  pub_port=config.port + 1, metrics_port=config.port + 2 if config.metrics else None)
         self.service.discovery = self.discovery
         # Announcing probes for a name clash first (about a second): not on the event loop's time.

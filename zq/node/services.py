@@ -21,6 +21,11 @@ Rules of the surface:
   `read_committed` and `produce_local` (on a partition this node leads; else send a Produce to
   its leader with `request_peer`).
 
+The membership service (zq/node/membership.py) needs less of its node and more of the LAN: it
+is written against `MembershipHost` (send to an address, the clock, counters, learn_address),
+`DiscoverySource` (zeroconf's found peers in, our incarnation out) and `MembershipEvents` (what
+the real node logs and a simulator checks), at the end of this module.
+
 This module loads only the standard library.
 """
 from __future__ import annotations

@@ -1,18 +1,19 @@
-"""SWIM membership in the deterministic simulator: N real `Membership` cores, each behind a shell
-that does what zq/io/membership.py does, over a simulated network, with faults chosen by a seed.
+"""SWIM membership in the deterministic simulator: N real membership services
+(zq/node/membership.py, the code a node runs, each around its real `Membership` core), over a
+simulated network, with faults chosen by a seed.
 
 Theory of operation
 -------------------
-Two layers. `MembershipLayer` is the embeddable part: the cores, their shells, the discovery
-(zeroconf) model and the message deliveries, driven by a heap of timed events of its own. It
-injects no faults; a host (this module's `MembersSim`, later the replication simulator) calls its
-fault methods and reads its views. `MembersSim` draws settings from one `random.Random(seed)`,
-injects faults during the safety phase, checks the invariants of zq/sim/members_checks.py after
-every step, then heals everything and checks liveness within a bound derived from the core's
-timing (`liveness_bound_ms`).
+Two layers. `MembershipLayer` is the embeddable part: the services' world (the discovery
+(zeroconf) model, the message deliveries, each process's clock), driven by a heap of timed events
+of its own. It injects no faults; a host (this module's `MembersSim`, the cluster simulator)
+calls its fault methods and reads its views. `MembersSim` draws settings from one
+`random.Random(seed)`, injects faults during the safety phase, checks the invariants of
+zq/sim/members_checks.py after every step, then heals everything and checks liveness within a
+bound derived from the core's timing (`liveness_bound_ms`).
 
-The layer (its shell, discovery model, faults and embedding API) is in zq/sim/members_layer.py;
-its names are importable from here too.
+The layer (the services' hosts, discovery model, faults and embedding API) is in
+zq/sim/members_layer.py; its names are importable from here too.
 
 Checks and figures (`MembersSim`): after every step, the observers the step touched are checked
 (zq/sim/members_checks.py); after healing, views must become exact within `liveness_bound_ms` and
