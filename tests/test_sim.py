@@ -114,7 +114,9 @@ def test_runs_draw_faults_and_do_work(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sum(r.start_ats for r in results) > 30
     assert sum(r.start_ats_moved for r in results) > 5   # `zq topic reassign` onto a node, with retention
     assert sum(r.settings.members for r in results) > 30
-    assert sum(r.false_deaths for r in results) > 30
+    # (28 here since the layer runs the shipped membership service, 32 before: other histories,
+    # the same rate; seeds 100..299 hold 85 and 83.)
+    assert sum(r.false_deaths for r in results) > 20
     assert sum(r.operator_moves for r in results) > 5
     assert sum(r.operator_false_moves for r in results) > 2
 
@@ -127,7 +129,9 @@ def test_a_membership_view_drives_moves_that_lose_nothing() -> None:
     hosted = [r for r in results if r.settings.members]
     assert len(hosted) > 20
     assert sum(r.false_deaths for r in hosted) > 20 and sum(r.operator_false_moves for r in hosted) > 5
-    assert sum(r.acks for r in hosted) > 500 and sum(r.crashes for r in hosted) > 20
+    # (456 acks here since the layer runs the shipped membership service, 564 before: other
+    # histories; seeds 50060..50199 hold 2144, 1905 before.)
+    assert sum(r.acks for r in hosted) > 400 and sum(r.crashes for r in hosted) > 20
 
 
 def test_checks_catch_a_leader_that_answers_below_its_log_start_from_its_reader(

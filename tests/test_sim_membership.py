@@ -32,6 +32,11 @@ KEPT = {
     0: "a node whose only seed left for good could never join (the simulator's settings, now an anchor)",
     104: "every node left while one was still flushing its goodbye (the simulator's fault picker)",
 }
+# Seeds that catch a broken rule the first TEETH_SEEDS_MAX seeds miss. Since the layer runs the
+# shipped service (zq/node/membership.py), histories differ: 11 and 332 no longer need reconnects.
+TEETH_KEPT = {
+    186: "no reconnect: a discovery-only cluster whose two sides of a long partition held each other DEAD",
+}
 
 
 def _failures(seeds) -> list[str]:
@@ -210,7 +215,7 @@ BROKEN = {
 def test_checks_catch_a_broken_rule(broken: str, monkeypatch) -> None:
     name, owner, replacement, invariants = BROKEN[broken]
     monkeypatch.setattr(owner, name, replacement)
-    seeds = list(KEPT) + list(range(TEETH_SEEDS_MAX))
+    seeds = list(KEPT) + list(TEETH_KEPT) + list(range(TEETH_SEEDS_MAX))
     for seed in seeds:
         r = run_seed(seed)
         if not r.ok:

@@ -218,6 +218,10 @@ class Discovery:
                 break
         return out
 
+    def pending(self) -> bool:
+        """Whether `drain` would return a peer now."""
+        return not self.peers.empty()
+
     def close(self) -> None:
         """Unregister (so peers hear a goodbye) and stop zeroconf; safe to call twice."""
         zc, self._zc = self._zc, None

@@ -21,6 +21,11 @@ Rules of the surface:
   `read_committed` and `produce_local` (on a partition this node leads; else send a Produce to
   its leader with `request_peer`).
 
+The membership service (zq/node/membership.py) needs less of its node and more of the LAN: it
+is written against `MembershipHost` (send to an address, the clock, counters, learn_address),
+`DiscoverySource` (zeroconf's found peers in, our incarnation out) and `MembershipEvents` (what
+the real node logs and a simulator checks), at the end of this module.
+
 This module loads only the standard library.
 """
 from __future__ import annotations
@@ -113,4 +118,65 @@ class Service(Protocol):
 
     def on_high_watermark(self, topic: str, partition: int, high_watermark: int) -> None:
         """Data of a partition this node leads became visible."""
+        ...
+
+
+# ------------------------------------------------------------------ the membership service's hosts
+# (zq.node.membership: the real node and zq/io/discovery.py in production, zq/sim/members_layer.py
+# in the simulators)
+
+
+class MembershipHost(Protocol):
+    """What the membership service uses of its node (zq/io/node.py's `Node` is one)."""
+
+    name: str                                  # this node's name: the core's node id
+    counters: MutableMapping[str, int]         # the node's counters: `membership_*` metrics
+
+    def now_ms(self) -> int:
+        """Monotonic milliseconds."""
+        ...
+
+    def send_to_address(self, name: str | None, address: str, msg: Any, *frames: bytes) -> None:
+        """A one-way message to a node's ROUTER at `address` (`name` None: a seed not known yet)."""
+        ...
+
+    def learn_address(self, name: str, address: str) -> None:
+        """The detector holds `name` alive or suspect at `address`: route to it there."""
+        ...
+
+
+class DiscoveredPeer(Protocol):
+    """One discovery record (zq.io.discovery.Peer): who may be at host:port, at which incarnation."""
+    node: str
+    host: str
+    port: int
+    incarnation: int
+
+
+class DiscoverySource(Protocol):
+    """Discovery (zeroconf) as the membership service uses it: found peers in, our incarnation out."""
+
+    def drain(self, max_peers: int) -> list[Any]:
+        """DiscoveredPeers found since the last call, oldest first, at most `max_peers`; never blocks."""
+        ...
+
+    def pending(self) -> bool:
+        """Whether `drain` would return something (a host that cannot tell says True)."""
+        ...
+
+    def update_incarnation(self, incarnation: int) -> None:
+        """Announce our record again, at the incarnation our core raised (a refutation)."""
+        ...
+
+
+class MembershipEvents(Protocol):
+    """What the membership service reports beyond its effects: the real node logs it, a simulator
+    checks it."""
+
+    def member_changed(self, change: Any, own: bool) -> None:
+        """One MemberChanged (zq.core.membership), as the core decided it; `own`: about this node."""
+        ...
+
+    def input_refused(self, what: str, source: str, error: Exception) -> None:
+        """Peer input the core refused (a message, a discovery record), counted and dropped."""
         ...

@@ -71,7 +71,7 @@ replica of a partition is damaged or recovering at a time (the guarantee covers 
 crashes, pauses and partitions go on meanwhile.
 
 Membership and the operator. A seed may also host the SWIM failure detector
-(`zq.sim.members_layer.MembershipLayer`, the real `Membership` cores and their shells) on the same
+(`zq.sim.members_layer.MembershipLayer`: the shipped membership services, zq/node/membership.py) on the same
 simulated network, so the same partitions, loss, pauses, crashes and restarts (each a new
 incarnation) reach it; its invariants (zq/sim/members_checks.py) are checked after each of its
 steps. Its events run from their own heap on the same clock: `one_step` takes the earlier of
@@ -172,7 +172,6 @@ class Sim(FaultsMixin):
             self.members = MembershipLayer(names, self.members_rng, self.net, 0, SIM_MEMBERSHIP, seeds)
             self.members_checker = MembersChecker(self.members)
             self.members.on_change.append(self._on_member_change)
-            self.members.on_hint.append(self.members_checker.on_hint)
         self.producers: dict[str, Producer] = {}
         self.read_positions: dict[int, int] = {}
         for i in range(s.producers):

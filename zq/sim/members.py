@@ -1,18 +1,19 @@
-"""SWIM membership in the deterministic simulator: N real `Membership` cores, each behind a shell
-that does what zq/io/membership.py does, over a simulated network, with faults chosen by a seed.
+"""SWIM membership in the deterministic simulator: N real membership services
+(zq/node/membership.py, the code a node runs, each around its real `Membership` core), over a
+simulated network, with faults chosen by a seed.
 
 Theory of operation
 -------------------
-Two layers. `MembershipLayer` is the embeddable part: the cores, their shells, the discovery
-(zeroconf) model and the message deliveries, driven by a heap of timed events of its own. It
-injects no faults; a host (this module's `MembersSim`, later the replication simulator) calls its
-fault methods and reads its views. `MembersSim` draws settings from one `random.Random(seed)`,
-injects faults during the safety phase, checks the invariants of zq/sim/members_checks.py after
-every step, then heals everything and checks liveness within a bound derived from the core's
-timing (`liveness_bound_ms`).
+Two layers. `MembershipLayer` is the embeddable part: the services' world (the discovery
+(zeroconf) model, the message deliveries, each process's clock), driven by a heap of timed events
+of its own. It injects no faults; a host (this module's `MembersSim`, the cluster simulator)
+calls its fault methods and reads its views. `MembersSim` draws settings from one
+`random.Random(seed)`, injects faults during the safety phase, checks the invariants of
+zq/sim/members_checks.py after every step, then heals everything and checks liveness within a
+bound derived from the core's timing (`liveness_bound_ms`).
 
-The layer (its shell, discovery model, faults and embedding API) is in zq/sim/members_layer.py;
-its names are importable from here too.
+The layer (the services' hosts, discovery model, faults and embedding API) is in
+zq/sim/members_layer.py; its names are importable from here too.
 
 Checks and figures (`MembersSim`): after every step, the observers the step touched are checked
 (zq/sim/members_checks.py); after healing, views must become exact within `liveness_bound_ms` and
@@ -171,7 +172,6 @@ class MembersSim:
         self.layer = MembershipLayer(names, self.rng, self.net, 0, config, seeds, s.discovery)
         self.checker = MembersChecker(self.layer)
         self.layer.on_change.append(self._on_change)
-        self.layer.on_hint.append(self.checker.on_hint)
         self.result = MembersResult(seed, True, s, bound_ms=liveness_bound_ms(s.nodes, config))
         self.faults: list = []       # the host's own timed events: (time, seq, kind, args)
         self.fseq = 0
@@ -472,6 +472,12 @@ class MembersSim:
             for n in down:
                 if n in view and view[n].state not in (State.DEAD, State.LEFT):
                     return False
+        if self.settings.discovery:
+            # What zeroconf says of a running node is what the node says of itself (a refutation is
+            # re-announced), so a browser learns it as it is.
+            for n in running:
+                if self.layer.records.get(n) != (self.layer.nodes[n].address, self.layer.nodes[n].core.incarnation):
+                    return False
         for n in down:
             # Anti-entropy spreads tombstones: if one view knows a node is gone, every view learns it
             # (even a late joiner); a node no running view ever heard of may stay unknown.
@@ -485,7 +491,9 @@ class MembersSim:
         for o in self.layer.running():
             rows = " ".join(f"{n}={v.state.value}@{v.incarnation - EPOCH_MS}" for n, v in sorted(self.layer.view(o).items()))
             parts.append(f"{o}(@{self.layer.nodes[o].core.incarnation - EPOCH_MS}): {rows}")
-        return "; ".join(parts) + f"; down: {[n for n in self.names if self.layer.nodes[n].core is None]}"
+        records = " ".join(f"{n}@{inc - EPOCH_MS}" for n, (_, inc) in sorted(self.layer.records.items()))
+        return ("; ".join(parts) + f"; down: {[n for n in self.names if self.layer.nodes[n].core is None]}"
+                + (f"; zeroconf records: {records}" if self.settings.discovery else ""))
 
 
 def replay_command(seed: int, nodes: int | None = None) -> str:

@@ -12,11 +12,14 @@ Safety, for every running observer O and every row (N, incarnation, state) of it
   row for itself;
 - stale hint: a discovery record of a node that is down, fed to an O that held it SUSPECT, DEAD or
   LEFT, leaves it so (a record O never heard of may add it: discovery is advisory, and the
-  detector then finds it dead).
+  detector then finds it dead);
+- routing follows the detector: O's service hands its node an address for N (`learn_address`)
+  only while O's core holds N ALIVE or SUSPECT at that address, never from a raw discovery record.
 
 Liveness (checked by the driver after healing, see `MembersSim.converged`): every running node is
 ALIVE in every running node's table, every node that is down is DEAD or LEFT in every table
-(or in none, when no running node ever heard of it).
+(or in none, when no running node ever heard of it), and with discovery on, every running node's
+zeroconf record carries its current incarnation (its refutations were re-announced).
 """
 from __future__ import annotations
 
@@ -46,6 +49,11 @@ class MembersChecker:
     seen_life: dict[str, int] = field(default_factory=dict)              # observer -> the life `seen` is of
     stale_hints_refused: int = 0
     stale_hints_added: int = 0          # records of down nodes that an unknowing observer took in
+    learned: int = 0                    # addresses handed to a node, each checked
+
+    def __post_init__(self) -> None:
+        self.layer.on_hint.append(self.on_hint)
+        self.layer.on_learn.append(self.on_learn)
 
     def check_observer(self, observer: str) -> None:
         m = self.layer.nodes[observer]
@@ -116,3 +124,12 @@ class MembersChecker:
                 raise Violation("stale hint", f"a record of down {node}@{incarnation} took {observer}'s "
                                               f"{before.state.value}@{before.incarnation} to {after}")
             self.stale_hints_refused += 1
+
+    def on_learn(self, observer: str, node: str, address: str) -> None:
+        core = self.layer.nodes[observer].core
+        row = None if core is None else next((v for v in core.members(self.layer.now) if v.node == node), None)
+        if row is None or row.state not in (State.ALIVE, State.SUSPECT) or row.address != address:
+            held = "nothing" if row is None else f"{row.state.value} at {row.address}"
+            raise Violation("routing follows the detector", f"{observer} routes to {node} at {address} while its "
+                                                            f"detector holds {held}")
+        self.learned += 1

@@ -1,30 +1,38 @@
-"""SWIM membership's embeddable simulation layer: N real `Membership` cores, each behind a shell
-that does what zq/io/membership.py does, over a simulated network, with the discovery
-(zeroconf) model and the message deliveries, driven by a heap of timed events of its own. It
-injects no faults: a host (zq/sim/members.py's `MembersSim`, the cluster simulator
-zq/sim/cluster.py) calls its fault methods and reads its views.
+"""SWIM membership's embeddable simulation layer: N real membership services
+(zq.node.membership.MembershipService, the very code a node runs, each around its real `Membership`
+core), over a simulated network, with the discovery (zeroconf) model and the message deliveries,
+driven by a heap of timed events of its own. It injects no faults: a host (zq/sim/members.py's
+`MembersSim`, the cluster simulator zq/sim/cluster.py) calls its fault methods and reads its views.
 
 Theory of operation
 -------------------
-The shell, per node, as in zq/io/membership.py: a peer message goes to `core.on_message`; the core
-is ticked when its `next_deadline_ms()` is due (plus a little loop latency); every `SEED_RETRY_MS`
-the seeds that no ALIVE or SUSPECT member holds are pinged with `core.join`; discovery records
-are handed to `core.on_discovered` at the next drain (every `DISCOVERY_DRAIN_MS`). Our own
-incarnation changing (a refutation) re-announces our zeroconf record. A graceful leave calls
-`core.leave`, keeps serving for `LEAVE_FLUSH_MS`, then the process exits.
+This is the world around the services, not a copy of them. Per node the layer is the service's
+three hosts (zq.node.services): `MembershipHost` (`send_to_address` puts the message on the
+simulated network, `now_ms` is the simulated clock, `learn_address` is checked: a node routes only
+to members its detector holds alive or suspect at that address), `DiscoverySource` (a queue of
+the zeroconf records that reached the node; `update_incarnation` announces the node's record
+again) and `MembershipEvents` (every MemberChanged goes to the host's `on_change` hooks; refused
+peer input is a Violation, since every simulated peer is honest). The service decides when it
+drains discovery, pings seeds, ticks its core and how long a goodbye flushes; the layer only wakes
+it at `next_due_ms()` (plus up to `LOOP_LATENCY_MS_MAX`, a busy loop's lateness) and when a
+message arrives.
 
 Discovery model: a (re)started node announces its record `(name, address, incarnation)` to every
 running node it can reach (multicast, so partitions and loss apply), and its browse returns the
 cached records of every other node, including the last record of a node that crashed (a stale
-record: zeroconf caches it until its TTL runs out) or left without its goodbye arriving. The host
-may feed a stale record at any time with `stale_hint`. Such a record must never bring a node back.
+record: zeroconf caches it until its TTL runs out) or left without its goodbye arriving. A record
+reaches a node's queue up to `DISCOVERY_DRAIN_MS` after it is sent; the service drains the queue.
+The host may feed a stale record at any time with `stale_hint`. Such a record must never bring a
+node back (the `on_hint` hooks see each drained record with the node's row before and after).
 
 Faults a host can apply (all take the simulated time): `crash(name)` (the process is gone; its
-address goes quiet), `restart(name)` (a new process: a new core with incarnation `EPOCH_MS + now`,
-the wall-clock milliseconds zq/io/node.py uses), `pause(name)` / `resume(name)` (SIGSTOP: timers
-stop, messages queue up to `PAUSED_INBOX_MAX`; on resume the inbox and the overdue tick run in an
-order the seed picks), `leave(name)`, `start(name)` (a late joiner's first start), and network
-faults through the shared `SimNetwork` (`net.blocked` holds directed pairs, so a cut may be one-way).
+address goes quiet), `restart(name)` (a new process: a new service with incarnation
+`EPOCH_MS + now`, the wall-clock milliseconds zq/io/node.py uses), `pause(name)` / `resume(name)`
+(SIGSTOP: timers stop, messages queue up to `PAUSED_INBOX_MAX`; on resume the inbox and the
+overdue tick run in an order the seed picks), `leave(name)` (the service leaves; the process exits
+when the service says its goodbye has flushed), `start(name)` (a late joiner's first start), and
+network faults through the shared `SimNetwork` (`net.blocked` holds directed pairs, so a cut may
+be one-way).
 
 Embedding API (`MembershipLayer`):
 
@@ -39,10 +47,11 @@ Embedding API (`MembershipLayer`):
     layer.reannounce_all(now_ms)              # every running node browses again (every cached record)
     layer.forget_record(name)                 # a goodbye reached the caches: no more records of `name`
     layer.running() -> list[str]              # nodes with a process (paused ones included)
-    layer.view(observer) -> dict[str, MemberView]   # its table, itself excluded
+    layer.view(observer) -> dict[str, MemberView]   # its service's table (what `zq status` shows), itself excluded
     layer.state_in(observer, node) -> State | None
     layer.dead_in(observer) -> list[str]      # the members `observer` holds DEAD (what an operator acts on)
     layer.on_change: list[Callable[[int, str, MemberChanged], None]]   # every MemberChanged, as it happens
+    layer.on_hint / layer.on_learn            # each drained discovery record / each learn_address (checks)
 
 A host schedules one event of its own at `next_due_ms()` and calls `run_until(now)` there (or runs
 the layer's events in its own loop with `step()`), so both heaps advance on one clock.
@@ -52,19 +61,19 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
-from zq.core.membership import (Ack, MemberChanged, MemberView, Membership, MembershipConfig, Ping, PingReq,
-                                Send, State)
-from zq.errors import ProtocolError
-from zq.core.membership import DISCOVERY_DRAIN_MS, LEAVE_FLUSH_MS, NODE_MEMBERSHIP, SEED_RETRY_MS, SEEDS_PER_PASS_MAX
+from zq.core.membership import (DISCOVERY_DRAIN_MS, NODE_MEMBERSHIP, Ack, MemberChanged, MemberView, Membership,
+                                MembershipConfig, Ping, PingReq, State)
+from zq.node.membership import MembershipService
 from zq.sim.members_checks import Violation
 from zq.sim.network import SimNetwork
 
 EPOCH_MS = 1_700_000_000_000   # incarnations are wall-clock ms at start, as in zq/io/node.py
 PAUSED_INBOX_MAX = 1_000       # messages queued for a stopped process (socket buffers); the rest are lost
-LOOP_LATENCY_MS_MAX = 5        # a shell ticks its core this late at most after the core's deadline
+LOOP_LATENCY_MS_MAX = 5        # the node's loop wakes its service this late at most after it is due
 EVENTS_PER_RUN_UNTIL_MAX = 1_000_000  # a host's run_until never loops forever
 SIM_MEMBERSHIP = NODE_MEMBERSHIP       # the timing real nodes use: the bounds below are about that
 PORT = 7100
@@ -74,13 +83,73 @@ def address_of(name: str) -> str:
     return f"{name}:{PORT}"
 
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A zeroconf record as a browser resolves it (the fields of zq.io.discovery.Peer the service reads)."""
+    node: str
+    host: str
+    port: int
+    incarnation: int
+
+
+class _Process:
+    """One node process as its service sees the world: its MembershipHost, DiscoverySource and
+    MembershipEvents (zq.node.services), all backed by the layer."""
+
+    def __init__(self, layer: MembershipLayer, m: MemberNode) -> None:
+        self.layer = layer
+        self.m = m
+        self.name = m.name
+        self.counters: defaultdict[str, int] = defaultdict(int)
+        self.found: list[Record] = []       # zeroconf's queue of found peers
+        self.drained: list[tuple[str, int, MemberView | None]] = []   # (node, incarnation, row before)
+
+    # ---- MembershipHost
+    def now_ms(self) -> int:
+        return self.layer.now
+
+    def send_to_address(self, name: str | None, address: str, msg: Any, *frames: bytes) -> None:
+        self.layer._send(self.m, address, msg)
+
+    def learn_address(self, name: str, address: str) -> None:
+        for hook in self.layer.on_learn:
+            hook(self.m.name, name, address)
+
+    # ---- DiscoverySource
+    def drain(self, max_peers: int) -> list[Record]:
+        out, self.found = self.found[:max_peers], self.found[max_peers:]
+        if out:
+            rows = {v.node: v for v in self.m.core.members(self.layer.now)}
+            self.drained += [(r.node, r.incarnation, rows.get(r.node)) for r in out]
+            self.layer.counters["hints"] += len(out)
+        return out
+
+    def pending(self) -> bool:
+        return bool(self.found)
+
+    def update_incarnation(self, incarnation: int) -> None:
+        self.layer._announce(self.m, incarnation)   # an Updated record
+
+    # ---- MembershipEvents
+    def member_changed(self, change: MemberChanged, own: bool) -> None:
+        for hook in self.layer.on_change:
+            hook(self.layer.now, self.m.name, change)
+        if own and change.state is State.ALIVE:
+            self.m.incarnation_last = max(self.m.incarnation_last, change.incarnation)
+
+    def input_refused(self, what: str, source: str, error: Exception) -> None:
+        # Every simulated peer is honest: refused input is a bug in the core or the service.
+        raise Violation("protocol error between honest members", f"{self.m.name}: a {what} from {source}: {error}")
+
+
 @dataclass(slots=True)
 class MemberNode:
-    """One node's process as the shell sees it."""
+    """One node: its current process (a service and its world), if any."""
     name: str
     address: str
     seeds: list[str]
-    core: Membership | None = None
+    service: MembershipService | None = None
+    process: _Process | None = None
     life: int = 0                      # bumped on every start, so events of an old process are dropped
     paused: bool = False
     leaving: bool = False              # left, flushing its goodbye before it exits
@@ -89,9 +158,13 @@ class MemberNode:
     incarnation_last: int = -1         # the incarnation of its latest (or current) process
     starts: list = field(default_factory=list)   # the incarnation each of its processes started with
 
+    @property
+    def core(self) -> Membership | None:
+        return None if self.service is None else self.service.core
+
 
 class MembershipLayer:
-    """The cores, shells, discovery and deliveries. See the module docstring."""
+    """The services, their world (network, discovery) and deliveries. See the module docstring."""
 
     def __init__(self, names: list[str], rng: random.Random, net: SimNetwork, now_ms: int,
                  config: MembershipConfig = SIM_MEMBERSHIP, seeds: dict[str, list[str]] | None = None,
@@ -102,27 +175,27 @@ class MembershipLayer:
         self.config = config
         self.discovery = discovery
         seeds = seeds or {}
-        self.nodes = {n: MemberNode(n, address_of(n), [s for s in seeds.get(n, []) if s != address_of(n)])
-                      for n in sorted(names)}
+        self.nodes = {n: MemberNode(n, address_of(n), list(seeds.get(n, []))) for n in sorted(names)}
         self.by_address = {m.address: n for n, m in self.nodes.items()}
         self.records: dict[str, tuple[str, int]] = {}   # zeroconf caches: name -> (address, incarnation)
         self.heap: list = []
         self.seq = 0
         self.on_change: list[Callable[[int, str, MemberChanged], None]] = []
         self.on_hint: list[Callable[[str, str, int, MemberView | None, MemberView | None], None]] = []
+        self.on_learn: list[Callable[[str, str, str], None]] = []
         self.trace = hashlib.blake2b(digest_size=16)
-        self.counters = {"messages": 0, "delivered": 0, "inbox_dropped": 0, "hints": 0, "stale_hints": 0}
+        self.counters = {"messages": 0, "delivered": 0, "inbox_dropped": 0, "hints": 0}
         self._touched: set[str] = set()
 
     # ---------------------------------------------------------------- queries
 
     def running(self) -> list[str]:
-        return [n for n, m in self.nodes.items() if m.core is not None]
+        return [n for n, m in self.nodes.items() if m.service is not None]
 
     def view(self, observer: str) -> dict[str, MemberView]:
-        core = self.nodes[observer].core
-        assert core is not None, f"{observer} is not running"
-        return {v.node: v for v in core.members(self.now) if v.node != observer}
+        service = self.nodes[observer].service
+        assert service is not None, f"{observer} is not running"
+        return service.table()
 
     def state_in(self, observer: str, node: str) -> State | None:
         core = self.nodes[observer].core
@@ -164,7 +237,7 @@ class MembershipLayer:
         """Start a process for `name`: its first start, a late join, or a restart after a crash or leave."""
         self.now = max(self.now, now_ms)
         m = self.nodes[name]
-        assert m.core is None, f"{name} is running"
+        assert m.service is None, f"{name} is running"
         m.life += 1
         m.paused = m.leaving = False
         m.inbox = []
@@ -172,19 +245,18 @@ class MembershipLayer:
         incarnation = EPOCH_MS + self.now   # as zq/io/node.py: the wall clock, nothing remembered
         m.incarnation_last = max(m.incarnation_last, incarnation)
         m.starts.append(incarnation)
-        m.core = Membership(name, m.address, incarnation, random.Random(self.rng.random()), self.now, self.config)
-        self._touched.add(name)
-        self._schedule_tick(m)
-        if m.seeds:
-            self.at(self.now, "seeds", name, m.life)
-        if self.discovery:
-            self._announce(m)
+        m.process = process = _Process(self, m)
+        m.service = MembershipService(process, m.address, incarnation, m.seeds, random.Random(self.rng.random()),
+                                      self.config, discovery=process if self.discovery else None, events=process)
+        if self.discovery:   # Discovery.start: register our record, browse everyone's
+            self._announce(m, incarnation)
             self._browse(m)
+        self._after(m)
 
     def crash(self, name: str, now_ms: int) -> None:
         self.now = max(self.now, now_ms)
         m = self.nodes[name]
-        m.core = None
+        m.service = m.process = None
         m.paused = m.leaving = False
         m.inbox = []
 
@@ -193,41 +265,44 @@ class MembershipLayer:
     def pause(self, name: str, now_ms: int) -> None:
         self.now = max(self.now, now_ms)
         m = self.nodes[name]
-        assert m.core is not None and not m.paused
+        assert m.service is not None and not m.paused
         m.paused = True
 
     def resume(self, name: str, now_ms: int) -> None:
         """SIGCONT: the overdue tick and the queued messages run, in an order the seed picks."""
         self.now = max(self.now, now_ms)
         m = self.nodes[name]
-        if m.core is None or not m.paused:
+        if m.service is None or not m.paused:
             return
         m.paused = False
+        m.tick_at = -1       # the wake-up it slept through is gone
         inbox, m.inbox = m.inbox, []
         tick_first = self.rng.random() < 0.5
         if tick_first:
-            self._tick(m)
+            m.service.tick(self.now)
+            self._drained(m)
         for msg in inbox:
-            if m.core is not None:
-                self._deliver(m, msg)
-        if not tick_first and m.core is not None:
-            self._tick(m)
-        if m.core is not None and m.seeds:
-            self.at(self.now, "seeds", name, m.life)
+            if m.service is not None:
+                self.counters["delivered"] += 1
+                m.service.on_message(msg)
+        if not tick_first and m.service is not None:
+            m.service.tick(self.now)
+        self._after(m)
 
     def leave(self, name: str, now_ms: int) -> None:
         self.now = max(self.now, now_ms)
         m = self.nodes[name]
-        assert m.core is not None and not m.paused
+        assert m.service is not None and not m.paused
         m.leaving = True
-        self._apply(m, m.core.leave(self.now))
-        self.at(self.now + LEAVE_FLUSH_MS, "exit", name, m.life)
+        flushed_ms = m.service.leave(self.now)
+        self._after(m)
+        self.at(flushed_ms, "exit", name, m.life)
 
     def stale_hint(self, observer: str, node: str, now_ms: int) -> bool:
         """Feed `observer` the cached zeroconf record of `node` (stale if `node` is down). False if none."""
         self.now = max(self.now, now_ms)
         record = self.records.get(node)
-        if record is None or self.nodes[observer].core is None or observer == node:
+        if record is None or self.nodes[observer].service is None or observer == node:
             return False
         self.at(self.now + self.rng.randint(1, DISCOVERY_DRAIN_MS), "hint", observer, self.nodes[observer].life,
                 node, record[0], record[1])
@@ -249,7 +324,7 @@ class MembershipLayer:
 
     def ev_deliver(self, dst: str, msg) -> None:
         m = self.nodes[dst]
-        if m.core is None:
+        if m.service is None:
             return  # nobody listens at that address now
         if m.paused:
             if len(m.inbox) < PAUSED_INBOX_MAX:
@@ -257,99 +332,78 @@ class MembershipLayer:
             else:
                 self.counters["inbox_dropped"] += 1
             return
-        self._deliver(m, msg)
+        self.counters["delivered"] += 1
+        m.service.on_message(msg)
+        self._after(m)
 
     def ev_tick(self, name: str, life: int, due: int) -> None:
         m = self.nodes[name]
-        if m.core is None or m.life != life or m.tick_at != due or m.paused:
-            return  # a paused process ticks when it resumes
-        self._tick(m)
-
-    def ev_seeds(self, name: str, life: int) -> None:
-        """zq/io/membership.py `_maybe_join_seeds`: ping every seed no live member answers for."""
-        m = self.nodes[name]
-        if m.core is None or m.life != life or m.paused or m.leaving:
-            return
-        live = {v.address for v in m.core.members(self.now)
-                if v.node != name and v.state in (State.ALIVE, State.SUSPECT)}
-        lonely = [s for s in m.seeds if s not in live][:SEEDS_PER_PASS_MAX]
-        if lonely:
-            self._apply(m, m.core.join(lonely, self.now))
-        self.at(self.now + SEED_RETRY_MS, "seeds", name, life)
+        if m.service is None or m.life != life or m.tick_at != due or m.paused:
+            return  # a paused process is woken when it resumes
+        m.tick_at = -1
+        m.service.tick(self.now)
+        self._after(m)
 
     def ev_hint(self, observer: str, life: int, node: str, address: str, incarnation: int) -> None:
+        """A record reaches `observer`'s zeroconf queue (a stopped process's too: it drains on resume)."""
         m = self.nodes[observer]
-        if m.core is None or m.life != life:
+        if m.service is None or m.life != life or not self.discovery:
             return
-        if m.paused:
-            self.at(self.now + DISCOVERY_DRAIN_MS, "hint", observer, life, node, address, incarnation)
-            return  # zeroconf's queue waits for the loop to drain it
-        self.counters["hints"] += 1
-        before = m.core.members(self.now)
-        self._apply(m, m.core.on_discovered(node, address, incarnation, self.now))
-        after = m.core.members(self.now)
-        for hook in self.on_hint:
-            hook(observer, node, incarnation, _row(before, node), _row(after, node))
+        host, _, port = address.rpartition(":")
+        m.process.found.append(Record(node, host, int(port), incarnation))
+        self._wake(m)
 
     def ev_exit(self, name: str, life: int) -> None:
         m = self.nodes[name]
-        if m.core is not None and m.life == life and m.leaving:
+        if m.service is not None and m.life == life and m.leaving:
             self.crash(name, self.now)
 
-    # ---------------------------------------------------------------- the shell
+    # ---------------------------------------------------------------- the world around a service
 
-    def _tick(self, m: MemberNode) -> None:
-        m.tick_at = -1
-        self._apply(m, m.core.tick(self.now))
-
-    def _deliver(self, m: MemberNode, msg) -> None:
-        self.counters["delivered"] += 1
-        try:
-            effects = m.core.on_message(msg, self.now)
-        except ProtocolError as e:
-            # Every simulated peer is honest: a refused message is a bug in the core.
-            raise Violation("protocol error between honest members", f"{m.name}: {e}") from None
-        self._apply(m, effects)
-
-    def _apply(self, m: MemberNode, effects: list) -> None:
+    def _after(self, m: MemberNode) -> None:
+        """After the service ran: the checks' hooks, the incarnation we track, its next wake-up."""
         self._touched.add(m.name)
-        for effect in effects:
-            if isinstance(effect, Send):
-                self._send(m, effect)
-            else:
-                assert isinstance(effect, MemberChanged)
-                for hook in self.on_change:
-                    hook(self.now, m.name, effect)
-                if effect.node == m.name and effect.state is State.ALIVE:
-                    m.incarnation_last = max(m.incarnation_last, effect.incarnation)
-                    if self.discovery:
-                        self._announce(m)   # Discovery.update_incarnation: an Updated record
-        if m.core is not None:
-            m.incarnation_last = max(m.incarnation_last, m.core.incarnation)
-            self._schedule_tick(m)
-
-    def _send(self, m: MemberNode, effect: Send) -> None:
-        self.counters["messages"] += 1
-        dst = self.by_address.get(effect.address)
-        if dst is None or dst == m.name:
+        if m.service is None:
             return
-        for t in self.net.deliveries(self.now, m.name, dst, False):
-            self.at(t, "deliver", dst, effect.message)
+        self._drained(m)
+        m.incarnation_last = max(m.incarnation_last, m.core.incarnation)
+        self._wake(m)
 
-    def _schedule_tick(self, m: MemberNode) -> None:
-        due = max(self.now, m.core.next_deadline_ms())
+    def _drained(self, m: MemberNode) -> None:
+        """The `on_hint` hooks: each record the service drained in its last call, its row before and after."""
+        process = m.process
+        if process.drained:
+            drained, process.drained = process.drained, []
+            rows = {v.node: v for v in m.core.members(self.now)}
+            for node, incarnation, before in drained:
+                for hook in self.on_hint:
+                    hook(m.name, node, incarnation, before, rows.get(node))
+
+    def _wake(self, m: MemberNode) -> None:
+        due = m.service.next_due_ms()
+        if due is None or m.paused:
+            return
+        due = max(self.now, due)
         if due != m.tick_at:
             m.tick_at = due
             self.at(due + self.rng.randint(0, LOOP_LATENCY_MS_MAX), "tick", m.name, m.life, due)
 
-    def _announce(self, m: MemberNode) -> None:
-        self.records[m.name] = (m.address, m.core.incarnation)
+    def _send(self, m: MemberNode, address: str, msg: Any) -> None:
+        self.counters["messages"] += 1
+        dst = self.by_address.get(address)
+        if dst is None or dst == m.name:
+            return
+        for t in self.net.deliveries(self.now, m.name, dst, False):
+            self.at(t, "deliver", dst, msg)
+
+    def _announce(self, m: MemberNode, incarnation: int) -> None:
+        self.records[m.name] = (m.address, incarnation)
         for other in self.running():
             if other == m.name:
                 continue
             for t in self.net.deliveries(self.now, m.name, other, True):
                 self.at(t + self.rng.randint(1, DISCOVERY_DRAIN_MS), "hint", other, self.nodes[other].life,
-                        m.name, m.address, m.core.incarnation)
+                        m.name, m.address, incarnation)
                 break  # mDNS dedupes a repeated answer
 
     def _browse(self, m: MemberNode) -> None:
@@ -357,10 +411,6 @@ class MembershipLayer:
             if other != m.name:
                 self.at(self.now + self.rng.randint(1, DISCOVERY_DRAIN_MS), "hint", m.name, m.life, other,
                         address, incarnation)
-
-
-def _row(rows: list[MemberView], node: str) -> MemberView | None:
-    return next((v for v in rows if v.node == node), None)
 
 
 def _trace_args(args: tuple) -> str:
