@@ -99,27 +99,30 @@ import random
 import traceback
 from collections import defaultdict
 
+from zq import batch as zbatch
+from zq import protocol as P
 from zq.core import bounds
 from zq.core.membership import State
-from zq.core.repl_types import (BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, HardState,
-                                RecoveryPoll, RecoveryState, TimeoutNow)
+from zq.core.repl_types import FOLLOWER, LEADER, NO_PRODUCER, HardState, RecoveryPoll, RecoveryState, TimeoutNow
 from zq.core.replication import Replica
-from zq.errors import CorruptData, InvalidRequest, ProtocolError
+from zq.errors import CorruptData, InvalidRequest, NotLeader, OffsetOutOfRange, ProtocolError, ZqError, from_wire
 from zq.hashing import rendezvous
+from zq.limits import DEFAULT
+from zq.node.clients import Clients
 from zq.node.replicas import Part, ReplicaSet
 from zq.sim.checks import Ack, Checker, Violation
 from zq.sim.faults import FaultsMixin, hostile_message
 from zq.sim.members_layer import MembershipLayer, address_of
 from zq.sim.members_checks import MembersChecker
 from zq.sim.network import NetworkFaults, SimNetwork
-from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, READ_ENTRIES_MAX, REPLICATION_FACTOR, Result,
-                             SIM_CONFIG, SIM_MEMBERSHIP, Settings, WALL_BASE_MS)
-from zq.sim.simnode import CrashedInSync, SimNode, SimReplicaEvents, SimStorage
-from zq.sim.workload import (BATCH_RECORDS_MAX, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX, ProduceRequest,
-                             ProduceResponse, Producer)
+from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, REPLICATION_FACTOR, Result, SIM_CONFIG,
+                             SIM_MEMBERSHIP, Settings, WALL_BASE_MS)
+from zq.sim.simnode import CrashedInSync, SimClientHost, SimNode, SimReplicaEvents, SimStorage
+from zq.sim.workload import (BATCH_RECORDS_MAX, FETCH_WAITS_MS, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX,
+                             Producer, Reader)
 
 
-NODE_EVENTS = frozenset({"deliver", "timer", "pass", "request"})   # events one node handles alone
+NODE_EVENTS = frozenset({"deliver", "timer", "pass", "request", "node_timer"})   # events one node handles alone
 
 
 class Sim(FaultsMixin):
@@ -173,12 +176,18 @@ class Sim(FaultsMixin):
             self.members.on_change.append(self._on_member_change)
             self.members.on_hint.append(self.members_checker.on_hint)
         self.producers: dict[str, Producer] = {}
-        self.read_positions: dict[int, int] = {}
         for i in range(s.producers):
             p = i % s.partitions
             idem = self.rng.random() < s.idempotent_share
             name = f"c{i + 1}"
             self.producers[name] = Producer(name, p, sorted(self.nodes), 1000 + i if idem else NO_PRODUCER)
+        self.readers = [Reader(i, i % s.partitions, self.replica_sets[i % s.partitions][0]) for i in range(s.readers)]
+        self.clients_by_identity: dict[bytes, Producer | Reader] = {
+            c.identity: c for c in [*self.producers.values(), *self.readers]}
+        # Per node, the fetches it holds unanswered: (identity, req_id) -> (incarnation, partition,
+        # offset, true time its wait runs out). See check_parked.
+        self.open_fetches: dict[str, dict[tuple[bytes, int], tuple[int, int, int, int]]] = {n: {} for n in names}
+        self.parked_now: set[tuple[str, bytes, int]] = set()   # of those, the ones the room parked (counted)
 
     # ---------------------------------------------------------------- scheduling
 
@@ -286,6 +295,9 @@ class Sim(FaultsMixin):
         node.inbox.clear()
         node.replicas.clear()
         node.pass_ = ReplicaSet(SimStorage(self, node), SimReplicaEvents(self, node), defaultdict(int))
+        node.clients = Clients(SimClientHost(self, node), node.pass_)
+        self.open_fetches[node.name].clear()   # a crash lost them with the process
+        self.parked_now = {key for key in self.parked_now if key[0] != node.name}
         for p in sorted(node.replica_sets):
             self.open_replica(node, p)
         self.net.rejoin(node.name, self.now)
@@ -308,7 +320,7 @@ class Sim(FaultsMixin):
         if node.disk_low:
             r.set_disk_low(True)
         node.replicas[p] = r
-        node.pass_.parts[p] = Part(p, f"p{p}", r, sync=self.settings.durability == "fsync")
+        node.pass_.parts[p] = Part(p, f"p{p}", r, sync=self.settings.durability == "fsync", log_start=r.log_start)
         node.timer_at[p] = -1
         self.checker.on_restart(node.name, p, r)
         if r.recovering:
@@ -352,6 +364,7 @@ class Sim(FaultsMixin):
         self.log(f"{node.name} p{p}: removed, deleted")
         self.result.removals += 1
         node.tombstones[p] = node.replicas[p].epoch
+        node.clients.refuse_parked(p)   # as the node does when it drops a partition
         del node.replicas[p]
         node.pass_.forget(p)   # with its waiting producers: they time out and look elsewhere
         del node.replica_sets[p]
@@ -384,6 +397,8 @@ class Sim(FaultsMixin):
             self.schedule_timer(node, p)
         if node.pass_.dirty:
             self.at(self.now, "pass", node.name, node.incarnation)
+        if self.open_fetches[node.name]:
+            self.check_parked(node)
 
     def send(self, node: SimNode, p: int, to: str | None, msg: object) -> None:
         broadcast = to is None
@@ -396,13 +411,6 @@ class Sim(FaultsMixin):
     def send_from_shell(self, node: SimNode, p: int, to: str, msg: object) -> None:
         for t in self.net.deliveries(self.now, node.name, to, False):
             self.at(t, "deliver", to, p, msg)
-
-    def answer(self, node: SimNode, req: ProduceRequest, outcome) -> None:
-        """A producer's batch has its outcome (a waiter the pass calls once it is durable)."""
-        resp = ProduceResponse(req.producer, req.batch_no, req.attempt, outcome.status, outcome.base_offset,
-                               outcome.epoch, outcome.leader_hint)
-        for t in self.net.client_deliveries(self.now + node.send_delay_ms):
-            self.at(t, "response", resp)
 
     def handle(self, node: SimNode, kind: str, args: tuple) -> None:
         if kind in ("deliver", "hostile_deliver"):
@@ -438,34 +446,96 @@ class Sim(FaultsMixin):
             if isinstance(msg, TimeoutNow) and r.role != FOLLOWER:
                 self.result.handoffs += 1
             self.drain(node, p)
+        elif kind == "call":
+            (fn,) = args   # a timer of the node's that came due while it was paused
+            fn()
+            self.run_pass(node)
         else:
-            (req,) = args
-            r = node.replicas.get(req.partition)
-            if r is None:
-                self.answer_directly(req, NOT_LEADER)
-                return
-            r.tick(self.now, self.wall_ms(node))
-            stamp = None
-            if self.settings.retention and r.role == LEADER:
-                stamp = r.append_time_ms()
-                if stamp is None:   # its replicas' clocks not known yet: the node says retry
-                    self.answer_directly(req, NOT_LEADER)
-                    return
-                if stamp < WALL_BASE_MS + self.now - CLOCK_MARGIN_MS:
-                    raise Violation("an append time behind the true time",
-                                    f"{node.name} p{req.partition} stamps {stamp - WALL_BASE_MS - self.now:+d} ms")
-            base, epoch = r.log_end, r.epoch
-            pid = r.propose(req.count, req.producer_id, req.base_sequence, req.payload)
-            if stamp is not None and r.log_end > base:
-                self.stamps[(req.partition, base, epoch)] = (stamp, self.now)
-            node.pass_.parts[req.partition].waiters[pid] = lambda outcome, node=node, req=req: self.answer(
-                node, req, outcome)
-            self.drain(node, req.partition)
+            self.serve_client(node, *args)
 
-    def answer_directly(self, req: ProduceRequest, status: str) -> None:
-        resp = ProduceResponse(req.producer, req.batch_no, req.attempt, status, -1, 0, None)
-        for t in self.net.client_deliveries(self.now):
-            self.at(t, "response", resp)
+    # ---------------------------------------------------------------- clients, through the shipped room
+
+    def serve_client(self, node: SimNode, identity: bytes, msg: object, payload: list) -> None:
+        """A producer's or consumer's request reaches the node: decoded as the node decodes it, then
+        the shipped client room (zq.node.clients) handles it, as the real node's shell does; an error
+        it raises is the answer. Then the node's pass."""
+        msg, payload = P.decode(P.encode(msg, *payload), DEFAULT)
+        room = node.clients
+        fetch = type(msg) is P.Fetch
+        if fetch:
+            self.open_fetches[node.name][(identity, msg.req_id)] = (node.incarnation, msg.partition, msg.offset,
+                                                                     self.now + msg.max_wait_ms)
+        try:
+            if fetch:
+                room.on_fetch(identity, msg)
+            else:
+                self.produce(node, identity, msg, payload)
+        except ZqError as e:
+            room.host.reply_error(identity, msg.req_id, e)
+        self.run_pass(node)
+        if fetch and (identity, msg.req_id) in self.open_fetches[node.name]:
+            self.result.parked += 1
+            self.parked_now.add((node.name, identity, msg.req_id))
+            self.at(self.now + msg.max_wait_ms + 1, "fetch_deadline", node.name, node.incarnation, identity, msg.req_id)
+
+    def produce(self, node: SimNode, identity: bytes, msg: P.Produce, payload: list) -> None:
+        p = msg.partition
+        r = node.replicas.get(p)
+        base, epoch = (r.log_end, r.epoch) if r is not None else (0, 0)
+        node.clients.on_produce(identity, msg, payload)
+        if r is not None and r.log_end > base:
+            # The append time the room stamped the batch with, in its header as the node stores it.
+            stamp = zbatch.unpack_header(r.entries(base, 1, 0)[0].payload).append_time_ms
+            if stamp < WALL_BASE_MS + self.now - CLOCK_MARGIN_MS:
+                raise Violation("an append time behind the true time",
+                                f"{node.name} p{p} stamps {stamp - WALL_BASE_MS - self.now:+d} ms")
+            self.stamps[(p, base, epoch)] = (stamp, self.now)
+
+    def client_reply(self, node: SimNode, identity: bytes, msg: object, values: list) -> None:
+        """The room answers a client (zq.node.host.ClientHost.reply): it leaves after the pass's fsync."""
+        if self.open_fetches[node.name].pop((identity, msg.req_id), None) is not None and values:
+            self.result.parked_woken += (node.name, identity, msg.req_id) in self.parked_now
+        self.parked_now.discard((node.name, identity, msg.req_id))
+        for t in self.net.client_deliveries(self.now + node.send_delay_ms):
+            self.at(t, "client_reply", node.name, identity, msg, values)
+
+    def reader_partition(self, identity: bytes) -> int | None:
+        reader = self.clients_by_identity.get(identity)
+        return reader.partition if isinstance(reader, Reader) else None
+
+    def check_parked(self, node: SimNode) -> None:
+        """After a node's pass: no fetch it holds waits for data below a high watermark it reported."""
+        for (identity, req_id), (incarnation, p, offset, _deadline) in self.open_fetches[node.name].items():
+            hw = self.checker.hw.get((node.name, p), 0)
+            if incarnation == node.incarnation and hw > offset:
+                raise Violation("a parked fetch was not answered when the high watermark passed it",
+                                f"{node.name} p{p}: fetch {identity!r}/{req_id} at offset {offset}, high watermark {hw}")
+
+    def ev_fetch_deadline(self, name: str, incarnation: int, identity: bytes, req_id: int) -> None:
+        """A parked fetch's wait ran out: the node answered it (unless it stopped or runs no more)."""
+        node = self.nodes[name]
+        held = self.open_fetches[name].get((identity, req_id))
+        if held is not None and node.alive and not node.paused and node.incarnation == incarnation == held[0]:
+            raise Violation("a parked fetch was not answered within its max wait",
+                            f"{name} p{held[1]}: fetch {identity!r}/{req_id} at offset {held[2]}, due at t={held[3]}")
+
+    def ev_node_timer(self, name: str, incarnation: int, fn) -> None:
+        """A timer the node's client room set (a parked fetch's wait)."""
+        node = self.nodes[name]
+        if not node.alive or node.incarnation != incarnation:
+            return
+        if node.paused:
+            node.inbox.append(("call", (fn,)))   # runs when the node runs again (a timer is never dropped)
+            return
+        fn()
+        self.run_pass(node)
+
+    def ev_client_reply(self, sender: str, identity: bytes, msg: object, values: list) -> None:
+        client = self.clients_by_identity[identity]
+        if isinstance(client, Producer):
+            self.on_produce_answer(client, msg)
+        else:
+            self.on_fetch_answer(client, sender, msg, values)
 
     def receive(self, dst: str, kind: str, args: tuple) -> None:
         node = self.nodes[dst]
@@ -505,8 +575,8 @@ class Sim(FaultsMixin):
         # Delivered at once, so the message meets the replica in the state it was drawn for.
         self.handle(node, "hostile_deliver", (node.name, p, hostile_message(rng, r.epoch, r.leader, sorted(self.nodes))))
 
-    def ev_request(self, dst: str, req: ProduceRequest) -> None:
-        self.receive(dst, "request", (req,))
+    def ev_request(self, dst: str, identity: bytes, msg: object, payload: list) -> None:
+        self.receive(dst, "request", (identity, msg, payload))
 
     def ev_pass(self, name: str, incarnation: int) -> None:
         """A node's next loop pass, for what the last one's rounds left."""
@@ -523,10 +593,10 @@ class Sim(FaultsMixin):
         self.send_request(prod)
 
     def send_request(self, prod: Producer) -> None:
-        req = prod.request()
+        msg, blob = prod.request()
         for t in self.net.client_deliveries(self.now):
-            self.at(t, "request", prod.target, req)
-        self.at(self.now + REQUEST_TIMEOUT_MS, "timeout", prod.name, req.batch_no, req.attempt)
+            self.at(t, "request", prod.target, prod.identity, msg, [blob])
+        self.at(self.now + REQUEST_TIMEOUT_MS, "timeout", prod.name, prod.batch_no, prod.attempt)
 
     def ev_timeout(self, name: str, batch_no: int, attempt: int) -> None:
         prod = self.producers[name]
@@ -540,37 +610,67 @@ class Sim(FaultsMixin):
         if self.phase == "safety" and prod.is_current(batch_no, attempt):
             self.send_request(prod)
 
-    def ev_response(self, resp: ProduceResponse) -> None:
-        prod = self.producers[resp.producer]
-        if resp.status == COMMITTED:
-            self.checker.on_ack(Ack(prod.partition, resp.base_offset, resp.epoch,
-                                    f"{prod.name}/{resp.batch_no}".encode()))
-            if prod.on_committed(resp.batch_no) and self.phase == "safety":
+    def on_produce_answer(self, prod: Producer, msg: object) -> None:
+        """A producer's answer from a node's client room: an acknowledgement, or an error to act on."""
+        sent = prod.requests.get(msg.req_id)
+        if sent is None:
+            return
+        batch_no, attempt, blob = sent
+        if type(msg) is P.ProduceReply:
+            self.checker.on_ack(Ack(prod.partition, msg.base_offset, msg.epoch, blob))
+            if prod.on_committed(batch_no) and self.phase == "safety":
                 self.at(self.now + self.rng.randint(0, THINK_MS_MAX), "produce", prod.name)
             return
-        if prod.idempotent and resp.status not in (NOT_LEADER, BACKPRESSURE):
-            raise Violation("idempotent producer refused", f"{prod.name} batch {resp.batch_no}: {resp.status}")
-        if not prod.is_current(resp.batch_no, resp.attempt):
+        error = from_wire(msg.code, msg.message, msg.data)
+        if prod.idempotent and not error.retriable:
+            raise Violation("idempotent producer refused", f"{prod.name} batch {batch_no}: {error.code}: {error.message}")
+        if not prod.is_current(batch_no, attempt):
             return
-        prod.target = resp.leader_hint if resp.leader_hint in prod.replica_set else self.rng.choice(prod.replica_set)
-        self.at(self.now + RETRY_BACKOFF_MS, "retry", prod.name, resp.batch_no, resp.attempt)
+        hint = error.leader if isinstance(error, NotLeader) else None
+        prod.target = hint if hint in prod.replica_set else self.rng.choice(prod.replica_set)
+        self.at(self.now + RETRY_BACKOFF_MS, "retry", prod.name, batch_no, attempt)
 
     def ev_read(self, p: int, reader: int) -> None:
-        """A consumer fetches from a replica that believes it leads: only what lies below that
-        replica's high watermark, which must never be taken back."""
+        """A consumer fetches from the node it believes leads (a real Fetch, maybe a long-poll),
+        through that node's client room; what it gets must be committed and stay so."""
         if self.phase != "safety":
             return
-        name = self.rng.choice(sorted(self.nodes))
-        node = self.nodes[name]
-        r = node.replicas.get(p)
-        if node.alive and not node.paused and r is not None and r.role == LEADER:
-            pos = self.read_positions.get(reader, 0)
-            for e in r.entries(pos, READ_ENTRIES_MAX, 1 << 20):
-                if e.base_offset >= r.high_watermark:
-                    break
-                self.checker.on_read(name, p, e)
-                self.read_positions[reader] = e.end_offset
-        self.at(self.now + self.rng.randint(5, 40), "read", p, reader)
+        client = self.readers[reader]
+        wait_ms = self.rng.choice(FETCH_WAITS_MS)
+        msg = client.fetch(wait_ms)
+        for t in self.net.client_deliveries(self.now):
+            self.at(t, "request", client.target, client.identity, msg, [])
+        self.at(self.now + wait_ms + REQUEST_TIMEOUT_MS, "fetch_timeout", reader, msg.req_id)
+
+    def ev_fetch_timeout(self, reader: int, req_id: int) -> None:
+        client = self.readers[reader]
+        if self.phase == "safety" and client.req_id == req_id:
+            client.req_id = 0
+            client.target = self.rng.choice(self.targets[client.partition])   # as metadata names them
+            self.at(self.now, "read", client.partition, reader)
+
+    def on_fetch_answer(self, client: Reader, sender: str, msg: object, values: list) -> None:
+        if msg.req_id != client.req_id:
+            return   # an earlier fetch's answer (or a duplicate)
+        client.req_id = 0
+        if type(msg) is P.FetchReply:
+            self.result.fetches += 1
+            for e in values:
+                if e.end_offset <= client.position:
+                    continue
+                self.checker.on_read(sender, client.partition, e)
+                client.position = e.end_offset
+        else:
+            error = from_wire(msg.code, msg.message, msg.data)
+            if isinstance(error, NotLeader) and error.leader in self.nodes:
+                client.target = error.leader
+            elif (isinstance(error, OffsetOutOfRange) and error.log_start is not None
+                  and client.position < error.log_start):
+                client.position = error.log_start   # retention deleted what it had not read
+            else:
+                client.target = self.rng.choice(self.targets[client.partition])   # as metadata names them
+        if self.phase == "safety":
+            self.at(self.now + self.rng.randint(5, 40), "read", client.partition, client.index)
 
     def ev_retain(self) -> None:
         """Retention on one replica, as the node runs it: a leader by time, a follower below its leader's start."""
@@ -588,6 +688,7 @@ class Sim(FaultsMixin):
                 self.check_retained(node, p, start)
                 self.log(f"{name} p{p}: retention deletes [{store.start}, {start})")
                 node.disk.retain(p, start)
+                node.pass_.parts[p].log_start = start
                 r.tick(self.now, self.wall_ms(node))
                 r.on_log_start(start)
                 self.checker.on_log_start(name, p, start)

@@ -143,6 +143,9 @@ class Result:
     phase: str = "safety"
     acks: int = 0
     reads: int = 0                   # committed entries consumers read
+    fetches: int = 0                 # fetch answers consumers got (FetchReply) from a node's client room
+    parked: int = 0                  # of the fetches, those the room held (long-poll) past their request
+    parked_woken: int = 0            # ... and answered with data (the high watermark moved)
     elections: int = 0
     crashes: int = 0
     crashes_in_sync: int = 0         # of those, inside a pass's fsync (after a leader's Appends left early)
