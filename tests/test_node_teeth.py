@@ -119,6 +119,21 @@ def _produce_answered_before_the_pass(mp) -> None:
     mp.setattr(clients.Clients, "propose", propose)
 
 
+def _leader_ack_answered_before_the_pass(mp) -> None:
+    """acks=leader is answered as soon as the batch is proposed, before the leader's write is durable."""
+    right = clients.Clients.propose
+
+    def propose(self, part, count, producer_id, base_sequence, stored, callback, leader_ack=False) -> None:
+        if not leader_ack or callback is None:
+            return right(self, part, count, producer_id, base_sequence, stored, callback, leader_ack)
+        before, epoch = part.replica.log_end, part.replica.epoch
+        right(self, part, count, producer_id, base_sequence, stored, None, leader_ack)
+        if part.replica.log_end > before:
+            callback(Outcome(0, COMMITTED, before, epoch, self.host.name))
+    mp.setattr(clients.Clients, "propose", propose)
+
+
+BUGS["acks=leader answered before the leader's write is durable"] = _leader_ack_answered_before_the_pass
 BUGS["fetch answers one entry past the high watermark"] = _fetch_one_entry_past_the_high_watermark
 BUGS["quorum produce answered on the leader's write"] = _quorum_produce_answered_on_the_leaders_write
 BUGS["produce answered before its write is durable"] = _produce_answered_before_the_pass

@@ -6,7 +6,8 @@ Theory of operation
 A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler; the sequence
 number breaks ties in insertion order, so one seed gives one order of events and one trace
 hash. Each event is one step: a replica's timer (scheduled at the core's `next_timer_ms`), a
-message arriving, a disk sync (group commit), a client request or answer, or a fault (crash,
+message arriving, a disk sync (group commit), a client request or answer, a timer of a node's
+client room, or a fault (crash,
 restart, pause, resume, network partition, heal). After each step the checker's invariants
 hold or the run stops with the invariant, the step and the replay command.
 
@@ -24,6 +25,9 @@ Kafka does) and a crash is a process kill, which the page cache survives; losing
 majority at once is the case that mode gives up, and it is not simulated. A crash also loses the
 in-flight requests; a restart builds the cores from the disk alone. A pause stops a node's
 timers and queues what arrives for it (bounded, as socket buffers are), like SIGSTOP.
+
+Clients. Producers and consumers send real requests through the shipped client room
+(zq.node.clients), with checks on what it answers: see zq/sim/clients.py.
 
 Replica-set changes. A seed may draw 4 or 5 nodes (partitions keep 3 replicas) and
 reassignments: the simulator's metadata (`targets`) moves a partition to another 3-node set
@@ -99,18 +103,16 @@ import random
 import traceback
 from collections import defaultdict
 
-from zq import batch as zbatch
-from zq import protocol as P
 from zq.core import bounds
 from zq.core.membership import State
 from zq.core.repl_types import FOLLOWER, LEADER, NO_PRODUCER, HardState, RecoveryPoll, RecoveryState, TimeoutNow
 from zq.core.replication import Replica
-from zq.errors import CorruptData, InvalidRequest, NotLeader, OffsetOutOfRange, ProtocolError, ZqError, from_wire
+from zq.errors import CorruptData, InvalidRequest, ProtocolError
 from zq.hashing import rendezvous
-from zq.limits import DEFAULT
 from zq.node.clients import Clients
 from zq.node.replicas import Part, ReplicaSet
-from zq.sim.checks import Ack, Checker, Violation
+from zq.sim.checks import Checker, Violation
+from zq.sim.clients import ClientsMixin
 from zq.sim.faults import FaultsMixin, hostile_message
 from zq.sim.members_layer import MembershipLayer, address_of
 from zq.sim.members_checks import MembersChecker
@@ -118,14 +120,13 @@ from zq.sim.network import NetworkFaults, SimNetwork
 from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, REPLICATION_FACTOR, Result, SIM_CONFIG,
                              SIM_MEMBERSHIP, Settings, WALL_BASE_MS)
 from zq.sim.simnode import CrashedInSync, SimClientHost, SimNode, SimReplicaEvents, SimStorage
-from zq.sim.workload import (BATCH_RECORDS_MAX, FETCH_WAITS_MS, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX,
-                             Producer, Reader)
+from zq.sim.workload import LEADER_ACKS_SHARE, Producer, Reader
 
 
 NODE_EVENTS = frozenset({"deliver", "timer", "pass", "request", "node_timer"})   # events one node handles alone
 
 
-class Sim(FaultsMixin):
+class Sim(FaultsMixin, ClientsMixin):
     def __init__(self, seed: int, nodes: int = 3, steps: int = 400, settings: Settings | None = None,
                  verbose: bool = False) -> None:
         self.seed = seed
@@ -181,6 +182,10 @@ class Sim(FaultsMixin):
             idem = self.rng.random() < s.idempotent_share
             name = f"c{i + 1}"
             self.producers[name] = Producer(name, p, sorted(self.nodes), 1000 + i if idem else NO_PRODUCER)
+        acks_rng = random.Random(f"acks/{seed}")   # which plain producers ask for acks=leader
+        for prod in self.producers.values():
+            if not prod.idempotent and acks_rng.random() < LEADER_ACKS_SHARE:
+                prod.acks = 1
         self.readers = [Reader(i, i % s.partitions, self.replica_sets[i % s.partitions][0]) for i in range(s.readers)]
         self.clients_by_identity: dict[bytes, Producer | Reader] = {
             c.identity: c for c in [*self.producers.values(), *self.readers]}
@@ -453,90 +458,6 @@ class Sim(FaultsMixin):
         else:
             self.serve_client(node, *args)
 
-    # ---------------------------------------------------------------- clients, through the shipped room
-
-    def serve_client(self, node: SimNode, identity: bytes, msg: object, payload: list) -> None:
-        """A producer's or consumer's request reaches the node: decoded as the node decodes it, then
-        the shipped client room (zq.node.clients) handles it, as the real node's shell does; an error
-        it raises is the answer. Then the node's pass."""
-        msg, payload = P.decode(P.encode(msg, *payload), DEFAULT)
-        room = node.clients
-        fetch = type(msg) is P.Fetch
-        if fetch:
-            self.open_fetches[node.name][(identity, msg.req_id)] = (node.incarnation, msg.partition, msg.offset,
-                                                                     self.now + msg.max_wait_ms)
-        try:
-            if fetch:
-                room.on_fetch(identity, msg)
-            else:
-                self.produce(node, identity, msg, payload)
-        except ZqError as e:
-            room.host.reply_error(identity, msg.req_id, e)
-        self.run_pass(node)
-        if fetch and (identity, msg.req_id) in self.open_fetches[node.name]:
-            self.result.parked += 1
-            self.parked_now.add((node.name, identity, msg.req_id))
-            self.at(self.now + msg.max_wait_ms + 1, "fetch_deadline", node.name, node.incarnation, identity, msg.req_id)
-
-    def produce(self, node: SimNode, identity: bytes, msg: P.Produce, payload: list) -> None:
-        p = msg.partition
-        r = node.replicas.get(p)
-        base, epoch = (r.log_end, r.epoch) if r is not None else (0, 0)
-        node.clients.on_produce(identity, msg, payload)
-        if r is not None and r.log_end > base:
-            # The append time the room stamped the batch with, in its header as the node stores it.
-            stamp = zbatch.unpack_header(r.entries(base, 1, 0)[0].payload).append_time_ms
-            if stamp < WALL_BASE_MS + self.now - CLOCK_MARGIN_MS:
-                raise Violation("an append time behind the true time",
-                                f"{node.name} p{p} stamps {stamp - WALL_BASE_MS - self.now:+d} ms")
-            self.stamps[(p, base, epoch)] = (stamp, self.now)
-
-    def client_reply(self, node: SimNode, identity: bytes, msg: object, values: list) -> None:
-        """The room answers a client (zq.node.host.ClientHost.reply): it leaves after the pass's fsync."""
-        if self.open_fetches[node.name].pop((identity, msg.req_id), None) is not None and values:
-            self.result.parked_woken += (node.name, identity, msg.req_id) in self.parked_now
-        self.parked_now.discard((node.name, identity, msg.req_id))
-        for t in self.net.client_deliveries(self.now + node.send_delay_ms):
-            self.at(t, "client_reply", node.name, identity, msg, values)
-
-    def reader_partition(self, identity: bytes) -> int | None:
-        reader = self.clients_by_identity.get(identity)
-        return reader.partition if isinstance(reader, Reader) else None
-
-    def check_parked(self, node: SimNode) -> None:
-        """After a node's pass: no fetch it holds waits for data below a high watermark it reported."""
-        for (identity, req_id), (incarnation, p, offset, _deadline) in self.open_fetches[node.name].items():
-            hw = self.checker.hw.get((node.name, p), 0)
-            if incarnation == node.incarnation and hw > offset:
-                raise Violation("a parked fetch was not answered when the high watermark passed it",
-                                f"{node.name} p{p}: fetch {identity!r}/{req_id} at offset {offset}, high watermark {hw}")
-
-    def ev_fetch_deadline(self, name: str, incarnation: int, identity: bytes, req_id: int) -> None:
-        """A parked fetch's wait ran out: the node answered it (unless it stopped or runs no more)."""
-        node = self.nodes[name]
-        held = self.open_fetches[name].get((identity, req_id))
-        if held is not None and node.alive and not node.paused and node.incarnation == incarnation == held[0]:
-            raise Violation("a parked fetch was not answered within its max wait",
-                            f"{name} p{held[1]}: fetch {identity!r}/{req_id} at offset {held[2]}, due at t={held[3]}")
-
-    def ev_node_timer(self, name: str, incarnation: int, fn) -> None:
-        """A timer the node's client room set (a parked fetch's wait)."""
-        node = self.nodes[name]
-        if not node.alive or node.incarnation != incarnation:
-            return
-        if node.paused:
-            node.inbox.append(("call", (fn,)))   # runs when the node runs again (a timer is never dropped)
-            return
-        fn()
-        self.run_pass(node)
-
-    def ev_client_reply(self, sender: str, identity: bytes, msg: object, values: list) -> None:
-        client = self.clients_by_identity[identity]
-        if isinstance(client, Producer):
-            self.on_produce_answer(client, msg)
-        else:
-            self.on_fetch_answer(client, sender, msg, values)
-
     def receive(self, dst: str, kind: str, args: tuple) -> None:
         node = self.nodes[dst]
         if not node.alive:
@@ -583,94 +504,6 @@ class Sim(FaultsMixin):
         node = self.nodes[name]
         if node.alive and not node.paused and node.incarnation == incarnation:
             self.run_pass(node)
-
-    def ev_produce(self, name: str) -> None:
-        if self.phase != "safety":
-            return
-        prod = self.producers[name]
-        if not prod.waiting:
-            prod.new_batch(self.rng.randint(1, BATCH_RECORDS_MAX))
-        self.send_request(prod)
-
-    def send_request(self, prod: Producer) -> None:
-        msg, blob = prod.request()
-        for t in self.net.client_deliveries(self.now):
-            self.at(t, "request", prod.target, prod.identity, msg, [blob])
-        self.at(self.now + REQUEST_TIMEOUT_MS, "timeout", prod.name, prod.batch_no, prod.attempt)
-
-    def ev_timeout(self, name: str, batch_no: int, attempt: int) -> None:
-        prod = self.producers[name]
-        if self.phase != "safety" or not prod.is_current(batch_no, attempt):
-            return
-        prod.target = self.rng.choice(prod.replica_set)
-        self.send_request(prod)
-
-    def ev_retry(self, name: str, batch_no: int, attempt: int) -> None:
-        prod = self.producers[name]
-        if self.phase == "safety" and prod.is_current(batch_no, attempt):
-            self.send_request(prod)
-
-    def on_produce_answer(self, prod: Producer, msg: object) -> None:
-        """A producer's answer from a node's client room: an acknowledgement, or an error to act on."""
-        sent = prod.requests.get(msg.req_id)
-        if sent is None:
-            return
-        batch_no, attempt, blob = sent
-        if type(msg) is P.ProduceReply:
-            self.checker.on_ack(Ack(prod.partition, msg.base_offset, msg.epoch, blob))
-            if prod.on_committed(batch_no) and self.phase == "safety":
-                self.at(self.now + self.rng.randint(0, THINK_MS_MAX), "produce", prod.name)
-            return
-        error = from_wire(msg.code, msg.message, msg.data)
-        if prod.idempotent and not error.retriable:
-            raise Violation("idempotent producer refused", f"{prod.name} batch {batch_no}: {error.code}: {error.message}")
-        if not prod.is_current(batch_no, attempt):
-            return
-        hint = error.leader if isinstance(error, NotLeader) else None
-        prod.target = hint if hint in prod.replica_set else self.rng.choice(prod.replica_set)
-        self.at(self.now + RETRY_BACKOFF_MS, "retry", prod.name, batch_no, attempt)
-
-    def ev_read(self, p: int, reader: int) -> None:
-        """A consumer fetches from the node it believes leads (a real Fetch, maybe a long-poll),
-        through that node's client room; what it gets must be committed and stay so."""
-        if self.phase != "safety":
-            return
-        client = self.readers[reader]
-        wait_ms = self.rng.choice(FETCH_WAITS_MS)
-        msg = client.fetch(wait_ms)
-        for t in self.net.client_deliveries(self.now):
-            self.at(t, "request", client.target, client.identity, msg, [])
-        self.at(self.now + wait_ms + REQUEST_TIMEOUT_MS, "fetch_timeout", reader, msg.req_id)
-
-    def ev_fetch_timeout(self, reader: int, req_id: int) -> None:
-        client = self.readers[reader]
-        if self.phase == "safety" and client.req_id == req_id:
-            client.req_id = 0
-            client.target = self.rng.choice(self.targets[client.partition])   # as metadata names them
-            self.at(self.now, "read", client.partition, reader)
-
-    def on_fetch_answer(self, client: Reader, sender: str, msg: object, values: list) -> None:
-        if msg.req_id != client.req_id:
-            return   # an earlier fetch's answer (or a duplicate)
-        client.req_id = 0
-        if type(msg) is P.FetchReply:
-            self.result.fetches += 1
-            for e in values:
-                if e.end_offset <= client.position:
-                    continue
-                self.checker.on_read(sender, client.partition, e)
-                client.position = e.end_offset
-        else:
-            error = from_wire(msg.code, msg.message, msg.data)
-            if isinstance(error, NotLeader) and error.leader in self.nodes:
-                client.target = error.leader
-            elif (isinstance(error, OffsetOutOfRange) and error.log_start is not None
-                  and client.position < error.log_start):
-                client.position = error.log_start   # retention deleted what it had not read
-            else:
-                client.target = self.rng.choice(self.targets[client.partition])   # as metadata names them
-        if self.phase == "safety":
-            self.at(self.now + self.rng.randint(5, 40), "read", client.partition, client.index)
 
     def ev_retain(self) -> None:
         """Retention on one replica, as the node runs it: a leader by time, a follower below its leader's start."""

@@ -192,6 +192,8 @@ class SimClientHost:
         return None
 
     def reply(self, identity: bytes, msg: Any, *frames: bytes) -> None:
+        if type(msg) is P.ProduceReply:
+            self.sim.check_leader_ack(self.node, identity, msg)
         self.sim.client_reply(self.node, identity, msg, list(frames))
 
     def reply_error(self, identity: bytes, req_id: int, error: Any) -> None:

@@ -20,6 +20,7 @@ REQUEST_TIMEOUT_MS = 250
 RETRY_BACKOFF_MS = 20
 THINK_MS_MAX = 20
 BATCH_RECORDS_MAX = 3
+LEADER_ACKS_SHARE = 0.3        # of the plain producers, those asking for acks=leader
 SIM_TOPIC = "sim"              # the one topic of the cluster simulator; its partitions are numbers
 FETCH_BYTES = 512              # a consumer's fetch size: a few batches
 FETCH_WAITS_MS = (0, 0, 30, 200)   # the long-polls consumers ask for (0: answer at once)
@@ -42,6 +43,7 @@ class Producer:
         self.blob = b""
         self.identity = name.encode()
         self.requests: dict[int, tuple[int, int, bytes]] = {}   # req_id -> (batch_no, attempt, blob)
+        self.acks = 2   # 2: answered once a majority holds the batch; 1: once the leader does (never idempotent)
 
     @property
     def idempotent(self) -> bool:
@@ -61,7 +63,7 @@ class Producer:
         req_id = len(self.requests) + 1
         self.requests[req_id] = (self.batch_no, self.attempt, self.blob)
         pid, seq = (self.producer_id, self.next_sequence) if self.idempotent else (0, 0)   # 0: not idempotent
-        return P.Produce(req_id, SIM_TOPIC, self.partition, 2, self.count, zbatch.crc(self.blob), pid, seq, 0), self.blob
+        return P.Produce(req_id, SIM_TOPIC, self.partition, self.acks, self.count, zbatch.crc(self.blob), pid, seq, 0), self.blob
 
     def is_current(self, batch_no: int, attempt: int) -> bool:
         return self.waiting and batch_no == self.batch_no and attempt == self.attempt
