@@ -140,6 +140,19 @@ BUGS["produce answered before its write is durable"] = _produce_answered_before_
 # A parked fetch is never woken when the high watermark moves (it waits out its max wait).
 BUGS["parked fetch not woken by the high watermark"] = lambda mp: mp.setattr(
     clients.Clients, "on_high_watermark", lambda self, tp, high_watermark: None)
+
+
+def _parked_count_lost(mp) -> None:
+    """The room loses count of its parked fetches, so its bound on them never applies."""
+    right = clients.Clients.on_fetch
+
+    def on_fetch(self, identity, msg) -> None:
+        self.parked_count = 0
+        right(self, identity, msg)
+    mp.setattr(clients.Clients, "on_fetch", on_fetch)
+
+
+BUGS["parked fetches past their bound"] = _parked_count_lost
 # A parked fetch whose wait runs out is never answered.
 BUGS["parked fetch never expires"] = lambda mp: mp.setattr(clients.Clients, "_expire", lambda self, parked: None)
 

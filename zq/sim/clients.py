@@ -13,7 +13,12 @@ judge the fetch side: no fetch answer holds an entry at or above the high waterm
 replica answering (`SimClientHost.reply_fetch`), and a fetch the room holds is answered once a
 high watermark its node reported passes its offset (`check_parked`, after every pass) and by
 the end of the wait it asked for (`ev_fetch_deadline`; a paused node answers when it runs again).
-The room's timers are simulator events of the node's incarnation (`ev_node_timer`).
+The room's timers are simulator events of the node's incarnation (`ev_node_timer`). Half the
+seeds hold each node to one parked fetch (`Sim.client_limits`), and no node holds more than its
+bound. Plain producers may ask for acks=leader (idempotent ones never do, as Kafka requires):
+their answers promise no commit, so they are not acknowledgements the replication checks hold
+the cluster to; instead the answering node must hold the batch durably when it answers
+(`check_leader_ack`).
 """
 from __future__ import annotations
 
@@ -95,7 +100,12 @@ class ClientsMixin:
         return reader.partition if isinstance(reader, Reader) else None
 
     def check_parked(self, node: SimNode) -> None:
-        """After a node's pass: no fetch it holds waits for data below a high watermark it reported."""
+        """After a node's pass: no fetch it holds waits for data below a high watermark it reported,
+        and it holds no more than its bound."""
+        parked = sum((node.name, *key) in self.parked_now for key in self.open_fetches[node.name])
+        if parked > self.client_limits.pending_fetches_max:
+            raise Violation("a node holds more parked fetches than its bound",
+                            f"{node.name}: {parked} > {self.client_limits.pending_fetches_max}")
         for (identity, req_id), (incarnation, p, offset, _deadline) in self.open_fetches[node.name].items():
             hw = self.checker.hw.get((node.name, p), 0)
             if incarnation == node.incarnation and hw > offset:
@@ -106,7 +116,9 @@ class ClientsMixin:
         """A parked fetch's wait ran out: the node answered it (unless it stopped or runs no more)."""
         node = self.nodes[name]
         held = self.open_fetches[name].get((identity, req_id))
-        if held is not None and node.alive and not node.paused and node.incarnation == incarnation == held[0]:
+        # (A duplicate of the request, delivered later, may hold the same key with a later deadline.)
+        if (held is not None and held[3] < self.now and node.alive and not node.paused
+                and node.incarnation == incarnation == held[0]):
             raise Violation("a parked fetch was not answered within its max wait",
                             f"{name} p{held[1]}: fetch {identity!r}/{req_id} at offset {held[2]}, due at t={held[3]}")
 
@@ -146,7 +158,7 @@ class ClientsMixin:
         prod = self.producers[name]
         if self.phase != "safety" or not prod.is_current(batch_no, attempt):
             return
-        prod.target = self.rng.choice(prod.replica_set)
+        prod.target = self.rng.choice(self.targets[prod.partition])   # the nodes metadata names for it
         self.send_request(prod)
 
     def ev_retry(self, name: str, batch_no: int, attempt: int) -> None:
@@ -174,7 +186,7 @@ class ClientsMixin:
         if not prod.is_current(batch_no, attempt):
             return
         hint = error.leader if isinstance(error, NotLeader) else None
-        prod.target = hint if hint in prod.replica_set else self.rng.choice(prod.replica_set)
+        prod.target = hint if hint in self.nodes else self.rng.choice(self.targets[prod.partition])
         self.at(self.now + RETRY_BACKOFF_MS, "retry", prod.name, batch_no, attempt)
 
     def ev_read(self, p: int, reader: int) -> None:

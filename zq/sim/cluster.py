@@ -109,6 +109,7 @@ from zq.core.repl_types import FOLLOWER, LEADER, NO_PRODUCER, HardState, Recover
 from zq.core.replication import Replica
 from zq.errors import CorruptData, InvalidRequest, ProtocolError
 from zq.hashing import rendezvous
+from zq.limits import DEFAULT
 from zq.node.clients import Clients
 from zq.node.replicas import Part, ReplicaSet
 from zq.sim.checks import Checker, Violation
@@ -186,6 +187,10 @@ class Sim(FaultsMixin, ClientsMixin):
         for prod in self.producers.values():
             if not prod.idempotent and acks_rng.random() < LEADER_ACKS_SHARE:
                 prod.acks = 1
+        # Half the seeds hold their nodes to one parked fetch at a time (zq.limits' bound, set low), so
+        # that the path past the bound runs too.
+        self.client_limits = (DEFAULT if random.Random(f"limits/{seed}").random() < 0.5
+                              else dataclasses.replace(DEFAULT, pending_fetches_max=1))
         self.readers = [Reader(i, i % s.partitions, self.replica_sets[i % s.partitions][0]) for i in range(s.readers)]
         self.clients_by_identity: dict[bytes, Producer | Reader] = {
             c.identity: c for c in [*self.producers.values(), *self.readers]}

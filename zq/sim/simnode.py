@@ -11,7 +11,6 @@ from zq import protocol as P
 from zq.core.repl_types import LEADER, HardState
 from zq.core.replication import Replica
 from zq.errors import UnknownPartition, UnknownTopic
-from zq.limits import DEFAULT
 from zq.node.clients import Clients
 from zq.node.replicas import Part, ReplicaSet
 from zq.sim.checks import Violation
@@ -160,7 +159,7 @@ class SimClientHost:
         self.node = node
         self.name = node.name
         self.counters: defaultdict[str, int] = defaultdict(int)
-        self.limits = DEFAULT
+        self.limits = sim.client_limits
 
     def resolve(self, topic: str, partition: int) -> int:
         if topic != SIM_TOPIC:

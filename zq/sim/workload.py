@@ -20,7 +20,7 @@ REQUEST_TIMEOUT_MS = 250
 RETRY_BACKOFF_MS = 20
 THINK_MS_MAX = 20
 BATCH_RECORDS_MAX = 3
-LEADER_ACKS_SHARE = 0.3        # of the plain producers, those asking for acks=leader
+LEADER_ACKS_SHARE = 0.2        # of the plain producers, those asking for acks=leader
 SIM_TOPIC = "sim"              # the one topic of the cluster simulator; its partitions are numbers
 FETCH_BYTES = 512              # a consumer's fetch size: a few batches
 FETCH_WAITS_MS = (0, 0, 30, 200)   # the long-polls consumers ask for (0: answer at once)
