@@ -20,9 +20,9 @@ Rooms. `Node` holds the node's state and its start-up (this module) and the surf
 each other job is a room of its own, mixed into `Node`: the loop and timers (node_loop), peers and
 heartbeats (node_peers), the node's side of the persist-then-send pass (node_replication; the pass
 itself is zq.node.replicas, which the simulator runs too), produce/fetch and parked fetches
-(node_clients, a shell around zq.node.clients, which the simulator runs too), `__meta` with founding and registration (node_meta; the founding decision is
-zq.node.founding), drain and leave (node_drain), status and metrics (node_status); shared
-constants and clocks in node_common.
+(node_clients, a shell around zq.node.clients, which the simulator runs too), `__meta` with
+founding and registration (node_meta; the founding decision is zq.node.founding), drain and
+leave (node_drain), status and metrics (node_status); shared constants and clocks in node_common.
 
 Replication transport. A leader's Append that carries entries goes out on the node's PUB socket
 with the partition as the topic frame; followers subscribe to the partitions they hold. PUB/SUB
