@@ -1,11 +1,13 @@
-"""Teeth on the shipped pass: deliberate bugs put into the PRODUCTION persist-then-send pipeline
-(zq.node.replicas, which the real node runs), each caught by the cluster simulator, which runs
-that very pass, within a bounded number of seeds.
+"""Teeth on the shipped node code: deliberate bugs put into the PRODUCTION persist-then-send
+pipeline (zq.node.replicas) and client room (zq.node.clients: produce, fetch, parked fetches),
+which the real node runs, each caught by the cluster simulator, which runs that very code,
+within a bounded number of seeds.
 
-Each bug is monkeypatched into `zq.node.replicas` (never a simulator switch); the test runs seeds
-from 0 until the first failure and asserts that one comes within SEEDS_MAX (at the time of
-writing each is caught by seed 33: the test prints where). The correct code passes every seed up
-to there (the last test here; tests/test_sim.py runs far more).
+Each bug is monkeypatched into `zq.node.replicas` or `zq.node.clients` (never a simulator
+switch); the test runs seeds from 0 until the first failure and asserts that one comes within
+SEEDS_MAX (at the time of writing each is caught by seed 33, the client room's by seed 0: the
+test prints where). The correct code passes every seed up to there (the last test here;
+tests/test_sim.py runs far more).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import dataclasses
 
 import pytest
 
-from zq.node import replicas
+from zq.core.repl_types import COMMITTED, Outcome
+from zq.node import clients, replicas
 from zq.sim.cluster import run_seed
 
 SEEDS_MAX = 100    # seeds tried per bug before the test says the simulator missed it
@@ -85,6 +88,87 @@ def _timer_read_only_when_it_fired(mp) -> None:
 
 
 BUGS["a moved timer is not read again"] = _timer_read_only_when_it_fired
+
+
+class _OneEntryAhead:
+    """A partition whose high watermark reads one entry further than it is."""
+
+    def __init__(self, part) -> None:
+        self._part = part
+
+    def __getattr__(self, name: str):
+        return getattr(self._part, name)
+
+    @property
+    def high_watermark(self) -> int:
+        after = self._part.replica.entries(self._part.high_watermark, 1, 0)
+        return after[0].end_offset if after else self._part.high_watermark
+
+
+def _fetch_one_entry_past_the_high_watermark(mp) -> None:
+    """The fetch room answers with the entry just past the high watermark (not yet committed)."""
+    right = clients.Clients._reply_fetch
+    mp.setattr(clients.Clients, "_reply_fetch",
+               lambda self, identity, msg, tp, part: right(self, identity, msg, tp, _OneEntryAhead(part)))
+
+
+def _quorum_produce_answered_on_the_leaders_write(mp) -> None:
+    """acks=quorum is answered once the leader's own write is durable, not once a majority's is."""
+    right = clients.Clients.propose
+
+    def propose(self, part, count, producer_id, base_sequence, stored, callback, leader_ack=False) -> None:
+        right(self, part, count, producer_id, base_sequence, stored, callback, leader_ack=True)
+    mp.setattr(clients.Clients, "propose", propose)
+
+
+def _produce_answered_before_the_pass(mp) -> None:
+    """The producer is answered as soon as its batch is proposed, before any write is durable."""
+    right = clients.Clients.propose
+
+    def propose(self, part, count, producer_id, base_sequence, stored, callback, leader_ack=False) -> None:
+        before, epoch = part.replica.log_end, part.replica.epoch
+        right(self, part, count, producer_id, base_sequence, stored, None, leader_ack)
+        if callback is not None and part.replica.log_end > before:
+            callback(Outcome(0, COMMITTED, before, epoch, self.host.name))
+    mp.setattr(clients.Clients, "propose", propose)
+
+
+def _leader_ack_answered_before_the_pass(mp) -> None:
+    """acks=leader is answered as soon as the batch is proposed, before the leader's write is durable."""
+    right = clients.Clients.propose
+
+    def propose(self, part, count, producer_id, base_sequence, stored, callback, leader_ack=False) -> None:
+        if not leader_ack or callback is None:
+            return right(self, part, count, producer_id, base_sequence, stored, callback, leader_ack)
+        before, epoch = part.replica.log_end, part.replica.epoch
+        right(self, part, count, producer_id, base_sequence, stored, None, leader_ack)
+        if part.replica.log_end > before:
+            callback(Outcome(0, COMMITTED, before, epoch, self.host.name))
+    mp.setattr(clients.Clients, "propose", propose)
+
+
+BUGS["acks=leader answered before the leader's write is durable"] = _leader_ack_answered_before_the_pass
+BUGS["fetch answers one entry past the high watermark"] = _fetch_one_entry_past_the_high_watermark
+BUGS["quorum produce answered on the leader's write"] = _quorum_produce_answered_on_the_leaders_write
+BUGS["produce answered before its write is durable"] = _produce_answered_before_the_pass
+# A parked fetch is never woken when the high watermark moves (it waits out its max wait).
+BUGS["parked fetch not woken by the high watermark"] = lambda mp: mp.setattr(
+    clients.Clients, "on_high_watermark", lambda self, tp, high_watermark: None)
+
+
+def _parked_count_lost(mp) -> None:
+    """The room loses count of its parked fetches, so its bound on them never applies."""
+    right = clients.Clients.on_fetch
+
+    def on_fetch(self, identity, msg) -> None:
+        self.parked_count = 0
+        right(self, identity, msg)
+    mp.setattr(clients.Clients, "on_fetch", on_fetch)
+
+
+BUGS["parked fetches past their bound"] = _parked_count_lost
+# A parked fetch whose wait runs out is never answered.
+BUGS["parked fetch never expires"] = lambda mp: mp.setattr(clients.Clients, "_expire", lambda self, parked: None)
 
 
 @pytest.mark.parametrize("bug", sorted(BUGS))

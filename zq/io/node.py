@@ -20,10 +20,11 @@ Rooms. `Node` holds the node's state and its start-up (this module) and the surf
 each other job is a room of its own, mixed into `Node`: the loop and timers (node_loop), peers and
 heartbeats (node_peers), the node's side of the persist-then-send pass (node_replication; the pass
 itself is zq.node.replicas, which the simulator runs too), produce/fetch and parked fetches
-(node_clients), `__meta` with founding and registration (node_meta, the shell of the follower in
-zq.node.meta, which the simulator zq/sim/meta.py runs too; the founding decision is
-zq.node.founding), drain and leave (node_drain; its decisions in zq.node.drain), status and
-metrics (node_status; the views in zq.node.status); shared constants and clocks in node_common.
+(node_clients, a shell around zq.node.clients, which the simulator runs too), `__meta` with
+founding and registration (node_meta, the shell of the follower in zq.node.meta, which the
+simulator zq/sim/meta.py runs too; the founding decision is zq.node.founding), drain and leave
+(node_drain; its decisions in zq.node.drain), status and metrics (node_status; the views in
+zq.node.status); shared constants and clocks in node_common.
 
 Replication transport. A leader's Append that carries entries goes out on the node's PUB socket
 with the partition as the topic frame; followers subscribe to the partitions they hold. PUB/SUB
@@ -83,7 +84,7 @@ from zq.types import META_TOPIC, META_TP, TopicPartition
 from zq.io.node_common import (  # noqa: F401 (re-exported: tests and tools import them from here)
                                BORN_META, DISK_CHECK_INTERVAL_MS, DISK_FREE_BYTES_MIN, LOG_REPEAT_MS,
                                PEER_REQUEST_TIMEOUT_MS, PREFERRED_LEADER_DELAY_MS, PREFERRED_STAND_TRIES_MAX,
-                               PUB_SNDHWM, RETENTION_INTERVAL_MS, TEST_CLOCK_OFFSET_ENV, _LimitedLog, _Parked, log,
+                               PUB_SNDHWM, RETENTION_INTERVAL_MS, TEST_CLOCK_OFFSET_ENV, _LimitedLog, log,
                                mono_ms, now_ms)
 from zq.io.node_replication import ReplicationMixin, _NodeReplicaEvents, _StoreStorage
 from zq.io.node_clients import ClientsMixin
@@ -146,9 +147,6 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
         # Without voters from a topology, a node learns them from a seed or a discovered peer; if it
         # finds no cluster within FOUND_WAIT_MS, the lowest-named of the waiting nodes founds one.
         self.voters: tuple[str, ...] = config.voters or (() if config.seeds or config.discovery else (config.name,))
-        self.parked: dict[TopicPartition, list[_Parked]] = defaultdict(list)
-        self.parked_count = 0
-        self.parked_by_client: dict[tuple[bytes, TopicPartition], _Parked] = {}   # one long-poll per client and partition
         # Fetch replies handed to ZeroMQ that it has not yet written to the client's TCP socket (their
         # MessageTracker is not done), per client identity: what a client that does not read makes us hold.
         self.fetch_pending: dict[bytes, deque] = {}            # identity -> (tracker, bytes), oldest first
@@ -164,6 +162,8 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
         self.counters: dict[str, int] = defaultdict(int)
         # The replicas this node hosts and the persist-then-send pass (zq.node.replicas), shared with the simulator.
         self.replica_set = ReplicaSet(_StoreStorage(self), _NodeReplicaEvents(self), self.counters)
+        # Produce, fetch (parked fetches too) and list-offsets (zq.node.clients), shared with the simulator.
+        self.clients = self._make_clients()
         self.storage_error: ZqError | None = None               # why the last failed write failed
         self.continued = 0   # SIGCONTs received: a pass during which the process was stopped is not a stall
         self.meta_applied_by: dict[str, int] = {}               # node -> __meta applied offset (heartbeats)

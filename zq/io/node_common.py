@@ -5,12 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from zq import protocol as P
 from zq.errors import ZqError
-from zq.types import TopicPartition
 
 
 log = logging.getLogger("zq.node")
@@ -77,15 +74,3 @@ class _LimitedLog:
             fmt, args = fmt + " (and %d more like it in %d s)", (*args, last[1], (now - last[0]) // 1000)
         self._last[kind] = (now, 0)
         log.log(level, fmt, *args, exc_info=exc_info)
-
-
-@dataclass(slots=True)
-
-
-class _Parked:
-    """A fetch waiting for data (long-poll)."""
-    deadline_ms: int
-    identity: bytes
-    msg: P.Fetch
-    tp: TopicPartition
-    done: bool = False

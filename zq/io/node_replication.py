@@ -12,7 +12,7 @@ import zmq
 from zq import protocol as P
 from zq.core.repl_types import LEADER, HardState
 from zq.core.repl_types import RecoveryPoll, RecoveryState
-from zq.errors import LeaderNotAvailable, PartitionFenced, ProtocolError, StorageFull, ZqError
+from zq.errors import PartitionFenced, ProtocolError, StorageFull, ZqError
 from zq.io import replicas as R
 from zq.node.replicas import Part as _Part
 from zq.types import META_TP, TopicPartition
@@ -158,7 +158,7 @@ class ReplicationMixin:
             self._remove_part(part)
             return
         if rd.high_watermark is not None:
-            self._serve_parked(part.tp)
+            self.clients.on_high_watermark(part.tp, rd.high_watermark)
             for service in self.services:
                 hook = getattr(service, "on_high_watermark", None)
                 if hook is not None:
@@ -305,13 +305,3 @@ class ReplicationMixin:
                                  self.name, wall - mono - self._wall_minus_mono)
         self._wall_minus_mono = wall - mono
         return wall
-
-    def _append_time(self, part: _Part) -> int:
-        """The append time of a batch proposed now on a partition we lead (see Replica.append_time_ms)."""
-        part.replica.tick(mono_ms(), self._wall_clock())
-        self.dirty.add(part.tp)
-        stamp = part.replica.append_time_ms()
-        if stamp is None:
-            raise LeaderNotAvailable(f"{part.name}/{part.tp.partition} has a new leader that has not yet heard its "
-                                     "replicas' clocks; retry shortly")
-        return stamp

@@ -121,3 +121,62 @@ class LearnerLog(Protocol):
 
 
 Parts = MutableMapping[Hashable, Any]
+
+
+class ClientHost(Protocol):
+    """What the node's client room (zq.node.clients: produce, fetch, list-offsets) asks of its
+    node. The real node (zq/io/node_clients.py) and the cluster simulator (zq/sim/simnode.py)
+    each supply one."""
+
+    name: str
+    counters: Counters
+    limits: Any                   # zq.limits.Limits
+
+    # ---- where partitions are
+    def resolve(self, topic: str, partition: int) -> Hashable:
+        """The node's key of a partition (raises UnknownTopic / UnknownPartition)."""
+        ...
+
+    def leader_of(self, tp: Hashable) -> tuple[str | None, int]:
+        """Who leads a partition as far as this node knows, and in which epoch."""
+        ...
+
+    def address_of(self, name: str) -> str:
+        """A node's client address ("" if unknown), for a NotLeader answer."""
+        ...
+
+    def storage_full(self) -> str | None:
+        """Why produce is refused for want of disk ("less than 64 MiB of disk free"), or None."""
+        ...
+
+    # ---- reading stored batches
+    def read(self, tp: Hashable, offset: int, max_bytes: int, upto: int) -> list:
+        """Stored batches from the one holding `offset` on, at most `max_bytes` (at least one if any),
+        none whose base offset is at or above `upto`."""
+        ...
+
+    def offset_for_time(self, tp: Hashable, time_ms: int) -> int | None: ...
+
+    # ---- replies to clients (typed messages; the host encodes them). Never blocking: a reply
+    # that cannot go is dropped and counted (the client retries).
+    def reply(self, identity: bytes, msg: Any, *frames: bytes) -> None: ...
+
+    def reply_error(self, identity: bytes, req_id: int, error: Any) -> None: ...
+
+    def reply_fetch(self, identity: bytes, msg: Any, values: list) -> None:
+        """A FetchReply with the stored batches `values` as its payload; the host holds them
+        against the client until they are written out (see `fetch_backlog`)."""
+        ...
+
+    def fetch_backlog(self, identity: bytes) -> tuple[int, int, int]:
+        """(fetch replies to `identity` not yet written out, their bytes, such bytes of every client)."""
+        ...
+
+    # ---- time
+    def now_ms(self) -> int: ...
+
+    def wall_ms(self) -> int:
+        """The wall clock the replicas are told (append times)."""
+        ...
+
+    def at(self, when_ms: int, fn: Callable[[], None]) -> None: ...

@@ -30,7 +30,8 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
     if not r.ok:
         _report_failure(r, nodes, steps)
         return 1
-    print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.reads} reads, {r.elections} elections, {r.crashes} crashes, "
+    print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.leader_acks} acks=leader, {r.reads} reads, {r.fetches} fetches "
+          f"({r.parked} parked, {r.parked_woken} woken with data), {r.elections} elections, {r.crashes} crashes, "
           f"{r.pauses} pauses, {r.cuts} partitions, {r.reassignments} reassignments ({r.reassigned} reached, "
           f"{r.config_changes} configuration changes, {r.removals} replicas deleted), {r.drains} drains, "
           f"{r.transfers} transfers, {r.handoffs} hand-offs, {r.disk_lows} disks short, {r.retained} retention runs, "
@@ -47,7 +48,7 @@ def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> i
     began = time.monotonic()
     failures: list[Result] = []
     converge_ms_max = 0
-    totals = {"steps": 0, "acks": 0, "reads": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0,
+    totals = {"steps": 0, "acks": 0, "leader_acks": 0, "reads": 0, "fetches": 0, "parked": 0, "parked_woken": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0,
               "reassignments": 0, "reassigned": 0, "config_changes": 0, "removals": 0, "drains": 0,
               "transfers": 0, "handoffs": 0, "retained": 0, "start_ats": 0, "start_ats_moved": 0,
               "retention_duplicates": 0, "false_deaths": 0, "operator_moves": 0, "operator_false_moves": 0,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zq.batch import HEADER_SIZE
 from zq.core.repl_types import NO_PRODUCER, Entry
 
 
@@ -48,7 +49,12 @@ class Ack:
     partition: int
     base_offset: int
     epoch: int
-    payload: bytes
+    payload: bytes     # the producer's record blob (what the stored batch holds after its header)
+
+
+def records(payload: bytes) -> bytes:
+    """A stored batch's record blob: what a producer sent (the header holds the leader's stamps)."""
+    return payload[HEADER_SIZE:]
 
 
 def _same(a: Entry, b: Entry) -> bool:
@@ -141,7 +147,7 @@ class Checker:
 
     def on_ack(self, ack: Ack) -> None:
         c = self.committed[ack.partition].get(ack.base_offset)
-        if c is None or c.epoch != ack.epoch or c.payload != ack.payload:
+        if c is None or c.epoch != ack.epoch or records(c.payload) != ack.payload:
             raise Violation("acknowledged write not committed",
                             f"p{ack.partition} offset {ack.base_offset} epoch {ack.epoch}: committed has {c}")
         self.acks[ack.partition].append(ack)
@@ -162,7 +168,7 @@ class Checker:
                 if ack.base_offset < r.log_start:
                     continue  # deleted by retention, as it may be
                 got = r.entries(ack.base_offset, 1, 0)
-                if not got or got[0].base_offset != ack.base_offset or got[0].payload != ack.payload:
+                if not got or got[0].base_offset != ack.base_offset or records(got[0].payload) != ack.payload:
                     raise Violation("acknowledged write lost", f"{node} p{p} offset {ack.base_offset}")
             for offset, seen in self.reads[p].items():
                 if offset < r.log_start:

@@ -7,7 +7,8 @@ A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler; 
 number breaks ties in insertion order, so one seed gives one order of events and one trace
 hash. Each event is one step: a node's timer (one per node, at its replicas' earliest deadline
 as the shipped pass keeps them; the pass ticks the replicas due then, and only those), a
-message arriving, a disk sync (group commit), a client request or answer, or a fault (crash,
+message arriving, a disk sync (group commit), a client request or answer, a timer of a node's
+client room, or a fault (crash,
 restart, pause, resume, network partition, heal). After each step the checker's invariants
 hold or the run stops with the invariant, the step and the replay command.
 
@@ -25,6 +26,9 @@ Kafka does) and a crash is a process kill, which the page cache survives; losing
 majority at once is the case that mode gives up, and it is not simulated. A crash also loses the
 in-flight requests; a restart builds the cores from the disk alone. A pause stops a node's
 timers and queues what arrives for it (bounded, as socket buffers are), like SIGSTOP.
+
+Clients. Producers and consumers send real requests through the shipped client room
+(zq.node.clients), with checks on what it answers: see zq/sim/clients.py.
 
 Replica-set changes. A seed may draw 4 or 5 nodes (partitions keep 3 replicas) and
 reassignments: the simulator's metadata (`targets`) moves a partition to another 3-node set
@@ -102,28 +106,29 @@ from collections import defaultdict
 
 from zq.core import bounds
 from zq.core.membership import State
-from zq.core.repl_types import (BACKPRESSURE, COMMITTED, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, HardState,
-                                RecoveryPoll, RecoveryState, TimeoutNow)
+from zq.core.repl_types import FOLLOWER, LEADER, NO_PRODUCER, HardState, RecoveryPoll, RecoveryState, TimeoutNow
 from zq.core.replication import Replica
 from zq.errors import CorruptData, InvalidRequest, ProtocolError
 from zq.hashing import rendezvous
+from zq.limits import DEFAULT
+from zq.node.clients import Clients
 from zq.node.replicas import Part, ReplicaSet
-from zq.sim.checks import Ack, Checker, Violation
+from zq.sim.checks import Checker, Violation
+from zq.sim.clients import ClientsMixin
 from zq.sim.faults import FaultsMixin, hostile_message
 from zq.sim.members_layer import MembershipLayer, address_of
 from zq.sim.members_checks import MembersChecker
 from zq.sim.network import NetworkFaults, SimNetwork
-from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, READ_ENTRIES_MAX, REPLICATION_FACTOR, Result,
-                             SIM_CONFIG, SIM_MEMBERSHIP, Settings, WALL_BASE_MS)
-from zq.sim.simnode import CrashedInSync, SimNode, SimReplicaEvents, SimStorage
-from zq.sim.workload import (BATCH_RECORDS_MAX, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX, ProduceRequest,
-                             ProduceResponse, Producer)
+from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, REPLICATION_FACTOR, Result, SIM_CONFIG,
+                             SIM_MEMBERSHIP, Settings, WALL_BASE_MS)
+from zq.sim.simnode import CrashedInSync, SimClientHost, SimNode, SimReplicaEvents, SimStorage
+from zq.sim.workload import LEADER_ACKS_SHARE, Producer, Reader
 
 
-NODE_EVENTS = frozenset({"deliver", "timer", "pass", "request"})   # events one node handles alone
+NODE_EVENTS = frozenset({"deliver", "timer", "pass", "request", "node_timer"})   # events one node handles alone
 
 
-class Sim(FaultsMixin):
+class Sim(FaultsMixin, ClientsMixin):
     def __init__(self, seed: int, nodes: int = 3, steps: int = 400, settings: Settings | None = None,
                  verbose: bool = False) -> None:
         self.seed = seed
@@ -173,12 +178,26 @@ class Sim(FaultsMixin):
             self.members_checker = MembersChecker(self.members)
             self.members.on_change.append(self._on_member_change)
         self.producers: dict[str, Producer] = {}
-        self.read_positions: dict[int, int] = {}
         for i in range(s.producers):
             p = i % s.partitions
             idem = self.rng.random() < s.idempotent_share
             name = f"c{i + 1}"
             self.producers[name] = Producer(name, p, sorted(self.nodes), 1000 + i if idem else NO_PRODUCER)
+        acks_rng = random.Random(f"acks/{seed}")   # which plain producers ask for acks=leader
+        for prod in self.producers.values():
+            if not prod.idempotent and acks_rng.random() < LEADER_ACKS_SHARE:
+                prod.acks = 1
+        # Half the seeds hold their nodes to one parked fetch at a time (zq.limits' bound, set low), so
+        # that the path past the bound runs too.
+        self.client_limits = (DEFAULT if random.Random(f"limits/{seed}").random() < 0.5
+                              else dataclasses.replace(DEFAULT, pending_fetches_max=1))
+        self.readers = [Reader(i, i % s.partitions, self.replica_sets[i % s.partitions][0]) for i in range(s.readers)]
+        self.clients_by_identity: dict[bytes, Producer | Reader] = {
+            c.identity: c for c in [*self.producers.values(), *self.readers]}
+        # Per node, the fetches it holds unanswered: (identity, req_id) -> (incarnation, partition,
+        # offset, true time its wait runs out). See check_parked.
+        self.open_fetches: dict[str, dict[tuple[bytes, int], tuple[int, int, int, int]]] = {n: {} for n in names}
+        self.parked_now: set[tuple[str, bytes, int]] = set()   # of those, the ones the room parked (counted)
 
     # ---------------------------------------------------------------- scheduling
 
@@ -287,6 +306,9 @@ class Sim(FaultsMixin):
         node.inbox.clear()
         node.replicas.clear()
         node.pass_ = ReplicaSet(SimStorage(self, node), SimReplicaEvents(self, node), defaultdict(int))
+        node.clients = Clients(SimClientHost(self, node), node.pass_)
+        self.open_fetches[node.name].clear()   # a crash lost them with the process
+        self.parked_now = {key for key in self.parked_now if key[0] != node.name}
         for p in sorted(node.replica_sets):
             self.open_replica(node, p)
         self.net.rejoin(node.name, self.now)
@@ -309,7 +331,7 @@ class Sim(FaultsMixin):
         if node.disk_low:
             r.set_disk_low(True)
         node.replicas[p] = r
-        node.pass_.parts[p] = Part(p, f"p{p}", r, sync=self.settings.durability == "fsync")
+        node.pass_.parts[p] = Part(p, f"p{p}", r, sync=self.settings.durability == "fsync", log_start=r.log_start)
         node.pass_.dirty.add(p)   # its first Ready and its timer come with the node's next pass
         self.checker.on_restart(node.name, p, r)
         if r.recovering:
@@ -351,6 +373,7 @@ class Sim(FaultsMixin):
         self.log(f"{node.name} p{p}: removed, deleted")
         self.result.removals += 1
         node.tombstones[p] = node.replicas[p].epoch
+        node.clients.refuse_parked(p)   # as the node does when it drops a partition
         del node.replicas[p]
         node.pass_.forget(p)   # with its waiting producers: they time out and look elsewhere
         del node.replica_sets[p]
@@ -385,6 +408,8 @@ class Sim(FaultsMixin):
         self.schedule_timer(node)
         if node.pass_.dirty:
             self.at(self.now, "pass", node.name, node.incarnation)
+        if self.open_fetches[node.name]:
+            self.check_parked(node)
 
     def send(self, node: SimNode, p: int, to: str | None, msg: object) -> None:
         broadcast = to is None
@@ -397,13 +422,6 @@ class Sim(FaultsMixin):
     def send_from_shell(self, node: SimNode, p: int, to: str, msg: object) -> None:
         for t in self.net.deliveries(self.now, node.name, to, False):
             self.at(t, "deliver", to, p, msg)
-
-    def answer(self, node: SimNode, req: ProduceRequest, outcome) -> None:
-        """A producer's batch has its outcome (a waiter the pass calls once it is durable)."""
-        resp = ProduceResponse(req.producer, req.batch_no, req.attempt, outcome.status, outcome.base_offset,
-                               outcome.epoch, outcome.leader_hint)
-        for t in self.net.client_deliveries(self.now + node.send_delay_ms):
-            self.at(t, "response", resp)
 
     def handle(self, node: SimNode, kind: str, args: tuple) -> None:
         if kind in ("deliver", "hostile_deliver"):
@@ -439,34 +457,12 @@ class Sim(FaultsMixin):
             if isinstance(msg, TimeoutNow) and r.role != FOLLOWER:
                 self.result.handoffs += 1
             self.drain(node, p)
+        elif kind == "call":
+            (fn,) = args   # a timer of the node's that came due while it was paused
+            fn()
+            self.run_pass(node)
         else:
-            (req,) = args
-            r = node.replicas.get(req.partition)
-            if r is None:
-                self.answer_directly(req, NOT_LEADER)
-                return
-            r.tick(self.now, self.wall_ms(node))
-            stamp = None
-            if self.settings.retention and r.role == LEADER:
-                stamp = r.append_time_ms()
-                if stamp is None:   # its replicas' clocks not known yet: the node says retry
-                    self.answer_directly(req, NOT_LEADER)
-                    return
-                if stamp < WALL_BASE_MS + self.now - CLOCK_MARGIN_MS:
-                    raise Violation("an append time behind the true time",
-                                    f"{node.name} p{req.partition} stamps {stamp - WALL_BASE_MS - self.now:+d} ms")
-            base, epoch = r.log_end, r.epoch
-            pid = r.propose(req.count, req.producer_id, req.base_sequence, req.payload)
-            if stamp is not None and r.log_end > base:
-                self.stamps[(req.partition, base, epoch)] = (stamp, self.now)
-            node.pass_.parts[req.partition].waiters[pid] = lambda outcome, node=node, req=req: self.answer(
-                node, req, outcome)
-            self.drain(node, req.partition)
-
-    def answer_directly(self, req: ProduceRequest, status: str) -> None:
-        resp = ProduceResponse(req.producer, req.batch_no, req.attempt, status, -1, 0, None)
-        for t in self.net.client_deliveries(self.now):
-            self.at(t, "response", resp)
+            self.serve_client(node, *args)
 
     def receive(self, dst: str, kind: str, args: tuple) -> None:
         node = self.nodes[dst]
@@ -506,72 +502,14 @@ class Sim(FaultsMixin):
         # Delivered at once, so the message meets the replica in the state it was drawn for.
         self.handle(node, "hostile_deliver", (node.name, p, hostile_message(rng, r.epoch, r.leader, sorted(self.nodes))))
 
-    def ev_request(self, dst: str, req: ProduceRequest) -> None:
-        self.receive(dst, "request", (req,))
+    def ev_request(self, dst: str, identity: bytes, msg: object, payload: list) -> None:
+        self.receive(dst, "request", (identity, msg, payload))
 
     def ev_pass(self, name: str, incarnation: int) -> None:
         """A node's next loop pass, for what the last one's rounds left."""
         node = self.nodes[name]
         if node.alive and not node.paused and node.incarnation == incarnation:
             self.run_pass(node)
-
-    def ev_produce(self, name: str) -> None:
-        if self.phase != "safety":
-            return
-        prod = self.producers[name]
-        if not prod.waiting:
-            prod.new_batch(self.rng.randint(1, BATCH_RECORDS_MAX))
-        self.send_request(prod)
-
-    def send_request(self, prod: Producer) -> None:
-        req = prod.request()
-        for t in self.net.client_deliveries(self.now):
-            self.at(t, "request", prod.target, req)
-        self.at(self.now + REQUEST_TIMEOUT_MS, "timeout", prod.name, req.batch_no, req.attempt)
-
-    def ev_timeout(self, name: str, batch_no: int, attempt: int) -> None:
-        prod = self.producers[name]
-        if self.phase != "safety" or not prod.is_current(batch_no, attempt):
-            return
-        prod.target = self.rng.choice(prod.replica_set)
-        self.send_request(prod)
-
-    def ev_retry(self, name: str, batch_no: int, attempt: int) -> None:
-        prod = self.producers[name]
-        if self.phase == "safety" and prod.is_current(batch_no, attempt):
-            self.send_request(prod)
-
-    def ev_response(self, resp: ProduceResponse) -> None:
-        prod = self.producers[resp.producer]
-        if resp.status == COMMITTED:
-            self.checker.on_ack(Ack(prod.partition, resp.base_offset, resp.epoch,
-                                    f"{prod.name}/{resp.batch_no}".encode()))
-            if prod.on_committed(resp.batch_no) and self.phase == "safety":
-                self.at(self.now + self.rng.randint(0, THINK_MS_MAX), "produce", prod.name)
-            return
-        if prod.idempotent and resp.status not in (NOT_LEADER, BACKPRESSURE):
-            raise Violation("idempotent producer refused", f"{prod.name} batch {resp.batch_no}: {resp.status}")
-        if not prod.is_current(resp.batch_no, resp.attempt):
-            return
-        prod.target = resp.leader_hint if resp.leader_hint in prod.replica_set else self.rng.choice(prod.replica_set)
-        self.at(self.now + RETRY_BACKOFF_MS, "retry", prod.name, resp.batch_no, resp.attempt)
-
-    def ev_read(self, p: int, reader: int) -> None:
-        """A consumer fetches from a replica that believes it leads: only what lies below that
-        replica's high watermark, which must never be taken back."""
-        if self.phase != "safety":
-            return
-        name = self.rng.choice(sorted(self.nodes))
-        node = self.nodes[name]
-        r = node.replicas.get(p)
-        if node.alive and not node.paused and r is not None and r.role == LEADER:
-            pos = self.read_positions.get(reader, 0)
-            for e in r.entries(pos, READ_ENTRIES_MAX, 1 << 20):
-                if e.base_offset >= r.high_watermark:
-                    break
-                self.checker.on_read(name, p, e)
-                self.read_positions[reader] = e.end_offset
-        self.at(self.now + self.rng.randint(5, 40), "read", p, reader)
 
     def ev_retain(self) -> None:
         """Retention on one replica, as the node runs it: a leader by time, a follower below its leader's start."""
@@ -589,6 +527,7 @@ class Sim(FaultsMixin):
                 self.check_retained(node, p, start)
                 self.log(f"{name} p{p}: retention deletes [{store.start}, {start})")
                 node.disk.retain(p, start)
+                node.pass_.parts[p].log_start = start
                 r.tick(self.now, self.wall_ms(node))
                 r.on_log_start(start)
                 self.checker.on_log_start(name, p, start)

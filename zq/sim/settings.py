@@ -12,10 +12,9 @@ from zq.sim.network import NetworkFaults
 
 REPLICATION_FACTOR = 3
 NODES_DRAWN = (3, 3, 4, 5)   # cluster sizes a default (--nodes 3) seed draws from
-PAUSED_INBOX_MAX = 1_000
+PAUSED_INBOX_MAX = 1_000     # messages queued for a paused node before the rest are dropped
 WALL_BASE_MS = 1_700_000_000_000   # simulated wall clocks start here (a day of skew keeps them positive)
 DAY_MS = 86_400_000
-READ_ENTRIES_MAX = 8         # entries one simulated consumer fetch returns     # messages queued for a paused node before the rest are dropped
 SIM_CONFIG = ReplicationConfig(election_timeout_ms=150, heartbeat_interval_ms=40, fetch_retry_ms=60,
                                append_entries_max=16, append_bytes_max=256, pending_proposals_max=64)
 # Clock error the retention checks allow (not skew): an ack's transit, or the time a leader
@@ -44,7 +43,7 @@ class Settings:
     liveness_ms: int = 10_000        # simulated time allowed to converge after healing
     append_entries_max: int = 16
     durability: str = "fsync"        # or "replicated" (see the module docstring)
-    readers: int = 1                 # consumers reading committed entries from leaders
+    readers: int = 1                 # consumers fetching from leaders (through their client rooms)
     sync_delay_ms_max: int = 3       # a pass's fsync takes up to this; its sends leave after it
     crash: bool = True
     pause: bool = True
@@ -143,6 +142,10 @@ class Result:
     phase: str = "safety"
     acks: int = 0
     reads: int = 0                   # committed entries consumers read
+    leader_acks: int = 0             # acks=leader answers (judged at the answer, not counted in acks)
+    fetches: int = 0                 # fetch answers consumers got (FetchReply) from a node's client room
+    parked: int = 0                  # of the fetches, those the room held (long-poll) past their request
+    parked_woken: int = 0            # ... and answered with data (the high watermark moved)
     elections: int = 0
     crashes: int = 0
     crashes_in_sync: int = 0         # of those, inside a pass's fsync (after a leader's Appends left early)

@@ -1,14 +1,21 @@
 """A simulated node: its disk, its replicas, and the simulated host through which it runs the
-shipped persist-then-send pass (zq.node.replicas): `SimStorage` (zq.node.host.Storage) and
-`SimReplicaEvents` (zq.node.host.ReplicaEvents)."""
+shipped persist-then-send pass (zq.node.replicas) and the shipped client room (zq.node.clients):
+`SimStorage` (zq.node.host.Storage), `SimReplicaEvents` (zq.node.host.ReplicaEvents) and
+`SimClientHost` (zq.node.host.ClientHost)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Callable
 
+from zq import protocol as P
 from zq.core.repl_types import LEADER, HardState
 from zq.core.replication import Replica
+from zq.errors import UnknownPartition, UnknownTopic
+from zq.node.clients import Clients
 from zq.node.replicas import Part, ReplicaSet
+from zq.sim.checks import Violation
 from zq.sim.disk import SimDisk
+from zq.sim.workload import SIM_TOPIC
 
 if TYPE_CHECKING:
     from zq.sim.cluster import Sim
@@ -30,6 +37,8 @@ class SimNode:
         # The node's replica hosting and persist-then-send pass: the shipped one (zq.node.replicas),
         # a new one per incarnation; its parts are `replicas`, keyed alike.
         self.pass_: ReplicaSet | None = None
+        # Its producers' and consumers' requests go through the shipped client room, likewise per incarnation.
+        self.clients: Clients | None = None
         self.send_delay_ms = 0       # the time this pass's fsync took: its sends leave that much later
         self.alive = False
         self.paused = False
@@ -117,8 +126,11 @@ class SimReplicaEvents:
             if rd.role.role == LEADER:
                 sim.result.elections += 1
                 sim.checker.on_leader(node.name, p, rd.role.epoch, r)
+        if rd.role is not None and rd.role.role != LEADER:
+            node.clients.refuse_parked(p)   # as the node does: its parked fetches learn where to go
         if rd.high_watermark is not None:
             sim.checker.on_high_watermark(node.name, p, rd.high_watermark, r)
+            node.clients.on_high_watermark(p, rd.high_watermark)   # as the node does, once durable
         for e in rd.entries:
             if e.config is not None and r.role == LEADER and e.epoch == r.epoch:
                 sim.checker.on_config_appended(node.name, p, e, r)
@@ -134,3 +146,77 @@ class SimReplicaEvents:
 
     def fence(self, part: Part, doing: str, error: Exception) -> None:
         raise error   # every error in the simulator is a finding
+
+
+class SimClientHost:
+    """The simulated node as the client room's host (zq.node.host.ClientHost): replies travel the
+    simulated clients' links (after the pass's fsync, as every send of the pass), reads come from
+    the node's disk, timers are simulator events of this incarnation. Every fetch answer is
+    judged here: nothing in it may lie at or above the high watermark of the replica answering."""
+
+    def __init__(self, sim: Sim, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+        self.name = node.name
+        self.counters: defaultdict[str, int] = defaultdict(int)
+        self.limits = sim.client_limits
+
+    def resolve(self, topic: str, partition: int) -> int:
+        if topic != SIM_TOPIC:
+            raise UnknownTopic(f"no topic {topic!r}")
+        if not 0 <= partition < self.sim.settings.partitions:
+            raise UnknownPartition(f"no partition {partition}")
+        return partition
+
+    def leader_of(self, tp: int) -> tuple[str | None, int]:
+        r = self.node.replicas.get(tp)
+        return (r.leader, r.epoch) if r is not None else (None, 0)
+
+    def address_of(self, name: str) -> str:
+        return name
+
+    def storage_full(self) -> str | None:
+        return "too little disk free" if self.node.disk_low else None
+
+    def read(self, tp: int, offset: int, max_bytes: int, upto: int) -> list:
+        out = []
+        if offset < upto:
+            for e in self.node.disk.volatile[tp].read(offset, max_bytes):
+                if e.base_offset >= upto:
+                    break
+                out.append(e)
+        return out
+
+    def offset_for_time(self, tp: int, time_ms: int) -> int | None:
+        return None
+
+    def reply(self, identity: bytes, msg: Any, *frames: bytes) -> None:
+        if type(msg) is P.ProduceReply:
+            self.sim.check_leader_ack(self.node, identity, msg)
+        self.sim.client_reply(self.node, identity, msg, list(frames))
+
+    def reply_error(self, identity: bytes, req_id: int, error: Any) -> None:
+        self.sim.client_reply(self.node, identity, P.error_reply(req_id, error), [])
+
+    def reply_fetch(self, identity: bytes, msg: P.FetchReply, values: list) -> None:
+        node, p = self.node, self.sim.reader_partition(identity)
+        r = node.replicas.get(p) if p is not None else None
+        hw = r.high_watermark if r is not None else 0
+        for e in values:
+            if e.end_offset > min(hw, msg.high_watermark):
+                raise Violation("a fetch answer holds entries at or above the high watermark",
+                                f"{node.name} p{p} answers [{e.base_offset}, {e.end_offset}) with its high "
+                                f"watermark at {hw} (the answer says {msg.high_watermark})")
+        self.sim.client_reply(node, identity, msg, values)
+
+    def fetch_backlog(self, identity: bytes) -> tuple[int, int, int]:
+        return 0, 0, 0   # simulated consumers read every reply at once
+
+    def now_ms(self) -> int:
+        return self.sim.now
+
+    def wall_ms(self) -> int:
+        return self.sim.wall_ms(self.node)
+
+    def at(self, when_ms: int, fn: Callable[[], None]) -> None:
+        self.sim.at(when_ms, "node_timer", self.node.name, self.node.incarnation, fn)

@@ -1,5 +1,8 @@
-"""Simulated producers: each sends one batch at a time to the leader it believes in, retries on
-timeouts, NOT_LEADER and BACKPRESSURE, and reports every COMMITTED answer as an acknowledgement.
+"""Simulated clients. Producers: each sends one batch at a time (a real `Produce` with a real
+record batch) to the leader it believes in, retries on timeouts and on retriable errors
+(NotLeader, going where it names, Backpressure, ...), and reports every `ProduceReply` as an
+acknowledgement. Consumers (`Reader`): each fetches one partition from its position with a
+real `Fetch`, at most one in flight, long-polling at the end of the log.
 
 An idempotent producer retries with the same (producer_id, base_sequence), so a retry after a
 leader change must not be written twice; a plain producer may duplicate on retry (at least once).
@@ -8,38 +11,19 @@ OUT_OF_ORDER or DUPLICATE_SEQUENCE answer to it is a bug the simulator reports.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from zq import batch as zbatch
+from zq import protocol as P
 from zq.core.repl_types import NO_PRODUCER
-
-
-@dataclass(frozen=True, slots=True)
-class ProduceRequest:
-    producer: str
-    batch_no: int
-    attempt: int
-    partition: int
-    count: int
-    producer_id: int
-    base_sequence: int
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ProduceResponse:
-    producer: str
-    batch_no: int
-    attempt: int
-    status: str
-    base_offset: int
-    epoch: int
-    leader_hint: str | None
 
 
 REQUEST_TIMEOUT_MS = 250
 RETRY_BACKOFF_MS = 20
 THINK_MS_MAX = 20
 BATCH_RECORDS_MAX = 3
+LEADER_ACKS_SHARE = 0.2        # of the plain producers, those asking for acks=leader
+SIM_TOPIC = "sim"              # the one topic of the cluster simulator; its partitions are numbers
+FETCH_BYTES = 512              # a consumer's fetch size: a few batches
+FETCH_WAITS_MS = (0, 0, 30, 200)   # the long-polls consumers ask for (0: answer at once)
 
 
 class Producer:
@@ -56,6 +40,10 @@ class Producer:
         self.waiting = False
         self.target = replica_set[0]
         self.acked = 0
+        self.blob = b""
+        self.identity = name.encode()
+        self.requests: dict[int, tuple[int, int, bytes]] = {}   # req_id -> (batch_no, attempt, blob)
+        self.acks = 2   # 2: answered once a majority holds the batch; 1: once the leader does (never idempotent)
 
     @property
     def idempotent(self) -> bool:
@@ -66,13 +54,16 @@ class Producer:
         self.attempt = 0
         self.count = count
         self.payload = f"{self.name}/{self.batch_no}".encode()
+        self.blob = zbatch.encode_records([[0, None, self.payload, None] for _ in range(count)])
 
-    def request(self) -> ProduceRequest:
+    def request(self) -> tuple[P.Produce, bytes]:
+        """The Produce of the batch in flight (a new attempt) and its blob (the payload frame)."""
         self.attempt += 1
         self.waiting = True
-        seq = self.next_sequence if self.idempotent else NO_PRODUCER
-        return ProduceRequest(self.name, self.batch_no, self.attempt, self.partition, self.count,
-                              self.producer_id, seq, self.payload)
+        req_id = len(self.requests) + 1
+        self.requests[req_id] = (self.batch_no, self.attempt, self.blob)
+        pid, seq = (self.producer_id, self.next_sequence) if self.idempotent else (0, 0)   # 0: not idempotent
+        return P.Produce(req_id, SIM_TOPIC, self.partition, self.acks, self.count, zbatch.crc(self.blob), pid, seq, 0), self.blob
 
     def is_current(self, batch_no: int, attempt: int) -> bool:
         return self.waiting and batch_no == self.batch_no and attempt == self.attempt
@@ -86,3 +77,21 @@ class Producer:
         if self.idempotent:
             self.next_sequence += self.count
         return True
+
+
+class Reader:
+    """A consumer of one partition: its position, the node it asks, the fetch it waits for."""
+
+    def __init__(self, index: int, partition: int, target: str) -> None:
+        self.index = index
+        self.partition = partition
+        self.identity = f"r{index}".encode()
+        self.position = 0
+        self.target = target
+        self.req_id = 0            # of the fetch in flight; 0: none
+        self.sent = 0
+
+    def fetch(self, max_wait_ms: int) -> P.Fetch:
+        self.sent += 1
+        self.req_id = self.sent
+        return P.Fetch(self.req_id, SIM_TOPIC, self.partition, self.position, FETCH_BYTES, max_wait_ms, None)
