@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zq.core.client_rules import (FetchCursors, FetchOrder, contiguous_batches, gave_up_message, is_passing,
-                                  retry_delay_ms)
+from zq.core.client_rules import (FetchCursors, FetchOrder, closes_at_once, contiguous_batches, gave_up_message,
+                                  is_passing, retry_delay_ms)
 from zq.core.retry import BackoffPolicy
 from zq.errors import (BufferFull, ConnectionFailed, InvalidRequest, LeaderNotAvailable, NotEnoughReplicas, NotLeader,
                        Backpressure, Timeout, UnknownTopic)
@@ -241,3 +241,15 @@ def test_the_error_after_the_deadline_says_how_long_and_what_to_do():
     text = gave_up_message("list_offsets of t/0", 60_400, "t/0 has no leader right now.")
     assert "60.4 s" in text and "api_timeout_ms" in text and "zq status" in text
 
+
+
+# ---------------------------------------------------------------------------- when a batch closes
+
+
+def test_without_linger_a_batch_closes_when_its_partition_can_send_it():
+    assert closes_at_once(0, in_flight=0, max_in_flight=1, queued=0)       # a lone record: at once
+    assert closes_at_once(0, in_flight=63, max_in_flight=64, queued=0)
+    assert not closes_at_once(0, in_flight=1, max_in_flight=1, queued=0)   # busy: gather more
+    assert not closes_at_once(0, in_flight=0, max_in_flight=1, queued=1)   # a batch waits before it
+    assert not closes_at_once(5, in_flight=0, max_in_flight=1, queued=0)   # a linger was asked for
+    assert not closes_at_once(0.5, in_flight=0, max_in_flight=64, queued=0)

@@ -316,6 +316,35 @@ def test_flush_sends_without_waiting_for_linger(cluster, client):
     assert f.result(0).offset == 0
 
 
+def test_without_linger_a_lone_record_leaves_at_once_and_a_busy_partition_gathers_the_rest(cluster, client):
+    dropped = []
+
+    def drop_first(node, msg, payload):
+        if isinstance(msg, protocol.Produce) and not dropped:
+            dropped.append(msg)
+            return DROP   # unanswered: the partition stays busy until the request times out
+        return None
+
+    cluster.intercept = drop_first
+    producer = client.producer(linger_ms=0, request_timeout_ms=1_000, retries=3)
+    first = producer.send("t", b"first", partition=0)
+    assert not producer._open   # closed in send() itself: no linger timer, no wait for the I/O thread
+    wait_until(lambda: dropped)
+    rest = [producer.send("t", v, partition=0) for v in (b"a", b"b", b"c")]
+    assert len(producer._open) == 1   # the partition is busy: they gather in one open batch
+    assert [f.result(5).offset for f in [first] + rest] == [0, 1, 2, 3]
+    # The first, its retry after the timeout, then the three together once the partition was free.
+    assert [r.count for r in cluster.produce_requests()] == [1, 1, 3]
+
+
+def test_with_linger_a_lone_record_waits_for_it(cluster, client):
+    producer = client.producer(linger_ms=10_000)
+    producer.send("t", b"lone", partition=0)
+    assert len(producer._open) == 1   # the user asked for a linger: it is not closed at once
+    producer.flush(3)
+    assert [r.count for r in cluster.produce_requests()] == [1]
+
+
 def test_send_futures_are_real_futures(cluster, client):
     producer = client.producer(linger_ms=1)
     seen = []

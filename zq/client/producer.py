@@ -8,7 +8,11 @@ partition, which moves round-robin each time a batch of it closes), takes buffer
 `[create_time_ms, key, value, headers]` to the partition's *open* batch under one lock, and returns
 a `BatchFuture` that shares its batch's Condition. An open batch *closes* when it reaches
 `batch_size` bytes or `limits.batch_records_max` records, or `linger_ms` after its first record
-(a timer on the I/O thread), or on `flush()`.
+(a timer on the I/O thread), or on `flush()`. With `linger_ms=0` there is no timer: a batch closes
+when its partition can send it (`zq.core.client_rules.closes_at_once`: fewer than `max_in_flight`
+of its batches unacknowledged and none queued), so a lone record closes in `send()` itself and
+leaves at once, and records sent while the partition is busy gather in one batch, which the I/O
+thread closes as soon as the partition frees up.
 
 A closed batch is handed to the client's I/O thread, which owns everything after that: per
 partition a FIFO of *ready* batches, sent to the leader from the client's metadata while fewer
@@ -44,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from zq import batch as zbatch
 from zq import protocol
 from zq.client.futures import BatchFuture, FutureGroup, RecordMetadata
+from zq.core.client_rules import closes_at_once
 from zq.errors import (BufferFull, MessageTooLarge, NotLeader, ProducerClosed, ProtocolError, Timeout,
                        UnknownPartition, ZqError)
 
@@ -113,6 +118,7 @@ class Producer:
             raise ValueError("an idempotent producer needs acks='leader' or 'quorum': it must see each batch acknowledged")
         self.producer_id = self._new_producer_id() if self.idempotent else 0
         self.linger_ms = max(0.0, float(linger_ms))
+        self._at_once = self.linger_ms == 0  # batches close by closes_at_once, not by a linger timer
         self.batch_size = max(1, min(int(batch_size), limits.batch_bytes_max))
         self.codec = codec_for(compression)
         self.max_block_ms = limits.producer_max_block_ms if max_block_ms is None else max_block_ms
@@ -198,7 +204,9 @@ class Producer:
             fut = BatchFuture(b, len(records))
             records.append((timestamp_ms, key, value, headers))  # cbor2 writes a tuple as an array
             b.size_bytes += size
-            if b.size_bytes < self.batch_size and len(records) < self._records_max:
+            if b.size_bytes < self.batch_size and len(records) < self._records_max and not (
+                    self._at_once and closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight,
+                                                     len(self._ready.get(b.tp, ())))):
                 return fut
             self._close_batch(b)
         finally:
@@ -278,7 +286,8 @@ class Producer:
         b = _Batch(topic, partition)
         self._open[b.tp] = b
         self._unfinished_batches += 1
-        self._conn.call_later(self.linger_ms, lambda: self._io_on_linger(b))
+        if not self._at_once:
+            self._conn.call_later(self.linger_ms, lambda: self._io_on_linger(b))
         return b
 
     def _close_batch(self, b: _Batch) -> None:
@@ -360,6 +369,25 @@ class Producer:
             self._complete(b, error=error)
 
     def _io_drain(self) -> None:
+        """Send what may be sent now; then, without linger, close the open batches of partitions
+        that are free now (they gathered records while their partition was busy) and send those."""
+        self._io_send_ready()
+        if self._at_once and self._open and self._io_close_free():
+            self._io_send_ready()
+
+    def _io_close_free(self) -> bool:
+        """Without linger: close and queue each open batch whose partition could send it now."""
+        with self._lock:
+            free = [b for b in self._open.values()
+                    if closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight, len(self._ready.get(b.tp, ())))]
+            for b in free:
+                self._close_batch(b)
+        for b in free:
+            self._live.add(b)
+            self._ready.setdefault(b.tp, collections.deque()).append(b)
+        return bool(free)
+
+    def _io_send_ready(self) -> None:
         """Send what may be sent now: head of each partition's FIFO, within the in-flight bounds."""
         now = time.monotonic() * 1000.0
         for tp in list(self._ready):

@@ -210,3 +210,17 @@ def gave_up_message(what: str, waited_ms: float, last: str) -> str:
     """The sentence of the error raised when the deadline passed."""
     return (f"{what} did not succeed in {waited_ms / 1000.0:.1f} s of retrying ({last.rstrip('.')}); "
             "check the nodes with `zq status`, or give the client a longer api_timeout_ms")
+
+
+# -------------------------------------------------------------------- when a producer's batch closes
+
+
+def closes_at_once(linger_ms: float, in_flight: int, max_in_flight: int, queued: int) -> bool:
+    """Whether a producer's open batch of one partition closes now, to be sent at once, rather than
+    gather more records: only without linger (`linger_ms` 0), and only while the partition could
+    send it now (fewer than `max_in_flight` of its batches await their acknowledgement and none is
+    `queued` before it). So a lone record leaves as soon as it is sent, with no timer and no wait;
+    while the partition is busy, the records sent meanwhile gather in one batch, which closes when
+    the partition frees up (or when it is full, or on flush). A producer that set a linger waits
+    it out, as asked."""
+    return linger_ms <= 0 and in_flight < max_in_flight and queued == 0
