@@ -247,9 +247,14 @@ def test_the_error_after_the_deadline_says_how_long_and_what_to_do():
 
 
 def test_without_linger_a_batch_closes_when_its_partition_can_send_it():
-    assert closes_at_once(0, in_flight=0, max_in_flight=1, queued=0)       # a lone record: at once
-    assert closes_at_once(0, in_flight=63, max_in_flight=64, queued=0)
-    assert not closes_at_once(0, in_flight=1, max_in_flight=1, queued=0)   # busy: gather more
-    assert not closes_at_once(0, in_flight=0, max_in_flight=1, queued=1)   # a batch waits before it
-    assert not closes_at_once(5, in_flight=0, max_in_flight=1, queued=0)   # a linger was asked for
-    assert not closes_at_once(0.5, in_flight=0, max_in_flight=64, queued=0)
+    # In send(): only an idle partition, so a lone record leaves at once.
+    assert closes_at_once(0, in_flight=0, max_in_flight=1, queued=0, in_send=True)
+    assert closes_at_once(0, in_flight=0, max_in_flight=64, queued=0, in_send=True)
+    assert not closes_at_once(0, in_flight=1, max_in_flight=64, queued=0, in_send=True)  # next pass decides
+    # On the I/O thread's pass: whenever the partition could send it now.
+    assert closes_at_once(0, in_flight=63, max_in_flight=64, queued=0, in_send=False)
+    assert not closes_at_once(0, in_flight=1, max_in_flight=1, queued=0, in_send=False)  # busy: gather more
+    for in_send in (True, False):
+        assert not closes_at_once(0, in_flight=0, max_in_flight=1, queued=1, in_send=in_send)  # one waits before it
+        assert not closes_at_once(5, in_flight=0, max_in_flight=1, queued=0, in_send=in_send)  # a linger was asked
+        assert not closes_at_once(0.5, in_flight=0, max_in_flight=64, queued=0, in_send=in_send)

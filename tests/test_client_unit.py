@@ -326,7 +326,7 @@ def test_without_linger_a_lone_record_leaves_at_once_and_a_busy_partition_gather
         return None
 
     cluster.intercept = drop_first
-    producer = client.producer(linger_ms=0, request_timeout_ms=1_000, retries=3)
+    producer = client.producer(linger_ms=0, request_timeout_ms=1_000, retries=3)   # max_in_flight 1
     first = producer.send("t", b"first", partition=0)
     assert not producer._open   # closed in send() itself: no linger timer, no wait for the I/O thread
     wait_until(lambda: dropped)
@@ -335,6 +335,27 @@ def test_without_linger_a_lone_record_leaves_at_once_and_a_busy_partition_gather
     assert [f.result(5).offset for f in [first] + rest] == [0, 1, 2, 3]
     # The first, its retry after the timeout, then the three together once the partition was free.
     assert [r.count for r in cluster.produce_requests()] == [1, 1, 3]
+
+
+def test_a_lone_record_is_sent_from_the_callers_thread_while_the_io_thread_is_idle(cluster, client):
+    conn = client._conn
+    senders = []
+    plain_send = conn._try_send
+
+    def try_send(peer, frames):
+        senders.append(threading.current_thread().name)
+        return plain_send(peer, frames)
+
+    conn._try_send = try_send
+    producer = client.producer(linger_ms=0)
+    me = threading.current_thread().name
+    offsets = []
+    for i in range(20):
+        offsets.append(producer.send("t", b"v%d" % i, partition=3).result(3).offset)   # every reply still arrives
+        time.sleep(0.01)   # the I/O thread goes back to sleep
+    assert offsets == list(range(20))
+    # No hand-off to the I/O thread for (most of) them: the caller sent them itself.
+    assert senders.count(me) >= 1 and set(senders) <= {me, conn._thread.name}
 
 
 def test_with_linger_a_lone_record_waits_for_it(cluster, client):

@@ -8,11 +8,12 @@ partition, which moves round-robin each time a batch of it closes), takes buffer
 `[create_time_ms, key, value, headers]` to the partition's *open* batch under one lock, and returns
 a `BatchFuture` that shares its batch's Condition. An open batch *closes* when it reaches
 `batch_size` bytes or `limits.batch_records_max` records, or `linger_ms` after its first record
-(a timer on the I/O thread), or on `flush()`. With `linger_ms=0` there is no timer: a batch closes
-when its partition can send it (`zq.core.client_rules.closes_at_once`: fewer than `max_in_flight`
-of its batches unacknowledged and none queued), so a lone record closes in `send()` itself and
-leaves at once, and records sent while the partition is busy gather in one batch, which the I/O
-thread closes as soon as the partition frees up.
+(a timer on the I/O thread), or on `flush()`. With `linger_ms=0` there is no timer
+(`zq.core.client_rules.closes_at_once`): a record that finds its partition idle (nothing in
+flight, nothing queued) closes its batch in `send()` itself and leaves at once, from the caller's
+thread when the I/O thread is idle (`Connection.run_now_or_submit`); otherwise its batch closes
+on the I/O thread's next pass, or as soon as the partition frees up after that (fewer than
+`max_in_flight` unacknowledged, none queued), with the records sent meanwhile.
 
 A closed batch is handed to the client's I/O thread, which owns everything after that: per
 partition a FIFO of *ready* batches, sent to the leader from the client's metadata while fewer
@@ -204,10 +205,14 @@ class Producer:
             fut = BatchFuture(b, len(records))
             records.append((timestamp_ms, key, value, headers))  # cbor2 writes a tuple as an array
             b.size_bytes += size
-            if b.size_bytes < self.batch_size and len(records) < self._records_max and not (
-                    self._at_once and closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight,
-                                                     len(self._ready.get(b.tp, ())))):
-                return fut
+            if b.size_bytes < self.batch_size and len(records) < self._records_max:
+                if not self._at_once:
+                    return fut   # its linger timer closes it
+                if not closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight,
+                                      len(self._ready.get(b.tp, ())), in_send=True):
+                    if len(records) == 1:   # a new batch: the I/O thread's next pass decides
+                        self._conn.submit(lambda: self._io_close_if_free(b))
+                    return fut
             self._close_batch(b)
         finally:
             lock.release()
@@ -271,7 +276,7 @@ class Producer:
         # Full buffers must drain: close every open batch so the I/O thread can send it.
         for b in list(self._open.values()):
             self._close_batch(b)
-            self._handoff(b)  # not on the I/O thread (checked above), so this only queues work
+            self._handoff(b, now=False)  # not on the I/O thread (checked above), and under _lock: only queue it
         ok = self._changed.wait_for(lambda: self._closed or self._buffered_bytes + size <= self.buffer_bytes,
                                     self.max_block_ms / 1000.0)
         if self._closed:
@@ -299,10 +304,13 @@ class Producer:
         if self._sticky.get(b.topic, 0) == b.partition:
             self._sticky[b.topic] = (b.partition + 1) % self._partitions.get(b.topic, 1)
 
-    def _handoff(self, b: _Batch) -> None:
-        """Not under _lock when on the I/O thread: give a closed batch to the I/O thread."""
+    def _handoff(self, b: _Batch, now: bool = True) -> None:
+        """Give a closed batch to the I/O thread; with `now` (only when not under _lock, which its
+        callbacks take), on this very thread if the I/O thread is idle: no hand-off, no wake-up."""
         if self._conn.on_io_thread():
             self._io_enqueue(b)
+        elif now:
+            self._conn.run_now_or_submit(lambda: self._io_enqueue(b))
         else:
             self._conn.submit(lambda: self._io_enqueue(b))
 
@@ -375,11 +383,22 @@ class Producer:
         if self._at_once and self._open and self._io_close_free():
             self._io_send_ready()
 
+    def _io_close_if_free(self, b: _Batch) -> None:
+        """Without linger, the pass after `b` opened in a busy partition: close it now if its
+        partition could send it, else it stays open until `_io_close_free` finds it free."""
+        with self._lock:
+            if b.closed is not False or not closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight,
+                                                          len(self._ready.get(b.tp, ())), in_send=False):
+                return
+            self._close_batch(b)
+        self._io_enqueue(b)
+
     def _io_close_free(self) -> bool:
         """Without linger: close and queue each open batch whose partition could send it now."""
         with self._lock:
             free = [b for b in self._open.values()
-                    if closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight, len(self._ready.get(b.tp, ())))]
+                    if closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight,
+                                      len(self._ready.get(b.tp, ())), in_send=False)]
             for b in free:
                 self._close_batch(b)
         for b in free:

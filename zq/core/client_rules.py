@@ -215,12 +215,15 @@ def gave_up_message(what: str, waited_ms: float, last: str) -> str:
 # -------------------------------------------------------------------- when a producer's batch closes
 
 
-def closes_at_once(linger_ms: float, in_flight: int, max_in_flight: int, queued: int) -> bool:
-    """Whether a producer's open batch of one partition closes now, to be sent at once, rather than
-    gather more records: only without linger (`linger_ms` 0), and only while the partition could
-    send it now (fewer than `max_in_flight` of its batches await their acknowledgement and none is
-    `queued` before it). So a lone record leaves as soon as it is sent, with no timer and no wait;
-    while the partition is busy, the records sent meanwhile gather in one batch, which closes when
-    the partition frees up (or when it is full, or on flush). A producer that set a linger waits
-    it out, as asked."""
-    return linger_ms <= 0 and in_flight < max_in_flight and queued == 0
+def closes_at_once(linger_ms: float, in_flight: int, max_in_flight: int, queued: int, in_send: bool) -> bool:
+    """Whether a producer's open batch of one partition closes now, to be sent, rather than gather
+    more records. Only without linger (`linger_ms` 0; a producer that set a linger waits it out, as
+    asked) and only with no batch of the partition `queued` before it. In `send()` itself
+    (`in_send`), only when the partition is idle (nothing in flight): a lone record leaves at once,
+    with no timer and no wait for the I/O thread. Otherwise on the I/O thread's next pass, or as
+    soon as the partition frees up after that, when it could send the batch now (fewer than
+    `max_in_flight` of its batches unacknowledged): the records sent meanwhile gather in one
+    batch rather than each making a request of its own."""
+    if linger_ms > 0 or queued:
+        return False
+    return in_flight == 0 if in_send else in_flight < max_in_flight
