@@ -15,7 +15,9 @@ The *node* figure speaks the raw protocol (one DEALER, zq.protocol, one thread, 
 library); with `--client` the same loop also runs through `zq.Client` (a producer with
 `linger_ms=0` calling `send(...).result()`; with --e2e a consumer of the same client, `poll`ed
 until the message is there), against the same node, the two interleaved for `--rounds` rounds.
-The difference is the client library's share.
+The difference is the client library's share. Each line also gives the probe process's thread
+wake-ups per message (voluntary context switches): each hand-off between threads costs one, and
+on a loaded machine each can cost a scheduling delay.
 
 With `--paced RATE` both send in an open loop instead, a message every 1/RATE s whatever the
 replies (as `make bench`'s produce-latency and e2e rows, whose e2e consumer is a second process
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
 import struct
 import subprocess
@@ -208,14 +211,19 @@ def client_e2e(producer, consumer, topic: str, messages: int) -> list[float]:
     return latencies
 
 
-def percentiles(latencies: list[float]) -> tuple[float, float, float]:
-    s = sorted(latencies)
+def measured(run, messages: int) -> tuple[float, float, float, float]:
+    """p50, p99, p99.9 (ms) of `run()`'s latencies, and this process's thread wake-ups (voluntary
+    context switches, all threads) per message: a figure the machine's load hardly moves."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+    s = sorted(run())
+    wakeups = (resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before) / messages
     pick = lambda q: s[min(len(s) - 1, int(len(s) * q))] * 1000  # noqa: E731
-    return pick(0.5), pick(0.99), pick(0.999)
+    return pick(0.5), pick(0.99), pick(0.999), wakeups
 
 
-def line(label: str, figures: tuple[float, float, float]) -> str:
-    return f"  {label:<7} p50 {figures[0]:.3f} ms, p99 {figures[1]:.3f} ms, p99.9 {figures[2]:.3f} ms"
+def line(label: str, figures: tuple[float, ...]) -> str:
+    return (f"  {label:<7} p50 {figures[0]:.3f} ms, p99 {figures[1]:.3f} ms, p99.9 {figures[2]:.3f} ms, "
+            f"{figures[3]:.2f} wake-ups/msg")
 
 
 def main() -> int:
@@ -253,25 +261,26 @@ def main() -> int:
                 producer.send("probe", b"warm-up").result()
                 if consumer is not None:
                     consumer.poll(timeout=5.0)
-            results: dict[str, list[tuple[float, float, float]]] = {"node": [], "client": []}
+            n = args.messages
+            results: dict[str, list[tuple[float, ...]]] = {"node": [], "client": []}
             for rnd in range(args.rounds):
                 if args.paced:
-                    lat = node_paced(raw, fetcher, "probe", acks, args.messages, args.paced, args.e2e)
+                    run = lambda: node_paced(raw, fetcher, "probe", acks, n, args.paced, args.e2e)  # noqa: E731
                 elif args.e2e:
-                    lat = node_e2e(raw, fetcher, "probe", acks, args.messages)
+                    run = lambda: node_e2e(raw, fetcher, "probe", acks, n)  # noqa: E731
                 else:
-                    lat = node_produce(raw, "probe", acks, args.messages)
-                results["node"].append(percentiles(lat))
+                    run = lambda: node_produce(raw, "probe", acks, n)  # noqa: E731
+                results["node"].append(measured(run, n))
                 if client is not None:
                     if consumer is not None:
                         consumer.seek_to_end()   # past what the node's round wrote
                     if args.paced:
-                        lat = client_paced(producer, consumer, "probe", args.messages, args.paced)
+                        run = lambda: client_paced(producer, consumer, "probe", n, args.paced)  # noqa: E731
                     elif args.e2e:
-                        lat = client_e2e(producer, consumer, "probe", args.messages)
+                        run = lambda: client_e2e(producer, consumer, "probe", n)  # noqa: E731
                     else:
-                        lat = client_produce(producer, "probe", args.messages)
-                    results["client"].append(percentiles(lat))
+                        run = lambda: client_produce(producer, "probe", n)  # noqa: E731
+                    results["client"].append(measured(run, n))
                 print(f"round {rnd + 1}: {args.messages} messages, {what}, durability {args.durability}, "
                       f"acks {args.acks}" + (f", paced at {args.paced:g} msg/s" if args.paced else ""), flush=True)
                 for label, figures in results.items():
@@ -281,7 +290,7 @@ def main() -> int:
                 print(f"medians of {args.rounds} rounds:")
                 for label, figures in results.items():
                     if figures:
-                        print(line(label, tuple(statistics.median(f[i] for f in figures) for i in range(3))))
+                        print(line(label, tuple(statistics.median(f[i] for f in figures) for i in range(4))))
         finally:
             if client is not None:
                 client.close()

@@ -108,6 +108,7 @@ class Connection:
         self.security = security  # zq.io.security.ClientKeys: every socket is a CurveZMQ client
         self._ids = itertools.count(1)
         self._work: collections.deque = collections.deque()
+        self._wake_pending = False   # a wake-up byte is in the pipe, or about to be, for submitted work
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -145,7 +146,9 @@ class Connection:
         if self._closed:
             raise ConnectionFailed("the client is closed; create a new zq.Client")
         self._work.append(fn)
-        self._wake()
+        if not self._wake_pending:   # one byte per pass is enough, however many submits it takes
+            self._wake_pending = True
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -387,8 +390,9 @@ class Connection:
                 log.exception("zq client timer failed")
 
     def _run_work(self) -> None:
+        self._wake_pending = False   # before reading the pipe: a submit from now on writes again
         try:
-            while os.read(self._wake_r, 4096):
+            while len(os.read(self._wake_r, 4096)) == 4096:
                 pass
         except BlockingIOError:
             pass
@@ -470,6 +474,8 @@ class Connection:
                 lock.release()
 
     def _drain(self, peer: _Peer) -> None:
+        """Called with POLLIN in the socket's events: take what arrived (asking ZMQ_EVENTS between
+        replies costs less than the zmq.Again a last receive would raise)."""
         sock = peer.socket
         for _ in range(recv_drain_max):
             try:
@@ -477,6 +483,8 @@ class Connection:
             except zmq.Again:
                 return
             self._on_frames(peer, frames)
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _shutdown(self) -> None:
         self._dead = True

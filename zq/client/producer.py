@@ -191,6 +191,7 @@ class Producer:
             timestamp_ms = _time_ns() // 1_000_000
         # acquire/release rather than `with`: half the cost, and this is the hot path.
         lock = self._lock
+        lone = False
         lock.acquire()
         try:
             if self._closed:
@@ -206,17 +207,20 @@ class Producer:
             records.append((timestamp_ms, key, value, headers))  # cbor2 writes a tuple as an array
             b.size_bytes += size
             if b.size_bytes < self.batch_size and len(records) < self._records_max:
-                if not self._at_once:
-                    return fut   # its linger timer closes it
+                if not self._at_once or len(records) > 1:
+                    # Its linger timer closes it; or, without linger, its partition was busy when
+                    # it opened, and the I/O thread closes it when the partition is free (it looks
+                    # every time a partition frees up, so asking again here would only cost).
+                    return fut
                 if not closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight,
                                       len(self._ready.get(b.tp, ())), in_send=True):
-                    if len(records) == 1:   # a new batch: the I/O thread's next pass decides
-                        self._conn.submit(lambda: self._io_close_if_free(b))
+                    self._conn.submit(lambda: self._io_close_if_free(b))   # the I/O thread's next pass decides
                     return fut
+                lone = True
             self._close_batch(b)
         finally:
             lock.release()
-        self._handoff(b)
+        self._handoff(b, now=lone)
         return fut
 
     def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None,
@@ -276,7 +280,7 @@ class Producer:
         # Full buffers must drain: close every open batch so the I/O thread can send it.
         for b in list(self._open.values()):
             self._close_batch(b)
-            self._handoff(b, now=False)  # not on the I/O thread (checked above), and under _lock: only queue it
+            self._handoff(b)  # not on the I/O thread (checked above), and under _lock: only queue it
         ok = self._changed.wait_for(lambda: self._closed or self._buffered_bytes + size <= self.buffer_bytes,
                                     self.max_block_ms / 1000.0)
         if self._closed:
@@ -304,9 +308,11 @@ class Producer:
         if self._sticky.get(b.topic, 0) == b.partition:
             self._sticky[b.topic] = (b.partition + 1) % self._partitions.get(b.topic, 1)
 
-    def _handoff(self, b: _Batch, now: bool = True) -> None:
-        """Give a closed batch to the I/O thread; with `now` (only when not under _lock, which its
-        callbacks take), on this very thread if the I/O thread is idle: no hand-off, no wake-up."""
+    def _handoff(self, b: _Batch, now: bool = False) -> None:
+        """Give a closed batch to the I/O thread; with `now` (a lone record's batch, and not under
+        _lock, which its callbacks take), on this very thread if the I/O thread is idle: no hand-off,
+        no wake-up. A full batch is handed over: the I/O thread encodes and sends it (zlib and zmq
+        let go of the GIL meanwhile) while this thread goes on filling the next."""
         if self._conn.on_io_thread():
             self._io_enqueue(b)
         elif now:

@@ -1,5 +1,5 @@
 """The client's rules: where each partition is read from, what a seek does to fetches in flight,
-and when a refused call is tried again. Pure: no sockets, threads or clock (the caller passes
+when a refused call is tried again, and when a producer's batch closes. Pure: no sockets, threads or clock (the caller passes
 `now_ms` and a random number in), so the deterministic simulator can drive the same code.
 
 Theory of operation
@@ -40,6 +40,12 @@ after a jittered, capped, exponential backoff until `api_timeout_ms` has passed 
 `retry_delay_ms` says how long to wait, or None to give up. A `Timeout` (the node may have acted)
 is retried only for calls that are safe to repeat. Refusals that an election does not end
 (`NOT_PASSING`) are raised at once.
+
+*When a batch closes.* A producer without linger (`linger_ms=0`) has no timer: `closes_at_once`
+says whether a partition's open batch closes now. In `send()`, only when the partition is idle
+(nothing in flight or queued), so a lone record is sent at once; otherwise on the client's I/O
+thread's next pass, or when the partition frees up after that, so the records sent while it was
+busy leave as one batch rather than one request each. A producer with a linger waits it out.
 """
 from __future__ import annotations
 
