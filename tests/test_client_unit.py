@@ -358,6 +358,44 @@ def test_a_lone_record_is_sent_from_the_callers_thread_while_the_io_thread_is_id
     assert senders.count(me) >= 1 and set(senders) <= {me, conn._thread.name}
 
 
+def test_no_reply_waits_in_a_socket_while_the_io_thread_sleeps(cluster, client):
+    """Callers sending from their own threads read and re-arm the sockets' edge-triggered ZMQ_FD:
+    whenever the I/O thread's poll(2) ends with nothing ready, no socket may hold a reply (one
+    would have waited there unnoticed until the poll's timeout)."""
+    conn = client._conn
+    missed = []
+
+    class Watched:
+        def __init__(self, fds):
+            self.fds = fds
+
+        def register(self, fd, events):
+            self.fds.register(fd, events)
+
+        def poll(self, timeout):
+            ready = self.fds.poll(timeout)
+            if not ready and timeout > 0:
+                with conn._io_lock:   # as the I/O thread is about to: nobody else touches a socket
+                    if any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in conn._by_socket):
+                        missed.append(timeout)
+            return ready
+
+    conn._fds = Watched(conn._fds)
+    producer = client.producer(linger_ms=0, max_in_flight=4)
+
+    def load(p: int) -> None:
+        for i in range(60):
+            producer.send("t", b"%d" % i, partition=p).result(5)
+
+    threads = [threading.Thread(target=load, args=(p,)) for p in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [len(cluster.records("t", p)) for p in range(4)] == [60] * 4
+    assert missed == []
+
+
 def test_with_linger_a_lone_record_waits_for_it(cluster, client):
     producer = client.producer(linger_ms=10_000)
     producer.send("t", b"lone", partition=0)

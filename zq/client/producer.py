@@ -393,8 +393,9 @@ class Producer:
         """Without linger, the pass after `b` opened in a busy partition: close it now if its
         partition could send it, else it stays open until `_io_close_free` finds it free."""
         with self._lock:
-            if b.closed is not False or not closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight,
-                                                          len(self._ready.get(b.tp, ())), in_send=False):
+            if b.closed is not False or not closes_at_once(
+                    self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight, len(self._ready.get(b.tp, ())),
+                    in_send=False):
                 return
             self._close_batch(b)
         self._io_enqueue(b)

@@ -1,6 +1,7 @@
 """The client's rules: where each partition is read from, what a seek does to fetches in flight,
-when a refused call is tried again, and when a producer's batch closes. Pure: no sockets, threads or clock (the caller passes
-`now_ms` and a random number in), so the deterministic simulator can drive the same code.
+when a refused call is tried again, and when a producer's batch closes. Pure: no sockets, threads
+or clock (the caller passes `now_ms` and a random number in), so the deterministic simulator can
+drive the same code.
 
 Theory of operation
 -------------------
