@@ -396,6 +396,41 @@ def test_no_reply_waits_in_a_socket_while_the_io_thread_sleeps(cluster, client):
     assert missed == []
 
 
+def test_no_submitted_work_waits_while_the_io_thread_sleeps(client):
+    """Whenever the I/O thread's poll(2) ends with nothing ready, no submitted work may be waiting:
+    a submit that wrote no wake-up byte (one was pending already) must never be left unread."""
+    conn = client._conn
+    missed = []
+
+    class Watched:
+        def __init__(self, fds):
+            self.fds = fds
+
+        def register(self, fd, events):
+            self.fds.register(fd, events)
+
+        def poll(self, timeout):
+            ready = self.fds.poll(timeout)
+            if not ready and timeout > 0 and conn._work:
+                missed.append(timeout)
+            return ready
+
+    conn._fds = Watched(conn._fds)
+
+    def load() -> None:
+        for _ in range(500):
+            done = threading.Event()
+            conn.submit(done.set)
+            done.wait(5)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert missed == []
+
+
 def test_with_linger_a_lone_record_waits_for_it(cluster, client):
     producer = client.producer(linger_ms=10_000)
     producer.send("t", b"lone", partition=0)

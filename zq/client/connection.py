@@ -390,12 +390,16 @@ class Connection:
                 log.exception("zq client timer failed")
 
     def _run_work(self) -> None:
-        self._wake_pending = False   # before reading the pipe: a submit from now on writes again
         try:
             while len(os.read(self._wake_r, 4096)) == 4096:
                 pass
         except BlockingIOError:
             pass
+        # After reading the pipe, never before: a submit that saw the flag still set queued its
+        # work before this line, so the snapshot below runs it; one after it writes a byte again.
+        # (Cleared before the read, a byte written meanwhile would be read with the flag left set,
+        # and every later submit would skip its byte while the I/O thread sleeps.)
+        self._wake_pending = False
         # Only what is queued now: work submitted by this work runs on the next pass.
         for _ in range(len(self._work)):
             fn = self._work.popleft()
