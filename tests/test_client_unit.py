@@ -358,12 +358,10 @@ def test_a_lone_record_is_sent_from_the_callers_thread_while_the_io_thread_is_id
     assert senders.count(me) >= 1 and set(senders) <= {me, conn._thread.name}
 
 
-def test_no_reply_waits_in_a_socket_while_the_io_thread_sleeps(cluster, client):
-    """Callers sending from their own threads read and re-arm the sockets' edge-triggered ZMQ_FD:
-    whenever the I/O thread's poll(2) ends with nothing ready, no socket may hold a reply (one
-    would have waited there unnoticed until the poll's timeout)."""
-    conn = client._conn
-    missed = []
+def watch_sleeps(conn, missed_something) -> list:
+    """Wrap the client I/O thread's poll(2): the returned list gets the timeout of every sleep that
+    ended with nothing ready while `missed_something()` held (something was there to do)."""
+    missed: list = []
 
     class Watched:
         def __init__(self, fds):
@@ -374,13 +372,25 @@ def test_no_reply_waits_in_a_socket_while_the_io_thread_sleeps(cluster, client):
 
         def poll(self, timeout):
             ready = self.fds.poll(timeout)
-            if not ready and timeout > 0:
-                with conn._io_lock:   # as the I/O thread is about to: nobody else touches a socket
-                    if any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in conn._by_socket):
-                        missed.append(timeout)
+            if not ready and timeout > 0 and missed_something():
+                missed.append(timeout)
             return ready
 
     conn._fds = Watched(conn._fds)
+    return missed
+
+
+def test_no_reply_waits_in_a_socket_while_the_io_thread_sleeps(cluster, client):
+    """Callers sending from their own threads read and re-arm the sockets' edge-triggered ZMQ_FD:
+    whenever the I/O thread's poll(2) ends with nothing ready, no socket may hold a reply (one
+    would have waited there unnoticed until the poll's timeout)."""
+    conn = client._conn
+
+    def reply_waiting() -> bool:
+        with conn._io_lock:   # as the I/O thread is about to: nobody else touches a socket
+            return any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in conn._by_socket)
+
+    missed = watch_sleeps(conn, reply_waiting)
     producer = client.producer(linger_ms=0, max_in_flight=4)
 
     def load(p: int) -> None:
@@ -400,22 +410,7 @@ def test_no_submitted_work_waits_while_the_io_thread_sleeps(client):
     """Whenever the I/O thread's poll(2) ends with nothing ready, no submitted work may be waiting:
     a submit that wrote no wake-up byte (one was pending already) must never be left unread."""
     conn = client._conn
-    missed = []
-
-    class Watched:
-        def __init__(self, fds):
-            self.fds = fds
-
-        def register(self, fd, events):
-            self.fds.register(fd, events)
-
-        def poll(self, timeout):
-            ready = self.fds.poll(timeout)
-            if not ready and timeout > 0 and conn._work:
-                missed.append(timeout)
-            return ready
-
-    conn._fds = Watched(conn._fds)
+    missed = watch_sleeps(conn, lambda: bool(conn._work))
 
     def load() -> None:
         for _ in range(500):
