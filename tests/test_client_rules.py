@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zq.core.client_rules import (FetchCursors, FetchOrder, contiguous_batches, gave_up_message, is_passing,
-                                  retry_delay_ms)
+from zq.core.client_rules import (FetchCursors, FetchOrder, closes_at_once, contiguous_batches, gave_up_message,
+                                  is_passing, retry_delay_ms)
 from zq.core.retry import BackoffPolicy
 from zq.errors import (BufferFull, ConnectionFailed, InvalidRequest, LeaderNotAvailable, NotEnoughReplicas, NotLeader,
                        Backpressure, Timeout, UnknownTopic)
@@ -241,3 +241,20 @@ def test_the_error_after_the_deadline_says_how_long_and_what_to_do():
     text = gave_up_message("list_offsets of t/0", 60_400, "t/0 has no leader right now.")
     assert "60.4 s" in text and "api_timeout_ms" in text and "zq status" in text
 
+
+
+# ---------------------------------------------------------------------------- when a batch closes
+
+
+def test_without_linger_a_batch_closes_when_its_partition_can_send_it():
+    # In send(): only an idle partition, so a lone record leaves at once.
+    assert closes_at_once(0, in_flight=0, max_in_flight=1, queued=0, in_send=True)
+    assert closes_at_once(0, in_flight=0, max_in_flight=64, queued=0, in_send=True)
+    assert not closes_at_once(0, in_flight=1, max_in_flight=64, queued=0, in_send=True)  # next pass decides
+    # On the I/O thread's pass: whenever the partition could send it now.
+    assert closes_at_once(0, in_flight=63, max_in_flight=64, queued=0, in_send=False)
+    assert not closes_at_once(0, in_flight=1, max_in_flight=1, queued=0, in_send=False)  # busy: gather more
+    for in_send in (True, False):
+        assert not closes_at_once(0, in_flight=0, max_in_flight=1, queued=1, in_send=in_send)  # one waits before it
+        assert not closes_at_once(5, in_flight=0, max_in_flight=1, queued=0, in_send=in_send)  # a linger was asked
+        assert not closes_at_once(0.5, in_flight=0, max_in_flight=64, queued=0, in_send=in_send)

@@ -316,6 +316,124 @@ def test_flush_sends_without_waiting_for_linger(cluster, client):
     assert f.result(0).offset == 0
 
 
+def test_without_linger_a_lone_record_leaves_at_once_and_a_busy_partition_gathers_the_rest(cluster, client):
+    dropped = []
+
+    def drop_first(node, msg, payload):
+        if isinstance(msg, protocol.Produce) and not dropped:
+            dropped.append(msg)
+            return DROP   # unanswered: the partition stays busy until the request times out
+        return None
+
+    cluster.intercept = drop_first
+    producer = client.producer(linger_ms=0, request_timeout_ms=1_000, retries=3)   # max_in_flight 1
+    first = producer.send("t", b"first", partition=0)
+    assert not producer._open   # closed in send() itself: no linger timer, no wait for the I/O thread
+    wait_until(lambda: dropped)
+    rest = [producer.send("t", v, partition=0) for v in (b"a", b"b", b"c")]
+    assert len(producer._open) == 1   # the partition is busy: they gather in one open batch
+    assert [f.result(5).offset for f in [first] + rest] == [0, 1, 2, 3]
+    # The first, its retry after the timeout, then the three together once the partition was free.
+    assert [r.count for r in cluster.produce_requests()] == [1, 1, 3]
+
+
+def test_a_lone_record_is_sent_from_the_callers_thread_while_the_io_thread_is_idle(cluster, client):
+    conn = client._conn
+    senders = []
+    plain_send = conn._try_send
+
+    def try_send(peer, frames):
+        senders.append(threading.current_thread().name)
+        return plain_send(peer, frames)
+
+    conn._try_send = try_send
+    producer = client.producer(linger_ms=0)
+    me = threading.current_thread().name
+    offsets = []
+    for i in range(20):
+        offsets.append(producer.send("t", b"v%d" % i, partition=3).result(3).offset)   # every reply still arrives
+        time.sleep(0.01)   # the I/O thread goes back to sleep
+    assert offsets == list(range(20))
+    # No hand-off to the I/O thread for (most of) them: the caller sent them itself.
+    assert senders.count(me) >= 1 and set(senders) <= {me, conn._thread.name}
+
+
+def watch_sleeps(conn, missed_something) -> list:
+    """Wrap the client I/O thread's poll(2): the returned list gets the timeout of every sleep that
+    ended with nothing ready while `missed_something()` held (something was there to do)."""
+    missed: list = []
+
+    class Watched:
+        def __init__(self, fds):
+            self.fds = fds
+
+        def register(self, fd, events):
+            self.fds.register(fd, events)
+
+        def poll(self, timeout):
+            ready = self.fds.poll(timeout)
+            if not ready and timeout > 0 and missed_something():
+                missed.append(timeout)
+            return ready
+
+    conn._fds = Watched(conn._fds)
+    return missed
+
+
+def test_no_reply_waits_in_a_socket_while_the_io_thread_sleeps(cluster, client):
+    """Callers sending from their own threads read and re-arm the sockets' edge-triggered ZMQ_FD:
+    whenever the I/O thread's poll(2) ends with nothing ready, no socket may hold a reply (one
+    would have waited there unnoticed until the poll's timeout)."""
+    conn = client._conn
+
+    def reply_waiting() -> bool:
+        with conn._io_lock:   # as the I/O thread is about to: nobody else touches a socket
+            return any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in conn._by_socket)
+
+    missed = watch_sleeps(conn, reply_waiting)
+    producer = client.producer(linger_ms=0, max_in_flight=4)
+
+    def load(p: int) -> None:
+        for i in range(60):
+            producer.send("t", b"%d" % i, partition=p).result(5)
+
+    threads = [threading.Thread(target=load, args=(p,)) for p in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [len(cluster.records("t", p)) for p in range(4)] == [60] * 4
+    assert missed == []
+
+
+def test_no_submitted_work_waits_while_the_io_thread_sleeps(client):
+    """Whenever the I/O thread's poll(2) ends with nothing ready, no submitted work may be waiting:
+    a submit that wrote no wake-up byte (one was pending already) must never be left unread."""
+    conn = client._conn
+    missed = watch_sleeps(conn, lambda: bool(conn._work))
+
+    def load() -> None:
+        for _ in range(500):
+            done = threading.Event()
+            conn.submit(done.set)
+            done.wait(5)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert missed == []
+
+
+def test_with_linger_a_lone_record_waits_for_it(cluster, client):
+    producer = client.producer(linger_ms=10_000)
+    producer.send("t", b"lone", partition=0)
+    assert len(producer._open) == 1   # the user asked for a linger: it is not closed at once
+    producer.flush(3)
+    assert [r.count for r in cluster.produce_requests()] == [1]
+
+
 def test_send_futures_are_real_futures(cluster, client):
     producer = client.producer(linger_ms=1)
     seen = []

@@ -2,10 +2,26 @@
 
 Theory of operation
 -------------------
-ZeroMQ sockets are not thread-safe, so one thread, the *I/O thread*, owns them all: one DEALER
-per node address, made lazily on the first request to that address. Other threads never touch
-a socket; they hand work to the I/O thread as plain callables on a deque and wake it by writing
-one byte to a pipe that its poller watches (a pipe write is thread-safe, a zmq socket is not).
+ZeroMQ sockets are not thread-safe, so one thread at a time may use them: the *I/O thread*,
+which owns them (one DEALER per node address, made lazily on the first request to that address),
+or a caller standing in for it. Everything the I/O thread's code touches (sockets, pending
+requests, timers, and the producer's, consumer's and group's I/O-side state) is guarded by one
+lock, `_io_lock`, that the I/O thread holds except while it sleeps in `poll(2)`. It sleeps on
+plain file descriptors only (the wake-up pipe and each socket's ZMQ_FD), never inside libzmq, so
+no socket is touched while it sleeps; each pass it reads every socket's ZMQ_EVENTS under the lock
+(ZMQ_FD is edge-triggered: a send or receive may consume its edge, so events are always re-read
+before sleeping).
+
+Work reaches the I/O thread two ways. `submit(fn)` appends a plain callable to a deque and wakes
+the I/O thread by writing one byte to the pipe (a thread hand-off: the I/O thread must be woken
+and scheduled). `run_now_or_submit(fn)` runs `fn` on the calling thread when the I/O thread is
+asleep (the lock is free) and nothing submitted before waits to run, so a lone produce request
+leaves from the caller's thread with no hand-off at all; then, before letting go of the lock, it
+wakes the I/O thread only if the I/O thread must now do something sooner than it planned (a
+socket has input or an outbox waits, a deadline earlier than its sleep, a new socket to watch).
+Otherwise it hands `fn` over with `submit`, so work keeps the order it was handed over in. Code
+run either way is "on the I/O thread" for `on_io_thread()` (it holds the lock), and callbacks it
+triggers run there too.
 
 A request is `(address, message, payload, timeout_ms, callback)`. The I/O thread keeps it in
 `pending` under its `req_id` with a deadline; the reply with the same `req_id` is handed to the
@@ -31,6 +47,7 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from concurrent.futures import Future
@@ -91,6 +108,7 @@ class Connection:
         self.security = security  # zq.io.security.ClientKeys: every socket is a CurveZMQ client
         self._ids = itertools.count(1)
         self._work: collections.deque = collections.deque()
+        self._wake_pending = False   # a wake-up byte is in the pipe, or about to be, for submitted work
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -106,8 +124,15 @@ class Connection:
         self._unsent: set[int] = set()  # requests still in an outbox: their expiry means "not sent" 
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
-        self._poller = zmq.Poller()
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        # Who runs I/O-thread code now (the I/O thread, or a caller in run_now_or_submit): the
+        # holder of _io_lock, whose thread id is _owner. _sleep_until: when the I/O thread, asleep
+        # in poll(2), wakes by itself (0 while it is awake); read and written under the lock.
+        self._io_lock = threading.Lock()
+        self._owner: int | None = None
+        self._sleep_until = 0.0
+        self._fds_added = False   # a socket made by a caller: the sleeping I/O thread must watch it
+        self._fds = select.poll()
+        self._fds.register(self._wake_r, select.POLLIN)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -121,10 +146,47 @@ class Connection:
         if self._closed:
             raise ConnectionFailed("the client is closed; create a new zq.Client")
         self._work.append(fn)
+        if not self._wake_pending:   # one byte per pass is enough, however many submits it takes
+            self._wake_pending = True
+            self._wake()
+
+    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already: the I/O thread will run this one too
+
+    def run_now_or_submit(self, fn: Callable[[], None]) -> None:
+        """Run `fn` as the I/O thread would, on this thread and now when the I/O thread is asleep
+        and no submitted work waits (no hand-off between threads), else `submit` it. Must not be
+        called with a lock held that `fn` or a callback it triggers takes."""
+        if self._closed:
+            raise ConnectionFailed("the client is closed; create a new zq.Client")
+        me = threading.get_ident()
+        if self._owner == me:   # already I/O-thread code (a callback): run it in turn, as submit would
+            self.submit(fn)
+            return
+        lock = self._io_lock
+        if self._work or not lock.acquire(blocking=False):
+            self.submit(fn)
+            return
+        wake = False
+        try:
+            if self._work or self._dead:   # re-read under the lock: submitted work goes first
+                self.submit(fn)
+                return
+            self._owner = me
+            try:
+                fn()
+            except Exception:
+                log.exception("zq client task failed")
+            # The I/O thread sleeps on what it saw before: wake it if that is no longer enough.
+            wake = self._fds_added or self._io_ready() or self._next_deadline() < self._sleep_until
+        finally:
+            self._owner = None
+            lock.release()
+        if wake:
+            self._wake()
 
     def request(self, address: str, msg: Any, payload: tuple | list = (), timeout_ms: float | None = None,
                 callback: Callback | None = None) -> None:
@@ -161,7 +223,7 @@ class Connection:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass
-        if threading.current_thread() is not self._thread:
+        if not self.on_io_thread():
             self._thread.join(timeout=5.0)
 
     @property
@@ -169,7 +231,8 @@ class Connection:
         return self._closed
 
     def on_io_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+        """True in I/O-thread code: on the I/O thread, or in a caller's run_now_or_submit."""
+        return self._owner == threading.get_ident()
 
     # ---------------------------------------------------------------- I/O thread only
 
@@ -203,7 +266,6 @@ class Connection:
                 # A node that is not there is known sooner than a request timeout: give up on
                 # connecting after connect_timeout_ms, when nothing was sent and a retry is safe.
                 heapq.heappush(self._connect_deadlines, (min(deadline, now_ms() + connect_timeout_ms), msg.req_id))
-            self._poller.register(peer.socket, zmq.POLLIN | zmq.POLLOUT)
 
     def _peer(self, address: str) -> _Peer:
         peer = self._peers.get(address)
@@ -228,12 +290,14 @@ class Connection:
         peer = _Peer(address, sock)
         self._peers[address] = peer
         self._by_socket[sock] = peer
-        self._poller.register(sock, zmq.POLLIN)
+        self._fds.register(sock.getsockopt(zmq.FD), select.POLLIN)   # readable: the socket's events changed
         # A lost connection fails the requests in flight on it at once (outcome unknown, retriable),
         # rather than leaving them to wait out their timeout: a dead leader costs a reconnect, not 30 s.
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._by_monitor[monitor] = peer
-        self._poller.register(monitor, zmq.POLLIN)
+        self._fds.register(monitor.getsockopt(zmq.FD), select.POLLIN)
+        if threading.current_thread() is not self._thread:
+            self._fds_added = True
         return peer
 
     def _on_monitor(self, monitor: zmq.Socket) -> None:
@@ -269,7 +333,6 @@ class Connection:
                 return
             peer.outbox.popleft()
             self._unsent.discard(req_id)
-        self._poller.register(peer.socket, zmq.POLLIN)
 
     def _fail(self, req_id: int | None, error: ZqError) -> None:
         entry = self._pending.pop(req_id, None) if req_id is not None else None
@@ -328,10 +391,15 @@ class Connection:
 
     def _run_work(self) -> None:
         try:
-            while os.read(self._wake_r, 4096):
+            while len(os.read(self._wake_r, 4096)) == 4096:
                 pass
         except BlockingIOError:
             pass
+        # After reading the pipe, never before: a submit that saw the flag still set queued its
+        # work before this line, so the snapshot below runs it; one after it writes a byte again.
+        # (Cleared before the read, a byte written meanwhile would be read with the flag left set,
+        # and every later submit would skip its byte while the I/O thread sleeps.)
+        self._wake_pending = False
         # Only what is queued now: work submitted by this work runs on the next pass.
         for _ in range(len(self._work)):
             fn = self._work.popleft()
@@ -340,40 +408,78 @@ class Connection:
             except Exception:
                 log.exception("zq client task failed")
 
-    def _poll_timeout_ms(self) -> float:
-        t = now_ms()
-        nxt = t + 1_000.0
+    def _next_deadline(self) -> float:
+        """The earliest time something is due (a timer, a request's deadline), or +inf."""
+        nxt = float("inf")
         if self._deadlines:
-            nxt = min(nxt, self._deadlines[0][0])
+            nxt = self._deadlines[0][0]
         if self._connect_deadlines:
             nxt = min(nxt, self._connect_deadlines[0][0])
         if self._timers:
             nxt = min(nxt, self._timers[0][0])
-        return max(0.0, nxt - t)
+        return nxt
+
+    def _io_ready(self) -> bool:
+        """Under the lock: whether a pass has something to do now (input on a socket, an outbox
+        its socket can take, submitted work). Reading ZMQ_EVENTS also re-arms each ZMQ_FD."""
+        for sock, peer in self._by_socket.items():
+            ev = sock.getsockopt(zmq.EVENTS)
+            if ev & zmq.POLLIN or (peer.outbox and ev & zmq.POLLOUT):
+                return True
+        for monitor in self._by_monitor:
+            if monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return True
+        return bool(self._work)
+
+    def _pass(self) -> None:
+        """Under the lock: one pass over everything that may be due."""
+        for sock, peer in list(self._by_socket.items()):
+            ev = sock.getsockopt(zmq.EVENTS)
+            if ev & zmq.POLLIN:
+                self._drain(peer)
+            if peer.outbox and ev & zmq.POLLOUT:
+                self._flush_outbox(peer)
+        for monitor in list(self._by_monitor):
+            if monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._on_monitor(monitor)
+        self._run_work()
+        t = now_ms()
+        self._run_timers(t)
+        self._expire(t)
 
     def _run(self) -> None:
+        lock = self._io_lock
+        me = threading.get_ident()
+        lock.acquire()
+        self._owner = me
         try:
             while not self._closed:
-                events = self._poller.poll(self._poll_timeout_ms())
-                for sock, ev in events:
-                    if sock == self._wake_r:
-                        continue
-                    if sock in self._by_monitor:
-                        self._on_monitor(sock)
-                        continue
-                    peer = self._by_socket[sock]
-                    if ev & zmq.POLLIN:
-                        self._drain(peer)
-                    if ev & zmq.POLLOUT and peer.outbox:
-                        self._flush_outbox(peer)
-                self._run_work()
+                self._pass()
+                if self._io_ready():
+                    continue
+                self._fds_added = False
                 t = now_ms()
-                self._run_timers(t)
-                self._expire(t)
+                timeout = max(0.0, min(t + 1_000.0, self._next_deadline()) - t)
+                self._sleep_until = t + timeout
+                self._owner = None
+                lock.release()
+                try:
+                    # Plain file descriptors only: no socket is touched while the lock is free.
+                    self._fds.poll(timeout)
+                finally:
+                    lock.acquire()
+                    self._owner = me
+                    self._sleep_until = 0.0
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                self._owner = None
+                lock.release()
 
     def _drain(self, peer: _Peer) -> None:
+        """Called with POLLIN in the socket's events: take what arrived (asking ZMQ_EVENTS between
+        replies costs less than the zmq.Again a last receive would raise)."""
         sock = peer.socket
         for _ in range(recv_drain_max):
             try:
@@ -381,6 +487,8 @@ class Connection:
             except zmq.Again:
                 return
             self._on_frames(peer, frames)
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _shutdown(self) -> None:
         self._dead = True

@@ -8,7 +8,12 @@ partition, which moves round-robin each time a batch of it closes), takes buffer
 `[create_time_ms, key, value, headers]` to the partition's *open* batch under one lock, and returns
 a `BatchFuture` that shares its batch's Condition. An open batch *closes* when it reaches
 `batch_size` bytes or `limits.batch_records_max` records, or `linger_ms` after its first record
-(a timer on the I/O thread), or on `flush()`.
+(a timer on the I/O thread), or on `flush()`. With `linger_ms=0` there is no timer
+(`zq.core.client_rules.closes_at_once`): a record that finds its partition idle (nothing in
+flight, nothing queued) closes its batch in `send()` itself and leaves at once, from the caller's
+thread when the I/O thread is idle (`Connection.run_now_or_submit`); otherwise its batch closes
+on the I/O thread's next pass, or as soon as the partition frees up after that (fewer than
+`max_in_flight` unacknowledged, none queued), with the records sent meanwhile.
 
 A closed batch is handed to the client's I/O thread, which owns everything after that: per
 partition a FIFO of *ready* batches, sent to the leader from the client's metadata while fewer
@@ -44,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from zq import batch as zbatch
 from zq import protocol
 from zq.client.futures import BatchFuture, FutureGroup, RecordMetadata
+from zq.core.client_rules import closes_at_once
 from zq.errors import (BufferFull, MessageTooLarge, NotLeader, ProducerClosed, ProtocolError, Timeout,
                        UnknownPartition, ZqError)
 
@@ -113,6 +119,7 @@ class Producer:
             raise ValueError("an idempotent producer needs acks='leader' or 'quorum': it must see each batch acknowledged")
         self.producer_id = self._new_producer_id() if self.idempotent else 0
         self.linger_ms = max(0.0, float(linger_ms))
+        self._at_once = self.linger_ms == 0  # batches close by closes_at_once, not by a linger timer
         self.batch_size = max(1, min(int(batch_size), limits.batch_bytes_max))
         self.codec = codec_for(compression)
         self.max_block_ms = limits.producer_max_block_ms if max_block_ms is None else max_block_ms
@@ -184,6 +191,7 @@ class Producer:
             timestamp_ms = _time_ns() // 1_000_000
         # acquire/release rather than `with`: half the cost, and this is the hot path.
         lock = self._lock
+        lone = False
         lock.acquire()
         try:
             if self._closed:
@@ -199,11 +207,20 @@ class Producer:
             records.append((timestamp_ms, key, value, headers))  # cbor2 writes a tuple as an array
             b.size_bytes += size
             if b.size_bytes < self.batch_size and len(records) < self._records_max:
-                return fut
+                if not self._at_once or len(records) > 1:
+                    # Its linger timer closes it; or, without linger, its partition was busy when
+                    # it opened, and the I/O thread closes it when the partition is free (it looks
+                    # every time a partition frees up, so asking again here would only cost).
+                    return fut
+                if not closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight,
+                                      len(self._ready.get(b.tp, ())), in_send=True):
+                    self._conn.submit(lambda: self._io_close_if_free(b))   # the I/O thread's next pass decides
+                    return fut
+                lone = True
             self._close_batch(b)
         finally:
             lock.release()
-        self._handoff(b)
+        self._handoff(b, now=lone)
         return fut
 
     def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None,
@@ -263,7 +280,7 @@ class Producer:
         # Full buffers must drain: close every open batch so the I/O thread can send it.
         for b in list(self._open.values()):
             self._close_batch(b)
-            self._handoff(b)  # not on the I/O thread (checked above), so this only queues work
+            self._handoff(b)  # not on the I/O thread (checked above), and under _lock: only queue it
         ok = self._changed.wait_for(lambda: self._closed or self._buffered_bytes + size <= self.buffer_bytes,
                                     self.max_block_ms / 1000.0)
         if self._closed:
@@ -278,7 +295,8 @@ class Producer:
         b = _Batch(topic, partition)
         self._open[b.tp] = b
         self._unfinished_batches += 1
-        self._conn.call_later(self.linger_ms, lambda: self._io_on_linger(b))
+        if not self._at_once:
+            self._conn.call_later(self.linger_ms, lambda: self._io_on_linger(b))
         return b
 
     def _close_batch(self, b: _Batch) -> None:
@@ -290,10 +308,15 @@ class Producer:
         if self._sticky.get(b.topic, 0) == b.partition:
             self._sticky[b.topic] = (b.partition + 1) % self._partitions.get(b.topic, 1)
 
-    def _handoff(self, b: _Batch) -> None:
-        """Not under _lock when on the I/O thread: give a closed batch to the I/O thread."""
+    def _handoff(self, b: _Batch, now: bool = False) -> None:
+        """Give a closed batch to the I/O thread; with `now` (a lone record's batch, and not under
+        _lock, which its callbacks take), on this very thread if the I/O thread is idle: no hand-off,
+        no wake-up. A full batch is handed over: the I/O thread encodes and sends it (zlib and zmq
+        let go of the GIL meanwhile) while this thread goes on filling the next."""
         if self._conn.on_io_thread():
             self._io_enqueue(b)
+        elif now:
+            self._conn.run_now_or_submit(lambda: self._io_enqueue(b))
         else:
             self._conn.submit(lambda: self._io_enqueue(b))
 
@@ -360,6 +383,37 @@ class Producer:
             self._complete(b, error=error)
 
     def _io_drain(self) -> None:
+        """Send what may be sent now; then, without linger, close the open batches of partitions
+        that are free now (they gathered records while their partition was busy) and send those."""
+        self._io_send_ready()
+        if self._at_once and self._open and self._io_close_free():
+            self._io_send_ready()
+
+    def _io_close_if_free(self, b: _Batch) -> None:
+        """Without linger, the pass after `b` opened in a busy partition: close it now if its
+        partition could send it, else it stays open until `_io_close_free` finds it free."""
+        with self._lock:
+            if b.closed is not False or not closes_at_once(
+                    self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight, len(self._ready.get(b.tp, ())),
+                    in_send=False):
+                return
+            self._close_batch(b)
+        self._io_enqueue(b)
+
+    def _io_close_free(self) -> bool:
+        """Without linger: close and queue each open batch whose partition could send it now."""
+        with self._lock:
+            free = [b for b in self._open.values()
+                    if closes_at_once(self.linger_ms, self._inflight.get(b.tp, 0), self.max_in_flight,
+                                      len(self._ready.get(b.tp, ())), in_send=False)]
+            for b in free:
+                self._close_batch(b)
+        for b in free:
+            self._live.add(b)
+            self._ready.setdefault(b.tp, collections.deque()).append(b)
+        return bool(free)
+
+    def _io_send_ready(self) -> None:
         """Send what may be sent now: head of each partition's FIFO, within the in-flight bounds."""
         now = time.monotonic() * 1000.0
         for tp in list(self._ready):

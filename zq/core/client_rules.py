@@ -1,6 +1,7 @@
 """The client's rules: where each partition is read from, what a seek does to fetches in flight,
-and when a refused call is tried again. Pure: no sockets, threads or clock (the caller passes
-`now_ms` and a random number in), so the deterministic simulator can drive the same code.
+when a refused call is tried again, and when a producer's batch closes. Pure: no sockets, threads
+or clock (the caller passes `now_ms` and a random number in), so the deterministic simulator can
+drive the same code.
 
 Theory of operation
 -------------------
@@ -40,6 +41,12 @@ after a jittered, capped, exponential backoff until `api_timeout_ms` has passed 
 `retry_delay_ms` says how long to wait, or None to give up. A `Timeout` (the node may have acted)
 is retried only for calls that are safe to repeat. Refusals that an election does not end
 (`NOT_PASSING`) are raised at once.
+
+*When a batch closes.* A producer without linger (`linger_ms=0`) has no timer: `closes_at_once`
+says whether a partition's open batch closes now. In `send()`, only when the partition is idle
+(nothing in flight or queued), so a lone record is sent at once; otherwise on the client's I/O
+thread's next pass, or when the partition frees up after that, so the records sent while it was
+busy leave as one batch rather than one request each. A producer with a linger waits it out.
 """
 from __future__ import annotations
 
@@ -210,3 +217,20 @@ def gave_up_message(what: str, waited_ms: float, last: str) -> str:
     """The sentence of the error raised when the deadline passed."""
     return (f"{what} did not succeed in {waited_ms / 1000.0:.1f} s of retrying ({last.rstrip('.')}); "
             "check the nodes with `zq status`, or give the client a longer api_timeout_ms")
+
+
+# -------------------------------------------------------------------- when a producer's batch closes
+
+
+def closes_at_once(linger_ms: float, in_flight: int, max_in_flight: int, queued: int, in_send: bool) -> bool:
+    """Whether a producer's open batch of one partition closes now, to be sent, rather than gather
+    more records. Only without linger (`linger_ms` 0; a producer that set a linger waits it out, as
+    asked) and only with no batch of the partition `queued` before it. In `send()` itself
+    (`in_send`), only when the partition is idle (nothing in flight): a lone record leaves at once,
+    with no timer and no wait for the I/O thread. Otherwise on the I/O thread's next pass, or as
+    soon as the partition frees up after that, when it could send the batch now (fewer than
+    `max_in_flight` of its batches unacknowledged): the records sent meanwhile gather in one
+    batch rather than each making a request of its own."""
+    if linger_ms > 0 or queued:
+        return False
+    return in_flight == 0 if in_send else in_flight < max_in_flight
