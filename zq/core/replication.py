@@ -205,7 +205,7 @@ from zq.core.repl_decisions import STRANGERS_MAX, Decisions  # noqa: F401 (STRAN
 from zq.core.repl_epochs import epoch_at, truncated
 from zq.core.repl_handlers import _FIELD_TYPES, Handlers
 from zq.core.repl_log import LogKeeping
-from zq.core.repl_roles import VOTE_FORGOTTEN, WALL_OFFSET_KEPT_TIMEOUTS, Roles  # noqa: F401 (re-exported)
+from zq.core.repl_roles import VOTE_FORGOTTEN, WALL_OFFSET_KEPT_TIMEOUTS, Roles, founding_state  # noqa: F401 (re-exported)
 from zq.core.repl_types import (
     BACKPRESSURE, DEFAULT_CONFIG, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, Append, AppendAck, Diverging,
     Entry, Fetch, HardState, LogReader, Outbound, Outcome, Ready, RecoveryPoll, RecoveryState,
@@ -219,11 +219,20 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
 
     def __init__(self, node_id: str, replicas: Sequence[str], reader: LogReader, *,
                  rng: random.Random, now_ms: int = 0, config: ReplicationConfig = DEFAULT_CONFIG,
-                 hard_state: HardState | None = None, log_end: int = 0, log_start: int | None = None) -> None:
+                 hard_state: HardState | None = None, log_end: int = 0, log_start: int | None = None,
+                 founded_by: str | None = None) -> None:
         """`log_start`: the first offset the shell's log still holds (retention deletes the
-        front); None: the first entry the reader returns, or `log_end` if it returns none."""
-        hs = hard_state or HardState()
+        front); None: the first entry the reader returns, or `log_end` if it returns none.
+        `founded_by`: the replica (of `replicas`, the set the partition was created with) that the
+        command creating the partition names to lead epoch 1; taken only by a replica that never
+        held the partition (see "Founding")."""
         self.node_id = node_id
+        if founded_by is not None and (founded_by not in replicas or node_id not in replicas):
+            raise ValueError(f"a founding names a leader of the set it creates, and is given to its members: "
+                             f"{founded_by!r} founds {list(replicas)} on {node_id!r}")
+        # Whether this start takes the founding: its hard state (epoch 1, our vote the founder's).
+        self.founded = founded_by is not None and self._may_found(hard_state, log_end)
+        hs = founding_state(founded_by) if self.founded else (hard_state or HardState())
         self.config = config
         self._reader = reader
         self._rng = rng
@@ -300,9 +309,12 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
         self._polled: tuple[int, int] | None = None   # (largest epoch, largest high watermark) once enough answered
         self._fresh: dict[str, tuple[int, int]] = {}  # after the poll: voter -> (last epoch, log end), answered in a later epoch
         self._recover_until: int | None = None        # durable end that ends recovery under the current leader
+        self._founding_grace_ms = 0                   # founder: no check-quorum step-down before this (see "Founding")
         self._rebuild_producers()
         if self.recovering:
             self._begin_recovery()
+        elif self.founded:
+            self._found(founded_by)
 
     # ---------------------------------------------------------------- views
 
@@ -396,8 +408,7 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
         if self.role == LEADER:
             due = self._heartbeat_due_ms
             if self.config.check_quorum:
-                heard = self._quorum_heard_ms()
-                due = min(due, (self.now_ms if heard is None else heard) + self.config.election_timeout_ms)
+                due = min(due, self._quorum_due_ms())
             if self._transfer is not None:
                 due = min(due, self._transfer[1])
             return due

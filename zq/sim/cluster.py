@@ -64,7 +64,10 @@ defence against it is `[security]`, which admits only the cluster key to speak a
 Disk faults. A seed may draw disk faults (zq/sim/disk.py), each on a node it crashes for the
 purpose: a flipped block under one entry of one partition (found when the restarted replica
 reads its log: the shell sets the partition aside and opens it empty), a dropped tail of synced
-writes (every partition of the node), a wiped replica or a wiped node. A replica found lost
+writes (every partition of the node), a wiped replica or a wiped node; half of those seeds also wipe a replica or a node
+soon after the partitions were created (`early_wipe`), mostly a partition's founder, restarted
+before the others elect, so that the epoch-1 leader comes back empty (see "Founding" in
+zq/core/replication.py: it must not lead epoch 1 again). A replica found lost
 opens recovering (`HardState.recovering`, zq/core/replication.py), as the node does. At most one
 replica of a partition is damaged or recovering at a time (the guarantee covers a minority);
 crashes, pauses and partitions go on meanwhile.
@@ -108,7 +111,7 @@ from zq.errors import CorruptData, InvalidRequest, ProtocolError
 from zq.hashing import rendezvous
 from zq.node.replicas import Part, ReplicaSet
 from zq.sim.checks import Ack, Checker, Violation
-from zq.sim.faults import FaultsMixin, hostile_message
+from zq.sim.faults import EARLY_WIPE_MS, FaultsMixin, hostile_message
 from zq.sim.members_layer import MembershipLayer, address_of
 from zq.sim.members_checks import MembersChecker
 from zq.sim.network import NetworkFaults, SimNetwork
@@ -219,6 +222,8 @@ class Sim(FaultsMixin):
             self.at(self.hostile_rng.randrange(1, s.hostile_interval_ms_max), "hostile")
         if s.disk:
             self.at(self.disk_rng.randrange(1, s.disk_interval_ms_max), "disk")
+        if s.early_wipe:
+            self.at(self.disk_rng.randint(*EARLY_WIPE_MS), "early_wipe")
         try:
             while self.heap and self.step_no < s.steps:
                 self.one_step()
@@ -315,6 +320,12 @@ class Sim(FaultsMixin):
             self.drain(node, p)  # recovering is durable before anything else happens
         else:
             self.schedule_timer(node, p)
+            if r.founded:
+                # The node writes the founding in its next pass (one that may crash in its fsync);
+                # a follower tells its leader its clock then, as a node's does.
+                r.tick(self.now, self.wall_ms(node))
+                node.pass_.dirty.add(p)
+                self.at(self.now, "pass", node.name, node.incarnation)
 
     def _new_replica(self, node: SimNode, p: int) -> Replica:
         store = node.disk.volatile[p]
@@ -327,8 +338,12 @@ class Sim(FaultsMixin):
             node.disk.lost.discard(p)
             self.result.recoveries += 1
             self.log(f"{node.name} p{p}: lost, opens recovering")
-        return Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=self.config,
-                       hard_state=hard, log_end=store.log_end, log_start=store.start)
+        # A partition of the initial placement was created with a leader: its set's first node (the
+        # core takes the founding only if this replica never held the partition, see "Founding").
+        created_with = node.replica_sets[p]
+        return Replica(node.name, created_with, store, rng=self.rng, now_ms=self.now, config=self.config,
+                       hard_state=hard, log_end=store.log_end, log_start=store.start,
+                       founded_by=created_with[0] if created_with else None)
 
     def apply_targets(self, node: SimNode) -> None:
         """What a running node does on reading a target change in the metadata: tell its
