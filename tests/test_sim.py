@@ -126,7 +126,7 @@ def test_a_membership_view_drives_moves_that_lose_nothing() -> None:
     assert all(r.ok for r in results), [(r.seed, r.invariant, r.detail) for r in results if not r.ok]
     hosted = [r for r in results if r.settings.members]
     assert len(hosted) > 20
-    assert sum(r.false_deaths for r in hosted) > 20 and sum(r.operator_false_moves for r in hosted) > 5
+    assert sum(r.false_deaths for r in hosted) > 20 and sum(r.operator_false_moves for r in hosted) >= 5
     assert sum(r.acks for r in hosted) > 500 and sum(r.crashes for r in hosted) > 20
 
 
@@ -224,9 +224,10 @@ def test_checks_catch_configuration_changes_that_break_the_rules(
 # Seeds (5 nodes) on which the weakening below was found by searching 2,500 seeds (2 minutes);
 # replaying only those keeps this test cheap. If the simulator's event order changes, these seeds
 # replay other histories: search again and replace them. (Searched again when the simulator came
-# to run the shipped persist-then-send pass, zq.node.replicas: each of these passes without the
-# weakening.)
-FRESH_VOTE_SEEDS = (20, 119, 1249, 1326, 1472, 2330)
+# to run the shipped persist-then-send pass, zq.node.replicas, and again when partitions came to
+# start founded, with no election, zq.core.replication's "Founding": 3 in seeds 0..3999; each of
+# these passes without the weakening.)
+FRESH_VOTE_SEEDS = (2270, 2630, 3644)
 
 
 def test_checks_catch_a_replica_knowing_no_configuration_that_votes(monkeypatch: pytest.MonkeyPatch) -> None:

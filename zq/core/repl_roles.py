@@ -27,7 +27,7 @@ class Roles:
 
     # ---------------------------------------------------------------- founding
 
-    def _may_found(self, hard_state: HardState | None, log_end: int) -> bool:
+    def _may_found(self, founder: str, hard_state: HardState | None, log_end: int) -> bool:
         """Whether this start may take its partition's founding: only if the replica provably
         never held the partition, so that it can have cast no other vote nor written any entry.
         The shell says so by giving neither a hard state nor a log: one whose data was lost comes

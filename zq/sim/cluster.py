@@ -25,6 +25,12 @@ majority at once is the case that mode gives up, and it is not simulated. A cras
 in-flight requests; a restart builds the cores from the disk alone. A pause stops a node's
 timers and queues what arrives for it (bounded, as socket buffers are), like SIGSTOP.
 
+Partitions are created at the start as a create_topic command creates them on nodes: founded
+("Founding" in zq/core/replication.py), each led in epoch 1 by the first node of its set, with no
+election; a node writes the founding in a pass of its own, which may crash in its fsync. Every
+(re)start offers each replica of the initial placement the founding again: the core takes it
+only where the disk holds nothing and no loss was found, as the node's shell does.
+
 Replica-set changes. A seed may draw 4 or 5 nodes (partitions keep 3 replicas) and
 reassignments: the simulator's metadata (`targets`) moves a partition to another 3-node set
 differing by 1 or 2 nodes, tells every replica of it (`set_target`), and creates an empty replica,
