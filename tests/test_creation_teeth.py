@@ -13,24 +13,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.test_node_teeth import SEEDS_MAX, STEPS, _first_failure
 from zq.core.replication import Replica
 from zq.sim.cluster import run_seed
 
-SEEDS_MAX = 100    # seeds tried per bug before the test says the simulator missed it
-STEPS = 1000       # as tests/test_sim.py runs them
 PASSING_SEEDS = 40
 
 SAFETY = {"protocol error between honest replicas", "two different batches at one offset", "two leaders in one epoch",
           "new leader lacks committed entries", "acknowledged write lost", "committed entry deleted",
           "acknowledged write not committed", "replica lacks committed entries"}
-
-
-def _first_failure(seeds: int = SEEDS_MAX):
-    for seed in range(seeds):
-        r = run_seed(seed, steps=STEPS)
-        if not r.ok:
-            return r
-    return None
 
 
 def _lost_ones_found_too(founders_only: bool):

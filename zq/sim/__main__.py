@@ -37,7 +37,8 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
           f"{r.start_ats} logs restarted by StartAt ({r.start_ats_moved} on moved replicas), {r.false_deaths} false deaths, {r.operator_moves} operator "
           f"moves ({r.operator_false_moves} away from running nodes), {r.hostile_sent} hostile messages "
           f"({r.hostile_refused} refused by bounds, {r.hostile_rejected} by the core), {r.flips} flipped blocks, "
-          f"{r.tails_dropped} dropped WAL tails, {r.wipes} wipes ({r.early_wipes} soon after creation), {r.recoveries} recoveries, converged {r.converged_ms} ms after healing, "
+          f"{r.tails_dropped} dropped WAL tails, {r.wipes} wipes ({r.early_wipes} soon after creation), "
+          f"{r.recoveries} recoveries, converged {r.converged_ms} ms after healing, "
           f"trace {r.trace_hash}")
     return 0
 

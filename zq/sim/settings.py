@@ -68,7 +68,7 @@ class Settings:
     operator_interval_ms_max: int = 1000  # between the operator's looks at a view
     disk: bool = False               # disk faults: flipped blocks, dropped WAL tails, wiped replicas and nodes
     disk_interval_ms_max: int = 1000
-    early_wipe: bool = False         # a disk fault soon after the partitions were created (while epoch 1 may still lead)
+    early_wipe: bool = False         # a disk wiped soon after the partitions were created (epoch 1 may still lead)
     net: NetworkFaults = field(default_factory=NetworkFaults)
 
     @staticmethod
