@@ -11,6 +11,7 @@ from zq.core.repl_types import (
 )
 
 VOTE_FORGOTTEN = ""    # voted_for of an epoch whose vote a recovered replica may have cast and lost: no node's name
+WALL_OFFSET_KEPT_TIMEOUTS = 4   # a voter's best clock offset sample is kept this many election timeouts
 FOUNDING_EPOCH = 1     # the epoch a new partition's founder leads from its creation (see "Founding")
 FOUNDING_GRACE_TIMEOUTS = 2   # election timeouts a founding gives the set's members to apply the creating command
 
@@ -18,7 +19,6 @@ FOUNDING_GRACE_TIMEOUTS = 2   # election timeouts a founding gives the set's mem
 def founding_state(founder: str) -> HardState:
     """The hard state a founding gives: the founding epoch, our vote in it the founder's."""
     return HardState(epoch=FOUNDING_EPOCH, voted_for=founder)
-WALL_OFFSET_KEPT_TIMEOUTS = 4   # a voter's best clock offset sample is kept this many election timeouts
 
 
 class Roles:
@@ -32,7 +32,8 @@ class Roles:
         never held the partition, so that it can have cast no other vote nor written any entry.
         The shell says so by giving neither a hard state nor a log: one whose data was lost comes
         with `recovering`, one made again after a move deleted it with its join epoch, and one
-        that wrote its founding has it in its hard state (see "Founding")."""
+        that wrote its founding has it in its hard state (see "Founding"). Whom the founding
+        names (`founder`) does not matter here; tests/test_creation_teeth.py breaks this rule."""
         return hard_state is None and log_end == 0
 
     def _found(self, founder: str) -> None:

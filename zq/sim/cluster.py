@@ -70,10 +70,10 @@ defence against it is `[security]`, which admits only the cluster key to speak a
 Disk faults. A seed may draw disk faults (zq/sim/disk.py), each on a node it crashes for the
 purpose: a flipped block under one entry of one partition (found when the restarted replica
 reads its log: the shell sets the partition aside and opens it empty), a dropped tail of synced
-writes (every partition of the node), a wiped replica or a wiped node; half of those seeds also wipe a replica or a node
-soon after the partitions were created (`early_wipe`), mostly a partition's founder, restarted
-before the others elect, so that the epoch-1 leader comes back empty (see "Founding" in
-zq/core/replication.py: it must not lead epoch 1 again). A replica found lost
+writes (every partition of the node), a wiped replica or a wiped node. Half of those seeds also
+wipe a replica or a node soon after the partitions were created (`early_wipe`), mostly a
+partition's founder, restarted before the others elect, so that the epoch-1 leader comes back
+empty ("Founding" in zq/core/replication.py: it must not lead epoch 1 again). A replica found lost
 opens recovering (`HardState.recovering`, zq/core/replication.py), as the node does. At most one
 replica of a partition is damaged or recovering at a time (the guarantee covers a minority);
 crashes, pauses and partitions go on meanwhile.

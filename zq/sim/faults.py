@@ -70,12 +70,7 @@ class FaultsMixin:
         touched = sorted({*held, *node.tombstones}) if kind == "wipe_node" else held
         if held and all(self._may_damage(name, p) for p in touched):
             if node.alive:
-                node.disk.crash(rng, power_loss=s.durability == "fsync")
-                node.alive = False
-                node.replicas.clear()
-                node.pass_ = None
-                if self.members is not None:
-                    self.members.crash(name, self.now)
+                self._crash_for_disk(node, rng)
                 self.at(self.now + rng.randint(20, s.fault_duration_ms_max), "restart", name)
             p = rng.choice(held)
             entries = node.disk.durable[p].entries
@@ -113,12 +108,7 @@ class FaultsMixin:
         touched = sorted({*held, *node.tombstones}) if whole else [p]
         if not node.alive or p not in held or not all(self._may_damage(name, q) for q in touched):
             return
-        node.disk.crash(rng, power_loss=self.settings.durability == "fsync")
-        node.alive = False
-        node.replicas.clear()
-        node.pass_ = None
-        if self.members is not None:
-            self.members.crash(name, self.now)
+        self._crash_for_disk(node, rng)
         node.disk.wipe(held if whole else [p])
         if whole:
             node.tombstones.clear()
@@ -126,6 +116,15 @@ class FaultsMixin:
         self.result.early_wipes += 1
         self.log(f"disk {name}: {'wiped' if whole else f'p{p} wiped'} soon after creation")
         self.at(self.now + rng.randint(*EARLY_WIPE_RESTART_MS), "restart", name)
+
+    def _crash_for_disk(self, node: SimNode, rng: random.Random) -> None:
+        """A running node goes down for a disk fault (its unsynced writes as a crash leaves them)."""
+        node.disk.crash(rng, power_loss=self.settings.durability == "fsync")
+        node.alive = False
+        node.replicas.clear()
+        node.pass_ = None
+        if self.members is not None:
+            self.members.crash(node.name, self.now)
 
     def _may_damage(self, name: str, p: int) -> bool:
         """No other replica of p is damaged, lost or recovering, or knows no configuration yet (it
