@@ -161,7 +161,7 @@ def verdict(name: str, result: dict) -> str:
 
 def summary(name: str, result: dict) -> str:
     lat = result["latency_ms"]
-    if result["test"] == "first-produce":
+    if result.get("test") == "first-produce":
         return (f"p50 {fmt_ms(lat['p50'])}, p99 {fmt_ms(lat['p99'])}, max {fmt_ms(lat['max'])} "
                 f"over {result['messages']} new topics")
     if name in LATENCY_ROWS:
