@@ -235,3 +235,26 @@ def test_a_new_rf3_topic_is_led_by_its_placements_first_node_with_no_election(tm
             r.close()
         for n in nodes:
             n.stop()
+
+
+# ------------------------------------------------------------------ found on the way
+
+
+def test_a_recovering_replica_keeps_no_leader_of_an_earlier_epoch_into_the_epoch_its_poll_takes() -> None:
+    """Simulator seed 519 (with the founding and the clients' room both in): a leader handing off
+    sent TimeoutNow to a voter that had just lost its disk; the recovering replica took the epoch
+    and the leader from it, then its poll took a later epoch and kept that leader, so the later
+    epoch's real leader was refused as a second one."""
+    from zq.core.repl_types import RecoveryState, TimeoutNow
+    b = Replica("b", NAMES, SimDisk([0]).volatile[0], rng=random.Random(1), config=CFG,
+                hard_state=HardState(recovering=True))
+    b.ready()
+    b.advance()
+    b.step(TimeoutNow(1, "a"))
+    b.step(RecoveryState(1, "a", 3, 5, 1))
+    b.step(RecoveryState(2, "c", 1, 5, 1))
+    assert b.epoch == 2 and b.leader is None and b.recovering
+    b.ready()
+    b.advance()
+    b.step(Append(2, "c", 0, 0, 1, 5, []))   # c leads epoch 2: taken, not refused
+    assert b.leader == "c"

@@ -118,9 +118,10 @@ class Roles:
         log_end = max((a[2] for a in answers), default=0)
         self._polled = (epoch, hw)
         if epoch > self.epoch:
-            self.epoch = epoch
-            self.voted_for = None  # no vote while recovering; see _maybe_end_recovery
-            self._hard_dirty = self._must_sync = True
+            # No vote while recovering (see _maybe_end_recovery), and no leader: one heard in an
+            # earlier epoch (its TimeoutNow may reach us before the poll ends) does not lead this
+            # one (simulator seed 519 once the clients' room and the founding were both in).
+            self.become_follower(epoch, None)
         if log_end == 0:
             # Nothing was ever committed among them (a new cluster or partition, where candidates
             # may have stood): no entry to have forgotten. Its vote in this epoch may have been
