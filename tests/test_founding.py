@@ -258,3 +258,24 @@ def test_a_recovering_replica_keeps_no_leader_of_an_earlier_epoch_into_the_epoch
     b.advance()
     b.step(Append(2, "c", 0, 0, 1, 5, []))   # c leads epoch 2: taken, not refused
     assert b.leader == "c"
+
+
+def test_a_diverging_answer_below_the_matched_prefix_cuts_at_that_prefix() -> None:
+    """Simulator seed 50042 --nodes 5 (with the clients' room merged): a learner held a committed
+    epoch-1 marker and a stale epoch-1 tail from an old leader; the current leader's history, its
+    log restarted by a StartAt, no longer reached epoch 1, so its Diverging pointed below the
+    learner's matched prefix, which the learner ignored as a stale duplicate, forever."""
+    from tests.test_replication_core import _disk_with, _log_of
+    from zq.core.repl_types import Diverging
+    disk = _disk_with(_log_of([1, 1, 1, 1]), 1, "a")
+    store = disk.volatile[0]
+    store.hard = dataclasses.replace(store.hard, high_watermark=1)
+    b = Replica("b", NAMES, store, rng=random.Random(1), config=CFG, hard_state=store.hard, log_end=4)
+    assert b.high_watermark == 1
+    b.step(Append(18, "c", 10, 18, 1, 10, []))     # the leader of epoch 18 (heartbeat): we fetch
+    b.ready()
+    b.advance()
+    b.step(Diverging(18, "c", 0, 1))               # "my largest epoch <= 1 is 0, ending at 1"
+    rd = b.ready()
+    b.advance()
+    assert b.log_end == 1 and rd.truncate_from == 1
