@@ -440,10 +440,15 @@ def test_bench_suite_verdicts():
     assert tool.verdict("produce-latency", slow).endswith("NOT met")
     assert [(name, nodes) for name, nodes, _ in tool.suite(10, 10)] == [
         ("produce", 1), ("produce-latency", 1), ("consume", 1), ("e2e", 1), ("e2e-p64", 1),
-        ("produce-r3", 3), ("produce-latency-r3", 3), ("e2e-r3", 3), ("group-1", 3), ("group-3", 3)]
+        ("produce-r3", 3), ("produce-latency-r3", 3), ("e2e-r3", 3), ("group-1", 3), ("group-3", 3),
+        ("first-produce-r3", 3)]
     assert tool.verdict("produce-r3", fast).endswith(": met") and tool.verdict("group-1", slow).endswith("NOT met")
     # Every latency row runs on a warm topic (no election of a new partition's leader is timed).
     assert all(spec.get("warm", 0) > 0 for name, _, spec in tool.suite(10, 10) if name in tool.LATENCY_ROWS)
+    # ... except the row that times the first produce of new topics (issue 11), which is the point.
+    first = {"test": "first-produce", "messages": 5, "latency_ms": {"p50": 3.0, "p99": 9.0, "p999": 9.0, "max": 9.0}}
+    assert tool.summary("first-produce-r3", first).startswith("p50 ") and "over 5 new topics" in tool.summary(
+        "first-produce-r3", first)
 
 
 def test_bench_compare_skips_a_missing_server_with_one_sentence(monkeypatch):

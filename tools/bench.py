@@ -21,6 +21,9 @@ The suite (every run: 100-byte values, durability=fsync, one client process):
     e2e-r3           as e2e                                                    -> produce-to-consume p50/p99/p99.9
     group-1          N messages consumed by one group member acking each      -> msg/s
     group-3          the same with three members (a process each, as deployed) -> msg/s
+    first-produce-r3 create a topic (1 partition, RF3), time its first produce -> quorum durable
+                     ack; FIRST_PRODUCE_TOPICS times, each a new topic (issue 11: first messages
+                     of a new topic)                                          -> p50/p99/max
 
 Every latency row (produce-latency*, e2e*) runs on a warm topic: created and written to, each
 partition, before the timed run (run_bench's `warm`), so no election of a new partition's first
@@ -103,14 +106,17 @@ TARGETS = {
     "e2e-p64": None,
     "group-1": ("msgs_per_s", ">=", 150_000, "≥ 150 k msg/s"),
     "group-3": None,
+    "first-produce-r3": None,
 }
 PACED_RATE = 2_000        # msg/s, as the anchors' latency runs
 PACED_SECONDS = 10        # as the anchors' latency runs
 WARM_PER_PARTITION = 20   # messages written to each partition of a latency row's topic before it is timed
 LATENCY_ROWS = ("produce-latency", "e2e", "e2e-p64", "produce-latency-r3", "e2e-r3")
+FIRST_PRODUCE_TOPICS = 30  # new topics first-produce-r3 creates, one first produce timed on each (5 with --quick)
+FIRST_PRODUCE_WAIT_S = 30.0  # one first produce must be acknowledged within this
 
 
-def suite(messages: int, paced_messages: int) -> list[tuple[str, int, dict]]:
+def suite(messages: int, paced_messages: int, first_topics: int = FIRST_PRODUCE_TOPICS) -> list[tuple[str, int, dict]]:
     """(name, nodes of the cluster it runs on, run_bench arguments)."""
     one = {"size": 100, "replication": 1, "acks": "leader", "durability": "fsync"}
     three = {"size": 100, "replication": 3, "acks": "quorum", "durability": "fsync"}
@@ -136,6 +142,8 @@ def suite(messages: int, paced_messages: int) -> list[tuple[str, int, dict]]:
         # Issue 4: consumer groups acking every message, on the same three nodes.
         ("group-1", 3, {"test": "group", "messages": group_messages, "partitions": 6, "members": 1, **three}),
         ("group-3", 3, {"test": "group", "messages": group_messages, "partitions": 6, "members": 3, **three}),
+        # Issue 11: the first message of a new topic (no warm-up: that is what is measured).
+        ("first-produce-r3", 3, {"test": "first-produce", "messages": first_topics, **three}),
     ]
 
 
@@ -153,6 +161,9 @@ def verdict(name: str, result: dict) -> str:
 
 def summary(name: str, result: dict) -> str:
     lat = result["latency_ms"]
+    if result.get("test") == "first-produce":
+        return (f"p50 {fmt_ms(lat['p50'])}, p99 {fmt_ms(lat['p99'])}, max {fmt_ms(lat['max'])} "
+                f"over {result['messages']} new topics")
     if name in LATENCY_ROWS:
         return (f"p50 {fmt_ms(lat['p50'])}, p99 {fmt_ms(lat['p99'])}, p99.9 {fmt_ms(lat['p999'])} "
                 f"(achieved {fmt_rate(result['rate_achieved'])} msg/s)")
@@ -234,7 +245,8 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
 
     only = args.only or (list(LATENCY_ROWS) if args.compare else None)
-    wanted = [(n, nodes, spec) for n, nodes, spec in suite(messages, paced) if not only or n in only]
+    first_topics = 5 if args.quick else FIRST_PRODUCE_TOPICS
+    wanted = [(n, nodes, spec) for n, nodes, spec in suite(messages, paced, first_topics) if not only or n in only]
     rows: list[tuple[str, dict]] = []
     lines: list[dict] = []
     skipped: list[str] = []
@@ -282,7 +294,10 @@ def run_zq(wanted: list, args: argparse.Namespace, started: datetime, out_path: 
                 test = spec.pop("test")
                 t0 = time.monotonic()
                 try:
-                    result = run_bench(test, bootstrap=bootstrap, cluster=cluster, progress=True, **spec)
+                    if test == "first-produce":
+                        result = first_produce(bootstrap, cluster, **spec)
+                    else:
+                        result = run_bench(test, bootstrap=bootstrap, cluster=cluster, progress=True, **spec)
                 except ZqError as error:
                     print(f"{name}: failed: {error.message}", file=sys.stderr)
                     continue
@@ -294,6 +309,47 @@ def run_zq(wanted: list, args: argparse.Namespace, started: datetime, out_path: 
                     f.write(json.dumps({"name": name, "started_utc": started.isoformat(), "machine": machine(),
                                         **result}) + "\n")
     return rows
+
+
+def first_produce(bootstrap: str, cluster: str, *, messages: int, size: int, replication: int, acks: str,
+                  durability: str) -> dict:
+    """`messages` times: create a topic of one partition, then time its first produce (send() to
+    the acknowledgement, the client's metadata lookup and any retry included), then delete it.
+    One client and one producer throughout, as an application that creates topics as it goes."""
+    import random
+    from zq.cli.bench import _percentiles_ms
+    from zq.cli.commands import _client
+    from array import array
+    latencies = array("q")
+    failed = 0
+    value = os.urandom(size)
+    began = time.perf_counter()
+    with _client(bootstrap, cluster) as client:
+        producer = client.producer(acks=acks, linger_ms=0)
+        try:
+            for i in range(messages):
+                topic = f"bench-first-{random.randrange(1 << 32):08x}-{i}"
+                client.create_topic(topic, partitions=1, replication=replication, durability=durability)
+                sent_ns = time.perf_counter_ns()
+                try:
+                    producer.send(topic, value, partition=0).result(timeout=FIRST_PRODUCE_WAIT_S)
+                    latencies.append(time.perf_counter_ns() - sent_ns)
+                except (ZqError, TimeoutError):
+                    failed += 1
+                try:
+                    client.delete_topic(topic)
+                except ZqError:
+                    pass  # a bench topic left behind is harmless
+        finally:
+            producer.close()
+    seconds = time.perf_counter() - began
+    lat = _percentiles_ms(latencies) if len(latencies) else {"p50": None, "p99": None, "p999": None}
+    lat["max"] = max(latencies) / 1e6 if len(latencies) else None
+    return {"test": "first-produce", "messages": messages, "size": size, "seconds": round(seconds, 6),
+            "msgs_per_s": None, "mb_per_s": None, "latency_ms": lat,
+            "settings": {"partitions": 1, "replication": replication, "acks": acks, "durability": durability},
+            "rate_offered": None, "rate_achieved": None, "errors": failed,
+            "latencies_ms": [round(x / 1e6, 3) for x in latencies]}
 
 
 def median_lines(lines: list[dict]) -> list[dict]:

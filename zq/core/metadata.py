@@ -14,7 +14,7 @@ command like everybody else.
 Commands are CBOR maps with an `op`:
 
     register_node  {op, name, host, port, incarnation}
-    create_topic   {op, name, id, partitions: [[leader, replica, ...], ...], config, created_ms}
+    create_topic   {op, name, id, partitions: [[leader, replica, ...], ...], config, created_ms, founded}
     delete_topic   {op, name, id}
     reassign_partition {op, name, id, partition, replicas: [replica, ...]}
 
@@ -22,6 +22,12 @@ Topic ids come from a counter in the state, so a topic deleted and created again
 and never sees the old data. Replica sets are chosen at creation by rendezvous hashing
 (zq.hashing) and written into the command: they change only by another logged command, never
 because a node came or went.
+
+`founded` (true in every command this version writes) is the agreement that each partition
+starts with a leader: the first replica of its set leads epoch 1 from the command on, as if every
+replica of the set had voted for it there (zq.core.replication, "Founding"). A command without
+it (written by an older version) leaves its partitions to elect their first leader: their
+replicas may have done so already, in epoch 1, so no replica of theirs may take a founding.
 
 A `reassign_partition` command records an operator's target replica set; it does not move data
 by itself. The partition's leader carries it out in the partition's own log, one replica at a
@@ -68,6 +74,7 @@ class TopicMeta:
     created_ms: int
     initial: list[list[str]] = field(default_factory=list)  # replica sets at creation (offset 0)
     reassigned: set[int] = field(default_factory=set)  # partitions a reassign_partition command named
+    founded: bool = False         # each partition's first replica leads epoch 1 from creation (see above)
 
     def leader(self, partition: int) -> str:
         return self.partitions[partition][0]
@@ -106,7 +113,7 @@ class MetadataState:
         elif op == "create_topic":
             t = TopicMeta(command["name"], command["id"], [list(r) for r in command["partitions"]],
                           dict(command["config"]), command.get("created_ms", 0),
-                          [list(r) for r in command["partitions"]])
+                          [list(r) for r in command["partitions"]], founded=command.get("founded") is True)
             self.topics[t.name] = t
             self.topics_by_id[t.id] = t
             self.next_topic_id = max(self.next_topic_id, t.id + 1)
@@ -192,7 +199,7 @@ def plan_create_topic(state: MetadataState, name: str, partitions: int, replicat
     for topic in (name, name + DLQ_SUFFIX):
         commands.append({"op": "create_topic", "name": topic, "id": next_id,
                          "partitions": hashing.place_topic(topic, partitions, nodes, replication),
-                         "config": cfg, "created_ms": now_ms})
+                         "config": cfg, "created_ms": now_ms, "founded": True})
         next_id += 1
     return commands
 

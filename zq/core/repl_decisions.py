@@ -114,8 +114,14 @@ class Decisions:
         return quorum.quorum_contact_ms(contacts, len(self.voters))
 
     def _lost_quorum(self) -> bool:
+        return self.now_ms >= self._quorum_due_ms()
+
+    def _quorum_due_ms(self) -> int:
+        """Leader: when it steps down unless it hears from a majority first (check-quorum); a
+        founder not before its grace ends (its followers may apply the creating command later)."""
         heard = self._quorum_heard_ms()
-        return heard is None or self.now_ms - heard >= self.config.election_timeout_ms
+        due = self.now_ms if heard is None else heard + self.config.election_timeout_ms
+        return max(due, self._founding_grace_ms)
 
     def _hears_leader(self) -> bool:
         heard = self._leader_heard_ms

@@ -137,11 +137,11 @@ class Handlers:
         _found, own_end = end_for_epoch(self.history, m.diverging_epoch, self.log_end)
         # The answer counts records; our batch holding that offset may start lower (the
         # leader's epoch ended inside it), and the whole batch goes.
-        cut = self._entry_start(min(m.end_offset, own_end))
-        # A legitimate answer never cuts into the prefix known to match this leader; one that
-        # would is a stale duplicate of an earlier answer, and is ignored.
-        if cut < self.match_end:
-            return
+        # Never into the prefix known to match this leader (committed, or appended from it): an
+        # answer that would is a stale duplicate of an earlier one, or comes from a leader whose
+        # history no longer reaches back there (its log restarted by a StartAt: simulator seed
+        # 50042 --nodes 5), and our log diverges past that prefix only.
+        cut = max(self._entry_start(min(m.end_offset, own_end)), self.match_end)
         if cut < self.log_end:
             self._truncate(cut)
         self._fetch_sent_ms = None

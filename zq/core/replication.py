@@ -70,6 +70,34 @@ not know, and may delete its data when its target changes. So that a new voter a
 its own epoch when it takes a learner, and promotes the learner only once it holds that entry
 (which also keeps acknowledgements from the node's earlier membership from counting).
 
+Founding. A new partition starts with a leader, so that its first produces wait for no election.
+The command that creates it (`create_topic` in __meta, which every replica's node applies) names
+its set's first replica, the founder, to lead epoch 1: as if every replica of the set had voted
+for it there, durably, as part of applying the command. A replica created with `founded_by` starts
+in epoch 1 with its vote the founder's (`founding_state`): the founder holds every vote, leads at
+once and appends its marker; the others follow it, take its Appends at once, and ask it for its
+log (with an acknowledgement of nothing, which tells it their clocks: it stamps batches only with
+a majority's). That first Ready is durable before anything leaves (`must_sync`, and a role
+change, so not even a leader's early Appends go before its commit). Epoch 1 has no other leader:
+the members' votes there are the founder's, and a candidate stands in epoch 2 at least. The
+members apply the command at different times (a node's metadata may lag a second under load):
+the founder's check-quorum and its followers' election timers give them
+`FOUNDING_GRACE_TIMEOUTS` election timeouts more at the start.
+The danger is a replica taking the founding again after it lost what it did with it: a founder
+whose disk was wiped would lead epoch 1 again with an empty log and write other entries where
+epoch-1 entries are committed (two different entries of one epoch at one offset: log matching
+broken); a follower would be an empty voter that forgot its acknowledgements. So only a replica
+that provably never held the partition takes it (`_may_found`): the shell gives it neither a hard
+state nor a log. A lost one comes `recovering` (the node tells a new replica from a lost one by
+its store's birth marker, zq/io/node.py `_replica_lost`), one made again after a move with its
+join epoch, one made by a reassignment with no founder, and one that wrote its founding has it
+in its hard state; one that wrote nothing durable sent nothing, so taking it again is taking it
+for the first time. Every other replica takes the usual path: the recovery poll, elections. A
+command written by an older version names no founder (`TopicMeta.founded`): its partitions elect,
+as their replicas may have elected another in epoch 1 already. (A cluster running both versions
+is not covered: an older node may stand in epoch 1 itself. Create topics once every node runs
+this one.)
+
 Changing the replica set. `set_target(voters)` gives the desired voters; only a leader acts,
 one step at a time, and only once its own marker and the latest configuration are committed
 (so every configuration differs by at most one voter from one that is committed: any majority
@@ -191,7 +219,7 @@ Effects. Events change state and queue effects; `ready()` hands them out as one 
 the latest one (a shell that syncs once per loop pass calls it after the sync).
 
 The class is assembled from parts, one file each: the message handlers (repl_handlers), role
-changes and the recovery poll (repl_roles), the `maybe_` decisions (repl_decisions), and the log
+changes, the founding and the recovery poll (repl_roles), the `maybe_` decisions (repl_decisions), and the log
 and bookkeeping with the producer table (repl_log); its data and messages are in repl_types.
 """
 from __future__ import annotations
@@ -205,7 +233,9 @@ from zq.core.repl_decisions import STRANGERS_MAX, Decisions  # noqa: F401 (STRAN
 from zq.core.repl_epochs import epoch_at, truncated
 from zq.core.repl_handlers import _FIELD_TYPES, Handlers
 from zq.core.repl_log import LogKeeping
-from zq.core.repl_roles import VOTE_FORGOTTEN, WALL_OFFSET_KEPT_TIMEOUTS, Roles  # noqa: F401 (re-exported)
+from zq.core.repl_roles import (  # noqa: F401 (re-exported)
+    FOUNDING_GRACE_TIMEOUTS, VOTE_FORGOTTEN, WALL_OFFSET_KEPT_TIMEOUTS, Roles, founding_state,
+)
 from zq.core.repl_types import (
     BACKPRESSURE, DEFAULT_CONFIG, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, Append, AppendAck, Diverging,
     Entry, Fetch, HardState, LogReader, Outbound, Outcome, Ready, RecoveryPoll, RecoveryState,
@@ -219,11 +249,20 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
 
     def __init__(self, node_id: str, replicas: Sequence[str], reader: LogReader, *,
                  rng: random.Random, now_ms: int = 0, config: ReplicationConfig = DEFAULT_CONFIG,
-                 hard_state: HardState | None = None, log_end: int = 0, log_start: int | None = None) -> None:
+                 hard_state: HardState | None = None, log_end: int = 0, log_start: int | None = None,
+                 founded_by: str | None = None) -> None:
         """`log_start`: the first offset the shell's log still holds (retention deletes the
-        front); None: the first entry the reader returns, or `log_end` if it returns none."""
-        hs = hard_state or HardState()
+        front); None: the first entry the reader returns, or `log_end` if it returns none.
+        `founded_by`: the replica (of `replicas`, the set the partition was created with) that the
+        command creating the partition names to lead epoch 1; taken only by a replica that never
+        held the partition (see "Founding")."""
         self.node_id = node_id
+        if founded_by is not None and (founded_by not in replicas or node_id not in replicas):
+            raise ValueError(f"a founding names a leader of the set it creates, and is given to its members: "
+                             f"{founded_by!r} founds {list(replicas)} on {node_id!r}")
+        # Whether this start takes the founding: its hard state (epoch 1, our vote the founder's).
+        self.founded = founded_by is not None and self._may_found(founded_by, hard_state, log_end)
+        hs = founding_state(founded_by) if self.founded else (hard_state or HardState())
         self.config = config
         self._reader = reader
         self._rng = rng
@@ -300,9 +339,12 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
         self._polled: tuple[int, int] | None = None   # (largest epoch, largest high watermark) once enough answered
         self._fresh: dict[str, tuple[int, int]] = {}  # after the poll: voter -> (last epoch, log end), answered in a later epoch
         self._recover_until: int | None = None        # durable end that ends recovery under the current leader
+        self._founding_grace_ms = 0                   # founder: no check-quorum step-down before this (see "Founding")
         self._rebuild_producers()
         if self.recovering:
             self._begin_recovery()
+        elif self.founded:
+            self._found(founded_by)
 
     # ---------------------------------------------------------------- views
 
@@ -396,8 +438,7 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
         if self.role == LEADER:
             due = self._heartbeat_due_ms
             if self.config.check_quorum:
-                heard = self._quorum_heard_ms()
-                due = min(due, (self.now_ms if heard is None else heard) + self.config.election_timeout_ms)
+                due = min(due, self._quorum_due_ms())
             if self._transfer is not None:
                 due = min(due, self._transfer[1])
             return due

@@ -408,6 +408,7 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
                 # usable by any leader of an epoch we had reached (zq.core.replication).
                 hs = HardState(epoch=int(gone) + 1, join_epoch=int(gone) + 1)
         never_voted = hs is None   # before recovery marks it: a new set's preferred leader stands soon
+        founder = self._founder(tp, replicas)
         lost = self._replica_lost(tp, st, hs)
         if lost is not None or (hs is not None and hs.recovering):
             # A new node's __meta (a new cluster, or a node that lost its disk: it cannot tell) is
@@ -421,16 +422,23 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
         now = mono_ms()
         replica = Replica(self.name, replicas, R.StoreReader(self.store, tp), rng=self.rng, now_ms=now,
                           config=self.config.replication, hard_state=hs, log_end=st.log_end if st else 0,
-                          log_start=st.log_start if st else None)
+                          log_start=st.log_start if st else None, founded_by=founder)
         replica.set_target(list(target if target is not None else replicas))
         if self.draining:
             replica.set_draining(True)
-        if replica.voters == (self.name,):
+        if replica.founded:
+            # The create_topic command named its leader (the core's "Founding"): it leads epoch 1
+            # once this pass has written that durably, and its followers take its Appends at once.
+            log.debug("%s/%d: %s in epoch 1 from its creation", name, tp.partition,
+                      "leads" if founder == self.name else f"follows {founder}")
+            replica.tick(now, self._wall_clock())   # a follower tells its leader its clock at once
+        elif replica.voters == (self.name,):
             replica.tick(replica.next_timer_ms())   # alone in its set: lead at once
         elif never_voted and replicas and replicas[0] == self.name:
-            # The preferred leader of a new partition stands soon rather than after a whole election
-            # timeout; "soon" leaves the other replicas time to apply the same create_topic command,
-            # or they would drop its vote request for a partition they do not know yet.
+            # A partition created without a leader (by an older version) or whose replica here was
+            # lost: its preferred leader stands soon rather than after a whole election timeout;
+            # "soon" leaves the other replicas time to apply the same create_topic command, or
+            # they would drop its vote request for a partition they do not know yet.
             self._at(mono_ms() + PREFERRED_LEADER_DELAY_MS, lambda: self._stand(tp))
         self.parts[tp] = _Part(tp, name, replica, sync, st.log_start if st else 0)
         self.dirty.add(tp)
@@ -438,6 +446,15 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
             if peer != self.name:
                 self._connect_sub(peer)
         self.sub.setsockopt(zmq.SUBSCRIBE, R.tp_bytes(tp))
+
+    def _founder(self, tp: TopicPartition, replicas: list[str]) -> str | None:
+        """The leader the create_topic command named for our replica's partition, if it named
+        one and `replicas` is the set it created (a replica made by a reassignment has none);
+        the core takes it only if this replica never held the partition (see _replica_lost)."""
+        t = self.meta.topics_by_id.get(tp.topic_id)
+        if tp == META_TP or t is None or not t.founded or self.name not in replicas:
+            return None
+        return replicas[0]
 
     def _stand(self, tp: TopicPartition, tries: int = PREFERRED_STAND_TRIES_MAX) -> None:
         part = self.parts.get(tp)

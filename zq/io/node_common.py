@@ -22,7 +22,8 @@ METRICS_REFRESH_MS = 1_000        # how often the /metrics snapshot of partition
 DISK_CHECK_INTERVAL_MS = 1_000    # how often free disk space is read
 DISK_FREE_BYTES_MIN = 64 * 1024 * 1024  # below this, produce is refused with StorageFull
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
-PREFERRED_LEADER_DELAY_MS = 300  # a new partition's preferred leader stands this soon after creation
+PREFERRED_LEADER_DELAY_MS = 300  # a new partition created without a leader (an older version's command), or
+                                 # whose replica was lost: its preferred leader stands this soon after opening
 PREFERRED_STAND_TRIES_MAX = 10    # ... tried again this often while its replica still polls (recovering)
 REQUESTS_BUDGET_MS = 250          # client requests handled per loop pass, in time (see Node.run)
 SLOW_PASS_MS = 250                # a loop pass longer than this is logged: it delays heartbeats

@@ -38,7 +38,8 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
           f"{r.start_ats} logs restarted by StartAt ({r.start_ats_moved} on moved replicas), {r.false_deaths} false deaths, {r.operator_moves} operator "
           f"moves ({r.operator_false_moves} away from running nodes), {r.hostile_sent} hostile messages "
           f"({r.hostile_refused} refused by bounds, {r.hostile_rejected} by the core), {r.flips} flipped blocks, "
-          f"{r.tails_dropped} dropped WAL tails, {r.wipes} wipes, {r.recoveries} recoveries, converged {r.converged_ms} ms after healing, "
+          f"{r.tails_dropped} dropped WAL tails, {r.wipes} wipes ({r.early_wipes} soon after creation), "
+          f"{r.recoveries} recoveries, converged {r.converged_ms} ms after healing, "
           f"trace {r.trace_hash}")
     return 0
 
@@ -54,7 +55,7 @@ def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> i
               "retention_duplicates": 0, "false_deaths": 0, "operator_moves": 0, "operator_false_moves": 0,
               "disk_lows": 0,
               "hostile_sent": 0, "hostile_refused": 0, "hostile_rejected": 0,
-              "flips": 0, "tails_dropped": 0, "wipes": 0, "recoveries": 0, "crashes_in_sync": 0}
+              "flips": 0, "tails_dropped": 0, "wipes": 0, "early_wipes": 0, "recoveries": 0, "crashes_in_sync": 0}
     for i, seed in enumerate(range(start, start + count), 1):
         r = Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run()
         for k in totals:

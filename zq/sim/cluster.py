@@ -30,6 +30,12 @@ timers and queues what arrives for it (bounded, as socket buffers are), like SIG
 Clients. Producers and consumers send real requests through the shipped client room
 (zq.node.clients), with checks on what it answers: see zq/sim/clients.py.
 
+Partitions are created at the start as a create_topic command creates them on nodes: founded
+("Founding" in zq/core/replication.py), each led in epoch 1 by the first node of its set, with no
+election; a node writes the founding in a pass of its own, which may crash in its fsync. Every
+(re)start offers each replica of the initial placement the founding again: the core takes it
+only where the disk holds nothing and no loss was found, as the node's shell does.
+
 Replica-set changes. A seed may draw 4 or 5 nodes (partitions keep 3 replicas) and
 reassignments: the simulator's metadata (`targets`) moves a partition to another 3-node set
 differing by 1 or 2 nodes, tells every replica of it (`set_target`), and creates an empty replica,
@@ -69,7 +75,10 @@ defence against it is `[security]`, which admits only the cluster key to speak a
 Disk faults. A seed may draw disk faults (zq/sim/disk.py), each on a node it crashes for the
 purpose: a flipped block under one entry of one partition (found when the restarted replica
 reads its log: the shell sets the partition aside and opens it empty), a dropped tail of synced
-writes (every partition of the node), a wiped replica or a wiped node. A replica found lost
+writes (every partition of the node), a wiped replica or a wiped node. Half of those seeds also
+wipe a replica or a node soon after the partitions were created (`early_wipe`), mostly a
+partition's founder, restarted before the others elect, so that the epoch-1 leader comes back
+empty ("Founding" in zq/core/replication.py: it must not lead epoch 1 again). A replica found lost
 opens recovering (`HardState.recovering`, zq/core/replication.py), as the node does. At most one
 replica of a partition is damaged or recovering at a time (the guarantee covers a minority);
 crashes, pauses and partitions go on meanwhile.
@@ -115,7 +124,7 @@ from zq.node.clients import Clients
 from zq.node.replicas import Part, ReplicaSet
 from zq.sim.checks import Checker, Violation
 from zq.sim.clients import ClientsMixin
-from zq.sim.faults import FaultsMixin, hostile_message
+from zq.sim.faults import EARLY_WIPE_MS, FaultsMixin, hostile_message
 from zq.sim.members_layer import MembershipLayer, address_of
 from zq.sim.members_checks import MembersChecker
 from zq.sim.network import NetworkFaults, SimNetwork
@@ -238,6 +247,8 @@ class Sim(FaultsMixin, ClientsMixin):
             self.at(self.hostile_rng.randrange(1, s.hostile_interval_ms_max), "hostile")
         if s.disk:
             self.at(self.disk_rng.randrange(1, s.disk_interval_ms_max), "disk")
+        if s.early_wipe:
+            self.at(self.disk_rng.randint(*EARLY_WIPE_MS), "early_wipe")
         try:
             while self.heap and self.step_no < s.steps:
                 self.one_step()
@@ -336,6 +347,10 @@ class Sim(FaultsMixin, ClientsMixin):
         self.checker.on_restart(node.name, p, r)
         if r.recovering:
             self.drain(node, p)  # recovering is durable before anything else happens
+        elif r.founded:
+            # The node writes the founding in its next pass; a follower tells its leader its clock
+            # then, as a node's does.
+            r.tick(self.now, self.wall_ms(node))
 
     def _new_replica(self, node: SimNode, p: int) -> Replica:
         store = node.disk.volatile[p]
@@ -348,8 +363,12 @@ class Sim(FaultsMixin, ClientsMixin):
             node.disk.lost.discard(p)
             self.result.recoveries += 1
             self.log(f"{node.name} p{p}: lost, opens recovering")
-        return Replica(node.name, node.replica_sets[p], store, rng=self.rng, now_ms=self.now, config=self.config,
-                       hard_state=hard, log_end=store.log_end, log_start=store.start)
+        # A partition of the initial placement was created with a leader: its set's first node (the
+        # core takes the founding only if this replica never held the partition, see "Founding").
+        created_with = node.replica_sets[p]
+        return Replica(node.name, created_with, store, rng=self.rng, now_ms=self.now, config=self.config,
+                       hard_state=hard, log_end=store.log_end, log_start=store.start,
+                       founded_by=created_with[0] if created_with else None)
 
     def apply_targets(self, node: SimNode) -> None:
         """What a running node does on reading a target change in the metadata: tell its

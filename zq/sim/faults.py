@@ -7,6 +7,14 @@ from zq.core.repl_types import LEADER, NO_PRODUCER, Append, AppendAck, Fetch, Ha
 from zq.sim.simnode import SimNode
 
 
+# The early wipe (Settings.early_wipe): when, after the start (the partitions' creation), and how
+# soon the node restarts: within the simulated election timeout, so a wiped founder is back before
+# its followers stand. It picks a partition's founder this often, else any replica of it.
+EARLY_WIPE_MS = (20, 200)
+EARLY_WIPE_RESTART_MS = (10, 120)
+EARLY_WIPE_FOUNDER_SHARE = 0.7
+
+
 class FaultsMixin:
     """Part of zq.sim.cluster.Sim (a mixin): faults drawn in the safety phase (crashes, pauses,
     network cuts, disk faults) and changes (reassignments, drains, hand-offs, disks short of room)."""
@@ -62,12 +70,7 @@ class FaultsMixin:
         touched = sorted({*held, *node.tombstones}) if kind == "wipe_node" else held
         if held and all(self._may_damage(name, p) for p in touched):
             if node.alive:
-                node.disk.crash(rng, power_loss=s.durability == "fsync")
-                node.alive = False
-                node.replicas.clear()
-                node.pass_ = None
-                if self.members is not None:
-                    self.members.crash(name, self.now)
+                self._crash_for_disk(node, rng)
                 self.at(self.now + rng.randint(20, s.fault_duration_ms_max), "restart", name)
             p = rng.choice(held)
             entries = node.disk.durable[p].entries
@@ -88,6 +91,40 @@ class FaultsMixin:
                 self.result.wipes += 1
                 self.log(f"disk {name}: wiped")
         self.at(self.now + rng.randint(10, s.disk_interval_ms_max), "disk")
+
+    def ev_early_wipe(self) -> None:
+        """Soon after the partitions were created (each led by its founder in epoch 1), one node's
+        disk is wiped, whole or one replica: mostly a partition's founder, restarted before the
+        others elect, so that it comes back, empty, to followers still in epoch 1."""
+        if self.phase != "safety":
+            return
+        rng = self.disk_rng
+        p = rng.randrange(self.settings.partitions)
+        created = self.replica_sets[p]
+        name = created[0] if rng.random() < EARLY_WIPE_FOUNDER_SHARE else rng.choice(created)
+        node = self.nodes[name]
+        held = sorted(node.replica_sets)
+        whole = rng.random() < 0.5
+        touched = sorted({*held, *node.tombstones}) if whole else [p]
+        if not node.alive or p not in held or not all(self._may_damage(name, q) for q in touched):
+            return
+        self._crash_for_disk(node, rng)
+        node.disk.wipe(held if whole else [p])
+        if whole:
+            node.tombstones.clear()
+        self.result.wipes += 1
+        self.result.early_wipes += 1
+        self.log(f"disk {name}: {'wiped' if whole else f'p{p} wiped'} soon after creation")
+        self.at(self.now + rng.randint(*EARLY_WIPE_RESTART_MS), "restart", name)
+
+    def _crash_for_disk(self, node: SimNode, rng: random.Random) -> None:
+        """A running node goes down for a disk fault (its unsynced writes as a crash leaves them)."""
+        node.disk.crash(rng, power_loss=self.settings.durability == "fsync")
+        node.alive = False
+        node.replicas.clear()
+        node.pass_ = None
+        if self.members is not None:
+            self.members.crash(node.name, self.now)
 
     def _may_damage(self, name: str, p: int) -> bool:
         """No other replica of p is damaged, lost or recovering, or knows no configuration yet (it

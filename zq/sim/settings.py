@@ -67,6 +67,7 @@ class Settings:
     operator_interval_ms_max: int = 1000  # between the operator's looks at a view
     disk: bool = False               # disk faults: flipped blocks, dropped WAL tails, wiped replicas and nodes
     disk_interval_ms_max: int = 1000
+    early_wipe: bool = False         # a disk wiped soon after the partitions were created (epoch 1 may still lead)
     net: NetworkFaults = field(default_factory=NetworkFaults)
 
     @staticmethod
@@ -121,7 +122,9 @@ class Settings:
 
     def draw_disk(self, rng: random.Random) -> Settings:
         """Disk faults too, from a stream of their own (see draw_retention)."""
-        return dataclasses.replace(self, disk=rng.random() < 0.5, disk_interval_ms_max=rng.choice([300, 1000, 2000]))
+        disk = rng.random() < 0.5
+        return dataclasses.replace(self, disk=disk, disk_interval_ms_max=rng.choice([300, 1000, 2000]),
+                                   early_wipe=disk and rng.random() < 0.5)
 
     def describe(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "net"]
@@ -174,3 +177,4 @@ class Result:
     tails_dropped: int = 0           # nodes that lost the tail of their synced writes
     wipes: int = 0                   # replicas or nodes whose disk was wiped
     recoveries: int = 0              # replicas opened recovering
+    early_wipes: int = 0             # of the wipes, those soon after the partitions were created
