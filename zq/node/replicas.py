@@ -16,12 +16,6 @@ arrived and marks them dirty; `ReplicaSet.finish_pass` then, for up to `READY_RO
    were written (`leader_acks`), and hands the rest (role, high watermark, removal) to the
    composition (`ReplicaEvents.after_durable`).
 
-A Ready that writes nothing depends on nothing the pass writes (what it says rests on writes an
-earlier commit made durable: a commit the quorum's acks made, an ack of durable entries, a high
-watermark), so it is acted on at once in step 1, before the commit: a producer whose quorum ack
-arrives is answered, and the fetches parked on the partition are served, without waiting for the
-fsync of other partitions' writes in the same pass.
-
 Nothing is sent or answered before the write it depends on is durable: a follower's ack and a
 leader's answer to a producer are effects of a round after the one whose commit made the entries
 durable. The one exception is the Raft thesis' section 10.2.1 (etcd's raft does the same): a
@@ -224,14 +218,14 @@ class ReplicaSet:
 
     def _rounds(self) -> None:
         for _ in range(self.rounds_max):
-            readys, acted = self.collect_readys()
-            if self.txn is None and not readys and not acted:
+            readys = self.collect_readys()
+            if self.txn is None and not readys:
                 break
             ok = self.commit()
             for part, rd in readys:
                 part.replica.advance()
             for part, rd in readys:
-                if ok:
+                if ok or not rd.has_writes:
                     try:
                         self.after_durable(part, rd)
                     except Exception as e:
@@ -242,10 +236,8 @@ class ReplicaSet:
                 break
             self.events.after_round()
 
-    def collect_readys(self) -> tuple[list[tuple[Part, Any]], int]:
-        """(the Readys that write, to be acted on once the commit is durable; how many Readys that
-        write nothing were acted on at once)."""
-        out, at_once = [], []
+    def collect_readys(self) -> list[tuple[Part, Any]]:
+        out = []
         sent_early = False
         dirty = sorted(self.dirty)
         self.dirty.clear()
@@ -273,19 +265,10 @@ class ReplicaSet:
             except Exception as e:
                 self.events.fence(part, "preparing its writes", e)
                 continue
-            (out if rd.has_writes else at_once).append((part, rd))
-        for part, rd in at_once:
-            # It writes nothing, so it depends on nothing this pass writes: what it says (a commit
-            # the quorum's acks made, an ack of entries already durable, a high watermark) goes
-            # now, not after the fsync of other replicas' writes in this commit.
-            part.replica.advance()
-            try:
-                self.after_durable(part, rd)
-            except Exception as e:
-                self.events.fence(part, "acting on its durable writes", e)
-        if sent_early or at_once:
+            out.append((part, rd))
+        if sent_early:
             self.events.send_now()   # the leaders' Appends leave while the commit below is made durable
-        return out, len(at_once)
+        return out
 
     def write_ready(self, part: Part, rd: Any) -> None:
         # The host prepares (restamps, verifies, encodes) before its first write into the shared
