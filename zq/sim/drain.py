@@ -7,7 +7,9 @@ Three or four nodes host a few partitions, each with three replicas (real
 and delays messages, with leaders elected on their own. At a random time one node is drained as
 zq/io/node_drain.py does it: `start_drain` names the replicas to set draining, and `check_drain`
 is asked every DRAIN_CHECK_MS until it answers; new elections go on meanwhile. Some seeds run
-without loss and with a long wait: those drains must finish.
+without loss and with a long wait: those drains must finish. Time moves in fixed steps with a
+list of messages in flight (not zq/sim/world.py's event heap, whose order would differ); the seed
+runner and command line are zq/sim/world.py's.
 
 Checks: the answer is true (the partitions it says the node still leads are exactly those it
 leads that another voter could lead); a drain that answers before its deadline leads nothing;

@@ -6,8 +6,8 @@ simulated nodes, 1-4 simulated consumers, a simulated network, one thread, one `
 
 Theory of operation
 -------------------
-A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler, as in
-zq/sim/cluster.py: a message arriving, a node's pass (its service's tick every `TICK_MS`, a timer
+A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler (zq/sim/world.py's
+`EventHeap`, as in every simulator): a message arriving, a node's pass (its service's tick every `TICK_MS`, a timer
 the service set with `at`, a request timing out), a disk sync, a consumer's timer (heartbeat,
 lease retry, ack flush, its application finishing a message), a dead-letter write finishing, a
 produce, or a fault. After every step the checks in zq/sim/groups_checks.py hold, or the run

@@ -1,7 +1,8 @@
 """SWIM membership's embeddable simulation layer: N real membership services
 (zq.node.membership.MembershipService, the very code a node runs, each around its real `Membership`
 core), over a simulated network, with the discovery (zeroconf) model and the message deliveries,
-driven by a heap of timed events of its own. It injects no faults: a host (zq/sim/members.py's
+driven by a heap of timed events of its own (a zq/sim/world.py `EventHeap`, whose trace hash its host
+shares). It injects no faults: a host (zq/sim/members.py's
 `MembersSim`, the cluster simulator zq/sim/cluster.py) calls its fault methods and reads its views.
 
 Theory of operation

@@ -5,7 +5,7 @@
 
 Theory of operation
 -------------------
-One `random.Random(seed)`, one heap of timed events. A model of `__meta`'s voters (v1, v2, v3)
+One `random.Random(seed)`, one heap of timed events (zq/sim/world.py). A model of `__meta`'s voters (v1, v2, v3)
 keeps the log: a committed prefix and its current leader's uncommitted tail. Now and then a
 command is proposed (topics created, deleted, moved; other nodes registered) and commits a little
 later; now and then the leader changes (or there is none for a while): the old leader's
