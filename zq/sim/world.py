@@ -48,8 +48,8 @@ class EventHeap:
 
     def keep(self, kinds: tuple[str, ...]) -> None:
         """Drop every event whose kind is not in `kinds`, keeping the list as it was, as zq/sim/members.py
-        always did: the rest is not re-heapified, so it may pop out of time order. Heapifying changes no
-        result of membership seeds 0-249, but keeps the traces of seeds not compared unproven."""
+        always did: the rest is not re-heapified, so it may pop out of time order. Heapifying would change
+        no result of membership seeds 0-249; it is left to a change that may alter traces."""
         self.events = [e for e in self.events if e[2] in kinds]
 
     def record(self, time_ms: int, kind: str, args_text: str) -> None:
