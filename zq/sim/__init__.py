@@ -1,7 +1,9 @@
 """The deterministic simulator: real replication cores over a simulated network and disk.
 
 `python -m zq.sim --seed S` replays one seed; `python -m zq.sim --seeds N` runs many. See
-zq/sim/cluster.py for the theory of operation and zq/sim/checks.py for the invariants.
+zq/sim/cluster.py for the theory of operation and zq/sim/checks.py for the invariants. The world
+every simulator (cluster, groups, members, meta, drain) shares is zq/sim/world.py: the event heap
+and its trace hash, and the seed runner and command line.
 """
 from zq.sim.cluster import Result, Settings, Sim, run_seed
 

@@ -7,20 +7,11 @@ By default a seed draws its cluster size (3, 4 or 5 nodes); --nodes 4 or 5 fixes
 """
 from __future__ import annotations
 
-import sys
-import time
-
 from zq.sim import replay_command
-from zq.sim.cli import seed_parser
-from zq.sim.cluster import Result, Sim
+from zq.sim.cluster import Sim
+from zq.sim.world import main_guard, report_failure, run_seeds, seed_parser
 
 PROGRESS_EVERY = 100
-
-
-def _report_failure(r: Result, nodes: int, steps: int) -> None:
-    print(f"FAIL seed {r.seed}: invariant '{r.invariant}' broken at step {r.failed_step} ({r.phase} phase)")
-    print(f"  {r.detail}")
-    print(f"  replay: {replay_command(r.seed, nodes, steps)}")
 
 
 def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
@@ -28,7 +19,7 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
     print(f"seed {seed}: {sim.settings.describe()}")
     r = sim.run()
     if not r.ok:
-        _report_failure(r, nodes, steps)
+        report_failure(r, replay_command(seed, nodes, steps))
         return 1
     print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.leader_acks} acks=leader, {r.reads} reads, {r.fetches} fetches "
           f"({r.parked} parked, {r.parked_woken} woken with data), {r.elections} elections, {r.crashes} crashes, "
@@ -46,32 +37,20 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
 
 def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> int:
     print(f"seeds {start}..{start + count - 1}, nodes={nodes}, steps={steps}")
-    began = time.monotonic()
-    failures: list[Result] = []
-    converge_ms_max = 0
-    totals = {"steps": 0, "acks": 0, "leader_acks": 0, "reads": 0, "fetches": 0, "parked": 0, "parked_woken": 0, "elections": 0, "crashes": 0, "pauses": 0, "cuts": 0,
-              "reassignments": 0, "reassigned": 0, "config_changes": 0, "removals": 0, "drains": 0,
-              "transfers": 0, "handoffs": 0, "retained": 0, "start_ats": 0, "start_ats_moved": 0,
-              "retention_duplicates": 0, "false_deaths": 0, "operator_moves": 0, "operator_false_moves": 0,
-              "disk_lows": 0,
-              "hostile_sent": 0, "hostile_refused": 0, "hostile_rejected": 0,
-              "flips": 0, "tails_dropped": 0, "wipes": 0, "early_wipes": 0, "recoveries": 0, "crashes_in_sync": 0}
-    for i, seed in enumerate(range(start, start + count), 1):
-        r = Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run()
-        for k in totals:
-            totals[k] += getattr(r, k)
-        converge_ms_max = max(converge_ms_max, r.converged_ms)
-        if not r.ok:
-            failures.append(r)
-            _report_failure(r, nodes, steps)
-        if i % PROGRESS_EVERY == 0 or i == count:
-            print(f"  {i}/{count} seeds, {len(failures)} failed, {time.monotonic() - began:.1f} s", flush=True)
-    summary = ", ".join(f"{v} {k}" for k, v in totals.items())
-    print(f"{count} seeds in {time.monotonic() - began:.1f} s: {len(failures)} failed; {summary}; "
-          f"slowest convergence after healing {converge_ms_max} ms (simulated)")
-    for r in failures:
-        print(f"  {replay_command(r.seed, nodes, steps)}   # {r.invariant}")
-    return 1 if failures else 0
+    converged: list[int] = []
+    totals = ("steps", "acks", "leader_acks", "reads", "fetches", "parked", "parked_woken", "elections", "crashes", "pauses", "cuts",
+              "reassignments", "reassigned", "config_changes", "removals", "drains",
+              "transfers", "handoffs", "retained", "start_ats", "start_ats_moved",
+              "retention_duplicates", "false_deaths", "operator_moves", "operator_false_moves",
+              "disk_lows",
+              "hostile_sent", "hostile_refused", "hostile_rejected",
+              "flips", "tails_dropped", "wipes", "early_wipes", "recoveries", "crashes_in_sync")
+    run = run_seeds(lambda seed: Sim(seed, nodes=nodes, steps=steps, verbose=verbose).run(),
+                    range(start, start + count), totals, lambda r: replay_command(r.seed, nodes, steps),
+                    PROGRESS_EVERY, lambda r: converged.append(r.converged_ms))
+    print(f"{run.summary()}; slowest convergence after healing {max([0, *converged])} ms (simulated)")
+    run.print_replays(lambda r: replay_command(r.seed, nodes, steps))
+    return run.exit_code()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # `python -m zq.sim ... | head` is a normal way to look
-        sys.stderr.close()
-        sys.exit(0)
+    main_guard(main)

@@ -3,9 +3,9 @@ thread, one `random.Random(seed)`.
 
 Theory of operation
 -------------------
-A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler; the sequence
-number breaks ties in insertion order, so one seed gives one order of events and one trace
-hash. Each event is one step: a node's timer (one per node, at its replicas' earliest deadline
+A heap of timed events `(time_ms, sequence, kind, args)` (zq/sim/world.py's `EventHeap`, as in
+every simulator) is the only scheduler; the sequence number breaks ties in insertion order, so one
+seed gives one order of events and one trace hash. Each event is one step: a node's timer (one per node, at its replicas' earliest deadline
 as the shipped pass keeps them; the pass ticks the replicas due then, and only those), a
 message arriving, a disk sync (group commit), a client request or answer, a timer of a node's
 client room, or a fault (crash,
@@ -107,8 +107,6 @@ acknowledged write.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import heapq
 import random
 import traceback
 from collections import defaultdict
@@ -132,6 +130,7 @@ from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, REPLICATION_FACT
                              SIM_MEMBERSHIP, Settings, WALL_BASE_MS)
 from zq.sim.simnode import CrashedInSync, SimClientHost, SimNode, SimReplicaEvents, SimStorage
 from zq.sim.workload import LEADER_ACKS_SHARE, Producer, Reader
+from zq.sim.world import EventHeap
 
 
 NODE_EVENTS = frozenset({"deliver", "timer", "pass", "request", "node_timer"})   # events one node handles alone
@@ -154,12 +153,10 @@ class Sim(FaultsMixin, ClientsMixin):
                                      .draw_sync_crash(self.sync_rng))
         self.verbose = verbose
         self.now = 0
-        self.heap: list = []
-        self.seq = 0
+        self.events = EventHeap()
         self.step_no = 0
         self.phase = "safety"
         self.crashable = False   # set while one node handles an event of its own (see one_step)
-        self.trace = hashlib.blake2b(digest_size=16)
         s = self.settings
         self.net = SimNetwork(self.rng, s.net)
         self.config = dataclasses.replace(SIM_CONFIG, append_entries_max=s.append_entries_max)
@@ -216,8 +213,7 @@ class Sim(FaultsMixin, ClientsMixin):
         return WALL_BASE_MS + self.now + (self.settings.clock_skew_ms if skewed else 0)
 
     def at(self, time_ms: int, kind: str, *args) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (time_ms, self.seq, kind, args))
+        self.events.push(time_ms, kind, args)
 
     def log(self, text: str) -> None:
         if self.verbose:
@@ -250,11 +246,11 @@ class Sim(FaultsMixin, ClientsMixin):
         if s.early_wipe:
             self.at(self.disk_rng.randint(*EARLY_WIPE_MS), "early_wipe")
         try:
-            while self.heap and self.step_no < s.steps:
+            while self.events and self.step_no < s.steps:
                 self.one_step()
             self.begin_liveness()
             deadline = self.now + s.liveness_ms
-            while self.heap and self.now <= deadline:
+            while self.events and self.now <= deadline:
                 self.one_step()
                 if self.converged():
                     self.result.converged_ms = self.now - (deadline - s.liveness_ms)
@@ -278,25 +274,25 @@ class Sim(FaultsMixin, ClientsMixin):
         self.result.retention_duplicates = self.checker.retention_duplicates
         self.result.reads = sum(len(r) for r in self.checker.reads.values())
         if self.members is not None:
-            self.trace.update(self.members.trace.digest())
-        self.result.trace_hash = self.trace.hexdigest()
+            self.events.trace.update(self.members.events.trace.digest())
+        self.result.trace_hash = self.events.trace_hash()
         return self.result
 
     def one_step(self) -> None:
         layer = self.members
         if layer is not None:
             due = layer.next_due_ms()
-            if due is not None and due < self.heap[0][0]:
+            if due is not None and due < self.events.next_ms():
                 # The failure detector's event comes first: it is not one of our steps.
                 self.now = max(self.now, due)
                 for name in sorted(layer.step()):
                     self.members_checker.check_observer(name)
                 return
-            layer.now = max(layer.now, self.heap[0][0])
-        time_ms, _seq, kind, args = heapq.heappop(self.heap)
+            layer.now = max(layer.now, self.events.next_ms())
+        time_ms, kind, args = self.events.pop()
         self.now = time_ms
         self.step_no += 1
-        self.trace.update(f"{time_ms}|{kind}|{_trace_args(args)};".encode())
+        self.events.record(time_ms, kind, _trace_args(args))
         # A node may crash inside the fsync of a pass it runs for one of its own events (a message,
         # a timer, a request): the rest of that event is not handled, as the process is gone.
         self.crashable = kind in NODE_EVENTS

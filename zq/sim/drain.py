@@ -7,7 +7,9 @@ Three or four nodes host a few partitions, each with three replicas (real
 and delays messages, with leaders elected on their own. At a random time one node is drained as
 zq/io/node_drain.py does it: `start_drain` names the replicas to set draining, and `check_drain`
 is asked every DRAIN_CHECK_MS until it answers; new elections go on meanwhile. Some seeds run
-without loss and with a long wait: those drains must finish.
+without loss and with a long wait: those drains must finish. Time moves in fixed steps with a
+list of messages in flight (not zq/sim/world.py's event heap, whose order would differ); the seed
+runner and command line are zq/sim/world.py's.
 
 Checks: the answer is true (the partitions it says the node still leads are exactly those it
 leads that another voter could lead); a drain that answers before its deadline leads nothing;
@@ -18,8 +20,6 @@ with nothing led.
 from __future__ import annotations
 
 import random
-import sys
-import time
 from dataclasses import dataclass
 
 from zq.core.repl_types import ReplicationConfig
@@ -27,8 +27,8 @@ from zq.core.replication import Replica
 from zq.node import drain as D
 from zq.node.replicas import Part
 from zq.sim.checks import Violation
-from zq.sim.cli import seed_parser
 from zq.sim.disk import SimDisk
+from zq.sim.world import main_guard, run_seeds, seed_parser
 from zq.types import TopicPartition
 
 CFG = ReplicationConfig(election_timeout_ms=100, heartbeat_interval_ms=20, fetch_retry_ms=30)
@@ -143,6 +143,9 @@ class DrainSim:
                             self.queue.append((self.now + self.rng.randint(1, 15), to, tp, out.message))
 
 
+PROGRESS_EVERY = 100   # seeds between progress lines
+
+
 def run_seed(seed: int) -> DrainResult:
     return DrainSim(seed).run()
 
@@ -150,16 +153,18 @@ def run_seed(seed: int) -> DrainResult:
 def main(argv: list[str] | None = None) -> int:
     args = seed_parser("python -m zq.sim.drain", "the drain simulator").parse_args(argv)
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.seeds)
-    began = time.monotonic()
-    results = list(map(run_seed, seeds))
-    failed = [r for r in results if not r.ok]
-    for r in failed:
-        print(f"FAIL seed {r.seed}: {r.invariant}: {r.detail}\n  replay: python -m zq.sim.drain --seed {r.seed}")
-    print(f"{len(seeds)} seeds in {time.monotonic() - began:.1f} s: {len(failed)} failed; "
-          f"{sum(r.drained for r in results)} drains answered, {sum(r.led_before for r in results)} partitions led "
-          f"before, {sum(max(0, r.led_after) for r in results)} still led after")
-    return 1 if failed else 0
+    still_led = 0
+
+    def observe(r: DrainResult) -> None:
+        nonlocal still_led
+        still_led += max(0, r.led_after)
+
+    run = run_seeds(run_seed, seeds, ("drained", "led_before"), lambda r: f"python -m zq.sim.drain --seed {r.seed}",
+                    0 if args.seed is not None else PROGRESS_EVERY, observe)
+    print(run.summary(f"{run.totals['drained']} drains answered, {run.totals['led_before']} partitions led before, "
+                      f"{still_led} still led after"))
+    return run.exit_code()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard(main)

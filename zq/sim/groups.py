@@ -6,8 +6,8 @@ simulated nodes, 1-4 simulated consumers, a simulated network, one thread, one `
 
 Theory of operation
 -------------------
-A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler, as in
-zq/sim/cluster.py: a message arriving, a node's pass (its service's tick every `TICK_MS`, a timer
+A heap of timed events `(time_ms, sequence, kind, args)` is the only scheduler (zq/sim/world.py's
+`EventHeap`, as in every simulator): a message arriving, a node's pass (its service's tick every `TICK_MS`, a timer
 the service set with `at`, a request timing out), a disk sync, a consumer's timer (heartbeat,
 lease retry, ack flush, its application finishing a message), a dead-letter write finishing, a
 produce, or a fault. After every step the checks in zq/sim/groups_checks.py hold, or the run
@@ -53,8 +53,6 @@ by `drain_ms_max` of simulated time); the final checks then run.
 """
 from __future__ import annotations
 
-import hashlib
-import heapq
 import random
 import traceback
 from dataclasses import dataclass
@@ -72,6 +70,7 @@ from zq.sim.group_consumer import ConsumerModel, Member
 from zq.sim.group_host import DLQ_ID, NODES, SYNC_MS, TOPIC, TOPIC_ID, SimServiceHost
 from zq.sim.groups_checks import DeadLetterRecord, GroupChecker, Violation
 from zq.sim.network import NetworkFaults, SimNetwork
+from zq.sim.world import EventHeap, main_guard, report_failure, run_seeds, seed_parser
 from zq.types import TopicPartition
 
 DLQ = TOPIC + ".dlq"
@@ -165,9 +164,7 @@ class GroupSim(ConsumerModel):
         self.steps = steps
         self.verbose = verbose
         self.now = 0
-        self.seq = 0
-        self.heap: list = []
-        self.trace = hashlib.blake2b(digest_size=16)
+        self.events = EventHeap()
         self.result = Result(seed)
         self.phase = "safety"
         self.net = SimNetwork(self.rng, self.s.faults)
@@ -212,8 +209,7 @@ class GroupSim(ConsumerModel):
     # ------------------------------------------------------------------ the loop
 
     def at(self, time_ms: int, kind: str, *args: Any) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (time_ms, self.seq, kind, args))
+        self.events.push(time_ms, kind, args)
 
     def say(self, text: str) -> None:
         if self.verbose:
@@ -223,10 +219,10 @@ class GroupSim(ConsumerModel):
         r = self.result
         try:
             self.start()
-            while r.steps < self.steps and self.heap:
+            while r.steps < self.steps and self.events:
                 self.one_step()
             self.begin_drain()
-            while self.heap and self.now <= self.drain_until and not self.drain_done:
+            while self.events and self.now <= self.drain_until and not self.drain_done:
                 self.one_step()
             if not self.drained():
                 raise Violation("drained in bounded time", self.drain_report())
@@ -242,14 +238,14 @@ class GroupSim(ConsumerModel):
         r.attempt_drops = self.check.attempt_drops
         r.deliveries_over = self.check.deliveries_over
         r.dead_letters = len(self.check.dead_records)
-        r.trace_hash = self.trace.hexdigest()
+        r.trace_hash = self.events.trace_hash()
         return r
 
     def one_step(self) -> None:
-        time_ms, _seq, kind, args = heapq.heappop(self.heap)
+        time_ms, kind, args = self.events.pop()
         self.now = max(self.now, time_ms)
         self.result.steps += 1
-        self.trace.update(f"{time_ms}|{kind}|{args[0] if args else ''}|{args[1] if len(args) > 1 else ''};".encode())
+        self.events.record(time_ms, kind, f"{args[0] if args else ''}|{args[1] if len(args) > 1 else ''}")
         getattr(self, "ev_" + kind)(*args)
 
     def start(self) -> None:
@@ -698,17 +694,7 @@ def run_seed(seed: int, steps: int = 1_500, verbose: bool = False) -> Result:
     return GroupSim(seed, steps=steps, verbose=verbose).run()
 
 
-def _report_failure(r: Result, steps: int) -> None:
-    print(f"FAIL seed {r.seed}: invariant '{r.invariant}' broken at step {r.failed_step} ({r.phase} phase)")
-    print(f"  {r.detail}")
-    print(f"  replay: {replay_command(r.seed, steps)}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    import sys
-    import time
-
-    from zq.sim.cli import seed_parser
     ap = seed_parser("python -m zq.sim.groups", "deterministic consumer-groups simulator")
     ap.add_argument("--steps", type=int, default=1_500, help="events in the safety phase")
     args = ap.parse_args(argv)
@@ -717,42 +703,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {args.seed}: {sim.s.describe()}")
         r = sim.run()
         if not r.ok:
-            _report_failure(r, args.steps)
+            report_failure(r, replay_command(r.seed, args.steps))
             return 1
         print(f"ok seed {r.seed}: {r.steps} steps, {r.deliveries} deliveries, {r.acked} acks, {r.nacks} nacks, "
               f"{r.dead_letters} dead letters, {r.node_crashes} node crashes, {r.member_crashes} consumer crashes, "
               f"{r.leader_moves} leader moves, {r.resets} resets ({r.seeks} by a member), {r.fenced_acks} fenced acks, "
               f"drained {r.drained_ms} ms after healing, trace {r.trace_hash}")
         return 0
-    began = time.monotonic()
-    failures: list[Result] = []
-    totals = {k: 0 for k in ("steps", "deliveries", "acked", "nacks", "dead_letters", "acked_and_dead", "node_crashes",
-                             "member_crashes", "leader_moves", "resets", "seeks", "fenced_acks", "attempt_drops",
-                             "deliveries_over")}
-    drained_max = 0
-    for i, seed in enumerate(range(args.start, args.start + args.seeds), 1):
-        r = run_seed(seed, args.steps)
-        for k in totals:
-            totals[k] += getattr(r, k)
-        drained_max = max(drained_max, r.drained_ms)
-        if not r.ok:
-            failures.append(r)
-            _report_failure(r, args.steps)
-        if i % 500 == 0 or i == args.seeds:
-            print(f"  {i}/{args.seeds} seeds, {len(failures)} failed, {time.monotonic() - began:.1f} s", flush=True)
-    summary = ", ".join(f"{v} {k}" for k, v in totals.items())
-    print(f"{args.seeds} seeds in {time.monotonic() - began:.1f} s: {len(failures)} failed; {summary}; "
-          f"slowest drain {drained_max} ms (simulated)")
-    for r in failures:
-        print(f"  {replay_command(r.seed, args.steps)}   # {r.invariant}")
-    sys.stdout.flush()
-    return 1 if failures else 0
+    drained: list[int] = []
+    run = run_seeds(lambda seed: run_seed(seed, args.steps), range(args.start, args.start + args.seeds),
+                    ("steps", "deliveries", "acked", "nacks", "dead_letters", "acked_and_dead", "node_crashes",
+                     "member_crashes", "leader_moves", "resets", "seeks", "fenced_acks", "attempt_drops",
+                     "deliveries_over"),
+                    lambda r: replay_command(r.seed, args.steps), 500, lambda r: drained.append(r.drained_ms))
+    print(f"{run.summary()}; slowest drain {max([0, *drained])} ms (simulated)")
+    run.print_replays(lambda r: replay_command(r.seed, args.steps))
+    return run.exit_code()
 
 
 if __name__ == "__main__":
-    import sys
-    try:
-        sys.exit(main())
-    except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(0)
+    main_guard(main)

@@ -24,10 +24,7 @@ command that replays it; the same seed always gives the same trace hash.
 """
 from __future__ import annotations
 
-import heapq
 import random
-import sys
-import time
 from dataclasses import dataclass, field, fields
 
 from zq.core.membership import LEAVE_FLUSH_MS, MemberChanged, MembershipConfig, State
@@ -35,6 +32,7 @@ from zq.sim.members_checks import MembersChecker, Violation
 from zq.sim.members_layer import (EPOCH_MS, EVENTS_PER_RUN_UNTIL_MAX, LOOP_LATENCY_MS_MAX, PAUSED_INBOX_MAX, PORT,
                                   SIM_MEMBERSHIP, MemberNode, MembershipLayer, _trace_args, address_of)
 from zq.sim.network import NetworkFaults, SimNetwork
+from zq.sim.world import EventHeap, main_guard, report_failure, run_seeds, seed_parser
 
 __all__ = ["EPOCH_MS", "EVENTS_PER_RUN_UNTIL_MAX", "LOOP_LATENCY_MS_MAX", "PAUSED_INBOX_MAX", "PORT", "SIM_MEMBERSHIP",
            "MemberNode", "MembershipLayer", "address_of", "liveness_bound_ms", "STABLE_MS", "MembersSettings",
@@ -173,8 +171,7 @@ class MembersSim:
         self.checker = MembersChecker(self.layer)
         self.layer.on_change.append(self._on_change)
         self.result = MembersResult(seed, True, s, bound_ms=liveness_bound_ms(s.nodes, config))
-        self.faults: list = []       # the host's own timed events: (time, seq, kind, args)
-        self.fseq = 0
+        self.faults = EventHeap()    # the host's own timed events, traced into the layer's trace
         self.cuts: dict[int, frozenset] = {}
         self.crashes: dict[str, _Crash] = {}
         self.late = names[len(names) - s.late_joiners:]
@@ -191,8 +188,7 @@ class MembersSim:
     # ---------------------------------------------------------------- scheduling
 
     def at(self, time_ms: int, kind: str, *args) -> None:
-        self.fseq += 1
-        heapq.heappush(self.faults, (time_ms, self.fseq, kind, args))
+        self.faults.push(time_ms, kind, args)
 
     def log(self, text: str) -> None:
         if self.verbose:
@@ -203,10 +199,10 @@ class MembersSim:
         due = self.layer.next_due_ms()
         if due is None and not self.faults:
             raise Violation("no events", "nothing is scheduled: every node is down or stopped")
-        if self.faults and (due is None or self.faults[0][0] < due):
-            time_ms, _, kind, args = heapq.heappop(self.faults)
+        if self.faults and (due is None or self.faults.next_ms() < due):
+            time_ms, kind, args = self.faults.pop()
             self.layer.now = max(self.layer.now, time_ms)
-            self.layer.trace.update(f"{time_ms}|fault {kind}|{_trace_args(args)};".encode())
+            self.layer.events.record(time_ms, f"fault {kind}", _trace_args(args))
             self.layer._touched = set()
             getattr(self, "ev_" + kind)(*args)
             touched = self.layer._touched | set(self.layer.running())
@@ -229,7 +225,7 @@ class MembersSim:
                 self.at(self.rng.randrange(1, s.safety_ms), "join", name)
             if s.crash or s.pause or s.partition or s.one_way or s.leave or s.stale_hints:
                 self.at(self.rng.randrange(1, s.fault_interval_ms_max), "fault")
-            while self.layer.now < s.safety_ms and (self.faults or self.layer.heap):
+            while self.layer.now < s.safety_ms and (self.faults or self.layer.events):
                 self.one_step()
             self.begin_liveness()
             self.run_liveness()
@@ -245,7 +241,7 @@ class MembersSim:
         r.steps = self.step_no
         r.stale_hints_refused = self.checker.stale_hints_refused
         r.stale_hints_taken = self.checker.stale_hints_added
-        r.trace_hash = self.layer.trace.hexdigest()
+        r.trace_hash = self.layer.events.trace_hash()
         r.detections = [(c.suspect_first_ms - c.at_ms, c.suspect_last_ms - c.at_ms,
                          c.dead_first_ms - c.at_ms, c.dead_last_ms - c.at_ms)
                         for c in self._all_crashes if c.dead_last_ms is not None and c.suspect_last_ms is not None]
@@ -350,12 +346,12 @@ class MembersSim:
         self._cut(frozenset((x, y) for x in a for y in b), duration, f"one-way {a} -> {b} cut")
 
     def _cut(self, pairs: frozenset, duration: int, text: str) -> None:
-        self.fseq += 1
-        self.cuts[self.fseq] = pairs
+        cut_id = self.faults.next_seq()
+        self.cuts[cut_id] = pairs
         self.net.blocked = frozenset().union(*self.cuts.values())
         self.result.cuts += 1
         self.log(f"{text} for {duration} ms")
-        self.at(self.layer.now + duration, "heal", self.fseq)
+        self.at(self.layer.now + duration, "heal", cut_id)
 
     def fault_leave(self, duration: int) -> None:
         name = self._pick_running()
@@ -411,7 +407,7 @@ class MembersSim:
         self.net.faults = NetworkFaults(delay_ms_max=self.settings.net.delay_ms_max)
         self.cuts.clear()
         self.net.blocked = frozenset()
-        self.faults = [f for f in self.faults if f[2] == "stale"]
+        self.faults.keep(("stale",))
         for name in self.names:
             node = self.layer.nodes[name]
             if node.life == 0:
@@ -511,12 +507,6 @@ def run_seed(seed: int, nodes: int | None = None, verbose: bool = False,
 PROGRESS_EVERY = 500
 
 
-def _report_failure(r: MembersResult, nodes: int | None) -> None:
-    print(f"FAIL seed {r.seed}: invariant '{r.invariant}' broken at step {r.failed_step} ({r.phase} phase)")
-    print(f"  {r.detail}")
-    print(f"  replay: {replay_command(r.seed, nodes)}")
-
-
 def _detections_text(rows: list) -> str:
     if not rows:
         return "dead: none followed to DEAD in every view"
@@ -530,7 +520,7 @@ def run_one(seed: int, nodes: int | None, verbose: bool) -> int:
     print(f"seed {seed}: {sim.settings.describe()}")
     r = sim.run()
     if not r.ok:
-        _report_failure(r, nodes)
+        report_failure(r, replay_command(seed, nodes))
         return 1
     print(f"ok seed {seed}: {r.steps} steps, {r.crashes} crashes, {r.restarts} restarts, {r.pauses} pauses, "
           f"{r.cuts} cuts, {r.leaves} leaves, {r.stale_hints} stale records ({r.stale_hints_refused} refused by a "
@@ -542,18 +532,13 @@ def run_one(seed: int, nodes: int | None, verbose: bool) -> int:
 
 def run_many(count: int, start: int, nodes: int | None, verbose: bool) -> int:
     print(f"membership seeds {start}..{start + count - 1}" + (f", nodes={nodes}" if nodes else ", nodes 3..7"))
-    began = time.monotonic()
-    failures: list[MembersResult] = []
-    totals = dict.fromkeys(("steps", "crashes", "restarts", "pauses", "cuts", "leaves", "stale_hints",
-                            "stale_hints_refused", "false_suspicions", "false_deaths", "liveness_false_suspicions"), 0)
     detections: list = []
     detections_calm: list = []   # seeds whose network neither loses, cuts nor pauses
     converged: list[int] = []
     margin_min = None
-    for i, seed in enumerate(range(start, start + count), 1):
-        r = MembersSim(seed, nodes=nodes, verbose=verbose).run()
-        for k in totals:
-            totals[k] += getattr(r, k)
+
+    def observe(r: MembersResult) -> None:
+        nonlocal detections, detections_calm, margin_min
         detections += r.detections
         st = r.settings
         if not (st.net.loss or st.partition or st.one_way or st.pause):
@@ -562,27 +547,24 @@ def run_many(count: int, start: int, nodes: int | None, verbose: bool) -> int:
             converged.append(r.converged_ms)
             margin = r.bound_ms - r.converged_ms
             margin_min = margin if margin_min is None else min(margin_min, margin)
-        else:
-            failures.append(r)
-            _report_failure(r, nodes)
-        if i % PROGRESS_EVERY == 0 or i == count:
-            print(f"  {i}/{count} seeds, {len(failures)} failed, {time.monotonic() - began:.1f} s", flush=True)
+
+    run = run_seeds(lambda seed: MembersSim(seed, nodes=nodes, verbose=verbose).run(), range(start, start + count),
+                    ("steps", "crashes", "restarts", "pauses", "cuts", "leaves", "stale_hints", "stale_hints_refused",
+                     "false_suspicions", "false_deaths", "liveness_false_suspicions"),
+                    lambda r: replay_command(r.seed, nodes), PROGRESS_EVERY, observe)
     converged.sort()
-    print(f"{count} seeds in {time.monotonic() - began:.1f} s: {len(failures)} failed; "
-          + ", ".join(f"{v} {k}" for k, v in totals.items()))
+    print(run.summary())
     if converged:
         print(f"  convergence after healing (simulated): median {converged[len(converged) // 2]} ms, "
               f"max {converged[-1]} ms, smallest margin to the bound {margin_min} ms")
     print(f"  {len(detections)} crashes followed to DEAD in every view; crash to {_detections_text(detections)}")
     print(f"  of those, {len(detections_calm)} in seeds without loss, cuts or pauses; crash to "
           f"{_detections_text(detections_calm)}")
-    for r in failures:
-        print(f"  {replay_command(r.seed, nodes)}   # {r.invariant}")
-    return 1 if failures else 0
+    run.print_replays(lambda r: replay_command(r.seed, nodes))
+    return run.exit_code()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zq.sim.cli import seed_parser
     ap = seed_parser("python -m zq.sim.members", "membership simulator")
     ap.add_argument("--nodes", type=int, choices=range(3, 8), help="cluster size (default: drawn, 3..7)")
     args = ap.parse_args(argv)
@@ -592,8 +574,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(0)
+    main_guard(main)

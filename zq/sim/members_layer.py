@@ -1,7 +1,8 @@
 """SWIM membership's embeddable simulation layer: N real membership services
 (zq.node.membership.MembershipService, the very code a node runs, each around its real `Membership`
 core), over a simulated network, with the discovery (zeroconf) model and the message deliveries,
-driven by a heap of timed events of its own. It injects no faults: a host (zq/sim/members.py's
+driven by a heap of timed events of its own (a zq/sim/world.py `EventHeap`, whose trace hash its host
+shares). It injects no faults: a host (zq/sim/members.py's
 `MembersSim`, the cluster simulator zq/sim/cluster.py) calls its fault methods and reads its views.
 
 Theory of operation
@@ -58,8 +59,6 @@ the layer's events in its own loop with `step()`), so both heaps advance on one 
 """
 from __future__ import annotations
 
-import hashlib
-import heapq
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -70,6 +69,7 @@ from zq.core.membership import (DISCOVERY_DRAIN_MS, NODE_MEMBERSHIP, Ack, Member
 from zq.node.membership import MembershipService
 from zq.sim.members_checks import Violation
 from zq.sim.network import SimNetwork
+from zq.sim.world import EventHeap
 
 EPOCH_MS = 1_700_000_000_000   # incarnations are wall-clock ms at start, as in zq/io/node.py
 PAUSED_INBOX_MAX = 1_000       # messages queued for a stopped process (socket buffers); the rest are lost
@@ -178,12 +178,10 @@ class MembershipLayer:
         self.nodes = {n: MemberNode(n, address_of(n), list(seeds.get(n, []))) for n in sorted(names)}
         self.by_address = {m.address: n for n, m in self.nodes.items()}
         self.records: dict[str, tuple[str, int]] = {}   # zeroconf caches: name -> (address, incarnation)
-        self.heap: list = []
-        self.seq = 0
+        self.events = EventHeap()   # its trace hash covers every event of the layer (and its host's)
         self.on_change: list[Callable[[int, str, MemberChanged], None]] = []
         self.on_hint: list[Callable[[str, str, int, MemberView | None, MemberView | None], None]] = []
         self.on_learn: list[Callable[[str, str, str], None]] = []
-        self.trace = hashlib.blake2b(digest_size=16)
         self.counters = {"messages": 0, "delivered": 0, "inbox_dropped": 0, "hints": 0}
         self._touched: set[str] = set()
 
@@ -205,26 +203,25 @@ class MembershipLayer:
         return [n for n, v in self.view(observer).items() if v.state is State.DEAD]
 
     def next_due_ms(self) -> int | None:
-        return self.heap[0][0] if self.heap else None
+        return self.events.next_ms()
 
     # ---------------------------------------------------------------- scheduling
 
     def at(self, time_ms: int, kind: str, *args) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (time_ms, self.seq, kind, args))
+        self.events.push(time_ms, kind, args)
 
     def step(self) -> set[str]:
         """Run the earliest event. Returns the nodes whose core it touched (for the checks)."""
-        time_ms, _seq, kind, args = heapq.heappop(self.heap)
+        time_ms, kind, args = self.events.pop()
         self.now = max(self.now, time_ms)
-        self.trace.update(f"{time_ms}|{kind}|{_trace_args(args)};".encode())
+        self.events.record(time_ms, kind, _trace_args(args))
         self._touched = set()
         getattr(self, "ev_" + kind)(*args)
         return self._touched
 
     def run_until(self, now_ms: int, after_step: Callable[[set[str]], None] | None = None) -> None:
         for _ in range(EVENTS_PER_RUN_UNTIL_MAX):
-            if not self.heap or self.heap[0][0] > now_ms:
+            if not self.events or self.events.next_ms() > now_ms:
                 break
             touched = self.step()
             if after_step is not None:

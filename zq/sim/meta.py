@@ -5,7 +5,7 @@
 
 Theory of operation
 -------------------
-One `random.Random(seed)`, one heap of timed events. A model of `__meta`'s voters (v1, v2, v3)
+One `random.Random(seed)`, one heap of timed events (zq/sim/world.py). A model of `__meta`'s voters (v1, v2, v3)
 keeps the log: a committed prefix and its current leader's uncommitted tail. Now and then a
 command is proposed (topics created, deleted, moved; other nodes registered) and commits a little
 later; now and then the leader changes (or there is none for a while): the old leader's
@@ -39,18 +39,15 @@ follower and shows these checks catch it.
 """
 from __future__ import annotations
 
-import heapq
 from bisect import bisect_left, bisect_right
 import random
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from zq.core.metadata import MetadataState
 from zq.node import meta as M
 from zq.sim.checks import Violation
-from zq.sim.cli import seed_parser
+from zq.sim.world import EventHeap, main_guard, run_seeds, seed_parser
 from zq.types import TopicPartition
 
 VOTERS = ("v1", "v2", "v3")
@@ -167,8 +164,7 @@ class MetaSim:
         self.s = MetaSettings.draw(self.rng)
         self.verbose = verbose
         self.now = 0
-        self.seq = 0
-        self.heap: list[tuple[int, int, str, tuple]] = []
+        self.events = EventHeap()   # its sequence also numbers the followers' requests
         self.r = MetaResult(seed)
         self.quiet = False
         # the voters' model of __meta
@@ -194,8 +190,7 @@ class MetaSim:
     # ------------------------------------------------------------ the event heap
 
     def at(self, when: int, kind: str, *args: Any) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (when, self.seq, kind, args))
+        self.events.push(when, kind, args)
 
     def say(self, text: str) -> None:
         if self.verbose:
@@ -219,8 +214,8 @@ class MetaSim:
         if self.s.crash_ms:
             self.at(self._exp(self.s.crash_ms), "crash")
         self._append(())   # the first leader's control batch
-        while self.heap:
-            when, _, kind, args = heapq.heappop(self.heap)
+        while self.events:
+            when, kind, args = self.events.pop()
             if when > RUN_MS + QUIET_MS:
                 break
             if when > RUN_MS and not self.quiet:
@@ -436,8 +431,7 @@ class MetaSim:
         self.at(self.now + self.rng.randint(10, 2_000), "start", f.name)
 
     def _request(self, f: Follower, kind: str, to: str, arg: Any) -> None:
-        self.seq += 1
-        req_id = self.seq
+        req_id = self.events.next_seq()
         f.pending[req_id] = kind
         delay = self._send(f.name, to)
         if delay is not None:
@@ -657,6 +651,9 @@ class MetaSim:
                                 f"{f.name} stores to {f.stored_end}, applied to {f.pos}; committed end {self.hw}")
 
 
+PROGRESS_EVERY = 100   # seeds between progress lines
+
+
 def run_seed(seed: int, verbose: bool = False) -> MetaResult:
     return MetaSim(seed, verbose).run()
 
@@ -664,21 +661,14 @@ def run_seed(seed: int, verbose: bool = False) -> MetaResult:
 def main(argv: list[str] | None = None) -> int:
     args = seed_parser("python -m zq.sim.meta", "the __meta follower simulator").parse_args(argv)
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.seeds)
-    began = time.monotonic()
-    failed = []
-    totals: dict[str, int] = {}
-    for seed in seeds:
-        r = run_seed(seed, args.verbose)
-        for k in ("events", "committed", "applied", "fetches", "redelivered", "leader_changes", "crashes",
-                  "registrations", "failed_writes"):
-            totals[k] = totals.get(k, 0) + getattr(r, k)
-        if not r.ok:
-            failed.append(r)
-            print(f"FAIL seed {seed}: {r.invariant}: {r.detail}\n  replay: python -m zq.sim.meta --seed {seed}")
-    print(f"{len(seeds)} seeds in {time.monotonic() - began:.1f} s: {len(failed)} failed; "
-          + ", ".join(f"{v} {k}" for k, v in totals.items()))
-    return 1 if failed else 0
+    progress_every = 0 if args.seed is not None else PROGRESS_EVERY
+    run = run_seeds(lambda seed: run_seed(seed, args.verbose), seeds,
+                    ("events", "committed", "applied", "fetches", "redelivered", "leader_changes", "crashes",
+                     "registrations", "failed_writes"),
+                    lambda r: f"python -m zq.sim.meta --seed {r.seed}", progress_every)
+    print(run.summary())
+    return run.exit_code()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard(main)
