@@ -121,9 +121,9 @@ def test_a_due_timer_is_still_run_and_only_its_replica_is_asked(hosted: ReplicaS
     assert {k[1] for k in calls if isinstance(k, tuple) and k[0] == "ready"} == ticked
     for tp in due:
         r = hosted.parts[tp].replica
-        assert r.role == "candidate"                      # its election timer fired
+        assert r._prevotes == {r.node_id}                 # its election timer fired: it asks first
         assert hosted.deadlines[tp] == r.next_timer_ms() > first   # and its next one is kept
-    assert any(type(m).__name__ == "RequestVote" for _, _, m in hosted.events.sent)
+    assert any(type(m).__name__ == "PreVote" for _, _, m in hosted.events.sent)
     assert hosted.next_deadline() > first
 
 

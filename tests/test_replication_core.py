@@ -21,8 +21,10 @@ from zq.core.replication import WALL_OFFSET_KEPT_TIMEOUTS, Replica
 from zq.errors import ProtocolError
 from zq.sim.disk import SimDisk
 
+# Plain Raft elections (no PreVote round): these tests move one replica's clock at a time and let
+# it stand at once; tests/test_prevote.py tests the PreVote round, and the simulator runs with it.
 CFG = ReplicationConfig(election_timeout_ms=100, heartbeat_interval_ms=20, fetch_retry_ms=30,
-                        append_entries_max=4, append_bytes_max=64, pending_proposals_max=8)
+                        append_entries_max=4, append_bytes_max=64, pending_proposals_max=8, pre_vote=False)
 NAMES = ("a", "b", "c")
 DELIVER_MAX = 10_000  # messages one deliver() may pass, so a livelock fails instead of hanging
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from zq.core import quorum
-from zq.core.repl_types import COMMITTED, LEADER, Outcome, StartAt, Vote
+from zq.core.repl_types import COMMITTED, LEADER, Outcome, PreVoteReply, StartAt, Vote
 from zq.core.replication import Replica
 from zq.sim import Settings, Sim, replay_command
 from zq.sim.__main__ import main as sim_main
@@ -128,7 +128,9 @@ def test_a_membership_view_drives_moves_that_lose_nothing() -> None:
     assert all(r.ok for r in results), [(r.seed, r.invariant, r.detail) for r in results if not r.ok]
     hosted = [r for r in results if r.settings.members]
     assert len(hosted) > 20
-    assert sum(r.false_deaths for r in hosted) > 20 and sum(r.operator_false_moves for r in hosted) >= 5
+    # (3 operator false moves here since replicas ask before standing (PreVote), 5 before: other
+    # histories, the same rate; seeds 50060..50199 hold 24 in 89 seeds with the detector.)
+    assert sum(r.false_deaths for r in hosted) > 20 and sum(r.operator_false_moves for r in hosted) >= 3
     # (456 acks here since the layer runs the shipped membership service, 564 before: other
     # histories; seeds 50060..50199 hold 2144, 1905 before.)
     assert sum(r.acks for r in hosted) > 400 and sum(r.crashes for r in hosted) > 20
@@ -178,6 +180,17 @@ def _granting_any_log(self: Replica, m) -> None:
         self.voted_for = m.sender
         self._hard_dirty = self._must_sync = True
     self._send(m.sender, Vote(self.epoch, self.node_id, granted))
+
+
+def _pre_granting_any_log(self: Replica, m) -> None:
+    """The same broken rule in the PreVote round: a yes to any later epoch, whatever the log."""
+    granted = m.epoch > self.epoch and self.role != LEADER and not self._hears_leader()
+    self._send(m.sender, PreVoteReply(m.epoch if granted else self.epoch, self.node_id, granted))
+
+
+def _break_the_vote_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Replica, "on_request_vote", _granting_any_log)
+    monkeypatch.setattr(Replica, "on_pre_vote", _pre_granting_any_log)
 
 
 def _first_failure(seeds, nodes: int = 3):
@@ -230,9 +243,10 @@ def test_checks_catch_configuration_changes_that_break_the_rules(
 # replay other histories: search again and replace them. (Searched again when the simulator came
 # to run the shipped persist-then-send pass, zq.node.replicas; again, 2,800 seeds, when producers
 # and consumers came to go through the shipped client room, zq.node.clients; and again when
-# partitions came to start founded, with no election, zq.core.replication's "Founding": each of
-# these fails with the weakening and passes without it.)
-FRESH_VOTE_SEEDS = (519, 1498, 2142, 2211)
+# partitions came to start founded, with no election, zq.core.replication's "Founding"; and again,
+# 2,121 seeds, when replicas came to ask before standing, "Pre-vote", the weakening applied to both
+# rounds: each of these fails with the weakening and passes without it.)
+FRESH_VOTE_SEEDS = (785, 1048, 1535, 2120)
 
 
 def test_checks_catch_a_replica_knowing_no_configuration_that_votes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,7 +260,18 @@ def test_checks_catch_a_replica_knowing_no_configuration_that_votes(monkeypatch:
         else:
             original(self, m)
 
+    original_pre = Replica.on_pre_vote
+
+    def fresh_replicas_say_yes_too(self: Replica, m) -> None:
+        if self.config_history == ((-1, ()),):
+            granted = (m.epoch > self.epoch and not self._hears_leader()
+                       and (m.last_epoch, m.last_end) >= (self.last_epoch, self.log_end))
+            self._send(m.sender, PreVoteReply(m.epoch if granted else self.epoch, self.node_id, granted))
+        else:
+            original_pre(self, m)
+
     monkeypatch.setattr(Replica, "on_request_vote", fresh_replicas_vote_too)
+    monkeypatch.setattr(Replica, "on_pre_vote", fresh_replicas_say_yes_too)
     # These seeds' histories as they were found: without retention and the failure detector
     # (drawn from streams of their own, so turning them off replays the rest unchanged).
     monkeypatch.setattr(Settings, "draw_retention", lambda self, rng: self)
@@ -279,7 +304,7 @@ def test_checks_catch_removed_replicas_that_are_never_deleted(monkeypatch: pytes
 
 
 def test_checks_catch_a_broken_vote_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Replica, "on_request_vote", _granting_any_log)
+    _break_the_vote_rule(monkeypatch)
     r = _first_failure(range(200))
     assert r is not None, "a core that elects stale logs went unnoticed"
     assert r.invariant in {"new leader lacks committed entries", "committed entry deleted",
@@ -321,7 +346,7 @@ def test_cli_prints_seed_and_settings_first_and_replay_command_on_failure(
     assert out[0].startswith("seed 3: nodes=3 ") and "loss=" in out[0]
     assert out[-1].startswith("ok seed 3:") and "trace" in out[-1]
 
-    monkeypatch.setattr(Replica, "on_request_vote", _granting_any_log)
+    _break_the_vote_rule(monkeypatch)
     failing = _first_failure(range(200))
     assert failing is not None
     assert sim_main(["--seed", str(failing.seed), "--steps", str(STEPS)]) == 1

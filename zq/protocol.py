@@ -458,6 +458,8 @@ message(26, node_only=True)(_rt.TimeoutNow)
 message(27, node_only=True)(_rt.StartAt)
 message(28, node_only=True)(_rt.RecoveryPoll)
 message(29, node_only=True)(_rt.RecoveryState)
+message(32, node_only=True)(_rt.PreVote)
+message(33, node_only=True)(_rt.PreVoteReply)
 
 # The membership core's messages (zq.core.membership: SWIM failure detection and gossip), node to node.
 from zq.core import membership as _mb  # noqa: E402

@@ -7,7 +7,7 @@ from zq.core import quorum
 from zq.core.repl_epochs import end_for_epoch
 from zq.core.repl_types import (
     CANDIDATE, CONFIG_VOTERS_MAX, FOLLOWER, LEADER, Append, AppendAck, Diverging, Entry, Fetch, RecoveryPoll,
-    RecoveryState, RequestVote, StartAt, TimeoutNow, Vote,
+    PreVote, PreVoteReply, RecoveryState, RequestVote, StartAt, TimeoutNow, Vote,
 )
 from zq.errors import ProtocolError
 
@@ -29,6 +29,7 @@ class Handlers:
             self.become_follower(m.epoch, m.sender)
         self._reset_election_timer()
         self._leader_heard_ms = self.now_ms
+        self._prevotes = None   # a leader is heard: no election to ask for
         self._caught_up = False
         self._ack_due = True  # every Append is answered, so the leader's check-quorum sees us
         entries = _checked_entries(m)
@@ -218,6 +219,45 @@ class Handlers:
         self._votes.add(m.sender)
         if quorum.has_majority(self._votes & set(self.voters), len(self.voters)):
             self.become_leader()
+
+    def on_pre_vote(self, m: PreVote) -> None:
+        """Would we vote for m.sender in m.epoch? Nothing durable changes, no epoch moves."""
+        if self.recovering:
+            # As for a RequestVote (see "Recovering"): only after our poll, with fresh answers.
+            if self._polled is None or m.epoch <= self._polled[0]:
+                return
+            if not self._fresh_covers(set(self._fresh)):
+                self._send_polls()
+                return
+        if not self.voters:
+            return   # we know no configuration yet: we vote in none (see on_request_vote)
+        if self.role == LEADER and m.sender not in self.voters:
+            # A stranger asking: send to it from now on; if its epoch is ahead of ours, stand
+            # again past it, as for its RequestVote (see "Telling the removed").
+            self._note_stranger(m.sender, m.epoch - 1)
+            if self.role != LEADER:
+                return
+        granted = (
+            m.epoch > self.epoch
+            and self.role != LEADER and not self._hears_leader()
+            and (m.last_epoch, m.last_end) >= (self.last_epoch, self.log_end)
+            and (not self.recovering or self._fresh_covers(
+                {peer for peer, log in self._fresh.items() if (m.last_epoch, m.last_end) >= log}))
+        )
+        self._send(m.sender, PreVoteReply(m.epoch if granted else self.epoch, self.node_id, granted))
+
+    def on_pre_vote_reply(self, m: PreVoteReply) -> None:
+        if m.sender not in self.voters:
+            return   # as a Vote: from outside our configuration it counts for nothing
+        if not m.granted:
+            if m.epoch > self.epoch:
+                self.become_follower(m.epoch, None)   # we are behind: take its epoch
+            return
+        if self._prevotes is None or m.epoch != self.epoch + 1 or self.role == LEADER:
+            return   # not asking, or an answer to an earlier ask (a candidate whose election failed asks too)
+        self._prevotes.add(m.sender)
+        if quorum.has_majority(self._prevotes & set(self.voters), len(self.voters)):
+            self.become_candidate()
 
     def on_timeout_now(self, m: TimeoutNow) -> None:
         if m.epoch > self.epoch:

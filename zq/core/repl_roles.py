@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from zq.core import quorum
 from zq.core.repl_types import (
-    CANDIDATE, FOLLOWER, LEADER, MARKER_PAYLOAD, NO_PRODUCER, Entry, HardState, RecoveryPoll, RequestVote,
+    CANDIDATE, FOLLOWER, LEADER, MARKER_PAYLOAD, NO_PRODUCER, Entry, HardState, PreVote, RecoveryPoll, RequestVote,
     RoleChange,
 )
 
@@ -166,6 +166,7 @@ class Roles:
             self._hard_dirty = self._must_sync = True
         self.role = FOLLOWER
         self.leader = leader
+        self._prevotes = None
         self._learner = None
         self._transfer = None
         self._leader_heard_ms = None
@@ -183,7 +184,24 @@ class Roles:
         if before != (FOLLOWER, leader, self.epoch):
             self._role_change = RoleChange(FOLLOWER, self.epoch, leader)
 
+    def stand(self) -> None:
+        """Our election timer ran out and we may stand: ask a majority first (see "Pre-vote"), or,
+        with `config.pre_vote` off, stand at once."""
+        if not self.config.pre_vote:
+            self.become_candidate()
+            return
+        self._prevotes = {self.node_id}
+        self._reset_election_timer()   # no majority by then: ask again
+        if quorum.has_majority(self._prevotes & set(self.voters), len(self.voters)):
+            self.become_candidate()
+            return
+        ask = PreVote(self.epoch + 1, self.node_id, self.last_epoch, self.log_end)
+        for peer in sorted({*self.voters, *(self._target or ())}):
+            if peer != self.node_id:
+                self._send(peer, ask)
+
     def become_candidate(self) -> None:
+        self._prevotes = None
         self.epoch += 1
         self.voted_for = self.node_id
         self._hard_dirty = self._must_sync = True
@@ -220,6 +238,7 @@ class Roles:
 
     def become_leader(self) -> None:
         assert self.role == CANDIDATE
+        self._prevotes = None
         self.role = LEADER
         self.leader = self.node_id
         self._learner = None

@@ -271,6 +271,31 @@ class Vote:
 
 
 @dataclass(frozen=True, slots=True)
+class PreVote:
+    """Would you vote for me in `epoch` (the asker's epoch + 1)? Asked before standing (Raft thesis
+    9.6), so that a replica that cannot win, one that was paused or cut off and whose election
+    timer ran out meanwhile, raises no epoch and deposes no working leader. Answering it changes
+    nothing durable and moves no epoch."""
+    epoch: int
+    sender: str
+    last_epoch: int
+    last_end: int
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "last_epoch": B.EPOCH, "last_end": B.OFFSET}
+
+
+@dataclass(frozen=True, slots=True)
+class PreVoteReply:
+    """The answer to a PreVote: `epoch` is the one asked about when granted, else the voter's own
+    (an asker behind it learns it)."""
+    epoch: int
+    sender: str
+    granted: bool
+
+    BOUNDS = {"epoch": B.EPOCH, "sender": B.NODE, "granted": B.one_of(True, False)}
+
+
+@dataclass(frozen=True, slots=True)
 class TimeoutNow:
     epoch: int
     sender: str
@@ -437,6 +462,7 @@ class ReplicationConfig:
     producers_max: int = 10_000          # idempotent producers remembered (least recent dropped)
     producer_scan_records_max: int = 10_000_000  # log tail read to rebuild producer state
     check_quorum: bool = True            # a leader that hears from no majority for a timeout steps down
+    pre_vote: bool = True                # a replica asks a majority before it stands (PreVote)
     catch_up_records_max: int = 1000     # a learner this close to the log end (and past the high
                                          # watermark) is made a voter
     configs_kept: int = 8                # configurations remembered below the latest committed one

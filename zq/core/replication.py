@@ -122,6 +122,20 @@ usually is: a leader that hears a stranger sends to it from then on (a bounded f
 stranger's epoch is ahead of its own, stands again at once in a later epoch (the voters grant
 it at once), so that its Appends reach the stranger, which then learns the configuration.
 
+Pre-vote (Raft thesis 9.6). A voter whose election timer runs out does not stand at once: it
+asks its configuration's voters (and its target's) whether they would vote for it in the next
+epoch (`PreVote`, epoch + 1), changing nothing durable. A voter says yes only if it hears no leader
+itself (it is not one, and has heard none for an election timeout), the epoch asked about is past
+its own, and the asker's log is at least as up to date as its own; a recovering voter answers as
+it would a RequestVote (after its poll). With a majority of yeses (counting itself) the asker
+stands as Raft says; without, its timer runs out again and it asks again. So a replica that was
+paused, or cut off, past its election timeout raises no epoch when it comes back: it hears the
+leader's next Append in the epoch it never left, and no working leader is deposed (without it, a
+follower SIGSTOPped for 3 s deposed both leaders of a real cluster on SIGCONT, and writes stopped
+for 1.5-3 s: tools and figures in the issue 11 note). A TimeoutNow hand-off stands at once, and
+RequestVotes are handled as before. A refusal carries the voter's epoch: an asker behind it takes
+it, as it would from any message.
+
 Hand-off. `transfer_leadership(to)` and `set_draining(True)` make a leader pick a voter (the
 given one, or the one with the highest acknowledged end, ties by name), stop taking proposals
 (NOT_LEADER with no hint, so clients look again), and once that voter holds the whole log
@@ -238,8 +252,8 @@ from zq.core.repl_roles import (  # noqa: F401 (re-exported)
 )
 from zq.core.repl_types import (
     BACKPRESSURE, DEFAULT_CONFIG, FOLLOWER, LEADER, NO_PRODUCER, NOT_LEADER, Append, AppendAck, Diverging,
-    Entry, Fetch, HardState, LogReader, Outbound, Outcome, Ready, RecoveryPoll, RecoveryState,
-    ReplicationConfig, RequestVote, RoleChange, StartAt, TimeoutNow, Vote,
+    Entry, Fetch, HardState, LogReader, Outbound, Outcome, PreVote, PreVoteReply, Ready, RecoveryPoll,
+    RecoveryState, ReplicationConfig, RequestVote, RoleChange, StartAt, TimeoutNow, Vote,
 )
 from zq.errors import ProtocolError
 
@@ -300,6 +314,7 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
         self._fetch_sent_ms: int | None = None
         self._ack_due = False
         self._votes: set[str] = set()
+        self._prevotes: set[str] | None = None   # while asking before standing: who said yes (see "Pre-vote")
         self._match: dict[str, int] = {}          # leader: each peer's acknowledged end
         self._contact_ms: dict[str, int] = {}     # leader: when each peer was last heard
         self._learner: str | None = None          # leader: the one node being caught up to join
@@ -489,7 +504,7 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
                 self._send_polls()  # answers may have been lost: ask those that have not answered again
                 return
             if self.may_stand():
-                self.become_candidate()
+                self.stand()
             else:
                 # A learner or a draining replica never stands. A learner that hears no leader
                 # asks the one it knows, or else the next of the nodes it knows of (a removed
@@ -696,6 +711,8 @@ _HANDLERS = {  # by name, so a test may replace one handler on the class
     Diverging: "on_diverging",
     RequestVote: "on_request_vote",
     Vote: "on_vote",
+    PreVote: "on_pre_vote",
+    PreVoteReply: "on_pre_vote_reply",
     TimeoutNow: "on_timeout_now",
     StartAt: "on_start_at",
     RecoveryPoll: "on_recovery_poll",
