@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""How long writes stop when a follower is paused and comes back (issue 11, availability).
+"""How long writes stop when a follower is paused and comes back, or a leader is killed (issue 11,
+availability).
 
-    python tools/pause_probe.py [--rounds 6] [--pause 3]
+    python tools/pause_probe.py [--rounds 6] [--pause 3] [--fault follower-pause|leader-kill]
 
 Three nodes (LocalCluster) on 127.0.0.1, a topic of 2 partitions with replication 3, and one
 idempotent acks=quorum producer at 250 msg/s. Each round SIGSTOPs a node that leads neither
 partition for --pause seconds (past the election timeout), SIGCONTs it, and waits 2.5 s. Printed
 per round and partition: the longest gap between acknowledged writes from the pause to 2.5 s
 after the resume, and the partitions' leaders before and after (a changed leader means the
-returning node deposed it).
+returning node deposed it). With --fault leader-kill each round SIGKILLs partition 0's leader
+instead, waits 2.5 s, restarts it and waits 2.5 s more: the gap is then the election plus the
+client's wait before it tries the new leader.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--pause", type=float, default=3.0)
+    parser.add_argument("--fault", choices=("follower-pause", "leader-kill"), default="follower-pause")
     args = parser.parse_args()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp, LocalCluster(nodes=3, data_dir=Path(tmp)) as cluster:
@@ -72,23 +76,34 @@ def main() -> None:
         worst = 0.0
         for rnd in range(args.rounds):
             before = leaders(admin)
-            victim = next((n for n in cluster.names if n not in before), None)
-            if victim is None:
-                victim = next(n for n in cluster.names if n != before[0])
-            paused = time.monotonic() - t0
-            cluster.pause(victim)
-            time.sleep(args.pause)
-            cluster.resume(victim)
-            resumed = time.monotonic() - t0
-            time.sleep(AFTER_S)
-            after = leaders(admin)
+            if args.fault == "leader-kill":
+                victim = before[0]
+                paused = time.monotonic() - t0
+                cluster.kill(victim)
+                time.sleep(AFTER_S)
+                resumed = paused
+                after = leaders(admin)
+                cluster.restart(victim)
+                time.sleep(AFTER_S)
+            else:
+                victim = next((n for n in cluster.names if n not in before), None)
+                if victim is None:
+                    victim = next(n for n in cluster.names if n != before[0])
+                paused = time.monotonic() - t0
+                cluster.pause(victim)
+                time.sleep(args.pause)
+                cluster.resume(victim)
+                resumed = time.monotonic() - t0
+                time.sleep(AFTER_S)
+                after = leaders(admin)
             gaps = []
             for part in (0, 1):
                 times = sorted(at for p, at in acks if p == part)
                 spans = [b - a for a, b in zip(times, times[1:]) if b >= paused and a <= resumed + AFTER_S]
                 gaps.append(max(spans, default=float("nan")))
             worst = max([worst, *gaps])
-            print(f"round {rnd}: paused {victim} {args.pause:g} s; longest gap between acknowledged writes "
+            what = f"killed {victim}" if args.fault == "leader-kill" else f"paused {victim} {args.pause:g} s"
+            print(f"round {rnd}: {what}; longest gap between acknowledged writes "
                   f"p0 {gaps[0]:.3f} s, p1 {gaps[1]:.3f} s; leaders {before} -> {after}", flush=True)
         stop.set()
         thread.join(5)
