@@ -225,3 +225,21 @@ def test_a_new_replica_starts_at_the_leaders_log_start_when_retention_deleted_th
             got = _read_all(survivor, "short", 0, len(kept) + 1, until="last")
         assert set(kept) | {("last", last.offset)} <= set(got)
         assert all(v.startswith(("old-", "new-", "last")) for v, _ in got)
+
+
+def test_the_configuration_a_replica_opens_with() -> None:
+    """zq.node.replicas.starting_configuration, which the node and the cluster simulator both run.
+    An initial member that never wrote anything for a partition (down from its creation until
+    after a reassignment) opens with the initial set, so it votes: the node used to give it none
+    (it then neither stood nor voted, and a new set that counted it and lost its leader early
+    stayed leaderless; the simulator, which gave it the initial set, did not run the node's rule)."""
+    from zq.node.replicas import starting_configuration as start
+    initial = ["n1", "n2", "n3"]
+    assert start("n3", initial, reassigned=False, has_hard_state=False, removed_here=False) == initial
+    assert start("n3", initial, reassigned=True, has_hard_state=False, removed_here=False) == initial
+    assert start("n3", initial, reassigned=True, has_hard_state=True, removed_here=False) == initial
+    # Made by the reassignment, or made again after a move deleted it here: no configuration.
+    assert start("n4", initial, reassigned=True, has_hard_state=False, removed_here=False) == []
+    assert start("n3", initial, reassigned=True, has_hard_state=False, removed_here=True) == []
+    # With a hard state the core reads its configurations from there (the argument is unused).
+    assert start("n4", initial, reassigned=True, has_hard_state=True, removed_here=False) == initial

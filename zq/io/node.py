@@ -77,7 +77,7 @@ from zq.io import security
 from zq.io.store import Store, set_aside
 from zq.node.drain import PendingDrain
 from zq.node.meta import MetaFollower, PendingChanges
-from zq.node.replicas import Part as _Part, ReplicaSet
+from zq.node.replicas import Part as _Part, ReplicaSet, starting_configuration
 from zq.node.services import Service
 from zq.limits import DEFAULT, Limits
 from zq.types import META_TOPIC, META_TP, TopicPartition
@@ -381,14 +381,14 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
         self._open_part(tp, t.name, self._created_with(t, p), sync, target=t.partitions[p])
 
     def _created_with(self, t: meta.TopicMeta, p: int) -> list[str]:
-        """The configuration our replica of `t`/`p` starts from before its log says more (the
-        core keeps it in the hard state once it has one): the set the partition was created with,
-        or, with no hard state on a partition ever reassigned, none at all (a replica made by a
-        reassignment, or one whose data was deleted by an earlier move, must not count on a
-        membership its node once had)."""
-        if p in t.reassigned and R.load_hard_state(self.store, TopicPartition(t.id, p)) is None:
-            return []
-        return list(t.initial[p] if p < len(t.initial) else t.partitions[p])
+        """The configuration our replica of `t`/`p` starts from before its log says more
+        (zq.node.replicas.starting_configuration, which the simulator runs too)."""
+        tp = TopicPartition(t.id, p)
+        reassigned = p in t.reassigned
+        return starting_configuration(
+            self.name, t.initial[p] if p < len(t.initial) else t.partitions[p], reassigned=reassigned,
+            has_hard_state=reassigned and R.load_hard_state(self.store, tp) is not None,
+            removed_here=reassigned and self.store.get_meta(R.removed_key(tp)) is not None)
 
     def _open_part(self, tp: TopicPartition, name: str, replicas: list[str], sync: bool, hw_floor: int = 0,
                    target: list[str] | None = None) -> None:

@@ -49,7 +49,7 @@ import dataclasses
 import heapq
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 from zq.core.repl_types import LEADER, Append
 from zq.node.host import Counters, ReplicaEvents, Storage
@@ -83,6 +83,23 @@ class Part:
     @property
     def epoch(self) -> int:
         return self.replica.epoch if self.replica else 0
+
+
+def starting_configuration(node: str, initial: Sequence[str], *, reassigned: bool, has_hard_state: bool,
+                           removed_here: bool) -> list[str]:
+    """The configuration a replica of a partition opens with, before its log says more (the
+    core keeps it in the hard state once it has one): the set the partition was created with,
+    unless the partition was ever reassigned and this replica has no hard state and either was
+    made by the reassignment (its node is not in the initial set) or was deleted here by an
+    earlier move (`removed_here`). Such a replica knows no configuration (`[]`): it neither
+    stands nor votes until a configuration entry reaches it, because its node may have been a
+    member whose log is gone. An initial member that never wrote anything for the partition
+    (it was down from the topic's creation until after a reassignment) keeps the initial set:
+    with an empty log it cannot win in it, and it must vote, or a set that counts it and lost
+    its leader early never elects again (simulator, `--nodes 5`: tests/test_node_teeth.py)."""
+    if reassigned and not has_hard_state and (node not in initial or removed_here):
+        return []
+    return list(initial)
 
 
 def needs_sync(part: Part, rd: Any) -> bool:

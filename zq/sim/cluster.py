@@ -119,6 +119,7 @@ from zq.errors import CorruptData, InvalidRequest, ProtocolError
 from zq.hashing import rendezvous
 from zq.limits import DEFAULT
 from zq.node.clients import Clients
+from zq.node import replicas as node_replicas
 from zq.node.replicas import Part, ReplicaSet
 from zq.sim.checks import Checker, Violation
 from zq.sim.clients import ClientsMixin
@@ -165,6 +166,7 @@ class Sim(FaultsMixin, ClientsMixin):
                              for p in range(s.partitions)}
         self.targets = dict(self.replica_sets)   # the metadata's desired replica sets
         self.moving: set[int] = set()            # partitions whose committed set is not their target yet
+        self.reassigned: set[int] = set()        # partitions ever moved (the metadata's TopicMeta.reassigned)
         self.nodes = {
             n: SimNode(n, {p: rs for p, rs in self.replica_sets.items() if n in rs}) for n in names
         }
@@ -359,12 +361,15 @@ class Sim(FaultsMixin, ClientsMixin):
             node.disk.lost.discard(p)
             self.result.recoveries += 1
             self.log(f"{node.name} p{p}: lost, opens recovering")
-        # A partition of the initial placement was created with a leader: its set's first node (the
-        # core takes the founding only if this replica never held the partition, see "Founding").
-        created_with = node.replica_sets[p]
+        # The node's rule for the configuration a replica opens with (zq.node.replicas). A partition
+        # of the initial placement was created with a leader: its set's first node (the core takes
+        # the founding only if this replica never held the partition, see "Founding").
+        created_with = tuple(node_replicas.starting_configuration(
+            node.name, self.replica_sets[p], reassigned=p in self.reassigned,
+            has_hard_state=store.hard is not None, removed_here=p in node.tombstones))
         return Replica(node.name, created_with, store, rng=self.rng, now_ms=self.now, config=self.config,
                        hard_state=hard, log_end=store.log_end, log_start=store.start,
-                       founded_by=created_with[0] if created_with else None)
+                       founded_by=created_with[0] if node.name in created_with else None)
 
     def apply_targets(self, node: SimNode) -> None:
         """What a running node does on reading a target change in the metadata: tell its
@@ -616,6 +621,7 @@ class Sim(FaultsMixin, ClientsMixin):
                 self.log(f"operator ({observer}'s view: dead {sorted(dead)}) moves p{p}: {list(current)} -> {list(new)}")
                 self.targets[p] = new
                 self.moving.add(p)
+                self.reassigned.add(p)
                 self.result.operator_moves += 1
                 self.result.operator_false_moves += any(self.nodes[n].alive for n in gone)
                 changed = True

@@ -156,6 +156,7 @@ class FaultsMixin:
             self.log(f"reassign p{p}: {list(current)} -> {list(new)}")
             self.targets[p] = new
             self.moving.add(p)
+            self.reassigned.add(p)
             for name in sorted(self.nodes):
                 self.apply_targets(self.nodes[name])
         elif kind == "drain":
