@@ -21,6 +21,7 @@ from zq.core import metadata as meta
 from zq.core.repl_types import (
     COMMITTED, FOLLOWER, LEADER, Append, AppendAck, HardState, RequestVote, Vote,
 )
+from zq.core.repl_roles import FOUNDING_GRACE_TIMEOUTS
 from zq.core.replication import Replica
 from zq.limits import DEFAULT
 from zq.node.replicas import Part, early_messages
@@ -279,3 +280,30 @@ def test_a_diverging_answer_below_the_matched_prefix_cuts_at_that_prefix() -> No
     rd = b.ready()
     b.advance()
     assert b.log_end == 1 and rd.truncate_from == 1
+
+
+def test_a_founder_stopped_past_an_election_timeout_steps_down_and_stamps_nothing_from_stale_clocks() -> None:
+    """Simulator seed 334 (--nodes 5 --steps 1000): a founder was paused within its founding
+    grace (no check-quorum step-down yet) before it read its followers' first acks; on resume it
+    took their clocks, sent before the pause, as heard just now, and stamped a batch 254 ms
+    behind the true time (retention would delete that early). A leader is ticked at least every
+    heartbeat: a tick that jumps past an election timeout is a stall, and the leader steps down
+    (and stands again) instead of trusting what waited in its inbox."""
+    t = Founded("a", applied=False)
+    base = 1_700_000_000_000
+    for n in NAMES:                                     # each applies the creating command
+        t.replicas[n].tick(t.now[n], base + t.now[n])
+        t.drain(n)
+    a = t.replicas["a"]
+    stale, t.queue = [m for m in t.queue if m[1] == "a"], [m for m in t.queue if m[1] != "a"]
+    assert a.role == LEADER and any(isinstance(m[2], AppendAck) and m[2].wall_ms for m in stale)
+    t.now["a"] += CFG.election_timeout_ms + 10          # a is stopped, within its founding grace
+    assert t.now["a"] < FOUNDING_GRACE_TIMEOUTS * CFG.election_timeout_ms
+    a.tick(t.now["a"], base + t.now["a"])
+    t.drain("a")
+    for _src, _dst, msg in stale:                       # the answers it reads on resuming
+        a.step(msg)
+    t.drain("a")
+    stamp = a.append_time_ms() if a.role == LEADER else None
+    assert stamp is None, f"stamped {stamp - base - t.now['a']:+d} ms from the time"
+    assert a.role == FOLLOWER and a.epoch == 1

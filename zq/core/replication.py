@@ -178,7 +178,10 @@ two clocks known that disagree, there is no time at all (None: the shell refuses
 for that moment, retention waits). Within an agreeing group of even size, retention takes the
 earlier middle clock (it deletes later) and stamps the later one (batches look newer). A stamp
 (`append_time_ms()`) never goes back and runs at most `append_time_ahead_ms_max` ahead of the
-previous stamp plus the monotonic time since.
+previous stamp plus the monotonic time since. A leader is ticked at least every heartbeat; one
+whose tick jumps past an election timeout was stopped (SIGSTOP, a stalled process) and steps
+down: the acks waiting in its inbox carry clocks from before the stop, which would read as
+heard just now (simulator seed 334, a founder within its founding grace).
 
 Disk. The shell says when its node is short of disk (`set_disk_low`); followers say so in their
 acks. A leader short of disk hands leadership to a voter that has not said so, as a drain does
@@ -484,10 +487,19 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
         this before each batch of events too (after every poll), since the core reads no clock.
         `wall_ms`: the node's wall clock, if the shell tells it (see "Time")."""
         self._check_not_handed_out()
+        stalled = now_ms - self.now_ms > self.config.election_timeout_ms
         self.now_ms = max(self.now_ms, now_ms)
         if wall_ms is not None:
             self.wall_ms = wall_ms
         if self.role == LEADER:
+            if stalled and self.config.check_quorum:
+                # A leader is ticked at least every heartbeat: this one was stopped (SIGSTOP, a
+                # stall of its process) for longer than an election timeout. Its voters may have
+                # elected another, and what waits in its inbox is stale: acks whose clocks would
+                # put the replica set's clock behind by the stall, and would count as a majority
+                # heard just now (see "Time"). It steps down and stands again (PreVote).
+                self.become_follower(self.epoch, None)
+                return
             if self.config.check_quorum and self._lost_quorum():
                 self.become_follower(self.epoch, None)
                 return
