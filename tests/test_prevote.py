@@ -133,3 +133,41 @@ def test_a_refusal_from_a_later_epoch_brings_the_asker_up_to_it() -> None:
     c.step(PreVoteReply(epoch + 3, "b", True))
     c.step(PreVoteReply(epoch + 1, "stranger", True))
     assert c.epoch == epoch and c.role == FOLLOWER
+
+
+def test_followers_told_their_leaders_connection_closed_elect_within_a_quarter_timeout() -> None:
+    """Replica.peer_lost (the node's socket monitor saw the connection close): a killed leader is
+    replaced in a fraction of an election timeout, not after one or two (issue 11: 2.06-2.17 s of
+    no writes after a leader's kill -9, tools/pause_probe.py --fault leader-kill)."""
+    from zq.core.replication import PEER_LOST_ELECTION_FRACTION
+    t = _led_by_a()
+    epoch = t.replicas["a"].epoch
+    del t.replicas["a"]
+    t.names = ("b", "c")
+    t.queue = [m for m in t.queue if "a" not in m[:2]]
+    for n in t.names:
+        t.replicas[n].peer_lost("a")
+        assert t.replicas[n].next_timer_ms() < t.now[n] + CFG.election_timeout_ms // PEER_LOST_ELECTION_FRACTION
+    elapsed = 0
+    while not any(r.role == LEADER for r in t.replicas.values()):
+        assert elapsed < CFG.election_timeout_ms // PEER_LOST_ELECTION_FRACTION + CFG.heartbeat_interval_ms
+        for n in t.names:
+            t.tick(n, 5)
+        elapsed += 5
+        t.deliver()
+    assert max(r.epoch for r in t.replicas.values()) == epoch + 1
+
+
+def test_a_false_hint_deposes_no_one_while_the_leader_is_heard() -> None:
+    t = _led_by_a()
+    epoch = t.replicas["a"].epoch
+    t.replicas["b"].peer_lost("a")    # b's connection to a broke and came back; c still hears a
+    t.replicas["c"].peer_lost("b")    # not c's leader: nothing happens
+    assert t.replicas["c"].next_timer_ms() >= t.now["c"] + CFG.election_timeout_ms
+    for _ in range(20):
+        t.tick("b", 5)
+        t.tick("c", 5)
+        t.deliver()
+        t.heartbeat("a")
+    assert t.replicas["a"].role == LEADER and t.replicas["a"].epoch == epoch
+    assert all(r.epoch == epoch for r in t.replicas.values())

@@ -74,6 +74,11 @@ reconnect_ivl_ms_max = 2_000
 # the requests in flight on it at once (retriable), instead of leaving them to the request timeout.
 heartbeat_ivl_ms = 500
 heartbeat_timeout_ms = 1_500
+# A node whose connection closed (its process ended, or it was disconnected by the heartbeat) and
+# has not been reconnected since: a request for it waits this long to be sent, not connect_timeout_ms,
+# then fails as not sent (retriable). Its replicas elect a new leader within a fraction of a second
+# (zq.core.replication, Replica.peer_lost), and the retry asks the cluster who that is.
+lost_peer_connect_ms = 100
 
 
 def now_ms() -> float:
@@ -91,12 +96,13 @@ def parse_address(address: str) -> tuple[str, int]:
 class _Peer:
     """One DEALER to one node address, with the sends it could not make yet."""
 
-    __slots__ = ("address", "socket", "outbox")
+    __slots__ = ("address", "socket", "outbox", "lost")
 
     def __init__(self, address: str, socket: zmq.Socket) -> None:
         self.address = address
         self.socket = socket
         self.outbox: collections.deque = collections.deque()
+        self.lost = False   # its connection closed and no handshake has succeeded since
 
 
 class Connection:
@@ -264,8 +270,10 @@ class Connection:
             if callback is not None:
                 self._unsent.add(msg.req_id)
                 # A node that is not there is known sooner than a request timeout: give up on
-                # connecting after connect_timeout_ms, when nothing was sent and a retry is safe.
-                heapq.heappush(self._connect_deadlines, (min(deadline, now_ms() + connect_timeout_ms), msg.req_id))
+                # connecting after connect_timeout_ms (lost_peer_connect_ms for a node whose
+                # connection closed), when nothing was sent and a retry is safe.
+                wait = lost_peer_connect_ms if peer.lost else connect_timeout_ms
+                heapq.heappush(self._connect_deadlines, (min(deadline, now_ms() + wait), msg.req_id))
 
     def _peer(self, address: str) -> _Peer:
         peer = self._peers.get(address)
@@ -293,7 +301,7 @@ class Connection:
         self._fds.register(sock.getsockopt(zmq.FD), select.POLLIN)   # readable: the socket's events changed
         # A lost connection fails the requests in flight on it at once (outcome unknown, retriable),
         # rather than leaving them to wait out their timeout: a dead leader costs a reconnect, not 30 s.
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._by_monitor[monitor] = peer
         self._fds.register(monitor.getsockopt(zmq.FD), select.POLLIN)
         if threading.current_thread() is not self._thread:
@@ -307,12 +315,19 @@ class Connection:
                 event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                peer.lost = False
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                peer.lost = True
                 lost = [rid for rid, (_, _, address) in self._pending.items()
                         if address == peer.address and rid not in self._unsent]
                 for rid in lost:
                     self._fail(rid, Timeout(f"the connection to {peer.address} was lost before it answered; "
                                             "the outcome is unknown", address=peer.address))
+                give_up = now_ms() + lost_peer_connect_ms
+                for _frames, _deadline, rid in peer.outbox:
+                    if rid is not None and rid in self._unsent:
+                        heapq.heappush(self._connect_deadlines, (give_up, rid))
 
     @staticmethod
     def _try_send(peer: _Peer, frames: list) -> bool:

@@ -136,6 +136,15 @@ for 1.5-3 s: tools and figures in the issue 11 note). A TimeoutNow hand-off stan
 RequestVotes are handled as before. A refusal carries the voter's epoch: an asker behind it takes
 it, as it would from any message.
 
+A closed connection (`peer_lost`). The shell tells the core when its connection to a node closes
+(the node's process ended). A follower whose leader that is stops counting it as heard and brings
+its election timer forward to within an election timeout / `PEER_LOST_ELECTION_FRACTION`; the
+pre-vote round then runs as ever, and the other followers, whose connections closed too, say yes.
+It is a hint: a false one (a connection that broke between running nodes) costs at most a
+refused pre-vote, since a follower that hears the leader says no, and an Append that arrives
+meanwhile counts as ever. Only timing changes, so no rule of safety depends on it; the simulator
+delivers such hints on most crashes and, falsely, across network cuts.
+
 Hand-off. `transfer_leadership(to)` and `set_draining(True)` make a leader pick a voter (the
 given one, or the one with the highest acknowledged end, ties by name), stop taking proposals
 (NOT_LEADER with no hint, so clients look again), and once that voter holds the whole log
@@ -259,6 +268,10 @@ from zq.core.repl_types import (
     RecoveryState, ReplicationConfig, RequestVote, RoleChange, StartAt, TimeoutNow, Vote,
 )
 from zq.errors import ProtocolError
+
+# A follower told that its leader's connection closed (`peer_lost`) stands within
+# election_timeout_ms / this (random), instead of after one or two election timeouts.
+PEER_LOST_ELECTION_FRACTION = 4
 
 
 class Replica(Handlers, Roles, Decisions, LogKeeping):
@@ -581,6 +594,22 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
         self.disk_low = on
         if on:
             self._maybe_start_transfer(None, retry=True, roomy_only=True)
+
+    def peer_lost(self, node: str) -> None:
+        """The shell's connection to `node` closed (its process ended, or the connection broke): a
+        hint, which may be false. A follower whose leader that is stops counting it as heard and
+        brings its election timer forward to within `PEER_LOST_ELECTION_FRACTION` of an election
+        timeout (random, as every election timer), so a killed leader is replaced in a fraction of
+        an election timeout rather than in one or two; PreVote still asks a majority, and a voter
+        grants only if it hears no leader either (its own connection closed too, or its timer ran
+        out). An Append that comes meanwhile counts as ever: a false hint costs nothing. Timing
+        is all it changes: no rule of safety depends on it. The shell ticks first."""
+        self._check_not_handed_out()
+        if self.role != FOLLOWER or self.leader != node or node == self.node_id:
+            return
+        self._leader_heard_ms = None
+        soon = self.now_ms + self._rng.randrange(max(1, self.config.election_timeout_ms // PEER_LOST_ELECTION_FRACTION))
+        self._election_deadline_ms = min(self._election_deadline_ms, soon)
 
     def cluster_wall_ms(self, late: bool = False) -> int | None:
         """Leader: the median of the largest group of its voters' clocks (its own included) that

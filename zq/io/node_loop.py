@@ -55,6 +55,7 @@ class LoopMixin:
             for name, peer in self.peers.items():
                 if name not in polled_peers:
                     poller.register(peer.sock, zmq.POLLIN)
+                    poller.register(peer.monitor, zmq.POLLIN)
                     polled_peers.add(name)
             ready = dict(poller.poll(self._poll_timeout_ms()))
             pass_start = time.monotonic()
@@ -71,6 +72,8 @@ class LoopMixin:
             for peer in list(self.peers.values()):
                 if peer.sock in ready:
                     self._drain(peer.sock, lambda frames, peer=peer: self._on_peer_frames(peer, frames), until)
+                if peer.monitor in ready:
+                    self._on_peer_monitor(peer)
             if self.router in ready:
                 # Under [security] frames are received uncopied, so the CURVE user id ZAP gave them is readable.
                 self._drain(self.router, self._on_router_frames, until, copy=self.keys is None)

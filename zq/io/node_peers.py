@@ -6,14 +6,18 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zq import protocol as P
 from zq.core.repl_types import LEADER
 from zq.errors import LeaderNotAvailable, ZqError, from_wire
 from zq.io import security
 from zq.types import TopicPartition
-from zq.io.node_common import (NODE_ALIVE_MS, NODE_DEAD_MS, NODE_HEARTBEAT_MS, PEER_PENDING_MAX,
+from zq.io.node_common import (NODE_ALIVE_MS, NODE_DEAD_MS, NODE_HEARTBEAT_MS, PEER_PENDING_MAX, log,
                                PEER_REQUEST_TIMEOUT_MS, mono_ms)
+
+
+MONITOR_EVENTS_DRAIN_MAX = 64   # monitor events read per readable poll of one peer's monitor
 
 
 class _Peer:
@@ -29,11 +33,30 @@ class _Peer:
         self.sock.setsockopt(zmq.SNDHWM, 10_000)     # bounded queue towards one peer (queued while it connects)
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
         self.sock.setsockopt(zmq.SNDTIMEO, 0)        # never block the loop on a send
+        # Told when a connection to the peer closes (its process ended: the replicas it leads
+        # elect again at once, see Replica.peer_lost). Polled by the loop beside `sock`.
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(f"tcp://{address}")
         self.pending: dict[int, tuple[int, Callable[[Any, list], None]]] = {}
         self.last_seen_ms = 0
 
+    def disconnected(self) -> bool:
+        """Whether the monitor reported a closed connection since the last call (events drained)."""
+        lost = False
+        for _ in range(MONITOR_EVENTS_DRAIN_MAX):
+            try:
+                event = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
+        return lost
+
     def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
         self.sock.close(0)
 
 
@@ -141,6 +164,12 @@ class PeersMixin:
             peer.sock.connect(f"tcp://{peer.address}")
         if any(name in (p.replica.replicas if p.replica else ()) for p in self.parts.values()):
             self._connect_sub(name)
+
+    def _on_peer_monitor(self, peer: _Peer) -> None:
+        if peer.disconnected() and not peer.name.startswith("seed:"):
+            self.counters["peer_disconnects"] += 1
+            if self.replica_set.peer_lost(peer.name, mono_ms(), self._wall_clock()):
+                log.info("the connection to %s closed: the partitions it leads here elect again now", peer.name)
 
     def _request(self, name: str, msg: Any, on_reply: Callable[[Any, list], None],
                  timeout_ms: int = PEER_REQUEST_TIMEOUT_MS, address: str | None = None, frames: tuple | list = ()) -> None:

@@ -198,6 +198,20 @@ class ReplicaSet:
             self.dirty.add(tp)
         return ticked
 
+    def peer_lost(self, node: str, now_ms: int, wall_ms: int | None = None) -> int:
+        """The host's connection to `node` closed (a hint: see Replica.peer_lost): every replica
+        following it brings its election forward. Returns how many were told."""
+        told = 0
+        for tp, part in self.parts.items():
+            replica = part.replica
+            if replica is None or tp in self.fenced or replica.leader != node or replica.role == LEADER:
+                continue
+            replica.tick(now_ms, wall_ms)
+            replica.peer_lost(node)
+            self.dirty.add(tp)   # its next deadline is read again in the pass
+            told += 1
+        return told
+
     def next_deadline(self) -> int | None:
         """The earliest replica timer (monotonic ms), None if no replica has one."""
         heap = self._deadline_heap

@@ -23,7 +23,7 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
         return 1
     print(f"ok seed {seed}: {r.steps} steps, {r.acks} acks, {r.leader_acks} acks=leader, {r.reads} reads, {r.fetches} fetches "
           f"({r.parked} parked, {r.parked_woken} woken with data), {r.elections} elections, {r.crashes} crashes, "
-          f"{r.pauses} pauses, {r.cuts} partitions, {r.reassignments} reassignments ({r.reassigned} reached, "
+          f"{r.pauses} pauses, {r.cuts} partitions, {r.peers_lost} closed connections seen by followers, {r.reassignments} reassignments ({r.reassigned} reached, "
           f"{r.config_changes} configuration changes, {r.removals} replicas deleted), {r.drains} drains, "
           f"{r.transfers} transfers, {r.handoffs} hand-offs, {r.disk_lows} disks short, {r.retained} retention runs, "
           f"{r.start_ats} logs restarted by StartAt ({r.start_ats_moved} on moved replicas), {r.false_deaths} false deaths, {r.operator_moves} operator "
@@ -38,7 +38,7 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
 def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> int:
     print(f"seeds {start}..{start + count - 1}, nodes={nodes}, steps={steps}")
     converged: list[int] = []
-    totals = ("steps", "acks", "leader_acks", "reads", "fetches", "parked", "parked_woken", "elections", "crashes", "pauses", "cuts",
+    totals = ("steps", "acks", "leader_acks", "reads", "fetches", "parked", "parked_woken", "elections", "crashes", "pauses", "cuts", "peers_lost",
               "reassignments", "reassigned", "config_changes", "removals", "drains",
               "transfers", "handoffs", "retained", "start_ats", "start_ats_moved",
               "retention_duplicates", "false_deaths", "operator_moves", "operator_false_moves",

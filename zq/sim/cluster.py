@@ -134,7 +134,7 @@ from zq.sim.workload import LEADER_ACKS_SHARE, Producer, Reader
 from zq.sim.world import EventHeap
 
 
-NODE_EVENTS = frozenset({"deliver", "timer", "pass", "request", "node_timer"})   # events one node handles alone
+NODE_EVENTS = frozenset({"deliver", "timer", "pass", "request", "node_timer", "peer_lost"})   # events one node handles alone
 
 
 class Sim(FaultsMixin, ClientsMixin):
@@ -148,6 +148,7 @@ class Sim(FaultsMixin, ClientsMixin):
         self.disk_rng = random.Random(seed * 2 + 3)       # disk faults
         self.hostile_rng = random.Random(f"hostile/{seed}")  # the hostile peer's choices
         self.sync_rng = random.Random(f"sync/{seed}")      # crashes inside a pass's fsync
+        self.hint_rng = random.Random(f"hint/{seed}")      # connections seen closing (Replica.peer_lost)
         self.settings = settings or (Settings.draw(self.rng, nodes, steps).draw_retention(self.retention_rng)
                                      .draw_members(self.members_rng).draw_disk_low(self.disk_low_rng)
                                      .draw_disk(self.disk_rng).draw_hostile(self.hostile_rng)
@@ -477,6 +478,12 @@ class Sim(FaultsMixin, ClientsMixin):
             if isinstance(msg, TimeoutNow) and r.role != FOLLOWER:
                 self.result.handoffs += 1
             self.drain(node, p)
+        elif kind == "peer_lost":
+            # The node's connection to a peer closed: the shipped ReplicaSet tells the replicas that
+            # follow it (as zq/io/node_peers.py does on its socket monitor's event).
+            (lost,) = args
+            self.result.peers_lost += node.pass_.peer_lost(lost, self.now, self.wall_ms(node)) > 0
+            self.run_pass(node)
         elif kind == "call":
             (fn,) = args   # a timer of the node's that came due while it was paused
             fn()
@@ -506,6 +513,17 @@ class Sim(FaultsMixin, ClientsMixin):
 
     def ev_deliver(self, dst: str, p: int, msg: object) -> None:
         self.receive(dst, "deliver", (dst, p, msg))
+
+    def ev_peer_lost(self, dst: str, lost: str) -> None:
+        self.receive(dst, "peer_lost", (lost,))
+
+    def connections_close(self, lost: str, to: list[str], chance: float) -> None:
+        """`lost`'s connections to the nodes `to` close (seen by each with `chance`, a few ms later):
+        its process ended, or, a false hint, a connection between running nodes broke."""
+        rng = self.hint_rng
+        for dst in sorted(to):
+            if dst != lost and rng.random() < chance:
+                self.at(self.now + rng.randint(1, 10), "peer_lost", dst, lost)
 
     def ev_hostile(self) -> None:
         """The hostile peer sends one running replica one message no honest peer sends."""

@@ -37,6 +37,9 @@ class FaultsMixin:
                 self.members.crash(name, self.now)
             self.result.crashes += 1
             self.log(f"crash {name} (kept {kept} unsynced batches)")
+            # A killed process's connections close at once (its peers' sockets see it); a host
+            # that lost power says nothing: the peers wait out their election timers.
+            self.connections_close(name, list(self.nodes), 0.8)
             self.at(self.now + duration, "restart", name)
         elif kind == "pause" and node.alive and not node.paused:
             node.paused = True
@@ -52,6 +55,11 @@ class FaultsMixin:
             self.net.cut(sorted(names[:cut]), sorted(names[cut:]))
             self.result.cuts += 1
             self.log(f"partition {sorted(names[:cut])} | {sorted(names[cut:])} for {duration} ms")
+            # Now and then a connection across the cut is seen to break (a false hint: the node runs).
+            for a in sorted(names[:cut]):
+                self.connections_close(a, names[cut:], 0.3)
+                for b in names[cut:]:
+                    self.connections_close(b, [a], 0.3)
             self.at(self.now + duration, "heal")
         self.at(self.now + self.rng.randint(10, s.fault_interval_ms_max), "fault")
 

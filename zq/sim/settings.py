@@ -154,6 +154,7 @@ class Result:
     crashes_in_sync: int = 0         # of those, inside a pass's fsync (after a leader's Appends left early)
     pauses: int = 0
     cuts: int = 0
+    peers_lost: int = 0              # closed connections seen that brought a follower's election forward
     reassignments: int = 0           # target changes drawn
     reassigned: int = 0              # times a partition's committed configuration reached its target
     config_changes: int = 0          # configuration entries leaders appended
