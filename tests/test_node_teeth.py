@@ -188,8 +188,9 @@ def test_the_shipped_pass_passes_the_seeds_the_bugs_fail() -> None:
 # The rule the node ran before (zq/io/node.py's _created_with until this was shared): no
 # configuration for any replica without a hard state on a partition ever reassigned, initial
 # members that never wrote anything included. Such a replica neither stands nor votes; five-node
-# seeds 733 and 948 then never elect again (found by running the node's rule in the simulator).
-NO_VOTE_SEEDS = (733, 948)
+# seeds 347 and 948 then never elect again (found by running the node's rule in the simulator;
+# the only two in seeds 0-1399. If the simulator's event order changes, search again).
+NO_VOTE_SEEDS = (347, 948)
 
 
 def _no_configuration_without_hard_state(node, initial, *, reassigned, has_hard_state, removed_here):
@@ -202,4 +203,4 @@ def test_the_simulator_runs_the_nodes_starting_configuration(monkeypatch: pytest
     monkeypatch.setattr(replicas, "starting_configuration", _no_configuration_without_hard_state)
     failed = [(r.seed, r.invariant) for r in (run_seed(seed, nodes=5, steps=STEPS) for seed in NO_VOTE_SEEDS)
               if not r.ok]
-    assert failed == [(733, "no convergence"), (948, "no convergence")]
+    assert failed == [(seed, "no convergence") for seed in NO_VOTE_SEEDS]

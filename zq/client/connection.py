@@ -72,8 +72,8 @@ reconnect_ivl_ms_max = 2_000
 # ZMTP heartbeats (answered by libzmq's I/O thread, so a busy node still answers): a node that
 # stopped answering (SIGSTOP, a hung host) is disconnected after heartbeat_timeout_ms, which fails
 # the requests in flight on it at once (retriable), instead of leaving them to the request timeout.
-heartbeat_ivl_ms = 500
-heartbeat_timeout_ms = 1_500
+heartbeat_ivl_ms = 200
+heartbeat_timeout_ms = 600     # as the nodes' own (zq.io.node_common.PEER_HEARTBEAT_TIMEOUT_MS)
 # A node whose connection closed (its process ended, or it was disconnected by the heartbeat) and
 # has not been reconnected since: a request for it waits this long to be sent, not connect_timeout_ms,
 # then fails as not sent (retriable). Its replicas elect a new leader within a fraction of a second

@@ -22,6 +22,12 @@ METRICS_REFRESH_MS = 1_000        # how often the /metrics snapshot of partition
 DISK_CHECK_INTERVAL_MS = 1_000    # how often free disk space is read
 DISK_FREE_BYTES_MIN = 64 * 1024 * 1024  # below this, produce is refused with StorageFull
 PEER_PENDING_MAX = 1_000          # requests awaiting an answer, per peer
+# ZMTP heartbeats on each DEALER to a peer, answered by the peer's libzmq I/O thread (so a busy
+# node still answers): a peer whose process is stopped (SIGSTOP) or cut off is disconnected after
+# the timeout, and the replicas it leads here elect at once (Replica.peer_lost), instead of after
+# one or two election timeouts (1 s). A false disconnect costs at most a refused pre-vote.
+PEER_HEARTBEAT_IVL_MS = 200
+PEER_HEARTBEAT_TIMEOUT_MS = 600
 PREFERRED_LEADER_DELAY_MS = 300  # a new partition created without a leader (an older version's command), or
                                  # whose replica was lost: its preferred leader stands this soon after opening
 PREFERRED_STAND_TRIES_MAX = 10    # ... tried again this often while its replica still polls (recovering)

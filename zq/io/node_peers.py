@@ -13,7 +13,8 @@ from zq.core.repl_types import LEADER
 from zq.errors import LeaderNotAvailable, ZqError, from_wire
 from zq.io import security
 from zq.types import TopicPartition
-from zq.io.node_common import (NODE_ALIVE_MS, NODE_DEAD_MS, NODE_HEARTBEAT_MS, PEER_PENDING_MAX, log,
+from zq.io.node_common import (NODE_ALIVE_MS, NODE_DEAD_MS, NODE_HEARTBEAT_MS, PEER_HEARTBEAT_IVL_MS,
+                               PEER_HEARTBEAT_TIMEOUT_MS, PEER_PENDING_MAX, log,
                                PEER_REQUEST_TIMEOUT_MS, mono_ms)
 
 
@@ -33,6 +34,8 @@ class _Peer:
         self.sock.setsockopt(zmq.SNDHWM, 10_000)     # bounded queue towards one peer (queued while it connects)
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
         self.sock.setsockopt(zmq.SNDTIMEO, 0)        # never block the loop on a send
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, PEER_HEARTBEAT_IVL_MS)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, PEER_HEARTBEAT_TIMEOUT_MS)
         # Told when a connection to the peer closes (its process ended: the replicas it leads
         # elect again at once, see Replica.peer_lost). Polled by the loop beside `sock`.
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
