@@ -171,3 +171,24 @@ def test_a_false_hint_deposes_no_one_while_the_leader_is_heard() -> None:
         t.heartbeat("a")
     assert t.replicas["a"].role == LEADER and t.replicas["a"].epoch == epoch
     assert all(r.epoch == epoch for r in t.replicas.values())
+
+
+def test_two_followers_asking_at_once_do_not_split_the_vote() -> None:
+    """Both followers of a killed leader, told at once (Replica.peer_lost), may ask in the same
+    moment. Each used to say yes to the other: both stood in the same epoch, voted for themselves,
+    and no leader came for another election timeout (1-2 s; gaps of 2-3.7 s in
+    tools/pause_probe.py --fault leader-kill). Of two askers with logs as up to date, only the
+    greater name gets the other's yes."""
+    t = _led_by_a()
+    epoch = t.replicas["a"].epoch
+    del t.replicas["a"]
+    t.names = ("b", "c")
+    t.queue = [m for m in t.queue if "a" not in m[:2]]
+    for n in t.names:   # both stand before either hears the other
+        t.now[n] += 3 * CFG.election_timeout_ms
+        t.replicas[n].tick(t.now[n])
+        t.drain(n)
+    assert sorted((src, dst) for src, dst, m in t.queue if isinstance(m, PreVote) and dst != "a") == [("b", "c"), ("c", "b")]
+    t.deliver()
+    assert [t.replicas[n].role for n in t.names] == [FOLLOWER, LEADER]
+    assert t.replicas["c"].epoch == epoch + 1

@@ -42,9 +42,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--pause", type=float, default=3.0)
     parser.add_argument("--fault", choices=("follower-pause", "leader-kill"), default="follower-pause")
+    parser.add_argument("--data-dir", help="keep the nodes' data and logs here (default: a temporary folder)")
     args = parser.parse_args()
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp, LocalCluster(nodes=3, data_dir=Path(tmp)) as cluster:
+    with tempfile.TemporaryDirectory() as tmp, LocalCluster(nodes=3, data_dir=Path(args.data_dir or tmp)) as cluster:
         admin = cluster.client()
         deadline = time.monotonic() + 30
         while True:

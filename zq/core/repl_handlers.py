@@ -244,6 +244,13 @@ class Handlers:
             and (not self.recovering or self._fresh_covers(
                 {peer for peer, log in self._fresh.items() if (m.last_epoch, m.last_end) >= log}))
         )
+        if granted and self._prevotes is not None and m.epoch == self.epoch + 1:
+            # We ask for the same epoch (see "Pre-vote": two askers at once). Of two logs as up
+            # to date, the greater name gets the yes; the one saying yes stops asking.
+            if (m.last_epoch, m.last_end, m.sender) < (self.last_epoch, self.log_end, self.node_id):
+                granted = False
+            else:
+                self._prevotes = None
         self._send(m.sender, PreVoteReply(m.epoch if granted else self.epoch, self.node_id, granted))
 
     def on_pre_vote_reply(self, m: PreVoteReply) -> None:

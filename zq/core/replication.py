@@ -134,7 +134,11 @@ leader's next Append in the epoch it never left, and no working leader is depose
 follower SIGSTOPped for 3 s deposed both leaders of a real cluster on SIGCONT, and writes stopped
 for 1.5-3 s: tools and figures in the issue 11 note). A TimeoutNow hand-off stands at once, and
 RequestVotes are handled as before. A refusal carries the voter's epoch: an asker behind it takes
-it, as it would from any message.
+it, as it would from any message. Two replicas that ask at once for the same epoch would each say
+yes to the other, both stand, and split the vote (no leader for another election timeout: seen
+when both followers of a killed leader were told at once, `peer_lost` below). So a replica that
+is asking says yes to another asker for that epoch only if the other's log is more up to date,
+or as up to date with a greater name, and then stops asking itself.
 
 A closed connection (`peer_lost`). The shell tells the core when its connection to a node closes
 (the node's process ended). A follower whose leader that is stops counting it as heard and brings
