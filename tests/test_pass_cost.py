@@ -41,6 +41,9 @@ class _Storage:
             txn.sync()
         return True
 
+    def sync(self) -> None:
+        self.disk.sync()
+
 
 class _Events:
     """zq.node.host.ReplicaEvents that records what went out."""
@@ -56,6 +59,9 @@ class _Events:
 
     def after_durable(self, part, rd) -> None:
         pass
+
+    def committed(self, part, high_watermark) -> bool:
+        return False   # a moved high watermark comes with the rest, in after_durable
 
     def after_round(self) -> None:
         pass
@@ -324,3 +330,22 @@ def test_the_composition_may_step_another_replica_that_wrote_in_the_same_pass(wi
     wired.sets["n1"].dirty.add(1)
     wired.sets["n1"].finish_pass()
     assert not wired.sets["n1"].fenced, wired.sets["n1"].fenced
+
+
+def test_leader_answers_what_committed_before_the_fsync_of_what_it_proposed_in_the_same_pass(wired: _Wired) -> None:
+    """A pass in which a quorum ack arrives and a new batch is proposed: the producer of the
+    committed batch is answered, and the high watermark published, between the pass's write and
+    its fsync (which only the new batch needs), not after it (issue 11)."""
+    order: list[str] = []
+    ack = _follower_ack(wired, lambda outcome: order.append(f"answered {outcome.status}"))
+    storage = wired.sets["n1"].storage
+    write, sync = storage.commit, storage.sync
+    storage.commit = lambda txn, synced: order.append(f"write synced={synced}") or write(txn, synced)
+    storage.sync = lambda: order.append("fsync") or sync()
+    wired.events["n1"].committed = lambda part, hw: order.append(f"high watermark {hw}") or True
+    committed = ack.durable_end
+    wired.deliver("n1", ack)
+    wired.replica("n1").propose(1, 0, 1, b"y")   # the same producer's next batch
+    wired.sets["n1"].dirty.add(0)
+    wired.sets["n1"].finish_pass()
+    assert order[:4] == ["write synced=False", "answered committed", f"high watermark {committed}", "fsync"], order

@@ -53,6 +53,9 @@ class _StoreStorage:
     def commit(self, txn: Any, sync: bool) -> bool:
         return self.node._commit_store(txn, sync)
 
+    def sync(self) -> None:
+        self.node.store.sync()   # a failure raises out of the pass: the node stops and recovers from its disk
+
 
 class _NodeReplicaEvents:
     """The node's reactions to the pass's durable effects (zq.node.host.ReplicaEvents)."""
@@ -68,6 +71,9 @@ class _NodeReplicaEvents:
 
     def after_durable(self, part: _Part, rd: Any) -> None:
         self.node._after_durable(part, rd)
+
+    def committed(self, part: _Part, high_watermark: int) -> bool:
+        return self.node._committed(part, high_watermark)
 
     def after_round(self) -> None:
         self.node._apply_learned_meta()
@@ -158,13 +164,25 @@ class ReplicationMixin:
             self._remove_part(part)
             return
         if rd.high_watermark is not None:
-            self.clients.on_high_watermark(part.tp, rd.high_watermark)
-            for service in self.services:
-                hook = getattr(service, "on_high_watermark", None)
-                if hook is not None:
-                    hook(part.name, part.tp.partition, rd.high_watermark)
-            if part.tp == META_TP:
-                self._apply_committed_meta()
+            self._high_watermark_moved(part, rd.high_watermark)
+
+    def _committed(self, part: _Part, high_watermark: int) -> bool:
+        """The high watermark moved, before the pass's commit (zq.node.replicas): parked fetches
+        and the services hear it now. Not `__meta`'s: applying metadata opens and closes
+        partitions, which waits for the pass's writes (after_durable)."""
+        if part.tp == META_TP:
+            return False
+        self._high_watermark_moved(part, high_watermark)
+        return True
+
+    def _high_watermark_moved(self, part: _Part, high_watermark: int) -> None:
+        self.clients.on_high_watermark(part.tp, high_watermark)
+        for service in self.services:
+            hook = getattr(service, "on_high_watermark", None)
+            if hook is not None:
+                hook(part.name, part.tp.partition, high_watermark)
+        if part.tp == META_TP:
+            self._apply_committed_meta()
 
     def _route(self, part: _Part, out) -> None:
         """A core's message: a broadcast with entries goes on PUB; everything else by DEALER.

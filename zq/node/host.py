@@ -44,8 +44,14 @@ class Storage(Protocol):
         ...
 
     def commit(self, txn: Any, sync: bool) -> bool:
-        """Make `txn` durable (fsynced if `sync`) and return True, or store none of it and return
-        False (the disk is full); the host has then noted why."""
+        """Write `txn` (readable at once; fsynced before this returns if `sync`) and return True,
+        or store none of it and return False (the disk is full); the host has then noted why."""
+        ...
+
+    def sync(self) -> None:
+        """Make everything committed so far durable (fsync), as `commit(txn, True)` would have.
+        A failure raises: what is durable is then unknown, and the host stops and recovers from
+        its disk."""
         ...
 
 
@@ -97,6 +103,12 @@ class ReplicaEvents(Protocol):
 
     def after_durable(self, part: Any, rd: Any) -> None:
         """React to a durable Ready: its role change, high watermark, recovery, removal."""
+        ...
+
+    def committed(self, part: Any, high_watermark: int) -> bool:
+        """The high watermark moved, before the pass's commit (everything below it is durable at
+        a majority): answer what waited for it (parked fetches). False: not now, with the rest of
+        the Ready in `after_durable` once the pass's writes are durable."""
         ...
 
     def after_round(self) -> None:

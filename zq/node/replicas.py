@@ -9,7 +9,8 @@ arrived and marks them dirty; `ReplicaSet.finish_pass` then, for up to `READY_RO
    state) into the pass's ONE storage transaction, asking for an fsync when any of it must be
    (`needs_sync`: a vote or an epoch, or entries of a topic with durability = fsync); a leader's
    Appends go out at once, before the commit (`early_messages`, below);
-2. commits the transaction (the host makes it durable before `commit` returns), then
+2. commits the transaction (the host makes it durable before `commit` returns; or, when a
+   Ready has effects that may act before the fsync, writes it, acts on those, then fsyncs), and
    `advance()`s every core that handed out a Ready;
 3. only then, per core: reports durability (`on_persisted`), which frees acks and commits for the
    next round, sends its messages, answers the producers whose batches committed (`waiters`) or
@@ -25,12 +26,20 @@ about the leader's disk: the core counts the leader towards a commit only from `
 (its `durable_end`), like any follower's ack, and a leader that crashes before its fsync restarts
 as a follower of a later epoch (the simulator crashes leaders inside that fsync:
 `Settings.crash_in_sync`). Only a leader's Appends of a Ready that changes neither its role nor
-anything that must be synced before it acts (a vote, an epoch) go early; everything else waits. A failed commit (disk full) acts on no core's writes: those cores are reopened from the
-disk (`ReplicaEvents.write_failed`). An unexpected error on one core fences that one replica.
+anything that must be synced before it acts (a vote, an epoch) go early, and what a Ready says
+was committed acts before the fsync (below); everything else waits. A failed commit (disk full)
+acts on no core's writes: those cores are reopened from the disk (`ReplicaEvents.write_failed`).
+An unexpected error on one core fences that one replica.
 
 A Ready that only moves the high-watermark hint need not be on disk before anything is sent (a
 restarted replica just serves less until its leader tells it more): it waits in
 `lazy_hard_states` and rides along with the next write.
+
+What a Ready says was committed acts between the pass's write and its fsync
+(`commit_effects_early`): its outcomes (answers to producers whose batches a majority holds
+durably, or refusals) and a moved high watermark (parked fetches). Neither depends on this pass's
+writes: the core counts its own copy towards a commit only from `on_persisted`. Without this, a
+leader's answers waited for the fsync of the next entries, proposed in the same pass.
 
 A pass costs what changed, not how many replicas the node hosts. Only dirty replicas (stepped,
 ticked or told something this pass) are asked for a Ready; and timers are kept per replica as a
@@ -110,12 +119,24 @@ def needs_sync(part: Part, rd: Any) -> bool:
     return rd.must_sync or (part.sync and bool(rd.entries))
 
 
+def acts_early(part: Part, rd: Any) -> bool:
+    """Whether parts of this Ready may act before the pass's commit: it changes neither the
+    replica's role nor anything that must be durable before it acts (a vote, an epoch), and it
+    neither truncates nor restarts the log."""
+    return (part.replica is not None and rd.role is None and not rd.must_sync and rd.truncate_from is None
+            and rd.reset_to is None)
+
+
+def has_early_effects(part: Part, rd: Any) -> bool:
+    """Whether a Ready has effects that may act between the pass's write and its fsync
+    (`ReplicaSet.commit_effects_early`): outcomes or a moved high watermark, when it may act early."""
+    return bool(rd.outcomes or rd.high_watermark is not None) and acts_early(part, rd)
+
+
 def early_messages(part: Part, rd: Any) -> tuple[tuple, tuple]:
     """(messages that may go before the pass's commit, the rest): a leader's Appends, when the
     Ready neither changes its role nor writes anything that must be durable before it acts."""
-    replica = part.replica
-    if (replica is None or replica.role != LEADER or rd.role is not None or rd.must_sync
-            or rd.truncate_from is not None or rd.reset_to is not None):
+    if not acts_early(part, rd) or part.replica.role != LEADER:
         return (), rd.messages
     early = tuple(out for out in rd.messages if type(out.message) is Append)
     if not early:
@@ -144,6 +165,7 @@ class ReplicaSet:
         self.lazy_hard_states: dict[Hashable, Any] = {}      # high-watermark hints awaiting the next write
         self.txn: Any = None                                 # this pass's transaction, once anything wrote
         self.sync_needed = False
+        self._sync_due = False                               # written, and its fsync still to come (sync())
         # Timers: each replica's next_timer_ms as last read, and a heap of (deadline, seq, tp) whose
         # entries are current only while they match `deadlines` (the others are skipped, lazily).
         self.deadlines: dict[Hashable, int] = {}
@@ -166,6 +188,7 @@ class ReplicaSet:
         self.lazy_hard_states.clear()
         self.txn = None
         self.sync_needed = False
+        self._sync_due = False
         self.deadlines.clear()
         self._deadline_heap.clear()
         self._readied.clear()
@@ -252,9 +275,16 @@ class ReplicaSet:
             readys = self.collect_readys()
             if self.txn is None and not readys:
                 break
-            ok = self.commit()
+            early = any(has_early_effects(part, rd) for part, rd in readys)
+            # With effects that may act before the fsync, the write and the fsync are two steps
+            # (RocksDB: a write, then a WAL sync; as dear as one synced write, measured).
+            ok = self.commit(sync_now=not early)
             for part, rd in readys:
                 part.replica.advance()
+            if ok and early:
+                acted = ((part, self.commit_effects_early(part, rd)) for part, rd in readys)
+                readys = [(part, rd) for part, rd in acted if rd is not None]
+                self.sync()
             for part, rd in readys:
                 if ok or not rd.has_writes:
                     try:
@@ -301,6 +331,29 @@ class ReplicaSet:
             self.events.send_now()   # the leaders' Appends leave while the commit below is made durable
         return out
 
+    def commit_effects_early(self, part: Part, rd: Any) -> Any | None:
+        """Act on what a Ready says was committed, between the pass's write and its fsync: its
+        outcomes (each a batch committed at a majority, so durable there whatever this pass
+        writes, or a refusal) and a high watermark that moved (what lies below it is durable at
+        a majority), when the Ready has such effects (`has_early_effects`). Without this a
+        leader's answers to producers and to parked fetches waited for the fsync of the next
+        entries, proposed in the same pass (issue 11). Returns the rest of the Ready (None: the
+        replica was fenced)."""
+        if not has_early_effects(part, rd):
+            return rd
+        try:
+            for outcome in rd.outcomes:
+                callback = part.waiters.pop(outcome.proposal_id, None)
+                if callback is not None:
+                    callback(outcome)
+            hw = rd.high_watermark
+            if hw is not None and self.events.committed(part, hw):
+                hw = None
+        except Exception as e:
+            self.events.fence(part, "acting on what it committed", e)
+            return None
+        return dataclasses.replace(rd, outcomes=(), high_watermark=hw)
+
     def write_ready(self, part: Part, rd: Any) -> None:
         # The host prepares (restamps, verifies, encodes) before its first write into the shared
         # transaction, so a failure fences this replica without half its writes in the pass.
@@ -315,8 +368,9 @@ class ReplicaSet:
             self.lazy_hard_states.pop(part.tp, None)
         self.sync_needed |= needs_sync(part, rd)
 
-    def commit(self) -> bool:
-        """Commit the pass's transaction (with the waiting hints); False: nothing of it was stored."""
+    def commit(self, sync_now: bool = True) -> bool:
+        """Write the pass's transaction (with the waiting hints), fsynced at once if it asked and
+        `sync_now`, else by `sync()`; False: nothing of it was stored."""
         if self.txn is None:
             return True
         if self.lazy_hard_states:
@@ -326,7 +380,15 @@ class ReplicaSet:
             self.lazy_hard_states.clear()
         txn, self.txn = self.txn, None
         sync, self.sync_needed = self.sync_needed, False
-        return self.storage.commit(txn, sync)
+        ok = self.storage.commit(txn, sync and sync_now)
+        self._sync_due = ok and sync and not sync_now
+        return ok
+
+    def sync(self) -> None:
+        """Make the pass's write durable, if it asked to be and `commit` left that for later."""
+        if self._sync_due:
+            self._sync_due = False
+            self.storage.sync()
 
     def after_durable(self, part: Part, rd: Any) -> None:
         """The Ready's writes are durable: report it, send, answer, and let the composition react."""

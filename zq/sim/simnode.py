@@ -82,11 +82,18 @@ class SimStorage:
         txn.write_batch(p, None, (), hard_state, None)
 
     def commit(self, txn: SimDisk, sync: bool) -> bool:
+        if sync:
+            self.sync()
+        return True
+
+    def sync(self) -> None:
         sim, node = self.sim, self.node
-        if (sync and sim.settings.crash_in_sync and sim.phase == "safety" and sim.crashable
+        txn = node.disk
+        if (sim.settings.crash_in_sync and sim.phase == "safety" and sim.crashable
                 and sim.sync_rng.random() < CRASH_IN_SYNC_P):
             # Power fails while this pass's fsync runs: what the pass wrote is not durable, but
-            # whatever it sent before the commit (a leader's Appends) is on the wire.
+            # whatever it sent before the fsync (a leader's Appends, answers to what had committed
+            # already) is on the wire.
             kept = txn.crash(sim.sync_rng, power_loss=sim.settings.durability == "fsync")
             node.alive = False
             node.replicas.clear()
@@ -98,11 +105,8 @@ class SimStorage:
             sim.log(f"crash {node.name} inside a pass's fsync (kept {kept} unsynced batches)")
             sim.at(sim.now + sim.sync_rng.randint(20, sim.settings.fault_duration_ms_max), "restart", node.name)
             raise CrashedInSync(node.name)
-        if sync:
-            txn.sync()
-            self.node.send_delay_ms = max(self.node.send_delay_ms,
-                                          self.sim.rng.randint(0, self.sim.settings.sync_delay_ms_max))
-        return True
+        txn.sync()
+        node.send_delay_ms = max(node.send_delay_ms, sim.rng.randint(0, sim.settings.sync_delay_ms_max))
 
 
 class SimReplicaEvents:
@@ -129,14 +133,19 @@ class SimReplicaEvents:
         if rd.role is not None and rd.role.role != LEADER:
             node.clients.refuse_parked(p)   # as the node does: its parked fetches learn where to go
         if rd.high_watermark is not None:
-            sim.checker.on_high_watermark(node.name, p, rd.high_watermark, r)
-            node.clients.on_high_watermark(p, rd.high_watermark)   # as the node does, once durable
+            self.committed(part, rd.high_watermark)
         for e in rd.entries:
             if e.config is not None and r.role == LEADER and e.epoch == r.epoch:
                 sim.checker.on_config_appended(node.name, p, e, r)
                 sim.result.config_changes += 1
         if r.removed and node.replicas.get(p) is r:
             sim.delete_replica(node, p)
+
+    def committed(self, part: Part, high_watermark: int) -> bool:
+        # The checker hears it when the node's clients do: what it passes must be durable at a majority now.
+        self.sim.checker.on_high_watermark(self.node.name, part.tp, high_watermark, part.replica)
+        self.node.clients.on_high_watermark(part.tp, high_watermark)   # as the node does
+        return True
 
     def after_round(self) -> None:
         pass
