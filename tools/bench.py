@@ -107,11 +107,13 @@ TARGETS = {
     "group-1": ("msgs_per_s", ">=", 150_000, "≥ 150 k msg/s"),
     "group-3": None,
     "first-produce-r3": None,
+    "e2e-unsynced": None,
+    "e2e-r3-unsynced": None,
 }
 PACED_RATE = 2_000        # msg/s, as the anchors' latency runs
 PACED_SECONDS = 10        # as the anchors' latency runs
 WARM_PER_PARTITION = 20   # messages written to each partition of a latency row's topic before it is timed
-LATENCY_ROWS = ("produce-latency", "e2e", "e2e-p64", "produce-latency-r3", "e2e-r3")
+LATENCY_ROWS = ("produce-latency", "e2e", "e2e-p64", "produce-latency-r3", "e2e-r3", "e2e-unsynced", "e2e-r3-unsynced")
 FIRST_PRODUCE_TOPICS = 30  # new topics first-produce-r3 creates, one first produce timed on each (5 with --quick)
 FIRST_PRODUCE_WAIT_S = 30.0  # one first produce must be acknowledged within this
 
@@ -144,6 +146,12 @@ def suite(messages: int, paced_messages: int, first_topics: int = FIRST_PRODUCE_
         ("group-3", 3, {"test": "group", "messages": group_messages, "partitions": 6, "members": 3, **three}),
         # Issue 11: the first message of a new topic (no warm-up: that is what is measured).
         ("first-produce-r3", 3, {"test": "first-produce", "messages": first_topics, **three}),
+        # Issue 11: the e2e rows without an fsync per write, as Redis Streams (AOF everysec) and
+        # JetStream's file store (sync every 2 minutes) run by default: like for like beside them.
+        ("e2e-unsynced", 1, {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE,
+                             "warm": WARM_PER_PARTITION, **one, "durability": "replicated"}),
+        ("e2e-r3-unsynced", 3, {"test": "e2e", "messages": paced_messages, "partitions": 1, "rate": PACED_RATE,
+                                "warm": WARM_PER_PARTITION, **three, "durability": "replicated"}),
     ]
 
 
@@ -189,6 +197,8 @@ ROW_TITLES = {
     "e2e-p64": "e2e, 1 node, RF1, 64 partitions",
     "produce-latency-r3": "produce -> quorum durable ack, 3 nodes, RF3, 1 partition",
     "e2e-r3": "e2e, 3 nodes, RF3 quorum, 1 partition",
+    "e2e-unsynced": "e2e, 1 node, RF1, durability = replicated (no fsync)",
+    "e2e-r3-unsynced": "e2e, 3 nodes, RF3 quorum, durability = replicated (no fsync)",
 }
 
 
