@@ -243,3 +243,51 @@ def test_the_configuration_a_replica_opens_with() -> None:
     assert start("n3", initial, reassigned=True, has_hard_state=False, removed_here=True) == []
     # With a hard state the core reads its configurations from there (the argument is unused).
     assert start("n4", initial, reassigned=True, has_hard_state=True, removed_here=False) == initial
+
+
+def test_a_leader_tries_the_next_new_replica_when_its_learner_takes_nothing() -> None:
+    """A leader catches up one new replica at a time. If that one takes nothing (down, or
+    recovering and unable to end its poll, which may wait for another new replica to learn a
+    configuration: simulator seed 822 --nodes 5), the leader tries the next after
+    LEARNER_STALL_ELECTIONS election timeouts, instead of waiting for it for good."""
+    import random
+
+    from zq.core.repl_decisions import LEARNER_STALL_ELECTIONS
+    from zq.core.replication import Replica
+    from zq.sim.disk import SimDisk
+    from tests.test_pass_cost import CONFIG
+
+    disk = SimDisk([0])
+    r = Replica("n1", ["n1"], disk.volatile[0], rng=random.Random(1), now_ms=0, config=CONFIG)
+    now = r.next_timer_ms()
+    r.tick(now)
+    assert r.role == LEADER
+
+    clock = [now]
+
+    def pass_(until: int) -> None:
+        """Passes every heartbeat interval up to `until` (a leader ticked late steps down)."""
+        while True:
+            clock[0] = min(until, clock[0] + CONFIG.heartbeat_interval_ms)
+            r.tick(clock[0])
+            rd = r.ready()
+            disk.write(0, rd)
+            disk.sync()
+            r.advance()
+            r.on_persisted(rd.log_end)
+            r.ready()
+            r.advance()
+            if clock[0] >= until:
+                return
+
+    pass_(now)
+    r.set_target(["n1", "n4", "n5"])
+    pass_(now + 1)
+    assert r.learners == ("n4",)
+    stall = LEARNER_STALL_ELECTIONS * CONFIG.election_timeout_ms
+    pass_(now + stall // 2)
+    assert r.learners == ("n4",), "not before the stall"
+    pass_(now + 2 + stall)
+    assert r.learners == ("n5",), "n4 took nothing: the next one"
+    pass_(now + 3 + 2 * stall)
+    assert r.learners == ("n4",), "and round again"

@@ -11,6 +11,8 @@ from zq.core.repl_types import (
 )
 
 STRANGERS_MAX = 8      # nodes outside the configuration a leader keeps sending to
+# Election timeouts a learner may take to hold the restated configuration before the next is tried.
+LEARNER_STALL_ELECTIONS = 3
 
 
 class Decisions:
@@ -68,27 +70,36 @@ class Decisions:
             self._learner = None  # the target changed under it
         if add:
             if self._learner is None:
-                # Take a learner, and restate the configuration in our epoch. The learner is
-                # promoted only once it holds that entry: so it knows a configuration it can
-                # trust (see "Nodes added again") and votes as soon as it is made a voter, and
-                # what the node acknowledged before counts for nothing (it may have been a
-                # member before and deleted its data since; old acknowledgements stop short of
-                # this entry).
-                self._learner = add[0]
-                self._match[self._learner] = 0
-                self._contact_ms.setdefault(self._learner, self.now_ms)
-                self._append_config(voters)
+                self._take_learner(add[0], voters)
                 return
             held = self._match[self._learner]
             if (held > self._configs[-1][0] and held >= hw
                     and self.log_end - held <= self.config.catch_up_records_max):
                 self._append_config(voters | {self._learner})
                 self._learner = None
+            elif (held <= self._configs[-1][0] and len(add) > 1 and self.now_ms - self._learner_taken_ms
+                  >= LEARNER_STALL_ELECTIONS * self.config.election_timeout_ms):
+                # It has not taken the restated configuration in that long (down, cut off, or
+                # recovering and unable to end its poll, which may wait for another new replica
+                # to learn a configuration: simulator seed 822 --nodes 5): the next one.
+                self._take_learner(add[(add.index(self._learner) + 1) % len(add)], voters)
             return
         remove = sorted(voters - set(target))
         if remove and len(voters) > 1:
             others = [v for v in remove if v != self.node_id]
             self._append_config(voters - {others[0] if others else self.node_id})
+
+    def _take_learner(self, name: str, voters: set[str]) -> None:
+        """Catch `name` up to join, and restate the configuration in our epoch. The learner is
+        promoted only once it holds that entry: so it knows a configuration it can trust (see
+        "Nodes added again") and votes as soon as it is made a voter, and what the node
+        acknowledged before counts for nothing (it may have been a member before and deleted its
+        data since; old acknowledgements stop short of this entry)."""
+        self._learner = name
+        self._learner_taken_ms = self.now_ms
+        self._match[name] = 0
+        self._contact_ms.setdefault(name, self.now_ms)
+        self._append_config(voters)
 
     def maybe_fetch(self) -> None:
         """Follower: ask the leader for what follows our log, unless a Fetch is already out."""

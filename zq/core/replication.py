@@ -338,6 +338,7 @@ class Replica(Handlers, Roles, Decisions, LogKeeping):
         self._match: dict[str, int] = {}          # leader: each peer's acknowledged end
         self._contact_ms: dict[str, int] = {}     # leader: when each peer was last heard
         self._learner: str | None = None          # leader: the one node being caught up to join
+        self._learner_taken_ms = 0                # leader: when it took that learner
         self._transfer: tuple[str, int] | None = None  # leader: (hand-off to, give up at ms)
         self._timeout_now_sent = False
         self._transfer_failed: tuple[str, int] | None = None  # leader: (voter, when) of the last miss
