@@ -441,7 +441,10 @@ def test_bench_suite_verdicts():
     assert [(name, nodes) for name, nodes, _ in tool.suite(10, 10)] == [
         ("produce", 1), ("produce-latency", 1), ("consume", 1), ("e2e", 1), ("e2e-p64", 1),
         ("produce-r3", 3), ("produce-latency-r3", 3), ("e2e-r3", 3), ("group-1", 3), ("group-3", 3),
-        ("first-produce-r3", 3)]
+        ("first-produce-r3", 3), ("e2e-unsynced", 1), ("e2e-r3-unsynced", 3)]
+    # Only the -unsynced rows skip the fsync per write (like for like beside Redis and JetStream).
+    assert {name for name, _, spec in tool.suite(10, 10) if spec.get("durability") != "fsync"} == {
+        "e2e-unsynced", "e2e-r3-unsynced"}
     assert tool.verdict("produce-r3", fast).endswith(": met") and tool.verdict("group-1", slow).endswith("NOT met")
     # Every latency row runs on a warm topic (no election of a new partition's leader is timed).
     assert all(spec.get("warm", 0) > 0 for name, _, spec in tool.suite(10, 10) if name in tool.LATENCY_ROWS)
