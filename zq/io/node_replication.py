@@ -167,8 +167,8 @@ class ReplicationMixin:
             self._high_watermark_moved(part, rd.high_watermark)
 
     def _committed(self, part: _Part, high_watermark: int) -> bool:
-        """The high watermark moved, before the pass's commit (zq.node.replicas): parked fetches
-        and the services hear it now. Not `__meta`'s: applying metadata opens and closes
+        """The high watermark moved, told between the pass's write and its fsync (zq.node.replicas):
+        parked fetches and the services hear it now. Not `__meta`'s: applying metadata opens and closes
         partitions, which waits for the pass's writes (after_durable)."""
         if part.tp == META_TP:
             return False

@@ -106,9 +106,9 @@ class ReplicaEvents(Protocol):
         ...
 
     def committed(self, part: Any, high_watermark: int) -> bool:
-        """The high watermark moved, before the pass's commit (everything below it is durable at
-        a majority): answer what waited for it (parked fetches). False: not now, with the rest of
-        the Ready in `after_durable` once the pass's writes are durable."""
+        """The high watermark moved (everything below it is durable at a majority), told between
+        the pass's write and its fsync: answer what waited for it (parked fetches). False: not
+        now, with the rest of the Ready in `after_durable` once the pass's writes are durable."""
         ...
 
     def after_round(self) -> None:

@@ -120,7 +120,7 @@ def needs_sync(part: Part, rd: Any) -> bool:
 
 
 def acts_early(part: Part, rd: Any) -> bool:
-    """Whether parts of this Ready may act before the pass's commit: it changes neither the
+    """Whether parts of this Ready may act before the pass's fsync: it changes neither the
     replica's role nor anything that must be durable before it acts (a vote, an epoch), and it
     neither truncates nor restarts the log."""
     return (part.replica is not None and rd.role is None and not rd.must_sync and rd.truncate_from is None
