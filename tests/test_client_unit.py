@@ -175,6 +175,11 @@ class FakeNode:
                     return self.error(ident, msg.req_id, "unknown_topic")
                 tid = c.topics.pop(msg.name)["id"]
             self.reply(ident, protocol.OkReply(msg.req_id, {"topic": msg.name, "id": tid}))
+        elif isinstance(msg, protocol.FetchMany):
+            if msg.topic not in c.topics:
+                return self.error(ident, msg.req_id, "unknown_topic")
+            if not self.answer_fetch_many(ident, msg, force=msg.max_wait_ms == 0):
+                self.parked.append((ident, msg, time.monotonic() + msg.max_wait_ms / 1000))
         elif isinstance(msg, (protocol.Produce, protocol.Fetch, protocol.ListOffsets)):
             if msg.topic not in c.topics:
                 return self.error(ident, msg.req_id, "unknown_topic")
@@ -201,19 +206,46 @@ class FakeNode:
         if not self.answer_fetch(ident, msg, force=msg.max_wait_ms == 0):
             self.parked.append((ident, msg, time.monotonic() + msg.max_wait_ms / 1000))
 
-    def answer_fetch(self, ident: bytes, msg: protocol.Fetch, force: bool) -> bool:
-        tp = (msg.topic, msg.partition)
+    def batches_from(self, tp: tuple[str, int], offset: int, max_bytes: int) -> list[bytes]:
         out, size = [], 0
         # As zq.io.store.read: consecutive batches, stopping at the first that does not fit.
         for b in self.cluster.logs[tp]:
-            if zbatch.unpack_header(b).next_offset <= msg.offset:
+            if zbatch.unpack_header(b).next_offset <= offset:
                 continue
-            if out and size + len(b) > msg.max_bytes:
+            if out and size + len(b) > max_bytes:
                 break
             out.append(b)
             size += len(b)
-            if size >= msg.max_bytes:
+            if size >= max_bytes:
                 break
+        return out
+
+    def answer_fetch_many(self, ident: bytes, msg: protocol.FetchMany, force: bool) -> bool:
+        """As zq.node.clients answers a FetchMany: each partition as its own Fetch would be."""
+        c = self.cluster
+        results, errors, out = [], [], []
+        for p, offset in msg.partitions:
+            tp = (msg.topic, p)
+            leader = c.leader(msg.topic, p)
+            if leader != self.name:
+                errors.append([p, "not_leader", "fake not_leader", {"leader": leader, "address": c.node(leader).address}])
+                continue
+            start, end = c.log_start[tp], c.log_end(tp)
+            if not start <= offset <= end:
+                errors.append([p, "offset_out_of_range", "fake offset_out_of_range",
+                               {"log_start": start, "high_watermark": end}])
+                continue
+            got = self.batches_from(tp, offset, msg.max_bytes)
+            results.append([p, end, start, end, len(got)])
+            out += got
+        if not out and not errors and not force:
+            return False
+        self.reply(ident, protocol.FetchManyReply(msg.req_id, results, errors), *out)
+        return True
+
+    def answer_fetch(self, ident: bytes, msg: protocol.Fetch, force: bool) -> bool:
+        tp = (msg.topic, msg.partition)
+        out = self.batches_from(tp, msg.offset, msg.max_bytes)
         if not out and not force:
             return False
         end = self.cluster.log_end(tp)
@@ -224,7 +256,8 @@ class FakeNode:
         now = time.monotonic()
         keep = []
         for ident, msg, deadline in self.parked:
-            if not self.answer_fetch(ident, msg, force=now >= deadline):
+            answer = self.answer_fetch_many if isinstance(msg, protocol.FetchMany) else self.answer_fetch
+            if not answer(ident, msg, force=now >= deadline):
                 keep.append((ident, msg, deadline))
         self.parked = keep
 
@@ -784,6 +817,53 @@ def test_a_small_batch_after_one_that_did_not_fit_is_not_read_first(cluster, cli
     while len(got) < 80 and time.monotonic() < deadline:
         got += consumer.poll(timeout=0.2)
     assert [m.offset for m in got] == list(range(80))
+
+
+def test_a_consumer_asks_a_leader_for_all_its_partitions_in_one_fetch_many(cluster, client):
+    """The four partitions (one leader) are fetched together: one FetchMany naming all four, held
+    by the node until one of them has data; each partition's batches reach it in order."""
+    for p in range(4):
+        fill(cluster, client, p, [b"p%d-%d" % (p, i) for i in range(5)])
+    consumer = client.consumer("t", start="earliest", max_wait_ms=2000)
+    got = []
+    deadline = time.monotonic() + 5
+    while len(got) < 20 and time.monotonic() < deadline:
+        got += consumer.poll(timeout=0.2)
+    assert sorted((m.partition, m.offset) for m in got) == [(p, i) for p in range(4) for i in range(5)]
+    with cluster.lock:
+        many = [m for _, m in cluster.requests if isinstance(m, protocol.FetchMany)]
+    assert any(sorted(p for p, _ in m.partitions) == [0, 1, 2, 3] for m in many), many
+    fill(cluster, client, 2, [b"late"])   # into a parked FetchMany: it wakes, and only partition 2 had data
+    late = []
+    deadline = time.monotonic() + 3
+    while not late and time.monotonic() < deadline:
+        late += consumer.poll(timeout=0.2)
+    assert [(m.partition, m.offset, m.value) for m in late] == [(2, 5, b"late")]
+    consumer.close()
+
+
+def test_a_fetch_many_refusing_one_partition_moves_only_that_partition():
+    """A node that no longer leads one partition of a FetchMany says so for that partition alone
+    (with the leader's address), answering the others; the consumer follows the hint for it."""
+    with FakeCluster(2) as cluster:
+        cluster.create("t", 3, leaders=["n1", "n2", "n1"])
+        cluster.stale_leader[("t", 1)] = "n1"   # metadata still names n1 for partition 1
+        with zq.Client(cluster.nodes[0].address, limits=FAST) as filler:
+            for p in range(3):
+                fill(cluster, filler, p, [b"v%d" % p])
+        with zq.Client(cluster.nodes[0].address, limits=FAST) as client:
+            consumer = client.consumer("t", start=0)   # an offset: no ListOffsets, which would learn the hint first
+            got = []
+            deadline = time.monotonic() + 5
+            while len(got) < 3 and time.monotonic() < deadline:
+                got += consumer.poll(timeout=0.2)
+            assert sorted((m.partition, m.value) for m in got) == [(0, b"v0"), (1, b"v1"), (2, b"v2")]
+            with cluster.lock:
+                asked = [(n, m) for n, m in cluster.requests if isinstance(m, (protocol.Fetch, protocol.FetchMany))]
+            first = next(m for n, m in asked if n == "n1" and isinstance(m, protocol.FetchMany))
+            assert sorted(p for p, _ in first.partitions) == [0, 1, 2]
+            assert any(n == "n2" for n, _ in asked)   # partition 1 went where the hint said
+            consumer.close()
 
 
 def test_a_reply_with_a_gap_between_its_batches_loses_nothing(cluster, client):

@@ -49,7 +49,7 @@ FUZZ_PARTITIONS_MAX = 4               # topics the fuzzer creates stay small
 ONE_WAY = {P.Replicate, P.NodeHeartbeat, G.GroupGossip, G.GroupStateGossip, G.GroupStateAck, MB.Ping, MB.Ack,
            MB.PingReq}
 NOT_SENT = {P.DrainNode}              # stops the node by design: a request of its operator
-LONG_POLLS = {P.Fetch: "max_wait_ms", G.Lease: "max_wait_ms"}
+LONG_POLLS = {P.Fetch: "max_wait_ms", P.FetchMany: "max_wait_ms", G.Lease: "max_wait_ms"}
 
 EDGE_INTS = [-2**100, -2**63 - 1, -2**63, -2**31, -1, 0, 1, 2, 3, 255, 2**16, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
              2**53, 2**53 + 1, 2**62, 2**63 - 1, 2**63, 2**64, 2**100]

@@ -87,6 +87,37 @@ def test_long_poll_fetch_wakes_when_data_arrives(one):
         waiter.close()
 
 
+def test_fetch_many_answers_each_partition_as_its_own_fetch_and_waits_for_any(one):
+    """FetchMany: each partition answered as a Fetch of it alone (its batches, or its error in
+    `errors`), parked while none has data and woken by any one of them; a partition named twice
+    is refused."""
+    node, raw = one
+    raw.create("t", 3)
+    waiter = Raw(node.address)
+    try:
+        for p in range(3):
+            wait_until(lambda p=p: raw.rpc(P.ListOffsets(raw.rid(), "t", p, "latest"))[0].offset == 1, 5, "marker")
+        raw.produce("t", 0, [b"a", b"b"])
+        reply, frames = waiter.rpc(P.FetchMany(waiter.rid(), "t", [[0, 1], [1, 1], [2, 9]], 1 << 20, 5000))
+        assert isinstance(reply, P.FetchManyReply), reply
+        assert reply.results == [[0, 3, 0, 3, 1], [1, 1, 0, 1, 0]] and len(frames) == 1
+        assert [e[:2] for e in reply.errors] == [[2, "offset_out_of_range"]]
+        assert reply.errors[0][3] == {"log_start": 0, "high_watermark": 1}
+        # Nothing anywhere: held until one partition has something, then every partition answered.
+        waiter.send(P.FetchMany(waiter.rid(), "t", [[0, 3], [1, 1], [2, 1]], 1 << 20, 5000))
+        time.sleep(0.2)
+        assert not waiter.sock.poll(0), "a FetchMany with no data anywhere must wait"
+        raw.produce("t", 2, [b"late"])
+        reply, frames = waiter.recv(3)
+        assert reply.results == [[0, 3, 0, 3, 0], [1, 1, 0, 1, 0], [2, 2, 0, 2, 1]] and len(frames) == 1
+        twice = waiter.rpc(P.FetchMany(waiter.rid(), "t", [[0, 1], [0, 2]], 1 << 20, 0))[0]
+        assert twice.code == "invalid_request" and "twice" in twice.message
+        unknown = waiter.rpc(P.FetchMany(waiter.rid(), "t", [[0, 1], [7, 0]], 1 << 20, 0))[0]
+        assert unknown.results == [[0, 3, 0, 3, 1]] and [e[:2] for e in unknown.errors] == [[7, "unknown_partition"]]
+    finally:
+        waiter.close()
+
+
 def test_list_offsets_by_time_and_ends(one):
     node, raw = one
     raw.create("t", 1)

@@ -171,6 +171,34 @@ BUGS["parked fetches past their bound"] = _parked_count_lost
 BUGS["parked fetch never expires"] = lambda mp: mp.setattr(clients.Clients, "_expire", lambda self, parked: None)
 
 
+def _fetch_many_parked_on_its_first_partition(mp) -> None:
+    """A parked FetchMany is woken only by its first partition's high watermark."""
+    right = clients.Clients._park
+
+    def park(self, identity, msg, tps) -> None:
+        right(self, identity, msg, tps[:1])
+    mp.setattr(clients.Clients, "_park", park)
+
+
+def _fetch_many_one_entry_past_the_high_watermark(mp) -> None:
+    """A FetchMany's answer holds, for its partitions, the entry just past the high watermark."""
+    right = clients.Clients._answer_many
+
+    def answer_many(self, msg, refused=None, error=None):
+        leader = clients.Clients.local_leader
+        self.local_leader = lambda topic, partition: (lambda tp, part: (tp, _OneEntryAhead(part)))(
+            *leader(self, topic, partition))
+        try:
+            return right(self, msg, refused, error)
+        finally:
+            del self.local_leader
+    mp.setattr(clients.Clients, "_answer_many", answer_many)
+
+
+BUGS["FetchMany woken only by its first partition"] = _fetch_many_parked_on_its_first_partition
+BUGS["FetchMany answers one entry past the high watermark"] = _fetch_many_one_entry_past_the_high_watermark
+
+
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_simulator_catches_a_bug_in_the_shipped_pass(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
     BUGS[bug](monkeypatch)

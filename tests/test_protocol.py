@@ -25,6 +25,8 @@ def test_every_message_round_trips():
         P.ListOffsets(12, "t", 0, "earliest"), P.ListOffsets(13, "t", 0, 1234), P.OffsetsReply(14, 1, 0, 2),
         P.StatusRequest(15), P.StatusReply(16, {"nodes": []}), P.RegisterNode(17, "n", "h", 1, 2),
         P.LocalStatusRequest(18), P.LocalStatusReply(19, {}, []),
+        P.FetchMany(20, "t", [[0, 5], [3, -1]], 1024, 100),
+        P.FetchManyReply(21, [[0, 9, 0, 9, 2]], [[3, "not_leader", "n2 leads t/3", {"leader": "n2"}]]),
     ]
     for m in samples:
         got, payload = P.decode(P.encode(m, b"x"))
@@ -140,3 +142,13 @@ def test_messages_only_nodes_send_are_marked() -> None:
     for msg in (P.Produce(1, "t", 0, 1, 1, 0, 0, 0, 0), P.Fetch(1, "t", 0, 0, 1, 0, None), P.MetadataRequest(1, None),
                 G.ResetGroup(1, "g", "t", None, None, None, True, False), G.JoinGroup(1, "g", "", ["t"], 1, False)):
         assert not P.from_nodes_only(msg), msg
+
+
+@pytest.mark.parametrize("partitions, words", [
+    ([[0, 1], [10_000, 0]], "item 1 field 0"),                  # a partition past partitions_per_topic_max
+    ([[0]], "item 0 must be a list of 2 fields"),
+    ([[0, 1]] * (P.FETCH_MANY_PARTITIONS_MAX + 1), "at most 1000 items"),
+])
+def test_fetch_many_names_bounded_partitions(partitions, words):
+    with pytest.raises(InvalidRequest, match=words):
+        P.decode(P.encode(P.FetchMany(1, "t", partitions, 1024, 0)))

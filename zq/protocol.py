@@ -323,6 +323,41 @@ class FetchReply:
     BOUNDS = {"req_id": B.REQ_ID, "high_watermark": B.OFFSET, "log_start": B.OFFSET, "log_end": B.OFFSET}
 
 
+FETCH_MANY_PARTITIONS_MAX = 1_000   # partitions one FetchMany names (its header stays far below header_bytes_max)
+_FETCH_OFFSET = B.int_range(-B.OFFSET_MAX - 1, B.OFFSET_MAX)   # below the log start: offset_out_of_range
+
+
+@message(34)
+@dataclass(frozen=True, slots=True)
+class FetchMany:
+    """A client's fetch of several partitions of one topic at one node (Kafka's multi-partition
+    fetch): answered with what any of them holds, or held until one of them has something."""
+    req_id: int
+    topic: str
+    partitions: list      # [[partition, offset], ...], each partition once
+    max_bytes: int        # for the whole reply (each partition answered gets at least one batch while room is left)
+    max_wait_ms: int
+    CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID, "topic": B.TOPIC,
+              "partitions": B.list_of(FETCH_MANY_PARTITIONS_MAX, B.tuple_of(B.PARTITION, _FETCH_OFFSET)),
+              "max_bytes": B.int_range(0, B.SIZE_BYTES_MAX), "max_wait_ms": B.int_range(-1, B.DURATION_MS_MAX)}
+
+
+@message(35)
+@dataclass(frozen=True, slots=True)
+class FetchManyReply:
+    """Stored batches follow as payload frames: those of `results[0]`, then `results[1]`'s, ..."""
+    req_id: int
+    results: list   # [[partition, high_watermark, log_start, log_end, batches], ...]
+    errors: list    # [[partition, code, message, data{}], ...]: what a Fetch of that partition alone gets as ErrorReply
+    CODE: ClassVar[int]
+    BOUNDS = {"req_id": B.REQ_ID,
+              "results": B.list_of(FETCH_MANY_PARTITIONS_MAX, B.tuple_of(B.PARTITION, B.OFFSET, B.OFFSET, B.OFFSET,
+                                                                        B.int_range(0, DEFAULT.frames_per_message_max))),
+              "errors": B.list_of(FETCH_MANY_PARTITIONS_MAX, B.tuple_of(B.PARTITION, B.text(B.NAME_CHARS_MAX),
+                                                                       B.text(DEFAULT.header_bytes_max), B.map_of(64)))}
+
+
 @message(11)
 @dataclass(frozen=True, slots=True)
 class ListOffsets:

@@ -3,8 +3,12 @@
 Theory of operation
 -------------------
 Two threads share the work. The client's I/O thread keeps, for every assigned partition, one
-Fetch outstanding at that partition's leader, from `fetch_offset`; the node holds it up to
-`max_wait_ms` when there is nothing new (long-poll). Each reply's stored batches go, undecoded,
+fetch outstanding at that partition's leader, from `fetch_offset`; the node holds it up to
+`max_wait_ms` when there is nothing new (long-poll). The fetches due in one I/O pass leave
+together, one `FetchMany` per leader (a `Fetch` when only one partition is due): the node answers
+it when any of its partitions has something and splits nothing, and the reply is split here into
+one answer per partition, each handled as its own Fetch's would be. So a consumer of many
+partitions costs its nodes one request per reply, not one per partition. Each reply's stored batches go, undecoded,
 onto the *arrived* queue as one chunk, and the next fetch starts at once from the offset after
 the last batch, so the network stays busy while the application works (a reply is taken only up
 to the first gap between its batches, `contiguous_batches`, so no offset is ever stepped over). The caller's thread
@@ -46,7 +50,7 @@ from zq import protocol
 from zq.client.metadata import time_spec
 from zq.core.client_rules import FetchCursors, FetchOrder, contiguous_batches
 from zq.core.retry import BackoffPolicy
-from zq.errors import CorruptData, InvalidRequest, NotLeader, OffsetOutOfRange, ProtocolError, ZqError
+from zq.errors import CorruptData, InvalidRequest, NotLeader, OffsetOutOfRange, ProtocolError, ZqError, from_wire
 
 if TYPE_CHECKING:
     from zq.client.client import Client
@@ -231,6 +235,8 @@ class Consumer(ReadyQueue):
         self._ready: collections.deque[Message] = collections.deque()  # decoded, not yet handed out
         # I/O thread only.
         self._paused: set[int] = set()  # waiting for prefetch room; under _lock
+        self._outgoing: dict[str, list[tuple[FetchOrder, int]]] = {}   # fetches of this I/O pass, by leader address
+        self._rounds = 0                # FetchMany sent: rotates which partitions come first (fair within max_bytes)
         self._rng = random.Random()     # jitter of fetch retries
         self._backoff = BackoffPolicy(self._backoff_ms, max(self._backoff_ms, self._backoff_ms_max))
         self._conn.submit(lambda: self._io_start(chosen))
@@ -412,16 +418,73 @@ class Consumer(ReadyQueue):
             self._io_send(order, room)
 
     def _io_send(self, order: FetchOrder, room: int) -> None:
+        """Queue `order` for its leader; what this I/O pass queues leaves at its end (`_io_flush`):
+        one FetchMany per leader however many of its partitions are due, or a Fetch for just one."""
         p = order.partition
         address = self._cluster.leader_address(self.topic, p)
         if address is None:
             self._io_retry(order, NotLeader(f"no leader known for {self.topic}/{p}"))
             return
-        max_bytes = max(fetch_bytes_min, min(self.fetch_bytes, room))
-        msg = protocol.Fetch(self._conn.new_req_id(), self.topic, p, order.offset, max_bytes, self.max_wait_ms, None)
-        sent_ms = time.monotonic() * 1000.0
-        self._conn.io_request(address, msg, (), self.max_wait_ms + self._request_timeout_ms,
-                              lambda reply, frames, error: self._io_on_fetch(order, sent_ms, reply, frames, error))
+        if not self._outgoing:
+            self._conn.io_call_later(0, self._io_flush)
+        self._outgoing.setdefault(address, []).append((order, room))
+
+    def _io_flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, {}
+        if self._closed:
+            return
+        timeout_ms = self.max_wait_ms + self._request_timeout_ms
+        for address, queued in outgoing.items():
+            if len(queued) == 1:
+                order, room = queued[0]
+                max_bytes = max(fetch_bytes_min, min(self.fetch_bytes, room))
+                msg = protocol.Fetch(self._conn.new_req_id(), self.topic, order.partition, order.offset, max_bytes,
+                                     self.max_wait_ms, None)
+                sent_ms = time.monotonic() * 1000.0
+                self._conn.io_request(address, msg, (), timeout_ms,
+                                      lambda reply, frames, error, order=order, sent_ms=sent_ms:
+                                      self._io_on_fetch(order, sent_ms, reply, frames, error))
+                continue
+            self._rounds += 1
+            turn = self._rounds % len(queued)
+            queued = queued[turn:] + queued[:turn]   # who comes first gets the reply's bytes first
+            for at in range(0, len(queued), protocol.FETCH_MANY_PARTITIONS_MAX):
+                part = queued[at:at + protocol.FETCH_MANY_PARTITIONS_MAX]
+                orders = [order for order, _ in part]
+                max_bytes = max(fetch_bytes_min, min(self.fetch_bytes, max(room for _, room in part)))
+                msg = protocol.FetchMany(self._conn.new_req_id(), self.topic,
+                                         [[o.partition, o.offset] for o in orders], max_bytes, self.max_wait_ms)
+                sent_ms = time.monotonic() * 1000.0
+                self._conn.io_request(address, msg, (), timeout_ms,
+                                      lambda reply, frames, error, orders=orders, sent_ms=sent_ms:
+                                      self._io_on_fetch_many(orders, sent_ms, reply, frames, error))
+
+    def _io_on_fetch_many(self, orders: list[FetchOrder], sent_ms: float, reply: Any, frames: list,
+                          error: ZqError | None) -> None:
+        """Each partition of a FetchMany is answered as its own Fetch would be: split, then each
+        goes through `_io_on_fetch`."""
+        if error is None and not isinstance(reply, protocol.FetchManyReply):
+            error = ProtocolError(f"expected FetchManyReply, got {type(reply).__name__}")
+        answers: dict[int, tuple[Any, list, ZqError | None]] = {}
+        if error is None:
+            at = 0
+            for p, hw, log_start, log_end, n in reply.results:
+                answers[p] = (protocol.FetchReply(reply.req_id, hw, log_start, log_end), frames[at:at + n], None)
+                at += n
+            for p, code, message, data in reply.errors:
+                answers[p] = (None, [], from_wire(code, message, data))
+            if at != len(frames):
+                error = ProtocolError(f"a FetchManyReply counts {at} batches and carries {len(frames)}")
+                answers = {}
+        # The node answered because some partition had data or an error: an empty answer of another
+        # is then no sign that the node does not hold fetches (see quick_empty_reply_ms).
+        held = error is None and (bool(frames) or bool(reply.errors))
+        for order in orders:
+            answer = answers.get(order.partition)
+            if answer is None:
+                answer = (None, [], error or ProtocolError(
+                    f"a FetchManyReply leaves out partition {order.partition} it was asked for"))
+            self._io_on_fetch(order, sent_ms, *answer, held=held)
 
     def _io_send_later(self, order: FetchOrder) -> None:
         """A timer sends `order` (held in flight meanwhile), unless a seek replaced it."""
@@ -434,7 +497,7 @@ class Consumer(ReadyQueue):
             self._io_send(order, max(room, fetch_bytes_min))
 
     def _io_on_fetch(self, order: FetchOrder, sent_ms: float, reply: Any, frames: list,
-                     error: ZqError | None) -> None:
+                     error: ZqError | None, held: bool = False) -> None:
         with self._lock:
             current = self._cursors.is_current(order.partition, order.generation)
         if self._closed or not current:
@@ -443,7 +506,7 @@ class Consumer(ReadyQueue):
             error = ProtocolError(f"expected FetchReply, got {type(reply).__name__}")
         p = order.partition
         if error is None:
-            self._io_on_fetch_reply(order, sent_ms, reply, frames)
+            self._io_on_fetch_reply(order, sent_ms, reply, frames, held)
         elif isinstance(error, OffsetOutOfRange):
             self._io_reset(order, error)
         elif error.retriable:
@@ -463,7 +526,8 @@ class Consumer(ReadyQueue):
             if stop:
                 self._io_deliver(_Chunk(p, order.generation, [], 0, 0, error=error))
 
-    def _io_on_fetch_reply(self, order: FetchOrder, sent_ms: float, reply: Any, frames: list) -> None:
+    def _io_on_fetch_reply(self, order: FetchOrder, sent_ms: float, reply: Any, frames: list,
+                           held: bool = False) -> None:
         p, offset = order.partition, order.offset
         try:
             spans = [(h.base_offset, h.next_offset) for h in map(zbatch.unpack_header, frames)]
@@ -490,7 +554,7 @@ class Consumer(ReadyQueue):
                 return
         if frames:
             self._io_deliver(_Chunk(p, order.generation, frames, reply.high_watermark, size))
-        if next_offset == offset and time.monotonic() * 1000.0 - sent_ms < quick_empty_reply_ms:
+        if next_offset == offset and not held and time.monotonic() * 1000.0 - sent_ms < quick_empty_reply_ms:
             # Nothing came back, and at once: the node did not hold the fetch, so do not spin on it.
             with self._lock:
                 again = self._cursors.next_fetch(p)

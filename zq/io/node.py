@@ -618,6 +618,7 @@ class Node(LoopMixin, PeersMixin, ReplicationMixin, ClientsMixin, MetaMixin, Dra
     HANDLERS: dict[type, Callable] = {
         P.Produce: ClientsMixin.on_produce,
         P.Fetch: ClientsMixin.on_fetch,
+        P.FetchMany: ClientsMixin.on_fetch_many,
         P.ListOffsets: ClientsMixin.on_list_offsets,
         P.MetadataRequest: MetaMixin.on_metadata,
         P.CreateTopic: MetaMixin.on_create_topic,

@@ -52,8 +52,9 @@ class _NodeClientHost:
             return None
         return f"less than {self.node.config.disk_free_bytes_min // (1024 * 1024)} MiB of disk free"
 
-    def read(self, tp: TopicPartition, offset: int, max_bytes: int, upto: int) -> list[bytes]:
-        return self.node.store.read(tp, offset, max_bytes, upto=upto)
+    def read(self, tp: TopicPartition, offset: int, max_bytes: int, upto: int) -> tuple[list[bytes], int]:
+        values = self.node.store.read(tp, offset, max_bytes, upto=upto)
+        return values, sum(map(len, values))
 
     def offset_for_time(self, tp: TopicPartition, time_ms: int) -> int | None:
         return self.node.store.offset_for_time(tp, time_ms)
@@ -64,7 +65,7 @@ class _NodeClientHost:
     def reply_error(self, identity: bytes, req_id: int, error: ZqError) -> None:
         self.node._send(identity, P.encode(P.error_reply(req_id, error)))
 
-    def reply_fetch(self, identity: bytes, msg: P.FetchReply, values: list[bytes]) -> None:
+    def reply_fetch(self, identity: bytes, msg: P.FetchReply | P.FetchManyReply, values: list[bytes]) -> None:
         frames = P.encode(msg, *values)
         if values:
             self.node._send_fetch_reply(identity, frames, sum(len(v) for v in values))
@@ -149,6 +150,9 @@ class ClientsMixin:
         if msg.topic == META_TOPIC and msg.replica:
             self._heard(msg.replica)
         self.clients.on_fetch(identity, msg)
+
+    def on_fetch_many(self, identity: bytes, msg: P.FetchMany, payload: list[bytes]) -> None:
+        self.clients.on_fetch_many(identity, msg)
 
     def on_list_offsets(self, identity: bytes, msg: P.ListOffsets, payload: list[bytes]) -> None:
         self.clients.on_list_offsets(identity, msg)

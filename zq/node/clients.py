@@ -23,6 +23,15 @@ partition (an earlier one is answered at once with what there is), at most
 most `limits.fetch_wait_ms_max`. A client that leaves its fetch replies unread in this node is
 refused with `Backpressure` (the host says how much it holds: `ClientHost.fetch_backlog`).
 
+FetchMany (Kafka's multi-partition fetch). Several partitions of one topic in one request, each
+answered as a Fetch of it alone would be (its batches below its high watermark, or its error, in
+the reply's `errors`), within one reply's bytes and frames. It is answered at once when any of them
+has data or an error, else parked on all of them and woken when any one's high watermark moves; a
+partition this node stops leading answers the whole request (that partition with where to go).
+"One parked fetch per client and partition" holds across both kinds. A consumer of many
+partitions so asks once per pass of its node, not once per partition: with 64 partitions and one
+message per pass, 64 fetch round trips become one.
+
 Standard library only; the node comes in as `zq.node.host.ClientHost`, the replicas as the pass's
 `zq.node.replicas.ReplicaSet`.
 """
@@ -48,8 +57,8 @@ class Parked:
     """A fetch waiting for data (long-poll)."""
     deadline_ms: int
     identity: bytes
-    msg: P.Fetch
-    tp: Hashable
+    msg: P.Fetch | P.FetchMany
+    tps: tuple           # the partitions it waits on: one for a Fetch
     done: bool = False
 
 
@@ -179,28 +188,60 @@ class Clients:
         host = self.host
         host.counters["fetch_requests"] += 1
         tp, part = self.local_leader(msg.topic, msg.partition)
-        hw = part.high_watermark
-        if msg.offset < part.log_start or msg.offset > hw:
-            raise OffsetOutOfRange(
-                f"offset {msg.offset} is outside the retained range [{part.log_start}, {hw}] of "
-                f"{msg.topic}/{msg.partition}; read from earliest or latest", log_start=part.log_start,
-                high_watermark=hw)
+        self._check_range(msg.topic, msg.partition, msg.offset, part)
         self._check_backlog(identity, f"{msg.topic}/{msg.partition}")
-        earlier = self.parked_by_client.get((identity, tp))
-        if earlier is not None:
-            # One long-poll per client and partition: the earlier one is answered now (with what
-            # there is), so a client cannot park fetches without bound.
-            self._unpark(earlier)
-            self._reply_fetch(earlier.identity, earlier.msg, tp, part)
-        if msg.offset < hw or msg.max_wait_ms <= 0 or self.parked_count >= host.limits.pending_fetches_max:
+        self._answer_earlier(identity, (tp,))
+        if msg.offset < part.high_watermark or not self._may_park(msg.max_wait_ms):
             self._reply_fetch(identity, msg, tp, part)
             return
-        wait_ms = min(msg.max_wait_ms, host.limits.fetch_wait_ms_max)
-        parked = Parked(host.now_ms() + wait_ms, identity, msg, tp)
-        self.parked[tp].append(parked)
-        self.parked_by_client[(identity, tp)] = parked
+        self._park(identity, msg, (tp,))
+
+    def on_fetch_many(self, identity: bytes, msg: P.FetchMany) -> None:
+        """Several partitions of one topic at once: each is answered as a Fetch of it alone would
+        be (its batches, or its error), in one reply; held while none of them has anything to give."""
+        host = self.host
+        host.counters["fetch_requests"] += 1
+        if msg.topic == META_TOPIC:
+            raise InvalidRequest(f"{META_TOPIC} is read with Fetch, one partition")
+        if len({p for p, _ in msg.partitions}) != len(msg.partitions):
+            raise InvalidRequest("FetchMany names a partition twice; name each once")
+        self._check_backlog(identity, msg.topic)
+        reply, values, tps = self._answer_many(msg)
+        self._answer_earlier(identity, tps)
+        if values or reply.errors or not msg.partitions or not self._may_park(msg.max_wait_ms):
+            self._send_many(identity, reply, values)
+        else:
+            self._park(identity, msg, tuple(tps))
+
+    @staticmethod
+    def _check_range(topic: str, partition: int, offset: int, part: Part) -> None:
+        hw = part.high_watermark
+        if offset < part.log_start or offset > hw:
+            raise OffsetOutOfRange(
+                f"offset {offset} is outside the retained range [{part.log_start}, {hw}] of "
+                f"{topic}/{partition}; read from earliest or latest", log_start=part.log_start,
+                high_watermark=hw)
+
+    def _may_park(self, max_wait_ms: int) -> bool:
+        return max_wait_ms > 0 and self.parked_count < self.host.limits.pending_fetches_max
+
+    def _answer_earlier(self, identity: bytes, tps) -> None:
+        """One long-poll per client and partition: an earlier one of this client waiting on any of
+        `tps` is answered now (with what there is), so a client cannot park fetches without bound."""
+        for tp in tps:
+            earlier = self.parked_by_client.get((identity, tp))
+            if earlier is not None:
+                self._unpark(earlier)
+                self._reply_parked(earlier)
+
+    def _park(self, identity: bytes, msg: P.Fetch | P.FetchMany, tps: tuple) -> None:
+        wait_ms = min(msg.max_wait_ms, self.host.limits.fetch_wait_ms_max)
+        parked = Parked(self.host.now_ms() + wait_ms, identity, msg, tps)
+        for tp in tps:
+            self.parked[tp].append(parked)
+            self.parked_by_client[(identity, tp)] = parked
         self.parked_count += 1
-        host.at(parked.deadline_ms, lambda: self._expire(parked))
+        self.host.at(parked.deadline_ms, lambda: self._expire(parked))
 
     def _check_backlog(self, identity: bytes, what: str) -> None:
         """A client whose earlier fetch replies still wait in this node to be written (it does not
@@ -220,20 +261,77 @@ class Clients:
         lim = self.host.limits
         if msg.offset < hw:
             max_bytes = max(1, min(msg.max_bytes, lim.fetch_bytes_max))
-            values = self.host.read(tp, msg.offset, max_bytes, hw)
+            values = self.host.read(tp, msg.offset, max_bytes, hw)[0]
             del values[lim.frames_per_message_max - 2:]   # a reply must stay decodable
         self.host.counters["fetched_batches"] += len(values)
         self.host.reply_fetch(identity, P.FetchReply(msg.req_id, hw, part.log_start, part.log_end), values)
 
+    def _answer_many(self, msg: P.FetchMany, refused: Hashable = None,
+                     error: ZqError | None = None) -> tuple[P.FetchManyReply, list, list]:
+        """A FetchMany's answer as things stand: for each partition, what a Fetch of it alone would
+        get now (its batches below the high watermark, or its error; `error` for the partition
+        `refused`), within one reply's bytes and frames; and the partitions answered without error.
+        Partitions past the budget get no batches (and are fetched again): each partition answered
+        gets at least one batch while room is left."""
+        lim = self.host.limits
+        budget = max(1, min(msg.max_bytes, lim.fetch_bytes_max))
+        frames_left = lim.frames_per_message_max - 2   # a reply must stay decodable
+        results, errors, values, tps = [], [], [], []
+        read, topic = self.host.read, msg.topic
+        for partition, offset in msg.partitions:
+            try:
+                if refused is not None and self.host.resolve(topic, partition) == refused:
+                    raise error or self.not_leader(self.host.leader_of(refused)[0], f"{topic}/{partition}")
+                tp, part = self.local_leader(topic, partition)
+                hw = part.high_watermark
+                if offset < part.log_start or offset > hw:
+                    self._check_range(topic, partition, offset, part)
+            except ZqError as e:
+                errors.append([partition, e.code, e.message, P.error_reply(0, e).data])
+                continue
+            tps.append(tp)
+            n = 0
+            if offset < hw and budget > 0 and frames_left > 0:
+                got, size = read(tp, offset, budget, hw)
+                del got[frames_left:]
+                budget -= size
+                n = len(got)
+                frames_left -= n
+                values += got
+            results.append([partition, hw, part.log_start, part.log_end, n])
+        return P.FetchManyReply(msg.req_id, results, errors), values, tps
+
+    def _send_many(self, identity: bytes, reply: P.FetchManyReply, values: list) -> None:
+        self.host.counters["fetched_batches"] += len(values)
+        self.host.reply_fetch(identity, reply, values)
+
+    def _reply_parked(self, parked: Parked, refused: Hashable = None, error: ZqError | None = None) -> None:
+        """Answer a fetch taken off the parked ones (by `_unpark`)."""
+        msg = parked.msg
+        if type(msg) is P.FetchMany:
+            reply, values, _ = self._answer_many(msg, refused, error)
+            self._send_many(parked.identity, reply, values)
+            return
+        tp = parked.tps[0]
+        part = self.replicas.parts.get(tp)
+        if tp == refused:
+            why = error or self.not_leader(self.host.leader_of(tp)[0], f"{msg.topic}/{msg.partition}")
+            self.host.reply_error(parked.identity, msg.req_id, why)
+        elif part is not None:
+            self._reply_fetch(parked.identity, msg, tp, part)
+
     def _unpark(self, parked: Parked) -> None:
         parked.done = True
         self.parked_count -= 1
-        key = (parked.identity, parked.tp)
-        if self.parked_by_client.get(key) is parked:
-            del self.parked_by_client[key]
-        waiting = self.parked.get(parked.tp)
-        if waiting is not None and parked in waiting:
-            waiting.remove(parked)
+        for tp in parked.tps:
+            key = (parked.identity, tp)
+            if self.parked_by_client.get(key) is parked:
+                del self.parked_by_client[key]
+            waiting = self.parked.get(tp)
+            if waiting is not None and parked in waiting:
+                waiting.remove(parked)
+                if not waiting:
+                    del self.parked[tp]
 
     def on_high_watermark(self, tp: Hashable, high_watermark: int) -> None:
         """The high watermark of `tp` moved, durably (the host calls this after the pass): its
@@ -241,31 +339,25 @@ class Clients:
         waiting = self.parked.pop(tp, None)
         if not waiting:
             return
-        part = self.replicas.parts.get(tp)
         for parked in waiting:
-            if parked.done:
-                continue
-            self._unpark(parked)
-            if part is not None:
-                self._reply_fetch(parked.identity, parked.msg, tp, part)
+            if not parked.done:
+                self._unpark(parked)
+                self._reply_parked(parked)
 
     def refuse_parked(self, tp: Hashable, error: ZqError | None = None) -> None:
         """This node stopped leading `tp` (or holds it no more): waiting fetches learn where to go
-        instead, or `error`."""
+        instead, or `error` (a FetchMany: for that partition, the others answered as they stand)."""
         waiting = self.parked.pop(tp, None)
         for parked in waiting or ():
             if not parked.done:
                 self._unpark(parked)
-                why = error or self.not_leader(self.host.leader_of(tp)[0], f"{parked.msg.topic}/{parked.msg.partition}")
-                self.host.reply_error(parked.identity, parked.msg.req_id, why)
+                self._reply_parked(parked, tp, error)
 
     def _expire(self, parked: Parked) -> None:
         if parked.done:
             return
         self._unpark(parked)
-        part = self.replicas.parts.get(parked.tp)
-        if part is not None:
-            self._reply_fetch(parked.identity, parked.msg, parked.tp, part)
+        self._reply_parked(parked)
 
     # ---------------------------------------------------------------- list offsets
 

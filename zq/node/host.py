@@ -162,9 +162,9 @@ class ClientHost(Protocol):
         ...
 
     # ---- reading stored batches
-    def read(self, tp: Hashable, offset: int, max_bytes: int, upto: int) -> list:
+    def read(self, tp: Hashable, offset: int, max_bytes: int, upto: int) -> tuple[list, int]:
         """Stored batches from the one holding `offset` on, at most `max_bytes` (at least one if any),
-        none whose base offset is at or above `upto`."""
+        none whose base offset is at or above `upto`; and their size in bytes."""
         ...
 
     def offset_for_time(self, tp: Hashable, time_ms: int) -> int | None: ...
@@ -176,7 +176,7 @@ class ClientHost(Protocol):
     def reply_error(self, identity: bytes, req_id: int, error: Any) -> None: ...
 
     def reply_fetch(self, identity: bytes, msg: Any, values: list) -> None:
-        """A FetchReply with the stored batches `values` as its payload; the host holds them
+        """A FetchReply or FetchManyReply with the stored batches `values` as its payload; the host holds them
         against the client until they are written out (see `fetch_backlog`)."""
         ...
 

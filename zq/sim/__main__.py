@@ -38,7 +38,7 @@ def run_one(seed: int, nodes: int, steps: int, verbose: bool) -> int:
 def run_many(count: int, start: int, nodes: int, steps: int, verbose: bool) -> int:
     print(f"seeds {start}..{start + count - 1}, nodes={nodes}, steps={steps}")
     converged: list[int] = []
-    totals = ("steps", "acks", "leader_acks", "reads", "fetches", "parked", "parked_woken", "elections", "crashes", "pauses", "cuts", "peers_lost",
+    totals = ("steps", "acks", "leader_acks", "reads", "fetches", "fetches_many", "parked", "parked_woken", "elections", "crashes", "pauses", "cuts", "peers_lost",
               "reassignments", "reassigned", "config_changes", "removals", "drains",
               "transfers", "handoffs", "retained", "start_ats", "start_ats_moved",
               "retention_duplicates", "false_deaths", "operator_moves", "operator_false_moves",

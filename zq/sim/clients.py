@@ -8,7 +8,9 @@ disk short, the batch check, append times, the outcome and the error a client se
 once the pass made the commit durable) and its fetch rules (range checks against the log start
 and the high watermark, parked fetches woken when the high watermark moves, refused when the node
 stops leading, one per client and partition, answered when their wait runs out) are the ones
-simulated; an acknowledgement is a `ProduceReply`, a read is a batch in a `FetchReply`. Two checks
+simulated; an acknowledgement is a `ProduceReply`, a read is a batch in a `FetchReply` (or, for the
+consumer that reads every partition in half the seeds, a `FetchManyReply`, each partition checked
+alone). Two checks
 judge the fetch side: no fetch answer holds an entry at or above the high watermark of the
 replica answering (`SimClientHost.reply_fetch`), and a fetch the room holds is answered once a
 high watermark its node reported passes its offset (`check_parked`, after every pass) and by
@@ -30,7 +32,7 @@ from zq.sim.checks import Ack, Violation, records
 from zq.sim.settings import CLOCK_MARGIN_MS, WALL_BASE_MS
 from zq.sim.simnode import SimNode
 from zq.sim.workload import (BATCH_RECORDS_MAX, FETCH_WAITS_MS, REQUEST_TIMEOUT_MS, RETRY_BACKOFF_MS, THINK_MS_MAX,
-                             Producer, Reader)
+                             ManyReader, Producer, Reader)
 
 
 class ClientsMixin:
@@ -42,13 +44,15 @@ class ClientsMixin:
         it raises is the answer. Then the node's pass."""
         msg, payload = P.decode(P.encode(msg, *payload), DEFAULT)
         room = node.clients
-        fetch = type(msg) is P.Fetch
+        fetch = type(msg) in (P.Fetch, P.FetchMany)
         if fetch:
-            self.open_fetches[node.name][(identity, msg.req_id)] = (node.incarnation, msg.partition, msg.offset,
-                                                                     self.now + msg.max_wait_ms)
+            spans = tuple(map(tuple, msg.partitions)) if type(msg) is P.FetchMany else ((msg.partition, msg.offset),)
+            self.open_fetches[node.name][(identity, msg.req_id)] = (node.incarnation, spans, self.now + msg.max_wait_ms)
         try:
-            if fetch:
+            if type(msg) is P.Fetch:
                 room.on_fetch(identity, msg)
+            elif fetch:
+                room.on_fetch_many(identity, msg)
             else:
                 self.produce(node, identity, msg, payload)
         except ZqError as e:
@@ -106,21 +110,23 @@ class ClientsMixin:
         if parked > self.client_limits.pending_fetches_max:
             raise Violation("a node holds more parked fetches than its bound",
                             f"{node.name}: {parked} > {self.client_limits.pending_fetches_max}")
-        for (identity, req_id), (incarnation, p, offset, _deadline) in self.open_fetches[node.name].items():
-            hw = self.checker.hw.get((node.name, p), 0)
-            if incarnation == node.incarnation and hw > offset:
-                raise Violation("a parked fetch was not answered when the high watermark passed it",
-                                f"{node.name} p{p}: fetch {identity!r}/{req_id} at offset {offset}, high watermark {hw}")
+        for (identity, req_id), (incarnation, spans, _deadline) in self.open_fetches[node.name].items():
+            for p, offset in spans:
+                hw = self.checker.hw.get((node.name, p), 0)
+                if incarnation == node.incarnation and hw > offset:
+                    raise Violation("a parked fetch was not answered when the high watermark passed it",
+                                    f"{node.name} p{p}: fetch {identity!r}/{req_id} at offset {offset}, "
+                                    f"high watermark {hw}")
 
     def ev_fetch_deadline(self, name: str, incarnation: int, identity: bytes, req_id: int) -> None:
         """A parked fetch's wait ran out: the node answered it (unless it stopped or runs no more)."""
         node = self.nodes[name]
         held = self.open_fetches[name].get((identity, req_id))
         # (A duplicate of the request, delivered later, may hold the same key with a later deadline.)
-        if (held is not None and held[3] < self.now and node.alive and not node.paused
+        if (held is not None and held[2] < self.now and node.alive and not node.paused
                 and node.incarnation == incarnation == held[0]):
             raise Violation("a parked fetch was not answered within its max wait",
-                            f"{name} p{held[1]}: fetch {identity!r}/{req_id} at offset {held[2]}, due at t={held[3]}")
+                            f"{name} {held[1]} (partition, offset): fetch {identity!r}/{req_id}, due at t={held[2]}")
 
     def ev_node_timer(self, name: str, incarnation: int, fn) -> None:
         """A timer the node's client room set (a parked fetch's wait)."""
@@ -137,6 +143,8 @@ class ClientsMixin:
         client = self.clients_by_identity[identity]
         if isinstance(client, Producer):
             self.on_produce_answer(client, msg)
+        elif isinstance(client, ManyReader):
+            self.on_fetch_many_answer(client, sender, msg, values)
         else:
             self.on_fetch_answer(client, sender, msg, values)
 
@@ -196,6 +204,12 @@ class ClientsMixin:
             return
         client = self.readers[reader]
         wait_ms = self.rng.choice(FETCH_WAITS_MS)
+        if isinstance(client, ManyReader):
+            for target, msg in client.fetches(wait_ms):
+                for t in self.net.client_deliveries(self.now):
+                    self.at(t, "request", target, client.identity, msg, [])
+                self.at(self.now + wait_ms + REQUEST_TIMEOUT_MS, "fetch_timeout", reader, msg.req_id)
+            return
         msg = client.fetch(wait_ms)
         for t in self.net.client_deliveries(self.now):
             self.at(t, "request", client.target, client.identity, msg, [])
@@ -203,10 +217,57 @@ class ClientsMixin:
 
     def ev_fetch_timeout(self, reader: int, req_id: int) -> None:
         client = self.readers[reader]
+        if isinstance(client, ManyReader):
+            partitions = client.in_flight.pop(req_id, None)
+            if self.phase == "safety" and partitions is not None:
+                for p in partitions:
+                    client.targets[p] = self.rng.choice(self.targets[p])   # as metadata names them
+                self.many_read_again(client)
+            return
         if self.phase == "safety" and client.req_id == req_id:
             client.req_id = 0
             client.target = self.rng.choice(self.targets[client.partition])   # as metadata names them
             self.at(self.now, "read", client.partition, reader)
+
+    def many_read_again(self, client: ManyReader) -> None:
+        """A ManyReader asks again once every request of its round is answered or timed out."""
+        if not client.in_flight and self.phase == "safety":
+            self.at(self.now + self.rng.randint(5, 40), "read", 0, client.index)
+
+    def on_fetch_many_answer(self, client: ManyReader, sender: str, msg: object, values: list) -> None:
+        """Each partition of a FetchMany is answered as a Fetch of it alone: batches (each checked
+        as committed), or its own error to act on; an error for the whole request re-aims them all."""
+        partitions = client.in_flight.pop(msg.req_id, None)
+        if partitions is None:
+            return   # timed out already, or a duplicate
+        if type(msg) is P.FetchManyReply:
+            self.result.fetches += 1
+            self.result.fetches_many += 1
+            at = 0
+            for p, _hw, _log_start, _log_end, n in msg.results:
+                if p not in partitions:
+                    raise Violation("a FetchMany answer names a partition not asked for", f"{sender}: p{p}")
+                for e in values[at:at + n]:
+                    if e.end_offset > client.positions[p]:
+                        self.checker.on_read(sender, p, e)
+                        client.positions[p] = e.end_offset
+                at += n
+            for p, code, message, data in msg.errors:
+                self.aim(client, p, from_wire(code, message, data))
+        else:
+            error = from_wire(msg.code, msg.message, msg.data)
+            for p in partitions:
+                self.aim(client, p, error)
+        self.many_read_again(client)
+
+    def aim(self, client: ManyReader, p: int, error: ZqError) -> None:
+        if isinstance(error, NotLeader) and error.leader in self.nodes:
+            client.targets[p] = error.leader
+        elif (isinstance(error, OffsetOutOfRange) and error.log_start is not None
+              and client.positions[p] < error.log_start):
+            client.positions[p] = error.log_start   # retention deleted what it had not read
+        else:
+            client.targets[p] = self.rng.choice(self.targets[p])   # as metadata names them
 
     def on_fetch_answer(self, client: Reader, sender: str, msg: object, values: list) -> None:
         if msg.req_id != client.req_id:

@@ -130,7 +130,7 @@ from zq.sim.network import NetworkFaults, SimNetwork
 from zq.sim.settings import (CLOCK_MARGIN_MS, PAUSED_INBOX_MAX, REPLICATION_FACTOR, Result, SIM_CONFIG,
                              SIM_MEMBERSHIP, Settings, WALL_BASE_MS)
 from zq.sim.simnode import CrashedInSync, SimClientHost, SimNode, SimReplicaEvents, SimStorage
-from zq.sim.workload import LEADER_ACKS_SHARE, Producer, Reader
+from zq.sim.workload import LEADER_ACKS_SHARE, ManyReader, Producer, Reader
 from zq.sim.world import EventHeap
 
 
@@ -200,12 +200,16 @@ class Sim(FaultsMixin, ClientsMixin):
         # that the path past the bound runs too.
         self.client_limits = (DEFAULT if random.Random(f"limits/{seed}").random() < 0.5
                               else dataclasses.replace(DEFAULT, pending_fetches_max=1))
-        self.readers = [Reader(i, i % s.partitions, self.replica_sets[i % s.partitions][0]) for i in range(s.readers)]
-        self.clients_by_identity: dict[bytes, Producer | Reader] = {
+        self.readers: list[Reader | ManyReader] = [
+            Reader(i, i % s.partitions, self.replica_sets[i % s.partitions][0]) for i in range(s.readers)]
+        if self.readers and random.Random(f"many/{seed}").random() < 0.5:
+            # Half the seeds: the first consumer reads every partition with FetchMany (zq's Consumer does).
+            self.readers[0] = ManyReader(0, {p: self.replica_sets[p][0] for p in range(s.partitions)})
+        self.clients_by_identity: dict[bytes, Producer | Reader | ManyReader] = {
             c.identity: c for c in [*self.producers.values(), *self.readers]}
-        # Per node, the fetches it holds unanswered: (identity, req_id) -> (incarnation, partition,
-        # offset, true time its wait runs out). See check_parked.
-        self.open_fetches: dict[str, dict[tuple[bytes, int], tuple[int, int, int, int]]] = {n: {} for n in names}
+        # Per node, the fetches it holds unanswered: (identity, req_id) -> (incarnation, ((partition,
+        # offset), ...), true time its wait runs out). See check_parked.
+        self.open_fetches: dict[str, dict[tuple[bytes, int], tuple[int, tuple, int]]] = {n: {} for n in names}
         self.parked_now: set[tuple[str, bytes, int]] = set()   # of those, the ones the room parked (counted)
 
     # ---------------------------------------------------------------- scheduling

@@ -149,6 +149,7 @@ class Result:
     fetches: int = 0                 # fetch answers consumers got (FetchReply) from a node's client room
     parked: int = 0                  # of the fetches, those the room held (long-poll) past their request
     parked_woken: int = 0            # ... and answered with data (the high watermark moved)
+    fetches_many: int = 0            # of the fetch answers, FetchManyReply (several partitions at once)
     elections: int = 0
     crashes: int = 0
     crashes_in_sync: int = 0         # of those, inside a pass's fsync (after a leader's Appends left early)

@@ -187,14 +187,14 @@ class SimClientHost:
     def storage_full(self) -> str | None:
         return "too little disk free" if self.node.disk_low else None
 
-    def read(self, tp: int, offset: int, max_bytes: int, upto: int) -> list:
+    def read(self, tp: int, offset: int, max_bytes: int, upto: int) -> tuple[list, int]:
         out = []
         if offset < upto:
             for e in self.node.disk.volatile[tp].read(offset, max_bytes):
                 if e.base_offset >= upto:
                     break
                 out.append(e)
-        return out
+        return out, sum(len(e.payload) for e in out)
 
     def offset_for_time(self, tp: int, time_ms: int) -> int | None:
         return None
@@ -207,16 +207,28 @@ class SimClientHost:
     def reply_error(self, identity: bytes, req_id: int, error: Any) -> None:
         self.sim.client_reply(self.node, identity, P.error_reply(req_id, error), [])
 
-    def reply_fetch(self, identity: bytes, msg: P.FetchReply, values: list) -> None:
-        node, p = self.node, self.sim.reader_partition(identity)
+    def reply_fetch(self, identity: bytes, msg: P.FetchReply | P.FetchManyReply, values: list) -> None:
+        if type(msg) is P.FetchManyReply:
+            at = 0
+            for p, high_watermark, _, _, n in msg.results:
+                self._check_below_hw(p, high_watermark, values[at:at + n])
+                at += n
+            if at != len(values):
+                raise Violation("a FetchMany answer's batches do not match its results",
+                                f"{self.node.name}: {len(values)} batches, the results count {at}")
+        else:
+            self._check_below_hw(self.sim.reader_partition(identity), msg.high_watermark, values)
+        self.sim.client_reply(self.node, identity, msg, values)
+
+    def _check_below_hw(self, p: int | None, said: int, values: list) -> None:
+        node = self.node
         r = node.replicas.get(p) if p is not None else None
         hw = r.high_watermark if r is not None else 0
         for e in values:
-            if e.end_offset > min(hw, msg.high_watermark):
+            if e.end_offset > min(hw, said):
                 raise Violation("a fetch answer holds entries at or above the high watermark",
                                 f"{node.name} p{p} answers [{e.base_offset}, {e.end_offset}) with its high "
-                                f"watermark at {hw} (the answer says {msg.high_watermark})")
-        self.sim.client_reply(node, identity, msg, values)
+                                f"watermark at {hw} (the answer says {said})")
 
     def fetch_backlog(self, identity: bytes) -> tuple[int, int, int]:
         return 0, 0, 0   # simulated consumers read every reply at once

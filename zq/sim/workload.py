@@ -2,7 +2,10 @@
 record batch) to the leader it believes in, retries on timeouts and on retriable errors
 (NotLeader, going where it names, Backpressure, ...), and reports every `ProduceReply` as an
 acknowledgement. Consumers (`Reader`): each fetches one partition from its position with a
-real `Fetch`, at most one in flight, long-polling at the end of the log.
+real `Fetch`, at most one in flight, long-polling at the end of the log. In half the seeds the
+first consumer is a `ManyReader` instead: it reads every partition, with one real `FetchMany` per
+node it believes leads some of them (as zq's Consumer does), each partition answered or refused
+within the reply.
 
 An idempotent producer retries with the same (producer_id, base_sequence), so a retry after a
 leader change must not be written twice; a plain producer may duplicate on retry (at least once).
@@ -95,3 +98,28 @@ class Reader:
         self.sent += 1
         self.req_id = self.sent
         return P.Fetch(self.req_id, SIM_TOPIC, self.partition, self.position, FETCH_BYTES, max_wait_ms, None)
+
+
+class ManyReader:
+    """A consumer of every partition that asks each node it believes leads some of them with one
+    FetchMany: its positions, its belief of each partition's leader, the requests in flight."""
+
+    def __init__(self, index: int, targets: dict[int, str]) -> None:
+        self.index = index
+        self.identity = f"r{index}".encode()
+        self.positions = {p: 0 for p in targets}
+        self.targets = dict(targets)
+        self.in_flight: dict[int, list[int]] = {}   # req_id -> the partitions it asks for
+        self.sent = 0
+
+    def fetches(self, max_wait_ms: int) -> list[tuple[str, P.FetchMany]]:
+        """One FetchMany per node named as a leader, each with the partitions named for it."""
+        by_node: dict[str, list[list[int]]] = {}
+        for p in sorted(self.positions):
+            by_node.setdefault(self.targets[p], []).append([p, self.positions[p]])
+        out = []
+        for node, spans in sorted(by_node.items()):
+            self.sent += 1
+            self.in_flight[self.sent] = [p for p, _ in spans]
+            out.append((node, P.FetchMany(self.sent, SIM_TOPIC, spans, FETCH_BYTES, max_wait_ms)))
+        return out
