@@ -8,7 +8,7 @@
 One node (LocalCluster), a topic of --partitions; a producer process sends one record per
 request (linger 0) at 2,000 msg/s, and this process consumes. Printed per round: produce ->
 acknowledgement and produce -> consumed percentiles, and the node process's CPU (user + system,
-from /proc) over a 4 s window in the steady middle of the run, as a share of one core: a node
+from /proc) over the middle half of the run, as a share of one core: a node
 near 100 % of a core queues, and its latency grows with whatever else the machine runs.
 
 --tracked-send: the CPU cost of one ROUTER send of a small fetch reply, copied vs tracked
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TS = struct.Struct(">Q")
 RATE = 2000
-WINDOW_S = 4.0
+WINDOW_SHARE = 0.5   # of the paced run, in its middle, over which the node's CPU is sampled
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -78,11 +78,12 @@ def e2e_round(partitions: int, messages: int) -> None:
             proc.start()
             window: list[int] = []
             hz = os.sysconf("SC_CLK_TCK")
+            window_s = messages / RATE * WINDOW_SHARE
 
             def sample() -> None:
-                time.sleep(messages / RATE / 2 - WINDOW_S / 2 + 1.0)   # the middle of the run
+                time.sleep(messages / RATE / 2 - window_s / 2 + 1.0)   # the middle of the run
                 a = _cpu_ticks(pid)
-                time.sleep(WINDOW_S)
+                time.sleep(window_s)
                 window.append(_cpu_ticks(pid) - a)
 
             sampler = threading.Thread(target=sample, daemon=True)
@@ -99,7 +100,8 @@ def e2e_round(partitions: int, messages: int) -> None:
             proc.join(10)
             sampler.join(10)
             consumer.close()
-    cpu = f"{100.0 * window[0] / hz / WINDOW_S:.0f} % of a core" if window else "not sampled (run too short)"
+    cpu = (f"{100.0 * window[0] / hz / window_s:.0f} % of a core, {1e6 * window[0] / hz / (window_s * RATE):.0f} us "
+           "per message" if window else "not sampled (run too short)")
     print(f"partitions {partitions}: produce->ack p50 {_pct(acks, .5):.2f} p99 {_pct(acks, .99):.2f} ms; "
           f"e2e p50 {_pct(e2e, .5):.2f} p99 {_pct(e2e, .99):.2f} ms ({len(e2e)} of {messages}); node CPU {cpu}")
 
