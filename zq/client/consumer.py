@@ -496,23 +496,14 @@ class Consumer(ReadyQueue):
 
     def _io_again(self, orders: list[FetchOrder]) -> None:
         """Fetches answered with nothing new (and not at once): each is asked again from the same
-        offset, as `_io_on_fetch_reply` then `_io_fetch` would, under one hold of the lock."""
-        again = []
+        offset, as `_io_on_fetch_reply` would, their cursors moved under one hold of the lock."""
         with self._lock:
             if self._closed:
                 return
-            room = self.prefetch_bytes - self._prefetched_bytes
-            for order in orders:
-                if not self._cursors.on_fetch_reply(order, order.offset):
-                    continue   # a seek came after it was sent
-                if room <= 0:
-                    self._paused.add(order.partition)
-                    continue
-                nxt = self._cursors.next_fetch(order.partition)
-                if nxt is not None:
-                    again.append(nxt)
-        for order in again:
-            self._io_send(order, room)
+            # A seek that came after an order was sent makes its reply stale (False): not again.
+            again = [order.partition for order in orders if self._cursors.on_fetch_reply(order, order.offset)]
+        for p in again:
+            self._io_fetch(p)
 
     def _io_send_later(self, order: FetchOrder) -> None:
         """A timer sends `order` (held in flight meanwhile), unless a seek replaced it."""

@@ -281,11 +281,10 @@ class Clients:
         for partition, offset in msg.partitions:
             try:
                 if refused is not None and self.host.resolve(topic, partition) == refused:
-                    raise error or self.not_leader(self.host.leader_of(refused)[0], f"{topic}/{partition}")
+                    raise self._refusal(refused, f"{topic}/{partition}", error)
                 tp, part = self.local_leader(topic, partition)
+                self._check_range(topic, partition, offset, part)
                 hw = part.high_watermark
-                if offset < part.log_start or offset > hw:
-                    self._check_range(topic, partition, offset, part)
             except ZqError as e:
                 errors.append([partition, e.code, e.message, P.error_reply(0, e).data])
                 continue
@@ -315,10 +314,13 @@ class Clients:
         tp = parked.tps[0]
         part = self.replicas.parts.get(tp)
         if tp == refused:
-            why = error or self.not_leader(self.host.leader_of(tp)[0], f"{msg.topic}/{msg.partition}")
-            self.host.reply_error(parked.identity, msg.req_id, why)
+            self.host.reply_error(parked.identity, msg.req_id, self._refusal(tp, f"{msg.topic}/{msg.partition}", error))
         elif part is not None:
             self._reply_fetch(parked.identity, msg, tp, part)
+
+    def _refusal(self, tp: Hashable, what: str, error: ZqError | None) -> ZqError:
+        """What a parked fetch of `tp` learns when this node stops leading it: `error`, else where to go."""
+        return error or self.not_leader(self.host.leader_of(tp)[0], what)
 
     def _unpark(self, parked: Parked) -> None:
         parked.done = True

@@ -247,27 +247,35 @@ class ClientsMixin:
             for p, _hw, _log_start, _log_end, n in msg.results:
                 if p not in partitions:
                     raise Violation("a FetchMany answer names a partition not asked for", f"{sender}: p{p}")
-                for e in values[at:at + n]:
-                    if e.end_offset > client.positions[p]:
-                        self.checker.on_read(sender, p, e)
-                        client.positions[p] = e.end_offset
+                client.positions[p] = self.take_read(sender, p, client.positions[p], values[at:at + n])
                 at += n
-            for p, code, message, data in msg.errors:
-                self.aim(client, p, from_wire(code, message, data))
+            errors = [(p, from_wire(code, message, data)) for p, code, message, data in msg.errors]
         else:
             error = from_wire(msg.code, msg.message, msg.data)
-            for p in partitions:
-                self.aim(client, p, error)
+            errors = [(p, error) for p in partitions]
+        for p, error in errors:
+            target, client.positions[p] = self.after_fetch_error(p, client.positions[p], error)
+            client.targets[p] = target or client.targets[p]
         self.many_read_again(client)
 
-    def aim(self, client: ManyReader, p: int, error: ZqError) -> None:
+    def take_read(self, sender: str, p: int, position: int, entries: list) -> int:
+        """A consumer at `position` of partition `p` reads `entries` from `sender`: each past its
+        position is checked as committed. Returns its position after them."""
+        for e in entries:
+            if e.end_offset > position:
+                self.checker.on_read(sender, p, e)
+                position = e.end_offset
+        return position
+
+    def after_fetch_error(self, p: int, position: int, error: ZqError) -> tuple[str | None, int]:
+        """Where a consumer of partition `p` asks next (None: where it asked) and from which
+        position, after `error`: the leader a NotLeader names, the log start past what retention
+        deleted, else a node metadata names for it."""
         if isinstance(error, NotLeader) and error.leader in self.nodes:
-            client.targets[p] = error.leader
-        elif (isinstance(error, OffsetOutOfRange) and error.log_start is not None
-              and client.positions[p] < error.log_start):
-            client.positions[p] = error.log_start   # retention deleted what it had not read
-        else:
-            client.targets[p] = self.rng.choice(self.targets[p])   # as metadata names them
+            return error.leader, position
+        if isinstance(error, OffsetOutOfRange) and error.log_start is not None and position < error.log_start:
+            return None, error.log_start   # retention deleted what it had not read
+        return self.rng.choice(self.targets[p]), position
 
     def on_fetch_answer(self, client: Reader, sender: str, msg: object, values: list) -> None:
         if msg.req_id != client.req_id:
@@ -275,19 +283,10 @@ class ClientsMixin:
         client.req_id = 0
         if type(msg) is P.FetchReply:
             self.result.fetches += 1
-            for e in values:
-                if e.end_offset <= client.position:
-                    continue
-                self.checker.on_read(sender, client.partition, e)
-                client.position = e.end_offset
+            client.position = self.take_read(sender, client.partition, client.position, values)
         else:
-            error = from_wire(msg.code, msg.message, msg.data)
-            if isinstance(error, NotLeader) and error.leader in self.nodes:
-                client.target = error.leader
-            elif (isinstance(error, OffsetOutOfRange) and error.log_start is not None
-                  and client.position < error.log_start):
-                client.position = error.log_start   # retention deleted what it had not read
-            else:
-                client.target = self.rng.choice(self.targets[client.partition])   # as metadata names them
+            target, client.position = self.after_fetch_error(client.partition, client.position,
+                                                             from_wire(msg.code, msg.message, msg.data))
+            client.target = target or client.target
         if self.phase == "safety":
             self.at(self.now + self.rng.randint(5, 40), "read", client.partition, client.index)
